@@ -1,0 +1,58 @@
+"""hotbed: self-hosted code-execution sandboxes for AI coding agents.
+
+    import hotbed
+
+    async with hotbed.Client() as client:
+        sb = await hotbed.Sandbox.create("hotbed/base", client=client)
+        print((await sb.exec("python3", "-c", "print(6*7)")).stdout)
+        await sb.terminate()
+
+``hotbed.sync.Sandbox`` is the same API for scripts without an event loop.
+"""
+
+from hotbed.client import Client
+from hotbed.errors import (
+    CapacityExhausted,
+    ConnectionLost,
+    ExecTimeout,
+    FileError,
+    FileTooLarge,
+    HotbedError,
+    ImageNotFound,
+    InvalidRequest,
+    NoMatchingWorker,
+    Overloaded,
+    RequestTimeout,
+    RuntimeFailure,
+    SandboxNotFound,
+    SandboxNotRunning,
+    SetupFailed,
+    TemplateNotFound,
+    UnsupportedRequest,
+    WorkerLost,
+)
+from hotbed.sandbox import CommandResult, Sandbox
+
+__all__ = [
+    "CapacityExhausted",
+    "Client",
+    "CommandResult",
+    "ConnectionLost",
+    "ExecTimeout",
+    "FileError",
+    "FileTooLarge",
+    "HotbedError",
+    "ImageNotFound",
+    "InvalidRequest",
+    "NoMatchingWorker",
+    "Overloaded",
+    "RequestTimeout",
+    "RuntimeFailure",
+    "Sandbox",
+    "SandboxNotFound",
+    "SandboxNotRunning",
+    "SetupFailed",
+    "TemplateNotFound",
+    "UnsupportedRequest",
+    "WorkerLost",
+]

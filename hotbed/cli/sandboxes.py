@@ -1,0 +1,232 @@
+"""Sandbox commands: run, create, exec, cp, ls, rm, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hotbed.cli.main import run_async
+from hotbed.client import Client
+from hotbed.errors import InvalidRequest
+from hotbed.sandbox import Sandbox
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"{what} must look like KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _add_create_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu", type=float, default=1.0, help="CPUs (default 1)")
+    p.add_argument("--memory", type=int, default=512, metavar="MiB", help="memory limit in MiB (default 512)")
+    p.add_argument("--gpu", help='GPUs, e.g. "H100", "H100:2", "any"')
+    p.add_argument("--timeout", type=float, default=300.0, help="lifetime in seconds (default 300, max 86400)")
+    p.add_argument("--idle-timeout", type=float, help="end after this many idle seconds")
+    p.add_argument("--tag", action="append", metavar="K=V", help="label the sandbox (repeatable)")
+    p.add_argument("--env", "-e", action="append", metavar="K=V", help="environment variable (repeatable)")
+    p.add_argument("--workdir", "-w", help="working directory")
+    p.add_argument("--user", "-u", help="user (default 1000:1000)")
+    p.add_argument("--template", help="create from this template (warm pool / snapshot)")
+
+
+def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu, timeout=args.timeout,
+        idle_timeout=args.idle_timeout, tags=_pairs(args.tag, "--tag"), env=_pairs(args.env, "--env"),
+        workdir=args.workdir, user=args.user, template=args.template,
+    )
+
+
+def _command(argv: list[str]) -> list[str]:
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise InvalidRequest("no command given (hotbed run IMAGE -- CMD ...)")
+    return argv
+
+
+def _emit(res: Any) -> int:
+    sys.stdout.buffer.write(res.stdout_bytes)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(res.stderr_bytes)
+    if res.truncated:
+        print("hotbed: output truncated", file=sys.stderr)
+    return int(res.exit_code)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = _command(args.cmd)
+
+    async def go() -> int:
+        async with Client() as client:
+            t0 = time.perf_counter()
+            sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
+            if args.verbose:
+                print(f"hotbed: {sb.id} on {sb.worker_id} ({sb.path}) in {time.perf_counter() - t0:.3f}s", file=sys.stderr)
+            try:
+                res = await sb.exec(*argv, timeout=args.exec_timeout, shell=args.shell)
+            finally:
+                await sb.terminate()
+            return _emit(res)
+
+    return run_async(go)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with Client() as client:
+            sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
+            print(sb.id)
+            return 0
+
+    return run_async(go)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = _command(args.cmd)
+
+    async def go() -> int:
+        async with Client() as client:
+            sb = await Sandbox.from_id(args.sandbox, client=client)
+            env = _pairs(args.env, "--env")
+            res = await sb.exec(*argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell)
+            return _emit(res)
+
+    return run_async(go)
+
+
+def _split_remote(spec: str) -> tuple[str | None, str]:
+    sid, sep, path = spec.partition(":")
+    if sep and sid.startswith("sb-"):
+        return sid, path
+    return None, spec
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    src_id, src = _split_remote(args.src)
+    dst_id, dst = _split_remote(args.dst)
+    if (src_id is None) == (dst_id is None):
+        raise InvalidRequest("exactly one side of cp must be SANDBOX:PATH")
+
+    async def go() -> int:
+        async with Client() as client:
+            if src_id is not None:
+                sb = await Sandbox.from_id(src_id, client=client)
+                data = await sb.read_file(src)
+                if dst == "-":
+                    sys.stdout.buffer.write(data)
+                else:
+                    target = Path(dst)
+                    if target.is_dir():
+                        target = target / Path(src).name
+                    target.write_bytes(data)
+            else:
+                assert dst_id is not None
+                sb = await Sandbox.from_id(dst_id, client=client)
+                data = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
+                target_path = dst.rstrip("/") + "/" + Path(src).name if dst.endswith("/") else dst
+                await sb.write_file(target_path, data)
+            return 0
+
+    return run_async(go)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with Client() as client:
+            if args.target:
+                sid, path = _split_remote(args.target)
+                if sid is None:
+                    sid, path = args.target, "."
+                sb = await Sandbox.from_id(sid, client=client)
+                for e in await sb.list_files(path or "."):
+                    kind = "d" if e.is_dir else "-"
+                    print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
+                return 0
+            records = await Sandbox.list(tags=_pairs(args.tag, "--tag"), client=client)
+            now = time.time()
+            print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<9} {'PATH':<7} {'AGE':>7}  TAGS")
+            for r in records:
+                tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
+                print(
+                    f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {r.state:<9} {r.path:<7} "
+                    f"{now - r.created_at:>6.0f}s  {tags}"
+                )
+            return 0
+
+    return run_async(go)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with Client() as client:
+            for sid in args.sandboxes:
+                sb = await Sandbox.from_id(sid, client=client)
+                await sb.terminate()
+                print(sid)
+            return 0
+
+    return run_async(go)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import msgspec
+
+    async def go() -> int:
+        async with Client() as client:
+            rec = await client.record(args.sandbox)
+            print(msgspec.json.format(msgspec.json.encode(rec), indent=2).decode())
+            return 0
+
+    return run_async(go)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="create a sandbox, run one command, print it, remove it")
+    p.add_argument("image")
+    _add_create_options(p)
+    p.add_argument("--exec-timeout", type=float, default=60.0, help="command timeout in seconds")
+    p.add_argument("--shell", action="store_true", help="run CMD as one /bin/sh -c string")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the sandbox id and timing")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("create", help="create a sandbox and print its id")
+    p.add_argument("image", nargs="?", default="hotbed/base")
+    _add_create_options(p)
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("exec", help="run a command in a sandbox")
+    p.add_argument("sandbox")
+    p.add_argument("--env", "-e", action="append", metavar="K=V")
+    p.add_argument("--workdir", "-w")
+    p.add_argument("--exec-timeout", type=float, default=60.0)
+    p.add_argument("--shell", action="store_true", help="run CMD as one /bin/sh -c string")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("cp", help="copy a file: cp LOCAL SANDBOX:PATH or cp SANDBOX:PATH LOCAL ('-' is stdio)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("ls", help="list sandboxes, or files with ls SANDBOX:PATH")
+    p.add_argument("target", nargs="?")
+    p.add_argument("--tag", action="append", metavar="K=V", help="only sandboxes with this tag")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("rm", help="terminate sandboxes")
+    p.add_argument("sandboxes", nargs="+")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("inspect", help="print a sandbox's record as JSON")
+    p.add_argument("sandbox")
+    p.set_defaults(func=cmd_inspect)

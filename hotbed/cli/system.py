@@ -1,0 +1,289 @@
+"""System commands: up, down, status, scheduler, worker, image build.
+
+``hotbed up`` is the embedded single-machine default: it starts Redis if none answers
+at the configured URL, dockerd if none runs, then one scheduler and one worker in one
+process (foreground; ``-d`` detaches it, ``hotbed down`` stops it). State lives in
+``$HOTBED_HOME`` (default ``~/.hotbed``): redis data, logs, the pid file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import anyio
+
+from hotbed import daemon
+from hotbed.cli.main import run_async
+from hotbed.errors import HotbedError
+
+
+def home() -> Path:
+    p = Path(os.environ.get("HOTBED_HOME", Path.home() / ".hotbed"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def redis_url() -> str:
+    return os.environ.get("HOTBED_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        r = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        ok = bool(r.ping())
+        r.close()
+        return ok
+    except redis.exceptions.RedisError:
+        return False
+
+
+def ensure_redis(url: str) -> None:
+    if _redis_answers(url):
+        return
+    u = urlparse(url)
+    if u.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise HotbedError(f"Redis at {url} does not answer (hotbed up only starts a local one)")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise HotbedError("redis-server not installed; run `make install` (scripts/host-setup.sh)")
+    data = home() / "redis"
+    data.mkdir(exist_ok=True)
+    port = u.port or 6379
+    print(f"hotbed: starting redis-server on 127.0.0.1:{port} (data in {data})", file=sys.stderr)
+    subprocess.run(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
+         "--dir", str(data), "--appendonly", "yes", "--save", "",
+         "--logfile", str(home() / "redis.log"), "--maxclients", "20000"],
+        check=True,
+    )
+    for _ in range(50):
+        if _redis_answers(url):
+            return
+        time.sleep(0.1)
+    raise HotbedError(f"redis-server did not come up; see {home() / 'redis.log'}")
+
+
+def _docker_ok() -> tuple[bool, bool]:
+    try:
+        out = subprocess.run(
+            ["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False, False
+    return out.returncode == 0, b"runsc" in out.stdout
+
+
+def ensure_dockerd() -> None:
+    up, runsc = _docker_ok()
+    if up and runsc:
+        return
+    if up and not runsc:
+        raise HotbedError("dockerd runs without the runsc runtime; run `make install` to register gVisor")
+    if shutil.which("dockerd") is None:
+        raise HotbedError("dockerd not installed; run `make install` (scripts/host-setup.sh)")
+    print("hotbed: starting dockerd", file=sys.stderr)
+    log = open(home() / "dockerd.log", "ab")  # noqa: SIM115 - handed to the child
+    subprocess.Popen(["dockerd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(150):
+        up, runsc = _docker_ok()
+        if up:
+            break
+        time.sleep(0.2)
+    if not (up and runsc):
+        raise HotbedError(f"dockerd did not come up with runsc; see {home() / 'dockerd.log'}")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    url = redis_url()
+    ensure_redis(url)
+    if args.runtime == "docker":
+        ensure_dockerd()
+    if args.detach:
+        return _detach(args)
+    from scheduler.config import SchedulerSettings
+    from scheduler.service import Scheduler
+    from workers.agent import WorkerAgent
+    from workers.config import WorkerSettings
+    from workers.runtimes import make_runtime
+    from hotbed.config import load_settings
+
+    wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
+    ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
+    daemon.setup_logging(ssettings.log_format)
+    scheduler = Scheduler(ssettings)
+    worker = WorkerAgent(wsettings, make_runtime(wsettings))
+
+    async def serve() -> None:
+        stopping = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.watch_signals, stopping, tg.cancel_scope)
+            await tg.start(scheduler.run)
+            await tg.start(worker.run)
+            print(f"hotbed: up (redis {url}, worker {worker.id}); Ctrl-C to stop", file=sys.stderr)
+            await stopping.wait()
+            worker.stopping.set()
+            scheduler.stopping.set()
+
+    daemon.run(serve)
+    return 0
+
+
+def _detach(args: argparse.Namespace) -> int:
+    pidfile = home() / "hotbed.pid"
+    if pidfile.exists():
+        try:
+            os.kill(int(pidfile.read_text()), 0)
+            print(f"hotbed: already up (pid {pidfile.read_text().strip()})", file=sys.stderr)
+            return 0
+        except (OSError, ValueError):
+            pidfile.unlink()
+    logfile = home() / "hotbed.log"
+    cmd = [sys.executable, "-m", "hotbed.cli.main", "up", "--runtime", args.runtime]
+    if args.worker_config:
+        cmd += ["--worker-config", args.worker_config]
+    if args.scheduler_config:
+        cmd += ["--scheduler-config", args.scheduler_config]
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HotbedError(f"hotbed exited at start; see {logfile}")
+        if "hotbed: up" in logfile.read_text(errors="replace"):
+            print(f"hotbed: up in the background (pid {proc.pid}, log {logfile})", file=sys.stderr)
+            return 0
+        time.sleep(0.1)
+    raise HotbedError(f"hotbed did not come up in 30s; see {logfile}")
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    pidfile = home() / "hotbed.pid"
+    if not pidfile.exists():
+        print("hotbed: not running (no pid file)", file=sys.stderr)
+        return 0
+    pid = int(pidfile.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pidfile.unlink()
+        return 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    pidfile.unlink(missing_ok=True)
+    print("hotbed: down", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hotbed.client import Client
+
+    async def go() -> int:
+        async with Client() as client:
+            r = client.redis
+            now = time.time()
+            rows = await r.zrange(client.keys.workers, 0, -1, withscores=True)
+            print(f"{'WORKER':<20} {'RUNTIME':<8} {'CPU FREE':>9} {'MEM FREE':>10} {'SANDBOXES':>9} {'GPUS':<12} HEARTBEAT")
+            from hotbed import protocol
+
+            for raw, score in rows:
+                wid = raw.decode()
+                info_raw = await r.get(client.keys.worker_info(wid))
+                cap = await r.hgetall(client.keys.worker_cap(wid))
+                info = protocol.decode_worker_info(info_raw) if info_raw else None
+                runtime = (info.runtime + ("*" if info.kind == "simulated" else "")) if info else "?"
+                gpus = ",".join(g.model for g in info.gpus) if info and info.gpus else "-"
+                print(
+                    f"{wid:<20} {runtime:<8} {int(cap.get(b'cpu', 0)) / 1000:>9.2f} "
+                    f"{int(cap.get(b'mem', 0)):>8}Mi {int(cap.get(b'n', 0)):>9} {gpus[:12]:<12} {now - score / 1000:.1f}s ago"
+                )
+            live = await r.zcard(client.keys.sandboxes)
+            backlog = await r.xlen(client.keys.requests)
+            print(f"\nsandboxes live: {live}   request backlog: {backlog}")
+            if not rows:
+                print("no workers: start one with `hotbed up` or `hotbed worker`")
+            return 0
+
+    return run_async(go)
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from hotbed import images
+
+    def progress(line: str) -> None:
+        print(f"hotbed: {line}", file=sys.stderr, flush=True)
+
+    async def go() -> int:
+        if args.kind == "busybox":
+            await images.build_busybox(args.tag or images.BUSYBOX_IMAGE, progress=progress)
+        else:
+            if not args.force and await images.image_exists(args.tag or images.BASE_IMAGE):
+                progress(f"{args.tag or images.BASE_IMAGE} exists (use --force to rebuild)")
+                return 0
+            await images.build_base(args.tag or images.BASE_IMAGE, progress=progress)
+        return 0
+
+    return run_async(go)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from scheduler.__main__ import main as scheduler_main
+
+    scheduler_main(args.rest)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.__main__ import main as worker_main
+
+    worker_main(args.rest)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("up", help="start Redis, dockerd, a scheduler and a worker on this machine")
+    p.add_argument("--detach", "-d", action="store_true", help="run in the background")
+    p.add_argument("--runtime", default="docker", choices=["docker", "sim", "process"])
+    p.add_argument("--worker-config")
+    p.add_argument("--scheduler-config")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop what `hotbed up -d` started (Redis and dockerd keep running)")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="workers, their free capacity, live sandboxes")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("image", help="sandbox images")
+    isub = p.add_subparsers(dest="image_cmd", metavar="ACTION")
+    b = isub.add_parser("build", help="build hotbed/base (Debian + python3 + git) or hotbed/busybox")
+    b.add_argument("kind", nargs="?", default="base", choices=["base", "busybox"])
+    b.add_argument("--tag", help="image name (default hotbed/base or hotbed/busybox)")
+    b.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    b.set_defaults(func=cmd_image_build)
+
+    p = sub.add_parser("scheduler", help="run the scheduler daemon (python -m scheduler)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_scheduler)
+
+    p = sub.add_parser("worker", help="run the worker agent (python -m workers)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_worker)
+
+

@@ -1,0 +1,159 @@
+"""The low-level client: submit a message to a stream, wait for its one reply.
+
+A request is an :class:`~hotbed.protocol.Envelope` appended to the scheduler's request
+stream (creates) or to the command stream of the sandbox's worker (exec, files,
+terminate), through the ``SUBMIT`` script so a full backlog answers ``Overloaded`` at
+once. The reply arrives on a per-request list that the client BLPOPs in slices of at
+most ``MAX_BLOCK_S``, until the request's deadline plus a grace for the daemon's own
+timeout error to arrive first. Nothing runs in the background: a client is two
+connection pools.
+
+Settings (environment): ``HOTBED_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``),
+``HOTBED_PREFIX`` (default ``hotbed``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from hotbed import keys as keyspace
+from hotbed import lua, protocol
+from hotbed.connection import MAX_BLOCK_S, connect
+from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound
+from hotbed.protocol import Envelope, Message, Reply
+from hotbed.records import SandboxRecord, from_hash
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# Extra wait past a request's deadline, so the daemon's typed timeout reply wins the race.
+REPLY_GRACE_S = 5.0
+DEFAULT_BACKLOG_LIMIT = 100_000
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def default_url() -> str:
+    return os.environ.get("HOTBED_REDIS_URL", DEFAULT_URL)
+
+
+def default_prefix() -> str:
+    return os.environ.get("HOTBED_PREFIX", "hotbed")
+
+
+class Client:
+    """Connection to a hotbed control plane (one Redis). Use ``async with`` or ``aclose()``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        prefix: str | None = None,
+        backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+    ) -> None:
+        self.url = url or default_url()
+        self.keys = keyspace.Keys(prefix or default_prefix())
+        self.client_id = new_id()
+        self.backlog_limit = backlog_limit
+        self.redis: aioredis.Redis = connect(self.url)
+        self._blocking: aioredis.Redis = connect(self.url, blocking=True)
+        self._submit = self.redis.register_script(lua.SUBMIT)
+        self._closed = False
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self.redis.aclose()
+            await self._blocking.aclose()
+
+    # ------------------------------------------------------------------ requests
+
+    async def call(self, stream: str, body: Message, *, timeout: float) -> Reply:
+        """Submit ``body`` to ``stream``; return its reply (errors are returned, not raised)."""
+        rid = new_id()
+        reply_key = self.keys.reply(rid)
+        env = Envelope(
+            id=rid,
+            reply_to=reply_key,
+            deadline=time.time() + timeout,
+            body=body,
+            client=self.client_id,
+        )
+        try:
+            accepted = await self._submit(
+                keys=[stream], args=[self.backlog_limit, protocol.encode(env)]
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+        if not accepted:
+            raise Overloaded(
+                f"request backlog at its limit ({self.backlog_limit}); retry later",
+                request_id=rid,
+            )
+        return await self._wait_reply(rid, reply_key, timeout + REPLY_GRACE_S)
+
+    async def _wait_reply(self, rid: str, reply_key: str, wait_s: float) -> Reply:
+        give_up = anyio.current_time() + wait_s
+        while True:
+            left = give_up - anyio.current_time()
+            if left <= 0:
+                raise RequestTimeout(f"no reply to request {rid} within {wait_s:.1f}s", request_id=rid)
+            try:
+                got = await self._blocking.blpop([reply_key], timeout=min(left, MAX_BLOCK_S))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+            if got is not None:
+                return protocol.decode_reply(got[1]).body
+
+    async def request(self, body: Message, *, timeout: float) -> Reply:
+        """A scheduler request; raises the typed error of an ErrorReply."""
+        reply = await self.call(self.keys.requests, body, timeout=timeout)
+        return protocol.raise_for_reply(reply)
+
+    async def worker_request(
+        self, worker_id: str, body: Message, *, timeout: float
+    ) -> Reply:
+        """A command for the worker that holds a sandbox; raises typed errors."""
+        reply = await self.call(self.keys.worker_cmds(worker_id), body, timeout=timeout)
+        return protocol.raise_for_reply(reply)
+
+    # ------------------------------------------------------------------ records
+
+    async def record(self, sandbox_id: str) -> SandboxRecord:
+        rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sandbox_id)))
+        if rec is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}", sandbox_id=sandbox_id)
+        return rec
+
+    async def records(self, *, tags: dict[str, str] | None = None) -> list[SandboxRecord]:
+        """Live sandboxes, oldest first, optionally those carrying all of ``tags``."""
+        ids = await self.redis.zrange(self.keys.sandboxes, 0, -1)
+        out: list[SandboxRecord] = []
+        for start in range(0, len(ids), 500):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for sid in ids[start : start + 500]:
+                    pipe.hgetall(self.keys.sandbox(sid.decode()))
+                rows: list[Any] = await pipe.execute()
+            for raw in rows:
+                rec = from_hash(raw)
+                if rec is None or rec.ended:
+                    continue
+                if tags and any(rec.tags.get(k) != v for k, v in tags.items()):
+                    continue
+                out.append(rec)
+        return out

@@ -1,0 +1,29 @@
+"""Redis connections with deadlines.
+
+Two kinds: a command client whose socket timeout bounds every call, and a blocking
+client for BLPOP/XREADGROUP BLOCK whose socket timeout exceeds the longest block we
+issue (redis-py #2807: a socket timeout shorter than the block time kills the call).
+``rediss://`` URLs give TLS; ``redis://user:password@host`` gives an ACL user.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+# Longest single blocking call we issue; loops re-issue to wait longer.
+MAX_BLOCK_S = 5.0
+COMMAND_TIMEOUT_S = 10.0
+
+
+def connect(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redis:
+    socket_timeout = MAX_BLOCK_S + COMMAND_TIMEOUT_S if blocking else COMMAND_TIMEOUT_S
+    opts: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 30,
+        "decode_responses": False,
+    }
+    opts.update(kwargs)
+    return aioredis.Redis.from_url(url, **opts)

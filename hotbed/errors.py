@@ -1,0 +1,144 @@
+"""Every error hotbed raises, and how errors cross the wire.
+
+Tree::
+
+    HotbedError                      root; carries optional sandbox_id / worker_id / request_id
+    ├── ConfigError                  bad settings file or HOTBED_* variable
+    ├── ConnectionLost               Redis unreachable from a client or daemon
+    ├── RequestTimeout (TimeoutError)  no reply before the request's deadline
+    ├── Overloaded                   a request stream's backlog is over its limit; retry later
+    ├── InvalidRequest               malformed or out-of-range request (negative timeout, ...)
+    │   └── UnsupportedRequest       a peer does not know this message type or version
+    ├── ImageNotFound                the image does not exist on the worker (hotbed never pulls)
+    ├── TemplateNotFound             no template of that name
+    ├── SandboxNotFound              no such sandbox, or it has ended
+    ├── SandboxNotRunning            the sandbox exists but cannot serve (paused, dead, ...)
+    ├── CapacityExhausted            no worker can take the sandbox before its deadline
+    ├── NoMatchingWorker             no live worker could ever satisfy the request (GPU model, tags)
+    ├── WorkerLost                   the sandbox's worker stopped heartbeating mid-request
+    ├── ExecTimeout (TimeoutError)   a command ran past its timeout and was killed
+    ├── FileError                    a file operation failed inside the sandbox
+    │   └── FileTooLarge             over the per-message size limit
+    ├── RuntimeFailure               the container runtime failed (docker/runsc error)
+    └── SetupFailed                  a template's set-up or readiness check failed
+
+Errors cross the wire as :class:`hotbed.protocol.ErrorReply` (``code`` is the class
+name); :func:`from_reply` turns one back into the matching exception, so a client sees
+the same type the daemon raised. Unknown codes degrade to :class:`HotbedError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class HotbedError(Exception):
+    """Root of every hotbed error."""
+
+    code: ClassVar[str] = "HotbedError"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        sandbox_id: str | None = None,
+        worker_id: str | None = None,
+        request_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        self.sandbox_id = sandbox_id
+        self.worker_id = worker_id
+        self.request_id = request_id
+        self.detail: dict[str, Any] = detail or {}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(HotbedError):
+    code = "ConfigError"
+
+
+class ConnectionLost(HotbedError):
+    code = "ConnectionLost"
+
+
+class RequestTimeout(HotbedError, TimeoutError):
+    code = "RequestTimeout"
+
+
+class Overloaded(HotbedError):
+    code = "Overloaded"
+
+
+class InvalidRequest(HotbedError):
+    code = "InvalidRequest"
+
+
+class UnsupportedRequest(InvalidRequest):
+    code = "UnsupportedRequest"
+
+
+class ImageNotFound(HotbedError):
+    code = "ImageNotFound"
+
+
+class TemplateNotFound(HotbedError):
+    code = "TemplateNotFound"
+
+
+class SandboxNotFound(HotbedError):
+    code = "SandboxNotFound"
+
+
+class SandboxNotRunning(HotbedError):
+    code = "SandboxNotRunning"
+
+
+class CapacityExhausted(HotbedError):
+    code = "CapacityExhausted"
+
+
+class NoMatchingWorker(HotbedError):
+    code = "NoMatchingWorker"
+
+
+class WorkerLost(HotbedError):
+    code = "WorkerLost"
+
+
+class ExecTimeout(HotbedError, TimeoutError):
+    code = "ExecTimeout"
+
+
+class FileError(HotbedError):
+    code = "FileError"
+
+
+class FileTooLarge(FileError):
+    code = "FileTooLarge"
+
+
+class RuntimeFailure(HotbedError):
+    code = "RuntimeFailure"
+
+
+class SetupFailed(HotbedError):
+    code = "SetupFailed"
+
+
+def _all_subclasses(cls: type[HotbedError]) -> list[type[HotbedError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_class(code: str) -> type[HotbedError]:
+    """The exception class for a wire ``code``; :class:`HotbedError` when unknown."""
+    for cls in _all_subclasses(HotbedError):
+        if cls.code == code:
+            return cls
+    return HotbedError

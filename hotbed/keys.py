@@ -1,0 +1,111 @@
+"""The one place every Redis key and stream name is built.
+
+Keys (``{...}`` is a Redis Cluster hash tag: keys that one Lua script touches together
+share it, so every script runs on one shard):
+
+=====================================  ======  ============================================
+key                                    type    meaning
+=====================================  ======  ============================================
+``hotbed:{q}:requests``                stream  client -> scheduler requests (group
+                                               ``schedulers``); entries are deleted once
+                                               handled, so XLEN is the backlog
+``hotbed:{w:ID}:cmds``                 stream  scheduler/client -> worker ID commands (group
+                                               ``worker``); same delete-on-ack rule
+``hotbed:{w:ID}:cap``                  hash    worker ID's free capacity: ``cpu`` (millicpu),
+                                               ``mem`` (MiB), ``gpu:<uuid>`` (0 free / 1
+                                               taken), ``n`` (sandboxes placed)
+``hotbed:{w:ID}:info``                 string  msgpack WorkerInfo (capacity, GPUs, tags)
+``hotbed:{w:ID}:sandboxes``            set     sandbox ids placed on worker ID
+``hotbed:workers``                     zset    worker id -> last heartbeat (unix ms)
+``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
+``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
+``hotbed:reply:{RID}``                 list    the one reply to request RID; expires
+``hotbed:req:{RID}``                   string  request RID accepted by a scheduler
+                                               (idempotency across redelivery); expires
+``hotbed:lock:{NAME}``                 string  leader lock (reaper, pool controller)
+``hotbed:tpl:{NAME}``                  hash    template record (issue 3)
+``hotbed:templates``                   set     template names
+``hotbed:{pool:NAME}:ready``           list    warm sandbox ids of pool NAME ready to claim
+``hotbed:{pool:NAME}:conf``            hash    pool NAME's target size and shape
+``hotbed:pools``                       set     pool names
+=====================================  ======  ============================================
+
+Everything lives under one prefix (``HOTBED_PREFIX``, default ``hotbed``), so tests can
+share a Redis by giving each run its own prefix.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+REQUESTS_GROUP = "schedulers"
+WORKER_GROUP = "worker"
+# The one field of a stream entry: the encoded Envelope.
+FIELD = b"m"
+
+REPLY_TTL_S = 120
+ACCEPTED_TTL_S = 3600
+
+
+class Keys(msgspec.Struct, frozen=True):
+    """Key builder for one key-space prefix."""
+
+    prefix: str = "hotbed"
+
+    # -- request intake
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:{{q}}:requests"
+
+    def reply(self, request_id: str) -> str:
+        return f"{self.prefix}:reply:{{{request_id}}}"
+
+    def accepted(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{{{request_id}}}"
+
+    # -- workers
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker_cmds(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{w:{worker_id}}}:cmds"
+
+    def worker_cap(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{w:{worker_id}}}:cap"
+
+    def worker_info(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{w:{worker_id}}}:info"
+
+    def worker_sandboxes(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{w:{worker_id}}}:sandboxes"
+
+    # -- sandboxes
+    def sandbox(self, sandbox_id: str) -> str:
+        return f"{self.prefix}:sb:{{{sandbox_id}}}"
+
+    @property
+    def sandboxes(self) -> str:
+        return f"{self.prefix}:sandboxes"
+
+    # -- coordination
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}:lock:{{{name}}}"
+
+    # -- templates and pools (issue 3)
+    def template(self, name: str) -> str:
+        return f"{self.prefix}:tpl:{{{name}}}"
+
+    @property
+    def templates(self) -> str:
+        return f"{self.prefix}:templates"
+
+    def pool_ready(self, pool: str) -> str:
+        return f"{self.prefix}:{{pool:{pool}}}:ready"
+
+    def pool_conf(self, pool: str) -> str:
+        return f"{self.prefix}:{{pool:{pool}}}:conf"
+
+    @property
+    def pools(self) -> str:
+        return f"{self.prefix}:pools"

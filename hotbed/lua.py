@@ -1,0 +1,115 @@
+"""Lua scripts for the multi-key atomic steps. Each header lists the keys it touches;
+all keys of one script share a hash tag (see hotbed.keys), so they run on one shard.
+"""
+
+from __future__ import annotations
+
+# KEYS[1] = request or command stream
+# ARGV[1] = backlog limit, ARGV[2] = encoded Envelope
+# Returns the entry id, or false when the backlog is at its limit (client: Overloaded).
+# Handled entries are deleted, so XLEN is exactly the unhandled backlog.
+SUBMIT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return false
+end
+return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+"""
+
+# KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes, KEYS[3] = hotbed:{w:ID}:cmds
+# ARGV[1] = sandbox id, ARGV[2] = millicpu, ARGV[3] = memory MiB,
+# ARGV[4] = encoded StartSandbox envelope, ARGV[5] = number of GPUs,
+# ARGV[6..] = GPU uuids eligible for this request, in preference order
+# Reserves capacity on one worker and hands it the start command in one step, so a
+# sandbox is never dispatched without capacity or reserved without dispatch.
+# Returns false if the worker lacks capacity, else the list of GPU uuids assigned
+# (empty for a CPU-only sandbox). Idempotent on the sandbox id.
+RESERVE_DISPATCH = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return {}
+end
+local cpu = tonumber(redis.call('HGET', KEYS[1], 'cpu') or '-1')
+local mem = tonumber(redis.call('HGET', KEYS[1], 'mem') or '-1')
+local need_cpu, need_mem = tonumber(ARGV[2]), tonumber(ARGV[3])
+if cpu < need_cpu or mem < need_mem then
+  return false
+end
+local ngpu = tonumber(ARGV[5])
+local got = {}
+if ngpu > 0 then
+  for i = 6, #ARGV do
+    if redis.call('HGET', KEYS[1], 'gpu:' .. ARGV[i]) == '0' then
+      table.insert(got, ARGV[i])
+      if #got == ngpu then break end
+    end
+  end
+  if #got < ngpu then
+    return false
+  end
+  for _, u in ipairs(got) do
+    redis.call('HSET', KEYS[1], 'gpu:' .. u, '1')
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'cpu', -need_cpu)
+redis.call('HINCRBY', KEYS[1], 'mem', -need_mem)
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('HSET', KEYS[2], ARGV[1], need_cpu .. ' ' .. need_mem .. ' ' .. table.concat(got, ','))
+redis.call('XADD', KEYS[3], '*', 'm', ARGV[4])
+return got
+"""
+
+# KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes
+# ARGV[1] = sandbox id
+# Gives a sandbox's reservation back. Idempotent: only the first release of an id counts.
+RELEASE = """
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+local cpu, mem, gpus = string.match(held, '^(%S+) (%S+) ?(.*)$')
+redis.call('HINCRBY', KEYS[1], 'cpu', tonumber(cpu))
+redis.call('HINCRBY', KEYS[1], 'mem', tonumber(mem))
+redis.call('HINCRBY', KEYS[1], 'n', -1)
+for u in string.gmatch(gpus or '', '[^,]+') do
+  redis.call('HSET', KEYS[1], 'gpu:' .. u, '0')
+end
+return 1
+"""
+
+# KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes
+# ARGV[1] = total millicpu, ARGV[2] = total MiB, ARGV[3..] = GPU uuids of the node
+# (Re)computes a worker's free capacity from what it holds, atomically, so a restarted
+# worker neither double-counts nor forgets the sandboxes it still runs.
+REGISTER = """
+local cpu, mem = tonumber(ARGV[1]), tonumber(ARGV[2])
+local taken = {}
+local n = 0
+local held = redis.call('HGETALL', KEYS[2])
+for i = 2, #held, 2 do
+  local c, m, gpus = string.match(held[i], '^(%S+) (%S+) ?(.*)$')
+  cpu = cpu - tonumber(c)
+  mem = mem - tonumber(m)
+  n = n + 1
+  for u in string.gmatch(gpus or '', '[^,]+') do taken[u] = true end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'cpu', cpu, 'mem', mem, 'n', n)
+for i = 3, #ARGV do
+  redis.call('HSET', KEYS[1], 'gpu:' .. ARGV[i], taken[ARGV[i]] and '1' or '0')
+end
+return n
+"""
+
+# KEYS[1] = lock key; ARGV[1] = owner token, ARGV[2] = ttl ms
+# Takes or renews a leader lock: true if the caller holds it afterwards.
+LOCK = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+elseif cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""

@@ -1,0 +1,311 @@
+"""The wire protocol: every message between clients, the scheduler and workers.
+
+Messages are frozen msgspec Structs, encoded as MessagePack. Requests and commands are
+one tagged union (:data:`Message`) wrapped in an :class:`Envelope` that carries the
+request id, the reply key and the deadline; replies are another tagged union
+(:data:`Reply`) wrapped in a :class:`ReplyEnvelope`. docs/protocol.md describes who
+sends what on which stream.
+
+Evolution rules (msgspec's schema-evolution guide): a new field always has a default, a
+field is never renamed or retyped, a new message is a new tag. Unknown fields are
+ignored by older peers; an unknown tag is answered with ``UnsupportedRequest``.
+``PROTOCOL_VERSION`` rises only for a change an old peer cannot ignore.
+
+Encoders and decoders are built once at import (:data:`ENCODER`, :func:`decode_envelope`,
+:func:`decode_reply`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+DEFAULT_TIMEOUT_S = 300.0
+MAX_TIMEOUT_S = 24 * 3600.0
+DEFAULT_EXEC_TIMEOUT_S = 60.0
+DEFAULT_MAX_OUTPUT = 1 << 20
+MAX_FILE_BYTES = 32 << 20
+
+CreatePath = Literal["warm", "restore", "cold"]
+
+
+class Struct(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Base for value objects that are not messages themselves."""
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="t"):
+    """Base for tagged messages; the tag is the class name."""
+
+
+# --------------------------------------------------------------------------- values
+
+
+class Resources(Struct):
+    cpu: float = 1.0
+    memory_mb: int = 512
+    pids: int = 1024
+    # "H100", "H100:2", "any", or None for a CPU-only sandbox (GPU placement: issue 6).
+    gpu: str | None = None
+    disk_mb: int | None = None
+
+    @property
+    def millicpu(self) -> int:
+        return int(round(self.cpu * 1000))
+
+
+class SandboxSpec(Struct):
+    image: str = "hotbed/base"
+    resources: Resources = Resources()
+    timeout: float = DEFAULT_TIMEOUT_S
+    idle_timeout: float | None = None
+    tags: dict[str, str] = {}
+    env: dict[str, str] = {}
+    workdir: str | None = None
+    # None: the worker's default non-root user (1000:1000).
+    user: str | None = None
+    template: str | None = None
+    # Placement constraint: only workers carrying all these tags (node pool, zone, ...).
+    worker_tags: dict[str, str] = {}
+
+
+class ExecSpec(Struct):
+    argv: list[str] | None = None
+    # A shell string runs under /bin/sh -c; exactly one of argv/shell is set.
+    shell: str | None = None
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    timeout: float = DEFAULT_EXEC_TIMEOUT_S
+    max_output: int = DEFAULT_MAX_OUTPUT
+    user: str | None = None
+    stdin: bytes | None = None
+
+
+class FileEntry(Struct):
+    name: str
+    path: str
+    size: int
+    is_dir: bool
+    mode: int = 0
+    mtime: float = 0.0
+
+
+class GpuDevice(Struct):
+    uuid: str
+    model: str
+    memory_mb: int = 0
+    index: int = 0
+
+
+class WorkerInfo(Struct):
+    id: str
+    host: str
+    runtime: str
+    cpu_millis: int
+    memory_mb: int
+    gpus: list[GpuDevice] = []
+    tags: dict[str, str] = {}
+    version: int = PROTOCOL_VERSION
+    started_at: float = 0.0
+    # "simulated" for the sim runtime, so nothing measured on it passes for real.
+    kind: str = "real"
+
+
+# ------------------------------------------------------------- client -> scheduler
+
+
+class CreateSandbox(Msg):
+    spec: SandboxSpec
+
+
+# ------------------------------------------------------------ -> worker command stream
+
+
+class StartSandbox(Msg):
+    """Scheduler -> worker: boot (or restore) a sandbox whose capacity is reserved."""
+
+    sandbox_id: str
+    spec: SandboxSpec
+    path: CreatePath = "cold"
+    gpu_uuids: list[str] = []
+
+
+class Exec(Msg):
+    sandbox_id: str
+    exec: ExecSpec
+
+
+class WriteFile(Msg):
+    sandbox_id: str
+    path: str
+    data: bytes
+    mode: int = 0o644
+    make_dirs: bool = True
+
+
+class ReadFile(Msg):
+    sandbox_id: str
+    path: str
+    max_bytes: int = MAX_FILE_BYTES
+
+
+class ListFiles(Msg):
+    sandbox_id: str
+    path: str
+
+
+class Terminate(Msg):
+    sandbox_id: str
+    reason: str = "client"
+
+
+Message = CreateSandbox | StartSandbox | Exec | WriteFile | ReadFile | ListFiles | Terminate
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    id: str
+    # Redis list the reply is pushed to (hotbed.keys.reply()).
+    reply_to: str
+    # Absolute wall-clock deadline (unix seconds): the only clock two hosts share.
+    deadline: float
+    body: Message
+    v: int = PROTOCOL_VERSION
+    client: str = ""
+
+
+class _EnvelopeHeader(msgspec.Struct, kw_only=True):
+    """Lenient view used to answer a message whose body does not decode."""
+
+    id: str
+    reply_to: str
+    deadline: float = 0.0
+    body: msgspec.Raw = msgspec.Raw(b"")
+
+
+# ------------------------------------------------------------------------- replies
+
+
+class SandboxCreated(Msg):
+    sandbox_id: str
+    worker_id: str
+    path: CreatePath = "cold"
+    # Seconds the worker spent making the sandbox ready (not counting queueing).
+    startup_s: float = 0.0
+    gpu_uuids: list[str] = []
+
+
+class ExecResult(Msg):
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    truncated: bool = False
+    duration_s: float = 0.0
+
+
+class FileContent(Msg):
+    data: bytes
+    truncated: bool = False
+
+
+class FileWritten(Msg):
+    size: int
+
+
+class DirListing(Msg):
+    entries: list[FileEntry]
+
+
+class Terminated(Msg):
+    sandbox_id: str
+
+
+class ErrorReply(Msg):
+    # HotbedError subclass name, e.g. "ImageNotFound".
+    code: str
+    message: str
+    sandbox_id: str | None = None
+    worker_id: str | None = None
+    detail: dict[str, Any] = {}
+
+
+Reply = (
+    SandboxCreated
+    | ExecResult
+    | FileContent
+    | FileWritten
+    | DirListing
+    | Terminated
+    | ErrorReply
+)
+
+
+class ReplyEnvelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    id: str
+    body: Reply
+    v: int = PROTOCOL_VERSION
+
+
+# ----------------------------------------------------------------------- codecs
+
+ENCODER = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_header_decoder = msgspec.msgpack.Decoder(_EnvelopeHeader)
+_reply_decoder = msgspec.msgpack.Decoder(ReplyEnvelope)
+_worker_info_decoder = msgspec.msgpack.Decoder(WorkerInfo)
+
+
+def encode(obj: Any) -> bytes:
+    return ENCODER.encode(obj)
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Decode a request; raises msgspec.DecodeError / ValidationError when malformed."""
+    return _envelope_decoder.decode(data)
+
+
+def decode_header(data: bytes) -> _EnvelopeHeader | None:
+    """Best-effort id and reply key of a message whose body failed to decode."""
+    try:
+        return _header_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def decode_reply(data: bytes) -> ReplyEnvelope:
+    return _reply_decoder.decode(data)
+
+
+def decode_worker_info(data: bytes) -> WorkerInfo:
+    return _worker_info_decoder.decode(data)
+
+
+def error_reply(exc: BaseException) -> ErrorReply:
+    """Wire form of an exception; non-hotbed exceptions become RuntimeFailure."""
+    from hotbed.errors import HotbedError
+
+    if isinstance(exc, HotbedError):
+        return ErrorReply(
+            code=exc.code,
+            message=exc.message,
+            sandbox_id=exc.sandbox_id,
+            worker_id=exc.worker_id,
+            detail=exc.detail,
+        )
+    return ErrorReply(code="RuntimeFailure", message=f"{type(exc).__name__}: {exc}")
+
+
+def raise_for_reply(reply: Reply, *, request_id: str | None = None) -> Reply:
+    """Return ``reply`` unless it is an :class:`ErrorReply`, which is raised typed."""
+    if isinstance(reply, ErrorReply):
+        from hotbed.errors import error_class
+
+        raise error_class(reply.code)(
+            reply.message,
+            sandbox_id=reply.sandbox_id,
+            worker_id=reply.worker_id,
+            request_id=request_id,
+            detail=dict(reply.detail),
+        )
+    return reply

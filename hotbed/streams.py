@@ -1,0 +1,168 @@
+"""Consuming a request stream through a consumer group, and answering requests.
+
+Shared by the scheduler (``hotbed:{q}:requests``) and the worker (its command stream).
+Reserve capacity before taking work: the consumer waits for a free slot in its
+CapacityLimiter, reads at most as many entries as it has free slots (one blocking
+XREADGROUP, no polling), and runs each in the caller's task group. An entry is
+acknowledged and deleted only after its handler returns, so a crashed consumer's
+entries stay pending for :meth:`StreamConsumer.claim_stale` (another replica) or for
+its own restart (:meth:`StreamConsumer.pending`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from anyio.abc import TaskGroup
+
+from hotbed import keys as keyspace
+from hotbed import protocol
+from hotbed.connection import MAX_BLOCK_S
+from hotbed.protocol import Envelope, Reply, ReplyEnvelope
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes, bytes], Awaitable[None]]
+
+
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis_errors.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def send_reply(
+    redis: aioredis.Redis, request_id: str, reply_to: str, body: Reply
+) -> None:
+    """Push the one reply of a request to its reply key, which then expires."""
+    data = protocol.encode(ReplyEnvelope(id=request_id, body=body))
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.lpush(reply_to, data)
+        pipe.expire(reply_to, keyspace.REPLY_TTL_S)
+        await pipe.execute()
+
+
+async def reply_to(redis: aioredis.Redis, env: Envelope, body: Reply) -> None:
+    await send_reply(redis, env.id, env.reply_to, body)
+
+
+class StreamConsumer:
+    """One consumer of one group on one stream, with at most ``limiter`` handlers at once."""
+
+    def __init__(
+        self,
+        *,
+        redis: aioredis.Redis,
+        blocking: aioredis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        self.redis = redis
+        self.blocking = blocking
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.limiter = limiter
+
+    async def ack(self, *entry_ids: bytes) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, self.group, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
+            await pipe.execute()
+
+    async def pending(self) -> list[tuple[bytes, bytes]]:
+        """Entries delivered to this consumer name before a restart and never acknowledged."""
+        out: list[tuple[bytes, bytes]] = []
+        got = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: "0"}, count=10_000
+        )
+        for _stream, entries in got or []:
+            for entry_id, fields in entries:
+                if fields:
+                    out.append((entry_id, fields.get(keyspace.FIELD, b"")))
+                else:
+                    # Deleted after delivery; nothing left to do but acknowledge.
+                    await self.ack(entry_id)
+        return out
+
+    async def claim_stale(self, min_idle_ms: int) -> list[tuple[bytes, bytes]]:
+        """Take over entries another consumer took and left unacknowledged (it died)."""
+        out: list[tuple[bytes, bytes]] = []
+        start = "0-0"
+        while True:
+            res: Any = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer, min_idle_ms, start_id=start, count=500
+            )
+            start, entries = res[0], res[1]
+            for entry_id, fields in entries:
+                if fields:
+                    out.append((entry_id, fields.get(keyspace.FIELD, b"")))
+            deleted = res[2] if len(res) > 2 else []
+            if deleted:
+                await self.ack(*deleted)
+            if start in (b"0-0", "0-0"):
+                return out
+
+    async def run(
+        self,
+        tg: TaskGroup,
+        handle: Handler,
+        *,
+        stop: anyio.Event,
+        batch: int = 256,
+    ) -> None:
+        """Read and dispatch until ``stop`` is set; ``handle(entry_id, data)`` must reply.
+
+        An entry is acknowledged when its handler returns or fails, not when it is
+        cancelled (shutdown): a cancelled entry stays pending for a replica or a restart.
+        """
+        while not stop.is_set():
+            token = object()
+            await self.limiter.acquire_on_behalf_of(token)
+            if stop.is_set():
+                self.limiter.release_on_behalf_of(token)
+                return
+            count = min(batch, 1 + int(self.limiter.available_tokens))
+            try:
+                got = await self.blocking.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    {self.stream: ">"},
+                    count=count,
+                    block=int(min(MAX_BLOCK_S, 1.0) * 1000),
+                )
+            except BaseException:
+                self.limiter.release_on_behalf_of(token)
+                raise
+            entries = [e for _s, es in (got or []) for e in es]
+            if not entries:
+                self.limiter.release_on_behalf_of(token)
+                continue
+            tokens = [token]
+            for _ in entries[1:]:
+                extra = object()
+                # Slots were free when we read; taking them cannot block for long.
+                await self.limiter.acquire_on_behalf_of(extra)
+                tokens.append(extra)
+            for (entry_id, fields), tok in zip(entries, tokens, strict=True):
+                tg.start_soon(self._run_one, handle, entry_id, fields.get(keyspace.FIELD, b""), tok)
+
+    async def _run_one(self, handle: Handler, entry_id: bytes, data: bytes, token: object) -> None:
+        try:
+            try:
+                await handle(entry_id, data)
+            except Exception:
+                log.exception("handler failed on entry %s of %s", entry_id, self.stream)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.ack(entry_id)
+        finally:
+            self.limiter.release_on_behalf_of(token)

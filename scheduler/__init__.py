@@ -1,0 +1,1 @@
+"""hotbed's scheduler daemon: request intake, placement, warm pools, the reaper."""

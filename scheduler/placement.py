@@ -1,0 +1,101 @@
+"""Choosing workers for a sandbox: pure functions over the registry's view.
+
+``rank`` filters the live workers that could take the sandbox now and orders them by
+policy (``spread``: most free CPU first; ``pack``: least free first). ``could_ever``
+says whether any live worker could take it at all, so an impossible request fails at
+once (NoMatchingWorker) while a merely busy fleet makes it wait (CapacityExhausted at
+its deadline).
+
+GPU requests: ``"H100"`` (one), ``"H100:2"``, ``"any"``, ``"any:2"``; models match
+case-insensitively as a substring of the NVML name ("H100" matches "NVIDIA H100 80GB
+HBM3"). CPU-only sandboxes avoid GPU workers while a CPU-only worker has room.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from hotbed.errors import InvalidRequest
+from hotbed.protocol import SandboxSpec
+from scheduler.registry import WorkerView
+
+
+class GpuNeed(msgspec.Struct, frozen=True):
+    model: str  # "any" or a model name
+    count: int
+
+
+def parse_gpu(gpu: str | None) -> GpuNeed | None:
+    if not gpu:
+        return None
+    model, _, count = gpu.partition(":")
+    try:
+        n = int(count) if count else 1
+    except ValueError:
+        raise InvalidRequest(f"bad gpu request {gpu!r}: want MODEL or MODEL:COUNT") from None
+    if n < 1 or not model:
+        raise InvalidRequest(f"bad gpu request {gpu!r}: want MODEL or MODEL:COUNT")
+    return GpuNeed(model=model.strip(), count=n)
+
+
+def matching_gpus(w: WorkerView, need: GpuNeed, *, free_only: bool) -> list[str]:
+    pool = set(w.gpu_free) if free_only else None
+    out = []
+    for g in w.info.gpus:
+        if pool is not None and g.uuid not in pool:
+            continue
+        if need.model.lower() == "any" or need.model.lower() in g.model.lower():
+            out.append(g.uuid)
+    return out
+
+
+def _fits_tags(w: WorkerView, node_tags: dict[str, str]) -> bool:
+    return all(w.info.tags.get(k) == v for k, v in node_tags.items())
+
+
+def could_ever(workers: Sequence[WorkerView], spec: SandboxSpec, node_tags: dict[str, str]) -> bool:
+    res = spec.resources
+    need = parse_gpu(res.gpu)
+    for w in workers:
+        if w.info.cpu_millis < res.millicpu or w.info.memory_mb < res.memory_mb:
+            continue
+        if not _fits_tags(w, node_tags):
+            continue
+        if need and len(matching_gpus(w, need, free_only=False)) < need.count:
+            continue
+        return True
+    return False
+
+
+def rank(
+    workers: Sequence[WorkerView],
+    spec: SandboxSpec,
+    *,
+    node_tags: dict[str, str] | None = None,
+    policy: str = "spread",
+    gpu_workers_for_cpu: bool = False,
+) -> list[tuple[WorkerView, list[str]]]:
+    """Workers that could take ``spec`` now, best first, each with its eligible GPU uuids."""
+    res = spec.resources
+    need = parse_gpu(res.gpu)
+    out: list[tuple[WorkerView, list[str]]] = []
+    for w in workers:
+        if w.cpu_free < res.millicpu or w.mem_free < res.memory_mb:
+            continue
+        if node_tags and not _fits_tags(w, node_tags):
+            continue
+        gpus: list[str] = []
+        if need:
+            gpus = matching_gpus(w, need, free_only=True)
+            if len(gpus) < need.count:
+                continue
+        out.append((w, gpus))
+    sign = -1 if policy == "spread" else 1
+    if need is None and not gpu_workers_for_cpu:
+        # CPU-only work goes to GPU nodes only when no CPU-only node has room.
+        out.sort(key=lambda c: (c[0].has_gpus, sign * c[0].cpu_free))
+    else:
+        out.sort(key=lambda c: sign * c[0].cpu_free)
+    return out

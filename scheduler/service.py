@@ -1,0 +1,334 @@
+"""The scheduler daemon: intake of client requests, placement, and the reaper.
+
+Several replicas may run: they share the request stream through one consumer group,
+and entries a dead replica took are claimed by another after ``reclaim_idle_s``.
+A create is placed with one round trip in the common case: the sandbox record write
+and the ``RESERVE_DISPATCH`` script (capacity + the worker's start command, atomic on
+the worker's hash tag) go in one pipeline; the worker replies to the client directly.
+Requests that find no capacity wait, re-ranking as the registry refreshes, until their
+deadline (CapacityExhausted). Requests no live worker could ever take fail at once
+(NoMatchingWorker).
+
+The reaper runs on the one replica that holds the ``reaper`` lock: a worker whose
+heartbeat lapsed has its sandboxes marked lost, every command left in its stream
+answered with WorkerLost (no client waits out its deadline), and its keys removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+
+from hotbed import daemon, lua, protocol
+from hotbed import keys as keyspace
+from hotbed.connection import connect
+from hotbed.errors import (
+    CapacityExhausted,
+    HotbedError,
+    InvalidRequest,
+    NoMatchingWorker,
+    UnsupportedRequest,
+    WorkerLost,
+)
+from hotbed.protocol import CreateSandbox, Envelope, Reply, SandboxSpec, StartSandbox
+from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, to_hash
+from hotbed.streams import StreamConsumer, ensure_group, reply_to, send_reply
+from scheduler.config import SchedulerSettings
+from scheduler.placement import could_ever, parse_gpu, rank
+from scheduler.registry import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+# Wait between placement attempts when no worker has room.
+CAPACITY_RETRY_S = 0.05
+# A worker gets this long after its last heartbeat before a request that could only fit
+# on it fails as NoMatchingWorker.
+LOCK_TTL_MS = 5000
+
+
+def validate(spec: SandboxSpec) -> None:
+    """Bad input gets InvalidRequest, never a traceback."""
+    r = spec.resources
+    problems = []
+    if not spec.image:
+        problems.append("image is empty")
+    if not 0 < spec.timeout <= protocol.MAX_TIMEOUT_S:
+        problems.append(f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}] seconds, got {spec.timeout:g}")
+    if spec.idle_timeout is not None and spec.idle_timeout <= 0:
+        problems.append(f"idle_timeout must be positive, got {spec.idle_timeout:g}")
+    if r.cpu <= 0:
+        problems.append(f"cpu must be positive, got {r.cpu:g}")
+    if r.memory_mb < 16:
+        problems.append(f"memory_mb must be at least 16, got {r.memory_mb}")
+    if r.pids < 8:
+        problems.append(f"pids must be at least 8, got {r.pids}")
+    parse_gpu(r.gpu)
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+
+
+def sandbox_id_for(request_id: str) -> str:
+    # Derived from the request id so a redelivered request names the same sandbox.
+    return f"sb-{request_id}"
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.keys = keyspace.Keys(settings.prefix)
+        self.name = settings.resolved_name()
+        self.stopping = anyio.Event()
+        self._redis: aioredis.Redis | None = None
+        self._blocking: aioredis.Redis | None = None
+        self.registry: WorkerRegistry | None = None
+        self._limiter = anyio.CapacityLimiter(settings.max_in_flight)
+        self._lock_token = secrets.token_hex(8)
+        self.placed = 0
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        assert self._redis is not None, "scheduler not started"
+        return self._redis
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._redis = connect(self.settings.redis_url)
+        self._blocking = connect(self.settings.redis_url, blocking=True)
+        try:
+            await self._serve(task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._redis.aclose()
+                await self._blocking.aclose()
+
+    async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        self._reserve = self.redis.register_script(lua.RESERVE_DISPATCH)
+        self._lock = self.redis.register_script(lua.LOCK)
+        self.registry = WorkerRegistry(
+            self.redis, self.keys, heartbeat_ttl_s=self.settings.heartbeat_ttl_s
+        )
+        await self.registry.refresh()
+        consumer = StreamConsumer(
+            redis=self.redis,
+            blocking=self._blocking,  # type: ignore[arg-type]
+            stream=self.keys.requests,
+            group=keyspace.REQUESTS_GROUP,
+            consumer=self.name,
+            limiter=self._limiter,
+        )
+        await ensure_group(self.redis, consumer.stream, consumer.group)
+        log.info("scheduler %s ready", self.name)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._refresh_loop)
+            tg.start_soon(self._reaper_loop)
+            async with anyio.create_task_group() as work:
+                tg.start_soon(self._reclaim_loop, consumer, work)
+                task_status.started()
+                await consumer.run(work, self._handle_entry, stop=self.stopping, batch=self.settings.batch)
+                with anyio.move_on_after(self.settings.shutdown_grace_s) as grace:
+                    while self._limiter.borrowed_tokens:
+                        await anyio.sleep(0.05)
+                if grace.cancelled_caught:
+                    log.warning(
+                        "%d requests unfinished after %.0fs; leaving them pending for another replica",
+                        self._limiter.borrowed_tokens, self.settings.shutdown_grace_s,
+                    )
+                    work.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
+
+    # ------------------------------------------------------------ background
+
+    async def _refresh_loop(self) -> None:
+        assert self.registry is not None
+        while True:
+            await anyio.sleep(self.settings.registry_refresh_s)
+            await self.registry.refresh()
+
+    async def _reclaim_loop(self, consumer: StreamConsumer, work: anyio.abc.TaskGroup) -> None:
+        """Take over requests a dead replica read and never finished."""
+        min_idle_ms = int(self.settings.reclaim_idle_s * 1000)
+        while True:
+            for entry_id, data in await consumer.claim_stale(min_idle_ms):
+                log.info("reclaimed request %s from a stalled replica", entry_id.decode())
+                token = object()
+                await self._limiter.acquire_on_behalf_of(token)
+                work.start_soon(self._run_reclaimed, consumer, entry_id, data, token)
+            await anyio.sleep(min(self.settings.reclaim_idle_s / 2, 5.0))
+
+    async def _run_reclaimed(
+        self, consumer: StreamConsumer, entry_id: bytes, data: bytes, token: object
+    ) -> None:
+        try:
+            await self._handle_entry(entry_id, data)
+            await consumer.ack(entry_id)
+        finally:
+            self._limiter.release_on_behalf_of(token)
+
+    async def _reaper_loop(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            leader = await self._lock(
+                keys=[self.keys.lock("reaper")], args=[self._lock_token, LOCK_TTL_MS]
+            )
+            if leader:
+                await self.reap_dead_workers()
+
+    async def reap_dead_workers(self) -> None:
+        cutoff = int((daemon.wall() - self.settings.heartbeat_ttl_s) * 1000)
+        dead = await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff)
+        for raw in dead:
+            await self._worker_lost(raw.decode())
+
+    async def _worker_lost(self, wid: str) -> None:
+        log.warning("worker %s stopped heartbeating; marking its sandboxes lost", wid, extra={"worker_id": wid})
+        held = await self.redis.hkeys(self.keys.worker_sandboxes(wid))
+        now = str(daemon.wall())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for raw in held:
+                sid = raw.decode()
+                pipe.hset(
+                    self.keys.sandbox(sid),
+                    mapping={"state": "lost", "reason": f"worker {wid} stopped heartbeating", "ended_at": now},
+                )
+                pipe.expire(self.keys.sandbox(sid), ENDED_RECORD_TTL_S)
+                pipe.zrem(self.keys.sandboxes, sid)
+            await pipe.execute()
+        entries = await self.redis.xrange(self.keys.worker_cmds(wid))
+        err = protocol.error_reply(WorkerLost(f"worker {wid} stopped heartbeating", worker_id=wid))
+        for _entry_id, fields in entries:
+            header = protocol.decode_header(fields.get(keyspace.FIELD, b""))
+            if header is not None:
+                await send_reply(self.redis, header.id, header.reply_to, err)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(
+                self.keys.worker_cmds(wid),
+                self.keys.worker_cap(wid),
+                self.keys.worker_sandboxes(wid),
+                self.keys.worker_info(wid),
+            )
+            pipe.zrem(self.keys.workers, wid)
+            await pipe.execute()
+        if self.registry is not None:
+            self.registry.workers.pop(wid, None)
+
+    # --------------------------------------------------------------- requests
+
+    async def _handle_entry(self, entry_id: bytes, data: bytes) -> None:
+        try:
+            env = protocol.decode_envelope(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            header = protocol.decode_header(data)
+            log.warning(
+                "malformed request %s: %s", entry_id.decode(), exc,
+                extra={"request_id": header.id if header else None},
+            )
+            if header is not None:
+                await send_reply(
+                    self.redis, header.id, header.reply_to,
+                    protocol.error_reply(UnsupportedRequest(f"malformed or unknown request: {exc}")),
+                )
+            return
+        try:
+            reply = await self._dispatch(env)
+        except HotbedError as exc:
+            exc.request_id = env.id
+            reply = protocol.error_reply(exc)
+        except Exception as exc:
+            log.exception("request %s failed", env.id, extra={"request_id": env.id})
+            reply = protocol.error_reply(exc)
+        if reply is not None:
+            await reply_to(self.redis, env, reply)
+
+    async def _dispatch(self, env: Envelope) -> Reply | None:
+        body = env.body
+        if isinstance(body, CreateSandbox):
+            await self.place(env, body.spec)
+            return None  # the worker replies
+        raise UnsupportedRequest(f"the scheduler does not handle {type(body).__name__}")
+
+    async def place(self, env: Envelope, spec: SandboxSpec) -> str:
+        """Reserve capacity on a worker and hand it the start command."""
+        assert self.registry is not None
+        validate(spec)
+        sid = sandbox_id_for(env.id)
+        start = StartSandbox(sandbox_id=sid, spec=spec)
+        payload = protocol.encode(
+            Envelope(id=env.id, reply_to=env.reply_to, deadline=env.deadline, body=start, client=env.client)
+        )
+        record = SandboxRecord(
+            id=sid,
+            image=spec.image,
+            template=spec.template or "",
+            cpu=spec.resources.cpu,
+            memory_mb=spec.resources.memory_mb,
+            gpu=spec.resources.gpu or "",
+            created_at=daemon.wall(),
+            timeout=spec.timeout,
+            idle_timeout=spec.idle_timeout or 0.0,
+            tags=spec.tags,
+        )
+        gpu = parse_gpu(spec.resources.gpu)
+        while True:
+            if daemon.wall() > env.deadline:
+                raise CapacityExhausted(
+                    f"no worker had room for cpu={spec.resources.cpu:g} memory={spec.resources.memory_mb}MiB"
+                    + (f" gpu={spec.resources.gpu}" if spec.resources.gpu else "")
+                    + " before the request's deadline"
+                )
+            live = self.registry.live()
+            if not could_ever(live, spec, spec.worker_tags):
+                if live or daemon.wall() > env.deadline - 0.001:
+                    raise NoMatchingWorker(self._no_match_message(spec))
+            for w, gpus in rank(
+                live, spec, node_tags=spec.worker_tags, policy=self.settings.placement,
+                gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+            ):
+                got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, gpu.count if gpu else 0)
+                if got is not None:
+                    w.cpu_free -= spec.resources.millicpu
+                    w.mem_free -= spec.resources.memory_mb
+                    w.gpu_free = [g for g in w.gpu_free if g not in got]
+                    self.placed += 1
+                    return sid
+                # Our cached view was stale; the worker is fuller than we thought.
+                w.cpu_free = min(w.cpu_free, spec.resources.millicpu - 1)
+            await anyio.sleep(CAPACITY_RETRY_S)
+
+    async def _try_reserve(
+        self, wid: str, sid: str, spec: SandboxSpec, record: SandboxRecord,
+        payload: bytes, gpus: list[str], ngpu: int,
+    ) -> list[str] | None:
+        rec = msgspec.structs.replace(record, worker=wid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.sandbox(sid), mapping=to_hash(rec))
+            await self._reserve(
+                keys=[self.keys.worker_cap(wid), self.keys.worker_sandboxes(wid), self.keys.worker_cmds(wid)],
+                args=[sid, spec.resources.millicpu, spec.resources.memory_mb, payload, ngpu, *gpus],
+                client=pipe,
+            )
+            res = await pipe.execute()
+        got = res[1]
+        if got is None:
+            return None
+        uuids = [g.decode() if isinstance(g, bytes) else g for g in got]
+        if uuids:
+            await self.redis.hset(self.keys.sandbox(sid), "gpu_uuids", msgspec.json.encode(uuids))
+        return uuids
+
+    def _no_match_message(self, spec: SandboxSpec) -> str:
+        assert self.registry is not None
+        r = spec.resources
+        asked = f"cpu={r.cpu:g} memory={r.memory_mb}MiB" + (f" gpu={r.gpu}" if r.gpu else "")
+        if spec.worker_tags:
+            asked += f" worker_tags={spec.worker_tags}"
+        have = []
+        for w in self.registry.live():
+            gpus = ",".join(sorted({g.model for g in w.info.gpus})) or "no GPU"
+            have.append(
+                f"{w.id} (cpu={w.info.cpu_millis / 1000:g} memory={w.info.memory_mb}MiB {gpus} tags={w.info.tags})"
+            )
+        return f"no live worker could ever run {asked}; live workers: " + ("; ".join(have) or "none")
+

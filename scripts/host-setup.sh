@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Installs and starts what hotbed needs on a Debian 12 host: dockerd with gVisor
+# (runsc) registered, Redis, mmdebstrap and busybox-static. Idempotent: each step
+# checks before it acts, so `make demo` and `make test` can both call it.
+#
+# Why trixie's runsc: bookworm's runsc (20221219) fails statx on this kernel;
+# trixie's 20240729 build is static and works. The trixie suite is pinned low so
+# nothing else is upgraded from it.
+set -euo pipefail
+
+log() { printf '[host-setup] %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    log "must run as root (apt, dockerd); try: sudo $0"; exit 1
+  fi
+}
+
+apt_ready=0
+apt_update() {
+  if [ "$apt_ready" = 0 ]; then
+    log "apt-get update"
+    apt-get update -qq >/dev/null
+    apt_ready=1
+  fi
+}
+
+install_debian_packages() {
+  local missing=()
+  command -v dockerd >/dev/null || missing+=(docker.io)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+  [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -q '^wget$' || missing+=(busybox-static)
+  if [ ${#missing[@]} -gt 0 ]; then
+    need_root; apt_update
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The redis-server package starts a system instance; hotbed manages its own.
+    if command -v systemctl >/dev/null && systemctl is-active -q redis-server 2>/dev/null; then
+      systemctl stop redis-server || true
+    fi
+  fi
+}
+
+debian_mirror() {
+  # Reuse the mirror of the system's own Debian source so no new host is contacted.
+  local uri=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    uri=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+  fi
+  if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+    uri=$(awk '/^deb / && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+  fi
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+runsc_works() {
+  command -v runsc >/dev/null || return 1
+  local v; v=$(runsc --version 2>/dev/null | awk '/runsc version/ {print $3}')
+  # Debian's 20221219 build is broken on this kernel (statx EINVAL); versions
+  # read like "0.0~20240729.0" or "release-20240729.0": take the date.
+  local d; d=$(grep -o '20[0-9]\{6\}' <<<"$v" | head -1)
+  [ -n "$d" ] && [ "$d" -ge 20240101 ]
+}
+
+install_runsc() {
+  runsc_works && return 0
+  need_root
+  local mirror; mirror=$(debian_mirror)
+  if [ ! -f /etc/apt/sources.list.d/hotbed-trixie.sources ]; then
+    log "adding the trixie suite ($mirror), pinned low, for runsc"
+    cat >/etc/apt/sources.list.d/hotbed-trixie.sources <<SRC
+Types: deb
+URIs: $mirror
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    cat >/etc/apt/preferences.d/hotbed-trixie <<PIN
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+    apt_ready=0
+  fi
+  apt_update
+  log "installing runsc from trixie"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t trixie runsc >/dev/null
+  runsc_works || { log "runsc installed but not usable: $(runsc --version 2>&1 | head -1)"; exit 1; }
+}
+
+configure_docker() {
+  local want='/etc/docker/daemon.json'
+  local runsc_path; runsc_path=$(command -v runsc)
+  local body
+  body=$(cat <<JSON
+{
+  "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]}},
+  "experimental": true,
+  "bridge": "none",
+  "iptables": false,
+  "ip-masq": false
+}
+JSON
+)
+  mkdir -p /etc/docker
+  if [ ! -f "$want" ] || [ "$(cat "$want")" != "$body" ]; then
+    log "writing $want (runsc registered, no bridge network)"
+    printf '%s\n' "$body" >"$want"
+    if docker_up; then
+      log "restarting dockerd to pick up the runtime"
+      stop_dockerd
+    fi
+  fi
+}
+
+docker_up() { timeout 10 docker info >/dev/null 2>&1; }
+
+stop_dockerd() {
+  if command -v systemctl >/dev/null && systemctl is-active -q docker 2>/dev/null; then
+    systemctl restart docker; return
+  fi
+  pkill -x dockerd || true
+  for _ in $(seq 50); do pgrep -x dockerd >/dev/null || break; sleep 0.2; done
+}
+
+start_dockerd() {
+  docker_up && return 0
+  need_root
+  log "starting dockerd"
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl start docker || true
+  fi
+  if ! docker_up; then
+    mkdir -p /var/log/hotbed
+    setsid nohup dockerd >/var/log/hotbed/dockerd.log 2>&1 </dev/null &
+  fi
+  for _ in $(seq 150); do docker_up && break; sleep 0.2; done
+  docker_up || { log "dockerd did not come up; see /var/log/hotbed/dockerd.log"; tail -20 /var/log/hotbed/dockerd.log >&2 || true; exit 1; }
+  docker info --format '{{json .Runtimes}}' | grep -q runsc || { log "dockerd runs but runsc is not registered"; exit 1; }
+}
+
+need_root
+install_debian_packages
+install_runsc
+configure_docker
+start_dockerd
+log "ready: $(runsc --version | head -1), docker $(docker version --format '{{.Server.Version}}'), $(redis-server --version | awk '{print $3}')"

@@ -1,0 +1,168 @@
+"""Shared fixtures: a real Redis per session, a real control plane per test.
+
+``redis_url``: a private redis-server on a free loopback port for the whole session.
+``prefix``: a fresh key-space prefix per test, so tests never see each other's keys.
+``hotbed_stack``: a scheduler and one docker+runsc worker running in the test's event
+loop, with a connected client; on teardown the worker drains, and any container the
+test's prefix left behind fails the test (a leak is a bug, not something to clean).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import msgspec
+import pytest
+
+from hotbed.client import Client
+from scheduler.config import SchedulerSettings
+from scheduler.service import Scheduler
+from workers.agent import WorkerAgent
+from workers.config import WorkerSettings
+
+BUSYBOX_IMAGE = os.environ.get("HOTBED_TEST_IMAGE", "hotbed/busybox")
+BASE_IMAGE = os.environ.get("HOTBED_BASE_IMAGE", "hotbed/base")
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    return ("asyncio", {"use_uvloop": True})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if url := os.environ.get("HOTBED_TEST_REDIS_URL"):
+        yield url
+        return
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server not installed: run `make test` (it installs it)")
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="hotbed-redis-")
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir, "--maxclients", "20000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{secrets.token_hex(4)}"
+
+
+def docker_available() -> bool:
+    try:
+        out = subprocess.run(
+            ["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and b"runsc" in out.stdout
+
+
+def image_exists(image: str) -> bool:
+    return (
+        subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+    )
+
+
+def leftover_containers(prefix: str) -> list[str]:
+    out = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=dev.hotbed.prefix={prefix}"],
+        capture_output=True, text=True,
+    )
+    return out.stdout.split()
+
+
+class Stack(msgspec.Struct, kw_only=True):
+    client: Client
+    scheduler: Scheduler
+    worker: WorkerAgent
+    redis_url: str
+    prefix: str
+
+
+async def start_stack(
+    redis_url: str,
+    prefix: str,
+    *,
+    tg: anyio.abc.TaskGroup,
+    worker_overrides: dict[str, object] | None = None,
+    scheduler_overrides: dict[str, object] | None = None,
+    runtime: object | None = None,
+) -> Stack:
+    from workers.runtimes import make_runtime
+
+    wsettings = msgspec.convert(
+        {"redis_url": redis_url, "prefix": prefix, "worker_id": f"w-{prefix}",
+         "heartbeat_s": 0.2, "reconcile_s": 0.5, "drain_on_stop": True,
+         "shutdown_grace_s": 2.0, **(worker_overrides or {})},
+        WorkerSettings,
+    )
+    ssettings = msgspec.convert(
+        {"redis_url": redis_url, "prefix": prefix, "registry_refresh_s": 0.1,
+         "heartbeat_ttl_s": 3.0, "shutdown_grace_s": 2.0, **(scheduler_overrides or {})},
+        SchedulerSettings,
+    )
+    worker = WorkerAgent(wsettings, runtime or make_runtime(wsettings))  # type: ignore[arg-type]
+    scheduler = Scheduler(ssettings)
+    await tg.start(scheduler.run)
+    await tg.start(worker.run)
+    # Placement needs the scheduler to have seen the worker's first heartbeat.
+    assert scheduler.registry is not None
+    with anyio.fail_after(10):
+        while worker.id not in scheduler.registry.workers:
+            await scheduler.registry.refresh()
+            await anyio.sleep(0.05)
+    client = Client(redis_url, prefix=prefix)
+    return Stack(client=client, scheduler=scheduler, worker=worker, redis_url=redis_url, prefix=prefix)
+
+
+async def stop_stack(stack: Stack) -> None:
+    await stack.client.aclose()
+    stack.worker.stopping.set()
+    stack.scheduler.stopping.set()
+
+
+@pytest.fixture
+async def hotbed_stack(redis_url: str, prefix: str) -> AsyncIterator[Stack]:
+    if not docker_available():
+        pytest.fail("dockerd with runsc is not running: run `make test` (it sets them up)")
+    if not image_exists(BUSYBOX_IMAGE):
+        pytest.fail(f"test image {BUSYBOX_IMAGE} missing: run `make test-image`")
+    async with anyio.create_task_group() as tg:
+        stack = await start_stack(redis_url, prefix, tg=tg)
+        try:
+            yield stack
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stop_stack(stack)
+    left = leftover_containers(prefix)
+    assert not left, f"test leaked containers: {left}"

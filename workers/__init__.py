@@ -1,0 +1,1 @@
+"""hotbed's worker agent: runs sandboxes on one node through a runtime."""

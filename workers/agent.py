@@ -1,0 +1,436 @@
+"""The worker agent: one per node. Registers, heartbeats, runs its command stream.
+
+Life of a worker::
+
+    open runtime -> reconcile (adopt or remove its containers) -> register capacity
+    -> [heartbeat | command stream | expiry | health] until stopped
+
+Capacity is reserved by the scheduler (``RESERVE_DISPATCH``) before a StartSandbox
+reaches us; every way a sandbox ends (client, lifetime, idle, died, failed start) goes
+through :meth:`WorkerAgent.end_sandbox`, which releases it exactly once (``RELEASE``
+is idempotent) and leaves an ended record saying why.
+
+Lifetime and idle deadlines are wall-clock (``expires_at`` in the record) because
+they must survive a worker restart; waits inside one process use the monotonic clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+
+from hotbed import daemon, lua, protocol
+from hotbed import keys as keyspace
+from hotbed.connection import connect
+from hotbed.errors import (
+    FileTooLarge,
+    HotbedError,
+    RequestTimeout,
+    SandboxNotFound,
+    SandboxNotRunning,
+    UnsupportedRequest,
+    WorkerLost,
+)
+from hotbed.protocol import (
+    DirListing,
+    Envelope,
+    Exec,
+    FileContent,
+    FileWritten,
+    ListFiles,
+    ReadFile,
+    Reply,
+    SandboxCreated,
+    StartSandbox,
+    Terminate,
+    Terminated,
+    WorkerInfo,
+    WriteFile,
+)
+from hotbed.records import ENDED_RECORD_TTL_S, from_hash
+from hotbed.streams import StreamConsumer, ensure_group, send_reply
+from workers.config import WorkerSettings
+from workers.runtimes.base import Placed, Runtime
+
+log = logging.getLogger(__name__)
+
+# Commands that may safely run again after a worker restart found them unacknowledged.
+RETRYABLE = (StartSandbox, Terminate, ReadFile, ListFiles, WriteFile)
+
+
+class Local(msgspec.Struct, kw_only=True):
+    """A sandbox this worker runs."""
+
+    id: str
+    user: str
+    expires_at: float
+    idle_timeout: float | None
+    last_active: float
+    dirty: bool = False
+
+
+class WorkerAgent:
+    def __init__(self, settings: WorkerSettings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.id = settings.resolved_id()
+        self.keys = keyspace.Keys(settings.prefix)
+        self.sandboxes: dict[str, Local] = {}
+        self.stopping = anyio.Event()
+        self.info = WorkerInfo(
+            id=self.id,
+            host=socket.gethostname(),
+            runtime=runtime.name,
+            kind=runtime.kind,
+            cpu_millis=settings.resolved_cpu_millis(),
+            memory_mb=settings.resolved_memory_mb(),
+            tags=dict(settings.tags),
+            started_at=daemon.wall(),
+        )
+        self._redis: aioredis.Redis | None = None
+        self._blocking: aioredis.Redis | None = None
+        self._in_flight = anyio.CapacityLimiter(settings.max_concurrency)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        assert self._redis is not None, "worker not started"
+        return self._redis
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :attr:`stopping` is set, then shut down in order."""
+        self._redis = connect(self.settings.redis_url)
+        self._blocking = connect(self.settings.redis_url, blocking=True)
+        try:
+            await self.runtime.open()
+            try:
+                await self._serve(task_status)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.runtime.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._redis.aclose()
+                await self._blocking.aclose()
+
+    async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        consumer = StreamConsumer(
+            redis=self.redis,
+            blocking=self._blocking,  # type: ignore[arg-type]
+            stream=self.keys.worker_cmds(self.id),
+            group=keyspace.WORKER_GROUP,
+            consumer="agent",
+            limiter=self._in_flight,
+        )
+        await ensure_group(self.redis, consumer.stream, consumer.group)
+        await self.reconcile()
+        await self.register()
+        log.info(
+            "worker %s ready: runtime=%s cpu=%.1f memory=%dMiB",
+            self.id, self.runtime.name, self.info.cpu_millis / 1000, self.info.memory_mb,
+            extra={"worker_id": self.id},
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat_loop)
+            tg.start_soon(self._expiry_loop)
+            tg.start_soon(self._health_loop)
+            async with anyio.create_task_group() as work:
+                for entry_id, data in await consumer.pending():
+                    await self._in_flight.acquire_on_behalf_of(entry_id)
+                    work.start_soon(self._replay, consumer, entry_id, data)
+                task_status.started()
+                await consumer.run(work, self._handle_entry, stop=self.stopping)
+                # Intake stopped: let in-flight commands finish within the grace period.
+                with anyio.move_on_after(self.settings.shutdown_grace_s) as grace:
+                    while self._in_flight.borrowed_tokens:
+                        await anyio.sleep(0.05)
+                if grace.cancelled_caught:
+                    log.warning(
+                        "%d commands still running after %.0fs; cancelling (they stay pending)",
+                        self._in_flight.borrowed_tokens, self.settings.shutdown_grace_s,
+                    )
+                    work.cancel_scope.cancel()
+            if self.settings.drain_on_stop:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+                    for sid in list(self.sandboxes):
+                        await self.end_sandbox(sid, reason="worker_drained")
+            tg.cancel_scope.cancel()
+
+    async def _replay(self, consumer: StreamConsumer, entry_id: bytes, data: bytes) -> None:
+        """An entry this worker took before a restart: retry it if that is safe."""
+        try:
+            try:
+                env = protocol.decode_envelope(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                env = None
+            if env is not None and not isinstance(env.body, RETRYABLE):
+                await send_reply(
+                    self.redis, env.id, env.reply_to,
+                    protocol.error_reply(WorkerLost(
+                        "the worker restarted while running this command; it may or may not "
+                        "have run", worker_id=self.id,
+                    )),
+                )
+            else:
+                await self._handle_entry(entry_id, data)
+            await consumer.ack(entry_id)
+        finally:
+            self._in_flight.release_on_behalf_of(entry_id)
+
+    async def register(self) -> None:
+        """Publish capacity, recomputed from the reservations we still hold."""
+        gpu_ids = [g.uuid for g in self.info.gpus]
+        script = self.redis.register_script(lua.REGISTER)
+        await script(
+            keys=[self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)],
+            args=[self.info.cpu_millis, self.info.memory_mb, *gpu_ids],
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.worker_info(self.id), protocol.encode(self.info))
+            pipe.zadd(self.keys.workers, {self.id: int(daemon.wall() * 1000)})
+            await pipe.execute()
+
+    async def reconcile(self) -> None:
+        """Adopt the sandboxes we still hold; remove containers nobody holds."""
+        held = {
+            k.decode(): v
+            for k, v in (await self.redis.hgetall(self.keys.worker_sandboxes(self.id))).items()
+        }
+        managed = [
+            m for m in await self.runtime.list_managed()
+            if m.worker_id == self.id and m.prefix == self.settings.prefix
+        ]
+        running = {m.sandbox_id for m in managed if m.running}
+        for m in managed:
+            if m.sandbox_id not in held:
+                log.info("removing orphan container", extra={"sandbox_id": m.sandbox_id})
+                await self.runtime.destroy(m.sandbox_id)
+        for sid in held:
+            rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sid)))
+            if rec is None or rec.ended or sid not in running:
+                if rec is not None and rec.state == "creating" and sid not in running:
+                    # Start command not yet run: it is still in our stream; keep it.
+                    continue
+                await self.end_sandbox(sid, reason="lost on worker restart", state="failed")
+                continue
+            self.sandboxes[sid] = Local(
+                id=sid,
+                user=self.settings.default_user,
+                expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
+                idle_timeout=rec.idle_timeout or None,
+                last_active=rec.last_active or daemon.wall(),
+            )
+        if held or managed:
+            log.info("reconciled: adopted %d sandboxes", len(self.sandboxes))
+
+    # -------------------------------------------------------------- background
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            now = daemon.wall()
+            dirty = [s for s in self.sandboxes.values() if s.dirty]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.workers, {self.id: int(now * 1000)})
+                pipe.exists(self.keys.worker_cap(self.id))
+                for s in dirty:
+                    s.dirty = False
+                    pipe.hset(self.keys.sandbox(s.id), "last_active", str(s.last_active))
+                res = await pipe.execute()
+            if not res[1]:
+                # The scheduler declared us dead (missed heartbeats) and dropped our keys.
+                log.warning("capacity record missing; re-registering", extra={"worker_id": self.id})
+                self.sandboxes.clear()
+                await self.reconcile()
+                await self.register()
+            await anyio.sleep(self.settings.heartbeat_s)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await anyio.sleep(0.25)
+            now = daemon.wall()
+            for s in list(self.sandboxes.values()):
+                if now >= s.expires_at:
+                    await self._end_quietly(s.id, "timeout")
+                elif s.idle_timeout and now - s.last_active >= s.idle_timeout:
+                    await self._end_quietly(s.id, "idle_timeout")
+
+    async def _health_loop(self) -> None:
+        """Sandboxes whose container died (out of memory, killed out of band) end here."""
+        while True:
+            await anyio.sleep(self.settings.reconcile_s)
+            try:
+                running = {
+                    m.sandbox_id for m in await self.runtime.list_managed()
+                    if m.running and m.worker_id == self.id
+                }
+            except HotbedError as exc:
+                log.warning("health check failed: %s", exc)
+                continue
+            for sid in list(self.sandboxes):
+                if sid not in running:
+                    await self._end_quietly(sid, "died", state="failed")
+
+    async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
+        try:
+            await self.end_sandbox(sid, reason=reason, state=state)
+        except HotbedError as exc:
+            log.warning("could not end sandbox: %s", exc, extra={"sandbox_id": sid})
+
+    # ------------------------------------------------------------------ commands
+
+    async def _handle_entry(self, entry_id: bytes, data: bytes) -> None:
+        try:
+            env = protocol.decode_envelope(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            header = protocol.decode_header(data)
+            log.warning("malformed command %s: %s", entry_id, exc, extra={"worker_id": self.id})
+            if header is not None:
+                await send_reply(
+                    self.redis, header.id, header.reply_to,
+                    protocol.error_reply(UnsupportedRequest(f"malformed or unknown command: {exc}")),
+                )
+            return
+        body = env.body
+        if env.deadline and daemon.wall() > env.deadline:
+            if isinstance(body, StartSandbox):
+                # The client gave up: starting it now would only leak it until its timeout.
+                await self.end_sandbox(body.sandbox_id, reason="request deadline passed before start", state="failed")
+            await self._reply(env, protocol.error_reply(RequestTimeout("request expired in the queue")))
+            return
+        try:
+            reply: Reply = await self._dispatch(env)
+        except HotbedError as exc:
+            if exc.worker_id is None:
+                exc.worker_id = self.id
+            reply = protocol.error_reply(exc)
+        except Exception as exc:
+            log.exception("command %s failed", type(body).__name__, extra={"worker_id": self.id})
+            reply = protocol.error_reply(exc)
+        await self._reply(env, reply)
+
+    async def _reply(self, env: Envelope, body: Reply) -> None:
+        await send_reply(self.redis, env.id, env.reply_to, body)
+
+    async def _dispatch(self, env: Envelope) -> Reply:
+        body = env.body
+        if isinstance(body, StartSandbox):
+            return await self.start_sandbox(body)
+        if isinstance(body, Terminate):
+            await self.end_sandbox(body.sandbox_id, reason=body.reason, must_exist=True)
+            return Terminated(sandbox_id=body.sandbox_id)
+        if isinstance(body, Exec):
+            local = await self._touch(body.sandbox_id)
+            return await self.runtime.exec(body.sandbox_id, body.exec, default_user=local.user)
+        if isinstance(body, WriteFile):
+            if len(body.data) > protocol.MAX_FILE_BYTES:
+                raise FileTooLarge(f"{len(body.data)} bytes is over {protocol.MAX_FILE_BYTES}")
+            local = await self._touch(body.sandbox_id)
+            n = await self.runtime.write_file(
+                body.sandbox_id, body.path, body.data, mode=body.mode, make_dirs=body.make_dirs,
+                user=local.user,
+            )
+            return FileWritten(size=n)
+        if isinstance(body, ReadFile):
+            local = await self._touch(body.sandbox_id)
+            data = await self.runtime.read_file(
+                body.sandbox_id, body.path, max_bytes=min(body.max_bytes, protocol.MAX_FILE_BYTES),
+                user=local.user,
+            )
+            return FileContent(data=data)
+        if isinstance(body, ListFiles):
+            local = await self._touch(body.sandbox_id)
+            entries = await self.runtime.list_files(body.sandbox_id, body.path, user=local.user)
+            return DirListing(entries=entries)
+        raise UnsupportedRequest(f"worker does not handle {type(body).__name__}")
+
+    async def _touch(self, sid: str) -> Local:
+        local = self.sandboxes.get(sid)
+        if local is None:
+            rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sid)))
+            if rec is None:
+                raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
+            if rec.ended:
+                raise SandboxNotFound(f"sandbox {sid} has ended ({rec.state}: {rec.reason})", sandbox_id=sid)
+            raise SandboxNotRunning(f"sandbox {sid} is {rec.state}", sandbox_id=sid)
+        local.last_active = daemon.wall()
+        local.dirty = True
+        return local
+
+    # --------------------------------------------------------------- sandboxes
+
+    async def start_sandbox(self, cmd: StartSandbox) -> SandboxCreated:
+        sid, spec = cmd.sandbox_id, cmd.spec
+        if sid in self.sandboxes:
+            # A redelivered start of a sandbox we already run.
+            return SandboxCreated(sandbox_id=sid, worker_id=self.id, path=cmd.path)
+        started = anyio.current_time()
+        placed = Placed(
+            sandbox_id=sid, worker_id=self.id, prefix=self.settings.prefix,
+            gpu_uuids=list(cmd.gpu_uuids),
+        )
+        user = spec.user or self.settings.default_user
+        spec = msgspec.structs.replace(spec, user=user)
+        try:
+            await self.runtime.create(placed, spec)
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
+            with anyio.CancelScope(shield=True):
+                await self.end_sandbox(sid, reason=reason, state="failed")
+            raise
+        now = daemon.wall()
+        self.sandboxes[sid] = Local(
+            id=sid,
+            user=user,
+            expires_at=now + spec.timeout,
+            idle_timeout=spec.idle_timeout,
+            last_active=now,
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(
+                self.keys.sandbox(sid),
+                mapping={
+                    "state": "running", "started_at": str(now), "last_active": str(now),
+                    "path": cmd.path, "created_at": str(now), "worker": self.id,
+                },
+            )
+            pipe.zadd(self.keys.sandboxes, {sid: now})
+            await pipe.execute()
+        startup = anyio.current_time() - started
+        log.info("started sandbox in %.3fs", startup, extra={"sandbox_id": sid, "worker_id": self.id})
+        return SandboxCreated(
+            sandbox_id=sid, worker_id=self.id, path=cmd.path, startup_s=startup,
+            gpu_uuids=list(cmd.gpu_uuids),
+        )
+
+    async def end_sandbox(
+        self, sid: str, *, reason: str, state: str = "terminated", must_exist: bool = False
+    ) -> None:
+        """Destroy, release, record why. Safe to call twice and for unknown ids."""
+        local = self.sandboxes.pop(sid, None)
+        if local is None and must_exist:
+            held = await self.redis.hexists(self.keys.worker_sandboxes(self.id), sid)
+            if not held:
+                rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sid)))
+                if rec is None:
+                    raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
+                # Already ended: terminate is idempotent.
+                return
+        await self.runtime.destroy(sid)
+        release = self.redis.register_script(lua.RELEASE)
+        record = self.keys.sandbox(sid)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await release(
+                keys=[self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)],
+                args=[sid],
+                client=pipe,
+            )
+            pipe.hset(record, mapping={"state": state, "reason": reason, "ended_at": str(daemon.wall())})
+            pipe.expire(record, ENDED_RECORD_TTL_S)
+            pipe.zrem(self.keys.sandboxes, sid)
+            await pipe.execute()
+        log.info("sandbox ended: %s (%s)", state, reason, extra={"sandbox_id": sid, "worker_id": self.id})
+

@@ -1,0 +1,22 @@
+"""Runtimes a worker can drive; ``make_runtime`` picks one by name."""
+
+from __future__ import annotations
+
+from workers.config import WorkerSettings
+from workers.runtimes.base import Runtime
+
+
+def make_runtime(settings: WorkerSettings) -> Runtime:
+    if settings.runtime == "docker":
+        from workers.runtimes.docker import DockerRuntime
+
+        return DockerRuntime(oci_runtime=settings.oci_runtime)
+    if settings.runtime == "sim":
+        from workers.runtimes.sim import SimRuntime  # type: ignore[import-not-found]
+
+        return SimRuntime()  # type: ignore[no-any-return]
+    if settings.runtime == "process":
+        from workers.runtimes.process import ProcessRuntime  # type: ignore[import-not-found]
+
+        return ProcessRuntime()  # type: ignore[no-any-return]
+    raise ValueError(f"unknown runtime {settings.runtime!r}")

@@ -1,0 +1,70 @@
+"""The runtime interface a worker drives. Implementations: ``docker`` (gVisor via dockerd,
+the default) and ``sim`` (simulated, for control-plane load tests only).
+
+A runtime knows containers, not Redis: the worker agent owns records, capacity and
+replies. Every method raises :mod:`hotbed.errors` types (runtime errors are translated
+at this boundary) and must be safe to cancel.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+
+# Labels put on every container hotbed makes, so a restarted worker can find its own.
+LABEL_MANAGED = "dev.hotbed.managed"
+LABEL_SANDBOX = "dev.hotbed.sandbox"
+LABEL_WORKER = "dev.hotbed.worker"
+LABEL_PREFIX = "dev.hotbed.prefix"
+
+
+class Placed(msgspec.Struct, frozen=True, kw_only=True):
+    """What the agent tells a runtime about a sandbox beyond its spec."""
+
+    sandbox_id: str
+    worker_id: str
+    prefix: str
+    gpu_uuids: list[str] = []
+
+
+class Managed(msgspec.Struct, frozen=True, kw_only=True):
+    """A sandbox found on the node by :meth:`Runtime.list_managed`."""
+
+    sandbox_id: str
+    worker_id: str
+    prefix: str
+    running: bool
+
+
+class Runtime(Protocol):
+    name: str
+    # "real" or "simulated": surfaced in WorkerInfo so simulated numbers are labelled.
+    kind: str
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def create(self, placed: Placed, spec: SandboxSpec) -> None:
+        """Boot the sandbox; return once commands can run in it."""
+
+    async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
+        """Run a command; raise ExecTimeout (with partial output in ``detail``) on timeout."""
+
+    async def write_file(
+        self, sandbox_id: str, path: str, data: bytes, *, mode: int, make_dirs: bool, user: str
+    ) -> int: ...
+
+    async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int, user: str) -> bytes: ...
+
+    async def list_files(self, sandbox_id: str, path: str, *, user: str) -> list[FileEntry]: ...
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Remove the sandbox and everything it holds; no error if it is already gone."""
+
+    async def is_alive(self, sandbox_id: str) -> bool: ...
+
+    async def list_managed(self) -> list[Managed]: ...

@@ -1,0 +1,447 @@
+"""Sandboxes as Docker containers under gVisor (``runsc``), driven through aiodocker.
+
+Each sandbox is one container: labelled as hotbed's, networking off (``NetworkDisabled``
+also skips dockerd's network hook, ~1.6x creation throughput here), CPU / memory /
+pids limits from the request, a non-root user by default, a writable root filesystem.
+Its main process is a sleeping shell; commands run as ``docker exec``.
+
+Exec timeouts: under runsc an exec'd process leads its own process group, so the
+command is wrapped to report its pid first (on stderr, stripped before returning) and
+a timeout kills the whole group with ``kill -KILL -- -PID``.
+
+Files go through exec too (``cat`` in, ``cat`` out, ``stat`` for listings): with
+gVisor's overlay the container's writes never reach the host's layer, so Docker's
+archive API would not see them. The images need ``/bin/sh``, ``cat`` and ``stat``
+(busybox or coreutils).
+
+Every Docker call sits under a deadline (aiodocker has none of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Sequence
+from typing import Any
+
+import aiodocker
+import anyio
+from aiodocker.exceptions import DockerError
+
+from hotbed.errors import (
+    ExecTimeout,
+    FileError,
+    FileTooLarge,
+    HotbedError,
+    ImageNotFound,
+    RuntimeFailure,
+    SandboxNotFound,
+    SandboxNotRunning,
+)
+from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+from workers.runtimes.base import (
+    LABEL_MANAGED,
+    LABEL_PREFIX,
+    LABEL_SANDBOX,
+    LABEL_WORKER,
+    Managed,
+    Placed,
+)
+
+log = logging.getLogger(__name__)
+
+API_TIMEOUT_S = 30.0
+PID_MARK = b"HOTBEDPID "
+# Keeps PID 1 alive and idle; TERM ends it at once.
+IDLE_CMD = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done"]
+WRAP = 'echo "HOTBEDPID $$" >&2; exec "$@"'
+SHELL_WRAP = 'echo "HOTBEDPID $$" >&2; exec /bin/sh -c "$1"'
+
+
+def container_name(sandbox_id: str) -> str:
+    return f"hotbed-{sandbox_id}"
+
+
+class _Output:
+    """Collects one stream up to a cap, counting what it drops."""
+
+    __slots__ = ("buf", "cap", "dropped")
+
+    def __init__(self, cap: int) -> None:
+        self.buf = bytearray()
+        self.cap = cap
+        self.dropped = 0
+
+    def feed(self, data: bytes) -> None:
+        room = self.cap - len(self.buf)
+        if room > 0:
+            self.buf += data[:room]
+        self.dropped += max(0, len(data) - max(room, 0))
+
+
+class DockerRuntime:
+    name = "docker"
+    kind = "real"
+
+    def __init__(
+        self,
+        *,
+        oci_runtime: str = "runsc",
+        docker_url: str | None = None,
+        extra_labels: dict[str, str] | None = None,
+    ) -> None:
+        self.oci_runtime = oci_runtime
+        self.docker_url = docker_url
+        self.extra_labels = dict(extra_labels or {})
+        self._docker: aiodocker.Docker | None = None
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            raise RuntimeFailure("docker runtime is not open")
+        return self._docker
+
+    async def open(self) -> None:
+        self._docker = aiodocker.Docker(url=self.docker_url)
+        with anyio.fail_after(API_TIMEOUT_S):
+            info = await self._docker.system.info()
+        if self.oci_runtime not in (info.get("Runtimes") or {}):
+            await self.aclose()
+            raise RuntimeFailure(
+                f"dockerd has no runtime {self.oci_runtime!r}; run scripts/host-setup.sh"
+            )
+
+    async def aclose(self) -> None:
+        if self._docker is not None:
+            docker, self._docker = self._docker, None
+            with anyio.CancelScope(shield=True):
+                await docker.close()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def create(self, placed: Placed, spec: SandboxSpec) -> None:
+        sid = placed.sandbox_id
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                image = await self.docker.images.inspect(spec.image)
+        except DockerError as exc:
+            if exc.status == 404:
+                raise ImageNotFound(
+                    f"image {spec.image!r} not found on worker {placed.worker_id} "
+                    "(hotbed never pulls; build it with `hotbed image build`)",
+                    sandbox_id=sid,
+                    worker_id=placed.worker_id,
+                ) from None
+            raise self._translate(exc, sid) from None
+        res = spec.resources
+        labels = {
+            LABEL_MANAGED: "1",
+            LABEL_SANDBOX: sid,
+            LABEL_WORKER: placed.worker_id,
+            LABEL_PREFIX: placed.prefix,
+            **self.extra_labels,
+        }
+        env = [f"{k}={v}" for k, v in spec.env.items()]
+        host_config: dict[str, Any] = {
+            "Runtime": self.oci_runtime,
+            "NetworkMode": "none",
+            "NanoCpus": int(res.cpu * 1e9),
+            "Memory": res.memory_mb << 20,
+            "MemorySwap": res.memory_mb << 20,
+            "PidsLimit": res.pids,
+            "SecurityOpt": ["no-new-privileges"],
+        }
+        if placed.gpu_uuids:
+            host_config["DeviceRequests"] = [
+                {"Driver": "nvidia", "DeviceIDs": list(placed.gpu_uuids), "Capabilities": [["gpu"]]}
+            ]
+            env.append("NVIDIA_VISIBLE_DEVICES=" + ",".join(placed.gpu_uuids))
+        config: dict[str, Any] = {
+            "Image": image["Id"],
+            "Cmd": IDLE_CMD,
+            "User": spec.user or "",
+            "Env": env,
+            "Labels": labels,
+            "NetworkDisabled": True,
+            "HostConfig": host_config,
+        }
+        if spec.workdir:
+            config["WorkingDir"] = spec.workdir
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                container = await self.docker.containers.create(config, name=container_name(sid))
+            with anyio.fail_after(API_TIMEOUT_S):
+                await container.start()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self.destroy(sid)
+            if isinstance(exc, DockerError):
+                raise self._translate(exc, sid) from None
+            if isinstance(exc, TimeoutError):
+                raise RuntimeFailure(f"docker did not start {sid} in time", sandbox_id=sid) from None
+            raise
+
+    async def destroy(self, sandbox_id: str) -> None:
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                await self.docker.containers.container(container_name(sandbox_id)).delete(
+                    force=True, v=True
+                )
+        except DockerError as exc:
+            if exc.status not in (404, 409):
+                raise self._translate(exc, sandbox_id) from None
+
+    async def is_alive(self, sandbox_id: str) -> bool:
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                info = await self.docker.containers.container(container_name(sandbox_id)).show()
+        except DockerError as exc:
+            if exc.status == 404:
+                return False
+            raise self._translate(exc, sandbox_id) from None
+        return bool(info["State"]["Running"])
+
+    async def list_managed(self) -> list[Managed]:
+        with anyio.fail_after(API_TIMEOUT_S):
+            found = await self.docker.containers.list(
+                all=True, filters={"label": [f"{LABEL_MANAGED}=1"]}
+            )
+        out = []
+        for c in found:
+            labels = c["Labels"] or {}
+            out.append(
+                Managed(
+                    sandbox_id=labels.get(LABEL_SANDBOX, ""),
+                    worker_id=labels.get(LABEL_WORKER, ""),
+                    prefix=labels.get(LABEL_PREFIX, ""),
+                    running=c["State"] == "running",
+                )
+            )
+        return out
+
+    # -------------------------------------------------------------------- exec
+
+    async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
+        if spec.shell is not None:
+            argv = ["/bin/sh", "-c", SHELL_WRAP, "sh", spec.shell]
+        elif spec.argv:
+            argv = ["/bin/sh", "-c", WRAP, "sh", *spec.argv]
+        else:
+            from hotbed.errors import InvalidRequest
+
+            raise InvalidRequest("exec needs argv or shell", sandbox_id=sandbox_id)
+        return await self._run(
+            sandbox_id,
+            argv,
+            user=spec.user or default_user,
+            env=spec.env,
+            cwd=spec.cwd,
+            stdin=spec.stdin,
+            timeout=spec.timeout,
+            max_output=spec.max_output,
+        )
+
+    async def _run(
+        self,
+        sandbox_id: str,
+        argv: Sequence[str],
+        *,
+        user: str,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float,
+        max_output: int,
+    ) -> ExecResult:
+        container = self.docker.containers.container(container_name(sandbox_id))
+        started = anyio.current_time()
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                exe = await container.exec(
+                    list(argv),
+                    stdout=True,
+                    stderr=True,
+                    stdin=stdin is not None,
+                    user=user,
+                    environment={k: v for k, v in (env or {}).items()} or None,
+                    workdir=cwd,
+                )
+        except DockerError as exc:
+            raise self._translate(exc, sandbox_id) from None
+        out, err = _Output(max_output), _Output(max_output)
+        pid: int | None = None
+        pending_err = bytearray()
+        timed_out = False
+        stream = exe.start(detach=False)
+        try:
+            with anyio.move_on_after(timeout) as scope:
+                async with stream:
+                    if stdin is not None:
+                        await stream.write_in(stdin)
+                        _write_eof(stream)
+                    while True:
+                        msg = await stream.read_out()
+                        if msg is None:
+                            break
+                        if msg.stream == 1:
+                            out.feed(msg.data)
+                        elif pid is None:
+                            pending_err += msg.data
+                            nl = pending_err.find(b"\n")
+                            if nl >= 0 and pending_err.startswith(PID_MARK):
+                                pid = int(pending_err[len(PID_MARK) : nl])
+                                err.feed(bytes(pending_err[nl + 1 :]))
+                            elif nl >= 0 or len(pending_err) > 64:
+                                pid = -1
+                                err.feed(bytes(pending_err))
+                        else:
+                            err.feed(msg.data)
+            timed_out = scope.cancelled_caught
+        except DockerError as exc:
+            raise self._translate(exc, sandbox_id) from None
+        if timed_out:
+            with anyio.CancelScope(shield=True):
+                await self._kill_group(sandbox_id, pid)
+            raise ExecTimeout(
+                f"command ran past its {timeout:g}s timeout and was killed",
+                sandbox_id=sandbox_id,
+                detail={
+                    "stdout": bytes(out.buf[-4096:]).decode("utf-8", "replace"),
+                    "stderr": bytes(err.buf[-4096:]).decode("utf-8", "replace"),
+                    "timeout": timeout,
+                },
+            )
+        exit_code = await self._exit_code(exe, sandbox_id)
+        return ExecResult(
+            exit_code=exit_code,
+            stdout=bytes(out.buf),
+            stderr=bytes(err.buf),
+            truncated=bool(out.dropped or err.dropped),
+            duration_s=anyio.current_time() - started,
+        )
+
+    async def _exit_code(self, exe: Any, sandbox_id: str) -> int:
+        # The output stream ends a moment before dockerd records the exit code.
+        for _ in range(200):
+            with anyio.fail_after(API_TIMEOUT_S):
+                info = await exe.inspect()
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            await anyio.sleep(0.005)
+        if not await self.is_alive(sandbox_id):
+            raise SandboxNotRunning(
+                f"sandbox {sandbox_id} died during the command (memory limit?)",
+                sandbox_id=sandbox_id,
+            )
+        raise RuntimeFailure("exec finished without an exit code", sandbox_id=sandbox_id)
+
+    async def _kill_group(self, sandbox_id: str, pid: int | None) -> None:
+        if not pid or pid <= 1:
+            return
+        try:
+            await self._run(
+                sandbox_id,
+                ["/bin/sh", "-c", f"kill -KILL -- -{pid} 2>/dev/null; kill -KILL {pid} 2>/dev/null; true"],
+                user="0",
+                timeout=10.0,
+                max_output=4096,
+            )
+        except HotbedError as exc:
+            log.warning("could not kill timed-out command: %s", exc, extra={"sandbox_id": sandbox_id})
+
+    # ------------------------------------------------------------------- files
+
+    async def write_file(
+        self, sandbox_id: str, path: str, data: bytes, *, mode: int, make_dirs: bool, user: str
+    ) -> int:
+        q = shlex.quote(path)
+        mk = f'mkdir -p "$(dirname {q})" && ' if make_dirs else ""
+        script = f"{mk}cat > {q} && chmod {mode:o} {q}"
+        res = await self._run(
+            sandbox_id, ["/bin/sh", "-c", script], user=user, stdin=data, timeout=60.0,
+            max_output=4096,
+        )
+        if res.exit_code != 0:
+            raise FileError(
+                f"cannot write {path}: {res.stderr.decode('utf-8', 'replace').strip()}",
+                sandbox_id=sandbox_id,
+            )
+        return len(data)
+
+    async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int, user: str) -> bytes:
+        q = shlex.quote(path)
+        script = (
+            f"if [ -d {q} ]; then echo 'is a directory' >&2; exit 3; fi; "
+            f"if [ ! -e {q} ]; then echo 'no such file' >&2; exit 2; fi; cat {q}"
+        )
+        res = await self._run(
+            sandbox_id, ["/bin/sh", "-c", script], user=user, timeout=60.0, max_output=max_bytes
+        )
+        if res.exit_code != 0:
+            raise FileError(
+                f"cannot read {path}: {res.stderr.decode('utf-8', 'replace').strip()}",
+                sandbox_id=sandbox_id,
+                detail={"path": path},
+            )
+        if res.truncated:
+            raise FileTooLarge(
+                f"{path} is larger than {max_bytes} bytes; read it in parts",
+                sandbox_id=sandbox_id,
+            )
+        return res.stdout
+
+    async def list_files(self, sandbox_id: str, path: str, *, user: str) -> list[FileEntry]:
+        q = shlex.quote(path)
+        script = (
+            f"cd {q} || exit 2; for f in * .[!.]* ..?*; do "
+            '[ -e "$f" ] || [ -L "$f" ] || continue; stat -c "%s|%f|%Y|%n" -- "$f"; done'
+        )
+        res = await self._run(
+            sandbox_id, ["/bin/sh", "-c", script], user=user, timeout=60.0, max_output=8 << 20
+        )
+        if res.exit_code != 0:
+            raise FileError(
+                f"cannot list {path}: {res.stderr.decode('utf-8', 'replace').strip()}",
+                sandbox_id=sandbox_id,
+            )
+        entries = []
+        base = path.rstrip("/") or "/"
+        for line in res.stdout.decode("utf-8", "replace").splitlines():
+            parts = line.split("|", 3)
+            if len(parts) != 4:
+                continue
+            size, raw_mode, mtime, name = parts
+            mode = int(raw_mode, 16)
+            entries.append(
+                FileEntry(
+                    name=name,
+                    path=f"{base}/{name}" if base != "/" else f"/{name}",
+                    size=int(size),
+                    is_dir=(mode & 0o170000) == 0o040000,
+                    mode=mode & 0o7777,
+                    mtime=float(mtime),
+                )
+            )
+        return sorted(entries, key=lambda e: e.name)
+
+    # ------------------------------------------------------------------ errors
+
+    def _translate(self, exc: DockerError, sandbox_id: str) -> HotbedError:
+        msg = exc.message if isinstance(exc.message, str) else str(exc.message)
+        if exc.status == 404:
+            return SandboxNotFound(f"sandbox {sandbox_id} has no container", sandbox_id=sandbox_id)
+        if exc.status == 409:
+            return SandboxNotRunning(f"sandbox {sandbox_id}: {msg}", sandbox_id=sandbox_id)
+        return RuntimeFailure(f"docker: {msg} (HTTP {exc.status})", sandbox_id=sandbox_id)
+
+
+def _write_eof(stream: Any) -> None:
+    """Half-close the exec's stdin so ``cat`` sees EOF while we keep reading its output.
+
+    aiodocker's Stream.close() would also drop the response; this reaches the transport.
+    """
+    resp = getattr(stream, "_resp", None)
+    transport = resp.connection.transport if resp is not None and resp.connection else None
+    if transport is not None and transport.can_write_eof():
+        transport.write_eof()
+
