@@ -26,7 +26,7 @@ import redis.exceptions
 from hotbed import keys as keyspace
 from hotbed import lua, protocol
 from hotbed.connection import MAX_BLOCK_S, connect
-from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound
+from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound, WorkerLost
 from hotbed.protocol import Envelope, Message, Reply
 from hotbed.records import SandboxRecord, from_hash
 
@@ -65,6 +65,7 @@ class Client:
         self.redis: aioredis.Redis = connect(self.url)
         self._blocking: aioredis.Redis = connect(self.url, blocking=True)
         self._submit = self.redis.register_script(lua.SUBMIT)
+        self._submit_worker = self.redis.register_script(lua.SUBMIT_TO_WORKER)
         self._closed = False
 
     async def __aenter__(self) -> Client:
@@ -83,8 +84,14 @@ class Client:
 
     # ------------------------------------------------------------------ requests
 
-    async def call(self, stream: str, body: Message, *, timeout: float) -> Reply:
-        """Submit ``body`` to ``stream``; return its reply (errors are returned, not raised)."""
+    async def call(
+        self, stream: str, body: Message, *, timeout: float, worker_id: str | None = None
+    ) -> Reply:
+        """Submit ``body`` to ``stream``; return its reply (errors are returned, not raised).
+
+        With ``worker_id`` the stream is that worker's command stream, and a worker the
+        reaper has removed answers at once (WorkerLost) instead of never.
+        """
         rid = new_id()
         reply_key = self.keys.reply(rid)
         env = Envelope(
@@ -94,12 +101,18 @@ class Client:
             body=body,
             client=self.client_id,
         )
+        data = protocol.encode(env)
         try:
-            accepted = await self._submit(
-                keys=[stream], args=[self.backlog_limit, protocol.encode(env)]
-            )
+            if worker_id is None:
+                accepted = await self._submit(keys=[stream], args=[self.backlog_limit, data])
+            else:
+                accepted = await self._submit_worker(
+                    keys=[stream, self.keys.worker_cap(worker_id)], args=[self.backlog_limit, data]
+                )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+        if accepted == -1:
+            raise WorkerLost(f"worker {worker_id} is gone", worker_id=worker_id, request_id=rid)
         if not accepted:
             raise Overloaded(
                 f"request backlog at its limit ({self.backlog_limit}); retry later",
@@ -128,8 +141,24 @@ class Client:
     async def worker_request(
         self, worker_id: str, body: Message, *, timeout: float
     ) -> Reply:
-        """A command for the worker that holds a sandbox; raises typed errors."""
-        reply = await self.call(self.keys.worker_cmds(worker_id), body, timeout=timeout)
+        """A command for the worker that holds a sandbox; raises typed errors.
+
+        If the worker is gone, the sandbox's record says why (SandboxNotFound when it
+        ended or was lost with its worker).
+        """
+        try:
+            reply = await self.call(
+                self.keys.worker_cmds(worker_id), body, timeout=timeout, worker_id=worker_id
+            )
+        except WorkerLost:
+            sid = getattr(body, "sandbox_id", None)
+            if sid is not None:
+                rec = await self.record(sid)
+                if rec.ended:
+                    raise SandboxNotFound(
+                        f"sandbox {sid} has ended ({rec.state}: {rec.reason})", sandbox_id=sid
+                    ) from None
+            raise
         return protocol.raise_for_reply(reply)
 
     # ------------------------------------------------------------------ records

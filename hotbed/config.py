@@ -66,3 +66,59 @@ def load_settings(
     except msgspec.ValidationError as exc:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_common(redis_url: str, prefix: str) -> None:
+    """Checks every daemon's settings share; raises ValueError (msgspec reports it)."""
+    from urllib.parse import urlparse
+
+    u = urlparse(redis_url)
+    shown = redact_url(redis_url)
+    if u.scheme not in REDIS_SCHEMES:
+        raise ValueError(f"redis_url {shown!r}: scheme must be redis://, rediss:// (TLS) or unix://")
+    if u.scheme != "unix" and not u.hostname:
+        raise ValueError(f"redis_url {shown!r} names no host")
+    if u.scheme == "unix" and not u.path:
+        raise ValueError(f"redis_url {shown!r} names no socket path")
+    try:
+        _ = u.port
+    except ValueError:
+        raise ValueError(f"redis_url {shown!r}: bad port") from None
+    if not prefix or any(c in prefix for c in "{}: "):
+        raise ValueError(f"prefix {prefix!r} must be non-empty, without braces, colons or spaces")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and error lines."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    if u.password is None:
+        return url
+    netloc = u.netloc.rsplit("@", 1)[1]
+    user = f"{u.username}:***@" if u.username else ":***@"
+    return u._replace(netloc=user + netloc).geturl()
+
+
+def reloaded(current: S, new: S, reloadable: tuple[str, ...]) -> tuple[S, list[str], list[str]]:
+    """Merge a re-read config into running settings (SIGHUP).
+
+    Returns the settings to run with (``current`` with the changed ``reloadable``
+    fields taken from ``new``), the names applied, and the names that changed but only
+    take effect after a restart.
+    """
+    applied, ignored = [], []
+    changes: dict[str, Any] = {}
+    for field in msgspec.structs.fields(type(current)):
+        old, fresh = getattr(current, field.name), getattr(new, field.name)
+        if old == fresh:
+            continue
+        if field.name in reloadable:
+            changes[field.name] = fresh
+            applied.append(field.name)
+        else:
+            ignored.append(field.name)
+    return msgspec.structs.replace(current, **changes), applied, ignored

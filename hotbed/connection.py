@@ -15,6 +15,9 @@ import redis.asyncio as aioredis
 # Longest single blocking call we issue; loops re-issue to wait longer.
 MAX_BLOCK_S = 5.0
 COMMAND_TIMEOUT_S = 10.0
+# Connections one client may open. Every waiting BLPOP holds one, so this bounds the
+# requests one Client can have in flight; redis-py 8 lowered its default to 100.
+MAX_CONNECTIONS = 10_000
 
 
 def connect(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redis:
@@ -24,6 +27,7 @@ def connect(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redi
         "socket_connect_timeout": 5.0,
         "health_check_interval": 30,
         "decode_responses": False,
+        "max_connections": MAX_CONNECTIONS,
     }
     opts.update(kwargs)
     return aioredis.Redis.from_url(url, **opts)

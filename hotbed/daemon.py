@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -22,6 +23,23 @@ STANDARD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict
     "message",
     "asctime",
 }
+
+
+# Fields every log line of the current task carries (request_id, sandbox_id, ...): a
+# request handler sets them once; :class:`ContextFilter` copies them onto each record
+# unless the call gave its own ``extra``. Each anyio task has its own copy.
+log_context: ContextVar[dict[str, Any]] = ContextVar("hotbed_log_context", default={})
+# Fields of the whole process (worker_id on a worker).
+log_defaults: dict[str, Any] = {}
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for source in (log_context.get(), log_defaults):
+            for k, v in source.items():
+                if v is not None and k not in record.__dict__:
+                    record.__dict__[k] = v
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,8 +79,12 @@ def logging_config(fmt: str = "text", level: str = "INFO") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"context": {"()": ContextFilter}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+            "stderr": {
+                "class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr",
+                "filters": ["context"],
+            }
         },
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {"aiohttp": {"level": "WARNING"}, "asyncio": {"level": "WARNING"}},
@@ -78,11 +100,23 @@ def run(main: Callable[[], Awaitable[None]]) -> None:
     anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
 
 
-async def watch_signals(stopping: anyio.Event, scope: anyio.CancelScope) -> None:
-    """First SIGTERM/SIGINT: graceful stop. Second: cancel ``scope`` now."""
+async def watch_signals(
+    stopping: anyio.Event,
+    scope: anyio.CancelScope,
+    reload: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Second: cancel ``scope`` now. SIGHUP: ``reload``."""
     log = logging.getLogger("hotbed.daemon")
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    sigs = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if reload is not None else ())
+    with anyio.open_signal_receiver(*sigs) as signals:
         async for sig in signals:
+            if sig == signal.SIGHUP and reload is not None:
+                log.info("got SIGHUP: reloading settings")
+                try:
+                    await reload()
+                except Exception:
+                    log.exception("reload failed; keeping the running settings")
+                continue
             if not stopping.is_set():
                 log.info("got %s: stopping gracefully", signal.Signals(sig).name)
                 stopping.set()
@@ -100,3 +134,65 @@ def wall() -> float:
 def fatal(message: str, code: int = 2) -> None:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(code)
+
+
+async def run_service(
+    serve: Callable[..., Awaitable[None]],
+    stopping: anyio.Event,
+    *,
+    name: str,
+    reload: Callable[[], Awaitable[None]] | None = None,
+    notifier: Any | None = None,
+) -> None:
+    """Run a daemon's ``serve(task_status=...)`` as a service.
+
+    Signals as :func:`watch_signals`; under systemd (``NOTIFY_SOCKET``) it sends
+    READY=1 once ``serve`` reports started, WATCHDOG=1 every half ``WATCHDOG_USEC``
+    from the event loop (a blocked loop misses them and systemd restarts the unit),
+    RELOADING=1/READY=1 around a SIGHUP reload, and STOPPING=1 on the first stop
+    signal.
+    """
+    from hotbed.sdnotify import Notifier
+
+    sd = notifier or Notifier()
+    log = logging.getLogger("hotbed.daemon")
+
+    async def reload_notified() -> None:
+        assert reload is not None
+        sd.reloading()
+        try:
+            await reload()
+        finally:
+            sd.ready()
+
+    async def watchdog() -> None:
+        assert sd.watchdog_s is not None
+        while True:
+            sd.watchdog()
+            await anyio.sleep(sd.watchdog_s / 2)
+
+    async def announce_stop() -> None:
+        await stopping.wait()
+        sd.stopping(f"{name} stopping")
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def serving(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+                try:
+                    await serve(task_status=task_status)
+                finally:
+                    # serve() returned (stopped) or failed: the helpers go with it.
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(
+                watch_signals, stopping, tg.cancel_scope, reload_notified if reload else None
+            )
+            tg.start_soon(announce_stop)
+            await tg.start(serving)
+            sd.ready(f"{name} serving")
+            log.info("%s ready", name)
+            if sd.watchdog_s:
+                tg.start_soon(watchdog)
+    finally:
+        sd.close()

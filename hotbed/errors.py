@@ -17,6 +17,9 @@ Tree::
     ├── NoMatchingWorker             no live worker could ever satisfy the request (GPU model, tags)
     ├── WorkerLost                   the sandbox's worker stopped heartbeating mid-request
     ├── ExecTimeout (TimeoutError)   a command ran past its timeout and was killed
+    ├── ExecFailed                   a command could not be started (no such program, ...)
+    ├── ProcessNotFound              no background process with that id in the sandbox
+    ├── SessionClosed                the shell session has exited (``exit`` in it, killed)
     ├── FileError                    a file operation failed inside the sandbox
     │   └── FileTooLarge             over the per-message size limit
     ├── RuntimeFailure               the container runtime failed (docker/runsc error)
@@ -111,6 +114,18 @@ class WorkerLost(HotbedError):
 
 class ExecTimeout(HotbedError, TimeoutError):
     code = "ExecTimeout"
+
+
+class ExecFailed(HotbedError):
+    code = "ExecFailed"
+
+
+class ProcessNotFound(HotbedError):
+    code = "ProcessNotFound"
+
+
+class SessionClosed(HotbedError):
+    code = "SessionClosed"
 
 
 class FileError(HotbedError):

@@ -20,13 +20,24 @@ key                                    type    meaning
 ``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
 ``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
 ``hotbed:reply:{RID}``                 list    the one reply to request RID; expires
+``hotbed:out:{RID}``                   stream  output chunks / events of streaming request
+                                               RID (fields ``o`` stdout, ``e`` stderr, ``v``
+                                               msgpack event, ``r`` final ReplyEnvelope);
+                                               the reader trims what it read; expires
 ``hotbed:req:{RID}``                   string  request RID accepted by a scheduler
                                                (idempotency across redelivery); expires
 ``hotbed:lock:{NAME}``                 string  leader lock (reaper, pool controller)
-``hotbed:tpl:{NAME}``                  hash    template record (issue 3)
+``hotbed:tpl:{NAME}``                  hash    template record (hotbed.templates.TemplateRecord)
 ``hotbed:templates``                   set     template names
-``hotbed:{pool:NAME}:ready``           list    warm sandbox ids of pool NAME ready to claim
-``hotbed:{pool:NAME}:conf``            hash    pool NAME's target size and shape
+``hotbed:{pool:NAME}:ready``           list    ``"SID WORKER"`` of pool NAME's warm sandboxes,
+                                               ready to claim (LPOP in ``POOL_CLAIM``)
+``hotbed:{pool:NAME}:warming``         zset    ``SID`` being made ready for pool NAME ->
+                                               give-up time (unix ms)
+``hotbed:{pool:NAME}:claims``          zset    ``"SID WORKER"`` claimed, claim not finished
+                                               -> lease expiry (unix ms); the pool
+                                               controller takes back expired leases
+``hotbed:{pool:NAME}:conf``            hash    pool NAME's ``template``, ``size`` and shape
+                                               (``cpu``, ``memory_mb``, ``gpu``)
 ``hotbed:pools``                       set     pool names
 =====================================  ======  ============================================
 
@@ -59,6 +70,10 @@ class Keys(msgspec.Struct, frozen=True):
 
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{{{request_id}}}"
+
+    def output(self, request_id: str) -> str:
+        """Issue 5: where a streaming request's output goes (shares the reply's tag)."""
+        return f"{self.prefix}:out:{{{request_id}}}"
 
     def accepted(self, request_id: str) -> str:
         return f"{self.prefix}:req:{{{request_id}}}"
@@ -105,6 +120,12 @@ class Keys(msgspec.Struct, frozen=True):
 
     def pool_conf(self, pool: str) -> str:
         return f"{self.prefix}:{{pool:{pool}}}:conf"
+
+    def pool_warming(self, pool: str) -> str:
+        return f"{self.prefix}:{{pool:{pool}}}:warming"
+
+    def pool_claims(self, pool: str) -> str:
+        return f"{self.prefix}:{{pool:{pool}}}:claims"
 
     @property
     def pools(self) -> str:

@@ -15,6 +15,40 @@ end
 return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 """
 
+# KEYS[1] = hotbed:{w:ID}:cmds, KEYS[2] = hotbed:{w:ID}:cap
+# ARGV[1] = backlog limit, ARGV[2] = encoded Envelope
+# SUBMIT for a worker's command stream: a worker the reaper has removed (no capacity
+# hash) gets nothing, so a client never waits on a stream nobody reads.
+# Returns the entry id, 0 when the backlog is full, -1 when the worker is gone.
+SUBMIT_TO_WORKER = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return -1
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+"""
+
+# KEYS[1] = hotbed:{w:ID}:cmds, KEYS[2] = hotbed:{w:ID}:cap,
+# KEYS[3] = hotbed:{w:ID}:sandboxes, KEYS[4] = hotbed:{w:ID}:info
+# Removes a dead worker in one step: returns the sandbox ids it held and every command
+# left in its stream (to be answered WorkerLost), and deletes its keys, so no command
+# can slip in between the answering and the deleting (SUBMIT_TO_WORKER sees no cap).
+DRAIN_WORKER = """
+local held = redis.call('HKEYS', KEYS[3])
+local entries = redis.call('XRANGE', KEYS[1], '-', '+')
+local msgs = {}
+for _, e in ipairs(entries) do
+  local fields = e[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'm' then table.insert(msgs, fields[i + 1]) end
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return {held, msgs}
+"""
+
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes, KEYS[3] = hotbed:{w:ID}:cmds
 # ARGV[1] = sandbox id, ARGV[2] = millicpu, ARGV[3] = memory MiB,
 # ARGV[4] = encoded StartSandbox envelope, ARGV[5] = number of GPUs,
@@ -112,4 +146,51 @@ elseif cur == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+# KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:claims
+# ARGV[1] = claim lease (ms)
+# Takes one warm sandbox off a pool: no entry is ever handed to two callers (LPOP), and
+# none is lost between this claim and the caller's reply: it sits in the claims zset
+# under a lease until the caller finishes (ZREM) or the pool controller takes it back.
+# Returns false when the pool is empty, else {"SID WORKER", now_ms} (Redis clock).
+POOL_CLAIM = """
+local item = redis.call('LPOP', KEYS[1])
+if not item then
+  return false
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), item)
+return {item, tostring(now)}
+"""
+
+# KEYS[1] = hotbed:sb:{SID}
+# ARGV[1] = now (unix s), ARGV[2] = timeout s, ARGV[3] = idle timeout s (0: none),
+# ARGV[4] = tags JSON, ARGV[5] = claiming client id
+# Second step of a warm claim: the record flips pooled -> running only if it is still
+# pooled (its container may have died since it was listed). Returns 1 or 0.
+CLAIM_RECORD = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'pooled' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'running', 'path', 'warm', 'created_at', ARGV[1],
+  'started_at', ARGV[1], 'last_active', ARGV[1], 'timeout', ARGV[2], 'idle_timeout', ARGV[3],
+  'tags', ARGV[4], 'claimed_by', ARGV[5])
+return 1
+"""
+
+# KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:warming,
+# KEYS[3] = hotbed:{pool:NAME}:conf
+# ARGV[1] = "SID WORKER"
+# A worker made a pool sandbox ready: it joins the ready list unless the pool was
+# deleted meanwhile. Returns 1 if listed, 0 if the caller should end the sandbox.
+POOL_PUT = """
+local sid = string.match(ARGV[1], '^(%S+)')
+redis.call('ZREM', KEYS[2], sid)
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return 0
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return 1
 """

@@ -81,6 +81,8 @@ class ExecSpec(Struct):
     max_output: int = DEFAULT_MAX_OUTPUT
     user: str | None = None
     stdin: bytes | None = None
+    # Kill the command if it prints nothing for this long (issue 5; guest agent only).
+    idle_timeout: float | None = None
 
 
 class FileEntry(Struct):
@@ -113,6 +115,25 @@ class WorkerInfo(Struct):
     kind: str = "real"
 
 
+class TemplateSpec(Struct):
+    """An environment built once and restored many times (hotbed.templates)."""
+
+    image: str = "hotbed/base"
+    # Written first (path -> content), then each ``run`` shell command must exit 0.
+    files: dict[str, bytes] = {}
+    run: list[str] = []
+    # Long-running processes started detached after ``run`` (output in /tmp/.hotbed-start-N.log).
+    start: list[str] = []
+    # Shell check retried until it exits 0, at most ``ready_timeout`` seconds.
+    ready: str | None = None
+    ready_timeout: float = 60.0
+    setup_timeout: float = 600.0
+    env: dict[str, str] = {}
+    workdir: str | None = None
+    user: str | None = None
+    resources: Resources = Resources()
+
+
 # ------------------------------------------------------------- client -> scheduler
 
 
@@ -130,11 +151,19 @@ class StartSandbox(Msg):
     spec: SandboxSpec
     path: CreatePath = "cold"
     gpu_uuids: list[str] = []
+    # Issue 3: the template's set-up (run after a cold boot), the snapshot to restore
+    # ("" = boot), and the warm pool the sandbox joins instead of being handed out.
+    template: TemplateSpec | None = None
+    snapshot: str = ""
+    pool: str = ""
 
 
 class Exec(Msg):
     sandbox_id: str
     exec: ExecSpec
+    # Issue 5: when set, output goes to this stream key (hotbed.keys.output) as it is
+    # produced and the final ExecResult carries none; the reply still ends the request.
+    stream_to: str = ""
 
 
 class WriteFile(Msg):
@@ -143,12 +172,16 @@ class WriteFile(Msg):
     data: bytes
     mode: int = 0o644
     make_dirs: bool = True
+    # Issue 5: append to the file instead of replacing it (chunked writes).
+    append: bool = False
 
 
 class ReadFile(Msg):
     sandbox_id: str
     path: str
     max_bytes: int = MAX_FILE_BYTES
+    # Issue 5: read ``max_bytes`` from ``offset`` (chunked reads of large files).
+    offset: int = 0
 
 
 class ListFiles(Msg):
@@ -161,7 +194,186 @@ class Terminate(Msg):
     reason: str = "client"
 
 
-Message = CreateSandbox | StartSandbox | Exec | WriteFile | ReadFile | ListFiles | Terminate
+class BuildTemplate(Msg):
+    """Client -> scheduler -> a worker: build template ``name`` and snapshot it."""
+
+    name: str
+    spec: TemplateSpec
+    # Filled in by the scheduler: the id the build's capacity is reserved under.
+    build_id: str = ""
+
+
+class SnapshotSandbox(Msg):
+    """Client -> worker: checkpoint a running sandbox into the new template ``name``."""
+
+    sandbox_id: str
+    name: str
+
+
+class PauseSandbox(Msg):
+    sandbox_id: str
+
+
+class ResumeSandbox(Msg):
+    sandbox_id: str
+
+
+class SandboxClaimed(Msg):
+    """Client -> worker notice (no reply): a pooled sandbox was claimed; its lifetime
+    starts now. Sent after the claim script, before the client returns the sandbox."""
+
+    sandbox_id: str
+    expires_at: float
+    idle_timeout: float | None = None
+    env: dict[str, str] = {}
+
+
+# ------------------------------------- -> worker: agent-grade execution (issue 5)
+# Served by the in-sandbox guest agent (workers/guest). ``stream_to`` names a stream
+# key (hotbed.keys.output) that output chunks and events go to while the request runs;
+# the request's one reply still arrives on its reply key.
+
+
+class SessionRun(Msg):
+    """Run ``command`` in the persistent bash session ``session`` (made on first use)."""
+
+    sandbox_id: str
+    session: str
+    command: str
+    timeout: float = DEFAULT_EXEC_TIMEOUT_S
+    max_output: int = DEFAULT_MAX_OUTPUT
+    merge_stderr: bool = False
+    stream_to: str = ""
+    # Used only when this call creates the session.
+    env: dict[str, str] = {}
+    cwd: str | None = None
+
+
+class SessionInterrupt(Msg):
+    """Ctrl-C for the session's running command; the session survives."""
+
+    sandbox_id: str
+    session: str
+
+
+class SessionClose(Msg):
+    sandbox_id: str
+    session: str
+
+
+class ProcessStart(Msg):
+    """Start a background process; its output stays in the sandbox for any reader."""
+
+    sandbox_id: str
+    exec: ExecSpec
+
+
+class ProcessList(Msg):
+    sandbox_id: str
+
+
+class ProcessRead(Msg):
+    sandbox_id: str
+    pid: int
+    stdout_offset: int = 0
+    stderr_offset: int = 0
+    max_bytes: int = DEFAULT_MAX_OUTPUT
+
+
+class ProcessWait(Msg):
+    sandbox_id: str
+    pid: int
+    timeout: float = DEFAULT_EXEC_TIMEOUT_S
+
+
+class ProcessSignal(Msg):
+    sandbox_id: str
+    pid: int
+    signal: int = 15
+    group: bool = True
+
+
+class ProcessInput(Msg):
+    sandbox_id: str
+    pid: int
+    data: bytes = b""
+    eof: bool = False
+
+
+class PtyOpen(Msg):
+    """An interactive terminal; output streams to ``stream_to``, input by PtyInput
+    naming this request's id. The reply comes when the terminal's process exits."""
+
+    sandbox_id: str
+    stream_to: str
+    argv: list[str] = msgspec.field(default_factory=lambda: ["/bin/bash", "-l"])
+    rows: int = 24
+    cols: int = 80
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    timeout: float = 3600.0
+
+
+class PtyInput(Msg):
+    sandbox_id: str
+    pty: str
+    data: bytes = b""
+    eof: bool = False
+
+
+class PtyResize(Msg):
+    sandbox_id: str
+    pty: str
+    rows: int
+    cols: int
+
+
+class Cancel(Msg):
+    """End a streaming request (exec, watch, pty) by its request id."""
+
+    sandbox_id: str
+    target: str
+
+
+class WatchDir(Msg):
+    """Stream created/modified/deleted events under ``path`` until ``timeout`` or Cancel."""
+
+    sandbox_id: str
+    path: str
+    stream_to: str
+    timeout: float = 3600.0
+    interval: float = 0.2
+
+
+class UploadTar(Msg):
+    """Unpack a tar archive (``data``) into directory ``path``."""
+
+    sandbox_id: str
+    path: str
+    data: bytes
+
+
+class DownloadTar(Msg):
+    """Stream a tar archive of ``path`` to ``stream_to``."""
+
+    sandbox_id: str
+    path: str
+    stream_to: str
+    timeout: float = 600.0
+
+
+ExecRequest = (
+    SessionRun | SessionInterrupt | SessionClose | ProcessStart | ProcessList | ProcessRead
+    | ProcessWait | ProcessSignal | ProcessInput | PtyOpen | PtyInput | PtyResize | Cancel
+    | WatchDir | UploadTar | DownloadTar
+)
+
+
+Message = (
+    CreateSandbox | StartSandbox | Exec | WriteFile | ReadFile | ListFiles | Terminate
+    | BuildTemplate | SnapshotSandbox | PauseSandbox | ResumeSandbox | SandboxClaimed
+    | ExecRequest
+)
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -202,11 +414,15 @@ class ExecResult(Msg):
     stderr: bytes = b""
     truncated: bool = False
     duration_s: float = 0.0
+    # Issue 5: a session command ended by SessionInterrupt (exit code 130).
+    interrupted: bool = False
 
 
 class FileContent(Msg):
     data: bytes
     truncated: bool = False
+    # Issue 5: the file's whole size (-1: unknown), for chunked reads.
+    size: int = -1
 
 
 class FileWritten(Msg):
@@ -219,6 +435,49 @@ class DirListing(Msg):
 
 class Terminated(Msg):
     sandbox_id: str
+
+
+class TemplateReady(Msg):
+    name: str
+    snapshot: str
+    size_bytes: int = 0
+    build_s: float = 0.0
+    worker_id: str = ""
+
+
+class SandboxState(Msg):
+    sandbox_id: str
+    state: str
+
+
+class Ack(Msg):
+    """Issue 5: a request done, nothing to return."""
+
+
+class ProcessInfo(Msg):
+    pid: int
+    argv: list[str] = []
+    running: bool = True
+    exit_code: int | None = None
+    signal: int | None = None
+    started_at: float = 0.0
+    # Bytes of output produced so far (offsets for ProcessRead).
+    stdout_size: int = 0
+    stderr_size: int = 0
+
+
+class ProcessListing(Msg):
+    procs: list[ProcessInfo]
+
+
+class ProcessOutput(Msg):
+    info: ProcessInfo
+    stdout: bytes = b""
+    stderr: bytes = b""
+    # Offsets the returned bytes start at (later than asked when older output was
+    # dropped: a process keeps its last 8 MiB per stream).
+    stdout_offset: int = 0
+    stderr_offset: int = 0
 
 
 class ErrorReply(Msg):
@@ -237,6 +496,12 @@ Reply = (
     | FileWritten
     | DirListing
     | Terminated
+    | TemplateReady
+    | SandboxState
+    | Ack
+    | ProcessInfo
+    | ProcessListing
+    | ProcessOutput
     | ErrorReply
 )
 

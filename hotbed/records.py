@@ -9,6 +9,7 @@ States::
              \\-> failed                   (reason: the error)
     running  -> lost                       (its worker stopped heartbeating)
     running <-> paused                     (issue 3)
+    creating -> pooled -> running           (warm pool: made ready, then claimed)
 
 An ended record (terminated / failed / lost) is kept for ``ENDED_RECORD_TTL_S`` so
 ``Sandbox.from_id`` can say why a sandbox is gone, then expires.
@@ -21,7 +22,7 @@ from typing import Literal
 import msgspec
 import orjson
 
-State = Literal["creating", "running", "paused", "terminated", "failed", "lost"]
+State = Literal["creating", "pooled", "running", "paused", "terminated", "failed", "lost"]
 ENDED_STATES = frozenset({"terminated", "failed", "lost"})
 ENDED_RECORD_TTL_S = 3600
 
@@ -45,6 +46,8 @@ class SandboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     timeout: float = 0.0
     idle_timeout: float = 0.0
     tags: dict[str, str] = {}
+    # Warm pool the sandbox was made for ("" if none).
+    pool: str = ""
 
     @property
     def ended(self) -> bool:

@@ -223,6 +223,13 @@ class Sandbox:
 
     async def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
         payload = data.encode() if isinstance(data, str) else data
+        if len(payload) > protocol.MAX_FILE_BYTES:
+            from hotbed.errors import FileTooLarge
+
+            raise FileTooLarge(
+                f"{len(payload)} bytes is over the {protocol.MAX_FILE_BYTES}-byte limit of one write",
+                sandbox_id=self.id,
+            )
         reply = await self.client.worker_request(
             self.worker_id,
             protocol.WriteFile(sandbox_id=self.id, path=path, data=payload, mode=mode),

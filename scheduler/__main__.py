@@ -1,16 +1,26 @@
-"""``python -m scheduler [--config FILE]``: run the scheduler daemon."""
+"""``python -m scheduler [--config FILE]``: run the scheduler daemon.
+
+Exit codes: 2 for bad settings (one line on stderr), 1 for a failure while running.
+SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP re-reads the
+config and applies :data:`scheduler.config.RELOADABLE`. Under systemd it speaks the
+notify protocol (hotbed.sdnotify).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from typing import Any
 
 import anyio
 
 from hotbed import daemon
-from hotbed.config import load_settings
-from hotbed.errors import ConfigError
-from scheduler.config import SchedulerSettings
+from hotbed.config import load_settings, reloaded
+from hotbed.errors import ConfigError, HotbedError
+from scheduler.config import RELOADABLE, SchedulerSettings
 from scheduler.service import Scheduler
+
+log = logging.getLogger("scheduler")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,23 +29,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url")
     parser.add_argument("--prefix")
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {"redis_url": args.redis_url, "prefix": args.prefix}
     try:
-        settings = load_settings(
-            SchedulerSettings, args.config, overrides={"redis_url": args.redis_url, "prefix": args.prefix}
-        )
+        settings = load_settings(SchedulerSettings, args.config, overrides=overrides)
     except ConfigError as exc:
         daemon.fatal(str(exc))
         return
-    daemon.setup_logging(settings.log_format)
+    daemon.setup_logging(settings.log_format, settings.log_level)
     scheduler = Scheduler(settings)
 
-    async def serve() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.watch_signals, scheduler.stopping, tg.cancel_scope)
-            await scheduler.run()
-            tg.cancel_scope.cancel()
+    async def reload() -> None:
+        try:
+            fresh = load_settings(SchedulerSettings, args.config, overrides=overrides)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running settings", exc)
+            return
+        scheduler.settings, applied, ignored = reloaded(scheduler.settings, fresh, RELOADABLE)
+        if {"log_format", "log_level"} & set(applied):
+            daemon.setup_logging(scheduler.settings.log_format, scheduler.settings.log_level)
+        log.info(
+            "reloaded: applied %s%s", ", ".join(applied) or "nothing",
+            f"; need a restart: {', '.join(ignored)}" if ignored else "",
+        )
 
-    daemon.run(serve)
+    async def serve() -> None:
+        async with daemon.metrics_server(settings, "scheduler", scheduler):
+            await daemon.run_service(scheduler.run, scheduler.stopping, name="scheduler", reload=reload)
+
+    try:
+        daemon.run(serve)
+    except HotbedError as exc:
+        daemon.fatal(str(exc), code=1)
 
 
 if __name__ == "__main__":

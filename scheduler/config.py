@@ -4,7 +4,13 @@ Variables: HOTBED_REDIS_URL, HOTBED_PREFIX, HOTBED_NAME (consumer name; default
 host-pid), HOTBED_MAX_IN_FLIGHT, HOTBED_BATCH, HOTBED_HEARTBEAT_TTL_S,
 HOTBED_RECLAIM_IDLE_S, HOTBED_REGISTRY_REFRESH_S, HOTBED_PLACEMENT (spread | pack),
 HOTBED_GPU_WORKERS_FOR_CPU (true: CPU-only sandboxes may land on GPU workers even when
-CPU-only workers have room), HOTBED_SHUTDOWN_GRACE_S, HOTBED_LOG_FORMAT.
+CPU-only workers have room), HOTBED_SHUTDOWN_GRACE_S, HOTBED_LOG_FORMAT,
+HOTBED_LOG_LEVEL, HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off),
+HOTBED_METRICS_ADDR (default 127.0.0.1), HOTBED_POOL_REFILL_PER_S,
+HOTBED_POOL_MAX_WARMING, HOTBED_POOL_INTERVAL_S (warm pool controller, issue 3).
+
+Validated at load: unknown keys and bad values are one ConfigError line (exit code 2).
+SIGHUP reloads :data:`RELOADABLE`; other fields need a restart.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import socket
 from typing import Annotated, Literal
 
 import msgspec
+
+from hotbed.config import check_common
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -32,6 +40,27 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     gpu_workers_for_cpu: bool = False
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     log_format: Literal["text", "json"] = "text"
+    # Fleet operation (issue 6).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    metrics_addr: str = "127.0.0.1"
+    # Warm pools (issue 3): refills started per second over all pools (a burst of
+    # claims cannot starve running sandboxes of CPU), refills in flight per pool, and
+    # how often the pool controller looks.
+    pool_refill_per_s: Positive = 20.0
+    pool_max_warming: Annotated[int, msgspec.Meta(ge=1)] = 8
+    pool_interval_s: Positive = 0.1
+
+    def __post_init__(self) -> None:
+        check_common(self.redis_url, self.prefix)
 
     def resolved_name(self) -> str:
         return self.name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+# Settings a running scheduler takes from a SIGHUP reload.
+RELOADABLE = (
+    "placement", "gpu_workers_for_cpu", "registry_refresh_s", "shutdown_grace_s",
+    "heartbeat_ttl_s", "log_format", "log_level",
+    "pool_refill_per_s", "pool_max_warming", "pool_interval_s",
+)

@@ -34,17 +34,17 @@ from hotbed.errors import (
     UnsupportedRequest,
     WorkerLost,
 )
-from hotbed.protocol import CreateSandbox, Envelope, Reply, SandboxSpec, StartSandbox
+from hotbed.metrics import NULL, NullMetrics
+from hotbed.protocol import CreateSandbox, Envelope, ErrorReply, Reply, SandboxSpec, StartSandbox
 from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, to_hash
 from hotbed.streams import StreamConsumer, ensure_group, reply_to, send_reply
 from scheduler.config import SchedulerSettings
 from scheduler.placement import could_ever, parse_gpu, rank
 from scheduler.registry import WorkerRegistry
+from scheduler.waitline import WaitLine, wait_class
 
 log = logging.getLogger(__name__)
 
-# Wait between placement attempts when no worker has room.
-CAPACITY_RETRY_S = 0.05
 # A worker gets this long after its last heartbeat before a request that could only fit
 # on it fails as NoMatchingWorker.
 LOCK_TTL_MS = 5000
@@ -88,6 +88,8 @@ class Scheduler:
         self._limiter = anyio.CapacityLimiter(settings.max_in_flight)
         self._lock_token = secrets.token_hex(8)
         self.placed = 0
+        self.waitline = WaitLine()
+        self.metrics: NullMetrics = NULL
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -146,6 +148,7 @@ class Scheduler:
         while True:
             await anyio.sleep(self.settings.registry_refresh_s)
             await self.registry.refresh()
+            self.waitline.capacity_changed()
 
     async def _reclaim_loop(self, consumer: StreamConsumer, work: anyio.abc.TaskGroup) -> None:
         """Take over requests a dead replica read and never finished."""
@@ -184,7 +187,13 @@ class Scheduler:
 
     async def _worker_lost(self, wid: str) -> None:
         log.warning("worker %s stopped heartbeating; marking its sandboxes lost", wid, extra={"worker_id": wid})
-        held = await self.redis.hkeys(self.keys.worker_sandboxes(wid))
+        drain = self.redis.register_script(lua.DRAIN_WORKER)
+        held, msgs = await drain(
+            keys=[
+                self.keys.worker_cmds(wid), self.keys.worker_cap(wid),
+                self.keys.worker_sandboxes(wid), self.keys.worker_info(wid),
+            ]
+        )
         now = str(daemon.wall())
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw in held:
@@ -195,22 +204,13 @@ class Scheduler:
                 )
                 pipe.expire(self.keys.sandbox(sid), ENDED_RECORD_TTL_S)
                 pipe.zrem(self.keys.sandboxes, sid)
-            await pipe.execute()
-        entries = await self.redis.xrange(self.keys.worker_cmds(wid))
-        err = protocol.error_reply(WorkerLost(f"worker {wid} stopped heartbeating", worker_id=wid))
-        for _entry_id, fields in entries:
-            header = protocol.decode_header(fields.get(keyspace.FIELD, b""))
-            if header is not None:
-                await send_reply(self.redis, header.id, header.reply_to, err)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(
-                self.keys.worker_cmds(wid),
-                self.keys.worker_cap(wid),
-                self.keys.worker_sandboxes(wid),
-                self.keys.worker_info(wid),
-            )
             pipe.zrem(self.keys.workers, wid)
             await pipe.execute()
+        err = protocol.error_reply(WorkerLost(f"worker {wid} stopped heartbeating", worker_id=wid))
+        for data in msgs:
+            header = protocol.decode_header(data)
+            if header is not None:
+                await send_reply(self.redis, header.id, header.reply_to, err)
         if self.registry is not None:
             self.registry.workers.pop(wid, None)
 
@@ -231,6 +231,9 @@ class Scheduler:
                     protocol.error_reply(UnsupportedRequest(f"malformed or unknown request: {exc}")),
                 )
             return
+        kind = type(env.body).__name__
+        self.metrics.request(kind)
+        daemon.log_context.set({"request_id": env.id})
         try:
             reply = await self._dispatch(env)
         except HotbedError as exc:
@@ -240,6 +243,8 @@ class Scheduler:
             log.exception("request %s failed", env.id, extra={"request_id": env.id})
             reply = protocol.error_reply(exc)
         if reply is not None:
+            if isinstance(reply, ErrorReply):
+                self.metrics.error(kind, reply.code)
             await reply_to(self.redis, env, reply)
 
     async def _dispatch(self, env: Envelope) -> Reply | None:
@@ -271,31 +276,65 @@ class Scheduler:
             tags=spec.tags,
         )
         gpu = parse_gpu(spec.resources.gpu)
-        while True:
-            if daemon.wall() > env.deadline:
-                raise CapacityExhausted(
-                    f"no worker had room for cpu={spec.resources.cpu:g} memory={spec.resources.memory_mb}MiB"
-                    + (f" gpu={spec.resources.gpu}" if spec.resources.gpu else "")
-                    + " before the request's deadline"
-                )
-            live = self.registry.live()
-            if not could_ever(live, spec, spec.worker_tags):
-                if live or daemon.wall() > env.deadline - 0.001:
-                    raise NoMatchingWorker(self._no_match_message(spec))
-            for w, gpus in rank(
-                live, spec, node_tags=spec.worker_tags, policy=self.settings.placement,
-                gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
-            ):
-                got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, gpu.count if gpu else 0)
-                if got is not None:
-                    w.cpu_free -= spec.resources.millicpu
-                    w.mem_free -= spec.resources.memory_mb
-                    w.gpu_free = [g for g in w.gpu_free if g not in got]
-                    self.placed += 1
+        ngpu = gpu.count if gpu else 0
+        t0 = anyio.current_time()
+        # Creates that find no room wait in line, per class, in arrival order.
+        ticket = self.waitline.ticket(wait_class(spec))
+        if not self.waitline.is_waiting(ticket.cls):
+            self._check_matchable(env, spec)
+            if await self._place_once(env, sid, spec, record, payload, ngpu):
+                self.metrics.placement_wait(anyio.current_time() - t0)
+                return sid
+        with self.waitline.joined(ticket):
+            while True:
+                if daemon.wall() > env.deadline:
+                    raise CapacityExhausted(
+                        f"no worker had room for cpu={spec.resources.cpu:g} memory={spec.resources.memory_mb}MiB"
+                        + (f" gpu={spec.resources.gpu}" if spec.resources.gpu else "")
+                        + " before the request's deadline"
+                    )
+                self._check_matchable(env, spec)
+                mark = self.waitline.mark()
+                if self.waitline.is_head(ticket) and await self._place_once(
+                    env, sid, spec, record, payload, ngpu
+                ):
+                    self.metrics.placement_wait(anyio.current_time() - t0)
                     return sid
-                # Our cached view was stale; the worker is fuller than we thought.
-                w.cpu_free = min(w.cpu_free, spec.resources.millicpu - 1)
-            await anyio.sleep(CAPACITY_RETRY_S)
+                await self.waitline.wait_turn(ticket, mark, within=env.deadline - daemon.wall())
+
+    def _check_matchable(self, env: Envelope, spec: SandboxSpec) -> None:
+        assert self.registry is not None
+        live = self.registry.live()
+        if not could_ever(live, spec, spec.worker_tags):
+            if live or daemon.wall() > env.deadline - 0.001:
+                raise NoMatchingWorker(self._no_match_message(spec))
+
+    async def _place_once(
+        self, env: Envelope, sid: str, spec: SandboxSpec, record: SandboxRecord, payload: bytes,
+        ngpu: int,
+    ) -> bool:
+        """One pass over the ranked candidates; True once a worker took the sandbox."""
+        assert self.registry is not None
+        for w, gpus in rank(
+            self.registry.live(), spec, node_tags=spec.worker_tags, policy=self.settings.placement,
+            gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+        ):
+            if ngpu:
+                # The start command names its GPUs, so we pick them and RESERVE_DISPATCH
+                # takes exactly these or none (a stale view just fails this candidate).
+                gpus = gpus[:ngpu]
+                start = StartSandbox(sandbox_id=sid, spec=spec, gpu_uuids=gpus)
+                payload = protocol.encode(msgspec.structs.replace(env, body=start))
+            got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, ngpu)
+            if got is not None:
+                w.cpu_free -= spec.resources.millicpu
+                w.mem_free -= spec.resources.memory_mb
+                w.gpu_free = [g for g in w.gpu_free if g not in got]
+                self.placed += 1
+                return True
+            # Our cached view was stale; the worker is fuller than we thought.
+            w.cpu_free = min(w.cpu_free, spec.resources.millicpu - 1)
+        return False
 
     async def _try_reserve(
         self, wid: str, sid: str, spec: SandboxSpec, record: SandboxRecord,

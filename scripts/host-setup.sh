@@ -92,10 +92,15 @@ PIN
 configure_docker() {
   local want='/etc/docker/daemon.json'
   local runsc_path; runsc_path=$(command -v runsc)
-  local body
+  local body gpu_runtime=""
+  # GPU nodes (an NVIDIA driver is present) also get runsc with --nvproxy, which
+  # hotbed uses for GPU sandboxes only (workers: gpu_oci_runtime = "runsc-nvproxy").
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    gpu_runtime=", \"runsc-nvproxy\": {\"path\": \"$runsc_path\", \"runtimeArgs\": [\"--network=none\", \"--nvproxy=true\"]}"
+  fi
   body=$(cat <<JSON
 {
-  "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]}},
+  "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]}$gpu_runtime},
   "experimental": true,
   "bridge": "none",
   "iptables": false,

@@ -166,3 +166,47 @@ async def hotbed_stack(redis_url: str, prefix: str) -> AsyncIterator[Stack]:
                 await stop_stack(stack)
     left = leftover_containers(prefix)
     assert not left, f"test leaked containers: {left}"
+
+
+@pytest.fixture
+def daemons(redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """A scheduler and a worker as real subprocesses (`python -m scheduler|workers`)."""
+    import signal
+    import sys
+
+    import redis as sync_redis
+
+    if not docker_available():
+        pytest.fail("dockerd with runsc is not running: run `make test` (it sets them up)")
+    monkeypatch.setenv("HOTBED_REDIS_URL", redis_url)
+    monkeypatch.setenv("HOTBED_PREFIX", prefix)
+    env = dict(os.environ, HOTBED_WORKER_ID=f"w-{prefix}", HOTBED_DRAIN_ON_STOP="true",
+               HOTBED_HEARTBEAT_S="0.2", HOTBED_REGISTRY_REFRESH_S="0.1")
+    logs = tempfile.mkdtemp(prefix="hotbed-daemons-")
+    procs = []
+    for module in ("scheduler", "workers"):
+        log = open(os.path.join(logs, f"{module}.log"), "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log))
+    r = sync_redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 30
+    while r.zscore(f"{prefix}:workers", f"w-{prefix}") is None:
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            pytest.fail("daemons did not come up: " + open(os.path.join(logs, "workers.log")).read()[-2000:])
+        time.sleep(0.05)
+    time.sleep(0.3)  # the scheduler's registry refresh
+    try:
+        yield redis_url, prefix
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        r.close()
+        for name in ("scheduler", "workers"):
+            text = open(os.path.join(logs, f"{name}.log")).read()
+            assert "Traceback" not in text, f"{name} logged a traceback:\n{text[-3000:]}"
+        shutil.rmtree(logs, ignore_errors=True)
+    assert not leftover_containers(prefix), "daemons leaked containers"

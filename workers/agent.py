@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+
 import anyio
 import msgspec
 import redis.asyncio as aioredis
@@ -35,25 +36,34 @@ from hotbed.errors import (
     WorkerLost,
 )
 from hotbed.protocol import (
+    BuildTemplate,
     DirListing,
     Envelope,
+    ErrorReply,
     Exec,
     FileContent,
     FileWritten,
     ListFiles,
+    PauseSandbox,
     ReadFile,
     Reply,
+    ResumeSandbox,
+    SandboxClaimed,
     SandboxCreated,
+    SnapshotSandbox,
     StartSandbox,
     Terminate,
     Terminated,
     WorkerInfo,
     WriteFile,
 )
+from hotbed.metrics import NULL, NullMetrics
 from hotbed.records import ENDED_RECORD_TTL_S, from_hash
 from hotbed.streams import StreamConsumer, ensure_group, send_reply
 from workers.config import WorkerSettings
+from workers.gpu import GpuDetector, detector_for
 from workers.runtimes.base import Placed, Runtime
+from workers.snapshots import SnapshotManager
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +80,24 @@ class Local(msgspec.Struct, kw_only=True):
     idle_timeout: float | None
     last_active: float
     dirty: bool = False
+    # Issue 3: env added to every exec (a claim's or restore's env), the warm pool it
+    # waits in ("" once claimed), and whether it is paused (checkpointed to disk).
+    env: dict[str, str] = {}
+    pool: str = ""
+    paused: bool = False
 
 
 class WorkerAgent:
-    def __init__(self, settings: WorkerSettings, runtime: Runtime) -> None:
+    def __init__(
+        self, settings: WorkerSettings, runtime: Runtime, *, gpu_detector: GpuDetector | None = None
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.id = settings.resolved_id()
         self.keys = keyspace.Keys(settings.prefix)
         self.sandboxes: dict[str, Local] = {}
         self.stopping = anyio.Event()
+        self.stopped = anyio.Event()
         self.info = WorkerInfo(
             id=self.id,
             host=socket.gethostname(),
@@ -89,10 +107,13 @@ class WorkerAgent:
             memory_mb=settings.resolved_memory_mb(),
             tags=dict(settings.tags),
             started_at=daemon.wall(),
+            gpus=(gpu_detector or detector_for(settings.gpu_detect, settings.gpus)).detect(),
         )
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._in_flight = anyio.CapacityLimiter(settings.max_concurrency)
+        self.metrics: NullMetrics = NULL
+        self.snapshots = SnapshotManager(self)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -116,6 +137,7 @@ class WorkerAgent:
             with anyio.CancelScope(shield=True):
                 await self._redis.aclose()
                 await self._blocking.aclose()
+            self.stopped.set()
 
     async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         consumer = StreamConsumer(
@@ -138,6 +160,7 @@ class WorkerAgent:
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._expiry_loop)
             tg.start_soon(self._health_loop)
+            tg.start_soon(self.snapshots.gc_loop)
             async with anyio.create_task_group() as work:
                 for entry_id, data in await consumer.pending():
                     await self._in_flight.acquire_on_behalf_of(entry_id)
@@ -209,8 +232,18 @@ class WorkerAgent:
             if m.sandbox_id not in held:
                 log.info("removing orphan container", extra={"sandbox_id": m.sandbox_id})
                 await self.runtime.destroy(m.sandbox_id)
+        present = {m.sandbox_id for m in managed}
         for sid in held:
             rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sid)))
+            if rec is not None and rec.state == "paused" and sid in present:
+                # Checkpointed to disk before the restart: still resumable.
+                self.sandboxes[sid] = Local(
+                    id=sid, user=self.settings.default_user,
+                    expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
+                    idle_timeout=rec.idle_timeout or None, last_active=rec.last_active or daemon.wall(),
+                    paused=True,
+                )
+                continue
             if rec is None or rec.ended or sid not in running:
                 if rec is not None and rec.state == "creating" and sid not in running:
                     # Start command not yet run: it is still in our stream; keep it.
@@ -223,6 +256,7 @@ class WorkerAgent:
                 expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
                 idle_timeout=rec.idle_timeout or None,
                 last_active=rec.last_active or daemon.wall(),
+                pool=rec.pool if rec.state == "pooled" else "",
             )
         if held or managed:
             log.info("reconciled: adopted %d sandboxes", len(self.sandboxes))
@@ -270,8 +304,8 @@ class WorkerAgent:
             except HotbedError as exc:
                 log.warning("health check failed: %s", exc)
                 continue
-            for sid in list(self.sandboxes):
-                if sid not in running:
+            for sid, local in list(self.sandboxes.items()):
+                if sid not in running and not local.paused:
                     await self._end_quietly(sid, "died", state="failed")
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
@@ -295,6 +329,9 @@ class WorkerAgent:
                 )
             return
         body = env.body
+        kind = type(body).__name__
+        self.metrics.request(kind)
+        daemon.log_context.set({"request_id": env.id, "sandbox_id": getattr(body, "sandbox_id", None)})
         if env.deadline and daemon.wall() > env.deadline:
             if isinstance(body, StartSandbox):
                 # The client gave up: starting it now would only leak it until its timeout.
@@ -310,21 +347,33 @@ class WorkerAgent:
         except Exception as exc:
             log.exception("command %s failed", type(body).__name__, extra={"worker_id": self.id})
             reply = protocol.error_reply(exc)
+        if isinstance(reply, ErrorReply):
+            self.metrics.error(kind, reply.code)
         await self._reply(env, reply)
 
     async def _reply(self, env: Envelope, body: Reply) -> None:
+        if not env.reply_to:
+            # A notice (SandboxClaimed, a pool refill): nobody waits for an answer.
+            return
         await send_reply(self.redis, env.id, env.reply_to, body)
 
     async def _dispatch(self, env: Envelope) -> Reply:
         body = env.body
         if isinstance(body, StartSandbox):
+            if body.template is not None or body.snapshot or body.pool:
+                return await self.snapshots.start(body)
             return await self.start_sandbox(body)
+        if isinstance(body, (BuildTemplate, SnapshotSandbox, PauseSandbox, ResumeSandbox, SandboxClaimed)):
+            return await self.snapshots.handle(env)
         if isinstance(body, Terminate):
             await self.end_sandbox(body.sandbox_id, reason=body.reason, must_exist=True)
             return Terminated(sandbox_id=body.sandbox_id)
         if isinstance(body, Exec):
             local = await self._touch(body.sandbox_id)
-            return await self.runtime.exec(body.sandbox_id, body.exec, default_user=local.user)
+            spec = body.exec
+            if local.env:
+                spec = msgspec.structs.replace(spec, env={**local.env, **spec.env})
+            return await self.runtime.exec(body.sandbox_id, spec, default_user=local.user)
         if isinstance(body, WriteFile):
             if len(body.data) > protocol.MAX_FILE_BYTES:
                 raise FileTooLarge(f"{len(body.data)} bytes is over {protocol.MAX_FILE_BYTES}")
@@ -356,6 +405,8 @@ class WorkerAgent:
             if rec.ended:
                 raise SandboxNotFound(f"sandbox {sid} has ended ({rec.state}: {rec.reason})", sandbox_id=sid)
             raise SandboxNotRunning(f"sandbox {sid} is {rec.state}", sandbox_id=sid)
+        if local.paused:
+            raise SandboxNotRunning(f"sandbox {sid} is paused; resume it first", sandbox_id=sid)
         local.last_active = daemon.wall()
         local.dirty = True
         return local
@@ -400,6 +451,7 @@ class WorkerAgent:
             pipe.zadd(self.keys.sandboxes, {sid: now})
             await pipe.execute()
         startup = anyio.current_time() - started
+        self.metrics.create(cmd.path, startup)
         log.info("started sandbox in %.3fs", startup, extra={"sandbox_id": sid, "worker_id": self.id})
         return SandboxCreated(
             sandbox_id=sid, worker_id=self.id, path=cmd.path, startup_s=startup,
@@ -419,6 +471,12 @@ class WorkerAgent:
                     raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
                 # Already ended: terminate is idempotent.
                 return
+        if local is not None and local.pool:
+            # Out of the pool before anything else, so it is never handed out dead.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self.keys.sandbox(sid), "state", "failed" if state == "failed" else "terminated")
+                pipe.lrem(self.keys.pool_ready(local.pool), 0, f"{sid} {self.id}")
+                await pipe.execute()
         await self.runtime.destroy(sid)
         release = self.redis.register_script(lua.RELEASE)
         record = self.keys.sandbox(sid)

@@ -3,7 +3,17 @@
 Variables: HOTBED_REDIS_URL, HOTBED_PREFIX, HOTBED_WORKER_ID, HOTBED_RUNTIME
 (docker | sim | process), HOTBED_CPU, HOTBED_MEMORY_MB, HOTBED_MAX_CONCURRENCY,
 HOTBED_OCI_RUNTIME, HOTBED_DEFAULT_USER, HOTBED_TAGS (JSON), HOTBED_HEARTBEAT_S,
-HOTBED_RECONCILE_S, HOTBED_SHUTDOWN_GRACE_S, HOTBED_DRAIN_ON_STOP, HOTBED_LOG_FORMAT.
+HOTBED_RECONCILE_S, HOTBED_SHUTDOWN_GRACE_S, HOTBED_DRAIN_ON_STOP, HOTBED_LOG_FORMAT,
+HOTBED_LOG_LEVEL, HOTBED_GPU_DETECT (auto | nvml | none), HOTBED_GPUS (JSON list of
+``{uuid, model, memory_mb}``: declared GPUs instead of detection, for simulated fleets),
+HOTBED_GPU_OCI_RUNTIME (the runsc runtime registered with ``--nvproxy``, used for GPU
+sandboxes), HOTBED_PROCESS_ROOT (state directory of the unisolated ``process``
+runtime), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
+(default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
+HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same).
+
+Validated at load (:func:`hotbed.config.load_settings`): unknown keys and bad values
+are one ConfigError line; the daemons exit with code 2 on it.
 """
 
 from __future__ import annotations
@@ -13,6 +23,9 @@ import socket
 from typing import Annotated, Literal
 
 import msgspec
+
+from hotbed.config import check_common
+from hotbed.protocol import GpuDevice
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -44,6 +57,28 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # On SIGTERM: False leaves sandboxes running, to be adopted when the worker returns.
     drain_on_stop: bool = False
     log_format: Literal["text", "json"] = "text"
+    # Issue 3: where this node keeps memory snapshots, and the store it copies missing
+    # ones from ("" = the same directory: one machine, or a shared file system).
+    snapshot_dir: str = "/var/lib/hotbed/snapshots"
+    snapshot_store: str = ""
+    # Fleet operation (issue 6).
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    gpu_detect: Literal["auto", "nvml", "none"] = "auto"
+    gpus: list[GpuDevice] = []
+    gpu_oci_runtime: str = "runsc-nvproxy"
+    process_root: str = "/var/lib/hotbed/process"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    metrics_addr: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        check_common(self.redis_url, self.prefix)
+        if self.worker_id and any(c in self.worker_id for c in "{}: "):
+            raise ValueError(f"worker_id {self.worker_id!r} must not contain braces, colons or spaces")
+        uuids = [g.uuid for g in self.gpus]
+        if len(set(uuids)) != len(uuids):
+            raise ValueError("gpus: duplicate uuid")
+        if any(not g.uuid or not g.model for g in self.gpus):
+            raise ValueError("gpus: every GPU needs a uuid and a model")
 
     def resolved_id(self) -> str:
         return self.worker_id or socket.gethostname()
@@ -53,3 +88,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     def resolved_memory_mb(self) -> int:
         return self.memory_mb or _default_memory_mb()
+
+
+# Settings a running worker takes from a SIGHUP reload (tags are re-advertised).
+RELOADABLE = ("tags", "heartbeat_s", "reconcile_s", "shutdown_grace_s", "drain_on_stop", "log_format", "log_level")

@@ -10,13 +10,15 @@ def make_runtime(settings: WorkerSettings) -> Runtime:
     if settings.runtime == "docker":
         from workers.runtimes.docker import DockerRuntime
 
-        return DockerRuntime(oci_runtime=settings.oci_runtime)
+        return DockerRuntime(
+            oci_runtime=settings.oci_runtime, gpu_oci_runtime=settings.gpu_oci_runtime
+        )
     if settings.runtime == "sim":
         from workers.runtimes.sim import SimRuntime  # type: ignore[import-not-found]
 
         return SimRuntime()  # type: ignore[no-any-return]
     if settings.runtime == "process":
-        from workers.runtimes.process import ProcessRuntime  # type: ignore[import-not-found]
+        from workers.runtimes.process import ProcessRuntime
 
-        return ProcessRuntime()  # type: ignore[no-any-return]
+        return ProcessRuntime(root=settings.process_root)
     raise ValueError(f"unknown runtime {settings.runtime!r}")

@@ -8,6 +8,7 @@ at this boundary) and must be safe to cancel.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import msgspec
@@ -68,3 +69,22 @@ class Runtime(Protocol):
     async def is_alive(self, sandbox_id: str) -> bool: ...
 
     async def list_managed(self) -> list[Managed]: ...
+
+    # -- memory snapshots (issue 3). ``dest``/``src`` is a directory the runtime owns the
+    # layout of; a snapshot must carry what restore needs to rebuild the sandbox
+    # (image, user, env, working directory), so any worker holding it can restore it.
+
+    async def checkpoint(self, sandbox_id: str, dest: Path, *, leave_running: bool) -> int:
+        """Checkpoint processes, memory and filesystem into ``dest``; return its bytes."""
+
+    async def restore(self, placed: Placed, spec: SandboxSpec, src: Path) -> None:
+        """Make a new, independent sandbox from the snapshot in ``src`` (resources from
+        ``spec``); return once commands can run in it."""
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Checkpoint to the node's disk and stop, freeing memory; survives a restart."""
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Restore a paused sandbox in place: same id, files and processes."""
+
+    async def is_paused(self, sandbox_id: str) -> bool: ...

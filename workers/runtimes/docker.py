@@ -7,7 +7,7 @@ Its main process is a sleeping shell; commands run as ``docker exec``.
 
 Exec timeouts: under runsc an exec'd process leads its own process group, so the
 command is wrapped to report its pid first (on stderr, stripped before returning) and
-a timeout kills the whole group with ``kill -KILL -- -PID``.
+a timeout kills the whole group with ``kill -s KILL -PID``.
 
 Files go through exec too (``cat`` in, ``cat`` out, ``stat`` for listings): with
 gVisor's overlay the container's writes never reach the host's layer, so Docker's
@@ -19,9 +19,14 @@ Every Docker call sits under a deadline (aiodocker has none of its own).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
 import shlex
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -52,8 +57,20 @@ log = logging.getLogger(__name__)
 
 API_TIMEOUT_S = 30.0
 PID_MARK = b"HOTBEDPID "
-# Keeps PID 1 alive and idle; TERM ends it at once.
-IDLE_CMD = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done"]
+# Keeps PID 1 alive and idle; TERM ends it at once. It also runs a spawner: each line
+# written to SPAWN_FIFO is started as a child of init. Under gVisor, processes that
+# descend from a ``docker exec`` do not survive checkpoint/restore; init's descendants
+# do, so long-running processes that must be in a snapshot start through the spawner.
+SPAWN_FIFO = "/tmp/.hotbed/spawn"
+IDLE_CMD = [
+    "/bin/sh", "-c",
+    "trap 'exit 0' TERM INT; mkdir -p /tmp/.hotbed && mkfifo -m 600 " + SPAWN_FIFO + "; "
+    "(while :; do if read -r line < " + SPAWN_FIFO + "; then "
+    'sh -c "$line" </dev/null >>/tmp/.hotbed/spawn.log 2>&1 & fi; done) & '
+    "while :; do sleep 86400 & wait $!; done",
+]
+# Checkpoint name a paused sandbox's state is kept under, in its container's folder.
+PAUSED_CHECKPOINT = "hotbed-paused"
 WRAP = 'echo "HOTBEDPID $$" >&2; exec "$@"'
 SHELL_WRAP = 'echo "HOTBEDPID $$" >&2; exec /bin/sh -c "$1"'
 
@@ -89,11 +106,17 @@ class DockerRuntime:
         oci_runtime: str = "runsc",
         docker_url: str | None = None,
         extra_labels: dict[str, str] | None = None,
+        gpu_oci_runtime: str = "runsc-nvproxy",
     ) -> None:
         self.oci_runtime = oci_runtime
+        # GPU sandboxes under gVisor need runsc's --nvproxy: a second runtime entry in
+        # daemon.json (scripts/host-setup.sh registers it on hosts with an NVIDIA driver).
+        self.gpu_oci_runtime = gpu_oci_runtime
+        self._runtimes: set[str] = set()
         self.docker_url = docker_url
         self.extra_labels = dict(extra_labels or {})
         self._docker: aiodocker.Docker | None = None
+        self._root = Path("/var/lib/docker")
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -105,6 +128,8 @@ class DockerRuntime:
         self._docker = aiodocker.Docker(url=self.docker_url)
         with anyio.fail_after(API_TIMEOUT_S):
             info = await self._docker.system.info()
+        self._root = Path(info.get("DockerRootDir") or "/var/lib/docker")
+        self._runtimes = set(info.get("Runtimes") or {})
         if self.oci_runtime not in (info.get("Runtimes") or {}):
             await self.aclose()
             raise RuntimeFailure(
@@ -133,10 +158,28 @@ class DockerRuntime:
                     worker_id=placed.worker_id,
                 ) from None
             raise self._translate(exc, sid) from None
+        config = self._container_config(placed, spec, image["Id"])
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                container = await self.docker.containers.create(config, name=container_name(sid))
+            with anyio.fail_after(API_TIMEOUT_S):
+                await container.start()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self.destroy(sid)
+            if isinstance(exc, DockerError):
+                raise self._translate(exc, sid) from None
+            if isinstance(exc, TimeoutError):
+                raise RuntimeFailure(f"docker did not start {sid} in time", sandbox_id=sid) from None
+            raise
+
+    def _container_config(
+        self, placed: Placed, spec: SandboxSpec, image_id: str, *, cmd: list[str] | None = None
+    ) -> dict[str, Any]:
         res = spec.resources
         labels = {
             LABEL_MANAGED: "1",
-            LABEL_SANDBOX: sid,
+            LABEL_SANDBOX: placed.sandbox_id,
             LABEL_WORKER: placed.worker_id,
             LABEL_PREFIX: placed.prefix,
             **self.extra_labels,
@@ -152,13 +195,21 @@ class DockerRuntime:
             "SecurityOpt": ["no-new-privileges"],
         }
         if placed.gpu_uuids:
+            if self.oci_runtime == "runsc":
+                if self.gpu_oci_runtime not in self._runtimes:
+                    raise RuntimeFailure(
+                        f"GPU sandbox needs dockerd runtime {self.gpu_oci_runtime!r} (runsc "
+                        "--nvproxy); run scripts/host-setup.sh on this GPU node",
+                        sandbox_id=placed.sandbox_id, worker_id=placed.worker_id,
+                    )
+                host_config["Runtime"] = self.gpu_oci_runtime
             host_config["DeviceRequests"] = [
                 {"Driver": "nvidia", "DeviceIDs": list(placed.gpu_uuids), "Capabilities": [["gpu"]]}
             ]
             env.append("NVIDIA_VISIBLE_DEVICES=" + ",".join(placed.gpu_uuids))
         config: dict[str, Any] = {
-            "Image": image["Id"],
-            "Cmd": IDLE_CMD,
+            "Image": image_id,
+            "Cmd": cmd or IDLE_CMD,
             "User": spec.user or "",
             "Env": env,
             "Labels": labels,
@@ -167,19 +218,7 @@ class DockerRuntime:
         }
         if spec.workdir:
             config["WorkingDir"] = spec.workdir
-        try:
-            with anyio.fail_after(API_TIMEOUT_S):
-                container = await self.docker.containers.create(config, name=container_name(sid))
-            with anyio.fail_after(API_TIMEOUT_S):
-                await container.start()
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await self.destroy(sid)
-            if isinstance(exc, DockerError):
-                raise self._translate(exc, sid) from None
-            if isinstance(exc, TimeoutError):
-                raise RuntimeFailure(f"docker did not start {sid} in time", sandbox_id=sid) from None
-            raise
+        return config
 
     async def destroy(self, sandbox_id: str) -> None:
         try:
@@ -301,7 +340,7 @@ class DockerRuntime:
             raise self._translate(exc, sandbox_id) from None
         if timed_out:
             with anyio.CancelScope(shield=True):
-                await self._kill_group(sandbox_id, pid)
+                await self._kill_group(sandbox_id, pid, user)
             raise ExecTimeout(
                 f"command ran past its {timeout:g}s timeout and was killed",
                 sandbox_id=sandbox_id,
@@ -335,14 +374,16 @@ class DockerRuntime:
             )
         raise RuntimeFailure("exec finished without an exit code", sandbox_id=sandbox_id)
 
-    async def _kill_group(self, sandbox_id: str, pid: int | None) -> None:
+    async def _kill_group(self, sandbox_id: str, pid: int | None, user: str) -> None:
+        # Killed as the command's own user: under gVisor an exec'd root has no
+        # CAP_KILL over a non-root container's processes.
         if not pid or pid <= 1:
             return
         try:
             await self._run(
                 sandbox_id,
-                ["/bin/sh", "-c", f"kill -KILL -- -{pid} 2>/dev/null; kill -KILL {pid} 2>/dev/null; true"],
-                user="0",
+                ["/bin/sh", "-c", f"kill -s KILL -{pid} 2>/dev/null; kill -s KILL {pid} 2>/dev/null; true"],
+                user=user,
                 timeout=10.0,
                 max_output=4096,
             )
@@ -423,6 +464,133 @@ class DockerRuntime:
                 )
             )
         return sorted(entries, key=lambda e: e.name)
+
+    # --------------------------------------------------------------- snapshots
+    # dockerd drives ``runsc checkpoint``/``restore`` (Engine API, experimental mode). A
+    # snapshot directory holds ``checkpoint/`` (runsc's image: memory, processes and the
+    # sandbox's in-memory overlay) and ``container.json`` (what restore re-creates).
+    # dockerd only restores from ``<root>/containers/<id>/checkpoints/<name>``, so restore
+    # hard-links the files there, plus a unique file: containerd refuses two parallel
+    # restores of byte-identical checkpoints ("content ... already exists").
+
+    async def _post(self, path: str, *, params: dict[str, Any] | None = None,
+                    body: dict[str, Any] | None = None, sandbox_id: str) -> None:
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                async with self.docker._query(
+                    path, method="POST", params=params,
+                    data=json.dumps(body) if body is not None else None,
+                ) as resp:
+                    await resp.read()
+        except DockerError as exc:
+            raise self._translate(exc, sandbox_id) from None
+        except TimeoutError:
+            raise RuntimeFailure(f"docker: {path} timed out", sandbox_id=sandbox_id) from None
+
+    async def _show(self, sandbox_id: str) -> dict[str, Any]:
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                info: dict[str, Any] = await self.docker.containers.container(
+                    container_name(sandbox_id)
+                ).show()
+        except DockerError as exc:
+            raise self._translate(exc, sandbox_id) from None
+        return info
+
+    async def checkpoint(self, sandbox_id: str, dest: Path, *, leave_running: bool) -> int:
+        info = await self._show(sandbox_id)
+        if not info["State"]["Running"]:
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id)
+        name = f"ck-{secrets.token_hex(6)}"
+        await self._post(
+            f"containers/{info['Id']}/checkpoints",
+            body={"CheckpointID": name, "Exit": not leave_running},
+            sandbox_id=sandbox_id,
+        )
+        made = self._root / "containers" / info["Id"] / "checkpoints" / name
+        cfg = info["Config"]
+        meta = {
+            "Image": info["Image"], "Cmd": cfg.get("Cmd"), "User": cfg.get("User") or "",
+            "Env": cfg.get("Env") or [], "WorkingDir": cfg.get("WorkingDir") or "",
+        }
+
+        def store() -> int:
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(made), str(dest / "checkpoint"))
+            (dest / "container.json").write_text(json.dumps(meta))
+            return sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+
+        return await anyio.to_thread.run_sync(store)
+
+    async def restore(self, placed: Placed, spec: SandboxSpec, src: Path) -> None:
+        sid = placed.sandbox_id
+        try:
+            meta = json.loads((src / "container.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"snapshot {src} unreadable: {exc}", sandbox_id=sid) from None
+        config = self._container_config(placed, spec, meta["Image"], cmd=meta["Cmd"])
+        config["User"] = meta["User"]
+        config["Env"] = list(meta["Env"]) + [e for e in config["Env"] if e.startswith("NVIDIA_")]
+        if meta["WorkingDir"]:
+            config["WorkingDir"] = meta["WorkingDir"]
+        else:
+            config.pop("WorkingDir", None)
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                container = await self.docker.containers.create(config, name=container_name(sid))
+            target = self._root / "containers" / container.id / "checkpoints" / "restore"
+
+            def link() -> None:
+                target.mkdir(parents=True)
+                for f in (src / "checkpoint").iterdir():
+                    try:
+                        os.link(f, target / f.name)
+                    except OSError:
+                        shutil.copy2(f, target / f.name)
+                (target / "hotbed-restore-id").write_text(secrets.token_hex(16))
+
+            await anyio.to_thread.run_sync(link)
+            await self._post(
+                f"containers/{container.id}/start", params={"checkpoint": "restore"}, sandbox_id=sid
+            )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self.destroy(sid)
+            if isinstance(exc, DockerError):
+                raise self._translate(exc, sid) from None
+            if isinstance(exc, TimeoutError):
+                raise RuntimeFailure(f"docker did not restore {sid} in time", sandbox_id=sid) from None
+            raise
+
+    async def pause(self, sandbox_id: str) -> None:
+        info = await self._show(sandbox_id)
+        await self._post(
+            f"containers/{info['Id']}/checkpoints",
+            body={"CheckpointID": PAUSED_CHECKPOINT, "Exit": True},
+            sandbox_id=sandbox_id,
+        )
+
+    async def resume(self, sandbox_id: str) -> None:
+        info = await self._show(sandbox_id)
+        if info["State"]["Running"]:
+            return
+        ck = self._root / "containers" / info["Id"] / "checkpoints" / PAUSED_CHECKPOINT
+        await anyio.to_thread.run_sync(
+            lambda: (ck / "hotbed-restore-id").write_text(secrets.token_hex(16))
+        )
+        await self._post(
+            f"containers/{info['Id']}/start", params={"checkpoint": PAUSED_CHECKPOINT},
+            sandbox_id=sandbox_id,
+        )
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(ck, ignore_errors=True))
+
+    async def is_paused(self, sandbox_id: str) -> bool:
+        try:
+            info = await self._show(sandbox_id)
+        except SandboxNotFound:
+            return False
+        ck = self._root / "containers" / info["Id"] / "checkpoints" / PAUSED_CHECKPOINT
+        return not info["State"]["Running"] and ck.is_dir()
 
     # ------------------------------------------------------------------ errors
 

@@ -1,0 +1,235 @@
+"""A throwaway control plane for benchmarks: private Redis, scheduler processes,
+simulated worker fleets, all on loopback, plus /proc sampling of their CPU and memory.
+
+Every process is started by the harness and ended by it (SIGTERM, then SIGKILL after a
+grace period); the Redis is private (free port, no persistence) and dies with the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return {
+        "cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_gib, 1),
+        "python": sys.version.split()[0], "host": socket.gethostname(),
+    }
+
+
+class Cluster:
+    """Redis + ``schedulers`` scheduler processes + ``fleets`` simfleet processes."""
+
+    def __init__(
+        self,
+        *,
+        schedulers: int = 1,
+        fleets: int = 2,
+        workers_per_fleet: int = 25,
+        latency_scale: float = 1.0,
+        scheduler_env: dict[str, str] | None = None,
+        prefix: str = "bench",
+    ) -> None:
+        self.prefix = prefix
+        self.n_schedulers = schedulers
+        self.n_fleets = fleets
+        self.workers_per_fleet = workers_per_fleet
+        self.latency_scale = latency_scale
+        self.scheduler_env = scheduler_env or {}
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="hotbed-bench-")
+        self.redis_proc: subprocess.Popen[bytes] | None = None
+        self.schedulers: list[subprocess.Popen[bytes]] = []
+        self.fleets: list[subprocess.Popen[bytes]] = []
+        self.r: redis.Redis | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HOTBED_")}
+        env.update({"HOTBED_REDIS_URL": self.url, "HOTBED_PREFIX": self.prefix,
+                    "PYTHONPATH": str(ROOT)})
+        env.update(extra)
+        return env
+
+    def __enter__(self) -> Cluster:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise SystemExit("redis-server is not installed (make install)")
+        self.redis_proc = subprocess.Popen(
+            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--maxclients", "20000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        self.r = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.r.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        for i in range(self.n_fleets):
+            self.start_fleet(i)
+        for _ in range(self.n_schedulers):
+            self.start_scheduler()
+        self.wait_workers(self.n_fleets * self.workers_per_fleet)
+        return self
+
+    def start_scheduler(self) -> subprocess.Popen[bytes]:
+        name = f"sched-{len(self.schedulers)}"
+        env = self.env(HOTBED_NAME=name, **self.scheduler_env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler"], env=env, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=open(Path(self.dir) / f"{name}.log", "wb"),
+        )
+        self.schedulers.append(proc)
+        return proc
+
+    def start_fleet(self, i: int) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.simfleet", "--workers", str(self.workers_per_fleet),
+             "--id-prefix", f"sim{i}", "--latency-scale", str(self.latency_scale),
+             "--seed", str(1000 * i)],
+            env=self.env(), cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=open(Path(self.dir) / f"fleet{i}.log", "wb"),
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith(b"ready"):
+            raise RuntimeError(f"simfleet {i} did not start: {line!r}; see {self.dir}/fleet{i}.log")
+        self.fleets.append(proc)
+
+    def wait_workers(self, n: int, timeout: float = 30) -> None:
+        assert self.r is not None
+        deadline = time.monotonic() + timeout
+        while self.r.zcard(f"{self.prefix}:workers") < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {self.r.zcard(f'{self.prefix}:workers')} of {n} workers registered")
+            time.sleep(0.05)
+        # Give the schedulers one registry refresh to see them all.
+        time.sleep(1.0)
+
+    def __exit__(self, *exc: object) -> None:
+        procs = [*self.schedulers, *self.fleets]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.r is not None:
+            self.r.close()
+        if self.redis_proc is not None:
+            self.redis_proc.terminate()
+            self.redis_proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ sampling
+
+    def redis_info(self) -> dict[str, float]:
+        assert self.r is not None
+        mem: Any = self.r.info("memory")
+        stats: Any = self.r.info("stats")
+        cpu: Any = self.r.info("cpu")
+        return {
+            "used_memory": float(mem["used_memory"]),
+            "commands": float(stats["total_commands_processed"]),
+            "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        }
+
+    def scheduler_sample(self) -> dict[str, float]:
+        return {
+            "cpu_s": sum(proc_cpu_s(p.pid) for p in self.schedulers),
+            "rss_mib": max((proc_rss_mib(p.pid) for p in self.schedulers), default=0.0),
+        }
+
+    def fleet_sample(self) -> dict[str, float]:
+        return {
+            "cpu_s": sum(proc_cpu_s(p.pid) for p in self.fleets),
+            "rss_mib": sum(proc_rss_mib(p.pid) for p in self.fleets),
+        }
+
+    def sample(self) -> dict[str, Any]:
+        return {
+            "t": time.monotonic(),
+            "redis": self.redis_info(),
+            "scheduler": self.scheduler_sample(),
+            "fleet": self.fleet_sample(),
+            "bench_cpu_s": proc_cpu_s(os.getpid()),
+        }
+
+
+def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Rates and levels between two :meth:`Cluster.sample` results."""
+    dt = max(1e-9, b["t"] - a["t"])
+    return {
+        "seconds": round(dt, 3),
+        "scheduler_cpu_pct": round(100 * (b["scheduler"]["cpu_s"] - a["scheduler"]["cpu_s"]) / dt, 1),
+        "scheduler_rss_mib": round(b["scheduler"]["rss_mib"], 1),
+        "fleet_cpu_pct": round(100 * (b["fleet"]["cpu_s"] - a["fleet"]["cpu_s"]) / dt, 1),
+        "fleet_rss_mib": round(b["fleet"]["rss_mib"], 1),
+        "loadgen_cpu_pct": round(100 * (b["bench_cpu_s"] - a["bench_cpu_s"]) / dt, 1),
+        "redis_cpu_pct": round(100 * (b["redis"]["cpu_s"] - a["redis"]["cpu_s"]) / dt, 1),
+        "redis_ops_per_s": round((b["redis"]["commands"] - a["redis"]["commands"]) / dt),
+        "redis_used_memory_mib": round(b["redis"]["used_memory"] / 2**20, 1),
+    }

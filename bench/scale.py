@@ -1,0 +1,581 @@
+"""``python -m bench scale``: the control plane under load, on simulated workers.
+
+Drives the real scheduler (separate processes) and a private real Redis with many
+simulated worker agents (``workers.simfleet``: real WorkerAgents on the ``sim``
+runtime, a few processes of 25 each). Everything it prints is labelled "simulated
+runtime": it measures hotbed's scheduler, Redis schema and protocol, not sandboxes.
+
+Phases (``--phases``, default all):
+
+* ``throughput``: open-loop creates at rising rates (``--rates``) for ``--step-s`` each:
+  achieved rate, p50/p90/p99/max latency, errors, scheduler CPU/RSS, Redis memory and
+  ops/s. Latency is end to end and also "control plane" (end to end minus the
+  simulated boot time the worker reports). The first step whose control-plane p99
+  passes 100 ms or that has errors ends the climb; the step before it is the capacity.
+* ``replicas``: closed-loop creates at full speed with one scheduler, then with two
+  sharing the stream; checks that no sandbox was placed twice.
+* ``concurrency``: ramp to ``--live`` live sandboxes; at 1k / 10k / 100k live, placement
+  latency of a probe, scheduler RSS, Redis memory per sandbox, and the idle CPU of the
+  scheduler and the workers (heartbeats, reaper, expiry); then execs on a sample and
+  terminate everything.
+* ``placement``: the cost of ranking workers (pure function) against fleet size.
+* ``mixed``: SWE-agent-shaped sessions: create, 20-50 execs with think time, a few
+  file writes, terminate; ``--sessions`` at once.
+
+Writes ``bench/results/scale.json`` (``--out``) and ``bench/results/scale.png``.
+The run bounds its own duration: every phase has a fixed length or a fixed count, and
+every request a deadline. Only loopback is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from bench._cluster import Cluster, delta, loadavg, machine
+from hotbed.client import Client
+from hotbed.errors import HotbedError
+from hotbed.protocol import (
+    CreateSandbox,
+    ErrorReply,
+    Resources,
+    SandboxCreated,
+    SandboxSpec,
+    Terminate,
+)
+from hotbed.sandbox import Sandbox
+from workers.runtimes.sim import SimParams
+
+LABEL = "simulated runtime"
+RESULTS = Path(__file__).resolve().parent / "results"
+SPEC = SandboxSpec(image="sim", resources=Resources(cpu=0.25, memory_mb=256), timeout=3600)
+P99_LIMIT_S = 0.100
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(pct(values, 0.50) * 1000, 2),
+        "p90_ms": round(pct(values, 0.90) * 1000, 2),
+        "p99_ms": round(pct(values, 0.99) * 1000, 2),
+        "max_ms": round(max(values) * 1000, 2) if values else float("nan"),
+    }
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.e2e: list[float] = []
+        self.cp: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.sids: list[tuple[str, str]] = []
+        self.first = 0.0
+        self.last = 0.0
+
+    def ok(self, started: float, reply: SandboxCreated) -> None:
+        now = anyio.current_time()
+        self.e2e.append(now - started)
+        self.cp.append(max(0.0, now - started - reply.startup_s))
+        self.sids.append((reply.sandbox_id, reply.worker_id))
+        self.last = max(self.last, now)
+
+    def report(self, offered: float | None = None) -> dict[str, Any]:
+        n = len(self.e2e)
+        span = max(1e-9, self.last - self.first)
+        out: dict[str, Any] = {
+            "completed": n,
+            "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors),
+            "achieved_rate": round(n / span, 1) if n else 0.0,
+            "latency": summary_ms(self.e2e),
+            "control_plane_latency": summary_ms(self.cp),
+        }
+        if offered is not None:
+            out["offered_rate"] = offered
+        return out
+
+
+async def create_one(client: Client, tally: Tally, started: float, timeout: float) -> None:
+    try:
+        reply = await client.call(client.keys.requests, CreateSandbox(spec=SPEC), timeout=timeout)
+    except HotbedError as exc:
+        tally.errors[exc.code] += 1
+        return
+    if isinstance(reply, ErrorReply):
+        tally.errors[reply.code] += 1
+    else:
+        assert isinstance(reply, SandboxCreated)
+        tally.ok(started, reply)
+
+
+async def open_loop(client: Client, rate: float, seconds: float, *, max_outstanding: int = 20_000) -> Tally:
+    """``rate`` creates/s for ``seconds``, each timed from when it was due (no
+    coordinated omission)."""
+    tally = Tally()
+    n = int(rate * seconds)
+    outstanding = 0
+
+    async def one(due: float) -> None:
+        nonlocal outstanding
+        try:
+            await create_one(client, tally, due, timeout=30)
+        finally:
+            outstanding -= 1
+
+    t0 = anyio.current_time()
+    tally.first = t0
+    async with anyio.create_task_group() as tg:
+        i = 0
+        while i < n:
+            now = anyio.current_time()
+            due_n = min(n, int((now - t0) * rate) + 1)
+            while i < due_n:
+                if outstanding >= max_outstanding:
+                    tally.errors["generator_saturated"] += 1
+                else:
+                    outstanding += 1
+                    tg.start_soon(one, t0 + i / rate)
+                i += 1
+            await anyio.sleep(max(0.0, t0 + i / rate - anyio.current_time()))
+    return tally
+
+
+async def closed_loop(
+    client: Client, *, concurrency: int, seconds: float | None = None, count: int | None = None
+) -> Tally:
+    """``concurrency`` callers creating back to back, for ``seconds`` or ``count`` creates."""
+    tally = Tally()
+    t0 = tally.first = anyio.current_time()
+    left = [count if count is not None else 1 << 62]
+
+    async def caller() -> None:
+        while left[0] > 0 and (seconds is None or anyio.current_time() - t0 < seconds):
+            left[0] -= 1
+            await create_one(client, tally, anyio.current_time(), timeout=30)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(caller)
+    return tally
+
+
+async def terminate_all(client: Client, sids: list[tuple[str, str]], *, concurrency: int = 400) -> dict[str, Any]:
+    lat: list[float] = []
+    errors: Counter[str] = Counter()
+    queue = list(sids)
+    t0 = anyio.current_time()
+
+    async def caller() -> None:
+        while queue:
+            sid, wid = queue.pop()
+            s = anyio.current_time()
+            try:
+                await client.worker_request(wid, Terminate(sandbox_id=sid), timeout=60)
+                lat.append(anyio.current_time() - s)
+            except HotbedError as exc:
+                errors[exc.code] += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(caller)
+    span = anyio.current_time() - t0
+    return {"terminated": len(lat), "errors": dict(errors),
+            "rate": round(len(lat) / max(span, 1e-9), 1), "latency": summary_ms(lat)}
+
+
+async def wait_drained(cluster: Cluster, client: Client, timeout: float = 30) -> None:
+    with anyio.move_on_after(timeout):
+        while await client.redis.xlen(client.keys.requests) > 0:
+            await anyio.sleep(0.1)
+
+
+# ----------------------------------------------------------------------- phases
+
+
+async def phase_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = []
+    capacity: dict[str, Any] | None = None
+    with Cluster(fleets=args.fleets, workers_per_fleet=args.workers_per_fleet,
+                 latency_scale=args.latency_scale) as cluster:
+        async with Client(cluster.url, prefix=cluster.prefix) as client:
+            await closed_loop(client, concurrency=50, count=500)  # warm-up
+            for rate in args.rates:
+                await wait_drained(cluster, client)
+                before = cluster.sample()
+                tally = await open_loop(client, rate, args.step_s)
+                after = cluster.sample()
+                step = tally.report(offered=rate)
+                step.update(delta(before, after))
+                step["loadavg"] = loadavg()
+                steps.append(step)
+                cp = step["control_plane_latency"]
+                say(f"  [{LABEL}] offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  "
+                    f"p50 {cp['p50_ms']:7.1f}  p90 {cp['p90_ms']:7.1f}  p99 {cp['p99_ms']:7.1f}  "
+                    f"max {cp['max_ms']:7.1f} ms  errors {step['errors']}  "
+                    f"sched cpu {step['scheduler_cpu_pct']}% rss {step['scheduler_rss_mib']} MiB  "
+                    f"redis {step['redis_ops_per_s']} ops/s {step['redis_used_memory_mib']} MiB")
+                if cp["p99_ms"] > P99_LIMIT_S * 1000 or step["errors"]:
+                    why = (f"errors {step['error_kinds']}" if step["errors"]
+                           else f"control-plane p99 {cp['p99_ms']} ms > {P99_LIMIT_S * 1000:.0f} ms")
+                    capacity = {"failed_at_offered": rate, "why": why}
+                    break
+    ok = [s for s in steps if not (capacity and s["offered_rate"] == capacity["failed_at_offered"])]
+    best = max(ok, key=lambda s: s["achieved_rate"]) if ok else None
+    cap_rate = best["achieved_rate"] if best else 0.0
+    line = (f"capacity ({LABEL}): {cap_rate:.0f} cold creates/s with p99 <= {P99_LIMIT_S * 1000:.0f} ms "
+            + (f"(next step {capacity['failed_at_offered']}/s failed: {capacity['why']})" if capacity
+               else "(every step passed)"))
+    say(line)
+    return {"steps": steps, "capacity_rate": cap_rate, "capacity_line": line, "limit": capacity}
+
+
+async def phase_replicas(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with Cluster(fleets=args.fleets, workers_per_fleet=args.workers_per_fleet,
+                 latency_scale=args.latency_scale) as cluster:
+        async with Client(cluster.url, prefix=cluster.prefix) as client:
+            await closed_loop(client, concurrency=50, count=500)
+            all_sids: list[tuple[str, str]] = []
+            for n in (1, 2):
+                if n == 2:
+                    cluster.start_scheduler()
+                    await anyio.sleep(1.5)
+                before = cluster.sample()
+                tally = await closed_loop(client, concurrency=args.concurrency, seconds=args.step_s)
+                after = cluster.sample()
+                res = tally.report()
+                res.update(delta(before, after))
+                res["loadavg"] = loadavg()
+                out[f"schedulers_{n}"] = res
+                all_sids.extend(tally.sids)
+                say(f"  [{LABEL}] {n} scheduler(s): {res['achieved_rate']}/s closed-loop "
+                    f"(concurrency {args.concurrency}), p99 {res['latency']['p99_ms']} ms, "
+                    f"errors {res['errors']}")
+            # Every create answered once, every sandbox held by exactly one worker.
+            held: Counter[str] = Counter()
+            workers = [m.decode() for m in await client.redis.zrange(client.keys.workers, 0, -1)]
+            for wid in workers:
+                for raw in await client.redis.hkeys(client.keys.worker_sandboxes(wid)):
+                    held[raw.decode()] += 1
+            returned = Counter(s for s, _ in all_sids)
+            out["double_placed"] = sum(1 for v in held.values() if v > 1)
+            out["duplicate_replies"] = sum(1 for v in returned.values() if v > 1)
+            out["replied_not_held"] = sum(1 for s in returned if s not in held)
+            one = out["schedulers_1"]["achieved_rate"]
+            two = out["schedulers_2"]["achieved_rate"]
+            out["speedup"] = round(two / one, 2) if one else None
+            say(f"  two replicas / one: {out['speedup']}x; double placements {out['double_placed']}, "
+                f"duplicate replies {out['duplicate_replies']}, replied but not held {out['replied_not_held']}")
+    return out
+
+
+async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
+    checkpoints = sorted({c for c in (1_000, 10_000, 100_000) if c < args.live} | {args.live})
+    points: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"target_live": args.live, "points": points}
+    with Cluster(fleets=args.fleets, workers_per_fleet=args.workers_per_fleet,
+                 latency_scale=args.latency_scale) as cluster:
+        async with Client(cluster.url, prefix=cluster.prefix) as client:
+            await anyio.sleep(1.0)
+            base = cluster.redis_info()["used_memory"]
+            sids: list[tuple[str, str]] = []
+            t_fill = anyio.current_time()
+            for cp in checkpoints:
+                need = cp - len(sids)
+                if need > 0:
+                    tally = await closed_loop(client, concurrency=args.concurrency, count=need)
+                    sids.extend(tally.sids)
+                    if tally.errors:
+                        say(f"  fill errors: {dict(tally.errors)}")
+                await wait_drained(cluster, client)
+                await anyio.sleep(1.5)  # heartbeats flush, replies expire from view
+                idle0 = cluster.sample()
+                await anyio.sleep(3.0)
+                idle1 = cluster.sample()
+                idle = delta(idle0, idle1)
+                probe = await open_loop(client, args.probe_rate, args.probe_n / args.probe_rate)
+                sids.extend(probe.sids)
+                live = len(sids)
+                mem = cluster.redis_info()["used_memory"]
+                point = {
+                    "live": live,
+                    "placement": probe.report(offered=args.probe_rate),
+                    "scheduler_rss_mib": idle["scheduler_rss_mib"],
+                    "fleet_rss_mib": idle["fleet_rss_mib"],
+                    "redis_used_memory_mib": round(mem / 2**20, 1),
+                    "redis_bytes_per_sandbox": round((mem - base) / max(live, 1)),
+                    "idle_scheduler_cpu_pct": idle["scheduler_cpu_pct"],
+                    "idle_fleet_cpu_pct": idle["fleet_cpu_pct"],
+                    "idle_redis_cpu_pct": idle["redis_cpu_pct"],
+                    "idle_redis_ops_per_s": idle["redis_ops_per_s"],
+                    "loadavg": loadavg(),
+                }
+                points.append(point)
+                pl = point["placement"]["control_plane_latency"]
+                say(f"  [{LABEL}] live {live:>7}: placement p50 {pl['p50_ms']} p99 {pl['p99_ms']} ms; "
+                    f"scheduler RSS {point['scheduler_rss_mib']} MiB; Redis {point['redis_used_memory_mib']} MiB "
+                    f"= {point['redis_bytes_per_sandbox']} B/sandbox; idle CPU: scheduler "
+                    f"{point['idle_scheduler_cpu_pct']}% workers {point['idle_fleet_cpu_pct']}% "
+                    f"redis {point['idle_redis_cpu_pct']}% ({point['idle_redis_ops_per_s']} ops/s)")
+            out["fill_seconds"] = round(anyio.current_time() - t_fill, 1)
+            # Hold: touch a sample with execs.
+            sample = random.Random(1).sample(sids, min(len(sids), args.exec_n))
+            lat: list[float] = []
+            errors: Counter[str] = Counter()
+
+            async def touch(sid: str, wid: str) -> None:
+                sb = Sandbox(sid, wid, client=client)
+                s = anyio.current_time()
+                try:
+                    r = await sb.exec("true")
+                    lat.append(anyio.current_time() - s - r.duration_s)
+                except HotbedError as exc:
+                    errors[exc.code] += 1
+
+            limiter = anyio.CapacityLimiter(args.concurrency)
+
+            async def limited(sid: str, wid: str) -> None:
+                async with limiter:
+                    await touch(sid, wid)
+
+            async with anyio.create_task_group() as tg:
+                for sid, wid in sample:
+                    tg.start_soon(limited, sid, wid)
+            out["hold_exec"] = {"n": len(lat), "errors": dict(errors),
+                                "control_plane_latency": summary_ms(lat)}
+            say(f"  [{LABEL}] exec on {len(sample)} of {len(sids)} live: control-plane "
+                f"p50 {out['hold_exec']['control_plane_latency']['p50_ms']} "
+                f"p99 {out['hold_exec']['control_plane_latency']['p99_ms']} ms, errors {dict(errors)}")
+            if args.terminate:
+                out["terminate"] = await terminate_all(client, sids, concurrency=args.concurrency)
+                say(f"  [{LABEL}] terminated {out['terminate']['terminated']} at "
+                    f"{out['terminate']['rate']}/s, errors {out['terminate']['errors']}")
+    return out
+
+
+def phase_placement(args: argparse.Namespace) -> dict[str, Any]:
+    from hotbed.protocol import WorkerInfo
+    from scheduler.placement import rank
+    from scheduler.registry import WorkerView
+
+    rows = []
+    for n in (10, 100, 1_000, 10_000):
+        rng = random.Random(n)
+        views = [
+            WorkerView(info=WorkerInfo(id=f"w{i}", host="h", runtime="sim", cpu_millis=64_000,
+                                       memory_mb=256_000, kind="simulated"),
+                       cpu_free=rng.randrange(0, 64_000), mem_free=rng.randrange(0, 256_000))
+            for i in range(n)
+        ]
+        reps = max(20, 20_000 // n)
+        t = time.perf_counter()
+        for _ in range(reps):
+            rank(views, SPEC)
+        us = (time.perf_counter() - t) / reps * 1e6
+        rows.append({"workers": n, "rank_us": round(us, 1)})
+        say(f"  rank() over {n:>6} workers: {us:9.1f} us per placement")
+    return {"rank": rows}
+
+
+async def phase_mixed(args: argparse.Namespace) -> dict[str, Any]:
+    create_lat: list[float] = []
+    exec_lat: list[float] = []
+    file_lat: list[float] = []
+    errors: Counter[str] = Counter()
+    done = [0]
+    with Cluster(fleets=args.fleets, workers_per_fleet=args.workers_per_fleet,
+                 latency_scale=args.latency_scale) as cluster:
+        async with Client(cluster.url, prefix=cluster.prefix) as client:
+
+            async def session(i: int) -> None:
+                rng = random.Random(i)
+                await anyio.sleep(rng.uniform(0, args.ramp_s))
+                try:
+                    s = anyio.current_time()
+                    sb = await Sandbox.create("sim", cpu=0.25, memory_mb=256, client=client, timeout=600)
+                    create_lat.append(anyio.current_time() - s - sb.startup_s)
+                    for k in range(rng.randint(20, 50)):
+                        await anyio.sleep(rng.uniform(*args.think_s))
+                        if k % 10 == 3:
+                            s = anyio.current_time()
+                            await sb.write_file(f"/work/f{k}.py", b"x" * rng.randint(100, 4000))
+                            file_lat.append(anyio.current_time() - s)
+                        s = anyio.current_time()
+                        r = await sb.exec("python", "-c", "pass")
+                        exec_lat.append(anyio.current_time() - s - r.duration_s)
+                    await sb.terminate()
+                    done[0] += 1
+                except HotbedError as exc:
+                    errors[exc.code] += 1
+
+            before = cluster.sample()
+            t0 = anyio.current_time()
+            with anyio.move_on_after(args.mixed_max_s) as scope:
+                async with anyio.create_task_group() as tg:
+                    for i in range(args.sessions):
+                        tg.start_soon(session, i)
+            after = cluster.sample()
+            span = anyio.current_time() - t0
+    res: dict[str, Any] = {
+        "sessions": args.sessions, "completed": done[0], "cut_off": scope.cancelled_caught,
+        "seconds": round(span, 1), "errors": dict(errors),
+        "execs": len(exec_lat), "exec_rate": round(len(exec_lat) / span, 1),
+        "create_control_plane_latency": summary_ms(create_lat),
+        "exec_control_plane_latency": summary_ms(exec_lat),
+        "write_file_latency": summary_ms(file_lat),
+        "think_s": list(args.think_s),
+        **delta(before, after), "loadavg": loadavg(),
+    }
+    say(f"  [{LABEL}] {done[0]}/{args.sessions} sessions in {span:.1f}s, {res['exec_rate']} execs/s; "
+        f"exec control-plane p50 {res['exec_control_plane_latency']['p50_ms']} "
+        f"p99 {res['exec_control_plane_latency']['p99_ms']} ms; errors {dict(errors)}")
+    return res
+
+
+# ------------------------------------------------------------------------- plots
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("  (matplotlib not installed: pip install -e '.[bench]' for the plot)")
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    tp = results.get("throughput", {}).get("steps", [])
+    if tp:
+        ax = axes[0]
+        x = [s["offered_rate"] for s in tp]
+        for key, style in (("p50_ms", "o-"), ("p90_ms", "s-"), ("p99_ms", "^-")):
+            ax.plot(x, [s["control_plane_latency"][key] for s in tp], style, label=key[:3])
+        ax.axhline(P99_LIMIT_S * 1000, color="grey", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered creates/s")
+        ax.set_ylabel("control-plane create latency (ms)")
+        ax.set_title(f"Latency vs offered load ({LABEL})")
+        ax.legend()
+    pts = results.get("concurrency", {}).get("points", [])
+    if pts:
+        ax = axes[1]
+        x = [p["live"] for p in pts]
+        ax.plot(x, [p["redis_used_memory_mib"] for p in pts], "o-", label="Redis used memory (MiB)")
+        ax.plot(x, [p["scheduler_rss_mib"] for p in pts], "s-", label="scheduler RSS (MiB)")
+        ax.set_xscale("log")
+        ax.set_xlabel("live sandboxes")
+        ax.set_ylabel("MiB")
+        ax.set_title(f"Memory vs live sandboxes ({LABEL})")
+        ax.legend()
+        ax2 = axes[2]
+        ax2.plot(x, [p["placement"]["control_plane_latency"]["p50_ms"] for p in pts], "o-", label="placement p50")
+        ax2.plot(x, [p["placement"]["control_plane_latency"]["p99_ms"] for p in pts], "^-", label="placement p99")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("live sandboxes")
+        ax2.set_ylabel("ms")
+        ax2.set_title(f"Placement latency vs live ({LABEL})")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------------- main
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n")[0])
+    p.add_argument("--phases", default="throughput,replicas,placement,concurrency,mixed")
+    p.add_argument("--rates", default="250,500,1000,2000,4000,8000")
+    p.add_argument("--step-s", type=float, default=5.0)
+    p.add_argument("--fleets", type=int, default=2, help="simfleet processes")
+    p.add_argument("--workers-per-fleet", type=int, default=25)
+    p.add_argument("--latency-scale", type=float, default=1.0,
+                   help="scale the simulated runtime's latencies (1: as measured on runsc)")
+    p.add_argument("--concurrency", type=int, default=400, help="closed-loop callers")
+    p.add_argument("--live", type=int, default=100_000)
+    p.add_argument("--probe-rate", type=float, default=500.0)
+    p.add_argument("--probe-n", type=int, default=1000)
+    p.add_argument("--exec-n", type=int, default=5000)
+    p.add_argument("--no-terminate", dest="terminate", action="store_false")
+    p.add_argument("--sessions", type=int, default=2000)
+    p.add_argument("--think-s", default="0.2,1.0", help="think time between execs, min,max seconds")
+    p.add_argument("--ramp-s", type=float, default=5.0, help="sessions start spread over this")
+    p.add_argument("--mixed-max-s", type=float, default=120.0)
+    p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~1 min)")
+    p.add_argument("--out", default=str(RESULTS / "scale.json"))
+    args = p.parse_args(argv)
+    args.rates = [float(r) for r in args.rates.split(",")]
+    args.think_s = tuple(float(x) for x in args.think_s.split(","))
+    if args.quick:
+        args.rates = [250.0, 1000.0]
+        args.step_s = 2.0
+        args.live = 5_000
+        args.exec_n = 500
+        args.sessions = 200
+        args.probe_n = 200
+        args.mixed_max_s = 40.0
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    params = SimParams().scaled(args.latency_scale)
+    say(f"hotbed bench scale — {LABEL} (no containers; loads the real scheduler + Redis)")
+    say(f"machine: {machine()}; loadavg {loadavg()}")
+    say(f"simulated runtime model (measured on runsc here, x{args.latency_scale:g}): "
+        f"{msgspec.json.encode(params).decode()}")
+    results: dict[str, Any] = {
+        "label": LABEL, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loadavg_start": loadavg(), "sim_params": msgspec.to_builtins(params),
+        "fleets": args.fleets, "workers": args.fleets * args.workers_per_fleet,
+        "argv": argv,
+    }
+    runners: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
+        "throughput": phase_throughput, "replicas": phase_replicas,
+        "concurrency": phase_concurrency, "mixed": phase_mixed,
+    }
+
+    async def run_all() -> None:
+        for phase in phases:
+            say(f"== {phase}")
+            t = time.monotonic()
+            if phase == "placement":
+                results[phase] = phase_placement(args)
+            else:
+                results[phase] = await runners[phase](args)
+            results[phase]["phase_seconds"] = round(time.monotonic() - t, 1)
+
+    anyio.run(run_all, backend="asyncio", backend_options={"use_uvloop": True})
+    results["loadavg_end"] = loadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    png = out.with_suffix(".png")
+    if plot(results, png):
+        say(f"wrote {out} and {png}")
+    else:
+        say(f"wrote {out}")
+    return 0

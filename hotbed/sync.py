@@ -1,0 +1,141 @@
+"""A synchronous facade over the async SDK, for scripts and notebooks.
+
+    from hotbed.sync import Sandbox
+
+    with Sandbox.create("hotbed/base") as sb:
+        print(sb.exec("python3", "-c", "print(6*7)").stdout)
+
+One event loop (uvloop) runs in a daemon thread, started on first use and owned by an
+anyio BlockingPortal; every call is a ``portal.call`` with the async SDK's own
+deadlines, so a sync call can no more hang than an async one. ``close()`` stops the
+loop and its Redis connections (also run at interpreter exit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from hotbed import sandbox as _async
+from hotbed.client import Client
+from hotbed.protocol import FileEntry
+from hotbed.records import SandboxRecord
+from hotbed.sandbox import CommandResult
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_portal_cm: AbstractContextManager[BlockingPortal] | None = None
+_portal: BlockingPortal | None = None
+_client: Client | None = None
+
+
+def _get_portal() -> BlockingPortal:
+    global _portal_cm, _portal
+    with _lock:
+        if _portal is None:
+            _portal_cm = start_blocking_portal("asyncio", {"use_uvloop": True})
+            _portal = _portal_cm.__enter__()
+        return _portal
+
+
+def _call(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return _get_portal().call(fn, *args)
+
+
+def _default_client() -> Client:
+    global _client
+    if _client is None:
+        _client = _call(_make_client)
+    return _client
+
+
+async def _make_client() -> Client:
+    return Client()
+
+
+def close() -> None:
+    """Close the shared client and stop the background loop."""
+    global _portal_cm, _portal, _client
+    with _lock:
+        if _portal is None:
+            return
+        if _client is not None:
+            _portal.call(_client.aclose)
+            _client = None
+        assert _portal_cm is not None
+        _portal_cm.__exit__(None, None, None)
+        _portal, _portal_cm = None, None
+
+
+atexit.register(close)
+
+
+class Sandbox:
+    """Blocking twin of :class:`hotbed.sandbox.Sandbox`; same arguments, same errors."""
+
+    def __init__(self, inner: _async.Sandbox) -> None:
+        self._inner = inner
+
+    @property
+    def id(self) -> str:
+        return self._inner.id
+
+    @property
+    def worker_id(self) -> str:
+        return self._inner.worker_id
+
+    @property
+    def path(self) -> str:
+        return self._inner.path
+
+    def __repr__(self) -> str:
+        return f"hotbed.sync.Sandbox(id={self.id!r})"
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    @classmethod
+    def create(cls, image: str = "hotbed/base", **kwargs: Any) -> Sandbox:
+        kwargs.setdefault("client", _default_client())
+        inner = _call(lambda: _async.Sandbox.create(image, **kwargs))
+        return cls(inner)
+
+    @classmethod
+    def from_id(cls, sandbox_id: str) -> Sandbox:
+        client = _default_client()
+        return cls(_call(lambda: _async.Sandbox.from_id(sandbox_id, client=client)))
+
+    @classmethod
+    def list(cls, *, tags: dict[str, str] | None = None) -> list[SandboxRecord]:
+        client = _default_client()
+        return _call(lambda: _async.Sandbox.list(tags=tags, client=client))
+
+    def exec(self, *argv: str, **kwargs: Any) -> CommandResult:
+        return _call(lambda: self._inner.exec(*argv, **kwargs))
+
+    def run(self, command: str, **kwargs: Any) -> CommandResult:
+        return _call(lambda: self._inner.run(command, **kwargs))
+
+    def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
+        return _call(lambda: self._inner.write_file(path, data, mode=mode))
+
+    def read_file(self, path: str) -> bytes:
+        return _call(lambda: self._inner.read_file(path))
+
+    def list_files(self, path: str = ".") -> list[FileEntry]:
+        return _call(lambda: self._inner.list_files(path))
+
+    def info(self) -> SandboxRecord:
+        return _call(self._inner.info)
+
+    def terminate(self) -> None:
+        _call(self._inner.terminate)

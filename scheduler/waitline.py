@@ -1,0 +1,121 @@
+"""The line creates wait in when no worker has room: first come, first placed.
+
+A create that finds no capacity joins the line of its *class* (``gpu:<model>`` for a
+GPU request, ``cpu`` otherwise) and keeps its place until it is placed or its deadline
+passes (then CapacityExhausted). Only the head of a line tries to place; when it leaves,
+the next in line tries at once, so freed capacity is handed out in arrival order and a
+stream of small requests cannot starve a large one of the same class (an ``H100:2``
+waiting at the head is not overtaken by later ``H100`` requests). A new create whose
+class has a line joins its end instead of trying first. Classes do not block each
+other: CPU-only work never waits behind a GPU request.
+
+Arrival order is the order this scheduler took the requests from the stream
+(:meth:`WaitLine.ticket` is drawn when handling starts, before the first attempt), so
+a request that failed its first attempt a little later still keeps its place. With
+several scheduler replicas the order holds per replica.
+
+The head retries whenever :meth:`WaitLine.capacity_changed` is called (each registry
+refresh, a worker lost, ...) instead of polling.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
+from hotbed.protocol import SandboxSpec
+
+
+class Ticket:
+    __slots__ = ("cls", "seq", "turn")
+
+    def __init__(self, cls: str, seq: int) -> None:
+        self.cls = cls
+        self.seq = seq
+        # Set when this ticket becomes the head of its line.
+        self.turn = anyio.Event()
+
+    def __lt__(self, other: Ticket) -> bool:
+        return self.seq < other.seq
+
+
+class WaitLine:
+    def __init__(self) -> None:
+        self._seq = itertools.count()
+        self._lines: dict[str, list[Ticket]] = {}
+        self._changed = anyio.Event()
+
+    def ticket(self, cls: str) -> Ticket:
+        return Ticket(cls, next(self._seq))
+
+    def is_waiting(self, cls: str) -> bool:
+        return bool(self._lines.get(cls))
+
+    def depth(self, cls: str | None = None) -> int:
+        if cls is not None:
+            return len(self._lines.get(cls, ()))
+        return sum(len(line) for line in self._lines.values())
+
+    def classes(self) -> dict[str, int]:
+        return {cls: len(line) for cls, line in self._lines.items() if line}
+
+    def capacity_changed(self) -> None:
+        """Wake the heads of all lines: capacity may have been freed."""
+        ev, self._changed = self._changed, anyio.Event()
+        ev.set()
+
+    def mark(self) -> anyio.Event:
+        """Take before an attempt; :meth:`wait_turn` then sees changes made during it."""
+        return self._changed
+
+    def is_head(self, ticket: Ticket) -> bool:
+        line = self._lines.get(ticket.cls)
+        return bool(line) and line[0] is ticket
+
+    @contextmanager
+    def joined(self, ticket: Ticket) -> Iterator[None]:
+        line = self._lines.setdefault(ticket.cls, [])
+        bisect.insort(line, ticket)
+        if line[0] is ticket:
+            if len(line) > 1:
+                # An earlier arrival went ahead of the old head: demote it.
+                line[1].turn = anyio.Event()
+            ticket.turn.set()
+        try:
+            yield
+        finally:
+            was_head = bool(line) and line[0] is ticket
+            try:
+                line.remove(ticket)
+            except ValueError:
+                pass
+            if was_head and line:
+                line[0].turn.set()
+            if not line and self._lines.get(ticket.cls) is line:
+                del self._lines[ticket.cls]
+
+    async def wait_turn(self, ticket: Ticket, mark: anyio.Event, *, within: float) -> None:
+        """Return when ``ticket`` may try to place again (or after ``within`` seconds).
+
+        A ticket not at the head waits to become head, and becoming head returns at
+        once, so the next in line tries right after the one before it is placed. The
+        head waits for a capacity change since ``mark``.
+        """
+        with anyio.move_on_after(max(within, 0)):
+            if not self.is_head(ticket):
+                await ticket.turn.wait()
+                return
+            await mark.wait()
+
+
+def wait_class(spec: SandboxSpec) -> str:
+    """The line a create waits in: its GPU model (or ``cpu``) and its worker tags."""
+    gpu = spec.resources.gpu
+    cls = "gpu:" + gpu.partition(":")[0].strip().lower() if gpu else "cpu"
+    if spec.worker_tags:
+        cls += "|" + ",".join(f"{k}={v}" for k, v in sorted(spec.worker_tags.items()))
+    return cls

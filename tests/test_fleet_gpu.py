@@ -1,0 +1,244 @@
+"""GPU detection and GPU placement (issue 6), without a GPU.
+
+Detection runs against NVML-shaped fakes (and the real binding, which finds no driver
+here). Placement runs the real scheduler and several worker agents against the real
+Redis; the workers declare GPUs in their settings and run a recording test double
+instead of containers, so what is checked is exactly where the scheduler put what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import msgspec
+import pytest
+
+from hotbed.client import Client
+from hotbed.errors import CapacityExhausted, NoMatchingWorker
+from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec, Terminate
+from scheduler.config import SchedulerSettings
+from scheduler.service import Scheduler
+from fleet_doubles import FakeNvml, RecordingRuntime, gpus
+from workers.agent import WorkerAgent
+from workers.config import WorkerSettings
+from workers.gpu import NoGpuDetector, NvmlDetector, StaticDetector, detector_for
+
+pytestmark = pytest.mark.anyio
+
+# ------------------------------------------------------------------- detection
+
+
+def test_nvml_detector_reads_models_memory_and_uuids() -> None:
+    nvml = FakeNvml([
+        (b"NVIDIA H100 80GB HBM3", b"GPU-aaaa", 85_520_809_984),
+        ("NVIDIA H100 80GB HBM3", "GPU-bbbb", 85_520_809_984),
+    ])
+    got = NvmlDetector(nvml).detect()
+    assert [(g.index, g.model, g.uuid, g.memory_mb) for g in got] == [
+        (0, "NVIDIA H100 80GB HBM3", "GPU-aaaa", 81559),
+        (1, "NVIDIA H100 80GB HBM3", "GPU-bbbb", 81559),
+    ]
+    assert nvml.shutdowns == 1
+
+
+def test_no_driver_means_no_gpus_not_an_error() -> None:
+    assert NvmlDetector(FakeNvml(None, fail_init=True)).detect() == []
+    assert NvmlDetector(FakeNvml([])).detect() == []
+    # The real binding on this GPU-less machine: no library, no driver, no error.
+    assert NvmlDetector().detect() == []
+
+
+def test_detector_choice() -> None:
+    s = msgspec.convert({"gpus": gpus("H100", "GPU-1")}, WorkerSettings)
+    assert isinstance(detector_for(s.gpu_detect, s.gpus), StaticDetector)
+    assert detector_for(s.gpu_detect, s.gpus).detect()[0].uuid == "GPU-1"
+    assert isinstance(detector_for("none", []), NoGpuDetector)
+    assert isinstance(detector_for("auto", []), NvmlDetector)
+
+
+# ------------------------------------------------------------------- placement
+
+
+class Fleet(msgspec.Struct, kw_only=True):
+    client: Client
+    scheduler: Scheduler
+    workers: dict[str, WorkerAgent]
+    runtimes: dict[str, RecordingRuntime]
+
+
+@asynccontextmanager
+async def fleet(
+    redis_url: str, prefix: str, nodes: dict[str, dict[str, object]], **sched: object
+) -> AsyncIterator[Fleet]:
+    """A real scheduler and one worker agent per entry of ``nodes`` (id -> settings)."""
+    scheduler = Scheduler(msgspec.convert(
+        {"redis_url": redis_url, "prefix": prefix, "registry_refresh_s": 0.05,
+         "heartbeat_ttl_s": 3.0, "shutdown_grace_s": 1.0, **sched},
+        SchedulerSettings,
+    ))
+    workers, runtimes = {}, {}
+    for wid, opts in nodes.items():
+        settings = msgspec.convert(
+            {"redis_url": redis_url, "prefix": prefix, "worker_id": wid, "heartbeat_s": 0.2,
+             "reconcile_s": 0.5, "shutdown_grace_s": 1.0, "drain_on_stop": True,
+             "gpu_detect": "none", "cpu": 8, "memory_mb": 16384, **opts},
+            WorkerSettings,
+        )
+        runtimes[wid] = RecordingRuntime()
+        workers[wid] = WorkerAgent(settings, runtimes[wid])
+    async with anyio.create_task_group() as tg:
+        await tg.start(scheduler.run)
+        for w in workers.values():
+            await tg.start(w.run)
+        assert scheduler.registry is not None
+        with anyio.fail_after(10):
+            while set(scheduler.registry.workers) != set(workers):
+                await scheduler.registry.refresh()
+                await anyio.sleep(0.02)
+        client = Client(redis_url, prefix=prefix)
+        try:
+            yield Fleet(client=client, scheduler=scheduler, workers=workers, runtimes=runtimes)
+        finally:
+            await client.aclose()
+            for w in workers.values():
+                w.stopping.set()
+            scheduler.stopping.set()
+
+
+async def create(client: Client, *, gpu: str | None = None, cpu: float = 1.0, timeout: float = 10.0) -> SandboxCreated:
+    spec = SandboxSpec(image="none", resources=Resources(cpu=cpu, memory_mb=256, gpu=gpu))
+    reply = await client.request(CreateSandbox(spec=spec), timeout=timeout)
+    assert isinstance(reply, SandboxCreated)
+    return reply
+
+
+async def terminate(client: Client, created: SandboxCreated) -> None:
+    await client.worker_request(created.worker_id, Terminate(sandbox_id=created.sandbox_id), timeout=10)
+
+
+NODES: dict[str, dict[str, object]] = {
+    "h100": {"gpus": gpus("NVIDIA H100 80GB HBM3", "GPU-h1", "GPU-h2"), "tags": {"pool": "gpu"}},
+    "a100": {"gpus": gpus("NVIDIA A100-SXM4-40GB", "GPU-a1")},
+    "cpu": {"tags": {"pool": "cpu"}},
+}
+
+
+async def test_gpu_jobs_land_on_matching_gpu_workers_with_exclusive_uuids(redis_url: str, prefix: str) -> None:
+    async with fleet(redis_url, prefix, NODES) as f:
+        one = await create(f.client, gpu="H100")
+        two = await create(f.client, gpu="h100")  # models match case-insensitively
+        a = await create(f.client, gpu="A100")
+        cpu_only = [await create(f.client) for _ in range(3)]
+        assert (one.worker_id, two.worker_id, a.worker_id) == ("h100", "h100", "a100")
+        assert sorted(one.gpu_uuids + two.gpu_uuids) == ["GPU-h1", "GPU-h2"]
+        assert a.gpu_uuids == ["GPU-a1"]
+        # CPU-only work stays off GPU nodes while the CPU node has room.
+        assert {c.worker_id for c in cpu_only} == {"cpu"}
+        # The runtime was told exactly its GPUs.
+        placed = {p.sandbox_id: p.gpu_uuids for p in f.runtimes["h100"].created}
+        assert placed[one.sandbox_id] == one.gpu_uuids
+        # The record keeps the assignment.
+        rec = await f.client.record(one.sandbox_id)
+        assert rec.gpu_uuids == one.gpu_uuids and rec.gpu == "H100"
+
+
+async def test_multi_gpu_and_any(redis_url: str, prefix: str) -> None:
+    async with fleet(redis_url, prefix, NODES) as f:
+        pair = await create(f.client, gpu="H100:2")
+        assert pair.worker_id == "h100" and sorted(pair.gpu_uuids) == ["GPU-h1", "GPU-h2"]
+        anyone = await create(f.client, gpu="any")
+        assert anyone.worker_id == "a100" and anyone.gpu_uuids == ["GPU-a1"]
+
+
+async def test_impossible_gpu_request_fails_at_once_naming_what_exists(redis_url: str, prefix: str) -> None:
+    async with fleet(redis_url, prefix, NODES) as f:
+        t0 = anyio.current_time()
+        with pytest.raises(NoMatchingWorker) as err:
+            await create(f.client, gpu="B200", timeout=30)
+        with pytest.raises(NoMatchingWorker):
+            await create(f.client, gpu="H100:3", timeout=30)
+        assert anyio.current_time() - t0 < 5
+        assert "gpu=B200" in err.value.message
+        assert "NVIDIA H100 80GB HBM3" in err.value.message and "A100" in err.value.message
+
+
+async def test_waiting_gpu_requests_are_placed_in_arrival_order(redis_url: str, prefix: str) -> None:
+    async with fleet(redis_url, prefix, {"h100": NODES["h100"], "cpu": NODES["cpu"]}) as f:
+        held = [await create(f.client, gpu="H100"), await create(f.client, gpu="H100")]
+        order: list[str] = []
+        results: dict[str, SandboxCreated] = {}
+
+        async def waiter(name: str, gpu: str) -> None:
+            results[name] = await create(f.client, gpu=gpu, timeout=30)
+            order.append(name)
+
+        async with anyio.create_task_group() as tg:
+            # "big" arrives first and needs both GPUs: later single-GPU requests must not
+            # overtake it even though each of them would fit sooner.
+            for n, (name, gpu) in enumerate((("big", "H100:2"), ("s1", "H100"), ("s2", "H100"))):
+                tg.start_soon(waiter, name, gpu)
+                with anyio.fail_after(5):
+                    while f.scheduler.waitline.depth() < n + 1:
+                        await anyio.sleep(0.01)
+            # CPU-only work is not stuck behind the GPU line.
+            cpu = await create(f.client, timeout=5)
+            assert cpu.worker_id == "cpu"
+            await terminate(f.client, held[0])
+            await anyio.sleep(0.3)
+            assert order == [], "a single freed GPU must not go to a later, smaller request"
+            await terminate(f.client, held[1])
+            with anyio.fail_after(10):
+                while not order:
+                    await anyio.sleep(0.01)
+            assert order == ["big"]
+            await terminate(f.client, results["big"])
+        assert order == ["big", "s1", "s2"]
+        assert sorted(results["s1"].gpu_uuids + results["s2"].gpu_uuids) == ["GPU-h1", "GPU-h2"]
+
+
+async def test_waiting_gpu_request_fails_at_its_deadline(redis_url: str, prefix: str) -> None:
+    async with fleet(redis_url, prefix, {"a100": NODES["a100"]}) as f:
+        await create(f.client, gpu="A100")
+        t0 = anyio.current_time()
+        with pytest.raises(CapacityExhausted) as err:
+            await create(f.client, gpu="A100", timeout=1.0)
+        waited = anyio.current_time() - t0
+        assert 0.9 <= waited < 4, waited
+        assert "gpu=A100" in err.value.message
+        assert f.scheduler.waitline.depth() == 0
+
+
+async def test_mixed_load_never_shares_a_gpu(redis_url: str, prefix: str) -> None:
+    nodes = {
+        "h100": NODES["h100"],
+        "h100b": {"gpus": gpus("NVIDIA H100 80GB HBM3", "GPU-h3", "GPU-h4")},
+        "cpu": {"cpu": 64},
+    }
+    async with fleet(redis_url, prefix, nodes) as f:
+        holding: dict[str, str] = {}  # gpu uuid -> sandbox id
+        done: list[SandboxCreated] = []
+
+        async def gpu_job() -> None:
+            c = await create(f.client, gpu="H100", timeout=30)
+            for u in c.gpu_uuids:
+                assert u not in holding, f"{u} given to {c.sandbox_id} while {holding[u]} holds it"
+                holding[u] = c.sandbox_id
+            assert c.worker_id in ("h100", "h100b")
+            await anyio.sleep(0.05)
+            for u in c.gpu_uuids:
+                del holding[u]
+            await terminate(f.client, c)
+            done.append(c)
+
+        async def cpu_job() -> None:
+            c = await create(f.client, timeout=30)
+            assert c.worker_id == "cpu" and not c.gpu_uuids
+            done.append(c)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(24):
+                tg.start_soon(gpu_job if i % 2 else cpu_job)
+        assert len(done) == 24
+        assert f.scheduler.waitline.depth() == 0

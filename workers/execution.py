@@ -1,0 +1,535 @@
+"""Agent-grade execution on the worker (issue 5): exec, sessions, background processes,
+PTYs, watches and file transfer served by the in-sandbox guest agent.
+
+The worker agent hands every command this module :meth:`ExecutionService.handles` to
+:meth:`ExecutionService.dispatch`. Commands reach the sandbox's guest agent over its
+persistent channel (:mod:`workers.guest.channel`); a sandbox whose image has no
+python3 keeps the ``docker exec`` path for exec and files, and answers the rest with
+``UnsupportedRequest``.
+
+Streaming: a request with ``stream_to`` gets its output as stream entries on that key
+(``o`` stdout, ``e`` stderr, ``v`` an msgpack event), written in pipelined batches as
+frames arrive, and a last ``r`` entry holding the reply. The channel's reader waits
+for each batch to be written, so a command's output is never held in the worker
+beyond a few frames (the agent stops reading the command instead).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from hotbed import keys as keyspace
+from hotbed import protocol
+from hotbed.errors import (
+    ExecTimeout,
+    FileError,
+    FileTooLarge,
+    HotbedError,
+    SandboxNotRunning,
+    UnsupportedRequest,
+)
+from hotbed.protocol import (
+    Ack,
+    Cancel,
+    DirListing,
+    DownloadTar,
+    Envelope,
+    Exec,
+    ExecResult,
+    ExecSpec,
+    FileContent,
+    FileEntry,
+    FileWritten,
+    ListFiles,
+    ProcessInfo,
+    ProcessInput,
+    ProcessList,
+    ProcessListing,
+    ProcessOutput,
+    ProcessRead,
+    ProcessSignal,
+    ProcessStart,
+    ProcessWait,
+    PtyInput,
+    PtyOpen,
+    PtyResize,
+    ReadFile,
+    Reply,
+    ReplyEnvelope,
+    SessionClose,
+    SessionInterrupt,
+    SessionRun,
+    UploadTar,
+    WatchDir,
+    WriteFile,
+)
+from workers.guest.channel import Frame, GuestChannel, GuestManager, guest_error
+
+if TYPE_CHECKING:
+    from workers.agent import WorkerAgent
+
+log = logging.getLogger(__name__)
+
+GUEST_ONLY = (
+    SessionRun, SessionInterrupt, SessionClose, ProcessStart, ProcessList, ProcessRead,
+    ProcessWait, ProcessSignal, ProcessInput, PtyOpen, PtyInput, PtyResize, Cancel,
+    WatchDir, UploadTar, DownloadTar,
+)
+HANDLED = (Exec, ReadFile, WriteFile, ListFiles, *GUEST_ONLY)
+# Output entries written per Redis round trip, at most.
+BATCH_BYTES = 1 << 20
+# Slack on top of a command's own timeout before the worker stops waiting for the agent.
+GUARD_S = 10.0
+
+_event_encode = msgspec.msgpack.Encoder().encode
+
+
+class Sink:
+    """Writes a streaming request's entries to its output key, batched."""
+
+    def __init__(self, redis: Any, key: str) -> None:
+        self.redis = redis
+        self.key = key
+        self._pipe: Any = None
+        self._n = 0
+
+    def add(self, field: bytes, data: bytes) -> None:
+        if self._pipe is None:
+            self._pipe = self.redis.pipeline(transaction=False)
+        self._pipe.xadd(self.key, {field: data})
+        self._n += 1
+
+    async def flush(self) -> None:
+        if self._pipe is None:
+            return
+        pipe, self._pipe = self._pipe, None
+        pipe.expire(self.key, keyspace.REPLY_TTL_S)
+        await pipe.execute()
+
+    async def finish(self, reply: Reply, request_id: str) -> None:
+        self.add(b"r", protocol.encode(ReplyEnvelope(id=request_id, body=reply)))
+        await self.flush()
+
+
+class Collector:
+    """Non-streaming output, kept up to ``cap`` bytes per stream."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def feed(self, fd: int, data: bytes) -> None:
+        buf = self.out if fd == 1 else self.err
+        room = self.cap - len(buf)
+        if room > 0:
+            buf += data[:room]
+
+
+async def pump(
+    frames: MemoryObjectReceiveStream[Frame],
+    *,
+    sink: Sink | None,
+    collect: Collector | None,
+    sandbox_id: str,
+) -> dict[str, Any]:
+    """Move a request's frames to its sink/collector until its ``exit``; return that."""
+    while True:
+        try:
+            first = await frames.receive()
+        except anyio.EndOfStream:
+            raise SandboxNotRunning(
+                f"sandbox {sandbox_id}: the guest agent went away mid-command",
+                sandbox_id=sandbox_id,
+            ) from None
+        batch = [first]
+        size = len(first[1])
+        while size < BATCH_BYTES:
+            try:
+                f = frames.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+            batch.append(f)
+            size += len(f[1])
+        end: dict[str, Any] | None = None
+        for header, payload in batch:
+            t = header.get("t")
+            if t == "out":
+                fd = int(header.get("fd", 1))
+                if sink is not None:
+                    sink.add(b"o" if fd == 1 else b"e", payload)
+                elif collect is not None:
+                    collect.feed(fd, payload)
+            elif t == "event":
+                if sink is not None:
+                    sink.add(b"v", _event_encode(header.get("events", [])))
+            elif t == "error":
+                if sink is not None:
+                    await sink.flush()
+                raise guest_error(header, sandbox_id)
+            elif t in ("exit", "result"):
+                end = header
+        if sink is not None:
+            await sink.flush()
+        if end is not None:
+            return end
+
+
+def _info(d: dict[str, Any]) -> ProcessInfo:
+    return msgspec.convert(d, ProcessInfo)
+
+
+class ExecutionService:
+    """Serves issue-5 commands for one worker agent."""
+
+    def __init__(self, agent: WorkerAgent) -> None:
+        self.agent = agent
+        self.guests: GuestManager | None = None
+        # (sandbox id, client request id) -> (channel, guest request id), for Cancel,
+        # PtyInput and PtyResize naming a running request.
+        self._active: dict[tuple[str, str], tuple[GuestChannel, int]] = {}
+
+    @property
+    def redis(self) -> Any:
+        return self.agent.redis
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        docker = getattr(self.agent.runtime, "_docker", None)
+        if docker is None:
+            task_status.started()
+            await anyio.sleep_forever()
+        from workers.runtimes.docker import container_name
+
+        self.guests = GuestManager(docker, container_name)
+        try:
+            await self.guests.run(task_status=task_status)
+        finally:
+            self.guests = None
+
+    def handles(self, body: Any) -> bool:
+        return isinstance(body, HANDLED)
+
+    def prepare(self, sandbox_id: str) -> None:
+        if self.guests is not None:
+            self.guests.prepare(sandbox_id)
+
+    def forget(self, sandbox_id: str) -> None:
+        if self.guests is not None:
+            self.guests.forget(sandbox_id)
+
+    async def _channel(self, sandbox_id: str) -> GuestChannel | None:
+        if self.guests is None:
+            return None
+        return await self.guests.channel(sandbox_id)
+
+    async def _need_channel(self, sandbox_id: str, what: str) -> GuestChannel:
+        ch = await self._channel(sandbox_id)
+        if ch is None:
+            raise UnsupportedRequest(
+                f"{what} needs the guest agent, and sandbox {sandbox_id}'s image has no python3",
+                sandbox_id=sandbox_id,
+            )
+        return ch
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def dispatch(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        local = await self.agent._touch(body.sandbox_id)
+        stream_to = getattr(body, "stream_to", "")
+        sink = Sink(self.redis, stream_to) if stream_to else None
+        try:
+            reply = await self._dispatch(env, body, local.user, sink)
+        except HotbedError as exc:
+            if sink is not None:
+                if exc.worker_id is None:
+                    exc.worker_id = self.agent.id
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await sink.finish(protocol.error_reply(exc), env.id)
+            raise
+        if sink is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await sink.finish(reply, env.id)
+        return reply
+
+    async def _dispatch(self, env: Envelope, body: Any, user: str, sink: Sink | None) -> Reply:
+        sid = body.sandbox_id
+        if isinstance(body, Exec):
+            return await self._exec(env, body, user, sink)
+        if isinstance(body, (ReadFile, WriteFile, ListFiles)):
+            return await self._file(body, user)
+        ch = await self._need_channel(sid, type(body).__name__)
+        match body:
+            case SessionRun():
+                header = {
+                    "t": "session_run", "session": body.session, "command": body.command,
+                    "timeout": body.timeout, "max_output": body.max_output,
+                    "merge_stderr": body.merge_stderr, "env": body.env, "cwd": body.cwd,
+                }
+                return await self._run(env, ch, header, b"", sink, body.max_output, body.timeout)
+            case SessionInterrupt():
+                await ch.call({"t": "session_interrupt", "session": body.session})
+                return Ack()
+            case SessionClose():
+                await ch.call({"t": "session_close", "session": body.session})
+                return Ack()
+            case ProcessStart():
+                h, _ = await ch.call({"t": "start", **_spec_header(body.exec)}, body.exec.stdin or b"")
+                return _info(h["proc"])
+            case ProcessList():
+                h, _ = await ch.call({"t": "list"})
+                return ProcessListing(procs=[_info(p) for p in h["procs"]])
+            case ProcessRead():
+                h, p = await ch.call({
+                    "t": "read", "pid": body.pid, "stdout_offset": body.stdout_offset,
+                    "stderr_offset": body.stderr_offset, "max_bytes": body.max_bytes,
+                })
+                n = int(h.get("stdout_len", 0))
+                return ProcessOutput(
+                    info=_info(h["proc"]), stdout=p[:n], stderr=p[n:],
+                    stdout_offset=int(h["stdout_offset"]), stderr_offset=int(h["stderr_offset"]),
+                )
+            case ProcessWait():
+                h, _ = await ch.call(
+                    {"t": "wait", "pid": body.pid, "timeout": body.timeout},
+                    timeout=body.timeout + GUARD_S,
+                )
+                return _info(h["proc"])
+            case ProcessSignal():
+                h, _ = await ch.call(
+                    {"t": "signal", "pid": body.pid, "signal": body.signal, "group": body.group}
+                )
+                return _info(h["proc"]) if h.get("proc") else Ack()
+            case ProcessInput():
+                await ch.call({"t": "input", "pid": body.pid, "eof": body.eof}, body.data)
+                return Ack()
+            case PtyOpen():
+                header = {
+                    "t": "pty", "argv": body.argv, "rows": body.rows, "cols": body.cols,
+                    "env": {"TERM": "xterm-256color", **body.env}, "cwd": body.cwd,
+                    "timeout": body.timeout,
+                }
+                return await self._run(env, ch, header, b"", sink, 0, body.timeout)
+            case PtyInput() | PtyResize() | Cancel():
+                target = body.target if isinstance(body, Cancel) else body.pty
+                active = self._active.get((sid, target))
+                if active is None:
+                    return Ack()
+                tch, gid = active
+                if isinstance(body, PtyInput):
+                    await tch.call({"t": "input", "target": gid, "eof": body.eof}, body.data)
+                elif isinstance(body, PtyResize):
+                    await tch.call({"t": "resize", "target": gid, "rows": body.rows, "cols": body.cols})
+                else:
+                    await tch.call({"t": "cancel", "target": gid})
+                return Ack()
+            case WatchDir():
+                header = {"t": "watch", "path": body.path, "interval": body.interval}
+                return await self._watch(env, ch, header, sink, body.timeout)
+            case UploadTar():
+                q = shlex.quote(body.path)
+                header = {
+                    "t": "run", "argv": ["/bin/sh", "-c", f"mkdir -p {q} && tar -C {q} -xf -"],
+                    "stdin": True, "timeout": 600.0, "max_output": 1 << 16,
+                }
+                res = await self._run(env, ch, header, body.data, None, 1 << 16, 600.0)
+                if isinstance(res, ExecResult) and res.exit_code != 0:
+                    raise FileError(
+                        f"cannot unpack into {body.path}: {res.stderr.decode('utf-8', 'replace').strip()}",
+                        sandbox_id=sid,
+                    )
+                return Ack()
+            case DownloadTar():
+                q = shlex.quote(body.path)
+                header = {
+                    "t": "run", "argv": ["/bin/sh", "-c", f"tar -C {q} -cf - ."],
+                    "timeout": body.timeout, "max_output": 1 << 62,
+                }
+                return await self._run(env, ch, header, b"", sink, 1 << 16, body.timeout)
+        raise UnsupportedRequest(f"worker does not handle {type(body).__name__}")
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _run(
+        self,
+        env: Envelope,
+        ch: GuestChannel,
+        header: dict[str, Any],
+        payload: bytes,
+        sink: Sink | None,
+        max_output: int,
+        timeout: float,
+    ) -> ExecResult:
+        sid = ch.sandbox_id
+        collect = None if sink is not None else Collector(max_output)
+        finished = False
+        async with ch.open(header, payload) as (gid, frames):
+            self._active[(sid, env.id)] = (ch, gid)
+            try:
+                with anyio.fail_after(timeout + GUARD_S):
+                    end = await pump(frames, sink=sink, collect=collect, sandbox_id=sid)
+                finished = True
+            except TimeoutError:
+                raise SandboxNotRunning(
+                    f"sandbox {sid}: the guest agent did not end the command", sandbox_id=sid
+                ) from None
+            finally:
+                self._active.pop((sid, env.id), None)
+                if not finished and not ch.closed:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                        try:
+                            await ch.send({"t": "cancel", "target": gid})
+                        except HotbedError:
+                            pass
+        out = bytes(collect.out) if collect else b""
+        err = bytes(collect.err) if collect else b""
+        if end.get("timed_out") or end.get("idle_timed_out"):
+            idle = bool(end.get("idle_timed_out"))
+            what = (
+                f"command printed nothing for {header.get('idle_timeout')}s and was killed"
+                if idle else f"command ran past its {timeout:g}s timeout and was "
+                + ("interrupted" if header.get("t") == "session_run" else "killed")
+            )
+            raise ExecTimeout(
+                what, sandbox_id=sid,
+                detail={
+                    "stdout": out[-4096:].decode("utf-8", "replace"),
+                    "stderr": err[-4096:].decode("utf-8", "replace"),
+                    "timeout": timeout, "idle": idle,
+                },
+            )
+        return ExecResult(
+            exit_code=int(end.get("code") or 0),
+            stdout=out,
+            stderr=err,
+            truncated=bool(end.get("truncated")),
+            duration_s=float(end.get("duration") or 0.0),
+            interrupted=bool(end.get("interrupted")),
+        )
+
+    async def _exec(self, env: Envelope, body: Exec, user: str, sink: Sink | None) -> Reply:
+        spec = body.exec
+        sid = body.sandbox_id
+        ch = None if spec.user not in (None, user) else await self._channel(sid)
+        if ch is None:
+            if spec.idle_timeout:
+                raise UnsupportedRequest(
+                    "idle_timeout needs the guest agent (image without python3?)", sandbox_id=sid
+                )
+            res = await self.agent.runtime.exec(sid, spec, default_user=user)
+            if sink is None:
+                return res
+            if res.stdout:
+                sink.add(b"o", res.stdout)
+            if res.stderr:
+                sink.add(b"e", res.stderr)
+            return msgspec.structs.replace(res, stdout=b"", stderr=b"")
+        if not spec.argv and spec.shell is None:
+            from hotbed.errors import InvalidRequest
+
+            raise InvalidRequest("exec needs argv or shell", sandbox_id=sid)
+        header = {"t": "run", **_spec_header(spec)}
+        return await self._run(env, ch, header, spec.stdin or b"", sink, spec.max_output, spec.timeout)
+
+    async def _watch(
+        self, env: Envelope, ch: GuestChannel, header: dict[str, Any], sink: Sink | None,
+        timeout: float,
+    ) -> Reply:
+        sid = ch.sandbox_id
+        async with ch.open(header) as (gid, frames):
+            self._active[(sid, env.id)] = (ch, gid)
+            try:
+                with anyio.move_on_after(timeout):
+                    while True:
+                        try:
+                            end = await pump(frames, sink=sink, collect=None, sandbox_id=sid)
+                        except SandboxNotRunning:
+                            break
+                        if end.get("t") == "exit":
+                            break
+            finally:
+                self._active.pop((sid, env.id), None)
+                if not ch.closed:
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                        try:
+                            await ch.send({"t": "cancel", "target": gid})
+                        except HotbedError:
+                            pass
+        return Ack()
+
+    async def _file(self, body: ReadFile | WriteFile | ListFiles, user: str) -> Reply:
+        sid = body.sandbox_id
+        runtime = self.agent.runtime
+        ch = await self._channel(sid)
+        if isinstance(body, WriteFile):
+            if len(body.data) > protocol.MAX_FILE_BYTES:
+                raise FileTooLarge(f"{len(body.data)} bytes is over {protocol.MAX_FILE_BYTES}")
+            if ch is None:
+                if body.append:
+                    raise UnsupportedRequest("append needs the guest agent", sandbox_id=sid)
+                n = await runtime.write_file(
+                    sid, body.path, body.data, mode=body.mode, make_dirs=body.make_dirs, user=user
+                )
+                return FileWritten(size=n)
+            try:
+                h, _ = await ch.call(
+                    {"t": "write_file", "path": body.path, "mode": body.mode,
+                     "make_dirs": body.make_dirs, "append": body.append},
+                    body.data, timeout=120.0,
+                )
+            except FileError as exc:
+                raise FileError(f"cannot write {body.path}: {exc.message}", sandbox_id=sid) from None
+            return FileWritten(size=len(body.data))
+        if isinstance(body, ReadFile):
+            limit = min(body.max_bytes, protocol.MAX_FILE_BYTES)
+            if ch is None:
+                if body.offset:
+                    raise UnsupportedRequest("offset needs the guest agent", sandbox_id=sid)
+                data = await runtime.read_file(sid, body.path, max_bytes=limit, user=user)
+                return FileContent(data=data)
+            try:
+                h, p = await ch.call(
+                    {"t": "read_file", "path": body.path, "offset": body.offset, "length": limit},
+                    timeout=120.0,
+                )
+            except FileError as exc:
+                raise FileError(
+                    f"cannot read {body.path}: {exc.message}", sandbox_id=sid,
+                    detail={"path": body.path},
+                ) from None
+            size = int(h.get("size", -1))
+            truncated = body.offset + len(p) < size
+            if truncated and body.offset == 0 and body.max_bytes >= protocol.MAX_FILE_BYTES:
+                raise FileTooLarge(
+                    f"{body.path} is larger than {limit} bytes; read it in parts", sandbox_id=sid
+                )
+            return FileContent(data=p, size=size, truncated=truncated)
+        if ch is None:
+            return DirListing(entries=await runtime.list_files(sid, body.path, user=user))
+        try:
+            h, _ = await ch.call({"t": "list_files", "path": body.path}, timeout=60.0)
+        except FileError as exc:
+            raise FileError(f"cannot list {body.path}: {exc.message}", sandbox_id=sid) from None
+        base = body.path.rstrip("/") or "/"
+        entries = [
+            FileEntry(
+                name=name, path=f"{base}/{name}" if base != "/" else f"/{name}", size=int(size),
+                is_dir=(mode & 0o170000) == 0o040000, mode=mode & 0o7777, mtime=float(mtime),
+            )
+            for name, size, mode, mtime in h.get("entries", [])
+        ]
+        return DirListing(entries=sorted(entries, key=lambda e: e.name))
+
+
+def _spec_header(spec: ExecSpec) -> dict[str, Any]:
+    return {
+        "argv": spec.argv, "shell": spec.shell, "env": spec.env, "cwd": spec.cwd,
+        "timeout": spec.timeout, "idle_timeout": spec.idle_timeout,
+        "max_output": spec.max_output, "stdin": spec.stdin is not None,
+    }

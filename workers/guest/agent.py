@@ -1,0 +1,966 @@
+"""hotbed guest agent: the process hotbed runs as PID 1 of every sandbox whose image has
+python3. Standard library only; the worker passes this file as ``python3 -c SOURCE``,
+so nothing is installed into the image and it is part of every memory snapshot.
+
+It talks to the worker over its own stdin/stdout (the container's attached stdio) in
+frames (docs/protocol.md, "Guest agent protocol")::
+
+    b"HBG1" | u32 header length | u32 payload length | JSON header | raw payload
+
+One single-threaded ``selectors`` loop owns everything: child pipes are non-blocking,
+output to the worker is queued and, past ``HIGH_WATER`` bytes, streaming children are
+no longer read (their writes block: backpressure instead of memory). As PID 1 it reaps
+every orphan. A child that closes stdout, forks daemons that keep the pipes open, floods
+output, reads stdin or never exits only ever costs its own pipes and its own timeouts.
+"""
+
+import fcntl
+import heapq
+import json
+import os
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+
+MAGIC = b"HBG1"
+HEAD = struct.Struct(">4sII")
+READ_CHUNK = 1 << 16
+HIGH_WATER = 4 << 20
+LOW_WATER = 1 << 20
+BG_BUFFER = 8 << 20
+KEEP_EXITED = 256
+VERSION = 1
+
+sel = selectors.DefaultSelector()
+outq = []  # pending bytes to the worker
+out_bytes = 0
+timers = []  # heap of (when, seq, fn)
+timer_seq = 0
+procs = {}  # pid -> Proc
+by_id = {}  # request id -> Proc (foreground, pty)
+background = {}  # pid -> Proc (background, kept after exit)
+sessions = {}  # name -> Session
+watches = {}  # request id -> Watch
+paused = False
+
+
+def now():
+    return time.monotonic()
+
+
+def send(header, payload=b""):
+    global out_bytes
+    h = json.dumps(header, separators=(",", ":")).encode()
+    outq.append(HEAD.pack(MAGIC, len(h), len(payload)) + h)
+    if payload:
+        outq.append(payload if isinstance(payload, bytes) else bytes(payload))
+    out_bytes += len(h) + len(payload) + HEAD.size
+    flush()
+
+
+def flush():
+    global out_bytes
+    while outq:
+        chunk = outq[0]
+        try:
+            n = os.write(1, chunk)
+        except BlockingIOError:
+            break
+        except OSError:
+            outq.clear()
+            out_bytes = 0
+            return
+        out_bytes -= n
+        if n < len(chunk):
+            outq[0] = chunk[n:]
+            break
+        outq.pop(0)
+    want = selectors.EVENT_WRITE if outq else 0
+    _set_events(1, want, on_stdout_writable)
+    _apply_backpressure()
+
+
+def on_stdout_writable(_fd, _mask):
+    flush()
+
+
+_registered = {}
+
+
+def _set_events(fd, events, cb):
+    cur = _registered.get(fd)
+    if events == 0:
+        if cur is not None:
+            sel.unregister(fd)
+            del _registered[fd]
+        return
+    if cur is None:
+        sel.register(fd, events, cb)
+    elif cur != (events, cb):
+        sel.modify(fd, events, cb)
+    _registered[fd] = (events, cb)
+
+
+def _apply_backpressure():
+    global paused
+    if not paused and out_bytes > HIGH_WATER:
+        paused = True
+        for p in list(procs.values()) + list(by_id.values()) + list(sessions.values()):
+            p.pause(True)
+    elif paused and out_bytes < LOW_WATER:
+        paused = False
+        for p in list(procs.values()) + list(by_id.values()) + list(sessions.values()):
+            p.pause(False)
+
+
+def later(delay, fn):
+    global timer_seq
+    timer_seq += 1
+    entry = [now() + delay, timer_seq, fn]
+    heapq.heappush(timers, entry)
+    return entry
+
+
+def cancel_timer(entry):
+    if entry is not None:
+        entry[2] = None
+
+
+def nonblock(fd):
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
+def kill_group(pid, sig):
+    for target in (-pid, pid):
+        try:
+            os.kill(target, sig)
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------ output sinks
+
+
+class Stream:
+    """Child output sent to the worker as ``out`` frames, up to ``limit`` bytes per stream."""
+
+    def __init__(self, rid, limit):
+        self.rid = rid
+        self.limit = limit
+        self.sent = [0, 0, 0]
+        self.truncated = False
+
+    def feed(self, fd_no, data):
+        room = self.limit - self.sent[fd_no]
+        if room <= 0:
+            self.truncated = True
+            return
+        if len(data) > room:
+            data = data[:room]
+            self.truncated = True
+        self.sent[fd_no] += len(data)
+        send({"t": "out", "id": self.rid, "fd": fd_no}, data)
+
+
+class Buffer:
+    """Background process output kept here (last ``BG_BUFFER`` bytes) for any reader."""
+
+    def __init__(self):
+        self.data = [bytearray(), bytearray(), bytearray()]
+        self.base = [0, 0, 0]
+
+    def feed(self, fd_no, data):
+        buf = self.data[fd_no]
+        buf += data
+        if len(buf) > BG_BUFFER:
+            cut = len(buf) - BG_BUFFER
+            del buf[:cut]
+            self.base[fd_no] += cut
+
+    def end(self, fd_no):
+        return self.base[fd_no] + len(self.data[fd_no])
+
+    def read(self, fd_no, offset, limit):
+        start = max(offset, self.base[fd_no])
+        i = start - self.base[fd_no]
+        chunk = bytes(self.data[fd_no][i : i + limit])
+        return start, chunk
+
+
+# ----------------------------------------------------------------------- processes
+
+
+class Proc:
+    def __init__(self, rid, req, sink, background_=False, pty=None):
+        self.rid = rid
+        self.req = req
+        self.sink = sink
+        self.background = background_
+        self.exit_code = None
+        self.signal = None
+        self.timed_out = False
+        self.idle_timed_out = False
+        self.started = time.time()
+        self.t0 = now()
+        self.waiters = []
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.timer = None
+        self.idle_timer = None
+        self.fds = {}  # fd -> stream number (1 out, 2 err)
+        self.stdin_fd = None
+        self.pty = pty
+        self.done = False
+        env = dict(os.environ)
+        env.update(req.get("env") or {})
+        argv = req.get("argv") or ["/bin/sh", "-c", req.get("shell") or "true"]
+        cwd = req.get("cwd") or None
+        if pty is not None:
+            master, slave = pty
+            popen = subprocess.Popen(
+                argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                start_new_session=True, close_fds=True, preexec_fn=_take_ctty,
+            )
+            os.close(slave)
+            nonblock(master)
+            self.fds[master] = 1
+            self.stdin_fd = master
+        else:
+            has_stdin = req.get("stdin") or req.get("stdin_open")
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if has_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=env, start_new_session=True, close_fds=True,
+            )
+            for f, n in ((popen.stdout, 1), (popen.stderr, 2)):
+                fd = os.dup(f.fileno())
+                f.close()
+                nonblock(fd)
+                self.fds[fd] = n
+            if popen.stdin is not None:
+                self.stdin_fd = os.dup(popen.stdin.fileno())
+                popen.stdin.close()
+                nonblock(self.stdin_fd)
+        self.pid = popen.pid
+        popen.returncode = 0  # we reap it ourselves; keep Popen.__del__ quiet
+        procs[self.pid] = self
+        if not background_:
+            by_id[rid] = self
+        for fd in self.fds:
+            _set_events(fd, selectors.EVENT_READ, self.on_pty_event if pty else self.on_readable)
+        if req.get("stdin"):
+            self.write_stdin(req["stdin_data"], eof=not req.get("stdin_open"))
+        timeout = req.get("timeout")
+        if timeout:
+            self.timer = later(timeout, self.on_timeout)
+        self.idle = req.get("idle_timeout")
+        if self.idle:
+            self.idle_timer = later(self.idle, self.on_idle)
+
+    def info(self):
+        return {
+            "pid": self.pid, "argv": self.req.get("argv") or ["/bin/sh", "-c", self.req.get("shell") or ""],
+            "running": self.exit_code is None, "exit_code": self.exit_code,
+            "signal": self.signal, "started_at": self.started,
+            "stdout_size": self.sink.end(1) if isinstance(self.sink, Buffer) else 0,
+            "stderr_size": self.sink.end(2) if isinstance(self.sink, Buffer) else 0,
+        }
+
+    def pause(self, on):
+        if self.background or self.pty is not None:
+            return
+        for fd in self.fds:
+            _set_events(fd, 0 if on else selectors.EVENT_READ, self.on_readable)
+
+    def write_stdin(self, data, eof=False):
+        if self.stdin_fd is None:
+            return
+        self.stdin_buf += data
+        self.stdin_eof = self.stdin_eof or eof
+        self.on_stdin_writable(self.stdin_fd, 0)
+
+    def on_stdin_writable(self, fd, _mask):
+        while self.stdin_buf:
+            try:
+                n = os.write(fd, self.stdin_buf[:READ_CHUNK])
+            except BlockingIOError:
+                break
+            except OSError:
+                self.stdin_buf.clear()
+                self.stdin_eof = True
+                break
+            del self.stdin_buf[:n]
+        if self.pty is not None:
+            if self.stdin_buf:
+                _set_events(fd, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_pty_event)
+            else:
+                _set_events(fd, selectors.EVENT_READ, self.on_pty_event)
+            return
+        if self.stdin_buf:
+            _set_events(fd, selectors.EVENT_WRITE, self.on_stdin_writable)
+        else:
+            _set_events(fd, 0, None)
+            if self.stdin_eof:
+                os.close(fd)
+                self.stdin_fd = None
+
+    def on_pty_event(self, fd, mask):
+        if mask & selectors.EVENT_WRITE:
+            self.on_stdin_writable(fd, mask)
+        if mask & selectors.EVENT_READ:
+            self.on_readable(fd, mask)
+
+    def on_readable(self, fd, _mask):
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""  # EIO: the pty's last holder went away
+        if not data:
+            self.close_fd(fd)
+            self.maybe_finish()
+            return
+        self.sink.feed(self.fds[fd], data)
+        if self.idle_timer is not None:
+            cancel_timer(self.idle_timer)
+            self.idle_timer = later(self.idle, self.on_idle)
+
+    def close_fd(self, fd):
+        if fd in self.fds:
+            _set_events(fd, 0, None)
+            del self.fds[fd]
+            if fd != self.stdin_fd:
+                os.close(fd)
+            elif self.pty is not None:
+                os.close(fd)
+                self.stdin_fd = None
+
+    def drain(self):
+        # The child has exited: what it wrote is already in the pipes. Take that and
+        # stop; anything still holding the pipes (a daemon it forked) is not waited for.
+        for fd in list(self.fds):
+            for _ in range(64):
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                self.sink.feed(self.fds[fd], data)
+            self.close_fd(fd)
+        if self.stdin_fd is not None:
+            _set_events(self.stdin_fd, 0, None)
+            try:
+                os.close(self.stdin_fd)
+            except OSError:
+                pass
+            self.stdin_fd = None
+
+    def on_exit(self, status):
+        if os.WIFSIGNALED(status):
+            self.signal = os.WTERMSIG(status)
+            self.exit_code = 128 + self.signal
+        else:
+            self.exit_code = os.WEXITSTATUS(status)
+        procs.pop(self.pid, None)
+        self.drain()
+        self.maybe_finish()
+
+    def maybe_finish(self):
+        if self.exit_code is None or self.done:
+            return
+        self.done = True
+        cancel_timer(self.timer)
+        cancel_timer(self.idle_timer)
+        if self.background:
+            for w in self.waiters:
+                cancel_timer(w[1])
+                send({"t": "result", "id": w[0], "proc": self.info()})
+            self.waiters = []
+            return
+        by_id.pop(self.rid, None)
+        send({
+            "t": "exit", "id": self.rid, "code": self.exit_code, "signal": self.signal,
+            "timed_out": self.timed_out, "idle_timed_out": self.idle_timed_out,
+            "truncated": getattr(self.sink, "truncated", False),
+            "duration": now() - self.t0,
+        })
+
+    def on_timeout(self):
+        self.timer = None
+        if self.exit_code is None:
+            self.timed_out = True
+            kill_group(self.pid, signal.SIGKILL)
+
+    def on_idle(self):
+        self.idle_timer = None
+        if self.exit_code is None:
+            self.idle_timed_out = True
+            kill_group(self.pid, signal.SIGKILL)
+
+
+def _take_ctty():
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def set_winsize(fd, rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+# ------------------------------------------------------------------------ sessions
+
+
+class Session:
+    """A bash whose state persists. A command is sourced from a file, so it runs in the
+    shell itself; its status comes back on a pipe of its own (fd 3), never scraped from
+    output. SIGINT is trapped to ``return 130`` from the source: Ctrl-C ends the
+    command, not the shell."""
+
+    def __init__(self, name, req):
+        self.name = name
+        self.dir = tempfile.mkdtemp(prefix="hotbed-session-")
+        status_r, status_w = os.pipe()
+        env = dict(os.environ)
+        env.update(req.get("env") or {})
+        env.setdefault("PS1", "")
+        self.popen = subprocess.Popen(
+            ["bash", "--noprofile", "--norc"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=req.get("cwd") or None, env=env, start_new_session=True,
+            pass_fds=(status_w,), close_fds=True,
+        )
+        os.close(status_w)
+        self.popen.returncode = 0
+        self.pid = self.popen.pid
+        self.stdin = self.popen.stdin.fileno()
+        self.out = {}
+        for f, n in ((self.popen.stdout, 1), (self.popen.stderr, 2)):
+            fd = f.fileno()
+            nonblock(fd)
+            self.out[fd] = n
+            _set_events(fd, selectors.EVENT_READ, self.on_output)
+        self.status = status_r
+        self.status_buf = b""
+        nonblock(status_r)
+        _set_events(status_r, selectors.EVENT_READ, self.on_status)
+        self.current = None  # (rid, Stream, timer, t0)
+        self.queue = []
+        self.seq = 0
+        self.dead = False
+        self.interrupted = False
+        procs[self.pid] = self
+        self._write(
+            f"exec 3>&{status_w}; exec {status_w}>&-; "
+            "trap 'return 130 2>/dev/null' INT\n".encode()
+        )
+
+    def _write(self, data):
+        try:
+            os.write(self.stdin, data)
+        except OSError:
+            pass
+
+    def pause(self, on):
+        for fd in self.out:
+            _set_events(fd, 0 if on else selectors.EVENT_READ, self.on_output)
+
+    def run(self, rid, req):
+        if self.dead:
+            send({"t": "error", "id": rid, "code": "SessionClosed", "message": f"session {self.name} has exited"})
+            return
+        self.queue.append((rid, req))
+        if self.current is None:
+            self._next()
+
+    def _next(self):
+        if not self.queue or self.current is not None:
+            return
+        rid, req = self.queue.pop(0)
+        self.seq += 1
+        path = os.path.join(self.dir, f"cmd{self.seq}.sh")
+        with open(path, "w") as f:
+            f.write(req.get("command", "") + "\n")
+        redirect = " 2>&1" if req.get("merge_stderr") else ""
+        timer = later(req["timeout"], lambda: self.on_timeout(rid)) if req.get("timeout") else None
+        self.current = [rid, Stream(rid, req.get("max_output") or (1 << 20)), timer, now(), path, False]
+        self.interrupted = False
+        self._write(f". {path} </dev/null{redirect}; printf '%d\\n' $? >&3\n".encode())
+
+    def on_output(self, fd, _mask):
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            _set_events(fd, 0, None)
+            self.out.pop(fd, None)
+            return
+        if self.current is not None:
+            self.current[1].feed(self.out[fd], data)
+
+    def on_status(self, fd, _mask):
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            _set_events(fd, 0, None)
+            return
+        self.status_buf += data
+        while b"\n" in self.status_buf:
+            line, self.status_buf = self.status_buf.split(b"\n", 1)
+            self._finish(int(line or b"0"))
+
+    def _drain(self):
+        for fd in list(self.out):
+            for _ in range(64):
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                if self.current is not None:
+                    self.current[1].feed(self.out[fd], data)
+
+    def _finish(self, code, ended=False):
+        self._drain()
+        cur, self.current = self.current, None
+        if cur is None:
+            return
+        rid, stream, timer, t0, path, timed_out = cur
+        cancel_timer(timer)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        send({
+            "t": "exit", "id": rid, "code": code, "timed_out": timed_out,
+            "interrupted": self.interrupted and not timed_out, "truncated": stream.truncated,
+            "duration": now() - t0, "session_ended": ended,
+        })
+        self._next()
+
+    def interrupt(self):
+        if self.current is not None:
+            self.interrupted = True
+            kill_group(self.pid, signal.SIGINT)
+            rid = self.current[0]
+            later(2.0, lambda: self._force(rid))
+
+    def _force(self, rid):
+        # SIGINT did not end it (a child that ignores it): kill the session's other
+        # foreground processes; the shell survives.
+        if self.current is None or self.current[0] != rid:
+            return
+        for pid in _group_members(self.pid):
+            if pid != self.pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def on_timeout(self, rid):
+        if self.current is not None and self.current[0] == rid:
+            self.current[5] = True
+            self.interrupt()
+
+    def on_exit(self, status):
+        self.dead = True
+        procs.pop(self.pid, None)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        self._finish(code, ended=True)
+        for rid, _req in self.queue:
+            send({"t": "error", "id": rid, "code": "SessionClosed", "message": f"session {self.name} has exited"})
+        self.queue = []
+        self.close()
+
+    def close(self):
+        self.dead = True
+        for fd in list(self.out) + [self.status]:
+            _set_events(fd, 0, None)
+        for f in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            os.close(self.status)
+        except OSError:
+            pass
+        self.out = {}
+        if procs.get(self.pid) is self:
+            kill_group(self.pid, signal.SIGKILL)
+        if sessions.get(self.name) is self:
+            del sessions[self.name]
+        for name in os.listdir(self.dir):
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+def _group_members(pgid):
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                out.append(int(name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- watch
+
+
+class Watch:
+    """Polls a directory tree (inotify is not in the standard library) for changes."""
+
+    def __init__(self, rid, path, interval):
+        self.rid = rid
+        self.path = path
+        self.interval = max(0.05, interval)
+        self.state = self.scan()
+        self.timer = later(self.interval, self.tick)
+
+    def scan(self):
+        state = {}
+        stack = [self.path]
+        while stack and len(state) < 20000:
+            d = stack.pop()
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        state[e.path] = (st.st_mtime_ns, st.st_size, e.is_dir(follow_symlinks=False))
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+            except OSError:
+                continue
+        return state
+
+    def tick(self):
+        new = self.scan()
+        events = []
+        for p, v in new.items():
+            old = self.state.get(p)
+            if old is None:
+                events.append(["created", p, v[2]])
+            elif old != v and not v[2]:
+                events.append(["modified", p, v[2]])
+        for p, v in self.state.items():
+            if p not in new:
+                events.append(["deleted", p, v[2]])
+        self.state = new
+        if events:
+            send({"t": "event", "id": self.rid, "events": events})
+        self.timer = later(self.interval, self.tick)
+
+    def stop(self):
+        cancel_timer(self.timer)
+
+
+# ----------------------------------------------------------------------- requests
+
+
+def handle(h, payload):
+    t = h.get("t")
+    rid = h.get("id", 0)
+    try:
+        if t == "run" or t == "start" or t == "pty":
+            h["stdin_data"] = payload
+            if t == "run":
+                try:
+                    Proc(rid, h, Stream(rid, h.get("max_output") or (1 << 20)))
+                except OSError as exc:
+                    # As a shell would: 127 not found, 126 not executable.
+                    code = 127 if isinstance(exc, FileNotFoundError) else 126
+                    what = exc.filename or (h.get("argv") or ["sh"])[0]
+                    send({"t": "out", "id": rid, "fd": 2}, f"{what}: {exc.strerror}\n".encode())
+                    send({"t": "exit", "id": rid, "code": code, "duration": 0.0})
+            elif t == "start":
+                p = Proc(rid, h, Buffer(), background_=True)
+                background[p.pid] = p
+                _trim_background()
+                send({"t": "result", "id": rid, "proc": p.info()})
+            else:
+                master, slave = os.openpty()
+                set_winsize(master, h.get("rows") or 24, h.get("cols") or 80)
+                Proc(rid, h, Stream(rid, 1 << 62), pty=(master, slave))
+        elif t == "input":
+            p = by_id.get(h.get("target")) or background.get(h.get("pid"))
+            if p is not None:
+                p.write_stdin(payload, eof=bool(h.get("eof")))
+            if rid:
+                send({"t": "result", "id": rid})
+        elif t == "resize":
+            p = by_id.get(h.get("target"))
+            if p is not None and p.pty is not None and p.stdin_fd is not None:
+                set_winsize(p.stdin_fd, h["rows"], h["cols"])
+                kill_group(p.pid, signal.SIGWINCH)
+            send({"t": "result", "id": rid})
+        elif t == "cancel":
+            target = h.get("target")
+            p = by_id.get(target)
+            if p is not None and p.exit_code is None:
+                kill_group(p.pid, signal.SIGKILL)
+            w = watches.pop(target, None)
+            if w is not None:
+                w.stop()
+                send({"t": "exit", "id": target, "code": 0})
+            send({"t": "result", "id": rid})
+        elif t == "signal":
+            p = background.get(h["pid"]) or procs.get(h["pid"])
+            if p is None:
+                raise LookupError(f"no process {h['pid']}")
+            if p.exit_code is None if isinstance(p, Proc) else True:
+                if h.get("group", True):
+                    kill_group(p.pid, h.get("signal", 15))
+                else:
+                    os.kill(p.pid, h.get("signal", 15))
+            send({"t": "result", "id": rid, "proc": p.info() if isinstance(p, Proc) else None})
+        elif t == "list":
+            send({"t": "result", "id": rid, "procs": [p.info() for p in background.values()]})
+        elif t == "read":
+            p = background.get(h["pid"])
+            if p is None:
+                raise LookupError(f"no process {h['pid']}")
+            limit = h.get("max_bytes") or (1 << 20)
+            o_start, o = p.sink.read(1, h.get("stdout_offset", 0), limit)
+            e_start, e = p.sink.read(2, h.get("stderr_offset", 0), limit)
+            send({"t": "result", "id": rid, "proc": p.info(), "stdout_offset": o_start,
+                  "stderr_offset": e_start, "stdout_len": len(o)}, o + e)
+        elif t == "wait":
+            p = background.get(h["pid"])
+            if p is None:
+                raise LookupError(f"no process {h['pid']}")
+            if p.exit_code is not None:
+                send({"t": "result", "id": rid, "proc": p.info()})
+            else:
+                entry = [rid, None]
+                if h.get("timeout"):
+                    def expire(entry=entry, p=p):
+                        if entry in p.waiters:
+                            p.waiters.remove(entry)
+                            send({"t": "result", "id": entry[0], "proc": p.info()})
+                    entry[1] = later(h["timeout"], expire)
+                p.waiters.append(entry)
+        elif t == "session_run":
+            name = h["session"]
+            s = sessions.get(name)
+            if s is None or s.dead:
+                s = sessions[name] = Session(name, h)
+            s.run(rid, h)
+        elif t == "session_open":
+            name = h["session"]
+            if name not in sessions or sessions[name].dead:
+                sessions[name] = Session(name, h)
+            send({"t": "result", "id": rid, "pid": sessions[name].pid})
+        elif t == "session_interrupt":
+            s = sessions.get(h["session"])
+            if s is not None:
+                s.interrupt()
+            send({"t": "result", "id": rid, "running": bool(s and s.current)})
+        elif t == "session_close":
+            s = sessions.pop(h["session"], None)
+            if s is not None:
+                s.close()
+            send({"t": "result", "id": rid, "existed": s is not None})
+        elif t == "sessions":
+            send({"t": "result", "id": rid, "sessions": [
+                {"name": s.name, "pid": s.pid, "busy": s.current is not None} for s in sessions.values()
+            ]})
+        elif t == "read_file":
+            with open(h["path"], "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(h.get("offset", 0))
+                data = f.read(h.get("length") or (1 << 20))
+            send({"t": "result", "id": rid, "size": size}, data)
+        elif t == "write_file":
+            path = h["path"]
+            if h.get("make_dirs", True):
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT
+            if h.get("append"):
+                flags |= os.O_APPEND
+            else:
+                flags |= os.O_TRUNC
+            fd = os.open(path, flags, h.get("mode", 0o644))
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                if not h.get("append"):
+                    os.fchmod(fd, h.get("mode", 0o644))
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            send({"t": "result", "id": rid, "size": size})
+        elif t == "list_files":
+            entries = []
+            base = h["path"]
+            with os.scandir(base) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    entries.append([e.name, st.st_size, st.st_mode, st.st_mtime])
+            send({"t": "result", "id": rid, "entries": entries})
+        elif t == "watch":
+            watches[rid] = Watch(rid, h["path"], h.get("interval") or 0.2)
+            send({"t": "result", "id": rid})
+        elif t == "hello":
+            send({"t": "result", "id": rid, "version": VERSION, "pid": os.getpid(), "uid": os.getuid()})
+        else:
+            raise ValueError(f"unknown request {t!r}")
+    except FileNotFoundError as exc:
+        send({"t": "error", "id": rid, "code": "FileError", "message": f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"})
+    except IsADirectoryError as exc:
+        send({"t": "error", "id": rid, "code": "FileError", "message": f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"})
+    except PermissionError as exc:
+        code = "FileError" if t in ("read_file", "write_file", "list_files", "watch") else "ExecFailed"
+        send({"t": "error", "id": rid, "code": code, "message": f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"})
+    except LookupError as exc:
+        send({"t": "error", "id": rid, "code": "ProcessNotFound", "message": str(exc)})
+    except Exception as exc:  # one bad request never ends the agent
+        send({"t": "error", "id": rid, "code": "ExecFailed", "message": f"{type(exc).__name__}: {exc}"})
+
+
+def _trim_background():
+    done = [p for p in background.values() if p.exit_code is not None]
+    for p in done[: max(0, len(done) - KEEP_EXITED)]:
+        background.pop(p.pid, None)
+
+
+# ----------------------------------------------------------------------- main loop
+
+
+inbuf = bytearray()
+
+
+def on_stdin(fd, _mask):
+    try:
+        data = os.read(fd, 1 << 20)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        # The worker's side closed; the container lives on and a new attach resumes.
+        _set_events(fd, 0, None)
+        later(0.5, lambda: _set_events(0, selectors.EVENT_READ, on_stdin))
+        return
+    inbuf.extend(data)
+    while True:
+        i = inbuf.find(MAGIC)
+        if i < 0:
+            del inbuf[: max(0, len(inbuf) - 3)]
+            return
+        if i:
+            del inbuf[:i]
+        if len(inbuf) < HEAD.size:
+            return
+        _m, hl, pl = HEAD.unpack_from(inbuf)
+        total = HEAD.size + hl + pl
+        if len(inbuf) < total:
+            return
+        try:
+            header = json.loads(bytes(inbuf[HEAD.size : HEAD.size + hl]))
+        except ValueError:
+            del inbuf[:4]
+            continue
+        payload = bytes(inbuf[HEAD.size + hl : total])
+        del inbuf[:total]
+        handle(header, payload)
+
+
+def reap():
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        p = procs.get(pid)
+        if p is not None:
+            p.on_exit(status)
+
+
+def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    wake_r, wake_w = os.pipe()
+    nonblock(wake_r)
+    nonblock(wake_w)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def on_wake(fd, _mask):
+        try:
+            os.read(fd, 4096)
+        except OSError:
+            pass
+        reap()
+
+    _set_events(wake_r, selectors.EVENT_READ, on_wake)
+    nonblock(0)
+    nonblock(1)
+    _set_events(0, selectors.EVENT_READ, on_stdin)
+    send({"t": "ready", "id": 0, "version": VERSION, "pid": os.getpid(), "uid": os.getuid()})
+    while True:
+        timeout = None
+        while timers:
+            if timers[0][2] is None:
+                heapq.heappop(timers)
+                continue
+            timeout = max(0.0, timers[0][0] - now())
+            break
+        try:
+            events = sel.select(timeout)
+        except InterruptedError:
+            events = []
+        for key, mask in events:
+            if key.fd in _registered:
+                key.data(key.fd, mask)
+        t = now()
+        while timers and (timers[0][2] is None or timers[0][0] <= t):
+            entry = heapq.heappop(timers)
+            if entry[2] is not None:
+                fn, entry[2] = entry[2], None
+                fn()
+        reap()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit:
+        raise
+    except BaseException as exc:  # leave a trace for `docker logs`, then end
+        sys.stderr.write(f"hotbed guest agent failed: {type(exc).__name__}: {exc}\n")
+        raise

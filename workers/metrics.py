@@ -1,0 +1,43 @@
+"""What a worker samples for Prometheus (hotbed.metrics): its own sandboxes and slots.
+
+One pipelined round trip per sample: the worker's capacity hash (GPU slots used/free
+come from its ``gpu:<uuid>`` fields) and its heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hotbed import daemon
+from hotbed.metrics import Samples
+
+if TYPE_CHECKING:
+    from workers.agent import WorkerAgent
+
+
+async def sample(agent: WorkerAgent) -> Samples:
+    keys, wid = agent.keys, agent.id
+    async with agent.redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.worker_cap(wid))
+        pipe.zscore(keys.workers, wid)
+        cap, beat = await pipe.execute()
+    gpu: dict[tuple[str, ...], float] = {}
+    for g in agent.info.gpus:
+        taken = cap.get(f"gpu:{g.uuid}".encode()) == b"1"
+        for state in ("used", "free"):
+            gpu.setdefault((wid, g.model, state), 0.0)
+        gpu[(wid, g.model, "used" if taken else "free")] += 1
+    cpu_free, mem_free = float(cap.get(b"cpu", 0)), float(cap.get(b"mem", 0))
+    out: Samples = {
+        "hotbed_live_sandboxes": {(): float(len(agent.sandboxes))},
+        "hotbed_gpu_slots": gpu,
+        "hotbed_worker_capacity": {
+            (wid, "cpu", "free"): cpu_free,
+            (wid, "cpu", "used"): agent.info.cpu_millis - cpu_free,
+            (wid, "memory", "free"): mem_free,
+            (wid, "memory", "used"): agent.info.memory_mb - mem_free,
+        },
+    }
+    if beat is not None:
+        out["hotbed_worker_heartbeat_age_seconds"] = {(wid,): max(0.0, daemon.wall() - beat / 1000)}
+    return out
