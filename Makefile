@@ -38,7 +38,7 @@ images: test-image image
 
 demo: images
 	$(HOTBED) up --detach
-	$(PY) -m bench.demo
+	$(PY) -m hotbed.demo
 
 test: images
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -57,6 +57,10 @@ bench-scale: venv
 
 bench-exec: images
 	$(PY) -m bench exec
+
+# systemd units + /etc/hotbed configs for this checkout's venv (hotbed service install).
+install-service: venv
+	$(HOTBED) service install
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -28,14 +28,14 @@ STANDARD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict
 # Fields every log line of the current task carries (request_id, sandbox_id, ...): a
 # request handler sets them once; :class:`ContextFilter` copies them onto each record
 # unless the call gave its own ``extra``. Each anyio task has its own copy.
-log_context: ContextVar[dict[str, Any]] = ContextVar("hotbed_log_context", default={})
+log_context: ContextVar[dict[str, Any] | None] = ContextVar("hotbed_log_context", default=None)
 # Fields of the whole process (worker_id on a worker).
 log_defaults: dict[str, Any] = {}
 
 
 class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for source in (log_context.get(), log_defaults):
+        for source in (log_context.get() or {}, log_defaults):
             for k, v in source.items():
                 if v is not None and k not in record.__dict__:
                     record.__dict__[k] = v
@@ -179,11 +179,10 @@ async def run_service(
         async with anyio.create_task_group() as tg:
 
             async def serving(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-                try:
-                    await serve(task_status=task_status)
-                finally:
-                    # serve() returned (stopped) or failed: the helpers go with it.
-                    tg.cancel_scope.cancel()
+                await serve(task_status=task_status)
+                # serve() returned (stopped): the helpers go with it. (A failure
+                # cancels them through the task group and propagates.)
+                tg.cancel_scope.cancel()
 
             tg.start_soon(
                 watch_signals, stopping, tg.cancel_scope, reload_notified if reload else None
@@ -196,3 +195,28 @@ async def run_service(
                 tg.start_soon(watchdog)
     finally:
         sd.close()
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def run_daemon(main: Callable[[], Awaitable[None]], *, redis_url: str) -> None:
+    """:func:`run`, with a daemon's fatal errors as one ``error:`` line and exit code 1
+    (Redis unreachable or refusing the credentials, a runtime that cannot start)."""
+    import redis.exceptions
+
+    from hotbed.config import redact_url
+    from hotbed.errors import HotbedError
+
+    try:
+        run(main)
+    except BaseException as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, HotbedError):
+            fatal(str(leaf), code=1)
+        if isinstance(leaf, redis.exceptions.RedisError):
+            fatal(f"Redis at {redact_url(redis_url)}: {leaf}", code=1)
+        raise

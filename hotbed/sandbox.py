@@ -15,6 +15,7 @@ import msgspec
 from hotbed import protocol
 from hotbed.client import Client
 from hotbed.errors import InvalidRequest
+from hotbed.execution import AgentExecMixin
 from hotbed.protocol import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_MAX_OUTPUT,
@@ -72,7 +73,7 @@ class CommandResult(msgspec.Struct, frozen=True):
         return cls(r.exit_code, r.stdout, r.stderr, r.truncated, r.duration_s)
 
 
-class Sandbox:
+class Sandbox(AgentExecMixin):
     """A handle on one sandbox. Cheap to make; holds no resources of its own."""
 
     def __init__(
@@ -137,7 +138,14 @@ class Sandbox:
             template=template,
         )
         c = client or default_client()
-        reply = await c.request(protocol.CreateSandbox(spec=spec), timeout=request_timeout)
+        reply: protocol.Reply | None = None
+        if template:
+            # Warm pool first: a claim in Redis, no scheduler or worker round trip.
+            from hotbed.templates import claim_nowait
+
+            reply = await claim_nowait(spec, client=c)
+        if reply is None:
+            reply = await c.request(protocol.CreateSandbox(spec=spec), timeout=request_timeout)
         assert isinstance(reply, SandboxCreated)
         return cls(
             reply.sandbox_id, reply.worker_id, client=client, path=reply.path,
@@ -190,6 +198,7 @@ class Sandbox:
         max_output: int = DEFAULT_MAX_OUTPUT,
         user: str | None = None,
         stdin: bytes | str | None = None,
+        idle_timeout: float | None = None,
     ) -> CommandResult:
         """Run a command: ``exec("python3", "-c", "print(1)")`` or ``exec("a | b", shell=True)``.
 
@@ -208,6 +217,7 @@ class Sandbox:
             max_output=max_output,
             user=user,
             stdin=stdin.encode() if isinstance(stdin, str) else stdin,
+            idle_timeout=idle_timeout,
         )
         reply = await self.client.worker_request(
             self.worker_id, protocol.Exec(sandbox_id=self.id, exec=spec), timeout=timeout + 10.0
@@ -251,3 +261,74 @@ class Sandbox:
         )
         assert isinstance(reply, DirListing)
         return reply.entries
+
+    # ------------------------------------------------------- snapshots (issue 3)
+
+    async def snapshot(self, name: str | None = None, *, timeout: float = OP_TIMEOUT_S) -> str:
+        """Checkpoint this sandbox (memory, processes, files; it keeps running) into a
+        new template that sandboxes can be created from; returns the template's name."""
+        import secrets
+
+        name = name or f"snap-{self.id}-{secrets.token_hex(3)}"
+        reply = await self.client.worker_request(
+            self.worker_id, protocol.SnapshotSandbox(sandbox_id=self.id, name=name), timeout=timeout
+        )
+        assert isinstance(reply, protocol.TemplateReady)
+        return reply.name
+
+    async def fork(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, **create: Any) -> list[Sandbox]:
+        """``n`` independent sandboxes restored from a fresh checkpoint of this one."""
+        from hotbed.templates import delete_template
+
+        if n < 1:
+            raise InvalidRequest(f"fork needs n >= 1, got {n}")
+        rec = await self.info()
+        name = await self.snapshot()
+        children: list[Sandbox | None] = [None] * n
+
+        async def one(i: int) -> None:
+            children[i] = await Sandbox.create(
+                template=name, cpu=rec.cpu or 1.0, memory_mb=rec.memory_mb or 512,
+                timeout=timeout, client=self._client, **create,
+            )
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(one, i)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for child in children:
+                    if child is not None:
+                        await child.terminate()
+            raise
+        finally:
+            # The snapshot served its purpose; workers collect it once unreferenced.
+            with anyio.CancelScope(shield=True):
+                await delete_template(name, client=self.client)
+        return [c for c in children if c is not None]
+
+    async def pause(self, *, timeout: float = OP_TIMEOUT_S) -> None:
+        """Checkpoint to the worker's disk and stop: memory is freed, files and processes
+        kept; survives a worker restart. Commands fail (SandboxNotRunning) until resume."""
+        await self.client.worker_request(
+            self.worker_id, protocol.PauseSandbox(sandbox_id=self.id), timeout=timeout
+        )
+
+    async def resume(self, *, timeout: float = OP_TIMEOUT_S) -> None:
+        """Restore a paused sandbox: same id, files and running processes."""
+        await self.client.worker_request(
+            self.worker_id, protocol.ResumeSandbox(sandbox_id=self.id), timeout=timeout
+        )
+
+    async def spawn(self, command: str) -> None:
+        """Start a long-running shell command as a child of the sandbox's init, so it is
+        part of snapshots, forks and pause/resume (under gVisor, processes started by a
+        plain exec are not restored). Output goes to /tmp/.hotbed/spawn.log."""
+        if "\n" in command:
+            raise InvalidRequest("spawn takes one line (use ';' or a script file)")
+        res = await self.exec(
+            "/bin/sh", "-c", 'printf "%s\\n" "$1" > /tmp/.hotbed/spawn', "sh", command, timeout=10.0
+        )
+        if not res.ok:
+            raise InvalidRequest(f"could not spawn {command!r}: {res.stderr.strip()}", sandbox_id=self.id)

@@ -12,11 +12,10 @@ import argparse
 import logging
 from typing import Any
 
-import anyio
-
-from hotbed import daemon
+from hotbed import daemon, metrics
 from hotbed.config import load_settings, reloaded
-from hotbed.errors import ConfigError, HotbedError
+from hotbed.errors import ConfigError
+from scheduler import metrics as scheduler_metrics
 from scheduler.config import RELOADABLE, SchedulerSettings
 from scheduler.service import Scheduler
 
@@ -37,6 +36,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     daemon.setup_logging(settings.log_format, settings.log_level)
     scheduler = Scheduler(settings)
+    try:
+        scheduler.metrics = metrics.make("scheduler", settings.metrics_port)
+    except ConfigError as exc:
+        daemon.fatal(str(exc))
+        return
 
     async def reload() -> None:
         try:
@@ -53,13 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     async def serve() -> None:
-        async with daemon.metrics_server(settings, "scheduler", scheduler):
+        async with metrics.serve(
+            scheduler.metrics, port=settings.metrics_port, addr=settings.metrics_addr,
+            sample=lambda: scheduler_metrics.sample(scheduler),
+        ):
             await daemon.run_service(scheduler.run, scheduler.stopping, name="scheduler", reload=reload)
 
-    try:
-        daemon.run(serve)
-    except HotbedError as exc:
-        daemon.fatal(str(exc), code=1)
+    daemon.run_daemon(serve, redis_url=settings.redis_url)
 
 
 if __name__ == "__main__":

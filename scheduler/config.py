@@ -61,6 +61,6 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 # Settings a running scheduler takes from a SIGHUP reload.
 RELOADABLE = (
     "placement", "gpu_workers_for_cpu", "registry_refresh_s", "shutdown_grace_s",
-    "heartbeat_ttl_s", "log_format", "log_level",
+    "log_format", "log_level",
     "pool_refill_per_s", "pool_max_warming", "pool_interval_s",
 )

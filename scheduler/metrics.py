@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 
 async def sample(s: Scheduler) -> Samples:
+    if s._redis is None:  # not started yet
+        return {}
     keys = s.keys
     async with s.redis.pipeline(transaction=False) as pipe:
         pipe.xlen(keys.requests)
@@ -45,7 +47,8 @@ async def sample(s: Scheduler) -> Samples:
                 pipe.hmget(keys.pool_conf(n), "size", "template")
                 pipe.llen(keys.pool_ready(n))
             rows = await pipe.execute()
-        ready, target = {}, {}
+        ready: dict[tuple[str, ...], float] = {}
+        target: dict[tuple[str, ...], float] = {}
         for i, n in enumerate(names):
             (size, template), nready = rows[2 * i], rows[2 * i + 1]
             label = (n, template.decode() if template else "")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 
 import anyio
 import msgspec
@@ -35,11 +36,22 @@ from hotbed.errors import (
     WorkerLost,
 )
 from hotbed.metrics import NULL, NullMetrics
-from hotbed.protocol import CreateSandbox, Envelope, ErrorReply, Reply, SandboxSpec, StartSandbox
+from hotbed.protocol import (
+    BuildTemplate,
+    CreateSandbox,
+    Envelope,
+    ErrorReply,
+    Message,
+    Reply,
+    SandboxSpec,
+    StartSandbox,
+)
 from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, to_hash
 from hotbed.streams import StreamConsumer, ensure_group, reply_to, send_reply
+from scheduler import templates
 from scheduler.config import SchedulerSettings
 from scheduler.placement import could_ever, parse_gpu, rank
+from scheduler.pools import PoolController
 from scheduler.registry import WorkerRegistry
 from scheduler.waitline import WaitLine, wait_class
 
@@ -89,6 +101,7 @@ class Scheduler:
         self._lock_token = secrets.token_hex(8)
         self.placed = 0
         self.waitline = WaitLine()
+        self.pools = PoolController(self)
         self.metrics: NullMetrics = NULL
 
     @property
@@ -126,6 +139,7 @@ class Scheduler:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._refresh_loop)
             tg.start_soon(self._reaper_loop)
+            tg.start_soon(self.pools.run)
             async with anyio.create_task_group() as work:
                 tg.start_soon(self._reclaim_loop, consumer, work)
                 task_status.started()
@@ -250,16 +264,29 @@ class Scheduler:
     async def _dispatch(self, env: Envelope) -> Reply | None:
         body = env.body
         if isinstance(body, CreateSandbox):
-            await self.place(env, body.spec)
+            if body.spec.template:
+                await templates.place_from_template(self, env, body.spec)
+            else:
+                await self.place(env, body.spec)
             return None  # the worker replies
+        if isinstance(body, BuildTemplate):
+            await templates.place_build(self, env, body)
+            return None
         raise UnsupportedRequest(f"the scheduler does not handle {type(body).__name__}")
 
-    async def place(self, env: Envelope, spec: SandboxSpec) -> str:
-        """Reserve capacity on a worker and hand it the start command."""
+    async def place(
+        self, env: Envelope, spec: SandboxSpec, *,
+        make_start: Callable[[str], Message] | None = None, wait: bool = True,
+    ) -> str | None:
+        """Reserve capacity on a worker and hand it the start command.
+
+        ``make_start(sid)`` builds a different command (a template restore, a template
+        build); ``wait=False`` returns None at once when no worker has room (pool refills).
+        """
         assert self.registry is not None
         validate(spec)
         sid = sandbox_id_for(env.id)
-        start = StartSandbox(sandbox_id=sid, spec=spec)
+        start = make_start(sid) if make_start else StartSandbox(sandbox_id=sid, spec=spec)
         payload = protocol.encode(
             Envelope(id=env.id, reply_to=env.reply_to, deadline=env.deadline, body=start, client=env.client)
         )
@@ -282,9 +309,11 @@ class Scheduler:
         ticket = self.waitline.ticket(wait_class(spec))
         if not self.waitline.is_waiting(ticket.cls):
             self._check_matchable(env, spec)
-            if await self._place_once(env, sid, spec, record, payload, ngpu):
+            if await self._place_once(env, sid, spec, record, payload, ngpu, start=start):
                 self.metrics.placement_wait(anyio.current_time() - t0)
                 return sid
+        if not wait:
+            return None
         with self.waitline.joined(ticket):
             while True:
                 if daemon.wall() > env.deadline:
@@ -296,7 +325,7 @@ class Scheduler:
                 self._check_matchable(env, spec)
                 mark = self.waitline.mark()
                 if self.waitline.is_head(ticket) and await self._place_once(
-                    env, sid, spec, record, payload, ngpu
+                    env, sid, spec, record, payload, ngpu, start=start
                 ):
                     self.metrics.placement_wait(anyio.current_time() - t0)
                     return sid
@@ -311,7 +340,7 @@ class Scheduler:
 
     async def _place_once(
         self, env: Envelope, sid: str, spec: SandboxSpec, record: SandboxRecord, payload: bytes,
-        ngpu: int,
+        ngpu: int, *, start: Message | None = None,
     ) -> bool:
         """One pass over the ranked candidates; True once a worker took the sandbox."""
         assert self.registry is not None
@@ -323,8 +352,11 @@ class Scheduler:
                 # The start command names its GPUs, so we pick them and RESERVE_DISPATCH
                 # takes exactly these or none (a stale view just fails this candidate).
                 gpus = gpus[:ngpu]
-                start = StartSandbox(sandbox_id=sid, spec=spec, gpu_uuids=gpus)
-                payload = protocol.encode(msgspec.structs.replace(env, body=start))
+                gstart = (
+                    msgspec.structs.replace(start, gpu_uuids=gpus) if isinstance(start, StartSandbox)
+                    else StartSandbox(sandbox_id=sid, spec=spec, gpu_uuids=gpus)
+                )
+                payload = protocol.encode(msgspec.structs.replace(env, body=gstart))
             got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, ngpu)
             if got is not None:
                 w.cpu_free -= spec.resources.millicpu

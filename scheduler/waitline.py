@@ -74,7 +74,7 @@ class WaitLine:
 
     def is_head(self, ticket: Ticket) -> bool:
         line = self._lines.get(ticket.cls)
-        return bool(line) and line[0] is ticket
+        return line is not None and bool(line) and line[0] is ticket
 
     @contextmanager
     def joined(self, ticket: Ticket) -> Iterator[None]:

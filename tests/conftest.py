@@ -210,3 +210,20 @@ def daemons(redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> Ite
             assert "Traceback" not in text, f"{name} logged a traceback:\n{text[-3000:]}"
         shutil.rmtree(logs, ignore_errors=True)
     assert not leftover_containers(prefix), "daemons leaked containers"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_containers_left_by_the_suite() -> Iterator[None]:
+    """After the whole suite: no container of any test prefix (t + 8 hex) is left."""
+    yield
+    if not docker_available():
+        return
+    out = subprocess.run(
+        ["docker", "ps", "-a", "--filter", "label=dev.hotbed.managed=1",
+         "--format", '{{.ID}} {{.Label "dev.hotbed.prefix"}}'],
+        capture_output=True, text=True,
+    )
+    import re
+
+    leaked = [line for line in out.stdout.splitlines() if re.fullmatch(r"\S+ t[0-9a-f]{8}", line)]
+    assert not leaked, f"the test suite leaked containers: {leaked}"

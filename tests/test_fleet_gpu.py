@@ -14,13 +14,13 @@ from contextlib import asynccontextmanager
 import anyio
 import msgspec
 import pytest
+from fleet_doubles import FakeNvml, RecordingRuntime, gpus
 
 from hotbed.client import Client
 from hotbed.errors import CapacityExhausted, NoMatchingWorker
 from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec, Terminate
 from scheduler.config import SchedulerSettings
 from scheduler.service import Scheduler
-from fleet_doubles import FakeNvml, RecordingRuntime, gpus
 from workers.agent import WorkerAgent
 from workers.config import WorkerSettings
 from workers.gpu import NoGpuDetector, NvmlDetector, StaticDetector, detector_for
@@ -107,9 +107,9 @@ async def fleet(
             scheduler.stopping.set()
 
 
-async def create(client: Client, *, gpu: str | None = None, cpu: float = 1.0, timeout: float = 10.0) -> SandboxCreated:
+async def create(client: Client, *, gpu: str | None = None, cpu: float = 1.0, wait_s: float = 10.0) -> SandboxCreated:
     spec = SandboxSpec(image="none", resources=Resources(cpu=cpu, memory_mb=256, gpu=gpu))
-    reply = await client.request(CreateSandbox(spec=spec), timeout=timeout)
+    reply = await client.request(CreateSandbox(spec=spec), timeout=wait_s)
     assert isinstance(reply, SandboxCreated)
     return reply
 
@@ -156,9 +156,9 @@ async def test_impossible_gpu_request_fails_at_once_naming_what_exists(redis_url
     async with fleet(redis_url, prefix, NODES) as f:
         t0 = anyio.current_time()
         with pytest.raises(NoMatchingWorker) as err:
-            await create(f.client, gpu="B200", timeout=30)
+            await create(f.client, gpu="B200", wait_s=30)
         with pytest.raises(NoMatchingWorker):
-            await create(f.client, gpu="H100:3", timeout=30)
+            await create(f.client, gpu="H100:3", wait_s=30)
         assert anyio.current_time() - t0 < 5
         assert "gpu=B200" in err.value.message
         assert "NVIDIA H100 80GB HBM3" in err.value.message and "A100" in err.value.message
@@ -169,10 +169,12 @@ async def test_waiting_gpu_requests_are_placed_in_arrival_order(redis_url: str, 
         held = [await create(f.client, gpu="H100"), await create(f.client, gpu="H100")]
         order: list[str] = []
         results: dict[str, SandboxCreated] = {}
+        first_placed = anyio.Event()
 
         async def waiter(name: str, gpu: str) -> None:
-            results[name] = await create(f.client, gpu=gpu, timeout=30)
+            results[name] = await create(f.client, gpu=gpu, wait_s=30)
             order.append(name)
+            first_placed.set()
 
         async with anyio.create_task_group() as tg:
             # "big" arrives first and needs both GPUs: later single-GPU requests must not
@@ -180,18 +182,17 @@ async def test_waiting_gpu_requests_are_placed_in_arrival_order(redis_url: str, 
             for n, (name, gpu) in enumerate((("big", "H100:2"), ("s1", "H100"), ("s2", "H100"))):
                 tg.start_soon(waiter, name, gpu)
                 with anyio.fail_after(5):
-                    while f.scheduler.waitline.depth() < n + 1:
+                    while f.scheduler.waitline.depth() < n + 1:  # noqa: ASYNC110 - scheduler state
                         await anyio.sleep(0.01)
             # CPU-only work is not stuck behind the GPU line.
-            cpu = await create(f.client, timeout=5)
+            cpu = await create(f.client, wait_s=5)
             assert cpu.worker_id == "cpu"
             await terminate(f.client, held[0])
             await anyio.sleep(0.3)
             assert order == [], "a single freed GPU must not go to a later, smaller request"
             await terminate(f.client, held[1])
             with anyio.fail_after(10):
-                while not order:
-                    await anyio.sleep(0.01)
+                await first_placed.wait()
             assert order == ["big"]
             await terminate(f.client, results["big"])
         assert order == ["big", "s1", "s2"]
@@ -203,7 +204,7 @@ async def test_waiting_gpu_request_fails_at_its_deadline(redis_url: str, prefix:
         await create(f.client, gpu="A100")
         t0 = anyio.current_time()
         with pytest.raises(CapacityExhausted) as err:
-            await create(f.client, gpu="A100", timeout=1.0)
+            await create(f.client, gpu="A100", wait_s=1.0)
         waited = anyio.current_time() - t0
         assert 0.9 <= waited < 4, waited
         assert "gpu=A100" in err.value.message
@@ -221,7 +222,7 @@ async def test_mixed_load_never_shares_a_gpu(redis_url: str, prefix: str) -> Non
         done: list[SandboxCreated] = []
 
         async def gpu_job() -> None:
-            c = await create(f.client, gpu="H100", timeout=30)
+            c = await create(f.client, gpu="H100", wait_s=30)
             for u in c.gpu_uuids:
                 assert u not in holding, f"{u} given to {c.sandbox_id} while {holding[u]} holds it"
                 holding[u] = c.sandbox_id
@@ -233,7 +234,7 @@ async def test_mixed_load_never_shares_a_gpu(redis_url: str, prefix: str) -> Non
             done.append(c)
 
         async def cpu_job() -> None:
-            c = await create(f.client, timeout=30)
+            c = await create(f.client, wait_s=30)
             assert c.worker_id == "cpu" and not c.gpu_uuids
             done.append(c)
 

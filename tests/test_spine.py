@@ -335,7 +335,7 @@ def test_sync_facade(daemons: tuple[str, str]) -> None:
 
 def test_cli_run_create_exec_cp_ls_rm(daemons: tuple[str, str], tmp_path: object) -> None:
     env = dict(os.environ)
-    hb = [sys.executable, "-m", "hotbed.cli.main"]
+    hb = [sys.executable, "-m", "hotbed"]
 
     def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([*hb, *args], capture_output=True, env=env, input=stdin, timeout=120)

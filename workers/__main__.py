@@ -1,17 +1,28 @@
-"""``python -m workers [--config FILE]``: run the worker agent of this node."""
+"""``python -m workers [--config FILE]``: run the worker agent of this node.
+
+Exit codes: 2 for bad settings (one line on stderr), 1 for a failure while running.
+SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP re-reads the
+config and applies :data:`workers.config.RELOADABLE` (new tags are re-advertised).
+Under systemd it speaks the notify protocol (hotbed.sdnotify).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from typing import Any
 
-import anyio
+import msgspec
 
-from hotbed import daemon
-from hotbed.config import load_settings
-from hotbed.errors import ConfigError, HotbedError
+from hotbed import daemon, metrics, protocol
+from hotbed.config import load_settings, reloaded
+from hotbed.errors import ConfigError
+from workers import metrics as worker_metrics
 from workers.agent import WorkerAgent
-from workers.config import WorkerSettings
+from workers.config import RELOADABLE, WorkerSettings
 from workers.runtimes import make_runtime
+
+log = logging.getLogger("workers")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,31 +33,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id")
     parser.add_argument("--runtime", choices=["docker", "sim", "process"])
     args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {
+        "redis_url": args.redis_url, "prefix": args.prefix,
+        "worker_id": args.worker_id, "runtime": args.runtime,
+    }
     try:
-        settings = load_settings(
-            WorkerSettings,
-            args.config,
-            overrides={
-                "redis_url": args.redis_url, "prefix": args.prefix,
-                "worker_id": args.worker_id, "runtime": args.runtime,
-            },
-        )
+        settings = load_settings(WorkerSettings, args.config, overrides=overrides)
     except ConfigError as exc:
         daemon.fatal(str(exc))
         return
-    daemon.setup_logging(settings.log_format)
+    daemon.setup_logging(settings.log_format, settings.log_level)
     agent = WorkerAgent(settings, make_runtime(settings))
+    daemon.log_defaults["worker_id"] = agent.id
+    try:
+        agent.metrics = metrics.make("worker", settings.metrics_port)
+    except ConfigError as exc:
+        daemon.fatal(str(exc))
+        return
+
+    async def reload() -> None:
+        try:
+            fresh = load_settings(WorkerSettings, args.config, overrides=overrides)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running settings", exc)
+            return
+        agent.settings, applied, ignored = reloaded(agent.settings, fresh, RELOADABLE)
+        if {"log_format", "log_level"} & set(applied):
+            daemon.setup_logging(agent.settings.log_format, agent.settings.log_level)
+        if "tags" in applied:
+            agent.info = msgspec.structs.replace(agent.info, tags=dict(agent.settings.tags))
+            await agent.redis.set(agent.keys.worker_info(agent.id), protocol.encode(agent.info))
+        log.info(
+            "reloaded: applied %s%s", ", ".join(applied) or "nothing",
+            f"; need a restart: {', '.join(ignored)}" if ignored else "",
+        )
 
     async def serve() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.watch_signals, agent.stopping, tg.cancel_scope)
-            await agent.run()
-            tg.cancel_scope.cancel()
+        async with metrics.serve(
+            agent.metrics, port=settings.metrics_port, addr=settings.metrics_addr,
+            sample=lambda: worker_metrics.sample(agent),
+        ):
+            await daemon.run_service(agent.run, agent.stopping, name="worker", reload=reload)
 
-    try:
-        daemon.run(serve)
-    except HotbedError as exc:
-        daemon.fatal(str(exc), code=1)
+    daemon.run_daemon(serve, redis_url=settings.redis_url)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from hotbed.metrics import NULL, NullMetrics
 from hotbed.records import ENDED_RECORD_TTL_S, from_hash
 from hotbed.streams import StreamConsumer, ensure_group, send_reply
 from workers.config import WorkerSettings
+from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
 from workers.runtimes.base import Placed, Runtime
 from workers.snapshots import SnapshotManager
@@ -112,6 +113,8 @@ class WorkerAgent:
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
         self._in_flight = anyio.CapacityLimiter(settings.max_concurrency)
+        # Issue 5: exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
+        self.execution = ExecutionService(self)
         self.metrics: NullMetrics = NULL
         self.snapshots = SnapshotManager(self)
 
@@ -160,6 +163,7 @@ class WorkerAgent:
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._expiry_loop)
             tg.start_soon(self._health_loop)
+            await tg.start(self.execution.run)
             tg.start_soon(self.snapshots.gc_loop)
             async with anyio.create_task_group() as work:
                 for entry_id, data in await consumer.pending():
@@ -359,6 +363,16 @@ class WorkerAgent:
 
     async def _dispatch(self, env: Envelope) -> Reply:
         body = env.body
+        if isinstance(body, Exec):
+            # A claim's or restore's env (issue 3) applies to every command, on any path.
+            local = self.sandboxes.get(body.sandbox_id)
+            if local is not None and local.env:
+                body = msgspec.structs.replace(
+                    body, exec=msgspec.structs.replace(body.exec, env={**local.env, **body.exec.env})
+                )
+                env = msgspec.structs.replace(env, body=body)
+        if self.execution.handles(body):
+            return await self.execution.dispatch(env)
         if isinstance(body, StartSandbox):
             if body.template is not None or body.snapshot or body.pool:
                 return await self.snapshots.start(body)
@@ -370,10 +384,7 @@ class WorkerAgent:
             return Terminated(sandbox_id=body.sandbox_id)
         if isinstance(body, Exec):
             local = await self._touch(body.sandbox_id)
-            spec = body.exec
-            if local.env:
-                spec = msgspec.structs.replace(spec, env={**local.env, **spec.env})
-            return await self.runtime.exec(body.sandbox_id, spec, default_user=local.user)
+            return await self.runtime.exec(body.sandbox_id, body.exec, default_user=local.user)
         if isinstance(body, WriteFile):
             if len(body.data) > protocol.MAX_FILE_BYTES:
                 raise FileTooLarge(f"{len(body.data)} bytes is over {protocol.MAX_FILE_BYTES}")
@@ -427,6 +438,7 @@ class WorkerAgent:
         spec = msgspec.structs.replace(spec, user=user)
         try:
             await self.runtime.create(placed, spec)
+            self.execution.prepare(sid)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
@@ -463,6 +475,7 @@ class WorkerAgent:
     ) -> None:
         """Destroy, release, record why. Safe to call twice and for unknown ids."""
         local = self.sandboxes.pop(sid, None)
+        self.execution.forget(sid)
         if local is None and must_exist:
             held = await self.redis.hexists(self.keys.worker_sandboxes(self.id), sid)
             if not held:

@@ -158,15 +158,26 @@ async def pump(
             batch.append(f)
             size += len(f[1])
         end: dict[str, Any] | None = None
+        # Consecutive chunks of one stream become one entry (fewer entries to write
+        # and read); order across stdout/stderr is kept.
+        run_fd, run_buf = 0, bytearray()
         for header, payload in batch:
             t = header.get("t")
             if t == "out":
                 fd = int(header.get("fd", 1))
                 if sink is not None:
-                    sink.add(b"o" if fd == 1 else b"e", payload)
+                    if fd != run_fd and run_buf:
+                        sink.add(b"o" if run_fd == 1 else b"e", bytes(run_buf))
+                        run_buf.clear()
+                    run_fd = fd
+                    run_buf += payload
                 elif collect is not None:
                     collect.feed(fd, payload)
-            elif t == "event":
+                continue
+            if run_buf and sink is not None:
+                sink.add(b"o" if run_fd == 1 else b"e", bytes(run_buf))
+                run_buf.clear()
+            if t == "event":
                 if sink is not None:
                     sink.add(b"v", _event_encode(header.get("events", [])))
             elif t == "error":
@@ -175,6 +186,8 @@ async def pump(
                 raise guest_error(header, sandbox_id)
             elif t in ("exit", "result"):
                 end = header
+        if run_buf and sink is not None:
+            sink.add(b"o" if run_fd == 1 else b"e", bytes(run_buf))
         if sink is not None:
             await sink.flush()
         if end is not None:
@@ -280,7 +293,11 @@ class ExecutionService:
                 await ch.call({"t": "session_close", "session": body.session})
                 return Ack()
             case ProcessStart():
-                h, _ = await ch.call({"t": "start", **_spec_header(body.exec)}, body.exec.stdin or b"")
+                # stdin given (even empty): kept open for ProcessInput.
+                h, _ = await ch.call(
+                    {"t": "start", **_spec_header(body.exec), "stdin_open": body.exec.stdin is not None},
+                    body.exec.stdin or b"",
+                )
                 return _info(h["proc"])
             case ProcessList():
                 h, _ = await ch.call({"t": "list"})

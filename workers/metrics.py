@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 
 async def sample(agent: WorkerAgent) -> Samples:
+    if agent._redis is None:  # not started yet
+        return {}
     keys, wid = agent.keys, agent.id
     async with agent.redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.worker_cap(wid))

@@ -144,6 +144,13 @@ class SnapshotManager:
     def redis(self):  # type: ignore[no-untyped-def]
         return self.agent.redis
 
+    def _guest(self, what: str, sid: str) -> None:
+        """Tell the exec service (issue 5) a sandbox's guest channel must be (re)made:
+        exec'd processes, the guest agent's included, are not part of a restore."""
+        execution = getattr(self.agent, "execution", None)
+        if execution is not None:
+            getattr(execution, what)(sid)
+
     # ------------------------------------------------------------ dispatch
 
     async def handle(self, env: Envelope) -> Reply:
@@ -405,6 +412,7 @@ class SnapshotManager:
                 if cmd.pool:
                     await self.redis.zrem(agent.keys.pool_warming(cmd.pool), sid)
             raise
+        self._guest("prepare", sid)
         now = daemon.wall()
         pooled = bool(cmd.pool)
         agent.sandboxes[sid] = Local(
@@ -463,6 +471,7 @@ class SnapshotManager:
         if local.pool:
             raise SandboxNotRunning(f"sandbox {sid} is pooled, not claimed", sandbox_id=sid)
         local.paused = True  # the health check must not take the stop for a death
+        self._guest("forget", sid)
         try:
             await agent.runtime.pause(sid)
         except BaseException:
@@ -486,6 +495,8 @@ class SnapshotManager:
             await anyio.sleep(0.2)
             await agent.runtime.resume(sid)
         local.paused = False
+        self._guest("forget", sid)
+        self._guest("prepare", sid)
         local.last_active = daemon.wall()
         await self.redis.hset(agent.keys.sandbox(sid), mapping={"state": "running", "last_active": str(local.last_active)})
         return SandboxState(sandbox_id=sid, state="running")

@@ -25,6 +25,8 @@ T = TypeVar("T")
 AREAS = [
     "hotbed.cli.sandboxes",
     "hotbed.cli.system",
+    "hotbed.cli.fleet",
+    "hotbed.cli.shell",
 ]
 
 

@@ -97,8 +97,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
         async with Client() as client:
             sb = await Sandbox.from_id(args.sandbox, client=client)
             env = _pairs(args.env, "--env")
-            res = await sb.exec(*argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell)
-            return _emit(res)
+            # Issue 5: output is printed as the command produces it.
+            async with sb.exec_stream(
+                *argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell
+            ) as stream:
+                async for chunk in stream:
+                    dest = sys.stdout if chunk.stream == "stdout" else sys.stderr
+                    dest.buffer.write(chunk.data)
+                    dest.flush()
+            assert stream.result is not None
+            if stream.result.truncated:
+                print("hotbed: output truncated", file=sys.stderr)
+            return int(stream.result.exit_code)
 
     return run_async(go)
 

@@ -39,21 +39,25 @@ HEAD = struct.Struct(">4sII")
 NOAGENT = b"HOTBED-NOAGENT"
 HELLO_TIMEOUT_S = 20.0
 # Frames buffered per request before the reader waits for its consumer.
-PER_REQUEST_FRAMES = 16
+PER_REQUEST_FRAMES = 32
 
 GUEST_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
 
-# PID 1 of every docker sandbox: the guest agent where the image has python3, else a
-# shell that stays up and says, to anyone who writes a line, that there is no agent.
-GUEST_CMD = [
-    "/bin/sh",
-    "-c",
-    'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0"; fi; '
-    "trap 'exit 0' TERM INT; "
-    f"while read -r _l; do echo {NOAGENT.decode()}; done; "
-    "while :; do sleep 86400 & wait $!; done",
-    GUEST_SOURCE,
-]
+
+
+def guest_command(idle_cmd: list[str]) -> list[str]:
+    """PID 1 of a docker sandbox: the guest agent where the image has python3; else the
+    runtime's idle shell (``idle_cmd``, a ``sh -c`` script), plus a reader that answers
+    every line written to stdin with ``HOTBED-NOAGENT`` (so the worker knows at once)."""
+    return [
+        "/bin/sh",
+        "-c",
+        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0"; fi; '
+        f"exec 3<&0; (while read -r _l <&3; do echo {NOAGENT.decode()}; done) & "
+        + idle_cmd[-1],
+        GUEST_SOURCE,
+    ]
+
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder(dict[str, Any]).decode

@@ -44,6 +44,7 @@ from hotbed.errors import (
     SandboxNotRunning,
 )
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+from workers.guest.channel import guest_command
 from workers.runtimes.base import (
     LABEL_MANAGED,
     LABEL_PREFIX,
@@ -193,6 +194,8 @@ class DockerRuntime:
             "MemorySwap": res.memory_mb << 20,
             "PidsLimit": res.pids,
             "SecurityOpt": ["no-new-privileges"],
+            # The guest agent's channel is the container's stdout: keep it out of logs.
+            "LogConfig": {"Type": "none", "Config": {}},
         }
         if placed.gpu_uuids:
             if self.oci_runtime == "runsc":
@@ -209,7 +212,11 @@ class DockerRuntime:
             env.append("NVIDIA_VISIBLE_DEVICES=" + ",".join(placed.gpu_uuids))
         config: dict[str, Any] = {
             "Image": image_id,
-            "Cmd": cmd or IDLE_CMD,
+            # Issue 5: PID 1 is the guest agent where the image has python3 (else
+            # IDLE_CMD); the worker talks to it over the attached stdin/stdout.
+            "Cmd": cmd or guest_command(IDLE_CMD),
+            "OpenStdin": True,
+            "StdinOnce": False,
             "User": spec.user or "",
             "Env": env,
             "Labels": labels,

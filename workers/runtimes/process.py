@@ -166,7 +166,8 @@ class ProcessRuntime:
         else:
             raise FileError("exec needs argv or shell", sandbox_id=sandbox_id)
         home = d / "fs" / "home"
-        cwd = self._inside(d, spec.cwd or meta.workdir) if (spec.cwd or meta.workdir) else home
+        where = spec.cwd or meta.workdir
+        cwd = self._inside(d, where) if where else home
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "HOME": str(home),

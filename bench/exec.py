@@ -1,0 +1,209 @@
+"""``python -m bench exec`` (``make bench-exec``): command latency and output throughput
+through the whole stack, against ``docker exec`` on the same runsc container.
+
+Starts a private Redis, one scheduler process and one real docker+runsc worker process
+(the SDK client is this process), makes one ``hotbed/base`` sandbox and measures:
+
+* exec of ``true`` end to end from the SDK (Redis -> worker -> guest agent -> back);
+* ``docker exec`` of ``true`` on the same container through the Engine API (aiodocker,
+  as hotbed's old exec path did), in the same run: the ratio is printed;
+* the guest agent's own share (``duration_s``: spawning ``true`` under gVisor);
+* a persistent-session command (``true`` in ``sb.shell()``);
+* streaming throughput of a command printing 100 MB;
+* 1,000 sequential SWE-agent-style commands in one session (any failure counts).
+
+Results go to bench/results/exec.json; bench/README.md has the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench._cluster import ROOT, Cluster, loadavg, machine
+
+RESULTS = Path(__file__).parent / "results" / "exec.json"
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {
+        "n": len(xs), "p50_ms": round(pct(xs, 0.5) * 1e3, 2), "p99_ms": round(pct(xs, 0.99) * 1e3, 2),
+        "mean_ms": round(statistics.fmean(xs) * 1e3, 2),
+    }
+
+
+async def docker_exec_true(container: Any) -> float:
+    t = time.perf_counter()
+    exe = await container.exec(["true"], stdout=True, stderr=True)
+    async with exe.start(detach=False) as stream:
+        while await stream.read_out() is not None:
+            pass
+    while True:
+        info = await exe.inspect()
+        if not info.get("Running") and info.get("ExitCode") is not None:
+            break
+        await anyio.sleep(0.002)
+    return time.perf_counter() - t
+
+
+SWE_COMMANDS = [
+    "cd /tmp/repo",
+    "ls -la",
+    "cat src/app.py",
+    "grep -rn 'def ' src | head -5",
+    "export STEP=$((STEP+1)); echo step $STEP",
+    "sed -i 's/return 1/return 2/' src/app.py && cat src/app.py | tail -1",
+    "sed -i 's/return 2/return 1/' src/app.py",
+    "find . -name '*.py' | wc -l",
+    "python3 -c 'import sys; print(sys.version_info[:2])'",
+    "git status --short 2>/dev/null | head -3; true",
+]
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import aiodocker
+
+    from hotbed.client import Client
+    from hotbed.sandbox import Sandbox
+    from workers.runtimes.docker import container_name
+
+    out: dict[str, Any] = {}
+    prefix = f"bexec{secrets.token_hex(3)}"
+    with Cluster(schedulers=1, fleets=0, prefix=prefix) as cluster:
+        worker_log = open(Path(cluster.dir) / "worker.log", "wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--runtime", "docker", "--worker-id", f"w-{prefix}"],
+            env=cluster.env(HOTBED_DRAIN_ON_STOP="true", HOTBED_SHUTDOWN_GRACE_S="2"),
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=worker_log,
+        )
+        docker = aiodocker.Docker()
+        try:
+            cluster.wait_workers(1, timeout=60)
+            async with Client(cluster.url, prefix=prefix) as client:
+                sb = await Sandbox.create("hotbed/base", client=client, memory_mb=512, timeout=1800)
+                try:
+                    container = docker.containers.container(container_name(sb.id))
+                    for _ in range(args.warmup):
+                        await sb.exec("true")
+                        await docker_exec_true(container)
+                    hot, agent_side = [], []
+                    for _ in range(args.n):
+                        t = time.perf_counter()
+                        res = await sb.exec("true")
+                        hot.append(time.perf_counter() - t)
+                        agent_side.append(res.duration_s)
+                        assert res.exit_code == 0
+                    base = [await docker_exec_true(container) for _ in range(args.n_docker)]
+                    out["exec_true"] = summary(hot)
+                    out["exec_true_agent_spawn"] = summary(agent_side)
+                    out["docker_exec_true"] = summary(base)
+                    out["speedup_p50"] = round(pct(base, 0.5) / pct(hot, 0.5), 1)
+
+                    sh = sb.shell("bench")
+                    await sh.run("true")
+                    sess = []
+                    for _ in range(args.n):
+                        t = time.perf_counter()
+                        r = await sh.run("true")
+                        sess.append(time.perf_counter() - t)
+                        assert r.exit_code == 0
+                    out["session_true"] = summary(sess)
+
+                    size = args.stream_mb * 1_000_000
+                    t = time.perf_counter()
+                    got = 0
+                    async with sb.exec_stream(
+                        "head", "-c", str(size), "/dev/zero", max_output=size + 1, timeout=300
+                    ) as stream:
+                        async for chunk in stream:
+                            got += len(chunk.data)
+                    dt = time.perf_counter() - t
+                    assert got == size, (got, size)
+                    out["stream"] = {"bytes": got, "seconds": round(dt, 3), "mb_per_s": round(got / dt / 1e6, 1)}
+
+                    await sb.exec("sh", "-c", "mkdir -p /tmp/repo/src && printf 'def f():\\n    return 1\\n' > /tmp/repo/src/app.py")
+                    swe = sb.shell("swe")
+                    failures = 0
+                    lat = []
+                    t0 = time.perf_counter()
+                    for i in range(args.swe_commands):
+                        cmd = SWE_COMMANDS[i % len(SWE_COMMANDS)]
+                        t = time.perf_counter()
+                        r = await swe.run(cmd, timeout=60, merge_stderr=True)
+                        lat.append(time.perf_counter() - t)
+                        if r.exit_code != 0:
+                            failures += 1
+                    step = await swe.run("echo $STEP")
+                    expected = sum(1 for i in range(args.swe_commands) if i % len(SWE_COMMANDS) == 4)
+                    if step.stdout.strip() != str(expected):
+                        failures += 1
+                    out["swe_session"] = {
+                        "commands": args.swe_commands, "failures": failures,
+                        "seconds": round(time.perf_counter() - t0, 2), **summary(lat),
+                    }
+                finally:
+                    await sb.terminate()
+        finally:
+            await docker.close()
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench exec")
+    p.add_argument("--n", type=int, default=500, help="timed execs / session commands")
+    p.add_argument("--n-docker", type=int, default=100, help="timed docker execs (baseline)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--stream-mb", type=int, default=100)
+    p.add_argument("--swe-commands", type=int, default=1000)
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    load_before = loadavg()
+    res = anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
+    res["machine"] = machine()
+    res["loadavg_before"] = load_before
+    res["loadavg_after"] = loadavg()
+    res["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    e, d, s = res["exec_true"], res["docker_exec_true"], res["session_true"]
+    print(f"machine: {res['machine']['cpus']} CPUs {res['machine']['cpu_model']}, load {load_before}")
+    print(f"{'measure':<44} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'exec true, SDK end to end (guest agent)':<44} {e['p50_ms']:>8} {e['p99_ms']:>8}")
+    a = res["exec_true_agent_spawn"]
+    print(f"{'  of which: agent spawning true (gVisor)':<44} {a['p50_ms']:>8} {a['p99_ms']:>8}")
+    print(f"{'docker exec true, same container (baseline)':<44} {d['p50_ms']:>8} {d['p99_ms']:>8}")
+    print(f"{'session command (true)':<44} {s['p50_ms']:>8} {s['p99_ms']:>8}")
+    print(f"exec vs docker exec: {res['speedup_p50']}x faster at p50")
+    st = res["stream"]
+    print(f"streaming {st['bytes'] / 1e6:.0f} MB: {st['seconds']} s = {st['mb_per_s']} MB/s")
+    sw = res["swe_session"]
+    print(f"{sw['commands']} SWE-agent-style session commands: {sw['failures']} failures, "
+          f"{sw['seconds']} s, p50 {sw['p50_ms']} ms, p99 {sw['p99_ms']} ms")
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+    return 0 if sw["failures"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Adapters that let other agent frameworks run on hotbed (optional extras)."""

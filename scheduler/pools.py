@@ -1,0 +1,210 @@
+"""The warm pool controller: keeps each pool at its target size.
+
+Runs on the one scheduler replica holding the ``pools`` lock. Every ``pool_interval_s``
+it looks at each pool (``Keys.pools``):
+
+* **refill**: ``size - ready - warming`` new sandboxes are placed like any create
+  (spread over workers by the usual ranking, never waiting for room: a full fleet just
+  leaves the pool short), each with a start command that restores the template's
+  snapshot into the pool. A token bucket (``pool_refill_per_s``) and a cap on
+  refills in flight per pool (``pool_max_warming``) bound the rate, so a burst of
+  claims cannot starve running sandboxes. The worker lists a sandbox it made ready
+  with ``POOL_PUT``; a refill that never reports is forgotten after ``WARM_DEADLINE_S``.
+* **leases**: a claim whose claimer vanished between ``POOL_CLAIM`` and finishing (its
+  lease in the claims zset expired) is taken back: still ``pooled`` -> back on the
+  ready list; already flipped to running -> ended (nobody holds it).
+* **pruning**: ready entries whose record is no longer ``pooled`` (container died,
+  worker lost) are dropped; the worker's health check has usually removed them first.
+* **shrinking**: a pool over its size (or deleted: size 0) has the surplus ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from hotbed import protocol
+from hotbed.client import new_id
+from hotbed.errors import HotbedError
+from hotbed.protocol import CreateSandbox, Envelope, Resources, SandboxSpec, Terminate
+from scheduler import templates
+
+if TYPE_CHECKING:
+    from scheduler.service import Scheduler
+
+log = logging.getLogger(__name__)
+
+# A refill that has not reported ready by then is no longer counted as warming.
+WARM_DEADLINE_S = 120.0
+LOCK_TTL_MS = 5000
+PRUNE_EVERY_S = 1.0
+
+
+class PoolController:
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self._token = secrets.token_hex(8)
+        self._bucket = 0.0
+        self._bucket_at: float | None = None
+        self._pruned_at: dict[str, float] = {}
+        self.started = 0
+
+    @property
+    def redis(self):  # type: ignore[no-untyped-def]
+        return self.sched.redis
+
+    async def run(self) -> None:
+        while True:
+            try:
+                leader = await self.sched._lock(
+                    keys=[self.sched.keys.lock("pools")], args=[self._token, LOCK_TTL_MS]
+                )
+                if leader:
+                    await self.tick()
+            except HotbedError as exc:
+                log.warning("pool controller: %s", exc)
+            await anyio.sleep(self.sched.settings.pool_interval_s)
+
+    def _take_tokens(self, want: int) -> int:
+        rate = self.sched.settings.pool_refill_per_s
+        now = anyio.current_time()
+        burst = max(1.0, float(self.sched.settings.pool_max_warming))
+        last = now - burst / rate if self._bucket_at is None else self._bucket_at
+        self._bucket = min(burst, self._bucket + (now - last) * rate)
+        self._bucket_at = now
+        n = min(want, int(self._bucket))
+        self._bucket -= n
+        return n
+
+    async def tick(self) -> None:
+        names = [n.decode() for n in await self.redis.smembers(self.sched.keys.pools)]
+        for name in names:
+            await self.tick_pool(name)
+
+    async def tick_pool(self, name: str) -> None:
+        keys = self.sched.keys
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.pool_conf(name))
+            pipe.zremrangebyscore(keys.pool_warming(name), "-inf", now_ms)
+            pipe.zrangebyscore(keys.pool_claims(name), "-inf", now_ms)
+            conf, _expired, stale_claims = await pipe.execute()
+        for item in stale_claims:
+            await self._take_back(name, item.decode())
+        size = int(conf.get(b"size", 0)) if conf else 0
+        now = anyio.current_time()
+        if now - self._pruned_at.get(name, 0.0) >= PRUNE_EVERY_S:
+            self._pruned_at[name] = now
+            await self._prune(name)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(keys.pool_ready(name))
+            pipe.zcard(keys.pool_warming(name))
+            ready, warming = await pipe.execute()
+        if ready > size:
+            await self._shrink(name, ready - size)
+        if not conf or size == 0:
+            if not conf or (ready == 0 and warming == 0):
+                await self._forget(name)
+            return
+        deficit = size - ready - warming
+        room = self.sched.settings.pool_max_warming - warming
+        n = self._take_tokens(min(deficit, room)) if deficit > 0 and room > 0 else 0
+        if n <= 0:
+            return
+        spec = SandboxSpec(
+            template=conf[b"template"].decode(),
+            resources=Resources(
+                cpu=float(conf[b"cpu"]), memory_mb=int(conf[b"memory_mb"]),
+                gpu=conf.get(b"gpu", b"").decode() or None,
+            ),
+            timeout=protocol.MAX_TIMEOUT_S,
+        )
+        try:
+            recipe = await templates.resolve(self.sched, spec)
+        except HotbedError as exc:
+            log.warning("pool %s: %s", name, exc)
+            return
+        for _ in range(n):
+            if not await self._refill_one(name, recipe):
+                # No room on any worker: give the tokens back and try next tick.
+                break
+
+    async def _refill_one(self, name: str, recipe: templates.Resolved) -> bool:
+        keys = self.sched.keys
+        rid = new_id()
+        env = Envelope(
+            id=rid, reply_to="", deadline=time.time() + WARM_DEADLINE_S,
+            body=CreateSandbox(spec=recipe.spec), client="pool-controller",
+        )
+        from scheduler.service import sandbox_id_for
+
+        sid = sandbox_id_for(rid)
+        await self.redis.zadd(keys.pool_warming(name), {sid: int((time.time() + WARM_DEADLINE_S) * 1000)})
+        try:
+            placed = await self.sched.place(
+                env, recipe.spec, make_start=lambda s: recipe.start(s, pool=name), wait=False
+            )
+        except HotbedError as exc:
+            placed = None
+            log.warning("pool %s: refill failed: %s", name, exc)
+        if placed is None:
+            await self.redis.zrem(keys.pool_warming(name), sid)
+            self._bucket += 1
+            return False
+        self.started += 1
+        return True
+
+    async def _end(self, item: str, reason: str) -> None:
+        sid, wid = item.split(" ", 1)
+        env = Envelope(
+            id=new_id(), reply_to="", deadline=time.time() + 60,
+            body=Terminate(sandbox_id=sid, reason=reason), client="pool-controller",
+        )
+        await self.redis.xadd(self.sched.keys.worker_cmds(wid), {b"m": protocol.encode(env)})
+
+    async def _take_back(self, name: str, item: str) -> None:
+        keys = self.sched.keys
+        sid = item.split(" ", 1)[0]
+        state = await self.redis.hget(keys.sandbox(sid), "state")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.pool_claims(name), item)
+            if state == b"pooled":
+                pipe.rpush(keys.pool_ready(name), item)
+            removed, *_ = await pipe.execute()
+        if removed and state != b"pooled":
+            log.warning("pool %s: claim of %s abandoned; ending it", name, sid, extra={"sandbox_id": sid})
+            await self._end(item, "claim abandoned")
+
+    async def _prune(self, name: str) -> None:
+        keys = self.sched.keys
+        items = await self.redis.lrange(keys.pool_ready(name), 0, -1)
+        if not items:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for it in items:
+                pipe.hget(keys.sandbox(it.decode().split(" ", 1)[0]), "state")
+            states = await pipe.execute()
+        for it, st in zip(items, states, strict=True):
+            if st != b"pooled":
+                if await self.redis.lrem(keys.pool_ready(name), 0, it):
+                    log.info("pool %s: dropped %s (%s)", name, it.decode(), (st or b"gone").decode())
+
+    async def _shrink(self, name: str, surplus: int) -> None:
+        keys = self.sched.keys
+        for _ in range(surplus):
+            item = await self.redis.rpop(keys.pool_ready(name))
+            if item is None:
+                return
+            await self._end(item.decode(), "pool shrunk")
+
+    async def _forget(self, name: str) -> None:
+        keys = self.sched.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.pool_conf(name))
+            pipe.srem(keys.pools, name)
+            await pipe.execute()
+        self._pruned_at.pop(name, None)

@@ -1,0 +1,73 @@
+"""Creates from a template, and template builds: what the scheduler adds to placement.
+
+A create naming a template that a client could not claim warm (its pool was empty or
+it has none) is placed like any sandbox, with a start command that restores the
+template's snapshot (``path="restore"``) or, for a template with no snapshot yet, boots
+its image and runs its set-up (``path="cold"``). A build is placed like a sandbox of
+the template's shape, so it holds capacity while it runs; the worker replies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from hotbed.errors import TemplateNotFound
+from hotbed.protocol import (
+    BuildTemplate,
+    CreatePath,
+    Envelope,
+    SandboxSpec,
+    StartSandbox,
+    TemplateSpec,
+)
+from hotbed.templates import check_name, template_from_hash
+
+if TYPE_CHECKING:
+    from scheduler.service import Scheduler
+
+
+class Resolved(msgspec.Struct, frozen=True, kw_only=True):
+    spec: SandboxSpec
+    template: TemplateSpec
+    snapshot: str
+    path: CreatePath
+    holders: list[str]
+
+    def start(self, sid: str, *, pool: str = "") -> StartSandbox:
+        return StartSandbox(
+            sandbox_id=sid, spec=self.spec, path=self.path, template=self.template,
+            snapshot=self.snapshot, pool=pool,
+        )
+
+
+async def resolve(sched: Scheduler, spec: SandboxSpec) -> Resolved:
+    """The start recipe for ``spec.template``: TemplateNotFound if there is none."""
+    name = spec.template or ""
+    rec = template_from_hash(await sched.redis.hgetall(sched.keys.template(name)))
+    if rec is None:
+        raise TemplateNotFound(f"no template {name!r}")
+    ts = rec.spec
+    spec = msgspec.structs.replace(
+        spec, image=ts.image, user=spec.user or ts.user, workdir=spec.workdir or ts.workdir
+    )
+    # A template being rebuilt keeps serving its previous snapshot.
+    return Resolved(
+        spec=spec, template=ts, snapshot=rec.snapshot,
+        path="restore" if rec.snapshot else "cold", holders=rec.holders,
+    )
+
+
+async def place_from_template(sched: Scheduler, env: Envelope, spec: SandboxSpec) -> None:
+    r = await resolve(sched, spec)
+    await sched.place(env, r.spec, make_start=r.start)
+
+
+async def place_build(sched: Scheduler, env: Envelope, cmd: BuildTemplate) -> None:
+    check_name(cmd.name)
+    ts = cmd.spec
+    spec = SandboxSpec(image=ts.image, resources=ts.resources, timeout=max(ts.setup_timeout, 1.0))
+    await sched.place(
+        env, spec, make_start=lambda sid: msgspec.structs.replace(cmd, build_id=sid)
+    )

@@ -1,0 +1,111 @@
+"""hotbed.integrations.swerex driven by the real swe-rex package, in the order SWE-agent
+calls it (deployment start, session, commands, interrupt, files, close, stop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+pytest.importorskip("swerex", reason="pip install hotbed[swerex]")
+
+from swerex.exceptions import (  # noqa: E402
+    CommandTimeoutError,
+    DeploymentNotStartedError,
+    NonZeroExitCodeError,
+    SessionDoesNotExistError,
+)
+from swerex.runtime.abstract import (  # noqa: E402
+    BashAction,
+    BashInterruptAction,
+    CloseBashSessionRequest,
+    Command,
+    CreateBashSessionRequest,
+    ReadFileRequest,
+    UploadRequest,
+    WriteFileRequest,
+)
+
+from hotbed.integrations.swerex import HotbedDeployment  # noqa: E402
+from tests.conftest import BASE_IMAGE, Stack  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> None:
+    deployment = HotbedDeployment(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256)
+    with pytest.raises(DeploymentNotStartedError):
+        deployment.runtime
+    await deployment.start()
+    try:
+        assert await deployment.is_alive()
+        rt = deployment.runtime
+        await rt.create_session(CreateBashSessionRequest())
+        obs = await rt.run_in_session(BashAction(command="mkdir -p /tmp/repo && cd /tmp/repo"))
+        assert obs.exit_code == 0
+        await rt.run_in_session(BashAction(command="export ROOT=$PWD; alias ll='ls -la'"))
+        await rt.run_in_session(BashAction(command="source_me() { echo sourced:$1; }"))
+        obs = await rt.run_in_session(BashAction(command="pwd && echo $ROOT && source_me x"))
+        assert obs.output.split() == ["/tmp/repo", "/tmp/repo", "sourced:x"]
+        # stderr shows in the observation, as in a terminal.
+        obs = await rt.run_in_session(BashAction(command="echo to-stderr >&2"))
+        assert "to-stderr" in obs.output
+
+        with pytest.raises(NonZeroExitCodeError, match="exit code 2"):
+            await rt.run_in_session(BashAction(command="ls /does-not-exist", check="raise"))
+        obs = await rt.run_in_session(BashAction(command="false", check="silent"))
+        assert obs.exit_code == 1
+        obs = await rt.run_in_session(BashAction(command="false", check="ignore"))
+        assert obs.exit_code is None
+
+        # A long command times out (interrupted, session alive); the agent then sends
+        # its interrupt action and carries on.
+        with pytest.raises(CommandTimeoutError):
+            await rt.run_in_session(BashAction(command="sleep 100", timeout=0.5))
+        await rt.run_in_session(BashInterruptAction())
+        # An interrupt of a running command, as SWE-agent's Ctrl-C does.
+        async with anyio.create_task_group() as tg:
+            got: list[object] = []
+
+            async def long() -> None:
+                got.append(await rt.run_in_session(
+                    BashAction(command="sleep 100", timeout=60, check="silent")
+                ))
+
+            tg.start_soon(long)
+            with anyio.fail_after(20):
+                while "sleep 100" not in (await rt.execute(Command(command=["ps", "-eo", "args"]))).stdout:
+                    await anyio.sleep(0.05)
+            await rt.run_in_session(BashInterruptAction())
+        assert got and got[0].exit_code == 130  # type: ignore[attr-defined]
+        obs = await rt.run_in_session(BashAction(command="echo $ROOT"))
+        assert obs.output.strip() == "/tmp/repo"
+
+        res = await rt.execute(Command(command=["python3", "-c", "print(6*7)"]))
+        assert res.stdout == "42\n" and res.exit_code == 0
+        res = await rt.execute(Command(command="echo $0 && exit 3", shell=True))
+        assert res.exit_code == 3
+        with pytest.raises(NonZeroExitCodeError):
+            await rt.execute(Command(command="exit 1", shell=True, check=True))
+        with pytest.raises(CommandTimeoutError):
+            await rt.execute(Command(command=["sleep", "30"], timeout=0.5))
+
+        await rt.write_file(WriteFileRequest(path="/tmp/repo/a/b.py", content="print('hi')\n"))
+        assert (await rt.read_file(ReadFileRequest(path="/tmp/repo/a/b.py"))).content == "print('hi')\n"
+        (tmp_path / "up" / "pkg").mkdir(parents=True)
+        (tmp_path / "up" / "pkg" / "m.py").write_text("M = 1\n")
+        (tmp_path / "single.txt").write_text("one\n")
+        await rt.upload(UploadRequest(source_path=str(tmp_path / "up"), target_path="/tmp/repo/up"))
+        await rt.upload(UploadRequest(source_path=str(tmp_path / "single.txt"), target_path="/tmp/repo/s.txt"))
+        obs = await rt.run_in_session(BashAction(command="cat up/pkg/m.py s.txt"))
+        assert obs.output == "M = 1\none\n"
+
+        await rt.close_session(CloseBashSessionRequest())
+        with pytest.raises(SessionDoesNotExistError):
+            await rt.run_in_session(BashAction(command="true"))
+        await rt.close()
+    finally:
+        await deployment.stop()
+    with pytest.raises(DeploymentNotStartedError):
+        await deployment.is_alive()
