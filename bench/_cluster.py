@@ -95,6 +95,7 @@ class Cluster:
         self.schedulers: list[subprocess.Popen[bytes]] = []
         self.fleets: list[subprocess.Popen[bytes]] = []
         self.r: redis.Redis | None = None
+        self.crashed: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -133,7 +134,7 @@ class Cluster:
 
     def start_scheduler(self) -> subprocess.Popen[bytes]:
         name = f"sched-{len(self.schedulers)}"
-        env = self.env(HOTBED_NAME=name, **self.scheduler_env)
+        env = self.env(HOTBED_NAME=name, HOTBED_LOG_LEVEL="WARNING", **self.scheduler_env)
         proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler"], env=env, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=open(Path(self.dir) / f"{name}.log", "wb"),
@@ -146,7 +147,8 @@ class Cluster:
             [sys.executable, "-m", "workers.simfleet", "--workers", str(self.workers_per_fleet),
              "--id-prefix", f"sim{i}", "--latency-scale", str(self.latency_scale),
              "--seed", str(1000 * i)],
-            env=self.env(), cwd=ROOT, stdout=subprocess.PIPE,
+            env=self.env(HOTBED_SNAPSHOT_DIR=str(Path(self.dir) / "snapshots")), cwd=ROOT,
+            stdout=subprocess.PIPE,
             stderr=open(Path(self.dir) / f"fleet{i}.log", "wb"),
         )
         assert proc.stdout is not None
@@ -182,7 +184,23 @@ class Cluster:
         if self.redis_proc is not None:
             self.redis_proc.terminate()
             self.redis_proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.report_crashes()
+        if not os.environ.get("HOTBED_BENCH_KEEP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def report_crashes(self) -> None:
+        """A daemon that died during the run invalidates it: say so, with its log's tail."""
+        for p in [*self.schedulers, *self.fleets]:
+            if p.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL):
+                self.crashed.append(p.pid)
+                logs = sorted(Path(self.dir).glob("*.log"))
+                tail = "".join(f"--- {f.name}\n" + f.read_text()[-3000:] for f in logs)
+                sys.stderr.write(f"process {p.args} exited {p.returncode}:\n{tail}\n")
+
+    def check_alive(self) -> None:
+        for p in [*self.schedulers, *self.fleets]:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args} exited {p.returncode} during the run; logs in {self.dir}")
 
     # ------------------------------------------------------------------ sampling
 
@@ -232,4 +250,9 @@ def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
         "redis_cpu_pct": round(100 * (b["redis"]["cpu_s"] - a["redis"]["cpu_s"]) / dt, 1),
         "redis_ops_per_s": round((b["redis"]["commands"] - a["redis"]["commands"]) / dt),
         "redis_used_memory_mib": round(b["redis"]["used_memory"] / 2**20, 1),
+        # CPU seconds the whole control plane (scheduler, workers, Redis, load generator)
+        # spent: on a shared machine this is steadier than any rate.
+        "cpu_s_total": round(
+            (b["scheduler"]["cpu_s"] - a["scheduler"]["cpu_s"]) + (b["fleet"]["cpu_s"] - a["fleet"]["cpu_s"])
+            + (b["redis"]["cpu_s"] - a["redis"]["cpu_s"]) + (b["bench_cpu_s"] - a["bench_cpu_s"]), 3),
     }

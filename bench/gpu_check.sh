@@ -25,9 +25,13 @@ work=$(mktemp -d -t hotbed-gpu-check.XXXXXX)
 pids=()
 cleanup() {
   local rc=$?
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  # Daemons first, all at once (they finish talking to Redis), Redis (pids[0]) last.
+  local p
+  for p in "${pids[@]:1}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]:1}" "${pids[0]:-}"; do
+    [ -n "$p" ] || continue
+    [ "$p" = "${pids[0]}" ] && kill -TERM "$p" 2>/dev/null
+    for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$p" 2>/dev/null || true
   done
   if [ "$rc" != 0 ]; then
@@ -103,6 +107,9 @@ async def main():
             print(f"worker {w}: runtime={info.runtime} kind={info.kind} cpu={info.cpu_millis/1000:g} GPUs: {gpus}")
         check(bool(infos["gpu-node"].gpus), "the GPU worker reported at least one GPU")
         check(not infos["cpu-node"].gpus, "the CPU worker reported no GPU")
+        if not infos["gpu-node"].gpus:
+            print("gpu_check: FAILED: no GPU detected (is the NVIDIA driver loaded and nvidia-ml-py installed?)")
+            sys.exit(1)
 
         gpu = await c.request(CreateSandbox(spec=SandboxSpec(
             image="none", resources=Resources(cpu=1, memory_mb=512, gpu="any"))), timeout=30)
@@ -124,6 +131,9 @@ async def main():
             print("    " + line)
         check(res.exit_code == 0, "nvidia-smi -L ran inside the GPU sandbox")
         check(all(u in out for u in gpu.gpu_uuids), "nvidia-smi -L inside shows the assigned GPU UUID")
+        print("note: the process runtime isolates nothing, so nvidia-smi lists every GPU of the host;\n"
+              "      CUDA programs see only the assigned one (CUDA_VISIBLE_DEVICES). Docker+runsc\n"
+              "      nodes pass exactly the assigned UUIDs as device requests (--nvproxy).")
 
         for s in (gpu, cpu):
             await c.worker_request(s.worker_id, Terminate(sandbox_id=s.sandbox_id), timeout=30)

@@ -61,6 +61,11 @@ SPEC = SandboxSpec(image="sim", resources=Resources(cpu=0.25, memory_mb=256), ti
 P99_LIMIT_S = 0.100
 
 
+def now() -> float:
+    """Timing clock: uvloop's loop clock (anyio.current_time) only has 1 ms steps."""
+    return time.perf_counter()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -88,18 +93,22 @@ class Tally:
         self.errors: Counter[str] = Counter()
         self.sids: list[tuple[str, str]] = []
         self.first = 0.0
+        self.first_reply = float("inf")
         self.last = 0.0
 
     def ok(self, started: float, reply: SandboxCreated) -> None:
-        now = anyio.current_time()
-        self.e2e.append(now - started)
-        self.cp.append(max(0.0, now - started - reply.startup_s))
+        t = now()
+        self.e2e.append(t - started)
+        self.cp.append(max(0.0, t - started - reply.startup_s))
         self.sids.append((reply.sandbox_id, reply.worker_id))
-        self.last = max(self.last, now)
+        self.first_reply = min(self.first_reply, t)
+        self.last = max(self.last, t)
 
     def report(self, offered: float | None = None) -> dict[str, Any]:
         n = len(self.e2e)
-        span = max(1e-9, self.last - self.first)
+        # Replies per second while they flowed (the simulated boot time shifts the
+        # whole reply stream; it does not stretch it).
+        span = max(1e-9, self.last - self.first_reply) * n / max(n - 1, 1)
         out: dict[str, Any] = {
             "completed": n,
             "errors": sum(self.errors.values()),
@@ -113,9 +122,9 @@ class Tally:
         return out
 
 
-async def create_one(client: Client, tally: Tally, started: float, timeout: float) -> None:
+async def create_one(client: Client, tally: Tally, started: float, timeout_s: float) -> None:
     try:
-        reply = await client.call(client.keys.requests, CreateSandbox(spec=SPEC), timeout=timeout)
+        reply = await client.call(client.keys.requests, CreateSandbox(spec=SPEC), timeout=timeout_s)
     except HotbedError as exc:
         tally.errors[exc.code] += 1
         return
@@ -136,17 +145,16 @@ async def open_loop(client: Client, rate: float, seconds: float, *, max_outstand
     async def one(due: float) -> None:
         nonlocal outstanding
         try:
-            await create_one(client, tally, due, timeout=30)
+            await create_one(client, tally, due, timeout_s=30)
         finally:
             outstanding -= 1
 
-    t0 = anyio.current_time()
+    t0 = now()
     tally.first = t0
     async with anyio.create_task_group() as tg:
         i = 0
         while i < n:
-            now = anyio.current_time()
-            due_n = min(n, int((now - t0) * rate) + 1)
+            due_n = min(n, int((now() - t0) * rate) + 1)
             while i < due_n:
                 if outstanding >= max_outstanding:
                     tally.errors["generator_saturated"] += 1
@@ -154,7 +162,7 @@ async def open_loop(client: Client, rate: float, seconds: float, *, max_outstand
                     outstanding += 1
                     tg.start_soon(one, t0 + i / rate)
                 i += 1
-            await anyio.sleep(max(0.0, t0 + i / rate - anyio.current_time()))
+            await anyio.sleep(max(0.0, t0 + i / rate - now()))
     return tally
 
 
@@ -163,13 +171,13 @@ async def closed_loop(
 ) -> Tally:
     """``concurrency`` callers creating back to back, for ``seconds`` or ``count`` creates."""
     tally = Tally()
-    t0 = tally.first = anyio.current_time()
+    t0 = tally.first = now()
     left = [count if count is not None else 1 << 62]
 
     async def caller() -> None:
-        while left[0] > 0 and (seconds is None or anyio.current_time() - t0 < seconds):
+        while left[0] > 0 and (seconds is None or now() - t0 < seconds):
             left[0] -= 1
-            await create_one(client, tally, anyio.current_time(), timeout=30)
+            await create_one(client, tally, now(), timeout_s=30)
 
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
@@ -181,29 +189,32 @@ async def terminate_all(client: Client, sids: list[tuple[str, str]], *, concurre
     lat: list[float] = []
     errors: Counter[str] = Counter()
     queue = list(sids)
-    t0 = anyio.current_time()
+    t0 = now()
 
     async def caller() -> None:
         while queue:
             sid, wid = queue.pop()
-            s = anyio.current_time()
+            s = now()
             try:
                 await client.worker_request(wid, Terminate(sandbox_id=sid), timeout=60)
-                lat.append(anyio.current_time() - s)
+                lat.append(now() - s)
             except HotbedError as exc:
                 errors[exc.code] += 1
 
     async with anyio.create_task_group() as tg:
         for _ in range(concurrency):
             tg.start_soon(caller)
-    span = anyio.current_time() - t0
+    span = now() - t0
     return {"terminated": len(lat), "errors": dict(errors),
             "rate": round(len(lat) / max(span, 1e-9), 1), "latency": summary_ms(lat)}
 
 
-async def wait_drained(cluster: Cluster, client: Client, timeout: float = 30) -> None:
-    with anyio.move_on_after(timeout):
-        while await client.redis.xlen(client.keys.requests) > 0:
+async def wait_drained(client: Client, within: float = 30) -> None:
+    """Until the request backlog is empty (a poll: the backlog lives in Redis)."""
+    with anyio.move_on_after(within):
+        while True:
+            if await client.redis.xlen(client.keys.requests) == 0:
+                return
             await anyio.sleep(0.1)
 
 
@@ -218,7 +229,7 @@ async def phase_throughput(args: argparse.Namespace) -> dict[str, Any]:
         async with Client(cluster.url, prefix=cluster.prefix) as client:
             await closed_loop(client, concurrency=50, count=500)  # warm-up
             for rate in args.rates:
-                await wait_drained(cluster, client)
+                await wait_drained(client)
                 before = cluster.sample()
                 tally = await open_loop(client, rate, args.step_s)
                 after = cluster.sample()
@@ -297,7 +308,7 @@ async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
             await anyio.sleep(1.0)
             base = cluster.redis_info()["used_memory"]
             sids: list[tuple[str, str]] = []
-            t_fill = anyio.current_time()
+            t_fill = now()
             for cp in checkpoints:
                 need = cp - len(sids)
                 if need > 0:
@@ -305,7 +316,7 @@ async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
                     sids.extend(tally.sids)
                     if tally.errors:
                         say(f"  fill errors: {dict(tally.errors)}")
-                await wait_drained(cluster, client)
+                await wait_drained(client)
                 await anyio.sleep(1.5)  # heartbeats flush, replies expire from view
                 idle0 = cluster.sample()
                 await anyio.sleep(3.0)
@@ -335,7 +346,7 @@ async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
                     f"= {point['redis_bytes_per_sandbox']} B/sandbox; idle CPU: scheduler "
                     f"{point['idle_scheduler_cpu_pct']}% workers {point['idle_fleet_cpu_pct']}% "
                     f"redis {point['idle_redis_cpu_pct']}% ({point['idle_redis_ops_per_s']} ops/s)")
-            out["fill_seconds"] = round(anyio.current_time() - t_fill, 1)
+            out["fill_seconds"] = round(now() - t_fill, 1)
             # Hold: touch a sample with execs.
             sample = random.Random(1).sample(sids, min(len(sids), args.exec_n))
             lat: list[float] = []
@@ -343,10 +354,10 @@ async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
 
             async def touch(sid: str, wid: str) -> None:
                 sb = Sandbox(sid, wid, client=client)
-                s = anyio.current_time()
+                s = now()
                 try:
                     r = await sb.exec("true")
-                    lat.append(anyio.current_time() - s - r.duration_s)
+                    lat.append(now() - s - r.duration_s)
                 except HotbedError as exc:
                     errors[exc.code] += 1
 
@@ -372,27 +383,120 @@ async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def phase_placement(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU per placement decision against fleet size: the full scan (``rank``, used for
+    GPU / tagged / pack requests) and the heap index (``WorkerRegistry.ranked``, the
+    common request)."""
+    from hotbed.keys import Keys
     from hotbed.protocol import WorkerInfo
     from scheduler.placement import rank
-    from scheduler.registry import WorkerView
+    from scheduler.registry import WorkerRegistry, WorkerView
 
     rows = []
     for n in (10, 100, 1_000, 10_000):
         rng = random.Random(n)
-        views = [
-            WorkerView(info=WorkerInfo(id=f"w{i}", host="h", runtime="sim", cpu_millis=64_000,
-                                       memory_mb=256_000, kind="simulated"),
-                       cpu_free=rng.randrange(0, 64_000), mem_free=rng.randrange(0, 256_000))
+        views = {
+            f"w{i}": WorkerView(
+                info=WorkerInfo(id=f"w{i}", host="h", runtime="sim", cpu_millis=64_000,
+                                memory_mb=256_000, kind="simulated"),
+                cpu_free=rng.randrange(0, 64_000), mem_free=rng.randrange(0, 256_000))
             for i in range(n)
-        ]
+        }
         reps = max(20, 20_000 // n)
         t = time.perf_counter()
         for _ in range(reps):
-            rank(views, SPEC)
-        us = (time.perf_counter() - t) / reps * 1e6
-        rows.append({"workers": n, "rank_us": round(us, 1)})
-        say(f"  rank() over {n:>6} workers: {us:9.1f} us per placement")
+            rank(list(views.values()), SPEC)
+        scan_us = (time.perf_counter() - t) / reps * 1e6
+        reg = WorkerRegistry(None, Keys("x"), heartbeat_ttl_s=5)  # type: ignore[arg-type]
+        reg.workers = views
+        reg._rebuild()
+        reps = 20_000
+        t = time.perf_counter()
+        for i in range(reps):
+            if i % 1000 == 0:
+                reg._rebuild()  # the registry refresh does this every 0.5 s
+            for w, _g in reg.ranked(SPEC):
+                w.cpu_free -= SPEC.resources.millicpu  # what a placement does on success
+                break
+        index_us = (time.perf_counter() - t) / reps * 1e6
+        rows.append({"workers": n, "rank_scan_us": round(scan_us, 1), "index_us": round(index_us, 2)})
+        say(f"  placement decision over {n:>6} workers: full scan {scan_us:9.1f} us, "
+            f"heap index {index_us:6.2f} us")
     return {"rank": rows}
+
+
+async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-pool claims (hotbed.templates.claim_nowait: Lua against Redis, no scheduler
+    round trip) at rising open-loop rates, while the pool controller refills."""
+    from hotbed import templates
+
+    steps: list[dict[str, Any]] = []
+    need = int(sum(args.claim_rates) * args.step_s)
+    size = int(need * 1.1) + 500
+    env = {"HOTBED_POOL_REFILL_PER_S": str(args.pool_refill), "HOTBED_POOL_MAX_WARMING": "4000"}
+    out: dict[str, Any] = {"pool_size": size, "steps": steps}
+    with Cluster(fleets=args.fleets, workers_per_fleet=args.workers_per_fleet,
+                 latency_scale=args.latency_scale, scheduler_env=env) as cluster:
+        async with Client(cluster.url, prefix=cluster.prefix) as client:
+            await templates.create_template(
+                "simtpl", image="sim", run=["true"], cpu=0.25, memory_mb=256, client=client,
+                request_timeout=60,
+            )
+            pool = await templates.set_pool("simtpl", size, cpu=0.25, memory_mb=256, client=client)
+            t0 = now()
+            ready_key = client.keys.pool_ready(pool)
+            with anyio.move_on_after(args.fill_max_s):
+                while True:
+                    if await client.redis.llen(ready_key) >= need:
+                        break
+                    await anyio.sleep(0.5)
+            ready = await client.redis.llen(ready_key)
+            out["fill"] = {"ready": ready, "seconds": round(now() - t0, 1),
+                           "rate": round(ready / max(now() - t0, 1e-9), 1)}
+            say(f"  [{LABEL}] pool filled to {ready} in {out['fill']['seconds']}s "
+                f"({out['fill']['rate']}/s through the scheduler)")
+            spec = SandboxSpec(image="sim", template="simtpl",
+                               resources=Resources(cpu=0.25, memory_mb=256), timeout=3600)
+            for rate in args.claim_rates:
+                tally = Tally()
+
+                async def claim(due: float, tally: Tally = tally) -> None:
+                    try:
+                        got = await templates.claim_nowait(spec, client=client)
+                    except HotbedError as exc:
+                        tally.errors[exc.code] += 1
+                        return
+                    if got is None:
+                        tally.errors["pool_empty"] += 1
+                    else:
+                        tally.ok(due, got)
+
+                before = cluster.sample()
+                n = int(rate * args.step_s)
+                start = tally.first = now()
+                async with anyio.create_task_group() as tg:
+                    i = 0
+                    while i < n:
+                        due_n = min(n, int((now() - start) * rate) + 1)
+                        while i < due_n:
+                            tg.start_soon(claim, start + i / rate)
+                            i += 1
+                        await anyio.sleep(max(0.0, start + i / rate - now()))
+                after = cluster.sample()
+                step = tally.report(offered=rate)
+                step.update(delta(before, after))
+                step["loadavg"] = loadavg()
+                steps.append(step)
+                lat = step["latency"]
+                say(f"  [{LABEL}] claims offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  "
+                    f"p50 {lat['p50_ms']:7.2f}  p90 {lat['p90_ms']:7.2f}  p99 {lat['p99_ms']:7.2f}  "
+                    f"max {lat['max_ms']:7.2f} ms  errors {step['error_kinds']}  "
+                    f"cpu {step['cpu_s_total']}s")
+    ok = [s for s in steps if not s["errors"] and s["latency"]["p99_ms"] <= 50]
+    out["capacity_rate"] = max((s["achieved_rate"] for s in ok), default=0.0)
+    out["capacity_line"] = (f"warm-pool claims ({LABEL}): {out['capacity_rate']:.0f}/s sustained "
+                            f"with p99 <= 50 ms and no errors")
+    say(out["capacity_line"])
+    return out
 
 
 async def phase_mixed(args: argparse.Namespace) -> dict[str, Any]:
@@ -409,31 +513,31 @@ async def phase_mixed(args: argparse.Namespace) -> dict[str, Any]:
                 rng = random.Random(i)
                 await anyio.sleep(rng.uniform(0, args.ramp_s))
                 try:
-                    s = anyio.current_time()
+                    s = now()
                     sb = await Sandbox.create("sim", cpu=0.25, memory_mb=256, client=client, timeout=600)
-                    create_lat.append(anyio.current_time() - s - sb.startup_s)
+                    create_lat.append(now() - s - sb.startup_s)
                     for k in range(rng.randint(20, 50)):
                         await anyio.sleep(rng.uniform(*args.think_s))
                         if k % 10 == 3:
-                            s = anyio.current_time()
+                            s = now()
                             await sb.write_file(f"/work/f{k}.py", b"x" * rng.randint(100, 4000))
-                            file_lat.append(anyio.current_time() - s)
-                        s = anyio.current_time()
+                            file_lat.append(now() - s)
+                        s = now()
                         r = await sb.exec("python", "-c", "pass")
-                        exec_lat.append(anyio.current_time() - s - r.duration_s)
+                        exec_lat.append(now() - s - r.duration_s)
                     await sb.terminate()
                     done[0] += 1
                 except HotbedError as exc:
                     errors[exc.code] += 1
 
             before = cluster.sample()
-            t0 = anyio.current_time()
+            t0 = now()
             with anyio.move_on_after(args.mixed_max_s) as scope:
                 async with anyio.create_task_group() as tg:
                     for i in range(args.sessions):
                         tg.start_soon(session, i)
             after = cluster.sample()
-            span = anyio.current_time() - t0
+            span = now() - t0
     res: dict[str, Any] = {
         "sessions": args.sessions, "completed": done[0], "cut_off": scope.cancelled_caught,
         "seconds": round(span, 1), "errors": dict(errors),
@@ -506,7 +610,10 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n")[0])
-    p.add_argument("--phases", default="throughput,replicas,placement,concurrency,mixed")
+    p.add_argument("--phases", default="throughput,claims,replicas,placement,concurrency,mixed")
+    p.add_argument("--claim-rates", default="1000,2500,5000,8000")
+    p.add_argument("--pool-refill", type=float, default=3000.0, help="pool refills/s allowed")
+    p.add_argument("--fill-max-s", type=float, default=90.0)
     p.add_argument("--rates", default="250,500,1000,2000,4000,8000")
     p.add_argument("--step-s", type=float, default=5.0)
     p.add_argument("--fleets", type=int, default=2, help="simfleet processes")
@@ -527,9 +634,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
+    args.claim_rates = [float(r) for r in args.claim_rates.split(",")]
     args.think_s = tuple(float(x) for x in args.think_s.split(","))
     if args.quick:
         args.rates = [250.0, 1000.0]
+        args.claim_rates = [1000.0, 2000.0]
         args.step_s = 2.0
         args.live = 5_000
         args.exec_n = 500
@@ -555,7 +664,7 @@ def main(argv: list[str]) -> int:
     }
     runners: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
         "throughput": phase_throughput, "replicas": phase_replicas,
-        "concurrency": phase_concurrency, "mixed": phase_mixed,
+        "concurrency": phase_concurrency, "mixed": phase_mixed, "claims": phase_claims,
     }
 
     async def run_all() -> None:

@@ -24,7 +24,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from hotbed import keys as keyspace
-from hotbed import lua, protocol
+from hotbed import batching, lua, protocol
+from hotbed.batching import Script, raise_first_error
 from hotbed.connection import MAX_BLOCK_S, connect
 from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound, WorkerLost
 from hotbed.protocol import Envelope, Message, Reply
@@ -34,6 +35,10 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 # Extra wait past a request's deadline, so the daemon's typed timeout reply wins the race.
 REPLY_GRACE_S = 5.0
 DEFAULT_BACKLOG_LIMIT = 100_000
+
+_SUBMIT = Script(lua.SUBMIT)
+_SUBMIT_TO_WORKER = Script(lua.SUBMIT_TO_WORKER)
+_SCRIPTS = (_SUBMIT, _SUBMIT_TO_WORKER)
 
 
 def new_id() -> str:
@@ -103,12 +108,16 @@ class Client:
         )
         data = protocol.encode(env)
         try:
+            # Auto-pipelined: concurrent calls of this client share one round trip.
             if worker_id is None:
-                accepted = await self._submit(keys=[stream], args=[self.backlog_limit, data])
+                cmd = _SUBMIT.call([stream], [self.backlog_limit, data])
             else:
-                accepted = await self._submit_worker(
-                    keys=[stream, self.keys.worker_cap(worker_id)], args=[self.backlog_limit, data]
+                cmd = _SUBMIT_TO_WORKER.call(
+                    [stream, self.keys.worker_cap(worker_id)], [self.backlog_limit, data]
                 )
+            (accepted,) = raise_first_error(
+                await batching.for_client(self.redis).execute(cmd, scripts=_SCRIPTS)
+            )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
         if accepted == -1:

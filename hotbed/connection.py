@@ -18,6 +18,15 @@ COMMAND_TIMEOUT_S = 10.0
 # Connections one client may open. Every waiting BLPOP holds one, so this bounds the
 # requests one Client can have in flight; redis-py 8 lowered its default to 100.
 MAX_CONNECTIONS = 10_000
+# No CLIENT SETINFO: otherwise redis-py 8 reads its package metadata (importlib.metadata,
+# ~1 ms) and spends two extra round trips on every new connection, which dominated CPU
+# when load opens many of them.
+try:
+    import redis.driver_info  # noqa: F401  (redis-py >= 7)
+
+    NO_CLIENT_INFO: dict[str, Any] = {"driver_info": None}
+except ImportError:
+    NO_CLIENT_INFO = {"lib_name": None, "lib_version": None}
 
 
 def connect(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redis:
@@ -28,6 +37,7 @@ def connect(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redi
         "health_check_interval": 30,
         "decode_responses": False,
         "max_connections": MAX_CONNECTIONS,
+        **NO_CLIENT_INFO,
     }
     opts.update(kwargs)
     return aioredis.Redis.from_url(url, **opts)

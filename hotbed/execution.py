@@ -24,10 +24,10 @@ import anyio
 import msgspec
 import redis.exceptions
 
-from hotbed import protocol
+from hotbed import lua, protocol
 from hotbed.client import REPLY_GRACE_S, Client, new_id
 from hotbed.connection import MAX_BLOCK_S
-from hotbed.errors import ConnectionLost, InvalidRequest, Overloaded, RequestTimeout
+from hotbed.errors import ConnectionLost, InvalidRequest, Overloaded, RequestTimeout, WorkerLost
 from hotbed.protocol import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_MAX_OUTPUT,
@@ -107,13 +107,18 @@ class Streamed:
             body=self._body,
             client=self.client.client_id,
         )
+        submit = self.client.redis.register_script(lua.SUBMIT_TO_WORKER)
         try:
-            ok = await self.client._submit(
-                keys=[self.client.keys.worker_cmds(self.worker_id)],
+            ok = await submit(
+                keys=[self.client.keys.worker_cmds(self.worker_id),
+                      self.client.keys.worker_cap(self.worker_id)],
                 args=[self.client.backlog_limit, protocol.encode(env)],
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ConnectionLost(f"Redis unreachable: {exc}") from None
+        if ok == -1:
+            raise WorkerLost(f"worker {self.worker_id} is gone", worker_id=self.worker_id,
+                             request_id=self.request_id)
         if not ok:
             raise Overloaded("worker command backlog at its limit; retry later")
         self._give_up = anyio.current_time() + self._timeout + REPLY_GRACE_S
@@ -154,7 +159,7 @@ class Streamed:
                     f"no end to streaming request {self.request_id}", request_id=self.request_id
                 )
             try:
-                got = await self.client._blocking.xread(
+                got: Any = await self.client._blocking.xread(
                     {self.key: self._last}, count=512,
                     block=int(min(left, MAX_BLOCK_S, 1.0) * 1000),
                 )
@@ -163,7 +168,7 @@ class Streamed:
             if not got:
                 # Nothing streamed: a request refused before it ran (expired in the
                 # queue) only answers on its reply key.
-                raw = await self.client.redis.lpop(reply_key)
+                raw: Any = await self.client.redis.lpop(reply_key)
                 if raw is not None:
                     self.reply = protocol.decode_reply(raw).body
                 continue

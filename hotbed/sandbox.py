@@ -122,10 +122,15 @@ class Sandbox(AgentExecMixin):
         workdir: str | None = None,
         user: str | None = None,
         template: str | None = None,
+        worker_tags: dict[str, str] | None = None,
         client: Client | None = None,
         request_timeout: float = CREATE_TIMEOUT_S,
     ) -> Sandbox:
-        """Create a sandbox and return once it can run commands."""
+        """Create a sandbox and return once it can run commands.
+
+        ``gpu``: ``"H100"``, ``"H100:2"``, ``"any"``; the sandbox gets exactly those GPUs.
+        ``worker_tags``: only workers carrying all these operator tags (zone, node pool).
+        """
         spec = SandboxSpec(
             image=image,
             resources=Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu),
@@ -136,6 +141,7 @@ class Sandbox(AgentExecMixin):
             workdir=workdir,
             user=user,
             template=template,
+            worker_tags=dict(worker_tags or {}),
         )
         c = client or default_client()
         reply: protocol.Reply | None = None

@@ -17,11 +17,12 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
-from redis import exceptions as redis_errors
 from anyio.abc import TaskGroup
+from redis import exceptions as redis_errors
 
+from hotbed import batching, protocol
 from hotbed import keys as keyspace
-from hotbed import protocol
+from hotbed.batching import raise_first_error
 from hotbed.connection import MAX_BLOCK_S
 from hotbed.protocol import Envelope, Reply, ReplyEnvelope
 
@@ -43,10 +44,10 @@ async def send_reply(
 ) -> None:
     """Push the one reply of a request to its reply key, which then expires."""
     data = protocol.encode(ReplyEnvelope(id=request_id, body=body))
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.lpush(reply_to, data)
-        pipe.expire(reply_to, keyspace.REPLY_TTL_S)
-        await pipe.execute()
+    # Shares a round trip with every other reply, ack and write of this moment.
+    raise_first_error(await batching.for_client(redis).execute(
+        ("LPUSH", reply_to, data), ("EXPIRE", reply_to, keyspace.REPLY_TTL_S)
+    ))
 
 
 async def reply_to(redis: aioredis.Redis, env: Envelope, body: Reply) -> None:
@@ -72,12 +73,16 @@ class StreamConsumer:
         self.group = group
         self.consumer = consumer
         self.limiter = limiter
+        self._acks: batching.Coalescer[bytes] = batching.Coalescer(self._flush_acks)
 
     async def ack(self, *entry_ids: bytes) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, self.group, *entry_ids)
-            pipe.xdel(self.stream, *entry_ids)
-            await pipe.execute()
+        # Entries finishing together are acknowledged by one XACK and one XDEL.
+        await self._acks.add(*entry_ids)
+
+    async def _flush_acks(self, entry_ids: list[bytes]) -> None:
+        raise_first_error(await batching.for_client(self.redis).execute(
+            ("XACK", self.stream, self.group, *entry_ids), ("XDEL", self.stream, *entry_ids)
+        ))
 
     async def pending(self) -> list[tuple[bytes, bytes]]:
         """Entries delivered to this consumer name before a restart and never acknowledged."""
@@ -140,6 +145,15 @@ class StreamConsumer:
                     count=count,
                     block=int(min(MAX_BLOCK_S, 1.0) * 1000),
                 )
+            except redis_errors.ResponseError as exc:
+                self.limiter.release_on_behalf_of(token)
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream was deleted under us (a reaper declared this consumer's
+                # owner dead); recreate it and carry on rather than crash.
+                log.warning("stream %s or its group vanished; recreating it", self.stream)
+                await ensure_group(self.redis, self.stream, self.group)
+                continue
             except BaseException:
                 self.limiter.release_on_behalf_of(token)
                 raise

@@ -4,16 +4,24 @@ A worker is live while its heartbeat (``hotbed:workers`` score) is younger than
 ``heartbeat_ttl_s``. The view's free capacity is a cache for ranking candidates; the
 ``RESERVE_DISPATCH`` script is the truth, and a failed reservation just moves on to the
 next candidate. One refresh costs one ZRANGEBYSCORE plus one pipelined round trip.
+
+:meth:`WorkerRegistry.ranked` is what placement iterates. The common request (no GPU,
+no worker tags, ``spread``) is served from a heap of workers keyed by (has GPUs, most
+free CPU) with lazy invalidation, so a placement costs O(log workers) instead of a scan
+and sort of the fleet; anything else goes through :func:`scheduler.placement.rank`.
 """
 
 from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
 
 import msgspec
 import redis.asyncio as aioredis
 
 from hotbed import daemon, protocol
 from hotbed.keys import Keys
-from hotbed.protocol import WorkerInfo
+from hotbed.protocol import SandboxSpec, WorkerInfo
 
 
 class WorkerView(msgspec.Struct, kw_only=True):
@@ -39,9 +47,66 @@ class WorkerRegistry:
         self.keys = keys
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.workers: dict[str, WorkerView] = {}
+        # (has GPUs, -cpu_free, version, id): the spread order, stale entries skipped.
+        self._heap: list[tuple[bool, int, int, str]] = []
+        self._version: dict[str, int] = {}
 
     def live(self) -> list[WorkerView]:
         return list(self.workers.values())
+
+    # ------------------------------------------------------------- spread index
+
+    def _push(self, w: WorkerView) -> None:
+        v = self._version.get(w.id, 0) + 1
+        self._version[w.id] = v
+        heapq.heappush(self._heap, (w.has_gpus, -w.cpu_free, v, w.id))
+
+    def _rebuild(self) -> None:
+        self._version = {wid: 0 for wid in self.workers}
+        self._heap = [(w.has_gpus, -w.cpu_free, 0, w.id) for w in self.workers.values()]
+        heapq.heapify(self._heap)
+
+    def ranked(
+        self,
+        spec: SandboxSpec,
+        *,
+        node_tags: dict[str, str] | None = None,
+        policy: str = "spread",
+        gpu_workers_for_cpu: bool = False,
+    ) -> Iterator[tuple[WorkerView, list[str]]]:
+        """Candidates for ``spec``, best first, as :func:`~scheduler.placement.rank`
+        orders them. The caller updates the yielded worker's ``cpu_free`` / ``mem_free``
+        (reserved, or found fuller than cached) before asking for the next one."""
+        from scheduler.placement import rank
+
+        if spec.resources.gpu or node_tags or policy != "spread" or gpu_workers_for_cpu:
+            yield from rank(
+                self.live(), spec, node_tags=node_tags, policy=policy,
+                gpu_workers_for_cpu=gpu_workers_for_cpu,
+            )
+            return
+        need_cpu, need_mem = spec.resources.millicpu, spec.resources.memory_mb
+        heap = self._heap
+        examined: list[WorkerView] = []
+        try:
+            while heap:
+                _g, _neg, v, wid = heap[0]
+                w = self.workers.get(wid)
+                if w is None or self._version.get(wid) != v:
+                    heapq.heappop(heap)  # stale entry
+                    continue
+                examined.append(w)
+                if w.cpu_free < need_cpu or w.mem_free < need_mem:
+                    heapq.heappop(heap)  # no room now; re-keyed below
+                    continue
+                yield w, []
+                # Back here only if the reservation failed: re-key and move on.
+                self._push(w)
+        finally:
+            # Re-key every worker looked at, with what the caller learned about it.
+            for w in examined:
+                if self.workers.get(w.id) is w:
+                    self._push(w)
 
     async def refresh(self) -> None:
         now = daemon.wall()
@@ -74,3 +139,4 @@ class WorkerRegistry:
                 heartbeat_at=hb,
             )
         self.workers = fresh
+        self._rebuild()

@@ -5,9 +5,11 @@ and entries a dead replica took are claimed by another after ``reclaim_idle_s``.
 A create is placed with one round trip in the common case: the sandbox record write
 and the ``RESERVE_DISPATCH`` script (capacity + the worker's start command, atomic on
 the worker's hash tag) go in one pipeline; the worker replies to the client directly.
-Requests that find no capacity wait, re-ranking as the registry refreshes, until their
-deadline (CapacityExhausted). Requests no live worker could ever take fail at once
-(NoMatchingWorker).
+Requests that find no capacity wait in line (scheduler.waitline: strictly first come,
+first placed per GPU model; ordered retries for CPU), retrying as the registry refreshes, until
+their deadline (CapacityExhausted); on a graceful stop they go back to the stream.
+Requests no live worker could ever take fail at once (NoMatchingWorker). A GPU start
+command names the GPUs the scheduler picked; RESERVE_DISPATCH takes exactly those.
 
 The reaper runs on the one replica that holds the ``reaper`` lock: a worker whose
 heartbeat lapsed has its sandboxes marked lost, every command left in its stream
@@ -24,8 +26,9 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed import daemon, lua, protocol
+from hotbed import batching, daemon, lua, protocol
 from hotbed import keys as keyspace
+from hotbed.batching import Script, raise_first_error
 from hotbed.connection import connect
 from hotbed.errors import (
     CapacityExhausted,
@@ -50,12 +53,14 @@ from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, to_hash
 from hotbed.streams import StreamConsumer, ensure_group, reply_to, send_reply
 from scheduler import templates
 from scheduler.config import SchedulerSettings
-from scheduler.placement import could_ever, parse_gpu, rank
+from scheduler.placement import could_ever, parse_gpu
 from scheduler.pools import PoolController
 from scheduler.registry import WorkerRegistry
-from scheduler.waitline import WaitLine, wait_class
+from scheduler.waitline import HandBack, WaitLine, wait_class
 
 log = logging.getLogger(__name__)
+
+RESERVE_DISPATCH = Script(lua.RESERVE_DISPATCH)
 
 # A worker gets this long after its last heartbeat before a request that could only fit
 # on it fails as NoMatchingWorker.
@@ -144,6 +149,8 @@ class Scheduler:
                 tg.start_soon(self._reclaim_loop, consumer, work)
                 task_status.started()
                 await consumer.run(work, self._handle_entry, stop=self.stopping, batch=self.settings.batch)
+                # Creates waiting for capacity go back to the stream at once.
+                self.waitline.close()
                 with anyio.move_on_after(self.settings.shutdown_grace_s) as grace:
                     while self._limiter.borrowed_tokens:
                         await anyio.sleep(0.05)
@@ -250,6 +257,11 @@ class Scheduler:
         daemon.log_context.set({"request_id": env.id})
         try:
             reply = await self._dispatch(env)
+        except HandBack:
+            # Stopping while it waited for capacity: requeue it for a live replica.
+            await self.redis.xadd(self.keys.requests, {keyspace.FIELD: data})
+            log.info("handed a waiting create back to the request stream", extra={"request_id": env.id})
+            return
         except HotbedError as exc:
             exc.request_id = env.id
             reply = protocol.error_reply(exc)
@@ -316,6 +328,8 @@ class Scheduler:
             return None
         with self.waitline.joined(ticket):
             while True:
+                if self.waitline.closed:
+                    raise HandBack
                 if daemon.wall() > env.deadline:
                     raise CapacityExhausted(
                         f"no worker had room for cpu={spec.resources.cpu:g} memory={spec.resources.memory_mb}MiB"
@@ -324,7 +338,7 @@ class Scheduler:
                     )
                 self._check_matchable(env, spec)
                 mark = self.waitline.mark()
-                if self.waitline.is_head(ticket) and await self._place_once(
+                if self.waitline.may_try(ticket) and await self._place_once(
                     env, sid, spec, record, payload, ngpu, start=start
                 ):
                     self.metrics.placement_wait(anyio.current_time() - t0)
@@ -344,18 +358,21 @@ class Scheduler:
     ) -> bool:
         """One pass over the ranked candidates; True once a worker took the sandbox."""
         assert self.registry is not None
-        for w, gpus in rank(
-            self.registry.live(), spec, node_tags=spec.worker_tags, policy=self.settings.placement,
+        for w, gpus in self.registry.ranked(
+            spec, node_tags=spec.worker_tags, policy=self.settings.placement,
             gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
         ):
             if ngpu:
                 # The start command names its GPUs, so we pick them and RESERVE_DISPATCH
                 # takes exactly these or none (a stale view just fails this candidate).
                 gpus = gpus[:ngpu]
-                gstart = (
-                    msgspec.structs.replace(start, gpu_uuids=gpus) if isinstance(start, StartSandbox)
-                    else StartSandbox(sandbox_id=sid, spec=spec, gpu_uuids=gpus)
-                )
+                gstart: Message
+                if isinstance(start, StartSandbox):
+                    gstart = msgspec.structs.replace(start, gpu_uuids=gpus)
+                elif start is None:
+                    gstart = StartSandbox(sandbox_id=sid, spec=spec, gpu_uuids=gpus)
+                else:  # a command with no GPU list (a template build): sent as it is
+                    gstart = start
                 payload = protocol.encode(msgspec.structs.replace(env, body=gstart))
             got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, ngpu)
             if got is not None:
@@ -373,14 +390,16 @@ class Scheduler:
         payload: bytes, gpus: list[str], ngpu: int,
     ) -> list[str] | None:
         rec = msgspec.structs.replace(record, worker=wid)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self.keys.sandbox(sid), mapping=to_hash(rec))
-            await self._reserve(
-                keys=[self.keys.worker_cap(wid), self.keys.worker_sandboxes(wid), self.keys.worker_cmds(wid)],
-                args=[sid, spec.resources.millicpu, spec.resources.memory_mb, payload, ngpu, *gpus],
-                client=pipe,
-            )
-            res = await pipe.execute()
+        fields = [x for kv in to_hash(rec).items() for x in kv]
+        # One round trip, shared with the other placements of this moment (auto-pipelined).
+        res = raise_first_error(await batching.for_client(self.redis).execute(
+            ("HSET", self.keys.sandbox(sid), *fields),
+            RESERVE_DISPATCH.call(
+                [self.keys.worker_cap(wid), self.keys.worker_sandboxes(wid), self.keys.worker_cmds(wid)],
+                [sid, spec.resources.millicpu, spec.resources.memory_mb, payload, ngpu, *gpus],
+            ),
+            scripts=(RESERVE_DISPATCH,),
+        ))
         got = res[1]
         if got is None:
             return None

@@ -1,13 +1,20 @@
 """The line creates wait in when no worker has room: first come, first placed.
 
 A create that finds no capacity joins the line of its *class* (``gpu:<model>`` for a
-GPU request, ``cpu`` otherwise) and keeps its place until it is placed or its deadline
-passes (then CapacityExhausted). Only the head of a line tries to place; when it leaves,
-the next in line tries at once, so freed capacity is handed out in arrival order and a
-stream of small requests cannot starve a large one of the same class (an ``H100:2``
-waiting at the head is not overtaken by later ``H100`` requests). A new create whose
-class has a line joins its end instead of trying first. Classes do not block each
+GPU request, ``cpu`` otherwise, plus its worker tags) and keeps its place until it is
+placed or its deadline passes (then CapacityExhausted). Classes do not block each
 other: CPU-only work never waits behind a GPU request.
+
+GPU lines are *strict*: only the head tries to place; when it leaves, the next in line
+tries at once, so freed GPUs are handed out in arrival order and a stream of small
+requests cannot starve a large one (an ``H100:2`` waiting at the head is not
+overtaken by later ``H100`` requests). A new GPU create whose line is not empty joins
+its end instead of trying first.
+
+CPU lines are *ordered but not strict*: every waiter retries on each capacity change,
+woken in arrival order, and a new create still tries at once. CPU requests vary in
+size far more than GPU counts, and one large request that fits only an empty node must
+not hold every later small one until its deadline.
 
 Arrival order is the order this scheduler took the requests from the stream
 (:meth:`WaitLine.ticket` is drawn when handling starts, before the first attempt), so
@@ -15,7 +22,10 @@ a request that failed its first attempt a little later still keeps its place. Wi
 several scheduler replicas the order holds per replica.
 
 The head retries whenever :meth:`WaitLine.capacity_changed` is called (each registry
-refresh, a worker lost, ...) instead of polling.
+refresh, a worker lost, ...) instead of polling. When the scheduler stops,
+:meth:`WaitLine.close` wakes every waiter and each hands its request back to the
+stream (:class:`HandBack`), so a graceful stop neither drops nor strands a waiting
+create.
 """
 
 from __future__ import annotations
@@ -28,6 +38,12 @@ from contextlib import contextmanager
 import anyio
 
 from hotbed.protocol import SandboxSpec
+
+
+class HandBack(Exception):
+    """Raised in a waiting create when the scheduler stops: the request goes back to the
+    stream for another replica (or the restarted one) instead of waiting out a grace
+    period and then the reclaim timeout."""
 
 
 class Ticket:
@@ -48,12 +64,29 @@ class WaitLine:
         self._seq = itertools.count()
         self._lines: dict[str, list[Ticket]] = {}
         self._changed = anyio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        """Stop: wake every waiter; each sees :attr:`closed` and hands its request back."""
+        self.closed = True
+        for line in self._lines.values():
+            for t in line:
+                t.turn.set()
+        self.capacity_changed()
 
     def ticket(self, cls: str) -> Ticket:
         return Ticket(cls, next(self._seq))
 
+    @staticmethod
+    def strict(cls: str) -> bool:
+        return cls.startswith("gpu:")
+
     def is_waiting(self, cls: str) -> bool:
-        return bool(self._lines.get(cls))
+        """True if a new create of ``cls`` must queue behind others instead of trying."""
+        return self.strict(cls) and bool(self._lines.get(cls))
+
+    def may_try(self, ticket: Ticket) -> bool:
+        return not self.strict(ticket.cls) or self.is_head(ticket)
 
     def depth(self, cls: str | None = None) -> int:
         if cls is not None:
@@ -106,7 +139,7 @@ class WaitLine:
         head waits for a capacity change since ``mark``.
         """
         with anyio.move_on_after(max(within, 0)):
-            if not self.is_head(ticket):
+            if not self.may_try(ticket):
                 await ticket.turn.wait()
                 return
             await mark.wait()

@@ -30,6 +30,10 @@ install_debian_packages() {
   command -v dockerd >/dev/null || missing+=(docker.io)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+  # systemd-analyze, for the test that verifies deploy/systemd/*.service (installing the
+  # package does not make systemd PID 1; nothing else changes on the host).
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v openssl >/dev/null || missing+=(openssl)
   [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -q '^wget$' || missing+=(busybox-static)
   if [ ${#missing[@]} -gt 0 ]; then
     need_root; apt_update

@@ -243,3 +243,107 @@ async def test_mixed_load_never_shares_a_gpu(redis_url: str, prefix: str) -> Non
                 tg.start_soon(gpu_job if i % 2 else cpu_job)
         assert len(done) == 24
         assert f.scheduler.waitline.depth() == 0
+
+
+async def test_gpu_and_worker_tags_from_sdk_and_cli(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hotbed.cli.main import main as cli_main
+    from hotbed.sandbox import Sandbox
+
+    async with fleet(redis_url, prefix, NODES) as f:
+        sb = await Sandbox.create("none", gpu="H100", worker_tags={"pool": "gpu"}, client=f.client)
+        assert sb.worker_id == "h100"
+        assert (await f.client.record(sb.id)).gpu_uuids[0].startswith("GPU-h")
+        with pytest.raises(NoMatchingWorker) as err:
+            await Sandbox.create("none", gpu="A100", worker_tags={"pool": "gpu"}, client=f.client)
+        assert "worker_tags={'pool': 'gpu'}" in err.value.message
+        monkeypatch.setenv("HOTBED_REDIS_URL", redis_url)
+        monkeypatch.setenv("HOTBED_PREFIX", prefix)
+        rc = await anyio.to_thread.run_sync(cli_main, ["create", "none", "--gpu", "A100", "--cpu", "0.5"])
+        assert rc == 0
+        sid = capsys.readouterr().out.strip()
+        rec = await f.client.record(sid)
+        assert rec.worker == "a100" and rec.gpu_uuids == ["GPU-a1"]
+        rc = await anyio.to_thread.run_sync(cli_main, ["create", "none", "--on", "pool=cpu"])
+        assert rc == 0
+        assert (await f.client.record(capsys.readouterr().out.strip())).worker == "cpu"
+
+
+async def test_stopping_scheduler_hands_waiting_creates_to_the_next(redis_url: str, prefix: str) -> None:
+    """A graceful stop neither drops nor strands a create that waits for a GPU: it goes
+    back to the stream at once and the replacement scheduler places it."""
+    async with fleet(redis_url, prefix, {"a100": NODES["a100"]}) as f:
+        held = await create(f.client, gpu="A100")
+        result: list[SandboxCreated] = []
+
+        async def waiter() -> None:
+            result.append(await create(f.client, gpu="A100", wait_s=30))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            with anyio.fail_after(5):
+                while f.scheduler.waitline.depth() < 1:  # noqa: ASYNC110 - scheduler state
+                    await anyio.sleep(0.01)
+            t0 = anyio.current_time()
+            f.scheduler.stopping.set()
+            with anyio.fail_after(5):
+                while f.scheduler.registry is not None and f.scheduler._redis is not None and (  # noqa: ASYNC110
+                    f.scheduler._limiter.borrowed_tokens
+                ):
+                    await anyio.sleep(0.01)
+            assert anyio.current_time() - t0 < 3, "the stop waited out its grace period"
+            replacement = Scheduler(msgspec.convert(
+                {"redis_url": redis_url, "prefix": prefix, "registry_refresh_s": 0.05}, SchedulerSettings))
+            await tg.start(replacement.run)
+            await terminate(f.client, held)
+            with anyio.fail_after(10):
+                while not result:  # noqa: ASYNC110 - the waiter's reply
+                    await anyio.sleep(0.01)
+            replacement.stopping.set()
+        assert result[0].gpu_uuids == ["GPU-a1"] and result[0].worker_id == "a100"
+
+
+async def test_a_large_waiting_cpu_request_does_not_block_small_ones(redis_url: str, prefix: str) -> None:
+    async with fleet(redis_url, prefix, {"cpu": NODES["cpu"]}) as f:
+        held = await create(f.client, cpu=4)
+        big: list[SandboxCreated] = []
+
+        async def waiter() -> None:
+            big.append(await create(f.client, cpu=8, wait_s=30))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            with anyio.fail_after(5):
+                while f.scheduler.waitline.depth() < 1:  # noqa: ASYNC110 - scheduler state
+                    await anyio.sleep(0.01)
+            t0 = anyio.current_time()
+            small = await create(f.client, cpu=1, wait_s=5)
+            assert small.worker_id == "cpu" and anyio.current_time() - t0 < 1.0
+            await terminate(f.client, small)
+            await terminate(f.client, held)
+        assert big and big[0].worker_id == "cpu"
+
+
+def test_docker_container_gets_exactly_its_gpus_under_nvproxy() -> None:
+    """The container config of a GPU sandbox (no GPU needed to check it): a device
+    request for exactly the assigned UUIDs, NVIDIA_VISIBLE_DEVICES, runsc --nvproxy."""
+    from hotbed.errors import RuntimeFailure
+    from workers.runtimes.base import Placed
+    from workers.runtimes.docker import DockerRuntime
+
+    rt = DockerRuntime(oci_runtime="runsc", gpu_oci_runtime="runsc-nvproxy")
+    rt._runtimes = {"runc", "runsc", "runsc-nvproxy"}
+    spec = SandboxSpec(image="hotbed/busybox", resources=Resources(gpu="H100:2"))
+    placed = Placed(sandbox_id="sb-x", worker_id="w", prefix="p", gpu_uuids=["GPU-b", "GPU-d"])
+    host = rt._container_config(placed, spec, "sha256:0")["HostConfig"]
+    cfg = rt._container_config(placed, spec, "sha256:0")
+    assert host["Runtime"] == "runsc-nvproxy"
+    assert host["DeviceRequests"] == [{"Driver": "nvidia", "DeviceIDs": ["GPU-b", "GPU-d"], "Capabilities": [["gpu"]]}]
+    assert "NVIDIA_VISIBLE_DEVICES=GPU-b,GPU-d" in cfg["Env"]
+    cpu_only = rt._container_config(Placed(sandbox_id="sb-y", worker_id="w", prefix="p"), SandboxSpec(), "sha256:0")
+    assert cpu_only["HostConfig"]["Runtime"] == "runsc" and "DeviceRequests" not in cpu_only["HostConfig"]
+    assert not any(e.startswith("NVIDIA_VISIBLE_DEVICES") for e in cpu_only["Env"])
+    rt._runtimes = {"runc", "runsc"}
+    with pytest.raises(RuntimeFailure, match="runsc-nvproxy"):
+        rt._container_config(placed, spec, "sha256:0")

@@ -311,3 +311,76 @@ def test_top_once_from_the_cli(redis_url: str, prefix: str, capsys: pytest.Captu
     assert out.startswith("hotbed top") and "WORKER" in out
     with pytest.raises(ConfigError):
         load_settings(SchedulerSettings, environ={"HOTBED_PREFIX": ""})
+
+
+# -------------------------------------------------------------- bench/gpu_check.sh
+
+
+def test_gpu_check_script_with_declared_gpus_and_a_fake_nvidia_smi(tmp_path: Path) -> None:
+    """The real-GPU check script, run here on declared GPUs: it proves the script's
+    plumbing (placement, UUID hand-over, running nvidia-smi in the sandbox), not the
+    hardware. On a GPU machine it runs unchanged against NVML."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n# TEST DOUBLE for `nvidia-smi -L`: lists the GPUs the environment makes visible.\n"
+        "i=0; for u in $(echo \"$NVIDIA_VISIBLE_DEVICES\" | tr , ' '); do\n"
+        "  echo \"GPU $i: NVIDIA H100 80GB HBM3 (UUID: $u)\"; i=$((i+1)); done\n"
+    )
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTBED_")}
+    env.update(
+        PATH=f"{bin_dir}:{env.get('PATH', '')}", PYTHON=sys.executable,
+        GPU_CHECK_FAKE_GPUS='[{"uuid": "GPU-fake-1", "model": "NVIDIA H100 80GB HBM3", "memory_mb": 81559}]',
+    )
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True,
+                         text=True, timeout=90, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "worker gpu-node: runtime=process kind=unisolated" in text and "GPU-fake-1" in text
+    assert "-> gpu-node, GPUs GPU-fake-1 (NVIDIA H100 80GB HBM3)" in text
+    assert "-> cpu-node" in text
+    assert "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-fake-1)" in text
+    assert "gpu_check: PASSED" in text and "FAIL " not in text
+
+
+# ---------------------------------------------------------------- structured logs
+
+
+@pytest.mark.anyio
+async def test_log_lines_carry_request_sandbox_and_worker_ids() -> None:
+    import io
+    import json
+    import logging
+
+    from hotbed import daemon
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(daemon.JsonFormatter())
+    handler.addFilter(daemon.ContextFilter())
+    log = logging.getLogger("hotbed.test.structured")
+    log.addHandler(handler)
+    log.propagate = False
+    daemon.log_defaults["worker_id"] = "w-1"
+    try:
+        async def handle(rid: str, sid: str) -> None:
+            daemon.log_context.set({"request_id": rid, "sandbox_id": sid})
+            await anyio.sleep(0.01)
+            log.warning("handled %s", rid)
+
+        async with anyio.create_task_group() as tg:  # each task keeps its own context
+            tg.start_soon(handle, "r-1", "sb-1")
+            tg.start_soon(handle, "r-2", "sb-2")
+        log.warning("outside", extra={"sandbox_id": "explicit"})
+    finally:
+        daemon.log_defaults.pop("worker_id", None)
+        log.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    by_msg = {line["msg"]: line for line in lines}
+    assert by_msg["handled r-1"]["request_id"] == "r-1" and by_msg["handled r-1"]["sandbox_id"] == "sb-1"
+    assert by_msg["handled r-2"]["sandbox_id"] == "sb-2" and by_msg["handled r-2"]["worker_id"] == "w-1"
+    assert by_msg["outside"]["sandbox_id"] == "explicit" and "request_id" not in by_msg["outside"]
+    text = logging.makeLogRecord({"msg": "m", "request_id": "r"})
+    assert "request_id=r" in daemon.TextFormatter("%(message)s").format(text)

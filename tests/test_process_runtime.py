@@ -11,8 +11,18 @@ import pytest
 from conftest import start_stack, stop_stack
 
 from hotbed.errors import ExecTimeout, FileError
-from hotbed.protocol import CreateSandbox, Exec, ExecSpec, ListFiles, ReadFile, Resources, SandboxCreated
-from hotbed.protocol import SandboxSpec, Terminate, WriteFile
+from hotbed.protocol import (
+    CreateSandbox,
+    Exec,
+    ExecSpec,
+    ListFiles,
+    ReadFile,
+    Resources,
+    SandboxCreated,
+    SandboxSpec,
+    Terminate,
+    WriteFile,
+)
 from workers.runtimes.process import ProcessRuntime
 
 pytestmark = pytest.mark.anyio

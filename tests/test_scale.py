@@ -115,7 +115,7 @@ async def test_5000_creates_two_schedulers_ten_workers(redis_url: str, prefix: s
             pending = await client.redis.xpending(keys.requests, keyspace.REQUESTS_GROUP)
             assert pending["pending"] == 0
             assert [k async for k in client.redis.scan_iter(match=f"{prefix}:reply:*")] == []
-            rec = await client.record(sids[0])
+            rec = await client.record(replies["0"].sandbox_id)
             assert rec.state == "running" and rec.worker == replies["0"].worker_id
         fleet.stop()
         for s in schedulers:
@@ -126,6 +126,7 @@ async def test_backlog_past_limit_is_overloaded_then_served(redis_url: str, pref
     limit = 40
     keys = keyspace.Keys(prefix)
     done: list[SandboxCreated] = []
+    all_done = anyio.Event()
     async with Client(redis_url, prefix=prefix, backlog_limit=limit) as client:
         async with anyio.create_task_group() as tg:
 
@@ -133,12 +134,16 @@ async def test_backlog_past_limit_is_overloaded_then_served(redis_url: str, pref
                 reply = await client.request(CreateSandbox(spec=SPEC), timeout=30)
                 assert isinstance(reply, SandboxCreated)
                 done.append(reply)
+                if len(done) == limit:
+                    all_done.set()
 
             for _ in range(limit):
                 tg.start_soon(create)
             # No scheduler yet: the backlog fills to its limit and stays there.
             with anyio.fail_after(10):
-                while await client.redis.xlen(keys.requests) < limit:
+                while True:  # the backlog lives in Redis: poll it
+                    if await client.redis.xlen(keys.requests) >= limit:
+                        break
                     await anyio.sleep(0.01)
             started = anyio.current_time()
             with pytest.raises(Overloaded):
@@ -150,8 +155,7 @@ async def test_backlog_past_limit_is_overloaded_then_served(redis_url: str, pref
             await tg.start(scheduler.run)
             await tg.start(fleet.run)
             with anyio.fail_after(20):
-                while len(done) < limit:
-                    await anyio.sleep(0.02)
+                await all_done.wait()
             fleet.stop()
             scheduler.stopping.set()
     assert len({r.sandbox_id for r in done}) == limit

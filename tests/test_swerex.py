@@ -36,7 +36,7 @@ pytestmark = pytest.mark.anyio
 async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> None:
     deployment = HotbedDeployment(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256)
     with pytest.raises(DeploymentNotStartedError):
-        deployment.runtime
+        _ = deployment.runtime
     await deployment.start()
     try:
         assert await deployment.is_alive()
@@ -76,7 +76,7 @@ async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> N
             tg.start_soon(long)
             with anyio.fail_after(20):
                 while "sleep 100" not in (await rt.execute(Command(command=["ps", "-eo", "args"]))).stdout:
-                    await anyio.sleep(0.05)
+                    await anyio.sleep(0.05)  # noqa: ASYNC110 - polls the sandbox
             await rt.run_in_session(BashInterruptAction())
         assert got and got[0].exit_code == 130  # type: ignore[attr-defined]
         obs = await rt.run_in_session(BashAction(command="echo $ROOT"))

@@ -250,7 +250,7 @@ async def test_dead_pooled_sandbox_is_replaced_never_handed_out(stack: Stack) ->
 
 async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None:
     c = stack.client
-    parent = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=64, client=c)
+    parent = await Sandbox.create(BUSYBOX_IMAGE, cpu=0.25, memory_mb=64, client=c)
     try:
         await parent.write_file("/tmp/seed", "forked-state")
         await parent.spawn(KEEPER)
@@ -262,6 +262,7 @@ async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None
                 assert await ask(k) == "forked-state"
             await kids[0].write_file("/tmp/mine", "0")
             assert not (await kids[1].run("test -e /tmp/mine")).ok
+            print("DBG", parent.id, [k.id for k in kids], list(stack.worker.sandboxes))
             assert not (await parent.run("test -e /tmp/mine")).ok
             # The parent kept running through the checkpoint.
             assert await ask(parent) == "forked-state"
@@ -272,7 +273,7 @@ async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None
         name = await parent.snapshot(f"from-{secrets.token_hex(3)}")
         rec = await templates.get_template(name, client=c)
         assert rec.source == parent.id and rec.state == "ready"
-        child = await Sandbox.create(template=name, memory_mb=64, client=c)
+        child = await Sandbox.create(template=name, cpu=0.25, memory_mb=64, client=c)
         try:
             assert await ask(child) == "forked-state"
         finally:
@@ -297,7 +298,7 @@ async def test_pause_resume_survives_worker_restart(redis_url: str, prefix: str,
     async with anyio.create_task_group() as tg:
         stack = await start_stack(redis_url, prefix, tg=tg, worker_overrides=overrides)
         c = stack.client
-        sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=64, client=c)
+        sb = await Sandbox.create(BUSYBOX_IMAGE, cpu=0.25, memory_mb=64, client=c)
         try:
             await sb.write_file("/tmp/seed", "paused-state")
             await sb.spawn(KEEPER)

@@ -23,8 +23,9 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed import daemon, lua, protocol
+from hotbed import batching, daemon, lua, protocol
 from hotbed import keys as keyspace
+from hotbed.batching import Script, raise_first_error
 from hotbed.connection import connect
 from hotbed.errors import (
     FileTooLarge,
@@ -67,6 +68,8 @@ from workers.runtimes.base import Placed, Runtime
 from workers.snapshots import SnapshotManager
 
 log = logging.getLogger(__name__)
+
+RELEASE = Script(lua.RELEASE)
 
 # Commands that may safely run again after a worker restart found them unacknowledged.
 RETRYABLE = (StartSandbox, Terminate, ReadFile, ListFiles, WriteFile)
@@ -300,6 +303,9 @@ class WorkerAgent:
         """Sandboxes whose container died (out of memory, killed out of band) end here."""
         while True:
             await anyio.sleep(self.settings.reconcile_s)
+            # Only sandboxes known before listing: one started (or resumed) while the
+            # list was in flight is not in it, and is not dead.
+            known = {sid: local for sid, local in self.sandboxes.items() if not local.paused}
             try:
                 running = {
                     m.sandbox_id for m in await self.runtime.list_managed()
@@ -308,8 +314,8 @@ class WorkerAgent:
             except HotbedError as exc:
                 log.warning("health check failed: %s", exc)
                 continue
-            for sid, local in list(self.sandboxes.items()):
-                if sid not in running and not local.paused:
+            for sid, local in known.items():
+                if sid not in running and self.sandboxes.get(sid) is local and not local.paused:
                     await self._end_quietly(sid, "died", state="failed")
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
@@ -452,16 +458,12 @@ class WorkerAgent:
             idle_timeout=spec.idle_timeout,
             last_active=now,
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                self.keys.sandbox(sid),
-                mapping={
-                    "state": "running", "started_at": str(now), "last_active": str(now),
-                    "path": cmd.path, "created_at": str(now), "worker": self.id,
-                },
-            )
-            pipe.zadd(self.keys.sandboxes, {sid: now})
-            await pipe.execute()
+        # Auto-pipelined: one round trip for all the starts finishing together.
+        raise_first_error(await batching.for_client(self.redis).execute(
+            ("HSET", self.keys.sandbox(sid), "state", "running", "started_at", str(now),
+             "last_active", str(now), "path", cmd.path, "created_at", str(now), "worker", self.id),
+            ("ZADD", self.keys.sandboxes, now, sid),
+        ))
         startup = anyio.current_time() - started
         self.metrics.create(cmd.path, startup)
         log.info("started sandbox in %.3fs", startup, extra={"sandbox_id": sid, "worker_id": self.id})
@@ -491,17 +493,13 @@ class WorkerAgent:
                 pipe.lrem(self.keys.pool_ready(local.pool), 0, f"{sid} {self.id}")
                 await pipe.execute()
         await self.runtime.destroy(sid)
-        release = self.redis.register_script(lua.RELEASE)
         record = self.keys.sandbox(sid)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await release(
-                keys=[self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)],
-                args=[sid],
-                client=pipe,
-            )
-            pipe.hset(record, mapping={"state": state, "reason": reason, "ended_at": str(daemon.wall())})
-            pipe.expire(record, ENDED_RECORD_TTL_S)
-            pipe.zrem(self.keys.sandboxes, sid)
-            await pipe.execute()
+        raise_first_error(await batching.for_client(self.redis).execute(
+            RELEASE.call([self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)], [sid]),
+            ("HSET", record, "state", state, "reason", reason, "ended_at", str(daemon.wall())),
+            ("EXPIRE", record, ENDED_RECORD_TTL_S),
+            ("ZREM", self.keys.sandboxes, sid),
+            scripts=(RELEASE,),
+        ))
         log.info("sandbox ended: %s (%s)", state, reason, extra={"sandbox_id": sid, "worker_id": self.id})
 

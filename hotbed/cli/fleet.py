@@ -89,6 +89,8 @@ def install_service(
     *, dest: Path, config_dir: Path, python: str, enable: bool, now: bool
 ) -> list[str]:
     """Write units and example configs; returns what was done, one line each."""
+    if not (DEPLOY / "systemd").is_dir():
+        raise HotbedError(f"unit templates not found in {DEPLOY}; install from a source checkout")
     done = []
     dest.mkdir(parents=True, exist_ok=True)
     for unit in UNITS:

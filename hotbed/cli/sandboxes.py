@@ -35,6 +35,7 @@ def _add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", "-w", help="working directory")
     p.add_argument("--user", "-u", help="user (default 1000:1000)")
     p.add_argument("--template", help="create from this template (warm pool / snapshot)")
+    p.add_argument("--on", action="append", metavar="K=V", help="only on workers with this tag (repeatable)")
 
 
 def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,6 +43,7 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu, timeout=args.timeout,
         idle_timeout=args.idle_timeout, tags=_pairs(args.tag, "--tag"), env=_pairs(args.env, "--env"),
         workdir=args.workdir, user=args.user, template=args.template,
+        worker_tags=_pairs(args.on, "--on"),
     )
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import logging
 import shlex
-from pathlib import Path
 from typing import Any
 
+import anyio
 from swerex.deployment.abstract import AbstractDeployment
 from swerex.deployment.hooks.abstract import CombinedDeploymentHook, DeploymentHook
 from swerex.exceptions import (
@@ -191,7 +191,7 @@ class HotbedRuntime(AbstractRuntime):
         return WriteFileResponse()
 
     async def upload(self, request: UploadRequest) -> UploadResponse:
-        if Path(request.source_path).is_dir():
+        if await anyio.Path(request.source_path).is_dir():
             await self.sandbox.upload_dir(request.source_path, request.target_path)
         else:
             await self.sandbox.upload_file(request.source_path, request.target_path)
@@ -240,7 +240,7 @@ class HotbedDeployment(AbstractDeployment):
     @property
     def sandbox(self) -> Sandbox:
         if self._sandbox is None:
-            raise DeploymentNotStartedError()
+            raise DeploymentNotStartedError()  # type: ignore[no-untyped-call]
         return self._sandbox
 
     async def start(self) -> None:
@@ -268,5 +268,5 @@ class HotbedDeployment(AbstractDeployment):
     @property
     def runtime(self) -> HotbedRuntime:
         if self._runtime is None:
-            raise DeploymentNotStartedError()
+            raise DeploymentNotStartedError()  # type: ignore[no-untyped-call]
         return self._runtime

@@ -19,6 +19,7 @@ their writes block. Nothing on the way buffers more than a few frames.
 from __future__ import annotations
 
 import logging
+import secrets
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ NOAGENT = b"HOTBED-NOAGENT"
 HELLO_TIMEOUT_S = 20.0
 # Frames buffered per request before the reader waits for its consumer.
 PER_REQUEST_FRAMES = 32
+READ_QUEUE_BYTES = 4 << 20
 
 GUEST_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
 
@@ -118,7 +120,9 @@ class GuestChannel:
     def __init__(self, sandbox_id: str, stream: Any) -> None:
         self.sandbox_id = sandbox_id
         self._stream = stream
-        self._next_id = 0
+        # Ids of a new attach never meet those of an earlier one whose commands the
+        # agent may still be answering (after a worker restart or a restore).
+        self._next_id = secrets.randbelow(1 << 48) << 4
         self._routes: dict[int, MemoryObjectSendStream[Frame]] = {}
         self._write_lock = anyio.Lock()
         self.closed = False
@@ -304,6 +308,11 @@ class GuestManager:
             raise SandboxNotRunning(
                 f"sandbox {sandbox_id}: cannot attach: {exc.message}", sandbox_id=sandbox_id
             ) from None
+        queue = getattr(stream, "_queue", None)
+        if queue is not None and hasattr(queue, "_limit"):
+            # aiodocker pauses the socket past 128 KiB queued; our reader bounds what
+            # it holds itself, so let a few MiB through between pauses (throughput).
+            queue._limit = READ_QUEUE_BYTES
         ch = GuestChannel(sandbox_id, stream)
         self._channels[sandbox_id] = ch
         self._tg.start_soon(ch.read_loop)

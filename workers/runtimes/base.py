@@ -1,5 +1,6 @@
 """The runtime interface a worker drives. Implementations: ``docker`` (gVisor via dockerd,
-the default) and ``sim`` (simulated, for control-plane load tests only).
+the default), ``sim`` (simulated, for control-plane load tests only) and ``process``
+(UNISOLATED host processes, for development machines without Docker; never a default).
 
 A runtime knows containers, not Redis: the worker agent owns records, capacity and
 replies. Every method raises :mod:`hotbed.errors` types (runtime errors are translated

@@ -21,11 +21,12 @@ from __future__ import annotations
 import random
 import shlex
 import time
+from pathlib import Path
 
 import anyio
 import msgspec
 
-from hotbed.errors import ExecTimeout, FileError, SandboxNotFound
+from hotbed.errors import ExecTimeout, FileError, SandboxNotFound, SandboxNotRunning
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
 from workers.runtimes.base import Managed, Placed
 
@@ -37,6 +38,8 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True):
     create_s: float = 0.40
     # Restoring a gVisor checkpoint into a new container (`runsc restore`).
     restore_s: float = 0.20
+    # Checkpointing a running sandbox (`runsc checkpoint`).
+    checkpoint_s: float = 0.15
     # One `docker exec` round trip of a trivial command.
     exec_s: float = 0.09
     # Removing a container.
@@ -54,6 +57,7 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True):
             self,
             create_s=self.create_s * factor,
             restore_s=self.restore_s * factor,
+            checkpoint_s=self.checkpoint_s * factor,
             exec_s=self.exec_s * factor,
             destroy_s=self.destroy_s * factor,
             warm_s=self.warm_s * factor,
@@ -61,11 +65,12 @@ class SimParams(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _SimSandbox:
-    __slots__ = ("files", "placed")
+    __slots__ = ("files", "paused", "placed")
 
     def __init__(self, placed: Placed) -> None:
         self.placed = placed
         self.files: dict[str, bytes] | None = None
+        self.paused = False
 
 
 class SimRuntime:
@@ -107,6 +112,12 @@ class SimRuntime:
             raise SandboxNotFound(f"no sandbox {sandbox_id} on this node", sandbox_id=sandbox_id)
         return box
 
+    def _running(self, sandbox_id: str) -> _SimSandbox:
+        box = self._box(sandbox_id)
+        if box.paused:
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is paused", sandbox_id=sandbox_id)
+        return box
+
     # ------------------------------------------------------------------ Runtime
 
     async def open(self) -> None:
@@ -120,14 +131,44 @@ class SimRuntime:
         self._boxes[placed.sandbox_id] = _SimSandbox(placed)
         self.created += 1
 
-    async def restore(self, placed: Placed, spec: SandboxSpec) -> None:
+    async def checkpoint(self, sandbox_id: str, dest: Path, *, leave_running: bool) -> int:
+        """A snapshot is a marker file holding the files dict (the model has no memory)."""
+        box = self._box(sandbox_id)
+        await self._wait(self.params.checkpoint_s)
+        data = msgspec.msgpack.encode(box.files or {})
+        await anyio.Path(dest).mkdir(parents=True, exist_ok=True)
+        await anyio.Path(dest, "sim-snapshot").write_bytes(data)
+        if not leave_running:
+            self._boxes.pop(sandbox_id, None)
+        return len(data)
+
+    async def restore(self, placed: Placed, spec: SandboxSpec, src: Path) -> None:
         """A start from a memory snapshot: same bookkeeping, the restore's time."""
         await self._wait(self.params.restore_s)
-        self._boxes[placed.sandbox_id] = _SimSandbox(placed)
+        box = _SimSandbox(placed)
+        marker = anyio.Path(src, "sim-snapshot")
+        if await marker.exists():
+            files = msgspec.msgpack.decode(await marker.read_bytes(), type=dict[str, bytes])
+            box.files = files or None
+        self._boxes[placed.sandbox_id] = box
         self.created += 1
 
-    async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
+    async def pause(self, sandbox_id: str) -> None:
         box = self._box(sandbox_id)
+        await self._wait(self.params.checkpoint_s)
+        box.paused = True
+
+    async def resume(self, sandbox_id: str) -> None:
+        box = self._box(sandbox_id)
+        await self._wait(self.params.restore_s)
+        box.paused = False
+
+    async def is_paused(self, sandbox_id: str) -> bool:
+        box = self._boxes.get(sandbox_id)
+        return box is not None and box.paused
+
+    async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
+        box = self._running(sandbox_id)
         self.execs += 1
         started = time.monotonic()
         argv = spec.argv if spec.argv is not None else _split(spec.shell or "")
@@ -161,7 +202,7 @@ class SimRuntime:
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes, *, mode: int, make_dirs: bool, user: str
     ) -> int:
-        box = self._box(sandbox_id)
+        box = self._running(sandbox_id)
         await self._wait(self.params.exec_s)
         if box.files is None:
             box.files = {}
@@ -169,7 +210,7 @@ class SimRuntime:
         return len(data)
 
     async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int, user: str) -> bytes:
-        box = self._box(sandbox_id)
+        box = self._running(sandbox_id)
         await self._wait(self.params.exec_s)
         data = (box.files or {}).get(path)
         if data is None:
@@ -177,7 +218,7 @@ class SimRuntime:
         return data[:max_bytes]
 
     async def list_files(self, sandbox_id: str, path: str, *, user: str) -> list[FileEntry]:
-        box = self._box(sandbox_id)
+        box = self._running(sandbox_id)
         await self._wait(self.params.exec_s)
         base = path.rstrip("/") + "/"
         return [
@@ -196,7 +237,8 @@ class SimRuntime:
     async def list_managed(self) -> list[Managed]:
         return [
             Managed(
-                sandbox_id=sid, worker_id=b.placed.worker_id, prefix=b.placed.prefix, running=True
+                sandbox_id=sid, worker_id=b.placed.worker_id, prefix=b.placed.prefix,
+                running=not b.paused,
             )
             for sid, b in self._boxes.items()
         ]

@@ -1,0 +1,233 @@
+"""Automatic pipelining: commands issued by concurrent tasks share round trips.
+
+A scheduler placing hundreds of sandboxes at once, or a worker acknowledging and
+answering hundreds of commands, would otherwise spend one round trip and one pooled
+connection per task: at a few thousand requests a second that is most of the CPU, and a
+connection per waiting task. :class:`AutoPipeline` queues each task's commands; one of
+the waiting tasks (never a background task) takes the queue after one pass of the event
+loop, sends it as one pipeline, hands every task its results, and passes the role on to
+the next waiter. At most one pipeline per AutoPipeline is in flight, so everything
+queued meanwhile goes in the next one.
+
+A task's commands stay together and in order within one pipeline (not a transaction:
+use a Lua script where atomicity matters). Lua scripts go as EVALSHA; a script the
+server does not know yet is loaded and its commands re-sent once.
+
+Cancellation: a task cancelled while its commands are queued withdraws them; once they
+are sent, the send finishes under a shield (bounded by the connection's socket
+timeout) so the other tasks of that pipeline always get their results.
+
+``for_client(redis)`` gives the one AutoPipeline of a Redis client, so independent
+modules sharing a client also share its pipelines.
+
+:class:`Coalescer` goes one step further for commands that take many arguments: values
+added by concurrent tasks in one pass of the event loop go to one call (a stream's
+acknowledgements become one XACK and one XDEL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+Command = tuple[Any, ...]
+T = TypeVar("T")
+
+MAX_BATCH_COMMANDS = 2000
+
+
+def script_sha(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+class Script:
+    """A Lua script for :meth:`AutoPipeline.execute`: ``script.call(keys, args)``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = script_sha(source)
+
+    def call(self, keys: list[Any], args: list[Any]) -> Command:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+class _Item:
+    __slots__ = ("commands", "scripts", "results", "error", "done", "event")
+
+    def __init__(self, commands: tuple[Command, ...], scripts: tuple[Script, ...]) -> None:
+        self.commands = commands
+        self.scripts = scripts
+        self.results: list[Any] = []
+        self.error: BaseException | None = None
+        self.done = False
+        self.event = anyio.Event()
+
+
+class AutoPipeline:
+    def __init__(self, redis: aioredis.Redis, *, max_batch: int = MAX_BATCH_COMMANDS) -> None:
+        self.redis = redis
+        self.max_batch = max_batch
+        self._queue: deque[_Item] = deque()
+        self._busy = False
+        self._scripts: dict[str, str] = {}
+        self.round_trips = 0
+        self.commands_sent = 0
+
+    async def execute(self, *commands: Command, scripts: tuple[Script, ...] = ()) -> list[Any]:
+        """Send ``commands`` (``("HSET", key, f, v)``, ``script.call(...)``) in order, in
+        a pipeline shared with other tasks; return their replies. A command that failed
+        gives its exception object in place of a reply (a failed connection raises)."""
+        item = _Item(commands, scripts)
+        self._queue.append(item)
+        try:
+            while not item.done:
+                if not self._busy:
+                    self._busy = True
+                    try:
+                        await self._flush()
+                    finally:
+                        self._busy = False
+                        self._wake_next()
+                else:
+                    await item.event.wait()
+                    item.event = anyio.Event()
+        except BaseException:
+            if not item.done:
+                try:
+                    self._queue.remove(item)
+                except ValueError:
+                    pass
+                if not self._busy:
+                    self._wake_next()
+            raise
+        if item.error is not None:
+            raise item.error
+        return item.results
+
+    def _wake_next(self) -> None:
+        if self._queue:
+            self._queue[0].event.set()
+
+    async def _flush(self) -> None:
+        # One pass of the event loop: tasks made ready together queue together.
+        await anyio.lowlevel.checkpoint()
+        batch: list[_Item] = []
+        n = 0
+        while self._queue and (not batch or n + len(self._queue[0].commands) <= self.max_batch):
+            it = self._queue.popleft()
+            batch.append(it)
+            n += len(it.commands)
+        if not batch:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._send(batch)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
+                for it in batch:
+                    it.error = exc
+            for it in batch:
+                it.done = True
+                it.event.set()
+
+    async def _send(self, batch: list[_Item]) -> None:
+        for it in batch:
+            for s in it.scripts:
+                self._scripts.setdefault(s.sha, s.source)
+        flat = [c for it in batch for c in it.commands]
+        results = await self._pipeline(flat)
+        retry = [i for i, r in enumerate(results) if _noscript(r)]
+        if retry:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for sha in {flat[i][1] for i in retry}:
+                    pipe.script_load(self._scripts[sha])
+                await pipe.execute()
+            again = await self._pipeline([flat[i] for i in retry])
+            for i, r in zip(retry, again, strict=True):
+                results[i] = r
+        pos = 0
+        for it in batch:
+            it.results = results[pos : pos + len(it.commands)]
+            pos += len(it.commands)
+
+    async def _pipeline(self, commands: list[Command]) -> list[Any]:
+        self.round_trips += 1
+        self.commands_sent += len(commands)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in commands:
+                pipe.execute_command(*c)
+            return list(await pipe.execute(raise_on_error=False))
+
+
+def _noscript(result: Any) -> bool:
+    return isinstance(result, redis_errors.NoScriptError) or (
+        isinstance(result, redis_errors.ResponseError) and str(result).startswith("NOSCRIPT")
+    )
+
+
+_by_client: weakref.WeakKeyDictionary[aioredis.Redis, AutoPipeline] = weakref.WeakKeyDictionary()
+
+
+def for_client(redis: aioredis.Redis) -> AutoPipeline:
+    """The AutoPipeline shared by everything that uses ``redis``."""
+    ap = _by_client.get(redis)
+    if ap is None:
+        ap = _by_client[redis] = AutoPipeline(redis)
+    return ap
+
+
+def raise_first_error(results: list[Any]) -> list[Any]:
+    """``results`` unless one of them is an exception, which is raised."""
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
+
+
+class _Round(Generic[T]):
+    __slots__ = ("values", "led", "event", "error")
+
+    def __init__(self) -> None:
+        self.values: list[T] = []
+        self.led = False
+        self.event = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class Coalescer(Generic[T]):
+    """Hands ``flush`` the values added by all tasks during one pass of the event loop.
+
+    The first task to add in a round leads it: it lets the loop run once, closes the
+    round and flushes it (shielded, so its followers are never stranded); the others
+    wait for that flush and see its error, if any.
+    """
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[None]]) -> None:
+        self._flush = flush
+        self._round: _Round[T] = _Round()
+
+    async def add(self, *values: T) -> None:
+        rnd = self._round
+        rnd.values.extend(values)
+        if rnd.led:
+            await rnd.event.wait()
+        else:
+            rnd.led = True
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()
+                self._round = _Round()
+                try:
+                    await self._flush(rnd.values)
+                except Exception as exc:  # noqa: BLE001 - handed to every follower
+                    rnd.error = exc
+                finally:
+                    rnd.event.set()
+        if rnd.error is not None:
+            raise rnd.error
