@@ -25,7 +25,7 @@ venv: .venv/.installed
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,swerex]'
 	touch $@
 
 test-image: install
@@ -52,7 +52,8 @@ bench: bench-start bench-scale bench-exec
 bench-start: images
 	$(PY) -m bench start
 
-bench-scale: venv
+bench-scale: install
+	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench scale
 
 bench-exec: images

@@ -115,6 +115,14 @@ class Cluster:
              "--appendonly", "no", "--dir", self.dir, "--maxclients", "20000"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
         self.r = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
         while True:
@@ -129,18 +137,37 @@ class Cluster:
             self.start_fleet(i)
         for _ in range(self.n_schedulers):
             self.start_scheduler()
-        self.wait_workers(self.n_fleets * self.workers_per_fleet)
-        return self
+        if self.n_fleets:
+            self.wait_workers(self.n_fleets * self.workers_per_fleet)
 
     def start_scheduler(self) -> subprocess.Popen[bytes]:
         name = f"sched-{len(self.schedulers)}"
-        env = self.env(HOTBED_NAME=name, HOTBED_LOG_LEVEL="WARNING", **self.scheduler_env)
+        # A 15 s heartbeat TTL (default 5 s): on a machine shared with other work a starved
+        # simulated fleet must not be reaped mid-run, which would measure the reaper.
+        env = self.env(HOTBED_NAME=name, HOTBED_LOG_LEVEL="WARNING", HOTBED_HEARTBEAT_TTL_S="15",
+                       **self.scheduler_env)
         proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler"], env=env, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=open(Path(self.dir) / f"{name}.log", "wb"),
         )
         self.schedulers.append(proc)
         return proc
+
+    def restart_schedulers(self, **env: str) -> None:
+        """Stop every scheduler (SIGTERM, graceful) and start as many with ``env`` added."""
+        n = len(self.schedulers)
+        for p in self.schedulers:
+            p.send_signal(signal.SIGTERM)
+        for p in self.schedulers:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.schedulers = []
+        self.scheduler_env = {**self.scheduler_env, **env}
+        for _ in range(n):
+            self.start_scheduler()
 
     def start_fleet(self, i: int) -> None:
         proc = subprocess.Popen(

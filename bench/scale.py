@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,17 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 
 def say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def add_cpu_cost(step: dict[str, Any]) -> None:
+    """CPU milliseconds the whole control plane spent per completed operation, and the
+    rate two dedicated cores would sustain at that cost: on a machine shared with other
+    work this is steadier than any measured rate."""
+    n = step.get("completed", 0)
+    if n:
+        ms = 1000 * step["cpu_s_total"] / n
+        step["cpu_ms_per_op"] = round(ms, 3)
+        step["two_core_ceiling_per_s"] = round(2000 / ms) if ms else None
 
 
 class Tally:
@@ -235,6 +247,7 @@ async def phase_throughput(args: argparse.Namespace) -> dict[str, Any]:
                 after = cluster.sample()
                 step = tally.report(offered=rate)
                 step.update(delta(before, after))
+                add_cpu_cost(step)
                 step["loadavg"] = loadavg()
                 steps.append(step)
                 cp = step["control_plane_latency"]
@@ -242,6 +255,7 @@ async def phase_throughput(args: argparse.Namespace) -> dict[str, Any]:
                     f"p50 {cp['p50_ms']:7.1f}  p90 {cp['p90_ms']:7.1f}  p99 {cp['p99_ms']:7.1f}  "
                     f"max {cp['max_ms']:7.1f} ms  errors {step['errors']}  "
                     f"sched cpu {step['scheduler_cpu_pct']}% rss {step['scheduler_rss_mib']} MiB  "
+                    f"cpu/create {step.get('cpu_ms_per_op')} ms  "
                     f"redis {step['redis_ops_per_s']} ops/s {step['redis_used_memory_mib']} MiB")
                 if cp["p99_ms"] > P99_LIMIT_S * 1000 or step["errors"]:
                     why = (f"errors {step['error_kinds']}" if step["errors"]
@@ -274,6 +288,7 @@ async def phase_replicas(args: argparse.Namespace) -> dict[str, Any]:
                 after = cluster.sample()
                 res = tally.report()
                 res.update(delta(before, after))
+                add_cpu_cost(res)
                 res["loadavg"] = loadavg()
                 out[f"schedulers_{n}"] = res
                 all_sids.extend(tally.sids)
@@ -339,11 +354,20 @@ async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
                     "idle_redis_ops_per_s": idle["redis_ops_per_s"],
                     "loadavg": loadavg(),
                 }
+                # Marginal cost: the growth since the previous point over the sandboxes added
+                # (the absolute figure also carries fixed costs: client connections, streams).
+                prev_live, prev_mem = (points[-1]["live"], points[-1]["_mem"]) if points else (0, base)
+                point["redis_marginal_bytes_per_sandbox"] = round((mem - prev_mem) / max(live - prev_live, 1))
+                sample_ids = random.Random(live).sample(sids, min(200, len(sids)))
+                rec_bytes = [await client.redis.memory_usage(client.keys.sandbox(s)) or 0 for s, _ in sample_ids]
+                point["record_hash_bytes"] = round(sum(rec_bytes) / max(len(rec_bytes), 1))
+                point["_mem"] = mem
                 points.append(point)
                 pl = point["placement"]["control_plane_latency"]
                 say(f"  [{LABEL}] live {live:>7}: placement p50 {pl['p50_ms']} p99 {pl['p99_ms']} ms; "
                     f"scheduler RSS {point['scheduler_rss_mib']} MiB; Redis {point['redis_used_memory_mib']} MiB "
-                    f"= {point['redis_bytes_per_sandbox']} B/sandbox; idle CPU: scheduler "
+                    f"= {point['redis_bytes_per_sandbox']} B/sandbox (marginal {point['redis_marginal_bytes_per_sandbox']} B, "
+                    f"record hash {point['record_hash_bytes']} B); idle CPU: scheduler "
                     f"{point['idle_scheduler_cpu_pct']}% workers {point['idle_fleet_cpu_pct']}% "
                     f"redis {point['idle_redis_cpu_pct']}% ({point['idle_redis_ops_per_s']} ops/s)")
             out["fill_seconds"] = round(now() - t_fill, 1)
@@ -375,6 +399,44 @@ async def phase_concurrency(args: argparse.Namespace) -> dict[str, Any]:
             say(f"  [{LABEL}] exec on {len(sample)} of {len(sids)} live: control-plane "
                 f"p50 {out['hold_exec']['control_plane_latency']['p50_ms']} "
                 f"p99 {out['hold_exec']['control_plane_latency']['p99_ms']} ms, errors {dict(errors)}")
+            if args.reap and len(cluster.fleets) > 1:
+                # Reaper cost: one fleet process dies (SIGKILL); time until the reaper has
+                # removed its workers and marked every sandbox they held lost.
+                dead = cluster.fleets[-1]
+                prefix = f"sim{len(cluster.fleets) - 1}-"
+                lost = [s for s in sids if s[1].startswith(prefix)]
+                sids = [s for s in sids if not s[1].startswith(prefix)]
+                n_workers = await client.redis.zcard(client.keys.workers)
+                before = cluster.sample()
+                t_kill = now()
+                dead.kill()
+                dead.wait()
+                detected = None
+                with anyio.move_on_after(120):
+                    while True:
+                        left_workers = await client.redis.zcard(client.keys.workers)
+                        if detected is None and left_workers < n_workers:
+                            detected = now()
+                        if left_workers <= n_workers - cluster.workers_per_fleet and (
+                            await client.redis.zcard(client.keys.sandboxes) <= len(sids)
+                        ):
+                            break
+                        await anyio.sleep(0.05)
+                done_t = now()
+                after = cluster.sample()
+                cluster.fleets.remove(dead)
+                out["reap"] = {
+                    "workers_killed": cluster.workers_per_fleet, "sandboxes_lost": len(lost),
+                    "heartbeat_ttl_s": 15.0,
+                    "detect_s": round((detected or done_t) - t_kill, 2),
+                    "reap_s_after_detect": round(done_t - (detected or done_t), 2),
+                    "scheduler_cpu_s": round(after["scheduler"]["cpu_s"] - before["scheduler"]["cpu_s"], 2),
+                    "redis_cpu_s": round(after["redis"]["cpu_s"] - before["redis"]["cpu_s"], 2),
+                }
+                say(f"  [{LABEL}] killed {cluster.workers_per_fleet} workers holding {len(lost)} sandboxes: "
+                    f"reaper noticed after {out['reap']['detect_s']}s (TTL 15 s), marked all lost "
+                    f"{out['reap']['reap_s_after_detect']}s later; scheduler CPU "
+                    f"{out['reap']['scheduler_cpu_s']}s, Redis CPU {out['reap']['redis_cpu_s']}s")
             if args.terminate:
                 out["terminate"] = await terminate_all(client, sids, concurrency=args.concurrency)
                 say(f"  [{LABEL}] terminated {out['terminate']['terminated']} at "
@@ -430,7 +492,7 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
     from hotbed import templates
 
     steps: list[dict[str, Any]] = []
-    need = int(sum(args.claim_rates) * args.step_s)
+    need = int(sum(args.claim_rates) * args.claim_step_s)
     size = int(need * 1.1) + 500
     env = {"HOTBED_POOL_REFILL_PER_S": str(args.pool_refill), "HOTBED_POOL_MAX_WARMING": "4000"}
     out: dict[str, Any] = {"pool_size": size, "steps": steps}
@@ -454,6 +516,10 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
                            "rate": round(ready / max(now() - t0, 1e-9), 1)}
             say(f"  [{LABEL}] pool filled to {ready} in {out['fill']['seconds']}s "
                 f"({out['fill']['rate']}/s through the scheduler)")
+            # Claims are measured from the filled pool with refills throttled to a trickle
+            # (the pool controller's token bucket), so the claim path is what is loaded.
+            cluster.restart_schedulers(HOTBED_POOL_REFILL_PER_S=str(args.claim_refill))
+            await anyio.sleep(2.0)
             spec = SandboxSpec(image="sim", template="simtpl",
                                resources=Resources(cpu=0.25, memory_mb=256), timeout=3600)
             for rate in args.claim_rates:
@@ -471,7 +537,7 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
                         tally.ok(due, got)
 
                 before = cluster.sample()
-                n = int(rate * args.step_s)
+                n = int(rate * args.claim_step_s)
                 start = tally.first = now()
                 async with anyio.create_task_group() as tg:
                     i = 0
@@ -484,18 +550,111 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
                 after = cluster.sample()
                 step = tally.report(offered=rate)
                 step.update(delta(before, after))
+                add_cpu_cost(step)
                 step["loadavg"] = loadavg()
                 steps.append(step)
                 lat = step["latency"]
                 say(f"  [{LABEL}] claims offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  "
                     f"p50 {lat['p50_ms']:7.2f}  p90 {lat['p90_ms']:7.2f}  p99 {lat['p99_ms']:7.2f}  "
                     f"max {lat['max_ms']:7.2f} ms  errors {step['error_kinds']}  "
-                    f"cpu {step['cpu_s_total']}s")
+                    f"cpu/claim {step.get('cpu_ms_per_op')} ms")
     ok = [s for s in steps if not s["errors"] and s["latency"]["p99_ms"] <= 50]
     out["capacity_rate"] = max((s["achieved_rate"] for s in ok), default=0.0)
     out["capacity_line"] = (f"warm-pool claims ({LABEL}): {out['capacity_rate']:.0f}/s sustained "
                             f"with p99 <= 50 ms and no errors")
     say(out["capacity_line"])
+    return out
+
+
+async def phase_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU per operation, steady under load from other work: the client, one scheduler
+    and 10 simulated workers in this one process (CPU time of the process) against a
+    private Redis (its CPU from INFO), creates closed-loop with zero simulated latency,
+    then warm-pool claims. The two-core ceiling is 2 s of CPU over the cost of one."""
+    from scheduler.config import SchedulerSettings
+    from scheduler.service import Scheduler
+    from workers.config import WorkerSettings
+    from workers.simfleet import SimFleet
+
+    out: dict[str, Any] = {}
+    with Cluster(fleets=0, schedulers=0) as cluster:
+        base = msgspec.convert(
+            {"redis_url": cluster.url, "prefix": cluster.prefix, "runtime": "sim", "cpu": 4096.0,
+             "memory_mb": 1 << 24, "max_concurrency": 1024, "reconcile_s": 60.0,
+             "snapshot_dir": str(Path(cluster.dir) / "snap")},
+            WorkerSettings,
+        )
+        fleet = SimFleet(base, workers=10, id_prefix="cost", params=SimParams().scaled(0))
+        sched = Scheduler(msgspec.convert(
+            {"redis_url": cluster.url, "prefix": cluster.prefix, "name": "cost",
+             "log_level": "WARNING", "pool_refill_per_s": 5000.0, "pool_max_warming": 2000,
+             "heartbeat_ttl_s": 30.0},
+            SchedulerSettings,
+        ))
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            await tg.start(fleet.run)
+            assert sched.registry is not None
+            while len(sched.registry.workers) < 10:
+                await sched.registry.refresh()
+                await anyio.sleep(0.05)
+            async with Client(cluster.url, prefix=cluster.prefix) as client:
+                await closed_loop(client, concurrency=200, count=1000)
+                n = args.cost_n
+                r0, c0, t0 = cluster.redis_info()["cpu_s"], time.process_time(), now()
+                tally = await closed_loop(client, concurrency=400, count=n)
+                r1, c1, t1 = cluster.redis_info()["cpu_s"], time.process_time(), now()
+                py_ms, redis_ms = 1000 * (c1 - c0) / n, 1000 * (r1 - r0) / n
+                out["create"] = {
+                    "n": n, "errors": dict(tally.errors),
+                    "python_cpu_ms": round(py_ms, 3), "redis_cpu_ms": round(redis_ms, 3),
+                    "one_process_rate": round(n / (t1 - t0), 1),
+                    "two_core_ceiling_per_s": round(2000 / (py_ms + redis_ms)),
+                }
+                say(f"  [{LABEL}] cold create costs {py_ms:.3f} ms Python CPU (client + scheduler + "
+                    f"worker) + {redis_ms:.3f} ms Redis CPU -> two-core ceiling "
+                    f"{out['create']['two_core_ceiling_per_s']}/s (one process did {out['create']['one_process_rate']}/s)")
+                from hotbed import templates
+
+                await templates.create_template("costtpl", image="sim", run=["true"], cpu=0.25,
+                                                memory_mb=256, client=client, request_timeout=60)
+                pool = await templates.set_pool("costtpl", n + 500, cpu=0.25, memory_mb=256, client=client)
+                with anyio.move_on_after(args.fill_max_s):
+                    while True:
+                        if await client.redis.llen(client.keys.pool_ready(pool)) >= n:
+                            break
+                        await anyio.sleep(0.2)
+                await templates.set_pool("costtpl", 1, cpu=0.25, memory_mb=256, client=client)
+                await anyio.sleep(0.5)
+                spec = SandboxSpec(image="sim", template="costtpl",
+                                   resources=Resources(cpu=0.25, memory_mb=256), timeout=3600)
+                errors: Counter[str] = Counter()
+                left = [n]
+
+                async def claimer() -> None:
+                    while left[0] > 0:
+                        left[0] -= 1
+                        if await templates.claim_nowait(spec, client=client) is None:
+                            errors["pool_empty"] += 1
+
+                r0, c0, t0 = cluster.redis_info()["cpu_s"], time.process_time(), now()
+                async with anyio.create_task_group() as ctg:
+                    for _ in range(200):
+                        ctg.start_soon(claimer)
+                r1, c1, t1 = cluster.redis_info()["cpu_s"], time.process_time(), now()
+                py_ms, redis_ms = 1000 * (c1 - c0) / n, 1000 * (r1 - r0) / n
+                out["claim"] = {
+                    "n": n, "errors": dict(errors),
+                    "python_cpu_ms": round(py_ms, 3), "redis_cpu_ms": round(redis_ms, 3),
+                    "one_process_rate": round(n / (t1 - t0), 1),
+                    "two_core_ceiling_per_s": round(2000 / (py_ms + redis_ms)),
+                }
+                say(f"  [{LABEL}] warm claim costs {py_ms:.3f} ms Python CPU (client + worker notice) + "
+                    f"{redis_ms:.3f} ms Redis CPU -> two-core ceiling {out['claim']['two_core_ceiling_per_s']}/s "
+                    f"(one process did {out['claim']['one_process_rate']}/s; errors {dict(errors)})")
+            fleet.stop()
+            sched.stopping.set()
+    out["loadavg"] = loadavg()
     return out
 
 
@@ -610,10 +769,15 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n")[0])
-    p.add_argument("--phases", default="throughput,claims,replicas,placement,concurrency,mixed")
+    p.add_argument("--phases", default="cost,throughput,claims,replicas,placement,concurrency,mixed")
+    p.add_argument("--cost-n", type=int, default=10_000, help="operations in the cost phase")
     p.add_argument("--claim-rates", default="1000,2500,5000,8000")
+    p.add_argument("--claim-step-s", type=float, default=2.0,
+                   help="seconds per claim step (the pool is filled for all steps first)")
     p.add_argument("--pool-refill", type=float, default=3000.0, help="pool refills/s allowed")
     p.add_argument("--fill-max-s", type=float, default=90.0)
+    p.add_argument("--claim-refill", type=float, default=100.0,
+                   help="pool refills/s allowed while claims are measured")
     p.add_argument("--rates", default="250,500,1000,2000,4000,8000")
     p.add_argument("--step-s", type=float, default=5.0)
     p.add_argument("--fleets", type=int, default=2, help="simfleet processes")
@@ -626,6 +790,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--probe-n", type=int, default=1000)
     p.add_argument("--exec-n", type=int, default=5000)
     p.add_argument("--no-terminate", dest="terminate", action="store_false")
+    p.add_argument("--no-reap", dest="reap", action="store_false",
+                   help="skip killing a fleet process to time the reaper")
     p.add_argument("--sessions", type=int, default=2000)
     p.add_argument("--think-s", default="0.2,1.0", help="think time between execs, min,max seconds")
     p.add_argument("--ramp-s", type=float, default=5.0, help="sessions start spread over this")
@@ -639,6 +805,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         args.rates = [250.0, 1000.0]
         args.claim_rates = [1000.0, 2000.0]
+        args.claim_step_s = 1.0
+        args.cost_n = 2000
         args.step_s = 2.0
         args.live = 5_000
         args.exec_n = 500
@@ -646,6 +814,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.probe_n = 200
         args.mixed_max_s = 40.0
     return args
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str]) -> int:
@@ -665,6 +837,7 @@ def main(argv: list[str]) -> int:
     runners: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
         "throughput": phase_throughput, "replicas": phase_replicas,
         "concurrency": phase_concurrency, "mixed": phase_mixed, "claims": phase_claims,
+        "cost": phase_cost,
     }
 
     async def run_all() -> None:
@@ -677,7 +850,11 @@ def main(argv: list[str]) -> int:
                 results[phase] = await runners[phase](args)
             results[phase]["phase_seconds"] = round(time.monotonic() - t, 1)
 
+    # SIGTERM ends the run like Ctrl-C: the clusters' context managers stop what they started.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     anyio.run(run_all, backend="asyncio", backend_options={"use_uvloop": True})
+    for p in results.get("concurrency", {}).get("points", []):
+        p.pop("_mem", None)
     results["loadavg_end"] = loadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ import anyio
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from hotbed import keys as keyspace
 from hotbed import batching, lua, protocol
+from hotbed import keys as keyspace
 from hotbed.batching import Script, raise_first_error
 from hotbed.connection import MAX_BLOCK_S, connect
 from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound, WorkerLost

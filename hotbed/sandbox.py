@@ -333,8 +333,8 @@ class Sandbox(AgentExecMixin):
         plain exec are not restored). Output goes to /tmp/.hotbed/spawn.log."""
         if "\n" in command:
             raise InvalidRequest("spawn takes one line (use ';' or a script file)")
-        res = await self.exec(
-            "/bin/sh", "-c", 'printf "%s\\n" "$1" > /tmp/.hotbed/spawn', "sh", command, timeout=10.0
-        )
+        from hotbed.templates import SPAWN_SCRIPT
+
+        res = await self.exec("/bin/sh", "-c", SPAWN_SCRIPT, "sh", command, timeout=30.0)
         if not res.ok:
             raise InvalidRequest(f"could not spawn {command!r}: {res.stderr.strip()}", sandbox_id=self.id)

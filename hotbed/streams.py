@@ -147,10 +147,11 @@ class StreamConsumer:
                 )
             except redis_errors.ResponseError as exc:
                 self.limiter.release_on_behalf_of(token)
-                if "NOGROUP" not in str(exc):
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
                 # The stream was deleted under us (a reaper declared this consumer's
-                # owner dead); recreate it and carry on rather than crash.
+                # owner dead, before or while we blocked on it); recreate it and carry
+                # on rather than crash.
                 log.warning("stream %s or its group vanished; recreating it", self.stream)
                 await ensure_group(self.redis, self.stream, self.group)
                 continue

@@ -28,12 +28,14 @@ from __future__ import annotations
 import re
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
 import orjson
 
-from hotbed import lua, protocol
+from hotbed import batching, lua, protocol
+from hotbed.batching import Script, raise_first_error
 from hotbed.client import Client, new_id
 from hotbed.errors import InvalidRequest, TemplateNotFound
 from hotbed.protocol import (
@@ -52,6 +54,16 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # How long a claimer may take between POOL_CLAIM and finishing the claim.
 CLAIM_LEASE_MS = 10_000
 BUILD_TIMEOUT_S = 900.0
+# Each line written to this FIFO in a sandbox is started as a child of its init (the
+# runtime's idle shell or the guest agent): such processes are part of memory snapshots,
+# while processes descending from an exec are not restored by gVisor.
+SPAWN_FIFO = "/tmp/.hotbed/spawn"
+# Waits (at most ~20 s) for init to have made the FIFO: the guest agent (issue 5), when
+# it is PID 1, creates it a moment after the container starts.
+SPAWN_SCRIPT = (
+    f'i=0; while [ ! -p {SPAWN_FIFO} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; '
+    f'printf "%s\\n" "$1" > {SPAWN_FIFO}'
+)
 
 
 class TemplateRecord(msgspec.Struct, kw_only=True, frozen=True):
@@ -81,7 +93,16 @@ def template_to_hash(rec: TemplateRecord) -> dict[str, Any]:
 _spec_decoder = msgspec.msgpack.Decoder(TemplateSpec)
 
 
-def template_from_hash(raw: dict[bytes, bytes]) -> TemplateRecord | None:
+def _b(x: bytes | str) -> bytes:
+    return x if isinstance(x, bytes) else x.encode()
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def template_from_hash(hash_: Mapping[Any, Any]) -> TemplateRecord | None:
+    raw = {_b(k): _b(v) for k, v in hash_.items()}
     if not raw or b"name" not in raw:
         return None
     g = raw.get
@@ -173,7 +194,7 @@ async def get_template(name: str, *, client: Client) -> TemplateRecord:
 
 
 async def list_templates(*, client: Client) -> list[TemplateRecord]:
-    names = sorted(n.decode() for n in await client.redis.smembers(client.keys.templates))
+    names = sorted(_s(n) for n in await client.redis.smembers(client.keys.templates))
     out = []
     for n in names:
         rec = template_from_hash(await client.redis.hgetall(client.keys.template(n)))
@@ -223,7 +244,7 @@ async def set_pool(
 
 
 async def pool_status(*, client: Client) -> list[PoolStatus]:
-    names = sorted(n.decode() for n in await client.redis.smembers(client.keys.pools))
+    names = sorted(_s(n) for n in await client.redis.smembers(client.keys.pools))
     out = []
     for n in names:
         async with client.redis.pipeline(transaction=False) as pipe:
@@ -249,6 +270,8 @@ class _Scripts:
 
 
 _scripts: weakref.WeakKeyDictionary[Client, _Scripts] = weakref.WeakKeyDictionary()
+_POOL_CLAIM = Script(lua.POOL_CLAIM)
+_CLAIM_RECORD = Script(lua.CLAIM_RECORD)
 
 
 async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated | None:
@@ -264,17 +287,24 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
     pool = pool_name(spec.template, spec.resources)
     ready, claims = keys.pool_ready(pool), keys.pool_claims(pool)
     tags = orjson.dumps(spec.tags).decode()
+    # Each step is auto-pipelined: concurrent claims of this client share round trips.
+    ap = batching.for_client(client.redis)
     while True:
-        got = await scripts.claim(keys=[ready, claims], args=[CLAIM_LEASE_MS])
+        (got,) = raise_first_error(await ap.execute(
+            _POOL_CLAIM.call([ready, claims], [CLAIM_LEASE_MS]), scripts=(_POOL_CLAIM,)
+        ))
         if not got:
             return None
         item, now_ms = got[0], int(got[1])
         sid, wid = item.decode().split(" ", 1)
         now = now_ms / 1000
-        ok = await scripts.record(
-            keys=[keys.sandbox(sid)],
-            args=[repr(now), repr(spec.timeout), repr(spec.idle_timeout or 0.0), tags, client.client_id],
-        )
+        (ok,) = raise_first_error(await ap.execute(
+            _CLAIM_RECORD.call(
+                [keys.sandbox(sid)],
+                [repr(now), repr(spec.timeout), repr(spec.idle_timeout or 0.0), tags, client.client_id],
+            ),
+            scripts=(_CLAIM_RECORD,),
+        ))
         if not ok:
             # Died (or was taken back) since it was listed: never hand it out.
             await client.redis.zrem(claims, item)
@@ -286,9 +316,9 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
                 env=dict(spec.env),
             ),
         )
-        async with client.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(keys.worker_cmds(wid), {b"m": protocol.encode(notice)})
-            pipe.zadd(keys.sandboxes, {sid: now})
-            pipe.zrem(claims, item)
-            await pipe.execute()
+        raise_first_error(await ap.execute(
+            ("XADD", keys.worker_cmds(wid), "*", "m", protocol.encode(notice)),
+            ("ZADD", keys.sandboxes, now, sid),
+            ("ZREM", claims, item),
+        ))
         return SandboxCreated(sandbox_id=sid, worker_id=wid, path="warm")

@@ -196,7 +196,7 @@ class PoolController:
     async def _shrink(self, name: str, surplus: int) -> None:
         keys = self.sched.keys
         for _ in range(surplus):
-            item = await self.redis.rpop(keys.pool_ready(name))
+            item = await self.redis.lpop(keys.pool_ready(name))
             if item is None:
                 return
             await self._end(item.decode(), "pool shrunk")

@@ -90,10 +90,16 @@ class WorkerRegistry:
         examined: list[WorkerView] = []
         try:
             while heap:
-                _g, _neg, v, wid = heap[0]
+                _g, neg, v, wid = heap[0]
                 w = self.workers.get(wid)
                 if w is None or self._version.get(wid) != v:
                     heapq.heappop(heap)  # stale entry
+                    continue
+                if neg != -w.cpu_free:
+                    # Its free CPU changed since it was keyed (a placement, a failed
+                    # reservation): re-key it where it now belongs.
+                    heapq.heappop(heap)
+                    self._push(w)
                     continue
                 examined.append(w)
                 if w.cpu_free < need_cpu or w.mem_free < need_mem:

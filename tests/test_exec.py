@@ -39,6 +39,11 @@ async def test_session_state_persists(hotbed_stack: Stack) -> None:
         # Output that looks like a marker or a prompt changes nothing.
         res = await sh.run("printf '\\n0\\n$ '; echo $((6*7))")
         assert res.stdout == "\n0\n$ 42\n" and res.exit_code == 0
+        # A command that breaks the shell's status pipe ends the session, not the agent.
+        other_broken = sb.shell("broken")
+        res = await other_broken.run("exec 3>&-", timeout=10)
+        assert res.exit_code != 0
+        assert (await other_broken.run("echo fresh")).stdout == "fresh\n"
         # A second session is independent.
         other = sb.shell("other")
         assert (await other.run("pwd")).stdout.strip() != "/tmp/proj"
@@ -58,8 +63,8 @@ async def test_interrupt_stops_sleep_and_session_survives(hotbed_stack: Stack) -
             tg.start_soon(run_long)
             # Wait until the sleep is really running, then Ctrl-C.
             with anyio.fail_after(20):
-                while "sleep 100" not in (await sb.exec("ps", "-eo", "args")).stdout:
-                    await anyio.sleep(0.05)  # noqa: ASYNC110 - polls the sandbox
+                while "sleep 100" not in (await sb.exec("ps", "-eo", "args")).stdout:  # noqa: ASYNC110 (polls the sandbox)
+                    await anyio.sleep(0.05)
             t0 = time.monotonic()
             await sh.interrupt()
         assert time.monotonic() - t0 < 1.0
@@ -179,6 +184,8 @@ async def test_background_process_reattached_by_another_client(
             # Reading from an offset returns only what follows it.
             part = await p2.read_from(stdout_offset=6)
             assert part.stdout == b"line2\nline3\n"
+        with pytest.raises(hotbed.ProcessNotFound):
+            await sb.process(999_999).read()
         # Signals reach the process group.
         sleeper = await sb.start_process("sleep", "300")
         await sleeper.signal(signal.SIGTERM)
@@ -295,8 +302,8 @@ async def test_cli_exec_shell_and_processes(hotbed_stack: Stack) -> None:
         res = await anyio.run_process([*cli, "ps", sb.id], env=env)
         assert str(pid).encode() in res.stdout and b"running" in res.stdout
         with anyio.fail_after(20):
-            while b"bg-out" not in (await anyio.run_process([*cli, "logs", sb.id, str(pid)], env=env)).stdout:
-                await anyio.sleep(0.1)  # noqa: ASYNC110 - polls the sandbox
+            while b"bg-out" not in (await anyio.run_process([*cli, "logs", sb.id, str(pid)], env=env)).stdout:  # noqa: ASYNC110 (polls the sandbox)
+                await anyio.sleep(0.1)
         await anyio.run_process([*cli, "kill", sb.id, str(pid), "-s", "9"], env=env)
         info = await sb.process(pid).wait(timeout=10)
         assert not info.running
@@ -331,3 +338,15 @@ async def test_session_and_process_survive_worker_restart(redis_url: str, prefix
                 second.stopping.set()
             await stop_stack(stack)
     assert leftover_containers(prefix) == []
+
+
+async def test_streaming_errors_arrive_at_once(hotbed_stack: Stack) -> None:
+    async with await _base(hotbed_stack) as sb:
+        pass
+    # The sandbox has ended: the stream ends with the typed error, not after a wait.
+    t0 = time.monotonic()
+    with pytest.raises(hotbed.errors.SandboxNotFound):
+        async with sb.exec_stream("true") as out:
+            async for _ in out:
+                pass
+    assert time.monotonic() - t0 < 0.9

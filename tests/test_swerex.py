@@ -75,8 +75,8 @@ async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> N
 
             tg.start_soon(long)
             with anyio.fail_after(20):
-                while "sleep 100" not in (await rt.execute(Command(command=["ps", "-eo", "args"]))).stdout:
-                    await anyio.sleep(0.05)  # noqa: ASYNC110 - polls the sandbox
+                while "sleep 100" not in (await rt.execute(Command(command=["ps", "-eo", "args"]))).stdout:  # noqa: ASYNC110 (polls the sandbox)
+                    await anyio.sleep(0.05)
             await rt.run_in_session(BashInterruptAction())
         assert got and got[0].exit_code == 130  # type: ignore[attr-defined]
         obs = await rt.run_in_session(BashAction(command="echo $ROOT"))

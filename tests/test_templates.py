@@ -14,7 +14,7 @@ import anyio
 import msgspec
 import pytest
 
-from hotbed import templates
+from hotbed import lua, templates
 from hotbed.errors import SandboxNotRunning, SetupFailed, TemplateNotFound
 from hotbed.protocol import Resources, SandboxSpec
 from hotbed.sandbox import Sandbox
@@ -47,7 +47,10 @@ async def stack(redis_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[St
     async with anyio.create_task_group() as tg:
         stack = await start_stack(
             redis_url, prefix, tg=tg,
-            worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "reconcile_s": 0.3},
+            # Capacity is reserved per requested CPU: declare room for a pool of 50 on
+            # this 2-core box rather than throttle each sandbox to a sliver of a core.
+            worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "reconcile_s": 0.3,
+                              "cpu": 64},
             scheduler_overrides={"pool_interval_s": 0.05, "pool_refill_per_s": 50.0,
                                  "pool_max_warming": 8},
         )
@@ -133,14 +136,14 @@ async def test_warm_pool_claims_and_refills(stack: Stack) -> None:
     seed = secrets.token_hex(8)
     name = await keeper_template(stack, seed)
     c = stack.client
-    pool = await templates.set_pool(name, 3, cpu=0.1, memory_mb=128, client=c)
+    pool = await templates.set_pool(name, 3, memory_mb=128, client=c)
 
     async def full() -> bool:
         return await c.redis.llen(c.keys.pool_ready(pool)) == 3
 
     await wait_for(full, "pool filled")
     sb = await Sandbox.create(
-        template=name, cpu=0.1, memory_mb=128, env={"CLAIM_VAR": "v1"}, tags={"who": "me"}, timeout=30,
+        template=name, memory_mb=128, env={"CLAIM_VAR": "v1"}, tags={"who": "me"}, timeout=30,
         client=c,
     )
     try:
@@ -155,9 +158,20 @@ async def test_warm_pool_claims_and_refills(stack: Stack) -> None:
         await wait_for(full, "pool refilled")
         local = stack.worker.sandboxes[sb.id]
         assert local.pool == "" and local.expires_at <= rec.created_at + 30.001
+        # A claimer that vanishes between POOL_CLAIM and finishing its claim: the lease
+        # expires and the pool controller puts the still-pooled sandbox back.
+        claim = c.redis.register_script(lua.POOL_CLAIM)
+        ready, claims = c.keys.pool_ready(pool), c.keys.pool_claims(pool)
+        item, _now = await claim(keys=[ready, claims], args=[50])
+
+        async def taken_back() -> bool:
+            return item in await c.redis.lrange(ready, 0, -1) and not await c.redis.zcard(claims)
+
+        await wait_for(taken_back, "abandoned claim taken back")
+        assert (await c.record(item.decode().split()[0])).state == "pooled"
     finally:
         await sb.terminate()
-        await templates.set_pool(name, 0, cpu=0.1, memory_mb=128, client=c)
+        await templates.set_pool(name, 0, memory_mb=128, client=c)
 
     async def drained() -> bool:
         return not any(s.pool for s in stack.worker.sandboxes.values())
@@ -172,7 +186,7 @@ async def test_concurrent_claims_hand_out_each_pooled_sandbox_once(stack: Stack)
     name = f"race-{secrets.token_hex(3)}"
     await templates.create_template(name, image=BUSYBOX_IMAGE, memory_mb=32, client=stack.client)
     c = stack.client
-    pool = await templates.set_pool(name, 50, cpu=0.02, memory_mb=32, client=c)
+    pool = await templates.set_pool(name, 50, memory_mb=32, client=c)
 
     async def full() -> bool:
         return await c.redis.llen(c.keys.pool_ready(pool)) >= 50
@@ -180,7 +194,7 @@ async def test_concurrent_claims_hand_out_each_pooled_sandbox_once(stack: Stack)
     await wait_for(full, "pool of 50 filled", timeout=90)
     # No refills during the race: exactly 200 claims against 50 entries.
     stack.scheduler.settings = msgspec.structs.replace(stack.scheduler.settings, pool_max_warming=0)
-    spec = SandboxSpec(template=name, resources=Resources(cpu=0.02, memory_mb=32))
+    spec = SandboxSpec(template=name, resources=Resources(memory_mb=32))
     got: list[str] = []
     empty = 0
 
@@ -199,21 +213,21 @@ async def test_concurrent_claims_hand_out_each_pooled_sandbox_once(stack: Stack)
     assert len(set(got)) == len(got), "a pooled sandbox was handed out twice"
     assert len(got) == 50 and empty == 150
     assert await c.redis.zcard(c.keys.pool_claims(pool)) == 0
-    restored = [await Sandbox.create(template=name, cpu=0.02, memory_mb=32, client=c) for _ in range(2)]
+    restored = [await Sandbox.create(template=name, memory_mb=32, client=c) for _ in range(2)]
     assert [s.path for s in restored] == ["restore", "restore"]
     claimed = [Sandbox(sid, stack.worker.id, client=c) for sid in got]
     assert (await claimed[0].run("echo ok")).stdout == "ok\n"
     async with anyio.create_task_group() as tg:
         for s in claimed + restored:
             tg.start_soon(s.terminate)
-    await templates.set_pool(name, 0, cpu=0.02, memory_mb=32, client=c)
+    await templates.set_pool(name, 0, memory_mb=32, client=c)
 
 
 async def test_dead_pooled_sandbox_is_replaced_never_handed_out(stack: Stack) -> None:
     name = f"die-{secrets.token_hex(3)}"
     await templates.create_template(name, image=BUSYBOX_IMAGE, memory_mb=32, client=stack.client)
     c = stack.client
-    pool = await templates.set_pool(name, 2, cpu=0.1, memory_mb=32, client=c)
+    pool = await templates.set_pool(name, 2, memory_mb=32, client=c)
 
     async def ready_ids() -> list[str]:
         return [i.decode().split()[0] for i in await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)]
@@ -233,12 +247,12 @@ async def test_dead_pooled_sandbox_is_replaced_never_handed_out(stack: Stack) ->
     await wait_for(replaced, "dead pooled sandbox replaced")
     rec = await c.record(victim)
     assert rec.state == "failed"
-    sbs = [await Sandbox.create(template=name, cpu=0.1, memory_mb=32, client=c) for _ in range(2)]
+    sbs = [await Sandbox.create(template=name, memory_mb=32, client=c) for _ in range(2)]
     try:
         assert victim not in [s.id for s in sbs]
         assert all(s.path == "warm" for s in sbs)
     finally:
-        await templates.set_pool(name, 0, cpu=0.1, memory_mb=32, client=c)
+        await templates.set_pool(name, 0, memory_mb=32, client=c)
         for s in sbs:
             await s.terminate()
 
@@ -250,7 +264,9 @@ async def test_dead_pooled_sandbox_is_replaced_never_handed_out(stack: Stack) ->
 
 async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None:
     c = stack.client
-    parent = await Sandbox.create(BUSYBOX_IMAGE, cpu=0.25, memory_mb=64, client=c)
+    # Checkpointing is charged to the sandbox's own memory limit (the gVisor sentry
+    # serializes it): leave headroom.
+    parent = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=256, client=c)
     try:
         await parent.write_file("/tmp/seed", "forked-state")
         await parent.spawn(KEEPER)
@@ -262,7 +278,6 @@ async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None
                 assert await ask(k) == "forked-state"
             await kids[0].write_file("/tmp/mine", "0")
             assert not (await kids[1].run("test -e /tmp/mine")).ok
-            print("DBG", parent.id, [k.id for k in kids], list(stack.worker.sandboxes))
             assert not (await parent.run("test -e /tmp/mine")).ok
             # The parent kept running through the checkpoint.
             assert await ask(parent) == "forked-state"
@@ -273,7 +288,7 @@ async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None
         name = await parent.snapshot(f"from-{secrets.token_hex(3)}")
         rec = await templates.get_template(name, client=c)
         assert rec.source == parent.id and rec.state == "ready"
-        child = await Sandbox.create(template=name, cpu=0.25, memory_mb=64, client=c)
+        child = await Sandbox.create(template=name, memory_mb=256, client=c)
         try:
             assert await ask(child) == "forked-state"
         finally:
@@ -294,11 +309,11 @@ async def _gone(sb: Sandbox, path: str) -> bool:
 async def test_pause_resume_survives_worker_restart(redis_url: str, prefix: str, tmp_path: Path) -> None:
     if not docker_available() or not image_exists(BUSYBOX_IMAGE):
         pytest.fail("dockerd with runsc and the busybox image are needed: run `make test`")
-    overrides = {"snapshot_dir": str(tmp_path / "snapshots"), "drain_on_stop": False}
+    overrides = {"snapshot_dir": str(tmp_path / "snapshots"), "drain_on_stop": False, "cpu": 16}
     async with anyio.create_task_group() as tg:
         stack = await start_stack(redis_url, prefix, tg=tg, worker_overrides=overrides)
         c = stack.client
-        sb = await Sandbox.create(BUSYBOX_IMAGE, cpu=0.25, memory_mb=64, client=c)
+        sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=256, client=c)
         try:
             await sb.write_file("/tmp/seed", "paused-state")
             await sb.spawn(KEEPER)

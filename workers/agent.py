@@ -89,12 +89,21 @@ class Local(msgspec.Struct, kw_only=True):
     env: dict[str, str] = {}
     pool: str = ""
     paused: bool = False
+    # Being checkpointed: the container looks stopped meanwhile; not a death.
+    busy: bool = False
 
 
 class WorkerAgent:
     def __init__(
-        self, settings: WorkerSettings, runtime: Runtime, *, gpu_detector: GpuDetector | None = None
+        self,
+        settings: WorkerSettings,
+        runtime: Runtime,
+        *,
+        gpu_detector: GpuDetector | None = None,
+        redis: aioredis.Redis | None = None,
     ) -> None:
+        """``redis``: a command client shared with other agents of this process (the
+        simulated fleet), so their writes share pipelines; the agent does not close it."""
         self.settings = settings
         self.runtime = runtime
         self.id = settings.resolved_id()
@@ -114,6 +123,7 @@ class WorkerAgent:
             gpus=(gpu_detector or detector_for(settings.gpu_detect, settings.gpus)).detect(),
         )
         self._redis: aioredis.Redis | None = None
+        self._shared_redis = redis
         self._blocking: aioredis.Redis | None = None
         self._in_flight = anyio.CapacityLimiter(settings.max_concurrency)
         # Issue 5: exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
@@ -130,7 +140,7 @@ class WorkerAgent:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :attr:`stopping` is set, then shut down in order."""
-        self._redis = connect(self.settings.redis_url)
+        self._redis = self._shared_redis or connect(self.settings.redis_url)
         self._blocking = connect(self.settings.redis_url, blocking=True)
         try:
             await self.runtime.open()
@@ -141,7 +151,8 @@ class WorkerAgent:
                     await self.runtime.aclose()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._redis.aclose()
+                if self._shared_redis is None:
+                    await self._redis.aclose()
                 await self._blocking.aclose()
             self.stopped.set()
 
@@ -305,7 +316,10 @@ class WorkerAgent:
             await anyio.sleep(self.settings.reconcile_s)
             # Only sandboxes known before listing: one started (or resumed) while the
             # list was in flight is not in it, and is not dead.
-            known = {sid: local for sid, local in self.sandboxes.items() if not local.paused}
+            known = {
+                sid: local for sid, local in self.sandboxes.items()
+                if not local.paused and not local.busy
+            }
             try:
                 running = {
                     m.sandbox_id for m in await self.runtime.list_managed()
@@ -315,7 +329,7 @@ class WorkerAgent:
                 log.warning("health check failed: %s", exc)
                 continue
             for sid, local in known.items():
-                if sid not in running and self.sandboxes.get(sid) is local and not local.paused:
+                if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
                     await self._end_quietly(sid, "died", state="failed")
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:

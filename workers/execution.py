@@ -254,10 +254,10 @@ class ExecutionService:
 
     async def dispatch(self, env: Envelope) -> Reply:
         body: Any = env.body
-        local = await self.agent._touch(body.sandbox_id)
         stream_to = getattr(body, "stream_to", "")
         sink = Sink(self.redis, stream_to) if stream_to else None
         try:
+            local = await self.agent._touch(body.sandbox_id)
             reply = await self._dispatch(env, body, local.user, sink)
         except HotbedError as exc:
             if sink is not None:

@@ -22,6 +22,7 @@ import msgspec
 
 from hotbed import daemon
 from hotbed.config import load_settings
+from hotbed.connection import connect
 from hotbed.errors import ConfigError
 from workers.agent import WorkerAgent
 from workers.config import WorkerSettings
@@ -41,20 +42,31 @@ class SimFleet:
         seed: int = 0,
     ) -> None:
         self.params = params or SimParams()
+        self.base = base
         self.agents: list[WorkerAgent] = []
+        # One command client for all agents of the process: their record writes, replies
+        # and acks share pipelines (a real node has one agent; this keeps the simulator's
+        # own CPU from crowding out the control plane it is there to load).
+        self.redis = connect(base.redis_url)
         for i in range(workers):
             settings = msgspec.structs.replace(base, worker_id=f"{id_prefix}-{i:03d}", runtime="sim")
-            self.agents.append(WorkerAgent(settings, SimRuntime(self.params, seed=seed + i)))
+            self.agents.append(
+                WorkerAgent(settings, SimRuntime(self.params, seed=seed + i), redis=self.redis)
+            )
 
     def stop(self) -> None:
         for agent in self.agents:
             agent.stopping.set()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            for agent in self.agents:
-                await tg.start(agent.run)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                for agent in self.agents:
+                    await tg.start(agent.run)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.redis.aclose()
 
     def statistics(self) -> dict[str, float]:
         out: dict[str, float] = {"workers": len(self.agents)}

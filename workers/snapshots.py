@@ -54,7 +54,13 @@ from hotbed.protocol import (
     TemplateReady,
     TemplateSpec,
 )
-from hotbed.templates import TemplateRecord, check_name, template_from_hash, template_to_hash
+from hotbed.templates import (
+    SPAWN_SCRIPT,
+    TemplateRecord,
+    check_name,
+    template_from_hash,
+    template_to_hash,
+)
 from workers.runtimes.base import Placed
 
 if TYPE_CHECKING:
@@ -64,7 +70,6 @@ log = logging.getLogger(__name__)
 
 GC_INTERVAL_S = 60.0
 GC_GRACE_S = 120.0
-SPAWN_FIFO = "/tmp/.hotbed/spawn"
 OUTPUT_TAIL = 2000
 
 
@@ -125,6 +130,10 @@ class LocalStore:
         if not self.root.is_dir():
             return []
         return [p.name for p in self.root.iterdir() if p.name.startswith("snap-") and p.is_dir()]
+
+
+def _text(v: bytes | str | None) -> str:
+    return v.decode() if isinstance(v, bytes) else (v or "")
 
 
 def _tail(data: bytes) -> str:
@@ -289,8 +298,7 @@ class SnapshotManager:
             raise InvalidRequest("a start command is one line (use ';' or a script file)")
         res = await self.agent.runtime.exec(
             sid,
-            ExecSpec(argv=["/bin/sh", "-c", f'printf "%s\\n" "$1" > {SPAWN_FIFO}', "sh", command],
-                     timeout=10.0),
+            ExecSpec(argv=["/bin/sh", "-c", SPAWN_SCRIPT, "sh", command], timeout=30.0),
             default_user=user,
         )
         if res.exit_code != 0:
@@ -358,15 +366,18 @@ class SnapshotManager:
         rec = await agent.redis.hgetall(agent.keys.sandbox(sid))
         snap = new_snapshot_id()
         self.dir.mkdir(parents=True, exist_ok=True)
+        local.busy = True
         try:
             size = await agent.runtime.checkpoint(sid, self.path(snap), leave_running=True)
             await self.store.put(snap, self.path(snap))
         except BaseException:
             shutil.rmtree(self.path(snap), ignore_errors=True)
             raise
+        finally:
+            local.busy = False
         took = anyio.current_time() - started
         ts = TemplateSpec(
-            image=(rec.get(b"image") or b"").decode(), user=local.user,
+            image=_text(rec.get(b"image")), user=local.user,
             resources=protocol.Resources(
                 cpu=float(rec.get(b"cpu") or 1.0), memory_mb=int(rec.get(b"memory_mb") or 512)
             ),
@@ -488,13 +499,17 @@ class SnapshotManager:
             raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
         if not local.paused:
             return SandboxState(sandbox_id=sid, state="running")
+        local.busy = True
         try:
-            await agent.runtime.resume(sid)
-        except RuntimeFailure:
-            # One retry: dockerd/containerd occasionally refuse the first restore.
-            await anyio.sleep(0.2)
-            await agent.runtime.resume(sid)
-        local.paused = False
+            try:
+                await agent.runtime.resume(sid)
+            except RuntimeFailure:
+                # One retry: dockerd/containerd occasionally refuse the first restore.
+                await anyio.sleep(0.2)
+                await agent.runtime.resume(sid)
+            local.paused = False
+        finally:
+            local.busy = False
         self._guest("forget", sid)
         self._guest("prepare", sid)
         local.last_active = daemon.wall()

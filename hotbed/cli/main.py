@@ -24,6 +24,7 @@ T = TypeVar("T")
 # Area modules, in help order. A new area adds itself here.
 AREAS = [
     "hotbed.cli.sandboxes",
+    "hotbed.cli.templates",
     "hotbed.cli.system",
     "hotbed.cli.fleet",
     "hotbed.cli.shell",

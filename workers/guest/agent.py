@@ -1,6 +1,9 @@
+# mypy: ignore-errors
+# (Runs inside sandboxes on the image's own python3, standard library only; kept plain.)
 """hotbed guest agent: the process hotbed runs as PID 1 of every sandbox whose image has
-python3. Standard library only; the worker passes this file as ``python3 -c SOURCE``,
-so nothing is installed into the image and it is part of every memory snapshot.
+python3. Standard library only; the worker passes this file as ``python3 -c SOURCE``
+(which re-execs from a memfd so ``ps`` stays readable), so nothing is installed into the
+image and it is part of every memory snapshot.
 
 It talks to the worker over its own stdin/stdout (the container's attached stdio) in
 frames (docs/protocol.md, "Guest agent protocol")::
@@ -23,13 +26,13 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import termios
 import time
 
 MAGIC = b"HBG1"
 HEAD = struct.Struct(">4sII")
-READ_CHUNK = 1 << 16
+READ_CHUNK = 1 << 20
+PIPE_BYTES = 1 << 20
 HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
 BG_BUFFER = 8 << 20
@@ -143,6 +146,14 @@ def nonblock(fd):
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
+def grow_pipe(fd):
+    # Fewer, larger reads of a flooding command (every syscall costs under gVisor).
+    try:
+        fcntl.fcntl(fd, 1031, PIPE_BYTES)  # F_SETPIPE_SZ
+    except OSError:
+        pass
+
+
 def kill_group(pid, sig):
     for target in (-pid, pid):
         try:
@@ -250,6 +261,7 @@ class Proc:
                 fd = os.dup(f.fileno())
                 f.close()
                 nonblock(fd)
+                grow_pipe(fd)
                 self.fds[fd] = n
             if popen.stdin is not None:
                 self.stdin_fd = os.dup(popen.stdin.fileno())
@@ -433,7 +445,7 @@ class Session:
 
     def __init__(self, name, req):
         self.name = name
-        self.dir = tempfile.mkdtemp(prefix="hotbed-session-")
+        self.dir = _session_dir(name)
         status_r, status_w = os.pipe()
         env = dict(os.environ)
         env.update(req.get("env") or {})
@@ -523,7 +535,11 @@ class Session:
         except OSError:
             data = b""
         if not data:
+            # The shell lost its status pipe (a command closed fd 3, or it is exiting):
+            # without it no command can finish, so end the session (reported on exit).
             _set_events(fd, 0, None)
+            if not self.dead:
+                kill_group(self.pid, signal.SIGKILL)
             return
         self.status_buf += data
         while b"\n" in self.status_buf:
@@ -621,6 +637,21 @@ class Session:
             os.rmdir(self.dir)
         except OSError:
             pass
+
+
+_session_seq = [0]
+
+
+def _session_dir(name):
+    base = os.environ.get("TMPDIR") or "/tmp"
+    while True:
+        _session_seq[0] += 1
+        path = os.path.join(base, f".hotbed-session-{os.getpid()}-{_session_seq[0]}")
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 def _group_members(pgid):
@@ -1008,7 +1039,34 @@ def main():
         reap()
 
 
+def reexec_from_memfd():
+    """Started as ``python3 -c SOURCE SOURCE``: every ``ps`` would show the whole source
+    as our command line. Re-exec from an in-memory file instead (part of snapshots like
+    any memory); ``ps`` then shows ``python3 -I /proc/self/fd/N hotbed-guest-agent``."""
+    if sys.argv[:1] != ["-c"] or len(sys.argv) < 2:
+        return
+    try:
+        fd = os.memfd_create("hotbed-guest-agent", 0)
+        data = sys.argv[1].encode()
+        while data:
+            data = data[os.write(fd, data):]
+        os.execv(sys.executable or "/usr/bin/python3",
+                 ["python3", "-I", f"/proc/self/fd/{fd}", "hotbed-guest-agent", str(fd)])
+    except (OSError, AttributeError):
+        return  # keep running as we are
+
+
+def close_source_fd():
+    if len(sys.argv) > 2 and sys.argv[1] == "hotbed-guest-agent":
+        try:
+            os.close(int(sys.argv[2]))
+        except (OSError, ValueError):
+            pass
+
+
 if __name__ == "__main__":
+    reexec_from_memfd()
+    close_source_fd()
     try:
         main()
     except SystemExit:

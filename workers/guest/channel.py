@@ -40,8 +40,8 @@ HEAD = struct.Struct(">4sII")
 NOAGENT = b"HOTBED-NOAGENT"
 HELLO_TIMEOUT_S = 20.0
 # Frames buffered per request before the reader waits for its consumer.
-PER_REQUEST_FRAMES = 32
-READ_QUEUE_BYTES = 4 << 20
+PER_REQUEST_FRAMES = 8
+READ_QUEUE_BYTES = 2 << 20
 
 GUEST_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
 
@@ -50,14 +50,18 @@ GUEST_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
 def guest_command(idle_cmd: list[str]) -> list[str]:
     """PID 1 of a docker sandbox: the guest agent where the image has python3; else the
     runtime's idle shell (``idle_cmd``, a ``sh -c`` script), plus a reader that answers
-    every line written to stdin with ``HOTBED-NOAGENT`` (so the worker knows at once)."""
+    every line written to stdin with ``HOTBED-NOAGENT`` (so the worker knows at once).
+    Either way PID 1 re-execs so that ``ps`` does not show the agent's source."""
+    fallback = (
+        f"exec 3<&0; (while read -r _l <&3; do echo {NOAGENT.decode()}; done) & " + idle_cmd[-1]
+    )
     return [
         "/bin/sh",
         "-c",
-        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0"; fi; '
-        f"exec 3<&0; (while read -r _l <&3; do echo {NOAGENT.decode()}; done) & "
-        + idle_cmd[-1],
+        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0" "$0"; fi; '
+        'exec /bin/sh -c "$1"',
         GUEST_SOURCE,
+        fallback,
     ]
 
 

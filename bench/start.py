@@ -1,0 +1,391 @@
+"""``python -m bench start`` (``make bench-start``): time from create to first exec.
+
+One run, one machine, the same template for every path:
+
+  (a) ``docker``  plain ``docker run`` of the image (runsc, no network) + the set-up via
+                  ``docker exec``: what a SWE-agent user does today (the baseline);
+  (b) ``cold``    hotbed ``Sandbox.create(image)`` + the same set-up through hotbed;
+  (c) ``restore`` hotbed ``Sandbox.create(template=...)`` with no warm pool: restored
+                  from the template's gVisor memory snapshot;
+  (d) ``warm``    the same create with a warm pool: an atomic claim in Redis.
+
+Each path is timed from the create call to the first successful ``true`` exec, over
+``--n`` sandboxes sequentially and at ``--concurrency``; for (d) the claim alone (the
+create call returning) is reported too. Two templates: ``heavy`` (hotbed/base: a Python
+process that imports ~90 stdlib modules, hashes for a few seconds, builds a 200k-entry
+table, then waits in a loop) and ``light`` (busybox, no set-up). Then:
+
+* refill throughput: sandboxes made ready per second at parallelism ``--concurrency``,
+  hotbed's pool controller restoring into a pool vs plain ``docker run`` (+ set-up);
+* sustained creates: ``--concurrency`` clients creating (and ending) sandboxes for
+  ``--sustain-s`` seconds against a pool of ``--pool`` while it is refilled.
+
+Daemons are real processes (one scheduler, one docker+runsc worker, private Redis).
+Results: bench/results/start.json (+ start.png). The load average is recorded: the box
+is shared, so absolute numbers move with it; ratios are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench._cluster import ROOT, Cluster, loadavg, machine
+
+HEAVY_PY = r'''
+import time
+t0 = time.time()
+import json, re, csv, sqlite3, decimal, fractions, statistics, asyncio, email.parser, http.client
+import urllib.request, xml.etree.ElementTree, xml.dom.minidom, html.parser, argparse, logging
+import unittest, difflib, textwrap, tarfile, zipfile, gzip, bz2, lzma, hashlib, hmac, secrets
+import uuid, pathlib, shutil, tempfile, subprocess, threading, concurrent.futures, dataclasses
+import typing, enum, functools, itertools, collections, heapq, bisect, pprint, pickle, copy
+import inspect, ast, dis, tokenize, datetime, calendar, locale, gettext, string, codecs, unicodedata
+import multiprocessing, ssl, socket, selectors, sched, queue, contextlib, operator, numbers, random
+t1 = time.time()
+h = b"seed"
+for _ in range(8_000_000):
+    h = hashlib.sha256(h).digest()
+table = {i: hashlib.sha256(str(i).encode()).hexdigest() for i in range(200_000)}
+index = collections.defaultdict(list)
+for k, v in table.items():
+    index[v[:3]].append(k)
+t2 = time.time()
+with open("/tmp/heavy.ready", "w") as f:
+    f.write(f"imports={t1-t0:.2f}s build={t2-t1:.2f}s entries={len(table)} digest={h.hex()[:16]}\n")
+while True:
+    time.sleep(1)
+'''
+
+# name -> (image, files, start command, readiness check, memory MiB)
+TEMPLATES: dict[str, tuple[str, dict[str, str], str | None, str | None, int]] = {
+    "heavy": ("hotbed/base", {"/tmp/heavy.py": HEAVY_PY}, "python3 /tmp/heavy.py",
+              "test -e /tmp/heavy.ready", 512),
+    "light": ("hotbed/busybox", {}, None, None, 128),
+}
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {
+        "n": len(xs), "p50_ms": round(pct(xs, 0.5) * 1000, 2), "p90_ms": round(pct(xs, 0.9) * 1000, 2),
+        "p99_ms": round(pct(xs, 0.99) * 1000, 2), "mean_ms": round(sum(xs) / max(1, len(xs)) * 1000, 2),
+    }
+
+
+async def sh(*argv: str, check: bool = True) -> str:
+    res = await anyio.run_process(list(argv), check=False)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])}...: {res.stderr.decode()[-400:]}")
+    return res.stdout.decode()
+
+
+async def wait_ready_docker(name: str, check: str) -> None:
+    while (await anyio.run_process(["docker", "exec", name, "sh", "-c", check], check=False)).returncode:
+        await anyio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ the paths
+
+
+async def path_docker(tpl: str, prefix: str) -> tuple[float, str]:
+    """(a): docker run + set-up via docker exec + first exec. Returns (seconds, name)."""
+    image, files, start, ready, mem = TEMPLATES[tpl]
+    name = f"{prefix}-d{secrets.token_hex(4)}"
+    t = time.perf_counter()
+    await sh("docker", "run", "-d", "--name", name, "--runtime", "runsc", "--network", "none",
+             "--label", f"dev.hotbed.bench={prefix}", "-m", f"{mem}m", "--user", "1000:1000",
+             image, "sleep", "infinity")
+    for path, content in files.items():
+        p = await anyio.run_process(["docker", "exec", "-i", name, "sh", "-c", f"cat > {path}"],
+                                    input=content.encode(), check=False)
+        assert p.returncode == 0, p.stderr
+    if start:
+        await sh("docker", "exec", "-d", name, "sh", "-c", start)
+    if ready:
+        await wait_ready_docker(name, ready)
+    await sh("docker", "exec", name, "true")
+    return time.perf_counter() - t, name
+
+
+async def path_cold(tpl: str, client: Any) -> tuple[float, Any]:
+    from hotbed.sandbox import Sandbox
+
+    image, files, start, ready, mem = TEMPLATES[tpl]
+    t = time.perf_counter()
+    sb = await Sandbox.create(image, memory_mb=mem, client=client, timeout=3600)
+    for path, content in files.items():
+        await sb.write_file(path, content)
+    if start:
+        await sb.spawn(start)
+    if ready:
+        while not (await sb.run(ready)).ok:
+            await anyio.sleep(0.05)
+    assert (await sb.exec("true")).ok
+    return time.perf_counter() - t, sb
+
+
+async def path_template(tpl: str, client: Any, name: str, want: str) -> tuple[float, float, Any]:
+    """(c)/(d): create from the template; returns (create s, to-first-exec s, sandbox)."""
+    from hotbed.sandbox import Sandbox
+
+    mem = TEMPLATES[tpl][4]
+    t = time.perf_counter()
+    sb = await Sandbox.create(template=name, memory_mb=mem, client=client, timeout=3600)
+    created = time.perf_counter() - t
+    assert (await sb.exec("true")).ok
+    if sb.path != want:
+        raise RuntimeError(f"expected path {want}, got {sb.path}")
+    return created, time.perf_counter() - t, sb
+
+
+async def run_many(n: int, conc: int, one: Any) -> tuple[list[Any], float]:
+    out: list[Any] = []
+    sem = anyio.Semaphore(conc)
+    t = time.perf_counter()
+
+    async def go() -> None:
+        async with sem:
+            out.append(await one())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(go)
+    return out, time.perf_counter() - t
+
+
+async def cleanup(sandboxes: list[Any], prefix: str) -> None:
+    sem = anyio.Semaphore(8)
+
+    async def end(sb: Any) -> None:
+        async with sem:
+            await sb.terminate()
+
+    async with anyio.create_task_group() as tg:
+        for sb in sandboxes:
+            tg.start_soon(end, sb)
+    ids = (await sh("docker", "ps", "-aq", "--filter", f"label=dev.hotbed.bench={prefix}")).split()
+    if ids:
+        await sh("docker", "rm", "-f", *ids, check=False)
+
+
+async def wait_pool(client: Any, pool: str, n: int, timeout: float = 600) -> float:
+    t = time.perf_counter()
+    with anyio.fail_after(timeout):
+        while await client.redis.llen(client.keys.pool_ready(pool)) < n:
+            await anyio.sleep(0.02)
+    return time.perf_counter() - t
+
+
+# ------------------------------------------------------------------- the run
+
+
+async def run(args: argparse.Namespace, cluster: Cluster, prefix: str) -> dict[str, Any]:
+    from hotbed import templates
+    from hotbed.client import Client
+
+    out: dict[str, Any] = {"templates": {}, "paths": {}, "refill": {}, "sustained": {}}
+    conc = args.concurrency
+    async with Client(cluster.url, prefix=prefix) as client:
+        names = {}
+        for tpl in args.templates:
+            image, files, start, ready, mem = TEMPLATES[tpl]
+            name = f"{tpl}-{secrets.token_hex(3)}"
+            r = await templates.create_template(
+                name, image=image, files=files, start=[start] if start else [], ready=ready,
+                ready_timeout=600, memory_mb=mem, client=client,
+            )
+            names[tpl] = name
+            out["templates"][tpl] = {"image": image, "snapshot_bytes": r.size_bytes, "build_s": round(r.build_s, 2)}
+            print(f"template {tpl}: built in {r.build_s:.2f}s, snapshot {r.size_bytes / 2**20:.1f} MiB", flush=True)
+
+        for tpl in args.templates:
+            name, mem = names[tpl], TEMPLATES[tpl][4]
+            res: dict[str, Any] = {}
+            for mode, c in (("seq", 1), (f"c{conc}", conc)):
+                n = args.n
+                # (a) docker run + set-up
+                got, wall = await run_many(n, c, lambda t=tpl: path_docker(t, prefix))
+                res[f"docker_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
+                await cleanup([], prefix)
+                # (b) hotbed cold boot + set-up
+                got, wall = await run_many(n, c, lambda t=tpl: path_cold(t, client))
+                res[f"cold_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
+                await cleanup([g[1] for g in got], prefix)
+                # (c) restore (no pool)
+                got, wall = await run_many(
+                    n, c, lambda t=tpl, nm=name: path_template(t, client, nm, "restore")
+                )
+                res[f"restore_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
+                await cleanup([g[2] for g in got], prefix)
+                # (d) warm claim: a pool as large as the run, filled before timing
+                pool = await templates.set_pool(name, n, memory_mb=mem, client=client)
+                await wait_pool(client, pool, n)
+                got, wall = await run_many(
+                    n, c, lambda t=tpl, nm=name: path_template(t, client, nm, "warm")
+                )
+                await templates.set_pool(name, 0, memory_mb=mem, client=client)
+                res[f"warm_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
+                res[f"warm_claim_{mode}"] = summary([g[0] for g in got])
+                await cleanup([g[2] for g in got], prefix)
+                base = res[f"docker_{mode}"]["p50_ms"]
+                line = ", ".join(
+                    f"{p} p50 {res[f'{p}_{mode}']['p50_ms']:.0f} ms ({base / res[f'{p}_{mode}']['p50_ms']:.1f}x)"
+                    for p in ("cold", "restore", "warm")
+                )
+                print(f"{tpl} {mode}: docker p50 {base:.0f} ms; {line}; "
+                      f"claim p50 {res[f'warm_claim_{mode}']['p50_ms']:.2f} ms p99 "
+                      f"{res[f'warm_claim_{mode}']['p99_ms']:.2f} ms  [load {loadavg()}]", flush=True)
+            out["paths"][tpl] = res
+            await anyio.sleep(2)  # let the drained pool's sandboxes end
+
+            # Refill throughput at parallelism `conc`: pool controller vs docker run.
+            k = args.refill_n
+            _, wall = await run_many(k, conc, lambda t=tpl: path_docker(t, prefix))
+            docker_rate = k / wall
+            await cleanup([], prefix)
+            pool = await templates.set_pool(name, k, memory_mb=mem, client=client)
+            fill = await wait_pool(client, pool, k)
+            restore_rate = k / fill
+            out["refill"][tpl] = {
+                "n": k, "parallelism": conc, "docker_run_per_s": round(docker_rate, 2),
+                "pool_refill_per_s": round(restore_rate, 2), "ratio": round(restore_rate / docker_rate, 2),
+            }
+            print(f"{tpl} refill x{conc}: pool {restore_rate:.2f}/s vs docker run {docker_rate:.2f}/s "
+                  f"({restore_rate / docker_rate:.1f}x)  [load {loadavg()}]", flush=True)
+
+            # Sustained creates while the pool refills: `conc` clients for sustain_s.
+            await templates.set_pool(name, args.pool, memory_mb=mem, client=client)
+            await anyio.sleep(2)
+            lat: list[float] = []
+            paths: dict[str, int] = {}
+            made: list[Any] = []
+            stop_at = time.perf_counter() + args.sustain_s
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for _ in range(conc):
+                    tg.start_soon(sustain, client, name, mem, stop_at, lat, paths, made)
+            took = time.perf_counter() - t0
+            await templates.set_pool(name, 0, memory_mb=mem, client=client)
+            out["sustained"][tpl] = {
+                "clients": conc, "seconds": round(took, 1), "pool": args.pool,
+                "creates_per_s": round(len(lat) / took, 2), "paths": paths,
+                "to_first_exec": summary(lat),
+            }
+            print(f"{tpl} sustained: {len(lat) / took:.2f} creates/s over {took:.0f}s, paths {paths}, "
+                  f"p50 {pct(lat, 0.5) * 1000:.0f} ms  [load {loadavg()}]", flush=True)
+            await cleanup(made, prefix)
+    return out
+
+
+async def sustain(
+    client: Any, name: str, mem: int, stop_at: float, lat: list[float], paths: dict[str, int],
+    made: list[Any],
+) -> None:
+    """One client creating sandboxes from ``name`` back to back until ``stop_at``."""
+    from hotbed.sandbox import Sandbox
+
+    while time.perf_counter() < stop_at:
+        t = time.perf_counter()
+        sb = await Sandbox.create(template=name, memory_mb=mem, client=client, timeout=3600)
+        assert (await sb.exec("true")).ok
+        lat.append(time.perf_counter() - t)
+        paths[sb.path] = paths.get(sb.path, 0) + 1
+        made.append(sb)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tpls = list(result["paths"])
+    fig, axes = plt.subplots(1, len(tpls), figsize=(6 * len(tpls), 4), squeeze=False)
+    for ax, tpl in zip(axes[0], tpls, strict=True):
+        res = result["paths"][tpl]
+        labels, p50, p99 = [], [], []
+        for p in ("docker", "cold", "restore", "warm", "warm_claim"):
+            for mode in ("seq", f"c{result['concurrency']}"):
+                key = f"{p}_{mode}"
+                if key in res:
+                    labels.append(f"{p}\n{mode}")
+                    p50.append(res[key]["p50_ms"])
+                    p99.append(res[key]["p99_ms"])
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], p50, 0.4, label="p50")
+        ax.bar([i + 0.2 for i in x], p99, 0.4, label="p99")
+        ax.set_yscale("log")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_ylabel("create -> first exec (ms, log)")
+        ax.set_title(f"{tpl} template")
+        ax.legend()
+    fig.suptitle(f"hotbed sandbox start paths ({result['machine']['cpus']} CPUs, load {result['load_before']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench start")
+    parser.add_argument("--n", type=int, default=50, help="sandboxes per path and mode")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--refill-n", type=int, default=24)
+    parser.add_argument("--pool", type=int, default=16, help="pool size for the sustained run")
+    parser.add_argument("--sustain-s", type=float, default=20.0)
+    parser.add_argument("--templates", nargs="+", default=["heavy", "light"], choices=list(TEMPLATES))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "start.json"))
+    args = parser.parse_args(argv)
+
+    prefix = f"bstart{secrets.token_hex(3)}"
+    sched_env = {"HOTBED_POOL_MAX_WARMING": str(args.concurrency), "HOTBED_POOL_REFILL_PER_S": "100"}
+    result: dict[str, Any] = {
+        "benchmark": "start", "machine": machine(), "load_before": loadavg(),
+        "n": args.n, "concurrency": args.concurrency, "runtime": "dockerd 20.10 checkpoint/restore + runsc",
+    }
+    with Cluster(schedulers=1, fleets=0, prefix=prefix, scheduler_env=sched_env) as cluster:
+        snapdir = Path(cluster.dir) / "snapshots"
+        worker_log = open(Path(cluster.dir) / "worker.log", "wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "workers", "--runtime", "docker", "--worker-id", f"w-{prefix}"],
+            # Capacity is a reservation count here, not a CPU promise: room for the pools.
+            env=cluster.env(HOTBED_DRAIN_ON_STOP="true", HOTBED_SHUTDOWN_GRACE_S="2",
+                            HOTBED_CPU="128", HOTBED_MEMORY_MB="400000",
+                            HOTBED_SNAPSHOT_DIR=str(snapdir), HOTBED_LOG_LEVEL="WARNING"),
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=worker_log,
+        )
+        try:
+            cluster.wait_workers(1, timeout=60)
+            result |= anyio.run(run, args, cluster, prefix, backend="asyncio",
+                                backend_options={"use_uvloop": True})
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+            left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.hotbed.prefix={prefix}"],
+                                  capture_output=True, text=True).stdout.split()
+            if left:
+                subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
+    result["load_after"] = loadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        plot(result, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing (pip install '.[bench]'): no plot", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
