@@ -14,6 +14,7 @@ loop and its Redis connections (also run at interpreter exit).
 from __future__ import annotations
 
 import atexit
+import builtins
 import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
@@ -21,9 +22,10 @@ from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from hotbed import execution as _execution
 from hotbed import sandbox as _async
 from hotbed.client import Client
-from hotbed.protocol import FileEntry
+from hotbed.protocol import FileEntry, ProcessInfo, ProcessOutput
 from hotbed.records import SandboxRecord
 from hotbed.sandbox import CommandResult
 
@@ -139,3 +141,67 @@ class Sandbox:
 
     def terminate(self) -> None:
         _call(self._inner.terminate)
+
+    # -------------------------------------------- agent-grade execution (issue 5)
+
+    def shell(self, name: str = "default", **kwargs: Any) -> Session:
+        """A persistent bash session (see :meth:`hotbed.sandbox.Sandbox.shell`)."""
+        return Session(self._inner.shell(name, **kwargs))
+
+    def start_process(self, *argv: str, **kwargs: Any) -> Process:
+        return Process(_call(lambda: self._inner.start_process(*argv, **kwargs)))
+
+    def process(self, pid: int) -> Process:
+        return Process(self._inner.process(pid))
+
+    def processes(self) -> builtins.list[ProcessInfo]:
+        return _call(self._inner.processes)
+
+    def upload_dir(self, local: str, remote: str) -> int:
+        return _call(lambda: self._inner.upload_dir(local, remote))
+
+    def download_dir(self, remote: str, local: str) -> int:
+        return _call(lambda: self._inner.download_dir(remote, local))
+
+    def upload_file(self, local: str, remote: str, **kwargs: Any) -> int:
+        return _call(lambda: self._inner.upload_file(local, remote, **kwargs))
+
+    def download_file(self, remote: str, local: str, **kwargs: Any) -> int:
+        return _call(lambda: self._inner.download_file(remote, local, **kwargs))
+
+
+class Session:
+    """Blocking twin of :class:`hotbed.execution.Session`."""
+
+    def __init__(self, inner: _execution.Session) -> None:
+        self._inner = inner
+        self.name = inner.name
+
+    def run(self, command: str, **kwargs: Any) -> CommandResult:
+        return _call(lambda: self._inner.run(command, **kwargs))
+
+    def interrupt(self) -> None:
+        _call(self._inner.interrupt)
+
+    def close(self) -> None:
+        _call(self._inner.close)
+
+
+class Process:
+    """Blocking twin of :class:`hotbed.execution.Process`."""
+
+    def __init__(self, inner: _execution.Process) -> None:
+        self._inner = inner
+        self.pid = inner.pid
+
+    def read(self, **kwargs: Any) -> ProcessOutput:
+        return _call(lambda: self._inner.read(**kwargs))
+
+    def wait(self, timeout: float = 60.0) -> ProcessInfo:
+        return _call(lambda: self._inner.wait(timeout))
+
+    def signal(self, signal: int = 15) -> None:
+        _call(lambda: self._inner.signal(signal))
+
+    def kill(self) -> None:
+        _call(self._inner.kill)

@@ -273,8 +273,13 @@ async def test_session_survives_snapshot_and_restore(hotbed_stack: Stack) -> Non
                 info = await restored.process(proc.pid).read()
                 assert info.stdout == b"bg-started\n" and info.info.running
                 assert (await restored.exec("true")).exit_code == 0
-            # The original keeps working too.
+            # The original keeps working too, and across pause/resume (checkpoint to
+            # disk, restore in place: the worker re-attaches to the same agent).
             assert (await sh.run("f")).stdout == "f:before-snapshot:/tmp\n"
+            await sb.pause()
+            await sb.resume()
+            assert (await sh.run("f")).stdout == "f:before-snapshot:/tmp\n"
+            assert (await sb.process(proc.pid).wait(timeout=0.1)).running
         finally:
             await delete_template(name, client=hotbed_stack.client)
 
@@ -350,3 +355,46 @@ async def test_streaming_errors_arrive_at_once(hotbed_stack: Stack) -> None:
             async for _ in out:
                 pass
     assert time.monotonic() - t0 < 0.9
+
+
+async def test_output_arrives_while_the_command_runs(hotbed_stack: Stack) -> None:
+    async with await _base(hotbed_stack) as sb:
+        seen: list[tuple[str, bytes]] = []
+        gate = "/tmp/go-on"
+        async with sb.exec_stream(
+            "sh", "-c", f"echo first; echo warn >&2; while [ ! -e {gate} ]; do sleep 0.05; done; echo second",
+            timeout=60,
+        ) as out:
+            async for chunk in out:
+                seen.append((chunk.stream, chunk.data))
+                if chunk.data == b"first\n":
+                    # Only now let the command finish: this chunk came while it ran.
+                    await sb.exec("touch", gate)
+        assert seen[0] == ("stdout", b"first\n")
+        assert ("stderr", b"warn\n") in seen and seen[-1] == ("stdout", b"second\n")
+        assert out.result is not None and out.result.exit_code == 0
+
+
+async def test_sync_facade_sessions_and_processes(
+    hotbed_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocking API (hotbed.sync, its own loop thread) drives sessions and processes."""
+    from hotbed import sync
+
+    monkeypatch.setenv("HOTBED_REDIS_URL", hotbed_stack.redis_url)
+    monkeypatch.setenv("HOTBED_PREFIX", hotbed_stack.prefix)
+
+    def script() -> None:
+        try:
+            with sync.Sandbox.create(BASE_IMAGE, memory_mb=256) as sb:
+                sh = sb.shell()
+                sh.run("cd /tmp && export N=5")
+                assert sh.run("echo $N $PWD").stdout == "5 /tmp\n"
+                proc = sb.start_process("sh", "-c", "echo bg; exit 4")
+                assert proc.wait(timeout=20).exit_code == 4
+                assert proc.read().stdout == b"bg\n"
+                assert [p.pid for p in sb.processes()] == [proc.pid]
+        finally:
+            sync.close()
+
+    await anyio.to_thread.run_sync(script)

@@ -75,13 +75,13 @@ async def keeper_template(stack: Stack, seed: str, name: str | None = None) -> s
 async def ask(sb: Sandbox) -> str:
     """The keeper's in-memory value, asked through the file system."""
     res = await sb.run(
-        "touch /tmp/ask; i=0; while [ ! -s /tmp/answer ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done;"
+        "touch /tmp/ask; i=0; while [ ! -s /tmp/answer ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done;"
         " cat /tmp/answer; rm -f /tmp/answer"
     )
     return res.stdout.strip()
 
 
-async def wait_for(cond, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(cond, what: str, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
     with anyio.fail_after(timeout):
         while not await cond():
             await anyio.sleep(0.05)
@@ -179,6 +179,7 @@ async def test_warm_pool_claims_and_refills(stack: Stack) -> None:
     await wait_for(drained, "pool drained")
 
 
+@pytest.mark.timeout(300)
 async def test_concurrent_claims_hand_out_each_pooled_sandbox_once(stack: Stack) -> None:
     """200 claims race for a pool of 50: 50 get distinct warm sandboxes, the rest find the
     pool empty and fall back (a few of them are carried through restore here; 150 full
@@ -191,7 +192,7 @@ async def test_concurrent_claims_hand_out_each_pooled_sandbox_once(stack: Stack)
     async def full() -> bool:
         return await c.redis.llen(c.keys.pool_ready(pool)) >= 50
 
-    await wait_for(full, "pool of 50 filled", timeout=90)
+    await wait_for(full, "pool of 50 filled", timeout=240)
     # No refills during the race: exactly 200 claims against 50 entries.
     stack.scheduler.settings = msgspec.structs.replace(stack.scheduler.settings, pool_max_warming=0)
     spec = SandboxSpec(template=name, resources=Resources(memory_mb=32))
@@ -348,3 +349,23 @@ async def test_pause_resume_survives_worker_restart(redis_url: str, prefix: str,
                 await stop_stack(stack)
     left = leftover_containers(prefix)
     assert not left, f"test leaked containers: {left}"
+
+
+async def test_local_store_copies_a_missing_snapshot(tmp_path: Path) -> None:
+    """A node that lacks a snapshot copies it from the store (a shared directory here)."""
+    from workers.snapshots import LocalStore
+
+    store, cache = LocalStore(tmp_path / "store"), LocalStore(tmp_path / "cache")
+    src = tmp_path / "built" / "snap-abc"
+    (src / "checkpoint").mkdir(parents=True)
+    (src / "checkpoint" / "checkpoint.img").write_bytes(b"memory")
+    (src / "container.json").write_text("{}")
+    await store.put("snap-abc", src)
+    assert await store.list() == ["snap-abc"]
+    dest = cache.root / "snap-abc"
+    cache.root.mkdir()
+    assert await store.fetch("snap-abc", dest)
+    assert (dest / "checkpoint" / "checkpoint.img").read_bytes() == b"memory"
+    assert not await store.fetch("snap-missing", cache.root / "snap-missing")
+    await store.delete("snap-abc")
+    assert await store.list() == []

@@ -143,10 +143,8 @@ class HotbedRuntime(AbstractRuntime):
         return CloseBashSessionResponse()
 
     async def execute(self, command: Command) -> CommandResponse:
-        if isinstance(command.command, str):
-            argv = [command.command] if not command.shell else [command.command]
-        else:
-            argv = list(command.command)
+        # As subprocess.run: a string is one program (shell=False) or one script (shell=True).
+        argv = [command.command] if isinstance(command.command, str) else list(command.command)
         if command.merge_output_streams:
             if command.shell:
                 argv = ["/bin/sh", "-c", "{ " + " ".join(argv) + "\n} 2>&1"]

@@ -1029,14 +1029,22 @@ def main():
             events = []
         for key, mask in events:
             if key.fd in _registered:
-                key.data(key.fd, mask)
+                guarded(key.data, key.fd, mask)
         t = now()
         while timers and (timers[0][2] is None or timers[0][0] <= t):
             entry = heapq.heappop(timers)
             if entry[2] is not None:
                 fn, entry[2] = entry[2], None
-                fn()
-        reap()
+                guarded(fn)
+        guarded(reap)
+
+
+def guarded(fn, *args):
+    # PID 1 must not die of one bad event: its sandbox would die with it.
+    try:
+        fn(*args)
+    except Exception as exc:
+        sys.stderr.write(f"hotbed guest agent: {type(exc).__name__}: {exc}\n")
 
 
 def reexec_from_memfd():
