@@ -40,9 +40,11 @@ def test_up_starts_redis_and_daemons_then_down(tmp_path: Path) -> None:
         assert f"w-{prefix}" in status.stdout
         run = cli("run", BUSYBOX_IMAGE, "--", "echo", "from up")
         assert (run.returncode, run.stdout) == (0, "from up\n"), run.stderr
+        pid = int((tmp_path / "hotbed.pid").read_text())
         down = cli("down")
-        assert down.returncode == 0
+        assert (down.returncode, down.stderr.strip()) == (0, "hotbed: down")
         assert not (tmp_path / "hotbed.pid").exists()
+        assert not Path(f"/proc/{pid}").exists(), "hotbed up is still running after down"
         log = (tmp_path / "hotbed.log").read_text()
         assert "Traceback" not in log
     finally:

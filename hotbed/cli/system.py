@@ -126,14 +126,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         stopping = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.watch_signals, stopping, tg.cancel_scope)
-            await tg.start(scheduler.run)
-            await tg.start(worker.run)
-            print(f"hotbed: up (redis {url}, worker {worker.id}); Ctrl-C to stop", file=sys.stderr)
-            await stopping.wait()
-            worker.stopping.set()
-            scheduler.stopping.set()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(daemon.watch_signals, stopping, outer.cancel_scope)
+            async with anyio.create_task_group() as daemons:
+                await daemons.start(scheduler.run)
+                await daemons.start(worker.run)
+                print(f"hotbed: up (redis {url}, worker {worker.id}); Ctrl-C to stop", file=sys.stderr)
+                await stopping.wait()
+                # Each daemon finishes its in-flight work within its grace period.
+                worker.stopping.set()
+                scheduler.stopping.set()
+            # Both have returned; the signal watcher is all that is left.
+            outer.cancel_scope.cancel()
 
     daemon.run(serve)
     return 0
@@ -157,15 +161,18 @@ def _detach(args: argparse.Namespace) -> int:
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     pidfile.write_text(str(proc.pid))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            pidfile.unlink(missing_ok=True)
             raise HotbedError(f"hotbed exited at start; see {logfile}")
         if "hotbed: up" in logfile.read_text(errors="replace"):
             print(f"hotbed: up in the background (pid {proc.pid}, log {logfile})", file=sys.stderr)
             return 0
         time.sleep(0.1)
-    raise HotbedError(f"hotbed did not come up in 30s; see {logfile}")
+    proc.kill()
+    pidfile.unlink(missing_ok=True)
+    raise HotbedError(f"hotbed did not come up in 90s (stopped it); see {logfile}")
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -179,13 +186,17 @@ def cmd_down(args: argparse.Namespace) -> int:
     except ProcessLookupError:
         pidfile.unlink()
         return 0
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
         time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+        raise HotbedError(f"hotbed (pid {pid}) did not stop within 60s of SIGTERM; killed it")
     pidfile.unlink(missing_ok=True)
     print("hotbed: down", file=sys.stderr)
     return 0

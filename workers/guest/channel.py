@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"HBG1"
 HEAD = struct.Struct(">4sII")
 NOAGENT = b"HOTBED-NOAGENT"
-HELLO_TIMEOUT_S = 20.0
+HELLO_TIMEOUT_S = 60.0
 # Frames buffered per request before the reader waits for its consumer.
 PER_REQUEST_FRAMES = 8
 READ_QUEUE_BYTES = 2 << 20
