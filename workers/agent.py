@@ -208,7 +208,10 @@ class WorkerAgent:
                 env = protocol.decode_envelope(data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 env = None
-            if env is not None and not isinstance(env.body, RETRYABLE):
+            retry = env is not None and isinstance(env.body, RETRYABLE) and not (
+                isinstance(env.body, WriteFile) and env.body.append  # twice would append twice
+            )
+            if env is not None and not retry:
                 await send_reply(
                     self.redis, env.id, env.reply_to,
                     protocol.error_reply(WorkerLost(
