@@ -110,9 +110,8 @@ async def path_docker(tpl: str, prefix: str) -> tuple[float, str]:
              "--label", f"dev.hotbed.bench={prefix}", "-m", f"{mem}m", "--user", "1000:1000",
              image, "sleep", "infinity")
     for path, content in files.items():
-        p = await anyio.run_process(["docker", "exec", "-i", name, "sh", "-c", f"cat > {path}"],
-                                    input=content.encode(), check=False)
-        assert p.returncode == 0, p.stderr
+        # As an argument, not stdin: `docker exec -i` with piped stdin hangs now and then.
+        await sh("docker", "exec", name, "sh", "-c", f'printf "%s" "$1" > {path}', "sh", content)
     if start:
         await sh("docker", "exec", "-d", name, "sh", "-c", start)
     if ready:
