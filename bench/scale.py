@@ -816,6 +816,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def save(results: dict[str, Any], out: Path) -> None:
+    for p in results.get("concurrency", {}).get("points", []):
+        p.pop("_mem", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -849,16 +856,14 @@ def main(argv: list[str]) -> int:
             else:
                 results[phase] = await runners[phase](args)
             results[phase]["phase_seconds"] = round(time.monotonic() - t, 1)
+            save(results, Path(args.out))  # after every phase: a cut-short run keeps its data
 
     # SIGTERM ends the run like Ctrl-C: the clusters' context managers stop what they started.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     anyio.run(run_all, backend="asyncio", backend_options={"use_uvloop": True})
-    for p in results.get("concurrency", {}).get("points", []):
-        p.pop("_mem", None)
     results["loadavg_end"] = loadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    save(results, out)
     png = out.with_suffix(".png")
     if plot(results, png):
         say(f"wrote {out} and {png}")
