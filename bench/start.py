@@ -192,11 +192,14 @@ async def wait_pool(client: Any, pool: str, n: int, timeout: float = 600) -> flo
 # ------------------------------------------------------------------- the run
 
 
-async def run(args: argparse.Namespace, cluster: Cluster, prefix: str) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, cluster: Cluster, prefix: str, out: dict[str, Any]
+) -> dict[str, Any]:
+    """Fills ``out`` as it goes, so a run that fails late still reports what it measured."""
     from hotbed import templates
     from hotbed.client import Client
 
-    out: dict[str, Any] = {"templates": {}, "paths": {}, "refill": {}, "sustained": {}}
+    out.update({"templates": {}, "paths": {}, "refill": {}, "sustained": {}})
     conc = args.concurrency
     async with Client(cluster.url, prefix=prefix) as client:
         names = {}
@@ -295,11 +298,16 @@ async def sustain(
     made: list[Any],
 ) -> None:
     """One client creating sandboxes from ``name`` back to back until ``stop_at``."""
+    from hotbed.errors import HotbedError
     from hotbed.sandbox import Sandbox
 
     while time.perf_counter() < stop_at:
         t = time.perf_counter()
-        sb = await Sandbox.create(template=name, memory_mb=mem, client=client, timeout=3600)
+        try:
+            sb = await Sandbox.create(template=name, memory_mb=mem, client=client, timeout=3600)
+        except HotbedError as exc:
+            paths[f"error:{exc.code}"] = paths.get(f"error:{exc.code}", 0) + 1
+            continue
         assert (await sb.exec("true")).ok
         lat.append(time.perf_counter() - t)
         paths[sb.path] = paths.get(sb.path, 0) + 1
@@ -376,9 +384,17 @@ def main(argv: list[str]) -> int:
         )
         try:
             cluster.wait_workers(1, timeout=60)
-            result |= anyio.run(run, args, cluster, prefix, backend="asyncio",
-                                backend_options={"use_uvloop": True})
+            try:
+                anyio.run(run, args, cluster, prefix, result, backend="asyncio",
+                          backend_options={"use_uvloop": True})
+            except BaseException as exc:
+                result["error"] = f"{type(exc).__name__}: {exc}"
+                raise
         finally:
+            result["load_after"] = loadavg()
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
             worker.terminate()
             try:
                 worker.wait(timeout=120)
@@ -388,10 +404,7 @@ def main(argv: list[str]) -> int:
                                   capture_output=True, text=True).stdout.split()
             if left:
                 subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
-    result["load_after"] = loadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     try:
         plot(result, out.with_suffix(".png"))
     except ImportError:
