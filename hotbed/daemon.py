@@ -12,7 +12,8 @@ import logging.config
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -220,3 +221,24 @@ def run_daemon(main: Callable[[], Awaitable[None]], *, redis_url: str) -> None:
         if isinstance(leaf, redis.exceptions.RedisError):
             fatal(f"Redis at {redact_url(redis_url)}: {leaf}", code=1)
         raise
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    from redis import exceptions as redis_errors
+
+    from hotbed.errors import HotbedError
+
+    return (redis_errors.ConnectionError, redis_errors.TimeoutError, HotbedError, OSError)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+
+
+@contextmanager
+def survive(what: str) -> Iterator[None]:
+    """Around one step of a background loop: a Redis or runtime hiccup is logged and the
+    loop goes on at its next tick, instead of one slow call killing the daemon."""
+    try:
+        yield
+    except TRANSIENT_ERRORS as exc:
+        logging.getLogger("hotbed.daemon").warning("%s failed, will retry: %s: %s", what, type(exc).__name__, exc)

@@ -155,6 +155,12 @@ class StreamConsumer:
                 log.warning("stream %s or its group vanished; recreating it", self.stream)
                 await ensure_group(self.redis, self.stream, self.group)
                 continue
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                # Redis restarting or overloaded: keep the daemon, try again shortly.
+                self.limiter.release_on_behalf_of(token)
+                log.warning("reading %s failed, retrying: %s", self.stream, exc)
+                await anyio.sleep(0.5)
+                continue
             except BaseException:
                 self.limiter.release_on_behalf_of(token)
                 raise
@@ -177,7 +183,12 @@ class StreamConsumer:
                 await handle(entry_id, data)
             except Exception:
                 log.exception("handler failed on entry %s of %s", entry_id, self.stream)
+            # An entry that cannot be acknowledged now stays pending and is handled again
+            # later (handlers are idempotent or answer WorkerLost on replay).
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self.ack(entry_id)
+                try:
+                    await self.ack(entry_id)
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                    log.warning("could not acknowledge %s on %s: %s", entry_id, self.stream, exc)
         finally:
             self.limiter.release_on_behalf_of(token)

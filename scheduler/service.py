@@ -168,14 +168,18 @@ class Scheduler:
         assert self.registry is not None
         while True:
             await anyio.sleep(self.settings.registry_refresh_s)
-            await self.registry.refresh()
-            self.waitline.capacity_changed()
+            with daemon.survive("registry refresh"):
+                await self.registry.refresh()
+                self.waitline.capacity_changed()
 
     async def _reclaim_loop(self, consumer: StreamConsumer, work: anyio.abc.TaskGroup) -> None:
         """Take over requests a dead replica read and never finished."""
         min_idle_ms = int(self.settings.reclaim_idle_s * 1000)
         while True:
-            for entry_id, data in await consumer.claim_stale(min_idle_ms):
+            stale: list[tuple[bytes, bytes]] = []
+            with daemon.survive("reclaiming stale requests"):
+                stale = await consumer.claim_stale(min_idle_ms)
+            for entry_id, data in stale:
                 log.info("reclaimed request %s from a stalled replica", entry_id.decode())
                 token = object()
                 await self._limiter.acquire_on_behalf_of(token)
@@ -194,11 +198,12 @@ class Scheduler:
     async def _reaper_loop(self) -> None:
         while True:
             await anyio.sleep(1.0)
-            leader = await self._lock(
-                keys=[self.keys.lock("reaper")], args=[self._lock_token, LOCK_TTL_MS]
-            )
-            if leader:
-                await self.reap_dead_workers()
+            with daemon.survive("reaper"):
+                leader = await self._lock(
+                    keys=[self.keys.lock("reaper")], args=[self._lock_token, LOCK_TTL_MS]
+                )
+                if leader:
+                    await self.reap_dead_workers()
 
     async def reap_dead_workers(self) -> None:
         cutoff = int((daemon.wall() - self.settings.heartbeat_ttl_s) * 1000)

@@ -286,22 +286,26 @@ class WorkerAgent:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            now = daemon.wall()
-            dirty = [s for s in self.sandboxes.values() if s.dirty]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.keys.workers, {self.id: int(now * 1000)})
-                pipe.exists(self.keys.worker_cap(self.id))
-                for s in dirty:
-                    s.dirty = False
-                    pipe.hset(self.keys.sandbox(s.id), "last_active", str(s.last_active))
-                res = await pipe.execute()
-            if not res[1]:
-                # The scheduler declared us dead (missed heartbeats) and dropped our keys.
-                log.warning("capacity record missing; re-registering", extra={"worker_id": self.id})
-                self.sandboxes.clear()
-                await self.reconcile()
-                await self.register()
+            with daemon.survive("heartbeat"):
+                await self._heartbeat()
             await anyio.sleep(self.settings.heartbeat_s)
+
+    async def _heartbeat(self) -> None:
+        now = daemon.wall()
+        dirty = [s for s in self.sandboxes.values() if s.dirty]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers, {self.id: int(now * 1000)})
+            pipe.exists(self.keys.worker_cap(self.id))
+            for s in dirty:
+                s.dirty = False
+                pipe.hset(self.keys.sandbox(s.id), "last_active", str(s.last_active))
+            res = await pipe.execute()
+        if not res[1]:
+            # The scheduler declared us dead (missed heartbeats) and dropped our keys.
+            log.warning("capacity record missing; re-registering", extra={"worker_id": self.id})
+            self.sandboxes.clear()
+            await self.reconcile()
+            await self.register()
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -338,7 +342,8 @@ class WorkerAgent:
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:
             await self.end_sandbox(sid, reason=reason, state=state)
-        except HotbedError as exc:
+        except daemon.TRANSIENT_ERRORS as exc:
+            # Left for the next tick of the loop that found it.
             log.warning("could not end sandbox: %s", exc, extra={"sandbox_id": sid})
 
     # ------------------------------------------------------------------ commands
