@@ -590,8 +590,8 @@ class DockerRuntime:
         info = await self._show(sandbox_id)
         # Checkpoint leaving it running, then stop it: a checkpoint with Exit=true that
         # trips containerd's "already exists" has already stopped the container, and a
-        # retry would find nothing to checkpoint. Nobody is served between the two steps
-        # (the worker holds the sandbox busy), so nothing of note happens in the gap.
+        # retry would find nothing to checkpoint. What the sandbox does in the few
+        # milliseconds between the two steps is not kept, as if it had paused earlier.
         await self._checkpoint_post(info["Id"], PAUSED_CHECKPOINT, exit=False, sandbox_id=sandbox_id)
         container = self.docker.containers.container(info["Id"])
         try:
