@@ -7,6 +7,7 @@ command stream of the sandbox's worker.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 import anyio
@@ -261,7 +262,7 @@ class Sandbox(AgentExecMixin):
         assert isinstance(reply, FileContent)
         return reply.data
 
-    async def list_files(self, path: str = ".") -> list[FileEntry]:
+    async def list_files(self, path: str = ".") -> builtins.list[FileEntry]:
         reply = await self.client.worker_request(
             self.worker_id, protocol.ListFiles(sandbox_id=self.id, path=path), timeout=OP_TIMEOUT_S
         )
@@ -282,7 +283,7 @@ class Sandbox(AgentExecMixin):
         assert isinstance(reply, protocol.TemplateReady)
         return reply.name
 
-    async def fork(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, **create: Any) -> list[Sandbox]:
+    async def fork(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, **create: Any) -> builtins.list[Sandbox]:
         """``n`` independent sandboxes restored from a fresh checkpoint of this one."""
         from hotbed.templates import delete_template
 

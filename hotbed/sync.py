@@ -133,7 +133,7 @@ class Sandbox:
     def read_file(self, path: str) -> bytes:
         return _call(lambda: self._inner.read_file(path))
 
-    def list_files(self, path: str = ".") -> list[FileEntry]:
+    def list_files(self, path: str = ".") -> builtins.list[FileEntry]:
         return _call(lambda: self._inner.list_files(path))
 
     def info(self) -> SandboxRecord:

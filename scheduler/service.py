@@ -152,7 +152,7 @@ class Scheduler:
                 # Creates waiting for capacity go back to the stream at once.
                 self.waitline.close()
                 with anyio.move_on_after(self.settings.shutdown_grace_s) as grace:
-                    while self._limiter.borrowed_tokens:
+                    while self._limiter.borrowed_tokens:  # noqa: ASYNC110 - a limiter has no drained event
                         await anyio.sleep(0.05)
                 if grace.cancelled_caught:
                     log.warning(

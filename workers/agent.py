@@ -36,6 +36,7 @@ from hotbed.errors import (
     UnsupportedRequest,
     WorkerLost,
 )
+from hotbed.metrics import NULL, NullMetrics
 from hotbed.protocol import (
     BuildTemplate,
     DirListing,
@@ -58,7 +59,6 @@ from hotbed.protocol import (
     WorkerInfo,
     WriteFile,
 )
-from hotbed.metrics import NULL, NullMetrics
 from hotbed.records import ENDED_RECORD_TTL_S, from_hash
 from hotbed.streams import StreamConsumer, ensure_group, send_reply
 from workers.config import WorkerSettings
@@ -187,7 +187,7 @@ class WorkerAgent:
                 await consumer.run(work, self._handle_entry, stop=self.stopping)
                 # Intake stopped: let in-flight commands finish within the grace period.
                 with anyio.move_on_after(self.settings.shutdown_grace_s) as grace:
-                    while self._in_flight.borrowed_tokens:
+                    while self._in_flight.borrowed_tokens:  # noqa: ASYNC110 - a limiter has no drained event
                         await anyio.sleep(0.05)
                 if grace.cancelled_caught:
                     log.warning(

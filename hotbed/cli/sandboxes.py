@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from hotbed.cli.main import run_async
 from hotbed.client import Client
 from hotbed.errors import InvalidRequest
@@ -136,14 +138,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 if dst == "-":
                     sys.stdout.buffer.write(data)
                 else:
-                    target = Path(dst)
-                    if target.is_dir():
+                    target = anyio.Path(dst)
+                    if await target.is_dir():
                         target = target / Path(src).name
-                    target.write_bytes(data)
+                    await target.write_bytes(data)
             else:
                 assert dst_id is not None
                 sb = await Sandbox.from_id(dst_id, client=client)
-                data = sys.stdin.buffer.read() if src == "-" else Path(src).read_bytes()
+                data = sys.stdin.buffer.read() if src == "-" else await anyio.Path(src).read_bytes()
                 target_path = dst.rstrip("/") + "/" + Path(src).name if dst.endswith("/") else dst
                 await sb.write_file(target_path, data)
             return 0

@@ -111,12 +111,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         ensure_dockerd()
     if args.detach:
         return _detach(args)
+    from hotbed.config import load_settings
     from scheduler.config import SchedulerSettings
     from scheduler.service import Scheduler
     from workers.agent import WorkerAgent
     from workers.config import WorkerSettings
     from workers.runtimes import make_runtime
-    from hotbed.config import load_settings
 
     wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})

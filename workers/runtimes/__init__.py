@@ -14,9 +14,9 @@ def make_runtime(settings: WorkerSettings) -> Runtime:
             oci_runtime=settings.oci_runtime, gpu_oci_runtime=settings.gpu_oci_runtime
         )
     if settings.runtime == "sim":
-        from workers.runtimes.sim import SimRuntime  # type: ignore[import-not-found]
+        from workers.runtimes.sim import SimRuntime
 
-        return SimRuntime()  # type: ignore[no-any-return]
+        return SimRuntime()
     if settings.runtime == "process":
         from workers.runtimes.process import ProcessRuntime
 
