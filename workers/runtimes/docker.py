@@ -25,7 +25,8 @@ import os
 import secrets
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -160,18 +161,24 @@ class DockerRuntime:
                 ) from None
             raise self._translate(exc, sid) from None
         config = self._container_config(placed, spec, image["Id"])
-        try:
+        async with self._removed_on_failure(sid, "start"):
             with anyio.fail_after(API_TIMEOUT_S):
                 container = await self.docker.containers.create(config, name=container_name(sid))
             with anyio.fail_after(API_TIMEOUT_S):
                 await container.start()
+
+    @asynccontextmanager
+    async def _removed_on_failure(self, sid: str, what: str) -> AsyncIterator[None]:
+        """A sandbox that fails (or is cancelled) half-made leaves no container behind."""
+        try:
+            yield
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.destroy(sid)
             if isinstance(exc, DockerError):
                 raise self._translate(exc, sid) from None
             if isinstance(exc, TimeoutError):
-                raise RuntimeFailure(f"docker did not start {sid} in time", sandbox_id=sid) from None
+                raise RuntimeFailure(f"docker did not {what} {sid} in time", sandbox_id=sid) from None
             raise
 
     def _container_config(
@@ -559,7 +566,7 @@ class DockerRuntime:
             config["WorkingDir"] = meta["WorkingDir"]
         else:
             config.pop("WorkingDir", None)
-        try:
+        async with self._removed_on_failure(sid, "restore"):
             with anyio.fail_after(API_TIMEOUT_S):
                 container = await self.docker.containers.create(config, name=container_name(sid))
             target = self._root / "containers" / container.id / "checkpoints" / "restore"
@@ -577,14 +584,6 @@ class DockerRuntime:
             await self._post(
                 f"containers/{container.id}/start", params={"checkpoint": "restore"}, sandbox_id=sid
             )
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await self.destroy(sid)
-            if isinstance(exc, DockerError):
-                raise self._translate(exc, sid) from None
-            if isinstance(exc, TimeoutError):
-                raise RuntimeFailure(f"docker did not restore {sid} in time", sandbox_id=sid) from None
-            raise
 
     async def pause(self, sandbox_id: str) -> None:
         info = await self._show(sandbox_id)
