@@ -9,6 +9,7 @@ and lists are given as JSON). Any unknown key or bad value raises
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -122,3 +123,30 @@ def reloaded(current: S, new: S, reloadable: tuple[str, ...]) -> tuple[S, list[s
         else:
             ignored.append(field.name)
     return msgspec.structs.replace(current, **changes), applied, ignored
+
+
+def reload_from_file(
+    cls: type[S],
+    path: str | os.PathLike[str] | None,
+    *,
+    current: S,
+    reloadable: tuple[str, ...],
+    overrides: Mapping[str, Any] | None = None,
+    log: logging.Logger,
+) -> tuple[S, list[str]] | None:
+    """One daemon's SIGHUP: re-read ``path`` and merge what may change while running.
+
+    Returns the settings to run with and the names applied, or None (logged) when the
+    file is now invalid, in which case the running settings stay.
+    """
+    try:
+        fresh = load_settings(cls, path, overrides=overrides)
+    except ConfigError as exc:
+        log.error("reload: %s; keeping the running settings", exc)
+        return None
+    merged, applied, ignored = reloaded(current, fresh, reloadable)
+    log.info(
+        "reloaded: applied %s%s", ", ".join(applied) or "nothing",
+        f"; need a restart: {', '.join(ignored)}" if ignored else "",
+    )
+    return merged, applied

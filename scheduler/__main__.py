@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from hotbed import daemon, metrics
-from hotbed.config import load_settings, reloaded
+from hotbed.config import load_settings, reload_from_file
 from hotbed.errors import ConfigError
 from scheduler import metrics as scheduler_metrics
 from scheduler.config import RELOADABLE, SchedulerSettings
@@ -43,18 +43,15 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     async def reload() -> None:
-        try:
-            fresh = load_settings(SchedulerSettings, args.config, overrides=overrides)
-        except ConfigError as exc:
-            log.error("reload: %s; keeping the running settings", exc)
+        got = reload_from_file(
+            SchedulerSettings, args.config, current=scheduler.settings, reloadable=RELOADABLE,
+            overrides=overrides, log=log,
+        )
+        if got is None:
             return
-        scheduler.settings, applied, ignored = reloaded(scheduler.settings, fresh, RELOADABLE)
+        scheduler.settings, applied = got
         if {"log_format", "log_level"} & set(applied):
             daemon.setup_logging(scheduler.settings.log_format, scheduler.settings.log_level)
-        log.info(
-            "reloaded: applied %s%s", ", ".join(applied) or "nothing",
-            f"; need a restart: {', '.join(ignored)}" if ignored else "",
-        )
 
     async def serve() -> None:
         async with metrics.serve(

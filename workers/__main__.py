@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from hotbed import daemon, metrics, protocol
-from hotbed.config import load_settings, reloaded
+from hotbed.config import load_settings, reload_from_file
 from hotbed.errors import ConfigError
 from workers import metrics as worker_metrics
 from workers.agent import WorkerAgent
@@ -52,21 +52,18 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     async def reload() -> None:
-        try:
-            fresh = load_settings(WorkerSettings, args.config, overrides=overrides)
-        except ConfigError as exc:
-            log.error("reload: %s; keeping the running settings", exc)
+        got = reload_from_file(
+            WorkerSettings, args.config, current=agent.settings, reloadable=RELOADABLE,
+            overrides=overrides, log=log,
+        )
+        if got is None:
             return
-        agent.settings, applied, ignored = reloaded(agent.settings, fresh, RELOADABLE)
+        agent.settings, applied = got
         if {"log_format", "log_level"} & set(applied):
             daemon.setup_logging(agent.settings.log_format, agent.settings.log_level)
         if "tags" in applied:
             agent.info = msgspec.structs.replace(agent.info, tags=dict(agent.settings.tags))
             await agent.redis.set(agent.keys.worker_info(agent.id), protocol.encode(agent.info))
-        log.info(
-            "reloaded: applied %s%s", ", ".join(applied) or "nothing",
-            f"; need a restart: {', '.join(ignored)}" if ignored else "",
-        )
 
     async def serve() -> None:
         async with metrics.serve(
