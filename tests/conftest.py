@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import anyio
 import msgspec
@@ -151,14 +152,24 @@ async def stop_stack(stack: Stack) -> None:
     stack.scheduler.stopping.set()
 
 
-@pytest.fixture
-async def hotbed_stack(redis_url: str, prefix: str) -> AsyncIterator[Stack]:
+@asynccontextmanager
+async def running_stack(
+    redis_url: str,
+    prefix: str,
+    *,
+    worker_overrides: dict[str, object] | None = None,
+    scheduler_overrides: dict[str, object] | None = None,
+) -> AsyncIterator[Stack]:
+    """A docker+runsc stack for one test; leaking a container of its prefix fails it."""
     if not docker_available():
         pytest.fail("dockerd with runsc is not running: run `make test` (it sets them up)")
     if not image_exists(BUSYBOX_IMAGE):
         pytest.fail(f"test image {BUSYBOX_IMAGE} missing: run `make test-image`")
     async with anyio.create_task_group() as tg:
-        stack = await start_stack(redis_url, prefix, tg=tg)
+        stack = await start_stack(
+            redis_url, prefix, tg=tg,
+            worker_overrides=worker_overrides, scheduler_overrides=scheduler_overrides,
+        )
         try:
             yield stack
         finally:
@@ -166,6 +177,12 @@ async def hotbed_stack(redis_url: str, prefix: str) -> AsyncIterator[Stack]:
                 await stop_stack(stack)
     left = leftover_containers(prefix)
     assert not left, f"test leaked containers: {left}"
+
+
+@pytest.fixture
+async def hotbed_stack(redis_url: str, prefix: str) -> AsyncIterator[Stack]:
+    async with running_stack(redis_url, prefix) as stack:
+        yield stack
 
 
 @pytest.fixture

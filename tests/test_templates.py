@@ -24,6 +24,7 @@ from tests.conftest import (
     docker_available,
     image_exists,
     leftover_containers,
+    running_stack,
     start_stack,
     stop_stack,
 )
@@ -42,25 +43,16 @@ KEEPER = (
 
 @pytest.fixture
 async def stack(redis_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    if not docker_available() or not image_exists(BUSYBOX_IMAGE):
-        pytest.fail("dockerd with runsc and the busybox image are needed: run `make test`")
-    async with anyio.create_task_group() as tg:
-        stack = await start_stack(
-            redis_url, prefix, tg=tg,
-            # Capacity is reserved per requested CPU: declare room for a pool of 50 on
-            # this 2-core box rather than throttle each sandbox to a sliver of a core.
-            worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "reconcile_s": 0.3,
-                              "cpu": 64},
-            scheduler_overrides={"pool_interval_s": 0.05, "pool_refill_per_s": 50.0,
-                                 "pool_max_warming": 8},
-        )
-        try:
-            yield stack
-        finally:
-            with anyio.CancelScope(shield=True):
-                await stop_stack(stack)
-    left = leftover_containers(prefix)
-    assert not left, f"test leaked containers: {left}"
+    async with running_stack(
+        redis_url, prefix,
+        # Capacity is reserved per requested CPU: declare room for a pool of 50 on
+        # this 2-core box rather than throttle each sandbox to a sliver of a core.
+        worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "reconcile_s": 0.3,
+                          "cpu": 64},
+        scheduler_overrides={"pool_interval_s": 0.05, "pool_refill_per_s": 50.0,
+                             "pool_max_warming": 8},
+    ) as stack:
+        yield stack
 
 
 async def keeper_template(stack: Stack, seed: str, name: str | None = None) -> str:
