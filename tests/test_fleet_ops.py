@@ -62,6 +62,10 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     worker = (tmp_path / "units" / "hotbed-worker.service").read_text()
     assert "After=" in worker and "docker.service" in worker and "redis" in worker
     assert "StateDirectory=hotbed" in worker and "/run/docker.sock" in worker
+    # The container engine (and every sandbox it starts) runs below the control plane.
+    for engine in ("docker", "containerd"):
+        dropin = tmp_path / "units" / f"{engine}.service.d" / "10-hotbed-priority.conf"
+        assert "[Service]" in dropin.read_text() and "Nice=10" in dropin.read_text()
     # The example configs it installed are valid as they stand, and kept on reinstall.
     assert check_config(str(tmp_path / "etc" / "scheduler.toml")) == "scheduler"
     assert check_config(str(tmp_path / "etc" / "worker.toml")) == "worker"

@@ -33,6 +33,9 @@ from hotbed.errors import ConfigError, HotbedError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = ("hotbed-scheduler.service", "hotbed-worker.service")
+# Drop-ins that lower the container engine's CPU priority (sandboxes inherit it), so
+# a burst of sandbox work never starves the control plane on the node.
+ENGINE_DROPINS = ("docker.service.d/10-hotbed-priority.conf", "containerd.service.d/10-hotbed-priority.conf")
 DEFAULT_PYTHON = "/opt/hotbed/.venv/bin/python"
 
 # ------------------------------------------------------------------ config check
@@ -96,6 +99,10 @@ def install_service(
     for unit in UNITS:
         (dest / unit).write_text(render_unit(unit, python, config_dir))
         done.append(f"wrote {dest / unit}")
+    for dropin in ENGINE_DROPINS:
+        (dest / dropin).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(DEPLOY / "systemd" / dropin, dest / dropin)
+        done.append(f"wrote {dest / dropin}")
     config_dir.mkdir(parents=True, exist_ok=True)
     for name in ("scheduler.toml", "worker.toml"):
         target = config_dir / name
