@@ -11,6 +11,11 @@
 # Needs: python3 with hotbed installed (and the `gpu` extra: nvidia-ml-py), a
 # redis-server binary (on PATH, or REDIS_SERVER=/path), the NVIDIA driver.
 #   PYTHON=.venv/bin/python bench/gpu_check.sh
+# hotbed need not be installed: the script puts the repo root on PYTHONPATH, so wheels of
+# its dependencies unpacked elsewhere (pip install --target DIR; PYTHONPATH=DIR) suffice.
+# A copied redis-server that needs its own shared libraries: point REDIS_SERVER at a
+# wrapper that sets LD_LIBRARY_PATH and execs it (LD_LIBRARY_PATH for Redis alone).
+# Result on an H200: bench/results/gpu_check.txt.
 # Without a GPU (to test this script): GPU_CHECK_FAKE_GPUS='[{"uuid":"GPU-x","model":"NVIDIA H100"}]'
 # declares GPUs instead of detecting them, and a fake nvidia-smi may sit on PATH.
 # Exit code 0 only if every check passed.
