@@ -146,7 +146,8 @@ class PoolController:
         await self.redis.zadd(keys.pool_warming(name), {sid: int((time.time() + WARM_DEADLINE_S) * 1000)})
         try:
             placed = await self.sched.place(
-                env, recipe.spec, make_start=lambda s: recipe.start(s, pool=name), wait=False
+                env, recipe.spec, make_start=lambda s: recipe.start(s, pool=name), wait=False,
+                prefer=recipe.holders if recipe.snapshot else (),
             )
         except HotbedError as exc:
             placed = None

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
+from itertools import chain
 
 import anyio
 import msgspec
@@ -53,9 +54,9 @@ from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, to_hash
 from hotbed.streams import StreamConsumer, ensure_group, reply_to, send_reply
 from scheduler import templates
 from scheduler.config import SchedulerSettings
-from scheduler.placement import could_ever, parse_gpu
+from scheduler.placement import could_ever, parse_gpu, rank
 from scheduler.pools import PoolController
-from scheduler.registry import WorkerRegistry
+from scheduler.registry import WorkerRegistry, WorkerView
 from scheduler.waitline import HandBack, WaitLine, wait_class
 
 log = logging.getLogger(__name__)
@@ -294,11 +295,14 @@ class Scheduler:
     async def place(
         self, env: Envelope, spec: SandboxSpec, *,
         make_start: Callable[[str], Message] | None = None, wait: bool = True,
+        prefer: Collection[str] = (),
     ) -> str | None:
         """Reserve capacity on a worker and hand it the start command.
 
         ``make_start(sid)`` builds a different command (a template restore, a template
         build); ``wait=False`` returns None at once when no worker has room (pool refills).
+        ``prefer``: workers tried first when they have room (those holding the snapshot
+        a restore needs, so nothing is copied).
         """
         assert self.registry is not None
         validate(spec)
@@ -326,7 +330,7 @@ class Scheduler:
         ticket = self.waitline.ticket(wait_class(spec))
         if not self.waitline.is_waiting(ticket.cls):
             self._check_matchable(env, spec)
-            if await self._place_once(env, sid, spec, record, payload, ngpu, start=start):
+            if await self._place_once(env, sid, spec, record, payload, ngpu, start=start, prefer=prefer):
                 self.metrics.placement_wait(anyio.current_time() - t0)
                 return sid
         if not wait:
@@ -344,7 +348,7 @@ class Scheduler:
                 self._check_matchable(env, spec)
                 mark = self.waitline.mark()
                 if self.waitline.may_try(ticket) and await self._place_once(
-                    env, sid, spec, record, payload, ngpu, start=start
+                    env, sid, spec, record, payload, ngpu, start=start, prefer=prefer
                 ):
                     self.metrics.placement_wait(anyio.current_time() - t0)
                     return sid
@@ -359,14 +363,10 @@ class Scheduler:
 
     async def _place_once(
         self, env: Envelope, sid: str, spec: SandboxSpec, record: SandboxRecord, payload: bytes,
-        ngpu: int, *, start: Message | None = None,
+        ngpu: int, *, start: Message | None = None, prefer: Collection[str] = (),
     ) -> bool:
         """One pass over the ranked candidates; True once a worker took the sandbox."""
-        assert self.registry is not None
-        for w, gpus in self.registry.ranked(
-            spec, node_tags=spec.worker_tags, policy=self.settings.placement,
-            gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
-        ):
+        for w, gpus in self._candidates(spec, prefer):
             if ngpu:
                 # The start command names its GPUs, so we pick them and RESERVE_DISPATCH
                 # takes exactly these or none (a stale view just fails this candidate).
@@ -389,6 +389,22 @@ class Scheduler:
             # Our cached view was stale; the worker is fuller than we thought.
             w.cpu_free = min(w.cpu_free, spec.resources.millicpu - 1)
         return False
+
+    def _candidates(self, spec: SandboxSpec, prefer: Collection[str]) -> Iterator[tuple[WorkerView, list[str]]]:
+        assert self.registry is not None
+        ranked = self.registry.ranked(
+            spec, node_tags=spec.worker_tags, policy=self.settings.placement,
+            gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+        )
+        if not prefer:
+            return ranked
+        # The preferred few in policy order, then everyone else as usual; a preferred
+        # worker without room is simply not among the first.
+        first = rank(
+            [w for w in self.registry.live() if w.id in prefer], spec, node_tags=spec.worker_tags,
+            policy=self.settings.placement, gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+        )
+        return chain(first, ((w, g) for w, g in ranked if w.id not in prefer))
 
     async def _try_reserve(
         self, wid: str, sid: str, spec: SandboxSpec, record: SandboxRecord,

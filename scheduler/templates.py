@@ -61,7 +61,7 @@ async def resolve(sched: Scheduler, spec: SandboxSpec) -> Resolved:
 
 async def place_from_template(sched: Scheduler, env: Envelope, spec: SandboxSpec) -> None:
     r = await resolve(sched, spec)
-    await sched.place(env, r.spec, make_start=r.start)
+    await sched.place(env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else ())
 
 
 async def place_build(sched: Scheduler, env: Envelope, cmd: BuildTemplate) -> None:

@@ -7,6 +7,7 @@ several workers fit in one test's event loop and placement can be checked exactl
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,6 +26,7 @@ class RecordingRuntime:
     def __init__(self) -> None:
         self.live: dict[str, Placed] = {}
         self.created: list[Placed] = []
+        self.restored_from: list[tuple[str, Path]] = []
 
     async def open(self) -> None:
         pass
@@ -35,6 +37,10 @@ class RecordingRuntime:
     async def create(self, placed: Placed, spec: SandboxSpec) -> None:
         self.live[placed.sandbox_id] = placed
         self.created.append(placed)
+
+    async def restore(self, placed: Placed, spec: SandboxSpec, src: Path) -> None:
+        self.restored_from.append((placed.sandbox_id, src))
+        await self.create(placed, spec)
 
     async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
         placed = self.live[sandbox_id]

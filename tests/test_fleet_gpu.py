@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -347,3 +348,34 @@ def test_docker_container_gets_exactly_its_gpus_under_nvproxy() -> None:
     rt._runtimes = {"runc", "runsc"}
     with pytest.raises(RuntimeFailure, match="runsc-nvproxy"):
         rt._container_config(placed, spec, "sha256:0")
+
+
+async def test_restores_prefer_workers_holding_the_snapshot(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """A create from a template goes to a worker that holds its snapshot while one has
+    room (no copy), even where the spread policy would pick an emptier worker; without
+    room there, the next worker copies the snapshot from the store and restores."""
+    from hotbed.keys import Keys
+    from hotbed.protocol import TemplateSpec
+    from hotbed.templates import TemplateRecord, template_to_hash
+
+    store = tmp_path / "store"
+    for where in (store, tmp_path / "holder"):
+        (where / "snap-1").mkdir(parents=True)
+        (where / "snap-1" / "state").write_bytes(b"x")
+    nodes: dict[str, dict[str, object]] = {
+        "big": {"cpu": 16, "snapshot_dir": str(tmp_path / "big"), "snapshot_store": str(store)},
+        "holder": {"cpu": 4, "snapshot_dir": str(tmp_path / "holder"), "snapshot_store": str(store)},
+    }
+    async with fleet(redis_url, prefix, nodes) as f:
+        keys = Keys(prefix)
+        rec = TemplateRecord(name="t", state="ready", spec=TemplateSpec(image="none"),
+                             snapshot="snap-1", holders=["holder"])
+        await f.client.redis.hset(keys.template("t"), mapping=template_to_hash(rec))
+        await f.client.redis.sadd(keys.templates, "t")
+        spec = SandboxSpec(template="t", resources=Resources(cpu=2, memory_mb=256))
+        got = [await f.client.request(CreateSandbox(spec=spec), timeout=10) for _ in range(3)]
+        assert all(isinstance(g, SandboxCreated) and g.path == "restore" for g in got)
+        # Spread alone would have sent the first to "big" (16 free CPUs against 4).
+        assert [g.worker_id for g in got] == ["holder", "holder", "big"]  # type: ignore[union-attr]
+        assert [src for _, src in f.runtimes["holder"].restored_from] == [tmp_path / "holder" / "snap-1"] * 2
+        assert (tmp_path / "big" / "snap-1" / "state").exists()  # copied from the store
