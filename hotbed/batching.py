@@ -20,6 +20,15 @@ timeout) so the other tasks of that pipeline always get their results.
 ``for_client(redis)`` gives the one AutoPipeline of a Redis client, so independent
 modules sharing a client also share its pipelines.
 
+The wire path is lean on purpose (it carries every claim, placement, reply and ack):
+the AutoPipeline keeps one connection of the client's pool checked out for its
+pipelines (only one is in flight at a time), packs the batch with hiredis, writes it in
+one call and reads the replies under one deadline (the connection's socket timeout) for
+the whole batch, instead of redis-py's per-pipeline pool checkout, per-reply timeout
+context and write-timeout task. A connection that fails or times out is dropped and the
+batch retried by the client's retry policy, as redis-py's own pipelines do. Replies go
+through the client's response callbacks, so they read as redis-py's would.
+
 :class:`Coalescer` goes one step further for commands that take many arguments: values
 added by concurrent tasks in one pass of the event loop go to one call (a stream's
 acknowledgements become one XACK and one XDEL).
@@ -28,6 +37,7 @@ acknowledgements become one XACK and one XDEL).
 from __future__ import annotations
 
 import hashlib
+import math
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,7 +45,9 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
+import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis import exceptions as redis_errors
 
 Command = tuple[Any, ...]
@@ -78,6 +90,9 @@ class AutoPipeline:
         self._queue: deque[_Item] = deque()
         self._busy = False
         self._scripts: dict[str, str] = {}
+        self._conn: AbstractConnection | None = None
+        # Command name (as callers spell it) -> the client's response callback, or None.
+        self._callbacks: dict[Any, Any] = {}
         self.round_trips = 0
         self.commands_sent = 0
 
@@ -160,10 +175,65 @@ class AutoPipeline:
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
         self.round_trips += 1
         self.commands_sent += len(commands)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for c in commands:
-                pipe.execute_command(*c)
-            return list(await pipe.execute(raise_on_error=False))
+        packed = [hiredis.pack_command(c) for c in commands]
+        conn = self._conn
+        if conn is None:
+            # Kept checked out: the client's aclose() disconnects in-use connections too.
+            conn = self._conn = await self.redis.connection_pool.get_connection()
+
+        async def drop(error: Exception) -> None:
+            await conn.disconnect(nowait=True)
+
+        replies: list[Any] = await conn.retry.call_with_retry(
+            lambda: self._exchange(conn, packed), drop
+        )
+        callbacks = self._callbacks
+        for i, c in enumerate(commands):
+            reply = replies[i]
+            if isinstance(reply, Exception):
+                continue
+            cb = callbacks.get(c[0], _UNKNOWN)
+            if cb is _UNKNOWN:
+                cb = callbacks[c[0]] = self.redis.response_callbacks.get(
+                    c[0].decode() if isinstance(c[0], bytes) else c[0]
+                )
+            if cb is not None:
+                replies[i] = cb(reply)
+        return replies
+
+    @staticmethod
+    async def _exchange(conn: AbstractConnection, packed: list[bytes]) -> list[Any]:
+        """Write ``packed`` and read one reply each, all under one deadline."""
+        timeout = conn.socket_timeout or None
+        try:
+            with anyio.fail_after(timeout):
+                if not conn.is_connected:
+                    await conn.connect()
+                await conn.check_health()
+                writer = conn._writer  # noqa: SLF001 - one write for the batch
+                assert writer is not None
+                writer.writelines(packed)
+                await writer.drain()
+                out: list[Any] = []
+                for _ in packed:
+                    try:
+                        out.append(await conn.read_response(timeout=math.inf))
+                    except redis_errors.ResponseError as exc:
+                        out.append(exc)
+                return out
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise redis_errors.TimeoutError(f"no reply from Redis within {timeout}s") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            raise redis_errors.ConnectionError(f"Redis connection failed: {exc}") from exc
+        except BaseException:
+            # Cancelled or failed mid-batch: the connection's replies are out of step.
+            await conn.disconnect(nowait=True)
+            raise
+
+
+_UNKNOWN = object()
 
 
 def _noscript(result: Any) -> bool:
