@@ -48,6 +48,9 @@ class SandboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     tags: dict[str, str] = {}
     # Warm pool the sandbox was made for ("" if none).
     pool: str = ""
+    # The template snapshot it was restored from ("" = booted): a pooled sandbox whose
+    # template has since been rebuilt is replaced, never handed out.
+    snapshot: str = ""
 
     @property
     def ended(self) -> bool:

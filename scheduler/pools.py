@@ -15,6 +15,9 @@ it looks at each pool (``Keys.pools``):
   ready list; already flipped to running -> ended (nobody holds it).
 * **pruning**: ready entries whose record is no longer ``pooled`` (container died,
   worker lost) are dropped; the worker's health check has usually removed them first.
+  Entries made from a snapshot the template no longer has (it was rebuilt) are ended,
+  so the refill restores the new one (a claim in the second before the next prune may
+  still get an old one).
 * **shrinking**: a pool over its size (or deleted: size 0) has the surplus ended.
 """
 
@@ -99,7 +102,7 @@ class PoolController:
         now = anyio.current_time()
         if now - self._pruned_at.get(name, 0.0) >= PRUNE_EVERY_S:
             self._pruned_at[name] = now
-            await self._prune(name)
+            await self._prune(name, conf.get(b"template", b"").decode() if conf else "")
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(keys.pool_ready(name))
             pipe.zcard(keys.pool_warming(name))
@@ -180,19 +183,26 @@ class PoolController:
             log.warning("pool %s: claim of %s abandoned; ending it", name, sid, extra={"sandbox_id": sid})
             await self._end(item, "claim abandoned")
 
-    async def _prune(self, name: str) -> None:
+    async def _prune(self, name: str, template: str) -> None:
         keys = self.sched.keys
         items = await self.redis.lrange(keys.pool_ready(name), 0, -1)
         if not items:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.template(template), "snapshot")
             for it in items:
-                pipe.hget(keys.sandbox(it.decode().split(" ", 1)[0]), "state")
-            states = await pipe.execute()
-        for it, st in zip(items, states, strict=True):
+                pipe.hmget(keys.sandbox(it.decode().split(" ", 1)[0]), "state", "snapshot")
+            current, *rows = await pipe.execute()
+        for it, (st, snap) in zip(items, rows, strict=True):
             if st != b"pooled":
                 if await self.redis.lrem(keys.pool_ready(name), 0, it):
                     log.info("pool %s: dropped %s (%s)", name, it.decode(), (st or b"gone").decode())
+            elif current is not None and (snap or b"") != current:
+                # Made from what the template was before a rebuild: claims must get the
+                # new set-up, so it is ended and the refill restores the new snapshot.
+                if await self.redis.lrem(keys.pool_ready(name), 0, it):
+                    log.info("pool %s: replacing %s (template %s rebuilt)", name, it.decode(), template)
+                    await self._end(it.decode(), "template rebuilt")
 
     async def _shrink(self, name: str, surplus: int) -> None:
         keys = self.sched.keys

@@ -255,6 +255,54 @@ async def test_dead_pooled_sandbox_is_replaced_never_handed_out(stack: Stack) ->
     await wait_for(drained, "pool drained")
 
 
+async def test_rebuilt_template_replaces_its_pooled_sandboxes(stack: Stack) -> None:
+    """Rebuilding a template (same name, new set-up) replaces the sandboxes pooled from
+    its old snapshot: claims afterwards get the new set-up."""
+    name = f"rebuild-{secrets.token_hex(3)}"
+    c = stack.client
+
+    async def build(version: str) -> str:
+        r = await templates.create_template(
+            name, image=BUSYBOX_IMAGE, files={"/tmp/version": version}, memory_mb=32, client=c,
+        )
+        return r.snapshot
+
+    first = await build("v1")
+    pool = await templates.set_pool(name, 2, memory_mb=32, client=c)
+
+    async def ready_ids() -> list[str]:
+        return [i.decode().split()[0] for i in await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)]
+
+    async def full() -> bool:
+        return len(await ready_ids()) == 2
+
+    await wait_for(full, "pool filled")
+    old = await ready_ids()
+    assert {(await c.record(i)).snapshot for i in old} == {first}
+    second = await build("v2")
+    assert second != first
+
+    async def replaced() -> bool:
+        ids = await ready_ids()
+        return len(ids) == 2 and not set(ids) & set(old)
+
+    await wait_for(replaced, "pool refilled from the new snapshot")
+    assert {(await c.record(i)).snapshot for i in await ready_ids()} == {second}
+    assert {(await c.record(i)).reason for i in old} == {"template rebuilt"}
+    sb = await Sandbox.create(template=name, memory_mb=32, client=c)
+    try:
+        assert sb.path == "warm"
+        assert (await sb.run("cat /tmp/version")).stdout == "v2"
+    finally:
+        await sb.terminate()
+        await templates.set_pool(name, 0, memory_mb=32, client=c)
+
+    async def drained() -> bool:
+        return not any(s.pool for s in stack.worker.sandboxes.values())
+
+    await wait_for(drained, "pool drained")
+
+
 async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None:
     c = stack.client
     # Checkpointing is charged to the sandbox's own memory limit (the gVisor sentry

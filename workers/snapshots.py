@@ -437,7 +437,7 @@ class SnapshotManager:
             pipe.hset(keys.sandbox(sid), mapping={
                 "state": "pooled" if pooled else "running", "started_at": str(now),
                 "last_active": str(now), "path": cmd.path, "created_at": str(now),
-                "worker": agent.id, "pool": cmd.pool, "image": ts.image,
+                "worker": agent.id, "pool": cmd.pool, "image": ts.image, "snapshot": cmd.snapshot,
             })
             if not pooled:
                 pipe.zadd(keys.sandboxes, {sid: now})
