@@ -24,8 +24,9 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from hotbed import execution as _execution
 from hotbed import sandbox as _async
+from hotbed import templates as _templates
 from hotbed.client import Client
-from hotbed.protocol import FileEntry, ProcessInfo, ProcessOutput
+from hotbed.protocol import FileEntry, ProcessInfo, ProcessOutput, TemplateReady
 from hotbed.records import SandboxRecord
 from hotbed.sandbox import CommandResult
 
@@ -142,6 +143,24 @@ class Sandbox:
     def terminate(self) -> None:
         _call(self._inner.terminate)
 
+    # ----------------------------------------------- snapshots and pools (issue 3)
+
+    def snapshot(self, name: str | None = None, **kwargs: Any) -> str:
+        """Checkpoint into a new template; returns its name."""
+        return _call(lambda: self._inner.snapshot(name, **kwargs))
+
+    def fork(self, n: int, **kwargs: Any) -> builtins.list[Sandbox]:
+        return [Sandbox(c) for c in _call(lambda: self._inner.fork(n, **kwargs))]
+
+    def pause(self, **kwargs: Any) -> None:
+        _call(lambda: self._inner.pause(**kwargs))
+
+    def resume(self, **kwargs: Any) -> None:
+        _call(lambda: self._inner.resume(**kwargs))
+
+    def spawn(self, command: str) -> None:
+        _call(lambda: self._inner.spawn(command))
+
     # -------------------------------------------- agent-grade execution (issue 5)
 
     def shell(self, name: str = "default", **kwargs: Any) -> Session:
@@ -168,6 +187,23 @@ class Sandbox:
 
     def download_file(self, remote: str, local: str, **kwargs: Any) -> int:
         return _call(lambda: self._inner.download_file(remote, local, **kwargs))
+
+
+def create_template(name: str, **kwargs: Any) -> TemplateReady:
+    """Blocking :func:`hotbed.templates.create_template`."""
+    kwargs.setdefault("client", _default_client())
+    return _call(lambda: _templates.create_template(name, **kwargs))
+
+
+def set_pool(template: str, size: int, **kwargs: Any) -> str:
+    """Blocking :func:`hotbed.templates.set_pool`; returns the pool's name."""
+    kwargs.setdefault("client", _default_client())
+    return _call(lambda: _templates.set_pool(template, size, **kwargs))
+
+
+def delete_template(name: str) -> bool:
+    client = _default_client()
+    return _call(lambda: _templates.delete_template(name, client=client))
 
 
 class Session:

@@ -200,6 +200,7 @@ def daemons(redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     env = dict(os.environ, HOTBED_WORKER_ID=f"w-{prefix}", HOTBED_DRAIN_ON_STOP="true",
                HOTBED_HEARTBEAT_S="0.2", HOTBED_REGISTRY_REFRESH_S="0.1")
     logs = tempfile.mkdtemp(prefix="hotbed-daemons-")
+    env["HOTBED_SNAPSHOT_DIR"] = os.path.join(logs, "snapshots")
     procs = []
     for module in ("scheduler", "workers"):
         log = open(os.path.join(logs, f"{module}.log"), "wb")  # noqa: SIM115

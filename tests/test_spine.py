@@ -333,6 +333,39 @@ def test_sync_facade(daemons: tuple[str, str]) -> None:
     sync.close()
 
 
+def test_sync_facade_templates_pause_fork(daemons: tuple[str, str]) -> None:
+    """Templates, pools, pause/resume and fork through the blocking API."""
+    import secrets
+
+    from hotbed import sync
+
+    name = f"sync-{secrets.token_hex(3)}"
+    built = sync.create_template(name, image=BUSYBOX_IMAGE, files={"/tmp/t": "tpl"}, memory_mb=64)
+    assert built.name == name and built.snapshot
+    try:
+        # A quarter CPU each: the worker here offers this box's two cores, and the
+        # children of fork() are created in the parent's shape.
+        with sync.Sandbox.create(template=name, cpu=0.25, memory_mb=64, timeout=120) as sb:
+            assert sb.path == "restore"
+            sb.write_file("/tmp/x", "kept")
+            sb.pause()
+            assert sb.info().state == "paused"
+            sb.resume()
+            assert sb.read_file("/tmp/x") == b"kept" and sb.read_file("/tmp/t") == b"tpl"
+            kids = sb.fork(2)
+            try:
+                assert len({k.id for k in kids} | {sb.id}) == 3
+                kids[0].write_file("/tmp/x", "child")
+                assert [k.read_file("/tmp/x") for k in kids] == [b"child", b"kept"]
+            finally:
+                for k in kids:
+                    k.terminate()
+        assert sync.set_pool(name, 0, memory_mb=64)
+    finally:
+        assert sync.delete_template(name)
+        sync.close()
+
+
 def test_cli_run_create_exec_cp_ls_rm(daemons: tuple[str, str], tmp_path: object) -> None:
     env = dict(os.environ)
     hb = [sys.executable, "-m", "hotbed"]
