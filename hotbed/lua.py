@@ -110,6 +110,45 @@ end
 return 1
 """
 
+# KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes; ARGV[1] = sandbox id
+# A paused sandbox holds no CPU or memory (its state is on disk): its reservation
+# becomes "0 0 GPUS" (GPUs stay: a restore needs the same devices). Idempotent.
+PARK = """
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held then
+  return 0
+end
+local cpu, mem, gpus = string.match(held, '^(%S+) (%S+) ?(.*)$')
+redis.call('HINCRBY', KEYS[1], 'cpu', tonumber(cpu))
+redis.call('HINCRBY', KEYS[1], 'mem', tonumber(mem))
+redis.call('HSET', KEYS[2], ARGV[1], '0 0 ' .. (gpus or ''))
+return 1
+"""
+
+# KEYS as PARK; ARGV[1] = sandbox id, ARGV[2] = millicpu, ARGV[3] = MiB
+# Takes a parked sandbox's CPU and memory back for resume: 1 if held afterwards, 0 if
+# the worker has no room now, -1 if the sandbox holds no reservation here at all.
+UNPARK = """
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held then
+  return -1
+end
+local c, m, gpus = string.match(held, '^(%S+) (%S+) ?(.*)$')
+if tonumber(c) ~= 0 or tonumber(m) ~= 0 then
+  return 1
+end
+local need_cpu, need_mem = tonumber(ARGV[2]), tonumber(ARGV[3])
+local cpu = tonumber(redis.call('HGET', KEYS[1], 'cpu') or '-1')
+local mem = tonumber(redis.call('HGET', KEYS[1], 'mem') or '-1')
+if cpu < need_cpu or mem < need_mem then
+  return 0
+end
+redis.call('HINCRBY', KEYS[1], 'cpu', -need_cpu)
+redis.call('HINCRBY', KEYS[1], 'mem', -need_mem)
+redis.call('HSET', KEYS[2], ARGV[1], need_cpu .. ' ' .. need_mem .. ' ' .. (gpus or ''))
+return 1
+"""
+
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes
 # ARGV[1] = total millicpu, ARGV[2] = total MiB, ARGV[3..] = GPU uuids of the node
 # (Re)computes a worker's free capacity from what it holds, atomically, so a restarted

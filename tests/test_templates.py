@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from hotbed import lua, templates
-from hotbed.errors import SandboxNotRunning, SetupFailed, TemplateNotFound
+from hotbed.errors import CapacityExhausted, SandboxNotRunning, SetupFailed, TemplateNotFound
 from hotbed.protocol import Resources, SandboxSpec
 from hotbed.sandbox import Sandbox
 from tests.conftest import (
@@ -350,11 +350,18 @@ async def _gone(sb: Sandbox, path: str) -> bool:
 async def test_pause_resume_survives_worker_restart(redis_url: str, prefix: str, tmp_path: Path) -> None:
     if not docker_available() or not image_exists(BUSYBOX_IMAGE):
         pytest.fail("dockerd with runsc and the busybox image are needed: run `make test`")
-    overrides = {"snapshot_dir": str(tmp_path / "snapshots"), "drain_on_stop": False, "cpu": 16}
+    overrides = {"snapshot_dir": str(tmp_path / "snapshots"), "drain_on_stop": False, "cpu": 16,
+                 "memory_mb": 1024}
     async with anyio.create_task_group() as tg:
         stack = await start_stack(redis_url, prefix, tg=tg, worker_overrides=overrides)
         c = stack.client
         sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=256, client=c)
+
+        async def free() -> tuple[int, int]:
+            cap = await c.redis.hgetall(c.keys.worker_cap(stack.worker.id))
+            return int(cap[b"cpu"]), int(cap[b"mem"])
+
+        running = await free()
         try:
             await sb.write_file("/tmp/seed", "paused-state")
             await sb.spawn(KEEPER)
@@ -375,7 +382,16 @@ async def test_pause_resume_survives_worker_restart(redis_url: str, prefix: str,
             assert worker.sandboxes[sb.id].paused
             await anyio.sleep(3 * settings.reconcile_s)  # the health check must leave it be
             assert (await sb.info()).state == "paused"
+            # Paused, it holds no CPU or memory (also as re-registered after the restart);
+            # with the worker full, resume says so and the sandbox stays paused.
+            assert await free() == (running[0] + 1000, running[1] + 256)
+            filler = await Sandbox.create(BUSYBOX_IMAGE, cpu=0.5, memory_mb=(await free())[1], client=c)
+            with pytest.raises(CapacityExhausted):
+                await sb.resume()
+            assert (await sb.info()).state == "paused" and (await free())[1] == 0
+            await filler.terminate()
             await sb.resume()
+            assert await free() == running
             assert (await sb.info()).state == "running"
             assert (await sb.read_file("/tmp/file")) == b"kept"
             assert await ask(sb) == "paused-state"

@@ -29,6 +29,7 @@ import orjson
 
 from hotbed import daemon, lua, protocol
 from hotbed.errors import (
+    CapacityExhausted,
     ExecTimeout,
     HotbedError,
     InvalidRequest,
@@ -489,7 +490,27 @@ class SnapshotManager:
             local.paused = False
             raise
         await self.redis.hset(agent.keys.sandbox(sid), "state", "paused")
+        # Its CPU and memory are free while it sleeps on disk.
+        await self._script(lua.PARK)(keys=self._cap_keys(), args=[sid])
         return SandboxState(sandbox_id=sid, state="paused")
+
+    def _script(self, source: str):  # type: ignore[no-untyped-def]
+        return self.redis.register_script(source)
+
+    def _cap_keys(self) -> list[str]:
+        keys, wid = self.agent.keys, self.agent.id
+        return [keys.worker_cap(wid), keys.worker_sandboxes(wid)]
+
+    async def _unpark(self, sid: str) -> None:
+        """Reserve a paused sandbox's CPU and memory again, or CapacityExhausted."""
+        cpu, mem = await self.redis.hmget(self.agent.keys.sandbox(sid), "cpu", "memory_mb")
+        need_cpu = int(round(float(cpu or 0) * 1000))
+        got = await self._script(lua.UNPARK)(keys=self._cap_keys(), args=[sid, need_cpu, int(mem or 0)])
+        if got == 0:
+            raise CapacityExhausted(
+                f"worker {self.agent.id} has no room to resume {sid} now (it stays paused; "
+                f"cpu={need_cpu / 1000:g} memory={int(mem or 0)}MiB needed)", sandbox_id=sid,
+            )
 
     async def resume(self, sid: str) -> SandboxState:
         agent = self.agent
@@ -499,6 +520,7 @@ class SnapshotManager:
             raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
         if not local.paused:
             return SandboxState(sandbox_id=sid, state="running")
+        await self._unpark(sid)
         local.busy = True
         try:
             try:
@@ -508,6 +530,10 @@ class SnapshotManager:
                 await anyio.sleep(0.2)
                 await agent.runtime.resume(sid)
             local.paused = False
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._script(lua.PARK)(keys=self._cap_keys(), args=[sid])
+            raise
         finally:
             local.busy = False
         self._guest("forget", sid)
