@@ -96,6 +96,9 @@ class Cluster:
         self.fleets: list[subprocess.Popen[bytes]] = []
         self.r: redis.Redis | None = None
         self.crashed: list[int] = []
+        # Load-generator processes (bench.scale.LoadGenerators): sampled as the load
+        # generator, with this process.
+        self.loadgen_pids: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -261,19 +264,23 @@ class Cluster:
             "scheduler": self.scheduler_sample(),
             "fleet": self.fleet_sample(),
             "bench_cpu_s": proc_cpu_s(os.getpid()),
+            "loadgen_cpu_s": sum(proc_cpu_s(p) for p in self.loadgen_pids),
         }
 
 
 def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     """Rates and levels between two :meth:`Cluster.sample` results."""
     dt = max(1e-9, b["t"] - a["t"])
+    # The load generator: this process plus any generator processes.
+    gen_s = (b["bench_cpu_s"] - a["bench_cpu_s"]) + (b.get("loadgen_cpu_s", 0.0) - a.get("loadgen_cpu_s", 0.0))
     return {
         "seconds": round(dt, 3),
         "scheduler_cpu_pct": round(100 * (b["scheduler"]["cpu_s"] - a["scheduler"]["cpu_s"]) / dt, 1),
         "scheduler_rss_mib": round(b["scheduler"]["rss_mib"], 1),
         "fleet_cpu_pct": round(100 * (b["fleet"]["cpu_s"] - a["fleet"]["cpu_s"]) / dt, 1),
         "fleet_rss_mib": round(b["fleet"]["rss_mib"], 1),
-        "loadgen_cpu_pct": round(100 * (b["bench_cpu_s"] - a["bench_cpu_s"]) / dt, 1),
+        "loadgen_cpu_pct": round(100 * gen_s / dt, 1),
+        "loadgen_cpu_s": round(gen_s, 3),
         "redis_cpu_pct": round(100 * (b["redis"]["cpu_s"] - a["redis"]["cpu_s"]) / dt, 1),
         "redis_ops_per_s": round((b["redis"]["commands"] - a["redis"]["commands"]) / dt),
         "redis_used_memory_mib": round(b["redis"]["used_memory"] / 2**20, 1),
@@ -281,5 +288,5 @@ def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
         # spent: on a shared machine this is steadier than any rate.
         "cpu_s_total": round(
             (b["scheduler"]["cpu_s"] - a["scheduler"]["cpu_s"]) + (b["fleet"]["cpu_s"] - a["fleet"]["cpu_s"])
-            + (b["redis"]["cpu_s"] - a["redis"]["cpu_s"]) + (b["bench_cpu_s"] - a["bench_cpu_s"]), 3),
+            + (b["redis"]["cpu_s"] - a["redis"]["cpu_s"]) + gen_s, 3),
     }

@@ -47,8 +47,8 @@ import anyio
 import anyio.lowlevel
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
 from redis import exceptions as redis_errors
+from redis.asyncio.connection import AbstractConnection
 
 Command = tuple[Any, ...]
 T = TypeVar("T")
@@ -80,7 +80,8 @@ class _Item:
         self.results: list[Any] = []
         self.error: BaseException | None = None
         self.done = False
-        self.event = anyio.Event()
+        # Made only when the task has to wait for another task's pipeline.
+        self.event: anyio.Event | None = None
 
 
 class AutoPipeline:
@@ -112,8 +113,9 @@ class AutoPipeline:
                         self._busy = False
                         self._wake_next()
                 else:
-                    await item.event.wait()
                     item.event = anyio.Event()
+                    await item.event.wait()
+                    item.event = None
         except BaseException:
             if not item.done:
                 try:
@@ -128,7 +130,7 @@ class AutoPipeline:
         return item.results
 
     def _wake_next(self) -> None:
-        if self._queue:
+        if self._queue and self._queue[0].event is not None:
             self._queue[0].event.set()
 
     async def _flush(self) -> None:
@@ -150,7 +152,8 @@ class AutoPipeline:
                     it.error = exc
             for it in batch:
                 it.done = True
-                it.event.set()
+                if it.event is not None:
+                    it.event.set()
 
     async def _send(self, batch: list[_Item]) -> None:
         for it in batch:
