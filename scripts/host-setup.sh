@@ -93,9 +93,37 @@ PIN
   runsc_works || { log "runsc installed but not usable: $(runsc --version 2>&1 | head -1)"; exit 1; }
 }
 
+# dockerd cannot pass flags to `runsc checkpoint`, so it runs runsc through this
+# wrapper, which writes memory checkpoints uncompressed: measured here on an 18 MiB
+# (compressed) Python template, checkpoint 0.49 -> 0.13 s and restore 0.30-0.62 ->
+# 0.17-0.21 s; the price is disk (16 -> 57 MB), which is cheaper than CPU to inflate.
+RUNSC_WRAPPER=/usr/local/lib/hotbed/runsc
+install_runsc_wrapper() {
+  local real; real=$(command -v runsc)
+  local body
+  body=$(cat <<SH
+#!/bin/sh
+# Written by hotbed's scripts/host-setup.sh: runsc with uncompressed checkpoints.
+seen=
+for a do
+  shift
+  set -- "\$@" "\$a"
+  if [ -z "\$seen" ] && [ "\$a" = checkpoint ]; then set -- "\$@" --compression=none; seen=1; fi
+done
+exec $real "\$@"
+SH
+)
+  if [ ! -x "$RUNSC_WRAPPER" ] || [ "$(cat "$RUNSC_WRAPPER")" != "$body" ]; then
+    mkdir -p "$(dirname "$RUNSC_WRAPPER")"
+    printf '%s\n' "$body" >"$RUNSC_WRAPPER.tmp" && chmod 755 "$RUNSC_WRAPPER.tmp"
+    mv "$RUNSC_WRAPPER.tmp" "$RUNSC_WRAPPER"
+    log "installed $RUNSC_WRAPPER (uncompressed checkpoints)"
+  fi
+}
+
 configure_docker() {
   local want='/etc/docker/daemon.json'
-  local runsc_path; runsc_path=$(command -v runsc)
+  local runsc_path=$RUNSC_WRAPPER
   local body gpu_runtime=""
   # GPU nodes (an NVIDIA driver is present) also get runsc with --nvproxy, which
   # hotbed uses for GPU sandboxes only (workers: gpu_oci_runtime = "runsc-nvproxy").
@@ -142,7 +170,13 @@ start_dockerd() {
   fi
   if ! docker_up; then
     mkdir -p /var/log/hotbed
-    setsid nohup dockerd >/var/log/hotbed/dockerd.log 2>&1 </dev/null &
+    # A daemon must not inherit our other descriptors (a caller's lock file, say).
+    (
+      for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+      done
+      exec setsid nohup dockerd >/var/log/hotbed/dockerd.log 2>&1 </dev/null
+    ) &
   fi
   for _ in $(seq 150); do docker_up && break; sleep 0.2; done
   docker_up || { log "dockerd did not come up; see /var/log/hotbed/dockerd.log"; tail -20 /var/log/hotbed/dockerd.log >&2 || true; exit 1; }
@@ -164,6 +198,7 @@ lower_engine_priority() {
 need_root
 install_debian_packages
 install_runsc
+install_runsc_wrapper
 configure_docker
 start_dockerd
 lower_engine_priority
