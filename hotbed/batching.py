@@ -178,18 +178,11 @@ class AutoPipeline:
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
         self.round_trips += 1
         self.commands_sent += len(commands)
-        packed = [hiredis.pack_command(c) for c in commands]
         conn = self._conn
         if conn is None:
             # Kept checked out: the client's aclose() disconnects in-use connections too.
-            conn = self._conn = await self.redis.connection_pool.get_connection()
-
-        async def drop(error: Exception) -> None:
-            await conn.disconnect(nowait=True)
-
-        replies: list[Any] = await conn.retry.call_with_retry(
-            lambda: self._exchange(conn, packed), drop
-        )
+            conn = self._conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        replies = await exchange(conn, commands)
         callbacks = self._callbacks
         for i, c in enumerate(commands):
             reply = replies[i]
@@ -204,36 +197,50 @@ class AutoPipeline:
                 replies[i] = cb(reply)
         return replies
 
-    @staticmethod
-    async def _exchange(conn: AbstractConnection, packed: list[bytes]) -> list[Any]:
-        """Write ``packed`` and read one reply each, all under one deadline."""
-        timeout = conn.socket_timeout or None
-        try:
-            with anyio.fail_after(timeout):
-                if not conn.is_connected:
-                    await conn.connect()
-                await conn.check_health()
-                writer = conn._writer  # noqa: SLF001 - one write for the batch
-                assert writer is not None
-                writer.writelines(packed)
-                await writer.drain()
-                out: list[Any] = []
-                for _ in packed:
-                    try:
-                        out.append(await conn.read_response(timeout=math.inf))
-                    except redis_errors.ResponseError as exc:
-                        out.append(exc)
-                return out
-        except TimeoutError:
-            await conn.disconnect(nowait=True)
-            raise redis_errors.TimeoutError(f"no reply from Redis within {timeout}s") from None
-        except OSError as exc:
-            await conn.disconnect(nowait=True)
-            raise redis_errors.ConnectionError(f"Redis connection failed: {exc}") from exc
-        except BaseException:
-            # Cancelled or failed mid-batch: the connection's replies are out of step.
-            await conn.disconnect(nowait=True)
-            raise
+async def exchange(conn: AbstractConnection, commands: list[Command]) -> list[Any]:
+    """Send ``commands`` on ``conn`` in one write and return their raw replies (a
+    command that failed gives its ResponseError), all under one deadline: the
+    connection's socket timeout. A connection that fails is dropped and the exchange
+    retried by its retry policy (as redis-py's pipelines are); one cancelled mid-way
+    is dropped, so it never carries a stale reply into its next use."""
+    packed = [hiredis.pack_command(c) for c in commands]
+
+    async def drop(error: Exception) -> None:
+        await conn.disconnect(nowait=True)
+
+    replies: list[Any] = await conn.retry.call_with_retry(lambda: _exchange(conn, packed), drop)
+    return replies
+
+
+async def _exchange(conn: AbstractConnection, packed: list[bytes]) -> list[Any]:
+    """Write ``packed`` and read one reply each, all under one deadline."""
+    timeout = conn.socket_timeout or None
+    try:
+        with anyio.fail_after(timeout):
+            if not conn.is_connected:
+                await conn.connect()  # type: ignore[no-untyped-call]
+            await conn.check_health()  # type: ignore[no-untyped-call]
+            writer = conn._writer  # noqa: SLF001 - one write for the batch
+            assert writer is not None
+            writer.writelines(packed)
+            await writer.drain()
+            out: list[Any] = []
+            for _ in packed:
+                try:
+                    out.append(await conn.read_response(timeout=math.inf))
+                except redis_errors.ResponseError as exc:
+                    out.append(exc)
+            return out
+    except TimeoutError:
+        await conn.disconnect(nowait=True)
+        raise redis_errors.TimeoutError(f"no reply from Redis within {timeout}s") from None
+    except OSError as exc:
+        await conn.disconnect(nowait=True)
+        raise redis_errors.ConnectionError(f"Redis connection failed: {exc}") from exc
+    except BaseException:
+        # Cancelled or failed mid-batch: the connection's replies are out of step.
+        await conn.disconnect(nowait=True)
+        raise
 
 
 _UNKNOWN = object()

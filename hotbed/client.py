@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
 
 from hotbed import batching, lua, protocol
 from hotbed import keys as keyspace
@@ -71,6 +72,7 @@ class Client:
         self._blocking: aioredis.Redis = connect(self.url, blocking=True)
         self._submit = self.redis.register_script(lua.SUBMIT)
         self._submit_worker = self.redis.register_script(lua.SUBMIT_TO_WORKER)
+        self._idle_waits: list[AbstractConnection] = []
         self._closed = False
 
     async def __aenter__(self) -> Client:
@@ -83,6 +85,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._idle_waits.clear()  # checked out of the blocking pool, which closes them
         with anyio.CancelScope(shield=True):
             await self.redis.aclose()
             await self._blocking.aclose()
@@ -131,16 +134,28 @@ class Client:
 
     async def _wait_reply(self, rid: str, reply_key: str, wait_s: float) -> Reply:
         give_up = anyio.current_time() + wait_s
-        while True:
-            left = give_up - anyio.current_time()
-            if left <= 0:
-                raise RequestTimeout(f"no reply to request {rid} within {wait_s:.1f}s", request_id=rid)
-            try:
-                got = await self._blocking.blpop([reply_key], timeout=min(left, MAX_BLOCK_S))
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
-            if got is not None:
-                return protocol.decode_reply(got[1]).body
+        # A connection of the blocking pool, kept on this client's own free list between
+        # waits (no pool checkout per request); a wait cancelled mid-BLPOP drops it
+        # (batching.exchange), so it never hands a stale reply to the next request.
+        conn = self._idle_waits.pop() if self._idle_waits else (
+            await self._blocking.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        )
+        try:
+            while True:
+                left = give_up - anyio.current_time()
+                if left <= 0:
+                    raise RequestTimeout(f"no reply to request {rid} within {wait_s:.1f}s", request_id=rid)
+                try:
+                    (got,) = await batching.exchange(conn, [("BLPOP", reply_key, min(left, MAX_BLOCK_S))])
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+                if isinstance(got, Exception):
+                    raise got
+                if got is not None:
+                    return protocol.decode_reply(got[1]).body
+        finally:
+            if not self._closed:
+                self._idle_waits.append(conn)
 
     async def request(self, body: Message, *, timeout: float) -> Reply:
         """A scheduler request; raises the typed error of an ErrorReply."""
