@@ -395,3 +395,28 @@ def test_cli_run_create_exec_cp_ls_rm(daemons: tuple[str, str], tmp_path: object
     assert res.returncode == 1 and b"has ended" in res.stderr
     status = cli("status").stdout.decode()
     assert "docker" in status
+
+
+def test_cli_snapshot_fork_pause_resume(daemons: tuple[str, str]) -> None:
+    import json
+    import secrets
+
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        res = subprocess.run([sys.executable, "-m", "hotbed", *args], capture_output=True, timeout=120)
+        assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr
+        return res
+
+    sid = cli("create", BUSYBOX_IMAGE, "--cpu", "0.25", "--memory", "64").stdout.decode().strip()
+    cli("exec", sid, "--", "sh", "-c", "echo parent > /tmp/who")
+    assert cli("pause", sid).stdout.decode().split() == [sid]
+    assert json.loads(cli("inspect", sid).stdout)["state"] == "paused"
+    cli("resume", sid)
+    kids = cli("fork", sid, "-n", "2").stdout.decode().split()
+    assert len(set(kids)) == 2 and sid not in kids
+    name = f"cli-{secrets.token_hex(3)}"
+    assert cli("snapshot", sid, name).stdout.decode().strip() == name
+    assert name in cli("template", "list").stdout.decode()
+    for k in kids:
+        assert cli("exec", k, "--", "cat", "/tmp/who").stdout == b"parent\n"
+    cli("template", "delete", name)
+    cli("rm", sid, *kids)

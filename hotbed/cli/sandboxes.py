@@ -1,4 +1,4 @@
-"""Sandbox commands: run, create, exec, cp, ls, rm, inspect."""
+"""Sandbox commands: run, create, exec, cp, ls, rm, inspect, snapshot, fork, pause, resume."""
 
 from __future__ import annotations
 
@@ -203,6 +203,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return run_async(go)
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with Client() as client:
+            sb = await Sandbox.from_id(args.sandbox, client=client)
+            print(await sb.snapshot(args.name))
+            return 0
+
+    return run_async(go)
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with Client() as client:
+            sb = await Sandbox.from_id(args.sandbox, client=client)
+            for child in await sb.fork(args.n, timeout=args.timeout):
+                print(child.id)
+            return 0
+
+    return run_async(go)
+
+
+def cmd_pause_resume(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with Client() as client:
+            for sid in args.sandboxes:
+                sb = await Sandbox.from_id(sid, client=client)
+                await (sb.pause() if args.verb == "pause" else sb.resume())
+                print(sid)
+            return 0
+
+    return run_async(go)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("run", help="create a sandbox, run one command, print it, remove it")
     p.add_argument("image")
@@ -244,3 +277,20 @@ def register(sub: Any) -> None:
     p = sub.add_parser("inspect", help="print a sandbox's record as JSON")
     p.add_argument("sandbox")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("snapshot", help="checkpoint a running sandbox into a new template; prints its name")
+    p.add_argument("sandbox")
+    p.add_argument("name", nargs="?", help="template name (default: generated)")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("fork", help="N independent copies of a running sandbox (memory, processes, files)")
+    p.add_argument("sandbox")
+    p.add_argument("-n", type=int, default=1, help="how many (default 1)")
+    p.add_argument("--timeout", type=float, default=300.0, help="the copies' lifetime in seconds")
+    p.set_defaults(func=cmd_fork)
+
+    for verb, text in (("pause", "checkpoint sandboxes to disk and stop them (frees memory)"),
+                       ("resume", "restore paused sandboxes: same id, files and processes")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("sandboxes", nargs="+")
+        p.set_defaults(func=cmd_pause_resume, verb=verb)
