@@ -8,6 +8,11 @@ Starts a private Redis, one scheduler process and one real docker+runsc worker p
 * ``docker exec`` of ``true`` on the same container through the Engine API (aiodocker,
   as hotbed's old exec path did), in the same run: the ratio is printed;
 * the guest agent's own share (``duration_s``: spawning ``true`` under gVisor);
+* the floor: the same spawn (``subprocess.Popen`` of ``true`` with the agent's pipes and
+  new session, read to EOF, reaped) timed by a loop inside the same sandbox, with no
+  hotbed in the way; e2e p50 minus this is what hotbed itself costs;
+* CPU per exec of the worker process, Redis and the client (on a 2-core box under
+  load, CPU is latency);
 * a persistent-session command (``true`` in ``sb.shell()``);
 * streaming throughput of a command printing 100 MB;
 * 1,000 sequential SWE-agent-style commands in one session (any failure counts).
@@ -30,7 +35,7 @@ from typing import Any
 
 import anyio
 
-from bench._cluster import ROOT, Cluster, loadavg, machine
+from bench._cluster import ROOT, Cluster, loadavg, machine, proc_cpu_s
 
 RESULTS = Path(__file__).parent / "results" / "exec.json"
 
@@ -60,6 +65,21 @@ async def docker_exec_true(container: Any) -> float:
         await anyio.sleep(0.002)
     return time.perf_counter() - t
 
+
+# Runs inside the sandbox (the image's python3): spawn `true` as the guest agent does,
+# ARGV[1] times, and print each round trip in seconds.
+FLOOR = """
+import json, os, subprocess, sys, time
+env = dict(os.environ)
+xs = []
+for _ in range(int(sys.argv[1])):
+    t = time.perf_counter()
+    p = subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, start_new_session=True, close_fds=True)
+    p.communicate()
+    xs.append(time.perf_counter() - t)
+print(json.dumps(xs))
+"""
 
 SWE_COMMANDS = [
     "cd /tmp/repo",
@@ -103,17 +123,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         await sb.exec("true")
                         await docker_exec_true(container)
                     hot, agent_side = [], []
+                    cpu0 = (proc_cpu_s(worker.pid), proc_cpu_s(cluster.redis_proc.pid),  # type: ignore[union-attr]
+                            time.process_time())
                     for _ in range(args.n):
                         t = time.perf_counter()
                         res = await sb.exec("true")
                         hot.append(time.perf_counter() - t)
                         agent_side.append(res.duration_s)
                         assert res.exit_code == 0
+                    cpu1 = (proc_cpu_s(worker.pid), proc_cpu_s(cluster.redis_proc.pid),  # type: ignore[union-attr]
+                            time.process_time())
+                    out["cpu_ms_per_exec"] = {
+                        name: round((b - a) / args.n * 1e3, 3)
+                        for name, a, b in zip(("worker", "redis", "client"), cpu0, cpu1, strict=True)
+                    }
                     base = [await docker_exec_true(container) for _ in range(args.n_docker)]
                     out["exec_true"] = summary(hot)
                     out["exec_true_agent_spawn"] = summary(agent_side)
                     out["docker_exec_true"] = summary(base)
                     out["speedup_p50"] = round(pct(base, 0.5) / pct(hot, 0.5), 1)
+                    floor = await sb.exec("python3", "-c", FLOOR, str(args.n), timeout=300)
+                    out["floor_spawn_in_sandbox"] = summary(json.loads(floor.stdout))
+                    out["hotbed_share_p50_ms"] = round(
+                        out["exec_true"]["p50_ms"] - out["floor_spawn_in_sandbox"]["p50_ms"], 2
+                    )
+
+                    # A plain shell command runs without /bin/sh in between; the same
+                    # command through sh -c shows what that saves.
+                    plain, via_sh = [], []
+                    for _ in range(max(1, args.n // 5)):
+                        t = time.perf_counter()
+                        assert (await sb.exec("ls /", shell=True)).exit_code == 0
+                        plain.append(time.perf_counter() - t)
+                        t = time.perf_counter()
+                        assert (await sb.exec("sh", "-c", "ls /")).exit_code == 0
+                        via_sh.append(time.perf_counter() - t)
+                    out["shell_plain_ls"] = summary(plain)
+                    out["sh_c_ls"] = summary(via_sh)
 
                     sh = sb.shell("bench")
                     await sh.run("true")
@@ -190,9 +236,17 @@ def main(argv: list[str]) -> int:
     print(f"{'exec true, SDK end to end (guest agent)':<44} {e['p50_ms']:>8} {e['p99_ms']:>8}")
     a = res["exec_true_agent_spawn"]
     print(f"{'  of which: agent spawning true (gVisor)':<44} {a['p50_ms']:>8} {a['p99_ms']:>8}")
+    f = res["floor_spawn_in_sandbox"]
+    print(f"{'  floor: same spawn looped inside sandbox':<44} {f['p50_ms']:>8} {f['p99_ms']:>8}")
+    print(f"{'  hotbed own share (e2e p50 - floor p50)':<44} {res['hotbed_share_p50_ms']:>8}")
     print(f"{'docker exec true, same container (baseline)':<44} {d['p50_ms']:>8} {d['p99_ms']:>8}")
     print(f"{'session command (true)':<44} {s['p50_ms']:>8} {s['p99_ms']:>8}")
+    pl, vs = res["shell_plain_ls"], res["sh_c_ls"]
+    print(f"{'exec ls / with shell=True (no sh between)':<44} {pl['p50_ms']:>8} {pl['p99_ms']:>8}")
+    print(f"{'exec sh -c ls / (what that replaces)':<44} {vs['p50_ms']:>8} {vs['p99_ms']:>8}")
     print(f"exec vs docker exec: {res['speedup_p50']}x faster at p50")
+    c = res["cpu_ms_per_exec"]
+    print(f"CPU per exec: worker {c['worker']} ms, redis {c['redis']} ms, client {c['client']} ms")
     st = res["stream"]
     print(f"streaming {st['bytes'] / 1e6:.0f} MB: {st['seconds']} s = {st['mb_per_s']} MB/s")
     sw = res["swe_session"]

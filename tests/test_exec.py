@@ -164,6 +164,27 @@ async def test_exec_timeouts_and_stdin(hotbed_stack: Stack) -> None:
         assert (await sb.exec("true")).exit_code == 0
 
 
+async def test_plain_shell_command_runs_as_sh_would(hotbed_stack: Stack) -> None:
+    # A shell command of plain words is exec'd without /bin/sh in between; what it sees
+    # and what comes back must be what `sh -c` gives.
+    async with await _base(hotbed_stack) as sb:
+        direct = await sb.exec("env", shell=True, cwd="/tmp")
+        via_sh = await sb.exec("sh", "-c", "env", cwd="/tmp")
+        assert sorted(direct.stdout.splitlines()) == sorted(via_sh.stdout.splitlines())
+        assert "PWD=/tmp" in direct.stdout.splitlines()
+        res = await sb.exec("ls /nonexistent", shell=True)
+        assert res.exit_code == 2 and "nonexistent" in res.stderr
+        res = await sb.exec("no-such-command-xyz --flag", shell=True)
+        assert res.exit_code == 127 and "not found" in res.stderr
+        # No #! line: execve refuses it, sh runs it as a script.
+        await sb.write_file("/tmp/noshebang", b"echo ran-by-sh\n", mode=0o755)
+        assert (await sb.exec("/tmp/noshebang", shell=True)).stdout == "ran-by-sh\n"
+        p = await sb.start_process("sleep 30", shell=True)
+        assert (await p.refresh()).running
+        await p.kill()
+        assert (await p.wait(timeout=10)).signal == 9
+
+
 async def test_background_process_reattached_by_another_client(
     hotbed_stack: Stack, redis_url: str
 ) -> None:

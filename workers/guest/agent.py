@@ -21,6 +21,7 @@ import fcntl
 import heapq
 import json
 import os
+import re
 import selectors
 import signal
 import struct
@@ -154,6 +155,65 @@ def grow_pipe(fd):
         pass
 
 
+# A shell command made only of plain words runs what ``sh -c`` would exec, without the
+# shell: under gVisor every process start costs milliseconds. Anything the shell might
+# treat specially (quotes, $, globs, ~, redirections, separators, assignments, builtins,
+# keywords) keeps ``/bin/sh -c``.
+PLAIN_WORD = re.compile(r"[A-Za-z0-9_./@%+=:,-]+")
+SH_SPECIAL = frozenset(
+    "! { } [ [[ . : alias bg break case cd command continue do done echo elif else esac eval "
+    "exec exit export false fc fg fi for function getopts hash if in jobs kill let local "
+    "printf pwd read readonly return select set shift source test then time times trap true "
+    "type typeset ulimit umask unalias unset until wait while".split()
+)
+
+
+_sh_is_dash = []
+
+
+def plain_command(line, env, cwd):
+    """``(argv, executable, env)`` to run ``line`` directly, exactly as dash would after
+    ``sh -c line`` (it execs a lone simple command in place, exporting PWD), or None.
+    Only where /bin/sh is dash: other shells differ in what they export."""
+    if not _sh_is_dash:
+        _sh_is_dash.append(os.path.basename(os.path.realpath("/bin/sh")) == "dash")
+    if not _sh_is_dash[0]:
+        return None
+    words = line.split(" ")
+    if not words or not all(PLAIN_WORD.fullmatch(w) for w in words):
+        return None
+    name = words[0]
+    if "=" in name or name in SH_SPECIAL:
+        return None
+    try:
+        here = os.stat(cwd or ".")
+    except OSError:
+        return None  # sh reports it, as before
+    if "/" in name:
+        exe = name
+    else:
+        path = env.get("PATH")
+        if not path:
+            return None
+        exe = None
+        for d in path.split(":"):
+            cand = os.path.join(d or ".", name)
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                exe = cand
+                break
+        if exe is None:
+            return None  # "not found" in sh's words
+    env = dict(env)
+    pwd = env.get("PWD")
+    try:
+        same = pwd and pwd[0] == "/" and os.path.samestat(os.stat(pwd), here)
+    except OSError:
+        same = False
+    if not same:
+        env["PWD"] = os.path.realpath(cwd or ".")
+    return words, exe, env
+
+
 def kill_group(pid, sig):
     for target in (-pid, pid):
         try:
@@ -237,26 +297,52 @@ class Proc:
         self.done = False
         env = dict(os.environ)
         env.update(req.get("env") or {})
-        argv = req.get("argv") or ["/bin/sh", "-c", req.get("shell") or "true"]
         cwd = req.get("cwd") or None
+        argv = req.get("argv")
+        popen = None
+        if not argv:
+            argv = ["/bin/sh", "-c", req.get("shell") or "true"]
+            direct = plain_command(req.get("shell") or "", env, cwd)
+            if direct is not None:
+                try:
+                    popen = self._spawn(*direct, cwd, pty)
+                except OSError:
+                    popen = None  # not something execve runs (a script without #!): sh decides
+        if popen is None:
+            popen = self._spawn(argv, None, env, cwd, pty)
+        self._adopt(popen, pty)
+        if req.get("stdin"):
+            self.write_stdin(req["stdin_data"], eof=not req.get("stdin_open"))
+        timeout = req.get("timeout")
+        if timeout:
+            self.timer = later(timeout, self.on_timeout)
+        self.idle = req.get("idle_timeout")
+        if self.idle:
+            self.idle_timer = later(self.idle, self.on_idle)
+
+    def _spawn(self, argv, exe, env, cwd, pty):
         if pty is not None:
             master, slave = pty
-            popen = subprocess.Popen(
-                argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
-                start_new_session=True, close_fds=True, preexec_fn=_take_ctty,
+            return subprocess.Popen(
+                argv, executable=exe, stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
+                env=env, start_new_session=True, close_fds=True, preexec_fn=_take_ctty,
             )
+        has_stdin = self.req.get("stdin") or self.req.get("stdin_open")
+        return subprocess.Popen(
+            argv, executable=exe,
+            stdin=subprocess.PIPE if has_stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=cwd, env=env, start_new_session=True, close_fds=True,
+        )
+
+    def _adopt(self, popen, pty):
+        if pty is not None:
+            master, slave = pty
             os.close(slave)
             nonblock(master)
             self.fds[master] = 1
             self.stdin_fd = master
         else:
-            has_stdin = req.get("stdin") or req.get("stdin_open")
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if has_stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env=env, start_new_session=True, close_fds=True,
-            )
             for f, n in ((popen.stdout, 1), (popen.stderr, 2)):
                 fd = os.dup(f.fileno())
                 f.close()
@@ -270,18 +356,10 @@ class Proc:
         self.pid = popen.pid
         popen.returncode = 0  # we reap it ourselves; keep Popen.__del__ quiet
         procs[self.pid] = self
-        if not background_:
-            by_id[rid] = self
+        if not self.background:
+            by_id[self.rid] = self
         for fd in self.fds:
             _set_events(fd, selectors.EVENT_READ, self.on_pty_event if pty else self.on_readable)
-        if req.get("stdin"):
-            self.write_stdin(req["stdin_data"], eof=not req.get("stdin_open"))
-        timeout = req.get("timeout")
-        if timeout:
-            self.timer = later(timeout, self.on_timeout)
-        self.idle = req.get("idle_timeout")
-        if self.idle:
-            self.idle_timer = later(self.idle, self.on_idle)
 
     def info(self):
         return {
