@@ -197,7 +197,9 @@ def plain_command(line, env, cwd):
             return None
         exe = None
         for d in path.split(":"):
-            cand = os.path.join(d or ".", name)
+            if not d.startswith("/"):
+                return None  # relative to the command's cwd: leave it to sh
+            cand = os.path.join(d, name)
             if os.path.isfile(cand) and os.access(cand, os.X_OK):
                 exe = cand
                 break
