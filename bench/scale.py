@@ -30,6 +30,7 @@ every request a deadline. Only loopback is used.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -378,6 +379,10 @@ def generator_process(conn: Connection, url: str, prefix: str, op: str, part: in
 
     async def serve() -> None:
         async with Client(url, prefix=prefix) as client:
+            # Tens of thousands of latency samples and in-flight requests: no long
+            # collection pauses in the middle of a step (as workers.simfleet does).
+            gc.freeze()
+            gc.set_threshold(20_000, 20, 100)
             conn.send(("ready", os.getpid()))
             while True:
                 try:
@@ -956,14 +961,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n")[0])
     p.add_argument("--phases", default="cost,throughput,claims,replicas,placement,concurrency,mixed")
     p.add_argument("--cost-n", type=int, default=10_000, help="operations in the cost phase")
-    p.add_argument("--claim-rates", default="1000,2500,5000,8000")
-    p.add_argument("--claim-step-s", type=float, default=2.0,
+    p.add_argument("--claim-rates", default="1000,2500,5000,6000,7000,8000")
+    p.add_argument("--claim-step-s", type=float, default=3.0,
                    help="seconds per claim step (the pool is filled for all steps first)")
     p.add_argument("--pool-refill", type=float, default=3000.0, help="pool refills/s allowed")
     p.add_argument("--fill-max-s", type=float, default=90.0)
     p.add_argument("--claim-refill", type=float, default=100.0,
                    help="pool refills/s allowed while claims are measured")
-    p.add_argument("--rates", default="250,500,1000,2000,4000,8000")
+    p.add_argument("--rates", default="250,500,1000,2000,3000,3500,4000,6000,8000")
     p.add_argument("--step-s", type=float, default=5.0)
     p.add_argument("--fleets", type=int, default=2, help="simfleet processes")
     p.add_argument("--loadgen-procs", type=int, default=2,
