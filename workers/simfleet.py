@@ -29,7 +29,6 @@ from workers.agent import WorkerAgent
 from workers.config import WorkerSettings
 from workers.runtimes.sim import SimParams, SimRuntime
 
-
 # Allocations between young-generation collections (CPython's default is 700).
 GC_GEN0_THRESHOLD = 20_000
 
