@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from hotbed import lua, templates
+from hotbed.client import Client
 from hotbed.errors import CapacityExhausted, SandboxNotRunning, SetupFailed, TemplateNotFound
 from hotbed.protocol import Resources, SandboxSpec
 from hotbed.sandbox import Sandbox
@@ -77,6 +78,15 @@ async def wait_for(cond, what: str, timeout: float = 90.0) -> None:  # type: ign
     with anyio.fail_after(timeout):
         while not await cond():
             await anyio.sleep(0.05)
+
+
+async def ready_ids(c: Client, pool: str) -> list[str]:
+    """Sandbox ids on the pool's ready list."""
+    return [i.decode().split()[0] for i in await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)]
+
+
+async def pool_drained(stack: Stack) -> bool:
+    return not any(s.pool for s in stack.worker.sandboxes.values())
 
 
 async def test_restored_sandbox_keeps_template_memory_and_is_isolated(stack: Stack) -> None:
@@ -165,10 +175,7 @@ async def test_warm_pool_claims_and_refills(stack: Stack) -> None:
         await sb.terminate()
         await templates.set_pool(name, 0, memory_mb=128, client=c)
 
-    async def drained() -> bool:
-        return not any(s.pool for s in stack.worker.sandboxes.values())
-
-    await wait_for(drained, "pool drained")
+    await wait_for(lambda: pool_drained(stack), "pool drained")
 
 
 @pytest.mark.timeout(300)
@@ -222,19 +229,16 @@ async def test_dead_pooled_sandbox_is_replaced_never_handed_out(stack: Stack) ->
     c = stack.client
     pool = await templates.set_pool(name, 2, memory_mb=32, client=c)
 
-    async def ready_ids() -> list[str]:
-        return [i.decode().split()[0] for i in await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)]
-
     async def full() -> bool:
-        return len(await ready_ids()) == 2
+        return len(await ready_ids(c, pool)) == 2
 
     await wait_for(full, "pool filled")
-    victim = (await ready_ids())[0]
+    victim = (await ready_ids(c, pool))[0]
     proc = await anyio.run_process(["docker", "rm", "-f", f"hotbed-{victim}"], check=False)
     assert proc.returncode == 0
 
     async def replaced() -> bool:
-        ids = await ready_ids()
+        ids = await ready_ids(c, pool)
         return len(ids) == 2 and victim not in ids
 
     await wait_for(replaced, "dead pooled sandbox replaced")
@@ -249,10 +253,7 @@ async def test_dead_pooled_sandbox_is_replaced_never_handed_out(stack: Stack) ->
         for s in sbs:
             await s.terminate()
 
-    async def drained() -> bool:
-        return not any(s.pool for s in stack.worker.sandboxes.values())
-
-    await wait_for(drained, "pool drained")
+    await wait_for(lambda: pool_drained(stack), "pool drained")
 
 
 async def test_rebuilt_template_replaces_its_pooled_sandboxes(stack: Stack) -> None:
@@ -270,24 +271,21 @@ async def test_rebuilt_template_replaces_its_pooled_sandboxes(stack: Stack) -> N
     first = await build("v1")
     pool = await templates.set_pool(name, 2, memory_mb=32, client=c)
 
-    async def ready_ids() -> list[str]:
-        return [i.decode().split()[0] for i in await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)]
-
     async def full() -> bool:
-        return len(await ready_ids()) == 2
+        return len(await ready_ids(c, pool)) == 2
 
     await wait_for(full, "pool filled")
-    old = await ready_ids()
+    old = await ready_ids(c, pool)
     assert {(await c.record(i)).snapshot for i in old} == {first}
     second = await build("v2")
     assert second != first
 
     async def replaced() -> bool:
-        ids = await ready_ids()
+        ids = await ready_ids(c, pool)
         return len(ids) == 2 and not set(ids) & set(old)
 
     await wait_for(replaced, "pool refilled from the new snapshot")
-    assert {(await c.record(i)).snapshot for i in await ready_ids()} == {second}
+    assert {(await c.record(i)).snapshot for i in await ready_ids(c, pool)} == {second}
     assert {(await c.record(i)).reason for i in old} == {"template rebuilt"}
     sb = await Sandbox.create(template=name, memory_mb=32, client=c)
     try:
@@ -297,10 +295,7 @@ async def test_rebuilt_template_replaces_its_pooled_sandboxes(stack: Stack) -> N
         await sb.terminate()
         await templates.set_pool(name, 0, memory_mb=32, client=c)
 
-    async def drained() -> bool:
-        return not any(s.pool for s in stack.worker.sandboxes.values())
-
-    await wait_for(drained, "pool drained")
+    await wait_for(lambda: pool_drained(stack), "pool drained")
 
 
 async def test_snapshot_and_fork_give_independent_children(stack: Stack) -> None:
