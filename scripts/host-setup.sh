@@ -151,7 +151,7 @@ start_dockerd() {
       for fd in /proc/$BASHPID/fd/*; do
         fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-"
       done
-      exec setsid nohup dockerd >/var/log/hotbed/dockerd.log 2>&1 </dev/null
+      exec nice -n "$ENGINE_NICE" setsid nohup dockerd >/var/log/hotbed/dockerd.log 2>&1 </dev/null
     ) &
   fi
   for _ in $(seq 150); do docker_up && break; sleep 0.2; done
@@ -165,9 +165,12 @@ start_dockerd() {
 # inherited) runs at a lower CPU priority. Systemd hosts: deploy/systemd/*.service.d.
 ENGINE_NICE=${HOTBED_ENGINE_NICE:-10}
 lower_engine_priority() {
-  local p
+  # Every thread: Go forks from any of them, and a child inherits its thread's nice.
+  local p t
   for p in $(pgrep -x dockerd) $(pgrep -x containerd); do
-    renice -n "$ENGINE_NICE" -p "$p" >/dev/null || true
+    for t in /proc/"$p"/task/*; do
+      renice -n "$ENGINE_NICE" -p "${t##*/}" >/dev/null 2>&1 || true
+    done
   done
 }
 
