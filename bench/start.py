@@ -345,6 +345,59 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+PATHS = (("docker", "(a) docker run + set-up"), ("cold", "(b) hotbed cold + set-up"),
+         ("restore", "(c) restore from snapshot"), ("warm", "(d) warm-pool claim + first exec"),
+         ("warm_claim", "(d) claim alone"))
+
+
+def report(result: dict[str, Any]) -> str:
+    """The results as the markdown tables bench/README.md keeps."""
+    conc = result["concurrency"]
+    lines = [
+        f"Machine: {result['machine']['cpus']} vCPU {result['machine']['cpu_model']}, "
+        f"{result['machine']['memory_gib']} GiB; runtime: {result['runtime']}. "
+        f"Load average before / after: {result['load_before'].split()[0]} / "
+        f"{result.get('load_after', '?').split()[0]}.",
+    ]
+    for tpl, res in result["paths"].items():
+        meta = result["templates"].get(tpl, {})
+        n = result["n_heavy"] if tpl == "heavy" else result["n"]
+        lines += [
+            "", f"**{tpl}** ({meta.get('image', '?')}, built in {meta.get('build_s', 0):.1f} s, snapshot "
+            f"{meta.get('snapshot_bytes', 0) / 2**20:.1f} MiB), n = {n} per path and mode — create → first "
+            "successful exec (ms):", "",
+            f"| path | seq p50 | seq p90 | seq p99 | ×(a) seq | c{conc} p50 | c{conc} p90 | c{conc} p99 | ×(a) c{conc} |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, label in PATHS:
+            row = [label]
+            for mode in ("seq", f"c{conc}"):
+                r = res.get(f"{key}_{mode}")
+                base = res.get(f"docker_{mode}")
+                if r is None:
+                    row += ["—"] * 4
+                    continue
+                ratio = "—" if key in ("docker", "warm_claim") or not base else f"{base['p50_ms'] / r['p50_ms']:.1f}×"
+                row += [f"{r['p50_ms']:,.1f}", f"{r['p90_ms']:,.1f}", f"{r['p99_ms']:,.1f}", ratio]
+            lines.append("| " + " | ".join(row) + " |")
+    if result.get("refill"):
+        lines += ["", f"Refill at parallelism {conc} (sandboxes made ready per second):", "",
+                  "| template | pool controller (restore) | plain docker run + set-up | ratio |",
+                  "| --- | ---: | ---: | ---: |"]
+        for tpl, r in result["refill"].items():
+            lines.append(f"| {tpl} | {r['pool_refill_per_s']:.2f}/s | {r['docker_run_per_s']:.2f}/s | **{r['ratio']:.1f}×** |")
+    if result.get("sustained"):
+        lines += ["", "Sustained creates while the pool refills:", "",
+                  "| template | clients | pool | creates/s | paths | create → first exec p50 / p99 |",
+                  "| --- | ---: | ---: | ---: | --- | --- |"]
+        for tpl, r in result["sustained"].items():
+            paths = ", ".join(f"{k} {v}" for k, v in r["paths"].items())
+            fe = r["to_first_exec"]
+            lines.append(f"| {tpl} | {r['clients']} | {r['pool']} | {r['creates_per_s']:.2f} | {paths} | "
+                         f"{fe['p50_ms']:,.0f} / {fe['p99_ms']:,.0f} ms |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench start")
     parser.add_argument("--n", type=int, default=50, help="sandboxes per path and mode")
@@ -357,7 +410,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--templates", nargs="+", default=["heavy", "light"], choices=list(TEMPLATES))
     parser.add_argument("--redis-nice", type=int, default=0, help="renice the private Redis (e.g. -10)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "start.json"))
+    parser.add_argument("--report", metavar="JSON", help="print the markdown tables of a results file and exit")
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return 0
 
     prefix = f"bstart{secrets.token_hex(3)}"
     sched_env = {"HOTBED_POOL_MAX_WARMING": str(args.concurrency), "HOTBED_POOL_REFILL_PER_S": "100"}
@@ -409,5 +466,6 @@ def main(argv: list[str]) -> int:
         plot(result, out.with_suffix(".png"))
     except ImportError:
         print("matplotlib missing (pip install '.[bench]'): no plot", file=sys.stderr)
+    print(report(result))
     print(f"wrote {out}")
     return 0
