@@ -767,6 +767,9 @@ async def phase_cost(args: argparse.Namespace) -> dict[str, Any]:
     from workers.simfleet import SimFleet
 
     out: dict[str, Any] = {}
+    # The same collector settings as the simfleet and load-generator processes.
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
     with Cluster(fleets=0, schedulers=0) as cluster:
         base = msgspec.convert(
             {"redis_url": cluster.url, "prefix": cluster.prefix, "runtime": "sim", "cpu": 4096.0,
