@@ -10,7 +10,8 @@ One run, one machine, the same template for every path:
   (d) ``warm``    the same create with a warm pool: an atomic claim in Redis.
 
 Each path is timed from the create call to the first successful ``true`` exec, over
-``--n`` sandboxes sequentially and at ``--concurrency``; for (d) the claim alone (the
+``--n`` sandboxes sequentially and at ``--concurrency`` (each sandbox is ended right
+after its sample, untimed); for (d) the claim alone (the
 create call returning) is reported too. Two templates: ``heavy`` (hotbed/base: a Python
 process that imports ~90 stdlib modules, hashes for a few seconds, builds a 200k-entry
 table, then waits in a loop) and ``light`` (busybox, no set-up). Then:
@@ -120,6 +121,10 @@ async def path_docker(tpl: str, prefix: str) -> tuple[float, str]:
     return time.perf_counter() - t, name
 
 
+async def docker_rm(got: tuple[float, str]) -> None:
+    await sh("docker", "rm", "-f", got[1], check=False)
+
+
 async def path_cold(tpl: str, client: Any) -> tuple[float, Any]:
     from hotbed.sandbox import Sandbox
 
@@ -151,14 +156,21 @@ async def path_template(tpl: str, client: Any, name: str, want: str) -> tuple[fl
     return created, time.perf_counter() - t, sb
 
 
-async def run_many(n: int, conc: int, one: Any) -> tuple[list[Any], float]:
+async def run_many(n: int, conc: int, one: Any, end: Any = None) -> tuple[list[Any], float]:
+    """``n`` calls of ``one``, ``conc`` at a time. ``end(result)``, if given, runs right
+    after each (untimed, in the same slot): the next sample then starts beside at most
+    ``conc`` live sandboxes, not beside every one made so far (50 idle heavy sandboxes
+    cost this 2-core box more than a core)."""
     out: list[Any] = []
     sem = anyio.Semaphore(conc)
     t = time.perf_counter()
 
     async def go() -> None:
         async with sem:
-            out.append(await one())
+            r = await one()
+            out.append(r)
+            if end is not None:
+                await end(r)
 
     async with anyio.create_task_group() as tg:
         for _ in range(n):
@@ -219,40 +231,39 @@ async def run(
             res: dict[str, Any] = {}
             for mode, c in (("seq", 1), (f"c{conc}", conc)):
                 n = args.n_heavy if tpl == "heavy" and args.n_heavy else args.n
-                # (a) docker run + set-up
-                got, wall = await run_many(n, c, lambda t=tpl: path_docker(t, prefix))
-                res[f"docker_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
-                await cleanup([], prefix)
-                # (b) hotbed cold boot + set-up
-                got, wall = await run_many(n, c, lambda t=tpl: path_cold(t, client))
-                res[f"cold_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
-                await cleanup([g[1] for g in got], prefix)
-                # (c) restore (no pool)
-                got, wall = await run_many(
-                    n, c, lambda t=tpl, nm=name: path_template(t, client, nm, "restore")
-                )
-                res[f"restore_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
-                await cleanup([g[2] for g in got], prefix)
-                # (d) warm claim: a pool as large as the run, filled before timing
-                pool = await templates.set_pool(name, n, memory_mb=mem, client=client)
-                await wait_pool(client, pool, n)
-                got, wall = await run_many(
-                    n, c, lambda t=tpl, nm=name: path_template(t, client, nm, "warm")
-                )
-                await templates.set_pool(name, 0, memory_mb=mem, client=client)
-                res[f"warm_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
-                res[f"warm_claim_{mode}"] = summary([g[0] for g in got])
-                await cleanup([g[2] for g in got], prefix)
-                base = res[f"docker_{mode}"]["p50_ms"]
-                line = ", ".join(
-                    f"{p} p50 {res[f'{p}_{mode}']['p50_ms']:.0f} ms ({base / res[f'{p}_{mode}']['p50_ms']:.1f}x)"
-                    for p in ("cold", "restore", "warm")
-                )
-                print(f"{tpl} {mode}: docker p50 {base:.0f} ms; {line}; "
-                      f"claim p50 {res[f'warm_claim_{mode}']['p50_ms']:.2f} ms p99 "
-                      f"{res[f'warm_claim_{mode}']['p99_ms']:.2f} ms  [load {loadavg()}]", flush=True)
+                if "docker" in args.paths:  # (a) docker run + set-up
+                    got, wall = await run_many(n, c, lambda t=tpl: path_docker(t, prefix), end=docker_rm)
+                    res[f"docker_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
+                    await cleanup([], prefix)
+                if "cold" in args.paths:  # (b) hotbed cold boot + set-up
+                    got, wall = await run_many(
+                        n, c, lambda t=tpl: path_cold(t, client), end=lambda g: g[1].terminate()
+                    )
+                    res[f"cold_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
+                    await cleanup([], prefix)
+                if "restore" in args.paths:  # (c) restore (no pool)
+                    got, wall = await run_many(
+                        n, c, lambda t=tpl, nm=name: path_template(t, client, nm, "restore"),
+                        end=lambda g: g[2].terminate(),
+                    )
+                    res[f"restore_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
+                    await cleanup([], prefix)
+                if "warm" in args.paths:  # (d) warm claim: a pool as large as the run, filled first
+                    pool = await templates.set_pool(name, n, memory_mb=mem, client=client)
+                    await wait_pool(client, pool, n)
+                    got, wall = await run_many(
+                        n, c, lambda t=tpl, nm=name: path_template(t, client, nm, "warm"),
+                        end=lambda g: g[2].terminate(),
+                    )
+                    await templates.set_pool(name, 0, memory_mb=mem, client=client)
+                    res[f"warm_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
+                    res[f"warm_claim_{mode}"] = summary([g[0] for g in got])
+                    await cleanup([], prefix)
+                print(f"{tpl} {mode}: " + progress_line(res, mode) + f"  [load {loadavg()}]", flush=True)
             out["paths"][tpl] = res
             await anyio.sleep(2)  # let the drained pool's sandboxes end
+            if "refill" not in args.phases:
+                continue
 
             # Refill throughput at parallelism `conc`: pool controller vs docker run.
             k = args.refill_n
@@ -268,6 +279,9 @@ async def run(
             }
             print(f"{tpl} refill x{conc}: pool {restore_rate:.2f}/s vs docker run {docker_rate:.2f}/s "
                   f"({restore_rate / docker_rate:.1f}x)  [load {loadavg()}]", flush=True)
+            if "sustained" not in args.phases:
+                await templates.set_pool(name, 0, memory_mb=mem, client=client)
+                continue
 
             # Sustained creates while the pool refills: `conc` clients for sustain_s.
             await templates.set_pool(name, args.pool, memory_mb=mem, client=client)
@@ -291,6 +305,20 @@ async def run(
                   f"p50 {pct(lat, 0.5) * 1000:.0f} ms  [load {loadavg()}]", flush=True)
             await cleanup(made, prefix)
     return out
+
+
+def progress_line(res: dict[str, Any], mode: str) -> str:
+    base = res.get(f"docker_{mode}", {}).get("p50_ms")
+    parts = []
+    for p in ("docker", "cold", "restore", "warm"):
+        r = res.get(f"{p}_{mode}")
+        if r is not None:
+            ratio = f" ({base / r['p50_ms']:.1f}x)" if base and p != "docker" else ""
+            parts.append(f"{p} p50 {r['p50_ms']:.0f} ms{ratio}")
+    claim = res.get(f"warm_claim_{mode}")
+    if claim is not None:
+        parts.append(f"claim p50 {claim['p50_ms']:.2f} ms p99 {claim['p99_ms']:.2f} ms")
+    return "; ".join(parts)
 
 
 async def sustain(
@@ -398,6 +426,15 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def engine_nice() -> int | None:
+    """The container engine's CPU priority (sandboxes inherit it): part of the setup."""
+    try:
+        pid = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()[0]
+        return os.getpriority(os.PRIO_PROCESS, int(pid))
+    except (IndexError, ValueError, OSError):
+        return None
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench start")
     parser.add_argument("--n", type=int, default=50, help="sandboxes per path and mode")
@@ -410,6 +447,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--templates", nargs="+", default=["heavy", "light"], choices=list(TEMPLATES))
     parser.add_argument("--redis-nice", type=int, default=0, help="renice the private Redis (e.g. -10)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "start.json"))
+    parser.add_argument("--paths", nargs="+", default=["docker", "cold", "restore", "warm"],
+                        choices=["docker", "cold", "restore", "warm"], help="start paths to time")
+    parser.add_argument("--phases", nargs="+", default=["refill", "sustained"],
+                        choices=["refill", "sustained"], help="phases after the paths (default both)")
     parser.add_argument("--report", metavar="JSON", help="print the markdown tables of a results file and exit")
     args = parser.parse_args(argv)
     if args.report:
@@ -422,6 +463,8 @@ def main(argv: list[str]) -> int:
         "benchmark": "start", "machine": machine(), "load_before": loadavg(),
         "n": args.n, "n_heavy": args.n_heavy or args.n, "concurrency": args.concurrency,
         "runtime": "dockerd 20.10 checkpoint/restore + runsc",
+        "paths_run": args.paths, "phases": args.phases,
+        "engine_nice": engine_nice(),
     }
     with Cluster(schedulers=1, fleets=0, prefix=prefix, scheduler_env=sched_env) as cluster:
         if args.redis_nice and cluster.redis_proc is not None:
