@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 WARM_DEADLINE_S = 120.0
 LOCK_TTL_MS = 5000
 PRUNE_EVERY_S = 1.0
+# Ready entries checked per prune: a pool of 100k is walked in slices, so the safety
+# net costs O(1) per tick instead of O(pool size) (the worker's health check is what
+# removes a dead sandbox first; this catches what it could not).
+PRUNE_SLICE = 1000
 
 
 class PoolController:
@@ -54,6 +58,7 @@ class PoolController:
         self._bucket = 0.0
         self._bucket_at: float | None = None
         self._pruned_at: dict[str, float] = {}
+        self._prune_from: dict[str, int] = {}
         self.started = 0
 
     @property
@@ -185,7 +190,11 @@ class PoolController:
 
     async def _prune(self, name: str, template: str) -> None:
         keys = self.sched.keys
-        items = await self.redis.lrange(keys.pool_ready(name), 0, -1)
+        start = self._prune_from.get(name, 0)
+        items = await self.redis.lrange(keys.pool_ready(name), start, start + PRUNE_SLICE - 1)
+        # Next tick goes on from here, or wraps; claims and refills move the list under
+        # us, so an entry may be seen twice or skipped once: harmless for a safety net.
+        self._prune_from[name] = start + PRUNE_SLICE if len(items) == PRUNE_SLICE else 0
         if not items:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -219,3 +228,4 @@ class PoolController:
             pipe.srem(keys.pools, name)
             await pipe.execute()
         self._pruned_at.pop(name, None)
+        self._prune_from.pop(name, None)

@@ -190,3 +190,30 @@ async def test_sim_params_scale() -> None:
     rt = SimRuntime(SimParams(jitter=0.0).scaled(0))
     assert rt.kind == "simulated"
     assert rt.statistics()["sandboxes"] == 0
+
+
+async def test_pool_prune_walks_a_large_pool_in_slices(redis_url: str, prefix: str) -> None:
+    """The pool controller's safety net checks a bounded slice per tick and still reaches
+    every entry: dead ones anywhere in a pool larger than a slice are dropped."""
+    from types import SimpleNamespace
+
+    from scheduler import pools
+
+    keys = keyspace.Keys(prefix)
+    n, dead = 2 * pools.PRUNE_SLICE + 500, {7, pools.PRUNE_SLICE + 3, 2 * pools.PRUNE_SLICE + 499}
+    async with Client(redis_url, prefix=prefix) as client:
+        r = client.redis
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(n):
+                pipe.rpush(keys.pool_ready("p"), f"sb-{i} w")
+                pipe.hset(keys.sandbox(f"sb-{i}"), mapping={"state": "failed" if i in dead else "pooled"})
+            await pipe.execute()
+        ctl = pools.PoolController(SimpleNamespace(redis=r, keys=keys))  # type: ignore[arg-type]
+        seen = []
+        for _ in range(3):
+            await ctl._prune("p", "no-template")
+            seen.append(await r.llen(keys.pool_ready("p")))
+        assert seen[-1] == n - len(dead)
+        assert seen[0] > n - len(dead), "one tick must not have walked the whole pool"
+        left = {x.decode() for x in await r.lrange(keys.pool_ready("p"), 0, -1)}
+        assert not {f"sb-{i} w" for i in dead} & left
