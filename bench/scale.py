@@ -105,6 +105,18 @@ def add_cpu_cost(step: dict[str, Any]) -> None:
             step["cpu_ms_per_op_excl_loadgen"] = round(1000 * (step["cpu_s_total"] - step["loadgen_cpu_s"]) / n, 3)
 
 
+async def measured_step(cluster: Any, gens: Any, rate: float, seconds: float) -> dict[str, Any]:
+    """One open-loop step: the generators' tally plus what the cluster spent on it."""
+    before = cluster.sample()
+    tally = await gens.run(rate, seconds)
+    after = cluster.sample()
+    step: dict[str, Any] = tally.report(offered=rate)
+    step.update(delta(before, after))
+    add_cpu_cost(step)
+    step["loadavg"] = loadavg()
+    return step
+
+
 class Tally:
     def __init__(self) -> None:
         self.e2e: list[float] = []
@@ -451,13 +463,7 @@ async def phase_throughput(args: argparse.Namespace) -> dict[str, Any]:
             await gens.warm(count=400, concurrency=min(400, max(50, int(max(args.rates) * 0.25 / gens.procs))))
             for rate in args.rates:
                 await wait_drained(client)
-                before = cluster.sample()
-                tally = await gens.run(rate, args.step_s)
-                after = cluster.sample()
-                step = tally.report(offered=rate)
-                step.update(delta(before, after))
-                add_cpu_cost(step)
-                step["loadavg"] = loadavg()
+                step = await measured_step(cluster, gens, rate, args.step_s)
                 steps.append(step)
                 cp = step["control_plane_latency"]
                 say(f"  [{LABEL}] offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  "
@@ -733,13 +739,7 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
             async with LoadGenerators(cluster, "claim:simtpl", procs=args.loadgen_procs) as gens:
                 await gens.warm(count=25, concurrency=5)
                 for rate in args.claim_rates:
-                    before = cluster.sample()
-                    tally = await gens.run(rate, args.claim_step_s)
-                    after = cluster.sample()
-                    step = tally.report(offered=rate)
-                    step.update(delta(before, after))
-                    add_cpu_cost(step)
-                    step["loadavg"] = loadavg()
+                    step = await measured_step(cluster, gens, rate, args.claim_step_s)
                     steps.append(step)
                     lat = step["latency"]
                     say(f"  [{LABEL}] claims offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  "

@@ -146,6 +146,22 @@ async def start_stack(
     return Stack(client=client, scheduler=scheduler, worker=worker, redis_url=redis_url, prefix=prefix)
 
 
+async def restart_worker(stack: Stack, tg: anyio.abc.TaskGroup, **overrides: object) -> WorkerAgent:
+    """Stop the stack's worker (its sandboxes keep running unless it drains) and start a
+    new agent with the same settings (plus ``overrides``); it becomes ``stack.worker``."""
+    from workers.runtimes import make_runtime
+
+    first = stack.worker
+    first.stopping.set()
+    with anyio.fail_after(30):
+        await first.stopped.wait()
+    settings = msgspec.structs.replace(first.settings, **overrides)
+    second = WorkerAgent(settings, make_runtime(settings))
+    await tg.start(second.run)
+    stack.worker = second
+    return second
+
+
 async def stop_stack(stack: Stack) -> None:
     await stack.client.aclose()
     stack.worker.stopping.set()

@@ -338,30 +338,20 @@ async def test_cli_exec_shell_and_processes(hotbed_stack: Stack) -> None:
 async def test_session_and_process_survive_worker_restart(redis_url: str, prefix: str) -> None:
     """A new worker process re-attaches to the agent: session state and background
     processes are still there (they live in the sandbox, not in the worker)."""
-    from tests.conftest import leftover_containers, start_stack, stop_stack
-    from workers.agent import WorkerAgent
-    from workers.runtimes import make_runtime
+    from tests.conftest import leftover_containers, restart_worker, start_stack, stop_stack
 
     async with anyio.create_task_group() as tg:
         stack = await start_stack(redis_url, prefix, tg=tg, worker_overrides={"drain_on_stop": False})
         sb = await _base(stack)
-        second: WorkerAgent | None = None
         try:
             await sb.shell().run("cd /tmp; export MARK=kept")
             proc = await sb.start_process("sh", "-c", "echo one; sleep 300")
-            first = stack.worker
-            first.stopping.set()
-            with anyio.fail_after(15):
-                await first.stopped.wait()
-            second = WorkerAgent(first.settings, make_runtime(first.settings))
-            await tg.start(second.run)
+            await restart_worker(stack, tg)
             assert (await sb.shell().run("echo $MARK $PWD")).stdout == "kept /tmp\n"
             out = await sb.process(proc.pid).read()
             assert out.stdout == b"one\n" and out.info.running
         finally:
             await sb.terminate()
-            if second is not None:
-                second.stopping.set()
             await stop_stack(stack)
     assert leftover_containers(prefix) == []
 

@@ -263,25 +263,17 @@ async def test_capacity_exhausted_at_deadline(hotbed_stack: Stack) -> None:
 
 
 async def test_worker_restart_adopts_its_sandboxes(redis_url: str, prefix: str) -> None:
-    from tests.conftest import leftover_containers, start_stack, stop_stack
-    from workers.agent import WorkerAgent
-    from workers.runtimes import make_runtime
+    from tests.conftest import leftover_containers, restart_worker, start_stack, stop_stack
 
     async with anyio.create_task_group() as tg:
         stack = await start_stack(redis_url, prefix, tg=tg, worker_overrides={"drain_on_stop": False})
         sb = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=stack.client)
         await sb.write_file("/tmp/keep", "still here")
         # Stop the worker without draining: its sandbox keeps running.
-        first = stack.worker
-        first.stopping.set()
-        with anyio.fail_after(15):
-            await first.stopped.wait()
-        second = WorkerAgent(first.settings, make_runtime(first.settings))
-        await tg.start(second.run)
+        second = await restart_worker(stack, tg)
         assert sb.id in second.sandboxes
         assert await sb.read_file("/tmp/keep") == b"still here"
         await sb.terminate()
-        second.stopping.set()
         await stop_stack(stack)
     assert leftover_containers(prefix) == []
 

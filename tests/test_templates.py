@@ -25,12 +25,11 @@ from tests.conftest import (
     docker_available,
     image_exists,
     leftover_containers,
+    restart_worker,
     running_stack,
     start_stack,
     stop_stack,
 )
-from workers.agent import WorkerAgent
-from workers.runtimes import make_runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -367,13 +366,8 @@ async def test_pause_resume_survives_worker_restart(redis_url: str, prefix: str,
             with pytest.raises(SandboxNotRunning):
                 await sb.run("true")
             # Restart the worker: the paused sandbox is adopted, not ended.
-            stack.worker.stopping.set()
-            with anyio.fail_after(30):
-                await stack.worker.stopped.wait()
-            settings = msgspec.structs.replace(stack.worker.settings, drain_on_stop=True)
-            worker = WorkerAgent(settings, make_runtime(settings))
-            await tg.start(worker.run)
-            stack.worker = worker
+            worker = await restart_worker(stack, tg, drain_on_stop=True)
+            settings = worker.settings
             assert worker.sandboxes[sb.id].paused
             await anyio.sleep(3 * settings.reconcile_s)  # the health check must leave it be
             assert (await sb.info()).state == "paused"
