@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from hotbed.client import Client
 from hotbed.errors import ConfigError, HotbedError
 
 T = TypeVar("T")
@@ -33,6 +34,16 @@ AREAS = [
 
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
+
+
+def with_client(fn: Callable[[Client], Awaitable[T]]) -> T:
+    """Run one command's coroutine with a client of the configured control plane."""
+
+    async def go() -> T:
+        async with Client() as client:
+            return await fn(client)
+
+    return run_async(go)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-from hotbed.cli.main import run_async
+from hotbed.cli.main import with_client
 from hotbed.client import Client
 from hotbed.errors import InvalidRequest
 from hotbed.sandbox import Sandbox
@@ -69,52 +69,49 @@ def _emit(res: Any) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     argv = _command(args.cmd)
 
-    async def go() -> int:
-        async with Client() as client:
-            t0 = time.perf_counter()
-            sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
-            if args.verbose:
-                print(f"hotbed: {sb.id} on {sb.worker_id} ({sb.path}) in {time.perf_counter() - t0:.3f}s", file=sys.stderr)
-            try:
-                res = await sb.exec(*argv, timeout=args.exec_timeout, shell=args.shell)
-            finally:
-                await sb.terminate()
-            return _emit(res)
+    async def go(client: Client) -> int:
+        t0 = time.perf_counter()
+        sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
+        if args.verbose:
+            print(f"hotbed: {sb.id} on {sb.worker_id} ({sb.path}) in {time.perf_counter() - t0:.3f}s", file=sys.stderr)
+        try:
+            res = await sb.exec(*argv, timeout=args.exec_timeout, shell=args.shell)
+        finally:
+            await sb.terminate()
+        return _emit(res)
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
-            print(sb.id)
-            return 0
+    async def go(client: Client) -> int:
+        sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
+        print(sb.id)
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
     argv = _command(args.cmd)
 
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.from_id(args.sandbox, client=client)
-            env = _pairs(args.env, "--env")
-            # Issue 5: output is printed as the command produces it.
-            async with sb.exec_stream(
-                *argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell
-            ) as stream:
-                async for chunk in stream:
-                    dest = sys.stdout if chunk.stream == "stdout" else sys.stderr
-                    dest.buffer.write(chunk.data)
-                    dest.flush()
-            assert stream.result is not None
-            if stream.result.truncated:
-                print("hotbed: output truncated", file=sys.stderr)
-            return int(stream.result.exit_code)
+    async def go(client: Client) -> int:
+        sb = await Sandbox.from_id(args.sandbox, client=client)
+        env = _pairs(args.env, "--env")
+        # Issue 5: output is printed as the command produces it.
+        async with sb.exec_stream(
+            *argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell
+        ) as stream:
+            async for chunk in stream:
+                dest = sys.stdout if chunk.stream == "stdout" else sys.stderr
+                dest.buffer.write(chunk.data)
+                dest.flush()
+        assert stream.result is not None
+        if stream.result.truncated:
+            print("hotbed: output truncated", file=sys.stderr)
+        return int(stream.result.exit_code)
 
-    return run_async(go)
+    return with_client(go)
 
 
 def _split_remote(spec: str) -> tuple[str | None, str]:
@@ -130,110 +127,103 @@ def cmd_cp(args: argparse.Namespace) -> int:
     if (src_id is None) == (dst_id is None):
         raise InvalidRequest("exactly one side of cp must be SANDBOX:PATH")
 
-    async def go() -> int:
-        async with Client() as client:
-            if src_id is not None:
-                sb = await Sandbox.from_id(src_id, client=client)
-                data = await sb.read_file(src)
-                if dst == "-":
-                    sys.stdout.buffer.write(data)
-                else:
-                    target = anyio.Path(dst)
-                    if await target.is_dir():
-                        target = target / Path(src).name
-                    await target.write_bytes(data)
+    async def go(client: Client) -> int:
+        if src_id is not None:
+            sb = await Sandbox.from_id(src_id, client=client)
+            data = await sb.read_file(src)
+            if dst == "-":
+                sys.stdout.buffer.write(data)
             else:
-                assert dst_id is not None
-                sb = await Sandbox.from_id(dst_id, client=client)
-                data = sys.stdin.buffer.read() if src == "-" else await anyio.Path(src).read_bytes()
-                target_path = dst.rstrip("/") + "/" + Path(src).name if dst.endswith("/") else dst
-                await sb.write_file(target_path, data)
-            return 0
+                target = anyio.Path(dst)
+                if await target.is_dir():
+                    target = target / Path(src).name
+                await target.write_bytes(data)
+        else:
+            assert dst_id is not None
+            sb = await Sandbox.from_id(dst_id, client=client)
+            data = sys.stdin.buffer.read() if src == "-" else await anyio.Path(src).read_bytes()
+            target_path = dst.rstrip("/") + "/" + Path(src).name if dst.endswith("/") else dst
+            await sb.write_file(target_path, data)
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            if args.target:
-                sid, path = _split_remote(args.target)
-                if sid is None:
-                    sid, path = args.target, "."
-                sb = await Sandbox.from_id(sid, client=client)
-                for e in await sb.list_files(path or "."):
-                    kind = "d" if e.is_dir else "-"
-                    print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
-                return 0
-            records = await Sandbox.list(tags=_pairs(args.tag, "--tag"), client=client)
-            now = time.time()
-            print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<9} {'PATH':<7} {'AGE':>7}  TAGS")
-            for r in records:
-                tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
-                print(
-                    f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {r.state:<9} {r.path:<7} "
-                    f"{now - r.created_at:>6.0f}s  {tags}"
-                )
+    async def go(client: Client) -> int:
+        if args.target:
+            sid, path = _split_remote(args.target)
+            if sid is None:
+                sid, path = args.target, "."
+            sb = await Sandbox.from_id(sid, client=client)
+            for e in await sb.list_files(path or "."):
+                kind = "d" if e.is_dir else "-"
+                print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
             return 0
+        records = await Sandbox.list(tags=_pairs(args.tag, "--tag"), client=client)
+        now = time.time()
+        print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<9} {'PATH':<7} {'AGE':>7}  TAGS")
+        for r in records:
+            tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
+            print(
+                f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {r.state:<9} {r.path:<7} "
+                f"{now - r.created_at:>6.0f}s  {tags}"
+            )
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            for sid in args.sandboxes:
-                sb = await Sandbox.from_id(sid, client=client)
-                await sb.terminate()
-                print(sid)
-            return 0
+    async def go(client: Client) -> int:
+        for sid in args.sandboxes:
+            sb = await Sandbox.from_id(sid, client=client)
+            await sb.terminate()
+            print(sid)
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import msgspec
 
-    async def go() -> int:
-        async with Client() as client:
-            rec = await client.record(args.sandbox)
-            print(msgspec.json.format(msgspec.json.encode(rec), indent=2).decode())
-            return 0
+    async def go(client: Client) -> int:
+        rec = await client.record(args.sandbox)
+        print(msgspec.json.format(msgspec.json.encode(rec), indent=2).decode())
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.from_id(args.sandbox, client=client)
-            print(await sb.snapshot(args.name))
-            return 0
+    async def go(client: Client) -> int:
+        sb = await Sandbox.from_id(args.sandbox, client=client)
+        print(await sb.snapshot(args.name))
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_fork(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.from_id(args.sandbox, client=client)
-            for child in await sb.fork(args.n, timeout=args.timeout):
-                print(child.id)
-            return 0
+    async def go(client: Client) -> int:
+        sb = await Sandbox.from_id(args.sandbox, client=client)
+        for child in await sb.fork(args.n, timeout=args.timeout):
+            print(child.id)
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_pause_resume(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            for sid in args.sandboxes:
-                sb = await Sandbox.from_id(sid, client=client)
-                await (sb.pause() if args.verb == "pause" else sb.resume())
-                print(sid)
-            return 0
+    async def go(client: Client) -> int:
+        for sid in args.sandboxes:
+            sb = await Sandbox.from_id(sid, client=client)
+            await (sb.pause() if args.verb == "pause" else sb.resume())
+            print(sid)
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def register(sub: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from hotbed.cli.main import run_async
+from hotbed.cli.main import run_async, with_client
 from hotbed.client import Client
 from hotbed.sandbox import Sandbox
 
@@ -64,57 +64,53 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.from_id(args.sandbox, client=client)
-            print(f"{'PID':>7} {'STATE':<10} {'OUT':>9} {'ERR':>9}  COMMAND")
-            for p in await sb.processes():
-                state = "running" if p.running else f"exit {p.exit_code}"
-                print(f"{p.pid:>7} {state:<10} {p.stdout_size:>9} {p.stderr_size:>9}  {' '.join(p.argv)}")
-            return 0
+    async def go(client: Client) -> int:
+        sb = await Sandbox.from_id(args.sandbox, client=client)
+        print(f"{'PID':>7} {'STATE':<10} {'OUT':>9} {'ERR':>9}  COMMAND")
+        for p in await sb.processes():
+            state = "running" if p.running else f"exit {p.exit_code}"
+            print(f"{p.pid:>7} {state:<10} {p.stdout_size:>9} {p.stderr_size:>9}  {' '.join(p.argv)}")
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_bg(args: argparse.Namespace) -> int:
     argv = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
 
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.from_id(args.sandbox, client=client)
-            proc = await sb.start_process(*argv, shell=args.shell)
-            print(proc.pid)
-            return 0
+    async def go(client: Client) -> int:
+        sb = await Sandbox.from_id(args.sandbox, client=client)
+        proc = await sb.start_process(*argv, shell=args.shell)
+        print(proc.pid)
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.from_id(args.sandbox, client=client)
-            proc = sb.process(args.pid)
-            while True:
-                out = await proc.read()
-                sys.stdout.buffer.write(out.stdout)
-                sys.stdout.flush()
-                sys.stderr.buffer.write(out.stderr)
-                if not args.follow or not out.info.running:
-                    return 0
-                if not out.stdout and not out.stderr:
-                    await proc.wait(timeout=1.0)
+    async def go(client: Client) -> int:
+        sb = await Sandbox.from_id(args.sandbox, client=client)
+        proc = sb.process(args.pid)
+        while True:
+            out = await proc.read()
+            sys.stdout.buffer.write(out.stdout)
+            sys.stdout.flush()
+            sys.stderr.buffer.write(out.stderr)
+            if not args.follow or not out.info.running:
+                return 0
+            if not out.stdout and not out.stderr:
+                await proc.wait(timeout=1.0)
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            sb = await Sandbox.from_id(args.sandbox, client=client)
-            await sb.process(args.pid).signal(args.signal)
-            return 0
+    async def go(client: Client) -> int:
+        sb = await Sandbox.from_id(args.sandbox, client=client)
+        await sb.process(args.pid).signal(args.signal)
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def register(sub: Any) -> None:

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import anyio
 
 from hotbed import daemon
-from hotbed.cli.main import run_async
+from hotbed.cli.main import run_async, with_client
 from hotbed.errors import HotbedError
 
 
@@ -205,33 +205,32 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from hotbed.client import Client
 
-    async def go() -> int:
-        async with Client() as client:
-            r = client.redis
-            now = time.time()
-            rows = await r.zrange(client.keys.workers, 0, -1, withscores=True)
-            print(f"{'WORKER':<20} {'RUNTIME':<8} {'CPU FREE':>9} {'MEM FREE':>10} {'SANDBOXES':>9} {'GPUS':<12} HEARTBEAT")
-            from hotbed import protocol
+    async def go(client: Client) -> int:
+        r = client.redis
+        now = time.time()
+        rows = await r.zrange(client.keys.workers, 0, -1, withscores=True)
+        print(f"{'WORKER':<20} {'RUNTIME':<8} {'CPU FREE':>9} {'MEM FREE':>10} {'SANDBOXES':>9} {'GPUS':<12} HEARTBEAT")
+        from hotbed import protocol
 
-            for raw, score in rows:
-                wid = raw.decode()
-                info_raw = await r.get(client.keys.worker_info(wid))
-                cap = await r.hgetall(client.keys.worker_cap(wid))
-                info = protocol.decode_worker_info(info_raw) if info_raw else None
-                runtime = (info.runtime + ("*" if info.kind == "simulated" else "")) if info else "?"
-                gpus = ",".join(g.model for g in info.gpus) if info and info.gpus else "-"
-                print(
-                    f"{wid:<20} {runtime:<8} {int(cap.get(b'cpu', 0)) / 1000:>9.2f} "
-                    f"{int(cap.get(b'mem', 0)):>8}Mi {int(cap.get(b'n', 0)):>9} {gpus[:12]:<12} {now - score / 1000:.1f}s ago"
-                )
-            live = await r.zcard(client.keys.sandboxes)
-            backlog = await r.xlen(client.keys.requests)
-            print(f"\nsandboxes live: {live}   request backlog: {backlog}")
-            if not rows:
-                print("no workers: start one with `hotbed up` or `hotbed worker`")
-            return 0
+        for raw, score in rows:
+            wid = raw.decode()
+            info_raw = await r.get(client.keys.worker_info(wid))
+            cap = await r.hgetall(client.keys.worker_cap(wid))
+            info = protocol.decode_worker_info(info_raw) if info_raw else None
+            runtime = (info.runtime + ("*" if info.kind == "simulated" else "")) if info else "?"
+            gpus = ",".join(g.model for g in info.gpus) if info and info.gpus else "-"
+            print(
+                f"{wid:<20} {runtime:<8} {int(cap.get(b'cpu', 0)) / 1000:>9.2f} "
+                f"{int(cap.get(b'mem', 0)):>8}Mi {int(cap.get(b'n', 0)):>9} {gpus[:12]:<12} {now - score / 1000:.1f}s ago"
+            )
+        live = await r.zcard(client.keys.sandboxes)
+        backlog = await r.xlen(client.keys.requests)
+        print(f"\nsandboxes live: {live}   request backlog: {backlog}")
+        if not rows:
+            print("no workers: start one with `hotbed up` or `hotbed worker`")
+        return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:

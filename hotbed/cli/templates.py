@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hotbed import templates
-from hotbed.cli.main import run_async
+from hotbed.cli.main import with_client
 from hotbed.cli.sandboxes import _pairs
 from hotbed.client import Client
 
@@ -30,38 +30,35 @@ def cmd_template_create(args: argparse.Namespace) -> int:
             return 2
         files[dest] = Path(local).read_bytes()
 
-    async def go() -> int:
-        async with Client() as client:
-            r = await templates.create_template(
-                args.name, image=args.image, run=args.run or [], start=args.start or [],
-                files=files, ready=args.ready, ready_timeout=args.ready_timeout,
-                setup_timeout=args.setup_timeout, env=_pairs(args.env, "--env"),
-                workdir=args.workdir, user=args.user, cpu=args.cpu, memory_mb=args.memory,
-                client=client,
-            )
+    async def go(client: Client) -> int:
+        r = await templates.create_template(
+            args.name, image=args.image, run=args.run or [], start=args.start or [],
+            files=files, ready=args.ready, ready_timeout=args.ready_timeout,
+            setup_timeout=args.setup_timeout, env=_pairs(args.env, "--env"),
+            workdir=args.workdir, user=args.user, cpu=args.cpu, memory_mb=args.memory,
+            client=client,
+        )
         print(f"{r.name}: snapshot {r.snapshot} ({_size(r.size_bytes)}) built in {r.build_s:.2f}s on {r.worker_id}")
         return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_template_list(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            recs = await templates.list_templates(client=client)
+    async def go(client: Client) -> int:
+        recs = await templates.list_templates(client=client)
         print(f"{'NAME':24} {'STATE':9} {'IMAGE':18} {'SNAPSHOT':22} {'SIZE':>9} {'BUILD':>7}  HOLDERS")
         for r in recs:
             print(f"{r.name:24} {r.state:9} {r.spec.image:18} {r.snapshot or '-':22} "
                   f"{_size(r.size_bytes):>9} {r.build_s:6.2f}s  {','.join(r.holders) or '-'}")
         return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_template_show(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            r = await templates.get_template(args.name, client=client)
+    async def go(client: Client) -> int:
+        r = await templates.get_template(args.name, client=client)
         for k in ("name", "state", "snapshot", "size_bytes", "build_s", "holders", "source", "error"):
             print(f"{k:11} {getattr(r, k)}")
         s = r.spec
@@ -74,44 +71,41 @@ def cmd_template_show(args: argparse.Namespace) -> int:
             print(f"{'ready':11} {s.ready}")
         return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_template_delete(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            gone = await templates.delete_template(args.name, client=client)
+    async def go(client: Client) -> int:
+        gone = await templates.delete_template(args.name, client=client)
         if not gone:
             print(f"error: no template {args.name!r}", file=sys.stderr)
             return 1
         return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_pool_set(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            name = await templates.set_pool(
-                args.template, args.size, cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu,
-                client=client,
-            )
+    async def go(client: Client) -> int:
+        name = await templates.set_pool(
+            args.template, args.size, cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu,
+            client=client,
+        )
         print(name)
         return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def cmd_pool_list(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with Client() as client:
-            pools = await templates.pool_status(client=client)
+    async def go(client: Client) -> int:
+        pools = await templates.pool_status(client=client)
         print(f"{'POOL':36} {'SIZE':>5} {'READY':>6} {'WARMING':>8} {'CLAIMING':>9}")
         for p in pools:
             print(f"{p.name:36} {p.size:5d} {p.ready:6d} {p.warming:8d} {p.claiming:9d}")
         return 0
 
-    return run_async(go)
+    return with_client(go)
 
 
 def register(sub: Any) -> None:
