@@ -105,6 +105,21 @@ def add_cpu_cost(step: dict[str, Any]) -> None:
             step["cpu_ms_per_op_excl_loadgen"] = round(1000 * (step["cpu_s_total"] - step["loadgen_cpu_s"]) / n, 3)
 
 
+async def cpu_cost(cluster: Any, n: int, work: Any) -> tuple[dict[str, Any], Any]:
+    """Python CPU (this process: client and in-process daemons) and Redis CPU per
+    operation for ``n`` operations done by ``work()``, the two-core ceiling they imply,
+    and what ``work()`` returned."""
+    r0, c0, t0 = cluster.redis_info()["cpu_s"], time.process_time(), now()
+    result = await work()
+    r1, c1, t1 = cluster.redis_info()["cpu_s"], time.process_time(), now()
+    py_ms, redis_ms = 1000 * (c1 - c0) / n, 1000 * (r1 - r0) / n
+    return {
+        "n": n, "python_cpu_ms": round(py_ms, 3), "redis_cpu_ms": round(redis_ms, 3),
+        "one_process_rate": round(n / (t1 - t0), 1),
+        "two_core_ceiling_per_s": round(2000 / (py_ms + redis_ms)),
+    }, result
+
+
 async def measured_step(cluster: Any, gens: Any, rate: float, seconds: float) -> dict[str, Any]:
     """One open-loop step: the generators' tally plus what the cluster spent on it."""
     before = cluster.sample()
@@ -794,16 +809,11 @@ async def phase_cost(args: argparse.Namespace) -> dict[str, Any]:
             async with Client(cluster.url, prefix=cluster.prefix) as client:
                 await closed_loop(client, concurrency=200, count=1000)
                 n = args.cost_n
-                r0, c0, t0 = cluster.redis_info()["cpu_s"], time.process_time(), now()
-                tally = await closed_loop(client, concurrency=400, count=n)
-                r1, c1, t1 = cluster.redis_info()["cpu_s"], time.process_time(), now()
-                py_ms, redis_ms = 1000 * (c1 - c0) / n, 1000 * (r1 - r0) / n
-                out["create"] = {
-                    "n": n, "errors": dict(tally.errors),
-                    "python_cpu_ms": round(py_ms, 3), "redis_cpu_ms": round(redis_ms, 3),
-                    "one_process_rate": round(n / (t1 - t0), 1),
-                    "two_core_ceiling_per_s": round(2000 / (py_ms + redis_ms)),
-                }
+                out["create"], tally = await cpu_cost(
+                    cluster, n, lambda: closed_loop(client, concurrency=400, count=n)
+                )
+                out["create"]["errors"] = dict(tally.errors)
+                py_ms, redis_ms = out["create"]["python_cpu_ms"], out["create"]["redis_cpu_ms"]
                 say(f"  [{LABEL}] cold create costs {py_ms:.3f} ms Python CPU (client + scheduler + "
                     f"worker) + {redis_ms:.3f} ms Redis CPU -> two-core ceiling "
                     f"{out['create']['two_core_ceiling_per_s']}/s (one process did {out['create']['one_process_rate']}/s)")
@@ -830,18 +840,14 @@ async def phase_cost(args: argparse.Namespace) -> dict[str, Any]:
                         if await templates.claim_nowait(spec, client=client) is None:
                             errors["pool_empty"] += 1
 
-                r0, c0, t0 = cluster.redis_info()["cpu_s"], time.process_time(), now()
-                async with anyio.create_task_group() as ctg:
-                    for _ in range(200):
-                        ctg.start_soon(claimer)
-                r1, c1, t1 = cluster.redis_info()["cpu_s"], time.process_time(), now()
-                py_ms, redis_ms = 1000 * (c1 - c0) / n, 1000 * (r1 - r0) / n
-                out["claim"] = {
-                    "n": n, "errors": dict(errors),
-                    "python_cpu_ms": round(py_ms, 3), "redis_cpu_ms": round(redis_ms, 3),
-                    "one_process_rate": round(n / (t1 - t0), 1),
-                    "two_core_ceiling_per_s": round(2000 / (py_ms + redis_ms)),
-                }
+                async def claimers() -> None:
+                    async with anyio.create_task_group() as ctg:
+                        for _ in range(200):
+                            ctg.start_soon(claimer)
+
+                out["claim"], _ = await cpu_cost(cluster, n, claimers)
+                out["claim"]["errors"] = dict(errors)
+                py_ms, redis_ms = out["claim"]["python_cpu_ms"], out["claim"]["redis_cpu_ms"]
                 say(f"  [{LABEL}] warm claim costs {py_ms:.3f} ms Python CPU (client + worker notice) + "
                     f"{redis_ms:.3f} ms Redis CPU -> two-core ceiling {out['claim']['two_core_ceiling_per_s']}/s "
                     f"(one process did {out['claim']['one_process_rate']}/s; errors {dict(errors)})")
