@@ -109,7 +109,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         worker_log = open(Path(cluster.dir) / "worker.log", "wb")  # noqa: ASYNC230
         worker = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "workers", "--runtime", "docker", "--worker-id", f"w-{prefix}"],
-            env=cluster.env(HOTBED_DRAIN_ON_STOP="true", HOTBED_SHUTDOWN_GRACE_S="2"),
+            env=cluster.env(HOTBED_DRAIN_ON_STOP="true", HOTBED_SHUTDOWN_GRACE_S="2",
+                            HOTBED_OCI_RUNTIME=args.oci_runtime),
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=worker_log,
         )
         docker = aiodocker.Docker()
@@ -222,16 +223,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--stream-mb", type=int, default=100)
     p.add_argument("--swe-commands", type=int, default=1000)
+    p.add_argument("--oci-runtime", default="runsc",
+                   help="dockerd runtime of the sandbox (host-setup registers runsc, runsc-ptrace)")
+    p.add_argument("--out", default=str(RESULTS), help="results file")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     load_before = loadavg()
     res = anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
     res["machine"] = machine()
+    res["oci_runtime"] = args.oci_runtime
     res["loadavg_before"] = load_before
     res["loadavg_after"] = loadavg()
     res["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     e, d, s = res["exec_true"], res["docker_exec_true"], res["session_true"]
-    print(f"machine: {res['machine']['cpus']} CPUs {res['machine']['cpu_model']}, load {load_before}")
+    print(f"machine: {res['machine']['cpus']} CPUs {res['machine']['cpu_model']}, load {load_before}, "
+          f"runtime {args.oci_runtime}")
     print(f"{'measure':<44} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'exec true, SDK end to end (guest agent)':<44} {e['p50_ms']:>8} {e['p99_ms']:>8}")
     a = res["exec_true_agent_spawn"]
@@ -253,9 +259,10 @@ def main(argv: list[str]) -> int:
     print(f"{sw['commands']} SWE-agent-style session commands: {sw['failures']} failures, "
           f"{sw['seconds']} s, p50 {sw['p50_ms']} ms, p99 {sw['p99_ms']} ms")
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {RESULTS.relative_to(ROOT)}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
     return 0 if sw["failures"] == 0 else 1
 
 

@@ -90,7 +90,7 @@ def summary(xs: list[float]) -> dict[str, float]:
 async def sh(*argv: str, check: bool = True) -> str:
     res = await anyio.run_process(list(argv), check=False)
     if check and res.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:4])}...: {res.stderr.decode()[-400:]}")
+        raise RuntimeError(f"{' '.join(argv[:4])}... exited {res.returncode}: {res.stderr.decode()[-400:]}")
     return res.stdout.decode()
 
 
@@ -257,7 +257,9 @@ async def run(
                     )
                     await templates.set_pool(name, 0, memory_mb=mem, client=client)
                     res[f"warm_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
-                    res[f"warm_claim_{mode}"] = summary([g[0] for g in got])
+                    # The samples too, in order: a tail is then placeable in the run.
+                    res[f"warm_claim_{mode}"] = summary([g[0] for g in got]) | {
+                        "samples_ms": [round(g[0] * 1000, 2) for g in got]}
                     await cleanup([], prefix)
                 print(f"{tpl} {mode}: " + progress_line(res, mode) + f"  [load {loadavg()}]", flush=True)
             out["paths"][tpl] = res
@@ -435,6 +437,19 @@ def engine_nice() -> int | None:
         return None
 
 
+def runtime_line() -> str:
+    """How this host restores: through hotbed's runsc wrapper or dockerd's own road."""
+    try:
+        info = json.loads(subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"],
+                                         capture_output=True, text=True, check=True).stdout)
+        path = str(info["runsc"].get("path", ""))
+    except (subprocess.CalledProcessError, ValueError, KeyError, OSError):
+        return "dockerd + runsc (unknown)"
+    if path.endswith("runsc-hotbed"):
+        return "dockerd 20.10 + runsc; restores: runsc restore from the snapshot folder (hotbed's wrapper)"
+    return "dockerd 20.10 + runsc; restores: docker start --checkpoint"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench start")
     parser.add_argument("--n", type=int, default=50, help="sandboxes per path and mode")
@@ -449,7 +464,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "start.json"))
     parser.add_argument("--paths", nargs="+", default=["docker", "cold", "restore", "warm"],
                         choices=["docker", "cold", "restore", "warm"], help="start paths to time")
-    parser.add_argument("--phases", nargs="+", default=["refill", "sustained"],
+    parser.add_argument("--phases", nargs="*", default=["refill", "sustained"],
                         choices=["refill", "sustained"], help="phases after the paths (default both)")
     parser.add_argument("--report", metavar="JSON", help="print the markdown tables of a results file and exit")
     args = parser.parse_args(argv)
@@ -462,7 +477,7 @@ def main(argv: list[str]) -> int:
     result: dict[str, Any] = {
         "benchmark": "start", "machine": machine(), "load_before": loadavg(),
         "n": args.n, "n_heavy": args.n_heavy or args.n, "concurrency": args.concurrency,
-        "runtime": "dockerd 20.10 checkpoint/restore + runsc",
+        "runtime": runtime_line(),
         "paths_run": args.paths, "phases": args.phases,
         "engine_nice": engine_nice(),
     }
@@ -500,8 +515,13 @@ def main(argv: list[str]) -> int:
                 worker.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 worker.kill()
-            left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.hotbed.prefix={prefix}"],
-                                  capture_output=True, text=True).stdout.split()
+            # hotbed's sandboxes, and the (a) path's plain containers of a run cut short.
+            left = [
+                cid
+                for label in (f"dev.hotbed.prefix={prefix}", f"dev.hotbed.bench={prefix}")
+                for cid in subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"],
+                                          capture_output=True, text=True).stdout.split()
+            ]
             if left:
                 subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
     out = Path(args.out)

@@ -7,6 +7,7 @@
 # trixie's 20240729 build is static and works. The trixie suite is pinned low so
 # nothing else is upgraded from it.
 set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 log() { printf '[host-setup] %s\n' "$*" >&2; }
 
@@ -95,20 +96,27 @@ PIN
 
 configure_docker() {
   local want='/etc/docker/daemon.json'
-  # runsc itself: dockerd cannot pass flags to `runsc checkpoint`, and a wrapper
-  # writing uncompressed checkpoints (--compression=none) measured slower here: restore
-  # of an 18 MiB Python template 0.8 -> 1.05 s, as containerd copies the 3.6x larger
-  # image into its content store (runsc alone restores it in 0.17 s instead of 0.30).
-  local runsc_path; runsc_path=$(command -v runsc)
+  # "runsc" is hotbed's wrapper (deploy/runsc/runsc-hotbed): plain runsc, except that
+  # the worker's restores run `runsc restore` straight from the snapshot, without
+  # containerd copying the image, and checkpoints are written uncompressed.
+  # "runsc-plain" is runsc alone (a worker configured with it restores through
+  # `docker start --checkpoint`). "runsc-ptrace" is the wrapper on gVisor's ptrace
+  # platform: process creation 2.3x faster than systrap on this kind of VM, syscalls
+  # slower (bench/README.md, "exec"); a worker opts in with HOTBED_OCI_RUNTIME.
+  local runsc_bin; runsc_bin=$(command -v runsc)
+  local runsc_path=/usr/local/lib/hotbed/runsc-hotbed
+  install -D -m 0755 "$ROOT/deploy/runsc/runsc-hotbed" "$runsc_path"
   local body gpu_runtime=""
   # GPU nodes (an NVIDIA driver is present) also get runsc with --nvproxy, which
   # hotbed uses for GPU sandboxes only (workers: gpu_oci_runtime = "runsc-nvproxy").
   if command -v nvidia-smi >/dev/null 2>&1; then
-    gpu_runtime=", \"runsc-nvproxy\": {\"path\": \"$runsc_path\", \"runtimeArgs\": [\"--network=none\", \"--nvproxy=true\"]}"
+    gpu_runtime=", \"runsc-nvproxy\": {\"path\": \"$runsc_bin\", \"runtimeArgs\": [\"--network=none\", \"--nvproxy=true\"]}"
   fi
   body=$(cat <<JSON
 {
-  "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]}$gpu_runtime},
+  "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]},
+               "runsc-plain": {"path": "$runsc_bin", "runtimeArgs": ["--network=none"]},
+               "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]}$gpu_runtime},
   "experimental": true,
   "bridge": "none",
   "iptables": false,
@@ -174,10 +182,34 @@ lower_engine_priority() {
   done
 }
 
+# nice works only among processes of one cgroup: each sandbox lives in its own cgroup
+# under dockerd's parent ("docker"), and that parent competes with Redis, the scheduler
+# and the worker as one nice-0 process would. Measured here (warm claims while 8
+# restores refill the pool, 8 clients): claim p99 89-250 ms with the parent at the
+# default weight, 8 ms with it at 64. Sandboxes still get every cycle the control plane
+# leaves idle. cgroupfs driver only; systemd hosts: docs/operations.md.
+SANDBOX_CPU_SHARES=${HOTBED_SANDBOX_CPU_SHARES:-64}
+lower_sandbox_cpu_weight() {
+  local driver; driver=$(docker info --format '{{.CgroupDriver}}' 2>/dev/null || true)
+  if [ "$driver" != cgroupfs ]; then
+    log "cgroup driver ${driver:-unknown}: set the sandboxes' CPU weight as docs/operations.md says"
+    return 0
+  fi
+  if [ -d /sys/fs/cgroup/cpu ]; then  # cgroup v1
+    mkdir -p /sys/fs/cgroup/cpu/docker
+    echo "$SANDBOX_CPU_SHARES" >/sys/fs/cgroup/cpu/docker/cpu.shares
+  elif [ -f /sys/fs/cgroup/cgroup.controllers ]; then  # cgroup v2: weight 1..10000, default 100
+    mkdir -p /sys/fs/cgroup/docker
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    echo $(( (SANDBOX_CPU_SHARES * 100 + 1023) / 1024 )) >/sys/fs/cgroup/docker/cpu.weight 2>/dev/null || true
+  fi
+}
+
 need_root
 install_debian_packages
 install_runsc
 configure_docker
 start_dockerd
 lower_engine_priority
+lower_sandbox_cpu_weight
 log "ready: $(runsc --version | head -1), docker $(docker version --format '{{.Server.Version}}'), $(redis-server --version | awk '{print $3}')"

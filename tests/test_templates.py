@@ -94,6 +94,8 @@ async def test_restored_sandbox_keeps_template_memory_and_is_isolated(stack: Sta
     rec = await templates.get_template(name, client=stack.client)
     assert rec.state == "ready" and rec.snapshot and rec.size_bytes > 0
     assert rec.holders == [stack.worker.id]
+    # make test registers hotbed's runsc wrapper: restores skip containerd's import.
+    assert getattr(stack.worker.runtime, "direct_restore", False)
     a = await Sandbox.create(template=name, memory_mb=128, client=stack.client)
     b = await Sandbox.create(template=name, memory_mb=128, client=stack.client)
     try:
@@ -116,6 +118,21 @@ async def test_restored_sandbox_keeps_template_memory_and_is_isolated(stack: Sta
 
 async def _has_proc(sb: Sandbox, pattern: str) -> bool:
     return pattern in (await sb.run("ps -o args")).stdout
+
+
+async def test_restore_through_dockerd_without_the_wrapper(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """runsc registered alone ("runsc-plain", no wrapper): checkpoints are runsc's
+    compressed ones and restores take dockerd's road, `docker start --checkpoint`."""
+    async with running_stack(
+        redis_url, prefix,
+        worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "oci_runtime": "runsc-plain"},
+    ) as stack:
+        assert not getattr(stack.worker.runtime, "direct_restore", True)
+        seed = secrets.token_hex(8)
+        name = await keeper_template(stack, seed)
+        async with await Sandbox.create(template=name, memory_mb=128, client=stack.client) as sb:
+            assert sb.path == "restore"
+            assert await ask(sb) == seed
 
 
 async def test_failed_setup_reports_its_output(stack: Stack) -> None:

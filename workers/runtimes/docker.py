@@ -3,7 +3,9 @@
 Each sandbox is one container: labelled as hotbed's, networking off (``NetworkDisabled``
 also skips dockerd's network hook, ~1.6x creation throughput here), CPU / memory /
 pids limits from the request, a non-root user by default, a writable root filesystem.
-Its main process is a sleeping shell; commands run as ``docker exec``.
+Its main process is the guest agent where the image has python3 (commands are messages
+on its attached stdin/stdout, :mod:`workers.execution`), else an idle shell, and
+commands run as ``docker exec`` (this module's ``exec``). Snapshots: see "snapshots".
 
 Exec timeouts: under runsc an exec'd process leads its own process group, so the
 command is wrapped to report its pid first (on stderr, stripped before returning) and
@@ -25,6 +27,7 @@ import os
 import secrets
 import shlex
 import shutil
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,6 +76,10 @@ IDLE_CMD = [
 ]
 # Checkpoint name a paused sandbox's state is kept under, in its container's folder.
 PAUSED_CHECKPOINT = "hotbed-paused"
+# Where the worker marks a container for restore by hotbed's runsc wrapper
+# (deploy/runsc/runsc-hotbed reads the same path): <container id> -> image directory.
+RESTORE_MARKS = Path("/run/hotbed/restore")
+WRAPPER_NAME = "runsc-hotbed"
 WRAP = 'echo "HOTBEDPID $$" >&2; exec "$@"'
 SHELL_WRAP = 'echo "HOTBEDPID $$" >&2; exec /bin/sh -c "$1"'
 
@@ -115,6 +122,8 @@ class DockerRuntime:
         # daemon.json (scripts/host-setup.sh registers it on hosts with an NVIDIA driver).
         self.gpu_oci_runtime = gpu_oci_runtime
         self._runtimes: set[str] = set()
+        # Whether oci_runtime is hotbed's runsc wrapper: restores then skip containerd.
+        self.direct_restore = False
         self.docker_url = docker_url
         self.extra_labels = dict(extra_labels or {})
         self._docker: aiodocker.Docker | None = None
@@ -131,12 +140,17 @@ class DockerRuntime:
         with anyio.fail_after(API_TIMEOUT_S):
             info = await self._docker.system.info()
         self._root = Path(info.get("DockerRootDir") or "/var/lib/docker")
-        self._runtimes = set(info.get("Runtimes") or {})
-        if self.oci_runtime not in (info.get("Runtimes") or {}):
+        runtimes = info.get("Runtimes") or {}
+        self._runtimes = set(runtimes)
+        if self.oci_runtime not in runtimes:
             await self.aclose()
             raise RuntimeFailure(
                 f"dockerd has no runtime {self.oci_runtime!r}; run scripts/host-setup.sh"
             )
+        path = str((runtimes[self.oci_runtime] or {}).get("path") or "")
+        self.direct_restore = Path(path).name == WRAPPER_NAME
+        if self.direct_restore:
+            await anyio.to_thread.run_sync(_prepare_marks)
 
     async def aclose(self) -> None:
         if self._docker is not None:
@@ -483,9 +497,15 @@ class DockerRuntime:
     # dockerd drives ``runsc checkpoint``/``restore`` (Engine API, experimental mode). A
     # snapshot directory holds ``checkpoint/`` (runsc's image: memory, processes and the
     # sandbox's in-memory overlay) and ``container.json`` (what restore re-creates).
-    # dockerd only restores from ``<root>/containers/<id>/checkpoints/<name>``, so restore
-    # hard-links the files there, plus a unique file: containerd refuses two parallel
-    # restores of byte-identical checkpoints ("content ... already exists").
+    # Restores take one of two roads:
+    # * with hotbed's runsc wrapper (``direct_restore``) the worker marks the new
+    #   container (RESTORE_MARKS/<id> = the image directory) and starts it plainly; the
+    #   wrapper turns runsc's ``create`` into ``runsc restore`` from that directory. No
+    #   copy, and containerd never imports the image (0.28 s instead of 0.72 s here).
+    # * with runsc alone, dockerd only restores from
+    #   ``<root>/containers/<id>/checkpoints/<name>``: the files are hard-linked there,
+    #   plus a unique file, as containerd refuses two parallel restores of
+    #   byte-identical checkpoints ("content ... already exists").
 
     async def _post(self, path: str, *, params: dict[str, Any] | None = None,
                     body: dict[str, Any] | None = None, sandbox_id: str) -> None:
@@ -569,6 +589,9 @@ class DockerRuntime:
         async with self._removed_on_failure(sid, "restore"):
             with anyio.fail_after(API_TIMEOUT_S):
                 container = await self.docker.containers.create(config, name=container_name(sid))
+            if self.direct_restore:
+                await self._start_restoring(container.id, src / "checkpoint", sandbox_id=sid)
+                return
             target = self._root / "containers" / container.id / "checkpoints" / "restore"
 
             def link() -> None:
@@ -605,14 +628,39 @@ class DockerRuntime:
         if info["State"]["Running"]:
             return
         ck = self._root / "containers" / info["Id"] / "checkpoints" / PAUSED_CHECKPOINT
-        await anyio.to_thread.run_sync(
-            lambda: (ck / "hotbed-restore-id").write_text(secrets.token_hex(16))
-        )
-        await self._post(
-            f"containers/{info['Id']}/start", params={"checkpoint": PAUSED_CHECKPOINT},
-            sandbox_id=sandbox_id,
-        )
+        if self.direct_restore:
+            await self._start_restoring(info["Id"], ck, sandbox_id=sandbox_id)
+        else:
+            await anyio.to_thread.run_sync(
+                lambda: (ck / "hotbed-restore-id").write_text(secrets.token_hex(16))
+            )
+            await self._post(
+                f"containers/{info['Id']}/start", params={"checkpoint": PAUSED_CHECKPOINT},
+                sandbox_id=sandbox_id,
+            )
+        # runsc has the image open by now: removing the files frees them when it is done.
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(ck, ignore_errors=True))
+
+    async def _start_restoring(self, container_id: str, image: Path, *, sandbox_id: str) -> None:
+        """Start ``container_id`` as a restore of ``image`` through the runsc wrapper."""
+        mark = RESTORE_MARKS / container_id
+
+        def put() -> None:
+            RESTORE_MARKS.mkdir(parents=True, exist_ok=True)
+            mark.write_text(str(image))
+
+        def clear() -> None:
+            for m in (mark, mark.with_name(mark.name + ".restored")):
+                m.unlink(missing_ok=True)
+
+        await anyio.to_thread.run_sync(put)
+        try:
+            await self._post(f"containers/{container_id}/start", sandbox_id=sandbox_id)
+        except BaseException:
+            # A failed restore leaves its mark: the next plain start must not restore.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(clear)
+            raise
 
     async def is_paused(self, sandbox_id: str) -> bool:
         try:
@@ -631,6 +679,18 @@ class DockerRuntime:
         if exc.status == 409:
             return SandboxNotRunning(f"sandbox {sandbox_id}: {msg}", sandbox_id=sandbox_id)
         return RuntimeFailure(f"docker: {msg} (HTTP {exc.status})", sandbox_id=sandbox_id)
+
+
+def _prepare_marks() -> None:
+    """Make the restore-mark folder; drop marks a worker that died mid-restore left."""
+    RESTORE_MARKS.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 600
+    for mark in RESTORE_MARKS.iterdir():
+        try:
+            if mark.stat().st_mtime < old:
+                mark.unlink()
+        except OSError:
+            pass
 
 
 def _write_eof(stream: Any) -> None:
