@@ -127,6 +127,10 @@ class Keys(msgspec.Struct, frozen=True):
     def pool_claims(self, pool: str) -> str:
         return f"{self.prefix}:{{pool:{pool}}}:claims"
 
+    def pool_stale(self, pool: str) -> str:
+        """Entries retired by a template rebuild, for the pool controller to end."""
+        return f"{self.prefix}:{{pool:{pool}}}:stale"
+
     @property
     def pools(self) -> str:
         return f"{self.prefix}:pools"

@@ -219,6 +219,18 @@ redis.call('HSET', KEYS[1], 'state', 'running', 'path', 'warm', 'created_at', AR
 return 1
 """
 
+# KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:stale
+# A template was rebuilt: every ready entry moves to the stale list in one step (the
+# pool controller ends them), so no claim after the rebuild gets the old set-up.
+# Returns how many moved.
+POOL_RETIRE = """
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do
+  n = n + 1
+end
+return n
+"""
+
 # KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:warming,
 # KEYS[3] = hotbed:{pool:NAME}:conf
 # ARGV[1] = "SID WORKER"

@@ -15,9 +15,11 @@ it looks at each pool (``Keys.pools``):
   ready list; already flipped to running -> ended (nobody holds it).
 * **pruning**: ready entries whose record is no longer ``pooled`` (container died,
   worker lost) are dropped; the worker's health check has usually removed them first.
-  Entries made from a snapshot the template no longer has (it was rebuilt) are ended,
-  so the refill restores the new one (a claim in the second before the next prune may
-  still get an old one).
+* **retired**: a template rebuild moves the pools' ready entries to a stale list in
+  the same step that could hand them out (``lua.POOL_RETIRE``, run by the worker that
+  built it), so no later claim gets the old set-up; the controller ends them and the
+  refill restores the new snapshot. Pruning also ends an entry whose snapshot is not
+  the template's (one a refill made from the old snapshot during the rebuild).
 * **shrinking**: a pool over its size (or deleted: size 0) has the surplus ended.
 """
 
@@ -100,9 +102,12 @@ class PoolController:
             pipe.hgetall(keys.pool_conf(name))
             pipe.zremrangebyscore(keys.pool_warming(name), "-inf", now_ms)
             pipe.zrangebyscore(keys.pool_claims(name), "-inf", now_ms)
-            conf, _expired, stale_claims = await pipe.execute()
+            pipe.llen(keys.pool_stale(name))
+            conf, _expired, stale_claims, retired = await pipe.execute()
         for item in stale_claims:
             await self._take_back(name, item.decode())
+        if retired:
+            await self._end_retired(name)
         size = int(conf.get(b"size", 0)) if conf else 0
         now = anyio.current_time()
         if now - self._pruned_at.get(name, 0.0) >= PRUNE_EVERY_S:
@@ -212,6 +217,11 @@ class PoolController:
                 if await self.redis.lrem(keys.pool_ready(name), 0, it):
                     log.info("pool %s: replacing %s (template %s rebuilt)", name, it.decode(), template)
                     await self._end(it.decode(), "template rebuilt")
+
+    async def _end_retired(self, name: str) -> None:
+        """End what a template rebuild retired (lua.POOL_RETIRE moved it off the list)."""
+        while (item := await self.redis.lpop(self.sched.keys.pool_stale(name))) is not None:
+            await self._end(item.decode(), "template rebuilt")
 
     async def _shrink(self, name: str, surplus: int) -> None:
         keys = self.sched.keys

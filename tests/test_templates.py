@@ -295,6 +295,12 @@ async def test_rebuilt_template_replaces_its_pooled_sandboxes(stack: Stack) -> N
     assert {(await c.record(i)).snapshot for i in old} == {first}
     second = await build("v2")
     assert second != first
+    # At once, before any pool tick: the rebuild retired the old entries itself.
+    now = await Sandbox.create(template=name, memory_mb=32, client=c)
+    try:
+        assert (await now.run("cat /tmp/version")).stdout == "v2"
+    finally:
+        await now.terminate()
 
     async def replaced() -> bool:
         ids = await ready_ids(c, pool)

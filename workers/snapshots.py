@@ -314,6 +314,22 @@ class SnapshotManager:
             pipe.sadd(keys.templates, rec.name)
             await pipe.execute()
 
+    async def _publish_snapshot(self, rec: TemplateRecord, replaced: str) -> None:
+        """Record the template ready; if that replaced an older snapshot, retire what its
+        pools hold (after the record: a refill racing this restores the new one)."""
+        await self._write_template(rec)
+        if not replaced or replaced == rec.snapshot:
+            return
+        keys = self.agent.keys
+        retire = self._script(lua.POOL_RETIRE)
+        for raw in await self.redis.smembers(keys.pools):
+            pool = raw.decode()
+            # Template names have no ':', so the prefix names this template's pools only.
+            if pool.startswith(rec.name + ":"):
+                n = await retire(keys=[keys.pool_ready(pool), keys.pool_stale(pool)])
+                if n:
+                    log.info("template %s rebuilt: retired %d pooled sandboxes of %s", rec.name, n, pool)
+
     async def build(self, env: Envelope, cmd: BuildTemplate) -> TemplateReady:
         agent = self.agent
         name, ts = check_name(cmd.name), cmd.spec
@@ -350,10 +366,10 @@ class SnapshotManager:
             raise
         await agent.end_sandbox(sid, reason="template built")
         build_s = anyio.current_time() - started
-        await self._write_template(TemplateRecord(
+        await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=build_s,
             holders=[agent.id], created_at=daemon.wall(),
-        ))
+        ), replaced=old.snapshot if old else "")
         log.info("template %s built in %.2fs (snapshot %s, %d bytes)", name, build_s, snap, size,
                  extra={"worker_id": agent.id})
         return TemplateReady(name=name, snapshot=snap, size_bytes=size, build_s=build_s, worker_id=agent.id)
@@ -383,10 +399,11 @@ class SnapshotManager:
                 cpu=float(rec.get(b"cpu") or 1.0), memory_mb=int(rec.get(b"memory_mb") or 512)
             ),
         )
-        await self._write_template(TemplateRecord(
+        old = template_from_hash(await self.redis.hgetall(agent.keys.template(name)))
+        await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=took,
             holders=[agent.id], created_at=daemon.wall(), source=sid,
-        ))
+        ), replaced=old.snapshot if old else "")
         return TemplateReady(name=name, snapshot=snap, size_bytes=size, build_s=took, worker_id=agent.id)
 
     # -------------------------------------------------------------- starting
