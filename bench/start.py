@@ -338,10 +338,19 @@ async def sustain(
         except HotbedError as exc:
             paths[f"error:{exc.code}"] = paths.get(f"error:{exc.code}", 0) + 1
             continue
-        assert (await sb.exec("true")).ok
+        made.append(sb)
+        try:
+            assert (await sb.exec("true")).ok
+        except HotbedError as exc:
+            # Counted, not fatal: an overloaded box answering with typed errors is a
+            # result of this phase too (the first of each kind is printed).
+            key = f"exec error:{exc.code}"
+            if key not in paths:
+                print(f"sustained: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+            paths[key] = paths.get(key, 0) + 1
+            continue
         lat.append(time.perf_counter() - t)
         paths[sb.path] = paths.get(sb.path, 0) + 1
-        made.append(sb)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

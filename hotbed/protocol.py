@@ -558,7 +558,9 @@ def error_reply(exc: BaseException) -> ErrorReply:
             worker_id=exc.worker_id,
             detail=exc.detail,
         )
-    return ErrorReply(code="RuntimeFailure", message=f"{type(exc).__name__}: {exc}")
+    # A bare deadline (anyio.fail_after) says nothing by itself.
+    text = str(exc) or ("an internal deadline passed" if isinstance(exc, TimeoutError) else "")
+    return ErrorReply(code="RuntimeFailure", message=f"{type(exc).__name__}: {text}")
 
 
 def raise_for_reply(reply: Reply, *, request_id: str | None = None) -> Reply:

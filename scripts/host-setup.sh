@@ -183,25 +183,36 @@ lower_engine_priority() {
 }
 
 # nice works only among processes of one cgroup: each sandbox lives in its own cgroup
-# under dockerd's parent ("docker"), and that parent competes with Redis, the scheduler
-# and the worker as one nice-0 process would. Measured here (warm claims while 8
-# restores refill the pool, 8 clients): claim p99 89-250 ms with the parent at the
-# default weight, 8 ms with it at 64. Sandboxes still get every cycle the control plane
-# leaves idle. cgroupfs driver only; systemd hosts: docs/operations.md.
-SANDBOX_CPU_SHARES=${HOTBED_SANDBOX_CPU_SHARES:-64}
+# under the parent the worker gives it ("hotbed", workers/config.py cgroup_parent), and
+# that parent competes with Redis, the scheduler and the worker as one nice-0 process
+# would. Other containers on the host (under "docker") keep the default weight.
+# Measured here (bench start: warm claims while the pool controller restores 8
+# replacements): claim p99 89-250 ms at the default weight, 5-34 ms at 128. Sandboxes
+# still get every cycle the control plane leaves idle, but less when it is saturated:
+# under 8 clients creating back to back, some execs into busybox sandboxes (docker
+# exec) waited past 30 s at 64 and at 128. cgroupfs driver only; systemd hosts:
+# docs/operations.md.
+SANDBOX_CPU_SHARES=${HOTBED_SANDBOX_CPU_SHARES:-128}
 lower_sandbox_cpu_weight() {
   local driver; driver=$(docker info --format '{{.CgroupDriver}}' 2>/dev/null || true)
   if [ "$driver" != cgroupfs ]; then
     log "cgroup driver ${driver:-unknown}: set the sandboxes' CPU weight as docs/operations.md says"
     return 0
   fi
+  local file value
   if [ -d /sys/fs/cgroup/cpu ]; then  # cgroup v1
-    mkdir -p /sys/fs/cgroup/cpu/docker
-    echo "$SANDBOX_CPU_SHARES" >/sys/fs/cgroup/cpu/docker/cpu.shares
+    file=/sys/fs/cgroup/cpu/hotbed/cpu.shares value=$SANDBOX_CPU_SHARES
   elif [ -f /sys/fs/cgroup/cgroup.controllers ]; then  # cgroup v2: weight 1..10000, default 100
-    mkdir -p /sys/fs/cgroup/docker
     echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
-    echo $(( (SANDBOX_CPU_SHARES * 100 + 1023) / 1024 )) >/sys/fs/cgroup/docker/cpu.weight 2>/dev/null || true
+    file=/sys/fs/cgroup/hotbed/cpu.weight value=$(( (SANDBOX_CPU_SHARES * 100 + 1023) / 1024 ))
+  else
+    return 0
+  fi
+  # Made now (dockerd would make it at the first sandbox): it keeps what exists.
+  if mkdir -p "${file%/*}" 2>/dev/null && echo "$value" >"$file" 2>/dev/null; then
+    log "sandboxes' parent cgroup: ${file##*/} $value"
+  else
+    log "could not set $file (read-only cgroups?): sandboxes compete with the control plane"
   fi
 }
 

@@ -49,6 +49,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     memory_mb: Annotated[int, msgspec.Meta(gt=0)] | None = None
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 32
     oci_runtime: str = "runsc"
+    # Parent cgroup of this worker's sandboxes, weighed below the control plane
+    # (scripts/host-setup.sh, docs/operations.md). "" = "/hotbed" under dockerd's
+    # cgroupfs driver, "hotbed.slice" under its systemd driver.
+    cgroup_parent: str = ""
     default_user: str = "1000:1000"
     tags: dict[str, str] = {}
     heartbeat_s: Positive = 1.0

@@ -11,7 +11,8 @@ def make_runtime(settings: WorkerSettings) -> Runtime:
         from workers.runtimes.docker import DockerRuntime
 
         return DockerRuntime(
-            oci_runtime=settings.oci_runtime, gpu_oci_runtime=settings.gpu_oci_runtime
+            oci_runtime=settings.oci_runtime, gpu_oci_runtime=settings.gpu_oci_runtime,
+            cgroup_parent=settings.cgroup_parent,
         )
     if settings.runtime == "sim":
         from workers.runtimes.sim import SimRuntime

@@ -116,8 +116,10 @@ class DockerRuntime:
         docker_url: str | None = None,
         extra_labels: dict[str, str] | None = None,
         gpu_oci_runtime: str = "runsc-nvproxy",
+        cgroup_parent: str = "",
     ) -> None:
         self.oci_runtime = oci_runtime
+        self.cgroup_parent = cgroup_parent
         # GPU sandboxes under gVisor need runsc's --nvproxy: a second runtime entry in
         # daemon.json (scripts/host-setup.sh registers it on hosts with an NVIDIA driver).
         self.gpu_oci_runtime = gpu_oci_runtime
@@ -140,6 +142,11 @@ class DockerRuntime:
         with anyio.fail_after(API_TIMEOUT_S):
             info = await self._docker.system.info()
         self._root = Path(info.get("DockerRootDir") or "/var/lib/docker")
+        if not self.cgroup_parent:
+            # Sandboxes share one parent cgroup, which the host weighs below the
+            # control plane: nice alone does not reach across cgroups.
+            systemd = info.get("CgroupDriver") == "systemd"
+            self.cgroup_parent = "hotbed.slice" if systemd else "/hotbed"
         runtimes = info.get("Runtimes") or {}
         self._runtimes = set(runtimes)
         if self.oci_runtime not in runtimes:
@@ -209,6 +216,7 @@ class DockerRuntime:
         env = [f"{k}={v}" for k, v in spec.env.items()]
         host_config: dict[str, Any] = {
             "Runtime": self.oci_runtime,
+            "CgroupParent": self.cgroup_parent,
             "NetworkMode": "none",
             "NanoCpus": int(res.cpu * 1e9),
             "Memory": res.memory_mb << 20,
@@ -335,6 +343,10 @@ class DockerRuntime:
                 )
         except DockerError as exc:
             raise self._translate(exc, sandbox_id) from None
+        except TimeoutError:
+            raise RuntimeFailure(
+                f"docker did not create the exec within {API_TIMEOUT_S:g}s", sandbox_id=sandbox_id
+            ) from None
         out, err = _Output(max_output), _Output(max_output)
         pid: int | None = None
         pending_err = bytearray()
@@ -390,8 +402,14 @@ class DockerRuntime:
     async def _exit_code(self, exe: Any, sandbox_id: str) -> int:
         # The output stream ends a moment before dockerd records the exit code.
         for _ in range(200):
-            with anyio.fail_after(API_TIMEOUT_S):
-                info = await exe.inspect()
+            try:
+                with anyio.fail_after(API_TIMEOUT_S):
+                    info = await exe.inspect()
+            except TimeoutError:
+                raise RuntimeFailure(
+                    f"docker did not report the exec's exit within {API_TIMEOUT_S:g}s",
+                    sandbox_id=sandbox_id,
+                ) from None
             if not info.get("Running") and info.get("ExitCode") is not None:
                 return int(info["ExitCode"])
             await anyio.sleep(0.005)
