@@ -18,6 +18,7 @@ import hotbed
 from hotbed import protocol
 from hotbed.records import SandboxRecord
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack
+from workers.runtimes.docker import container_name
 
 pytestmark = pytest.mark.anyio
 
@@ -98,6 +99,23 @@ async def test_sandbox_has_no_network(hotbed_stack: Stack) -> None:
         res = await sb.run("cat /proc/net/dev")
         interfaces = {line.split(":")[0].strip() for line in res.stdout.splitlines()[2:]}
         assert interfaces == {"lo"}
+    finally:
+        await sb.terminate()
+
+
+async def test_sandboxes_share_hotbeds_parent_cgroup(hotbed_stack: Stack) -> None:
+    """Sandboxes sit under one parent cgroup (the host weighs it below the control
+    plane); their runsc processes are in it."""
+    sb = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=hotbed_stack.client)
+    try:
+        fmt = "{{.HostConfig.CgroupParent}} {{.State.Pid}} {{.Id}}"
+        got = await anyio.run_process(["docker", "inspect", "-f", fmt, container_name(sb.id)])
+        parent, pid, cid = got.stdout.decode().split()
+        driver = (await anyio.run_process(["docker", "info", "-f", "{{.CgroupDriver}}"])).stdout.decode().strip()
+        assert parent == ("hotbed.slice" if driver == "systemd" else "/hotbed")
+        cgroups = await anyio.Path(f"/proc/{pid}/cgroup").read_text()
+        if driver == "cgroupfs":
+            assert f"/hotbed/{cid}" in cgroups
     finally:
         await sb.terminate()
 
