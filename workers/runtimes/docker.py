@@ -124,8 +124,8 @@ class DockerRuntime:
         # daemon.json (scripts/host-setup.sh registers it on hosts with an NVIDIA driver).
         self.gpu_oci_runtime = gpu_oci_runtime
         self._runtimes: set[str] = set()
-        # Whether oci_runtime is hotbed's runsc wrapper: restores then skip containerd.
-        self.direct_restore = False
+        # dockerd runtimes that are hotbed's runsc wrapper: their restores skip containerd.
+        self._wrapped: set[str] = set()
         self.docker_url = docker_url
         self.extra_labels = dict(extra_labels or {})
         self._docker: aiodocker.Docker | None = None
@@ -154,10 +154,17 @@ class DockerRuntime:
             raise RuntimeFailure(
                 f"dockerd has no runtime {self.oci_runtime!r}; run scripts/host-setup.sh"
             )
-        path = str((runtimes[self.oci_runtime] or {}).get("path") or "")
-        self.direct_restore = Path(path).name == WRAPPER_NAME
-        if self.direct_restore:
+        self._wrapped = {
+            name for name, r in runtimes.items()
+            if Path(str((r or {}).get("path") or "")).name == WRAPPER_NAME
+        }
+        if self._wrapped:
             await anyio.to_thread.run_sync(_prepare_marks)
+
+    @property
+    def direct_restore(self) -> bool:
+        """Whether this worker's (non-GPU) sandboxes restore through the wrapper."""
+        return self.oci_runtime in self._wrapped
 
     async def aclose(self) -> None:
         if self._docker is not None:
@@ -516,9 +523,9 @@ class DockerRuntime:
     # snapshot directory holds ``checkpoint/`` (runsc's image: memory, processes and the
     # sandbox's in-memory overlay) and ``container.json`` (what restore re-creates).
     # Restores take one of two roads:
-    # * with hotbed's runsc wrapper (``direct_restore``) the worker marks the new
-    #   container (RESTORE_MARKS/<id> = the image directory) and starts it plainly; the
-    #   wrapper turns runsc's ``create`` into ``runsc restore`` from that directory. No
+    # * when the container's runtime is hotbed's runsc wrapper, the worker marks the
+    #   new container (RESTORE_MARKS/<id> = the image directory) and starts it plainly;
+    #   the wrapper turns runsc's ``create`` into ``runsc restore`` from that directory. No
     #   copy, and containerd never imports the image (0.28 s instead of 0.72 s here).
     # * with runsc alone, dockerd only restores from
     #   ``<root>/containers/<id>/checkpoints/<name>``: the files are hard-linked there,
@@ -607,7 +614,7 @@ class DockerRuntime:
         async with self._removed_on_failure(sid, "restore"):
             with anyio.fail_after(API_TIMEOUT_S):
                 container = await self.docker.containers.create(config, name=container_name(sid))
-            if self.direct_restore:
+            if config["HostConfig"]["Runtime"] in self._wrapped:  # not GPU's runsc-nvproxy
                 await self._start_restoring(container.id, src / "checkpoint", sandbox_id=sid)
                 return
             target = self._root / "containers" / container.id / "checkpoints" / "restore"
@@ -646,7 +653,7 @@ class DockerRuntime:
         if info["State"]["Running"]:
             return
         ck = self._root / "containers" / info["Id"] / "checkpoints" / PAUSED_CHECKPOINT
-        if self.direct_restore:
+        if info["HostConfig"].get("Runtime") in self._wrapped:
             await self._start_restoring(info["Id"], ck, sandbox_id=sandbox_id)
         else:
             await anyio.to_thread.run_sync(
