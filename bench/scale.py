@@ -87,6 +87,12 @@ def summary_ms(values: list[float]) -> dict[str, float]:
     }
 
 
+def step_line(what: str, rate: int, step: dict[str, Any], lat: dict[str, float], digits: int) -> str:
+    """The start of a step's progress line: offered vs achieved rate and its latencies."""
+    ms = "  ".join(f"{k} {lat[f'{k}_ms']:7.{digits}f}" for k in ("p50", "p90", "p99", "max"))
+    return f"  [{LABEL}] {what}offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  {ms} ms  "
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -481,9 +487,7 @@ async def phase_throughput(args: argparse.Namespace) -> dict[str, Any]:
                 step = await measured_step(cluster, gens, rate, args.step_s)
                 steps.append(step)
                 cp = step["control_plane_latency"]
-                say(f"  [{LABEL}] offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  "
-                    f"p50 {cp['p50_ms']:7.1f}  p90 {cp['p90_ms']:7.1f}  p99 {cp['p99_ms']:7.1f}  "
-                    f"max {cp['max_ms']:7.1f} ms  errors {step['errors']}  "
+                say(step_line("", rate, step, cp, 1) + f"errors {step['errors']}  "
                     f"sched cpu {step['scheduler_cpu_pct']}% rss {step['scheduler_rss_mib']} MiB  "
                     f"cpu/create {step.get('cpu_ms_per_op')} ms (load generator "
                     f"{step['loadgen_cpu_pct']}%)  "
@@ -756,10 +760,7 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
                 for rate in args.claim_rates:
                     step = await measured_step(cluster, gens, rate, args.claim_step_s)
                     steps.append(step)
-                    lat = step["latency"]
-                    say(f"  [{LABEL}] claims offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  "
-                        f"p50 {lat['p50_ms']:7.2f}  p90 {lat['p90_ms']:7.2f}  p99 {lat['p99_ms']:7.2f}  "
-                        f"max {lat['max_ms']:7.2f} ms  errors {step['error_kinds']}  "
+                    say(step_line("claims ", rate, step, step["latency"], 2) + f"errors {step['error_kinds']}  "
                         f"cpu/claim {step.get('cpu_ms_per_op')} ms (load generators "
                         f"{step['loadgen_cpu_pct']}%, scheduler {step['scheduler_cpu_pct']}%, workers "
                         f"{step['fleet_cpu_pct']}%, Redis {step['redis_cpu_pct']}%)  load {step['loadavg'].split()[0]}")

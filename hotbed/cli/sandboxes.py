@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,15 +175,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return with_client(go)
 
 
-def cmd_rm(args: argparse.Namespace) -> int:
+def for_each_sandbox(ids: list[str], act: Callable[[Sandbox], Awaitable[object]]) -> int:
+    """``act`` on each sandbox in turn, printing its id once done (as ``docker rm`` does)."""
+
     async def go(client: Client) -> int:
-        for sid in args.sandboxes:
-            sb = await Sandbox.from_id(sid, client=client)
-            await sb.terminate()
+        for sid in ids:
+            await act(await Sandbox.from_id(sid, client=client))
             print(sid)
         return 0
 
     return with_client(go)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    return for_each_sandbox(args.sandboxes, Sandbox.terminate)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -216,14 +222,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_pause_resume(args: argparse.Namespace) -> int:
-    async def go(client: Client) -> int:
-        for sid in args.sandboxes:
-            sb = await Sandbox.from_id(sid, client=client)
-            await (sb.pause() if args.verb == "pause" else sb.resume())
-            print(sid)
-        return 0
-
-    return with_client(go)
+    return for_each_sandbox(args.sandboxes, Sandbox.pause if args.verb == "pause" else Sandbox.resume)
 
 
 def register(sub: Any) -> None:
