@@ -44,7 +44,7 @@ test: images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	.venv/bin/ruff check hotbed scheduler workers bench tests
+	.venv/bin/ruff check hotbed daemon cli scheduler workers bench tests
 	.venv/bin/mypy
 
 bench: bench-start bench-scale bench-exec

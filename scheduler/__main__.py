@@ -3,7 +3,7 @@
 Exit codes: 2 for bad settings (one line on stderr), 1 for a failure while running.
 SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP re-reads the
 config and applies :data:`scheduler.config.RELOADABLE`. Under systemd it speaks the
-notify protocol (hotbed.sdnotify).
+notify protocol (daemon.sdnotify).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 import logging
 from typing import Any
 
-from hotbed import daemon, metrics
-from hotbed.config import load_settings, reload_from_file
+from daemon import lifecycle, metrics
+from daemon.config import load_settings, reload_from_file
 from hotbed.errors import ConfigError
 from scheduler import metrics as scheduler_metrics
 from scheduler.config import RELOADABLE, SchedulerSettings
@@ -32,14 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(SchedulerSettings, args.config, overrides=overrides)
     except ConfigError as exc:
-        daemon.fatal(str(exc))
+        lifecycle.fatal(str(exc))
         return
-    daemon.setup_logging(settings.log_format, settings.log_level)
+    lifecycle.setup_logging(settings.log_format, settings.log_level)
     scheduler = Scheduler(settings)
     try:
         scheduler.metrics = metrics.make("scheduler", settings.metrics_port)
     except ConfigError as exc:
-        daemon.fatal(str(exc))
+        lifecycle.fatal(str(exc))
         return
 
     async def reload() -> None:
@@ -51,16 +51,16 @@ def main(argv: list[str] | None = None) -> None:
             return
         scheduler.settings, applied = got
         if {"log_format", "log_level"} & set(applied):
-            daemon.setup_logging(scheduler.settings.log_format, scheduler.settings.log_level)
+            lifecycle.setup_logging(scheduler.settings.log_format, scheduler.settings.log_level)
 
     async def serve() -> None:
         async with metrics.serve(
             scheduler.metrics, port=settings.metrics_port, addr=settings.metrics_addr,
             sample=lambda: scheduler_metrics.sample(scheduler),
         ):
-            await daemon.run_service(scheduler.run, scheduler.stopping, name="scheduler", reload=reload)
+            await lifecycle.run_service(scheduler.run, scheduler.stopping, name="scheduler", reload=reload)
 
-    daemon.run_daemon(serve, redis_url=settings.redis_url)
+    lifecycle.run_daemon(serve, redis_url=settings.redis_url)
 
 
 if __name__ == "__main__":

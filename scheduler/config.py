@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from hotbed.config import check_common
+from daemon.config import check_common
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 

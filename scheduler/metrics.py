@@ -1,4 +1,4 @@
-"""What the scheduler samples for Prometheus (hotbed.metrics): the fleet as Redis shows it.
+"""What the scheduler samples for Prometheus (daemon.metrics): the fleet as Redis shows it.
 
 One pipelined round trip per sample: the request backlog and its oldest entry, live
 sandboxes, worker heartbeats, and every pool's ready count and target. Capacity and
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hotbed import daemon
-from hotbed.metrics import Samples
+from daemon import lifecycle
+from daemon.metrics import Samples
 
 if TYPE_CHECKING:
     from scheduler.service import Scheduler
@@ -27,7 +27,7 @@ async def sample(s: Scheduler) -> Samples:
         pipe.zrange(keys.workers, 0, -1, withscores=True)
         pipe.smembers(keys.pools)
         depth, oldest, live, beats, pools = await pipe.execute()
-    now = daemon.wall()
+    now = lifecycle.wall()
     out: Samples = {
         "hotbed_queue_depth": {(): float(depth)},
         "hotbed_live_sandboxes": {(): float(live)},

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed import daemon, protocol
+from daemon import lifecycle
+from hotbed import protocol
 from hotbed.keys import Keys
 from hotbed.protocol import SandboxSpec, WorkerInfo
 
@@ -115,7 +116,7 @@ class WorkerRegistry:
                     self._push(w)
 
     async def refresh(self) -> None:
-        now = daemon.wall()
+        now = lifecycle.wall()
         rows = await self.redis.zrangebyscore(
             self.keys.workers, int((now - self.heartbeat_ttl_s) * 1000), "+inf", withscores=True
         )

@@ -27,7 +27,10 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed import batching, daemon, lua, protocol
+from daemon import lifecycle
+from daemon.metrics import NULL, NullMetrics
+from daemon.streams import StreamConsumer, ensure_group, reply_to, send_reply
+from hotbed import batching, lua, protocol
 from hotbed import keys as keyspace
 from hotbed.batching import Script, raise_first_error
 from hotbed.connection import connect
@@ -39,7 +42,6 @@ from hotbed.errors import (
     UnsupportedRequest,
     WorkerLost,
 )
-from hotbed.metrics import NULL, NullMetrics
 from hotbed.protocol import (
     BuildTemplate,
     CreateSandbox,
@@ -51,7 +53,6 @@ from hotbed.protocol import (
     StartSandbox,
 )
 from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, to_hash
-from hotbed.streams import StreamConsumer, ensure_group, reply_to, send_reply
 from scheduler import templates
 from scheduler.config import SchedulerSettings
 from scheduler.placement import could_ever, parse_gpu, rank
@@ -169,7 +170,7 @@ class Scheduler:
         assert self.registry is not None
         while True:
             await anyio.sleep(self.settings.registry_refresh_s)
-            with daemon.survive("registry refresh"):
+            with lifecycle.survive("registry refresh"):
                 await self.registry.refresh()
                 self.waitline.capacity_changed()
 
@@ -178,7 +179,7 @@ class Scheduler:
         min_idle_ms = int(self.settings.reclaim_idle_s * 1000)
         while True:
             stale: list[tuple[bytes, bytes]] = []
-            with daemon.survive("reclaiming stale requests"):
+            with lifecycle.survive("reclaiming stale requests"):
                 stale = await consumer.claim_stale(min_idle_ms)
             for entry_id, data in stale:
                 log.info("reclaimed request %s from a stalled replica", entry_id.decode())
@@ -199,7 +200,7 @@ class Scheduler:
     async def _reaper_loop(self) -> None:
         while True:
             await anyio.sleep(1.0)
-            with daemon.survive("reaper"):
+            with lifecycle.survive("reaper"):
                 leader = await self._lock(
                     keys=[self.keys.lock("reaper")], args=[self._lock_token, LOCK_TTL_MS]
                 )
@@ -207,7 +208,7 @@ class Scheduler:
                     await self.reap_dead_workers()
 
     async def reap_dead_workers(self) -> None:
-        cutoff = int((daemon.wall() - self.settings.heartbeat_ttl_s) * 1000)
+        cutoff = int((lifecycle.wall() - self.settings.heartbeat_ttl_s) * 1000)
         dead = await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff)
         for raw in dead:
             await self._worker_lost(raw.decode())
@@ -221,7 +222,7 @@ class Scheduler:
                 self.keys.worker_sandboxes(wid), self.keys.worker_info(wid),
             ]
         )
-        now = str(daemon.wall())
+        now = str(lifecycle.wall())
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw in held:
                 sid = raw.decode()
@@ -260,7 +261,7 @@ class Scheduler:
             return
         kind = type(env.body).__name__
         self.metrics.request(kind)
-        daemon.log_context.set({"request_id": env.id})
+        lifecycle.log_context.set({"request_id": env.id})
         try:
             reply = await self._dispatch(env)
         except HandBack:
@@ -318,7 +319,7 @@ class Scheduler:
             cpu=spec.resources.cpu,
             memory_mb=spec.resources.memory_mb,
             gpu=spec.resources.gpu or "",
-            created_at=daemon.wall(),
+            created_at=lifecycle.wall(),
             timeout=spec.timeout,
             idle_timeout=spec.idle_timeout or 0.0,
             tags=spec.tags,
@@ -339,7 +340,7 @@ class Scheduler:
             while True:
                 if self.waitline.closed:
                     raise HandBack
-                if daemon.wall() > env.deadline:
+                if lifecycle.wall() > env.deadline:
                     raise CapacityExhausted(
                         f"no worker had room for cpu={spec.resources.cpu:g} memory={spec.resources.memory_mb}MiB"
                         + (f" gpu={spec.resources.gpu}" if spec.resources.gpu else "")
@@ -352,13 +353,13 @@ class Scheduler:
                 ):
                     self.metrics.placement_wait(anyio.current_time() - t0)
                     return sid
-                await self.waitline.wait_turn(ticket, mark, within=env.deadline - daemon.wall())
+                await self.waitline.wait_turn(ticket, mark, within=env.deadline - lifecycle.wall())
 
     def _check_matchable(self, env: Envelope, spec: SandboxSpec) -> None:
         assert self.registry is not None
         live = self.registry.live()
         if not could_ever(live, spec, spec.worker_tags):
-            if live or daemon.wall() > env.deadline - 0.001:
+            if live or lifecycle.wall() > env.deadline - 0.001:
                 raise NoMatchingWorker(self._no_match_message(spec))
 
     async def _place_once(

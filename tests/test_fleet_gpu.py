@@ -249,7 +249,7 @@ async def test_mixed_load_never_shares_a_gpu(redis_url: str, prefix: str) -> Non
 async def test_gpu_and_worker_tags_from_sdk_and_cli(
     redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hotbed.cli.main import main as cli_main
+    from cli.main import main as cli_main
     from hotbed.sandbox import Sandbox
 
     async with fleet(redis_url, prefix, NODES) as f:

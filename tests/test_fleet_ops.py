@@ -23,10 +23,10 @@ import pytest
 import redis as sync_redis
 from fleet_doubles import RecordingRuntime
 
-from hotbed.cli.fleet import Frame, check_config, install_service, render, snapshot
-from hotbed.cli.main import main as cli_main
+from cli.fleet import Frame, check_config, install_service, render, snapshot
+from cli.main import main as cli_main
+from daemon.config import load_settings, redact_url
 from hotbed.client import Client
-from hotbed.config import load_settings, redact_url
 from hotbed.errors import ConfigError
 from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec
 from scheduler.config import SchedulerSettings
@@ -358,19 +358,19 @@ async def test_log_lines_carry_request_sandbox_and_worker_ids() -> None:
     import json
     import logging
 
-    from hotbed import daemon
+    from daemon import lifecycle
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(daemon.JsonFormatter())
-    handler.addFilter(daemon.ContextFilter())
+    handler.setFormatter(lifecycle.JsonFormatter())
+    handler.addFilter(lifecycle.ContextFilter())
     log = logging.getLogger("hotbed.test.structured")
     log.addHandler(handler)
     log.propagate = False
-    daemon.log_defaults["worker_id"] = "w-1"
+    lifecycle.log_defaults["worker_id"] = "w-1"
     try:
         async def handle(rid: str, sid: str) -> None:
-            daemon.log_context.set({"request_id": rid, "sandbox_id": sid})
+            lifecycle.log_context.set({"request_id": rid, "sandbox_id": sid})
             await anyio.sleep(0.01)
             log.warning("handled %s", rid)
 
@@ -379,7 +379,7 @@ async def test_log_lines_carry_request_sandbox_and_worker_ids() -> None:
             tg.start_soon(handle, "r-2", "sb-2")
         log.warning("outside", extra={"sandbox_id": "explicit"})
     finally:
-        daemon.log_defaults.pop("worker_id", None)
+        lifecycle.log_defaults.pop("worker_id", None)
         log.removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     by_msg = {line["msg"]: line for line in lines}
@@ -387,4 +387,4 @@ async def test_log_lines_carry_request_sandbox_and_worker_ids() -> None:
     assert by_msg["handled r-2"]["sandbox_id"] == "sb-2" and by_msg["handled r-2"]["worker_id"] == "w-1"
     assert by_msg["outside"]["sandbox_id"] == "explicit" and "request_id" not in by_msg["outside"]
     text = logging.makeLogRecord({"msg": "m", "request_id": "r"})
-    assert "request_id=r" in daemon.TextFormatter("%(message)s").format(text)
+    assert "request_id=r" in lifecycle.TextFormatter("%(message)s").format(text)

@@ -3,7 +3,7 @@
 Exit codes: 2 for bad settings (one line on stderr), 1 for a failure while running.
 SIGTERM/SIGINT stop gracefully (a second one exits at once); SIGHUP re-reads the
 config and applies :data:`workers.config.RELOADABLE` (new tags are re-advertised).
-Under systemd it speaks the notify protocol (hotbed.sdnotify).
+Under systemd it speaks the notify protocol (daemon.sdnotify).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 
-from hotbed import daemon, metrics, protocol
-from hotbed.config import load_settings, reload_from_file
+from daemon import lifecycle, metrics
+from daemon.config import load_settings, reload_from_file
+from hotbed import protocol
 from hotbed.errors import ConfigError
 from workers import metrics as worker_metrics
 from workers.agent import WorkerAgent
@@ -40,15 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(WorkerSettings, args.config, overrides=overrides)
     except ConfigError as exc:
-        daemon.fatal(str(exc))
+        lifecycle.fatal(str(exc))
         return
-    daemon.setup_logging(settings.log_format, settings.log_level)
+    lifecycle.setup_logging(settings.log_format, settings.log_level)
     agent = WorkerAgent(settings, make_runtime(settings))
-    daemon.log_defaults["worker_id"] = agent.id
+    lifecycle.log_defaults["worker_id"] = agent.id
     try:
         agent.metrics = metrics.make("worker", settings.metrics_port)
     except ConfigError as exc:
-        daemon.fatal(str(exc))
+        lifecycle.fatal(str(exc))
         return
 
     async def reload() -> None:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         agent.settings, applied = got
         if {"log_format", "log_level"} & set(applied):
-            daemon.setup_logging(agent.settings.log_format, agent.settings.log_level)
+            lifecycle.setup_logging(agent.settings.log_format, agent.settings.log_level)
         if "tags" in applied:
             agent.info = msgspec.structs.replace(agent.info, tags=dict(agent.settings.tags))
             await agent.redis.set(agent.keys.worker_info(agent.id), protocol.encode(agent.info))
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
             agent.metrics, port=settings.metrics_port, addr=settings.metrics_addr,
             sample=lambda: worker_metrics.sample(agent),
         ):
-            await daemon.run_service(agent.run, agent.stopping, name="worker", reload=reload)
+            await lifecycle.run_service(agent.run, agent.stopping, name="worker", reload=reload)
 
-    daemon.run_daemon(serve, redis_url=settings.redis_url)
+    lifecycle.run_daemon(serve, redis_url=settings.redis_url)
 
 
 if __name__ == "__main__":

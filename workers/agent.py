@@ -23,7 +23,10 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed import batching, daemon, lua, protocol
+from daemon import lifecycle
+from daemon.metrics import NULL, NullMetrics
+from daemon.streams import StreamConsumer, ensure_group, send_reply
+from hotbed import batching, lua, protocol
 from hotbed import keys as keyspace
 from hotbed.batching import Script, raise_first_error
 from hotbed.connection import connect
@@ -36,7 +39,6 @@ from hotbed.errors import (
     UnsupportedRequest,
     WorkerLost,
 )
-from hotbed.metrics import NULL, NullMetrics
 from hotbed.protocol import (
     BuildTemplate,
     DirListing,
@@ -60,7 +62,6 @@ from hotbed.protocol import (
     WriteFile,
 )
 from hotbed.records import ENDED_RECORD_TTL_S, from_hash
-from hotbed.streams import StreamConsumer, ensure_group, send_reply
 from workers.config import WorkerSettings
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
@@ -119,7 +120,7 @@ class WorkerAgent:
             cpu_millis=settings.resolved_cpu_millis(),
             memory_mb=settings.resolved_memory_mb(),
             tags=dict(settings.tags),
-            started_at=daemon.wall(),
+            started_at=lifecycle.wall(),
             gpus=(gpu_detector or detector_for(settings.gpu_detect, settings.gpus)).detect(),
         )
         self._redis: aioredis.Redis | None = None
@@ -235,7 +236,7 @@ class WorkerAgent:
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.worker_info(self.id), protocol.encode(self.info))
-            pipe.zadd(self.keys.workers, {self.id: int(daemon.wall() * 1000)})
+            pipe.zadd(self.keys.workers, {self.id: int(lifecycle.wall() * 1000)})
             await pipe.execute()
 
     async def reconcile(self) -> None:
@@ -261,7 +262,7 @@ class WorkerAgent:
                 self.sandboxes[sid] = Local(
                     id=sid, user=self.settings.default_user,
                     expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
-                    idle_timeout=rec.idle_timeout or None, last_active=rec.last_active or daemon.wall(),
+                    idle_timeout=rec.idle_timeout or None, last_active=rec.last_active or lifecycle.wall(),
                     paused=True,
                 )
                 continue
@@ -276,7 +277,7 @@ class WorkerAgent:
                 user=self.settings.default_user,
                 expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
                 idle_timeout=rec.idle_timeout or None,
-                last_active=rec.last_active or daemon.wall(),
+                last_active=rec.last_active or lifecycle.wall(),
                 pool=rec.pool if rec.state == "pooled" else "",
             )
         if held or managed:
@@ -286,12 +287,12 @@ class WorkerAgent:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            with daemon.survive("heartbeat"):
+            with lifecycle.survive("heartbeat"):
                 await self._heartbeat()
             await anyio.sleep(self.settings.heartbeat_s)
 
     async def _heartbeat(self) -> None:
-        now = daemon.wall()
+        now = lifecycle.wall()
         dirty = [s for s in self.sandboxes.values() if s.dirty]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.workers, {self.id: int(now * 1000)})
@@ -310,7 +311,7 @@ class WorkerAgent:
     async def _expiry_loop(self) -> None:
         while True:
             await anyio.sleep(0.25)
-            now = daemon.wall()
+            now = lifecycle.wall()
             for s in list(self.sandboxes.values()):
                 if now >= s.expires_at:
                     await self._end_quietly(s.id, "timeout")
@@ -342,7 +343,7 @@ class WorkerAgent:
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:
             await self.end_sandbox(sid, reason=reason, state=state)
-        except daemon.TRANSIENT_ERRORS as exc:
+        except lifecycle.TRANSIENT_ERRORS as exc:
             # Left for the next tick of the loop that found it.
             log.warning("could not end sandbox: %s", exc, extra={"sandbox_id": sid})
 
@@ -363,8 +364,8 @@ class WorkerAgent:
         body = env.body
         kind = type(body).__name__
         self.metrics.request(kind)
-        daemon.log_context.set({"request_id": env.id, "sandbox_id": getattr(body, "sandbox_id", None)})
-        if env.deadline and daemon.wall() > env.deadline:
+        lifecycle.log_context.set({"request_id": env.id, "sandbox_id": getattr(body, "sandbox_id", None)})
+        if env.deadline and lifecycle.wall() > env.deadline:
             if isinstance(body, StartSandbox):
                 # The client gave up: starting it now would only leak it until its timeout.
                 await self.end_sandbox(body.sandbox_id, reason="request deadline passed before start", state="failed")
@@ -446,7 +447,7 @@ class WorkerAgent:
             raise SandboxNotRunning(f"sandbox {sid} is {rec.state}", sandbox_id=sid)
         if local.paused:
             raise SandboxNotRunning(f"sandbox {sid} is paused; resume it first", sandbox_id=sid)
-        local.last_active = daemon.wall()
+        local.last_active = lifecycle.wall()
         local.dirty = True
         return local
 
@@ -472,7 +473,7 @@ class WorkerAgent:
             with anyio.CancelScope(shield=True):
                 await self.end_sandbox(sid, reason=reason, state="failed")
             raise
-        now = daemon.wall()
+        now = lifecycle.wall()
         self.sandboxes[sid] = Local(
             id=sid,
             user=user,
@@ -518,7 +519,7 @@ class WorkerAgent:
         record = self.keys.sandbox(sid)
         raise_first_error(await batching.for_client(self.redis).execute(
             RELEASE.call([self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)], [sid]),
-            ("HSET", record, "state", state, "reason", reason, "ended_at", str(daemon.wall())),
+            ("HSET", record, "state", state, "reason", reason, "ended_at", str(lifecycle.wall())),
             ("EXPIRE", record, ENDED_RECORD_TTL_S),
             ("ZREM", self.keys.sandboxes, sid),
             scripts=(RELEASE,),

@@ -12,7 +12,7 @@ runtime), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADD
 (default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
 HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same).
 
-Validated at load (:func:`hotbed.config.load_settings`): unknown keys and bad values
+Validated at load (:func:`daemon.config.load_settings`): unknown keys and bad values
 are one ConfigError line; the daemons exit with code 2 on it.
 """
 
@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from hotbed.config import check_common
+from daemon.config import check_common
 from hotbed.protocol import GpuDevice
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]

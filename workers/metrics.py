@@ -1,4 +1,4 @@
-"""What a worker samples for Prometheus (hotbed.metrics): its own sandboxes and slots.
+"""What a worker samples for Prometheus (daemon.metrics): its own sandboxes and slots.
 
 One pipelined round trip per sample: the worker's capacity hash (GPU slots used/free
 come from its ``gpu:<uuid>`` fields) and its heartbeat.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hotbed import daemon
-from hotbed.metrics import Samples
+from daemon import lifecycle
+from daemon.metrics import Samples
 
 if TYPE_CHECKING:
     from workers.agent import WorkerAgent
@@ -41,5 +41,5 @@ async def sample(agent: WorkerAgent) -> Samples:
         },
     }
     if beat is not None:
-        out["hotbed_worker_heartbeat_age_seconds"] = {(wid,): max(0.0, daemon.wall() - beat / 1000)}
+        out["hotbed_worker_heartbeat_age_seconds"] = {(wid,): max(0.0, lifecycle.wall() - beat / 1000)}
     return out

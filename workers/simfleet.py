@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import anyio
 import msgspec
 
-from hotbed import daemon
-from hotbed.config import load_settings
+from daemon import lifecycle
+from daemon.config import load_settings
 from hotbed.connection import connect
 from hotbed.errors import ConfigError
 from workers.agent import WorkerAgent
@@ -107,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             },
         )
     except ConfigError as exc:
-        daemon.fatal(str(exc))
+        lifecycle.fatal(str(exc))
         return
-    daemon.setup_logging(base.log_format, "WARNING")
+    lifecycle.setup_logging(base.log_format, "WARNING")
     fleet = SimFleet(
         base, workers=args.workers, id_prefix=args.id_prefix,
         params=SimParams().scaled(args.latency_scale), seed=args.seed,
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     async def serve() -> None:
         stopping = anyio.Event()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(daemon.watch_signals, stopping, tg.cancel_scope)
+            tg.start_soon(lifecycle.watch_signals, stopping, tg.cancel_scope)
             async with anyio.create_task_group() as fleet_tg:
                 await fleet_tg.start(fleet.run)
                 # Thousands of simulated sandboxes and tasks live in this one process:
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 fleet.stop()
             tg.cancel_scope.cancel()
 
-    daemon.run(serve)
+    lifecycle.run(serve)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import anyio
 import msgspec
 import orjson
 
-from hotbed import daemon, lua, protocol
+from daemon import lifecycle
+from hotbed import lua, protocol
 from hotbed.errors import (
     CapacityExhausted,
     ExecTimeout,
@@ -338,7 +339,7 @@ class SnapshotManager:
         started = anyio.current_time()
         old = template_from_hash(await self.redis.hgetall(agent.keys.template(name)))
         building = TemplateRecord(
-            name=name, state="building", spec=ts, created_at=daemon.wall(),
+            name=name, state="building", spec=ts, created_at=lifecycle.wall(),
             # Keep serving the previous snapshot while the new one builds.
             snapshot=old.snapshot if old else "", holders=old.holders if old else [],
             size_bytes=old.size_bytes if old else 0,
@@ -368,7 +369,7 @@ class SnapshotManager:
         build_s = anyio.current_time() - started
         await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=build_s,
-            holders=[agent.id], created_at=daemon.wall(),
+            holders=[agent.id], created_at=lifecycle.wall(),
         ), replaced=old.snapshot if old else "")
         log.info("template %s built in %.2fs (snapshot %s, %d bytes)", name, build_s, snap, size,
                  extra={"worker_id": agent.id})
@@ -402,7 +403,7 @@ class SnapshotManager:
         old = template_from_hash(await self.redis.hgetall(agent.keys.template(name)))
         await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=took,
-            holders=[agent.id], created_at=daemon.wall(), source=sid,
+            holders=[agent.id], created_at=lifecycle.wall(), source=sid,
         ), replaced=old.snapshot if old else "")
         return TemplateReady(name=name, snapshot=snap, size_bytes=size, build_s=took, worker_id=agent.id)
 
@@ -442,7 +443,7 @@ class SnapshotManager:
                     await self.redis.zrem(agent.keys.pool_warming(cmd.pool), sid)
             raise
         self._guest("prepare", sid)
-        now = daemon.wall()
+        now = lifecycle.wall()
         pooled = bool(cmd.pool)
         agent.sandboxes[sid] = Local(
             id=sid, user=user,
@@ -484,7 +485,7 @@ class SnapshotManager:
         local.expires_at = cmd.expires_at
         local.idle_timeout = cmd.idle_timeout
         local.env = dict(cmd.env)
-        local.last_active = daemon.wall()
+        local.last_active = lifecycle.wall()
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
 
     # ---------------------------------------------------------- pause/resume
@@ -555,6 +556,6 @@ class SnapshotManager:
             local.busy = False
         self._guest("forget", sid)
         self._guest("prepare", sid)
-        local.last_active = daemon.wall()
+        local.last_active = lifecycle.wall()
         await self.redis.hset(agent.keys.sandbox(sid), mapping={"state": "running", "last_active": str(local.last_active)})
         return SandboxState(sandbox_id=sid, state="running")

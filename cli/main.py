@@ -24,11 +24,11 @@ T = TypeVar("T")
 
 # Area modules, in help order. A new area adds itself here.
 AREAS = [
-    "hotbed.cli.sandboxes",
-    "hotbed.cli.templates",
-    "hotbed.cli.system",
-    "hotbed.cli.fleet",
-    "hotbed.cli.shell",
+    "cli.sandboxes",
+    "cli.templates",
+    "cli.system",
+    "cli.fleet",
+    "cli.shell",
 ]
 
 

@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 
 import anyio
 
-from hotbed import daemon
-from hotbed.cli.main import run_async, with_client
+from cli.main import run_async, with_client
+from daemon import lifecycle
 from hotbed.errors import HotbedError
 
 
@@ -111,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ensure_dockerd()
     if args.detach:
         return _detach(args)
-    from hotbed.config import load_settings
+    from daemon.config import load_settings
     from scheduler.config import SchedulerSettings
     from scheduler.service import Scheduler
     from workers.agent import WorkerAgent
@@ -120,14 +120,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
-    daemon.setup_logging(ssettings.log_format)
+    lifecycle.setup_logging(ssettings.log_format)
     scheduler = Scheduler(ssettings)
     worker = WorkerAgent(wsettings, make_runtime(wsettings))
 
     async def serve() -> None:
         stopping = anyio.Event()
         async with anyio.create_task_group() as outer:
-            outer.start_soon(daemon.watch_signals, stopping, outer.cancel_scope)
+            outer.start_soon(lifecycle.watch_signals, stopping, outer.cancel_scope)
             async with anyio.create_task_group() as daemons:
                 await daemons.start(scheduler.run)
                 await daemons.start(worker.run)
@@ -139,7 +139,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             # Both have returned; the signal watcher is all that is left.
             outer.cancel_scope.cancel()
 
-    daemon.run(serve)
+    lifecycle.run(serve)
     return 0
 
 
@@ -234,7 +234,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    from hotbed import images
+    from daemon import images
 
     def progress(line: str) -> None:
         print(f"hotbed: {line}", file=sys.stderr, flush=True)

@@ -27,8 +27,8 @@ from typing import Any
 
 import msgspec
 
+from cli.main import run_async
 from hotbed import protocol
-from hotbed.cli.main import run_async
 from hotbed.errors import ConfigError, HotbedError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -50,7 +50,7 @@ def _settings_classes() -> dict[str, type[msgspec.Struct]]:
 
 def check_config(path: str, daemon: str | None = None) -> str:
     """Which daemon ``path`` configures; raises ConfigError (one line) when it is bad."""
-    from hotbed.config import load_settings
+    from daemon.config import load_settings
 
     classes = _settings_classes()
     if daemon is None:

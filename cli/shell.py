@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from hotbed.cli.main import run_async, with_client
+from cli.main import run_async, with_client
 from hotbed.client import Client
 from hotbed.sandbox import Sandbox
 

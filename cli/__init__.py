@@ -2,6 +2,6 @@
 ``main`` wires them and turns every HotbedError into one clear line and exit code 1.
 """
 
-from hotbed.cli.main import main
+from cli.main import main
 
 __all__ = ["main"]

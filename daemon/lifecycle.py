@@ -153,7 +153,7 @@ async def run_service(
     RELOADING=1/READY=1 around a SIGHUP reload, and STOPPING=1 on the first stop
     signal.
     """
-    from hotbed.sdnotify import Notifier
+    from daemon.sdnotify import Notifier
 
     sd = notifier or Notifier()
     log = logging.getLogger("hotbed.daemon")
@@ -209,7 +209,7 @@ def run_daemon(main: Callable[[], Awaitable[None]], *, redis_url: str) -> None:
     (Redis unreachable or refusing the credentials, a runtime that cannot start)."""
     import redis.exceptions
 
-    from hotbed.config import redact_url
+    from daemon.config import redact_url
     from hotbed.errors import HotbedError
 
     try:

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cli.main import with_client
+from cli.sandboxes import _pairs
 from hotbed import templates
-from hotbed.cli.main import with_client
-from hotbed.cli.sandboxes import _pairs
 from hotbed.client import Client
 
 

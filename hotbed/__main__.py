@@ -1,5 +1,0 @@
-"""``python -m hotbed ...`` is the ``hotbed`` command."""
-
-from hotbed.cli.main import console
-
-console()
