@@ -31,6 +31,11 @@ MAX_FILE_BYTES = 32 << 20
 
 CreatePath = Literal["warm", "restore", "cold"]
 
+# The guest contract's one path: each line written to this FIFO inside a sandbox is
+# started as a child of its init (the guest agent, or the runtime's idle shell), so such
+# processes are part of memory snapshots; gVisor does not restore an exec's descendants.
+SPAWN_FIFO = "/tmp/.hotbed/spawn"
+
 
 class Struct(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Base for value objects that are not messages themselves."""

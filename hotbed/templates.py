@@ -39,6 +39,7 @@ from hotbed.batching import Script, raise_first_error
 from hotbed.client import Client, new_id
 from hotbed.errors import InvalidRequest, TemplateNotFound
 from hotbed.protocol import (
+    SPAWN_FIFO,
     BuildTemplate,
     Envelope,
     Resources,
@@ -54,10 +55,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # How long a claimer may take between POOL_CLAIM and finishing the claim.
 CLAIM_LEASE_MS = 10_000
 BUILD_TIMEOUT_S = 900.0
-# Each line written to this FIFO in a sandbox is started as a child of its init (the
-# runtime's idle shell or the guest agent): such processes are part of memory snapshots,
-# while processes descending from an exec are not restored by gVisor.
-SPAWN_FIFO = "/tmp/.hotbed/spawn"
 # Waits (at most ~20 s) for init to have made the FIFO: the guest agent (issue 5), when
 # it is PID 1, creates it a moment after the container starts.
 SPAWN_SCRIPT = (

@@ -41,6 +41,23 @@ class Managed(msgspec.Struct, frozen=True, kw_only=True):
     running: bool
 
 
+class AttachedStdio(Protocol):
+    """A sandbox main process's stdin and stdout, attached: the guest agent's channel.
+
+    Returned by :meth:`Runtime.attach`; the runtime hides how (dockerd's attach socket,
+    a pipe to a local process). Reads are bounded by the runtime's own buffer.
+    """
+
+    async def read(self) -> bytes | None:
+        """The next chunk of the main process's stdout; ``None`` once it is closed."""
+
+    async def write(self, data: bytes) -> None:
+        """Write to the main process's stdin."""
+
+    def abort(self) -> None:
+        """Drop the connection now, without waiting (a broken or hostile channel)."""
+
+
 class Runtime(Protocol):
     name: str
     # "real" or "simulated": surfaced in WorkerInfo so simulated numbers are labelled.
@@ -68,6 +85,10 @@ class Runtime(Protocol):
         """Remove the sandbox and everything it holds; no error if it is already gone."""
 
     async def is_alive(self, sandbox_id: str) -> bool: ...
+
+    async def attach(self, sandbox_id: str) -> AttachedStdio | None:
+        """Attach to the main process's stdio (the guest channel); ``None`` where this
+        runtime has no guest agent. Raises SandboxNotRunning if the sandbox is gone."""
 
     async def list_managed(self) -> list[Managed]: ...
 

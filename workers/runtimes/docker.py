@@ -47,7 +47,7 @@ from hotbed.errors import (
     SandboxNotFound,
     SandboxNotRunning,
 )
-from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+from hotbed.protocol import SPAWN_FIFO, ExecResult, ExecSpec, FileEntry, SandboxSpec
 from workers.guest.channel import guest_command
 from workers.runtimes.base import (
     LABEL_MANAGED,
@@ -66,7 +66,6 @@ PID_MARK = b"HOTBEDPID "
 # written to SPAWN_FIFO is started as a child of init. Under gVisor, processes that
 # descend from a ``docker exec`` do not survive checkpoint/restore; init's descendants
 # do, so long-running processes that must be in a snapshot start through the spawner.
-SPAWN_FIFO = "/tmp/.hotbed/spawn"
 IDLE_CMD = [
     "/bin/sh", "-c",
     "trap 'exit 0' TERM INT; mkdir -p /tmp/.hotbed && mkfifo -m 600 " + SPAWN_FIFO + "; "
