@@ -153,7 +153,7 @@ def _detach(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             pidfile.unlink()
     logfile = home() / "hotbed.log"
-    cmd = [sys.executable, "-m", "hotbed", "up", "--runtime", args.runtime]
+    cmd = [sys.executable, "-m", "cli", "up", "--runtime", args.runtime]
     if args.worker_config:
         cmd += ["--worker-config", args.worker_config]
     if args.scheduler_config:

@@ -378,7 +378,7 @@ def test_sync_facade_templates_pause_fork(daemons: tuple[str, str]) -> None:
 
 def test_cli_run_create_exec_cp_ls_rm(daemons: tuple[str, str], tmp_path: object) -> None:
     env = dict(os.environ)
-    hb = [sys.executable, "-m", "hotbed"]
+    hb = [sys.executable, "-m", "cli"]
 
     def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([*hb, *args], capture_output=True, env=env, input=stdin, timeout=120)
@@ -412,7 +412,7 @@ def test_cli_snapshot_fork_pause_resume(daemons: tuple[str, str]) -> None:
     import secrets
 
     def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-        res = subprocess.run([sys.executable, "-m", "hotbed", *args], capture_output=True, timeout=120)
+        res = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, timeout=120)
         assert res.returncode == 0 and b"Traceback" not in res.stderr, res.stderr
         return res
 

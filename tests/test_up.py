@@ -24,7 +24,7 @@ def test_up_starts_redis_and_daemons_then_down(tmp_path: Path) -> None:
         HOTBED_WORKER_ID=f"w-{prefix}",
         HOTBED_DRAIN_ON_STOP="true",
     )
-    hb = [sys.executable, "-m", "hotbed"]
+    hb = [sys.executable, "-m", "cli"]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*hb, *args], capture_output=True, text=True, env=env, timeout=120)
