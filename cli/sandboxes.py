@@ -99,7 +99,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         sb = await Sandbox.from_id(args.sandbox, client=client)
         env = _pairs(args.env, "--env")
-        # Issue 5: output is printed as the command produces it.
+        # Streamed, so output is printed as the command produces it, not at its end.
         async with sb.exec_stream(
             *argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell
         ) as stream:

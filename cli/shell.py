@@ -1,5 +1,5 @@
-"""Interactive and process commands (issue 5): shell (a PTY, like ``docker exec -it``),
-ps, logs, kill, bg."""
+"""Interactive and process commands: shell (a PTY, like ``docker exec -it``), ps, logs,
+kill, bg."""
 
 from __future__ import annotations
 

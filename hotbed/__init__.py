@@ -34,7 +34,8 @@ from hotbed.errors import (
     UnsupportedRequest,
     WorkerLost,
 )
-from hotbed.sandbox import CommandResult, Sandbox
+from hotbed.handles import CommandResult
+from hotbed.sandbox import Sandbox
 
 __all__ = [
     "CapacityExhausted",

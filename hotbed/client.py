@@ -33,6 +33,11 @@ from hotbed.protocol import Envelope, Message, Reply
 from hotbed.records import SandboxRecord, from_hash
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# How long the control plane may take on top of the work itself: a file operation or
+# other short request, and past a command's own timeout (so the worker's typed
+# ExecTimeout reply arrives before the request's deadline does).
+OP_TIMEOUT_S = 60.0
+COMMAND_SLACK_S = 15.0
 # Extra wait past a request's deadline, so the daemon's typed timeout reply wins the race.
 REPLY_GRACE_S = 5.0
 DEFAULT_BACKLOG_LIMIT = 100_000
@@ -100,7 +105,26 @@ class Client:
         With ``worker_id`` the stream is that worker's command stream, and a worker the
         reaper has removed answers at once (WorkerLost) instead of never.
         """
-        rid = new_id()
+        rid = await self.submit(stream, body, timeout=timeout, worker_id=worker_id)
+        return await self._wait_reply(rid, self.keys.reply(rid), timeout + REPLY_GRACE_S)
+
+    async def submit(
+        self,
+        stream: str,
+        body: Message,
+        *,
+        timeout: float,
+        worker_id: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Append ``body`` to ``stream`` without waiting; return the request's id.
+
+        The reply will land on ``keys.reply(id)``. :meth:`call` is this plus the wait; a
+        streaming request (:class:`hotbed.streaming.Streamed`) submits with its own
+        ``request_id`` and reads its output with :meth:`read_stream`. Raises Overloaded
+        on a full backlog, WorkerLost when ``worker_id``'s worker is gone.
+        """
+        rid = request_id or new_id()
         reply_key = self.keys.reply(rid)
         env = Envelope(
             id=rid,
@@ -130,7 +154,7 @@ class Client:
                 f"request backlog at its limit ({self.backlog_limit}); retry later",
                 request_id=rid,
             )
-        return await self._wait_reply(rid, reply_key, timeout + REPLY_GRACE_S)
+        return rid
 
     async def _wait_reply(self, rid: str, reply_key: str, wait_s: float) -> Reply:
         give_up = anyio.current_time() + wait_s
@@ -156,6 +180,20 @@ class Client:
         finally:
             if not self._closed:
                 self._idle_waits.append(conn)
+
+    async def read_stream(
+        self, key: str, after: str, *, count: int, block_s: float
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries of stream ``key`` after entry id ``after``: one XREAD that blocks up to
+        ``block_s`` (at most ``MAX_BLOCK_S``) for the first, on the blocking pool so the
+        wait cannot outlast the socket timeout. Empty when nothing came."""
+        try:
+            got: Any = await self._blocking.xread(
+                {key: after}, count=count, block=max(1, int(min(block_s, MAX_BLOCK_S) * 1000))
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+        return list(got[0][1]) if got else []
 
     async def request(self, body: Message, *, timeout: float) -> Reply:
         """A scheduler request; raises the typed error of an ErrorReply."""

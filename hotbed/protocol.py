@@ -52,7 +52,8 @@ class Resources(Struct):
     cpu: float = 1.0
     memory_mb: int = 512
     pids: int = 1024
-    # "H100", "H100:2", "any", or None for a CPU-only sandbox (GPU placement: issue 6).
+    # "H100", "H100:2", "any", or None for a CPU-only sandbox; the sandbox gets exactly
+    # those GPUs, so only a worker with them free can take it.
     gpu: str | None = None
     disk_mb: int | None = None
 
@@ -86,7 +87,7 @@ class ExecSpec(Struct):
     max_output: int = DEFAULT_MAX_OUTPUT
     user: str | None = None
     stdin: bytes | None = None
-    # Kill the command if it prints nothing for this long (issue 5; guest agent only).
+    # Kill the command if it prints nothing for this long (served by the guest agent only).
     idle_timeout: float | None = None
 
 
@@ -156,7 +157,7 @@ class StartSandbox(Msg):
     spec: SandboxSpec
     path: CreatePath = "cold"
     gpu_uuids: list[str] = []
-    # Issue 3: the template's set-up (run after a cold boot), the snapshot to restore
+    # The template's set-up (run after a cold boot), the snapshot to restore
     # ("" = boot), and the warm pool the sandbox joins instead of being handed out.
     template: TemplateSpec | None = None
     snapshot: str = ""
@@ -166,7 +167,7 @@ class StartSandbox(Msg):
 class Exec(Msg):
     sandbox_id: str
     exec: ExecSpec
-    # Issue 5: when set, output goes to this stream key (hotbed.keys.output) as it is
+    # When set, output goes to this stream key (hotbed.keys.output) as it is
     # produced and the final ExecResult carries none; the reply still ends the request.
     stream_to: str = ""
 
@@ -177,7 +178,7 @@ class WriteFile(Msg):
     data: bytes
     mode: int = 0o644
     make_dirs: bool = True
-    # Issue 5: append to the file instead of replacing it (chunked writes).
+    # Append to the file instead of replacing it, so a large file is written in chunks.
     append: bool = False
 
 
@@ -185,7 +186,7 @@ class ReadFile(Msg):
     sandbox_id: str
     path: str
     max_bytes: int = MAX_FILE_BYTES
-    # Issue 5: read ``max_bytes`` from ``offset`` (chunked reads of large files).
+    # Read ``max_bytes`` from ``offset``, so a large file is read in chunks.
     offset: int = 0
 
 
@@ -233,7 +234,7 @@ class SandboxClaimed(Msg):
     env: dict[str, str] = {}
 
 
-# ------------------------------------- -> worker: agent-grade execution (issue 5)
+# --------------------------------------------- -> worker: agent-grade execution
 # Served by the in-sandbox guest agent (workers/guest). ``stream_to`` names a stream
 # key (hotbed.keys.output) that output chunks and events go to while the request runs;
 # the request's one reply still arrives on its reply key.
@@ -419,14 +420,14 @@ class ExecResult(Msg):
     stderr: bytes = b""
     truncated: bool = False
     duration_s: float = 0.0
-    # Issue 5: a session command ended by SessionInterrupt (exit code 130).
+    # A session command ended by SessionInterrupt (exit code 130).
     interrupted: bool = False
 
 
 class FileContent(Msg):
     data: bytes
     truncated: bool = False
-    # Issue 5: the file's whole size (-1: unknown), for chunked reads.
+    # The file's whole size (-1: unknown), so a chunked read knows when it is done.
     size: int = -1
 
 
@@ -456,7 +457,7 @@ class SandboxState(Msg):
 
 
 class Ack(Msg):
-    """Issue 5: a request done, nothing to return."""
+    """A request done, nothing to return."""
 
 
 class ProcessInfo(Msg):

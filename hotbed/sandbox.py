@@ -2,21 +2,30 @@
 
 Every call has a deadline and raises a typed :mod:`hotbed.errors` exception; none can
 hang. A create goes through the scheduler; everything else goes straight to the
-command stream of the sandbox's worker.
+command stream of the sandbox's worker, and the agent-grade calls (streaming exec,
+shell sessions, background processes, PTYs, directory watches) through the sandbox's
+guest agent. What they return lives in :mod:`hotbed.handles`; file and directory
+copies in :mod:`hotbed.transfer`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import os
+import secrets
+import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import msgspec
 
-from hotbed import protocol
-from hotbed.client import Client
-from hotbed.errors import InvalidRequest
-from hotbed.execution import AgentExecMixin
+from hotbed import protocol, transfer
+from hotbed.client import COMMAND_SLACK_S, OP_TIMEOUT_S, Client
+from hotbed.errors import FileTooLarge, InvalidRequest, SandboxNotFound
+from hotbed.handles import CommandResult as CommandResult
+from hotbed.handles import ExecStream, Process, Pty, Session, WatchEvent
 from hotbed.protocol import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_MAX_OUTPUT,
@@ -26,55 +35,35 @@ from hotbed.protocol import (
     ExecSpec,
     FileContent,
     FileEntry,
+    ProcessInfo,
+    ProcessListing,
     Resources,
     SandboxCreated,
     SandboxSpec,
 )
 from hotbed.records import SandboxRecord
+from hotbed.streaming import Streamed
 
-# Files and short commands: how long the control plane may take on top of the work.
-OP_TIMEOUT_S = 60.0
 CREATE_TIMEOUT_S = 120.0
 
-_default_clients: dict[int, Client] = {}
+# One client per event loop, dropped with its loop: keyed by the loop object itself,
+# since an id() is reused once a closed loop is freed.
+_default_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Client] = (
+    weakref.WeakKeyDictionary()
+)
+_event_decode = msgspec.msgpack.Decoder(list[tuple[str, str, bool]]).decode
 
 
 def default_client() -> Client:
     """A client for the running event loop, from HOTBED_REDIS_URL / HOTBED_PREFIX."""
-    import asyncio
-
-    loop_id = id(asyncio.get_running_loop())
-    client = _default_clients.get(loop_id)
+    loop = asyncio.get_running_loop()
+    client = _default_clients.get(loop)
     if client is None:
-        client = _default_clients[loop_id] = Client()
+        client = _default_clients[loop] = Client()
     return client
 
 
-class CommandResult(msgspec.Struct, frozen=True):
-    exit_code: int
-    stdout_bytes: bytes
-    stderr_bytes: bytes
-    truncated: bool = False
-    duration_s: float = 0.0
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_bytes.decode("utf-8", "replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_bytes.decode("utf-8", "replace")
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @classmethod
-    def from_reply(cls, r: ExecResult) -> CommandResult:
-        return cls(r.exit_code, r.stdout, r.stderr, r.truncated, r.duration_s)
-
-
-class Sandbox(AgentExecMixin):
+class Sandbox:
     """A handle on one sandbox. Cheap to make; holds no resources of its own."""
 
     def __init__(
@@ -165,8 +154,6 @@ class Sandbox(AgentExecMixin):
         c = client or default_client()
         rec = await c.record(sandbox_id)
         if rec.ended:
-            from hotbed.errors import SandboxNotFound
-
             raise SandboxNotFound(
                 f"sandbox {sandbox_id} has ended ({rec.state}: {rec.reason})",
                 sandbox_id=sandbox_id,
@@ -184,8 +171,6 @@ class Sandbox(AgentExecMixin):
 
     async def terminate(self) -> None:
         """End the sandbox; a sandbox that has already ended is not an error."""
-        from hotbed.errors import SandboxNotFound
-
         try:
             await self.client.worker_request(
                 self.worker_id, protocol.Terminate(sandbox_id=self.id), timeout=OP_TIMEOUT_S
@@ -227,7 +212,7 @@ class Sandbox(AgentExecMixin):
             idle_timeout=idle_timeout,
         )
         reply = await self.client.worker_request(
-            self.worker_id, protocol.Exec(sandbox_id=self.id, exec=spec), timeout=timeout + 10.0
+            self.worker_id, protocol.Exec(sandbox_id=self.id, exec=spec), timeout=timeout + COMMAND_SLACK_S
         )
         assert isinstance(reply, ExecResult)
         return CommandResult.from_reply(reply)
@@ -241,8 +226,6 @@ class Sandbox(AgentExecMixin):
     async def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> int:
         payload = data.encode() if isinstance(data, str) else data
         if len(payload) > protocol.MAX_FILE_BYTES:
-            from hotbed.errors import FileTooLarge
-
             raise FileTooLarge(
                 f"{len(payload)} bytes is over the {protocol.MAX_FILE_BYTES}-byte limit of one write",
                 sandbox_id=self.id,
@@ -269,13 +252,11 @@ class Sandbox(AgentExecMixin):
         assert isinstance(reply, DirListing)
         return reply.entries
 
-    # ------------------------------------------------------- snapshots (issue 3)
+    # ---------------------------------------------------------------- snapshots
 
     async def snapshot(self, name: str | None = None, *, timeout: float = OP_TIMEOUT_S) -> str:
         """Checkpoint this sandbox (memory, processes, files; it keeps running) into a
         new template that sandboxes can be created from; returns the template's name."""
-        import secrets
-
         name = name or f"snap-{self.id}-{secrets.token_hex(3)}"
         reply = await self.client.worker_request(
             self.worker_id, protocol.SnapshotSandbox(sandbox_id=self.id, name=name), timeout=timeout
@@ -339,3 +320,132 @@ class Sandbox(AgentExecMixin):
         res = await self.exec("/bin/sh", "-c", SPAWN_SCRIPT, "sh", command, timeout=30.0)
         if not res.ok:
             raise InvalidRequest(f"could not spawn {command!r}: {res.stderr.strip()}", sandbox_id=self.id)
+
+    # ----------------------------------------------------------- streaming exec
+
+    def exec_stream(
+        self,
+        *argv: str,
+        shell: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float = DEFAULT_EXEC_TIMEOUT_S,
+        idle_timeout: float | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        stdin: bytes | str | None = None,
+    ) -> ExecStream:
+        """Run a command and get its output as it is produced::
+
+            async with sb.exec_stream("make", "test") as out:
+                async for chunk in out:
+                    print(chunk.stream, chunk.text, end="")
+            print(out.result.exit_code)
+
+        ``timeout`` bounds the whole command, ``idle_timeout`` the time without output
+        (both raise ExecTimeout); past ``max_output`` bytes per stream the rest is
+        dropped and ``result.truncated`` is set.
+        """
+        if not argv:
+            raise InvalidRequest("exec needs a command")
+        spec = ExecSpec(
+            argv=None if shell else list(argv), shell=" ".join(argv) if shell else None,
+            env=dict(env or {}), cwd=cwd, timeout=timeout, max_output=max_output,
+            stdin=stdin.encode() if isinstance(stdin, str) else stdin, idle_timeout=idle_timeout,
+        )
+        return ExecStream(Streamed(
+            self.client, self.worker_id, self.id,
+            lambda key: protocol.Exec(sandbox_id=self.id, exec=spec, stream_to=key),
+            timeout=timeout + COMMAND_SLACK_S,
+        ))
+
+    # ----------------------------------------------------------------- sessions
+
+    def shell(self, name: str = "default", *, env: dict[str, str] | None = None,
+              cwd: str | None = None) -> Session:
+        """A persistent bash session (created in the sandbox on its first command)."""
+        return Session(self, name, env=env, cwd=cwd)
+
+    # ---------------------------------------------------------------- processes
+
+    async def start_process(
+        self, *argv: str, shell: bool = False, env: dict[str, str] | None = None,
+        cwd: str | None = None, stdin_open: bool = False,
+    ) -> Process:
+        """Start a detached background process; read, wait, signal it later (from any
+        client: ``sb.process(pid)``)."""
+        if not argv:
+            raise InvalidRequest("start_process needs a command")
+        spec = ExecSpec(
+            argv=None if shell else list(argv), shell=" ".join(argv) if shell else None,
+            env=dict(env or {}), cwd=cwd, timeout=0.0,
+        )
+        body = protocol.ProcessStart(sandbox_id=self.id, exec=spec)
+        if stdin_open:
+            body = protocol.ProcessStart(
+                sandbox_id=self.id, exec=msgspec.structs.replace(spec, stdin=b"")
+            )
+        reply = await self.client.worker_request(self.worker_id, body, timeout=OP_TIMEOUT_S)
+        assert isinstance(reply, ProcessInfo)
+        return Process(self, reply.pid, reply)
+
+    def process(self, pid: int) -> Process:
+        """Reattach to a background process by id."""
+        return Process(self, pid)
+
+    async def processes(self) -> builtins.list[ProcessInfo]:
+        reply = await self.client.worker_request(
+            self.worker_id, protocol.ProcessList(sandbox_id=self.id), timeout=OP_TIMEOUT_S
+        )
+        assert isinstance(reply, ProcessListing)
+        return reply.procs
+
+    # ---------------------------------------------------------------------- pty
+
+    def pty(self, argv: builtins.list[str] | None = None, *, rows: int = 24, cols: int = 80,
+            env: dict[str, str] | None = None, timeout: float = 3600.0) -> Pty:
+        """An interactive terminal (``hotbed shell ID`` is built on it)."""
+        return Pty(self, Streamed(
+            self.client, self.worker_id, self.id,
+            lambda key: protocol.PtyOpen(
+                sandbox_id=self.id, stream_to=key, argv=list(argv or ["/bin/bash", "-l"]),
+                rows=rows, cols=cols, env=dict(env or {}), timeout=timeout,
+            ),
+            timeout=timeout + COMMAND_SLACK_S,
+        ))
+
+    # ------------------------------------------------------ copies and watches
+
+    async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
+        """Copy a local directory's contents into ``remote`` (made if missing)."""
+        return await transfer.upload_dir(self, local, remote)
+
+    async def download_dir(self, remote: str, local: str | os.PathLike[str]) -> int:
+        """Copy ``remote``'s contents into a local directory (streamed as a tar)."""
+        return await transfer.download_dir(self, remote, local)
+
+    async def upload_file(self, local: str | os.PathLike[str], remote: str, *,
+                          chunk_bytes: int = transfer.CHUNK_BYTES, mode: int = 0o644) -> int:
+        """Copy a local file of any size, in chunks."""
+        return await transfer.upload_file(self, local, remote, chunk_bytes=chunk_bytes, mode=mode)
+
+    async def download_file(self, remote: str, local: str | os.PathLike[str], *,
+                            chunk_bytes: int = transfer.CHUNK_BYTES) -> int:
+        """Copy a sandbox file of any size to a local path, in chunks."""
+        return await transfer.download_file(self, remote, local, chunk_bytes=chunk_bytes)
+
+    async def watch(self, path: str, *, timeout: float = 3600.0,
+                    interval: float = 0.2) -> AsyncIterator[WatchEvent]:
+        """Created/modified/deleted events under ``path`` until ``timeout`` (or until the
+        caller stops iterating: use ``contextlib.aclosing``)."""
+        streamed = Streamed(
+            self.client, self.worker_id, self.id,
+            lambda key: protocol.WatchDir(sandbox_id=self.id, path=path, stream_to=key,
+                                          timeout=timeout, interval=interval),
+            timeout=timeout,
+        )
+        async with streamed:
+            async for field, value in streamed.entries():
+                if field == b"v":
+                    for kind, p, is_dir in _event_decode(value):
+                        yield WatchEvent(kind, p, is_dir)  # type: ignore[arg-type]
+            streamed.final()

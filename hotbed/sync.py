@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from hotbed import execution as _execution
+from hotbed import handles as _handles
 from hotbed import sandbox as _async
 from hotbed import templates as _templates
 from hotbed.client import Client
+from hotbed.handles import CommandResult
 from hotbed.protocol import FileEntry, ProcessInfo, ProcessOutput, TemplateReady
 from hotbed.records import SandboxRecord
-from hotbed.sandbox import CommandResult
 
 T = TypeVar("T")
 
@@ -143,7 +143,7 @@ class Sandbox:
     def terminate(self) -> None:
         _call(self._inner.terminate)
 
-    # ----------------------------------------------- snapshots and pools (issue 3)
+    # ------------------------------------------------------- snapshots and pools
 
     def snapshot(self, name: str | None = None, **kwargs: Any) -> str:
         """Checkpoint into a new template; returns its name."""
@@ -161,7 +161,7 @@ class Sandbox:
     def spawn(self, command: str) -> None:
         _call(lambda: self._inner.spawn(command))
 
-    # -------------------------------------------- agent-grade execution (issue 5)
+    # ---------------------------------------------------- agent-grade execution
 
     def shell(self, name: str = "default", **kwargs: Any) -> Session:
         """A persistent bash session (see :meth:`hotbed.sandbox.Sandbox.shell`)."""
@@ -207,9 +207,9 @@ def delete_template(name: str) -> bool:
 
 
 class Session:
-    """Blocking twin of :class:`hotbed.execution.Session`."""
+    """Blocking twin of :class:`hotbed.handles.Session`."""
 
-    def __init__(self, inner: _execution.Session) -> None:
+    def __init__(self, inner: _handles.Session) -> None:
         self._inner = inner
         self.name = inner.name
 
@@ -224,9 +224,9 @@ class Session:
 
 
 class Process:
-    """Blocking twin of :class:`hotbed.execution.Process`."""
+    """Blocking twin of :class:`hotbed.handles.Process`."""
 
-    def __init__(self, inner: _execution.Process) -> None:
+    def __init__(self, inner: _handles.Process) -> None:
         self._inner = inner
         self.pid = inner.pid
 

@@ -1,4 +1,4 @@
-"""Agent-grade execution (issue 5) on real runsc sandboxes through the whole stack:
+"""Agent-grade execution on real runsc sandboxes through the whole stack:
 SDK -> Redis -> worker -> guest agent (PID 1 of the sandbox) and back."""
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from swerex.runtime.abstract import (
 
 from hotbed.client import Client
 from hotbed.errors import ExecTimeout, HotbedError
-from hotbed.execution import Session
+from hotbed.handles import Session
 from hotbed.sandbox import Sandbox
 
 __all__ = ["HotbedDeployment", "HotbedRuntime"]
