@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotRunning, error_class
+from hotbed.protocol import SPAWN_FIFO
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,21 @@ def guest_command(idle_cmd: list[str]) -> list[str]:
     """PID 1 of a docker sandbox: the guest agent where the image has python3; else the
     runtime's idle shell (``idle_cmd``, a ``sh -c`` script), plus a reader that answers
     every line written to stdin with ``HOTBED-NOAGENT`` (so the worker knows at once).
-    Either way PID 1 re-execs so that ``ps`` does not show the agent's source."""
+    Either way PID 1 re-execs so that ``ps`` does not show the agent's source.
+
+    The agent gets its source twice (``python3 -c`` keeps no copy in ``sys.argv``, and it
+    re-execs from it) and then the spawner's FIFO path, which it cannot import."""
     fallback = (
         f"exec 3<&0; (while read -r _l <&3; do echo {NOAGENT.decode()}; done) & " + idle_cmd[-1]
     )
     return [
         "/bin/sh",
         "-c",
-        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0" "$0"; fi; '
+        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0" "$0" "$2"; fi; '
         'exec /bin/sh -c "$1"',
         GUEST_SOURCE,
         fallback,
+        SPAWN_FIFO,
     ]
 
 
