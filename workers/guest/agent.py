@@ -3,7 +3,8 @@
 """hotbed guest agent: the process hotbed runs as PID 1 of every sandbox whose image has
 python3. Standard library only; the worker passes this file as ``python3 -c SOURCE``
 (which re-execs from a memfd so ``ps`` stays readable), so nothing is installed into the
-image and it is part of every memory snapshot.
+image and it is part of every memory snapshot. The one argument after the source is the
+path of the spawner's FIFO (``hotbed.protocol.SPAWN_FIFO``, which this file cannot import).
 
 It talks to the worker over its own stdin/stdout (the container's attached stdio) in
 frames (docs/protocol.md, "Guest agent protocol")::
@@ -803,166 +804,246 @@ class Watch:
 
 
 # ----------------------------------------------------------------------- requests
+#
+# One handler per request type, ``fn(rid, header, payload)``; each answers with its own
+# frames. ``handle`` turns what a handler raises into an ``error`` frame.
+
+
+def req_run(rid, h, payload):
+    h["stdin_data"] = payload
+    try:
+        Proc(rid, h, Stream(rid, h.get("max_output") or (1 << 20)))
+    except OSError as exc:
+        # As a shell would: 127 not found, 126 not executable.
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        what = exc.filename or (h.get("argv") or ["sh"])[0]
+        send({"t": "out", "id": rid, "fd": 2}, f"{what}: {exc.strerror}\n".encode())
+        send({"t": "exit", "id": rid, "code": code, "duration": 0.0})
+
+
+def req_start(rid, h, payload):
+    h["stdin_data"] = payload
+    p = Proc(rid, h, Buffer(), background_=True)
+    background[p.pid] = p
+    _trim_background()
+    send({"t": "result", "id": rid, "proc": p.info()})
+
+
+def req_pty(rid, h, payload):
+    h["stdin_data"] = payload
+    master, slave = os.openpty()
+    set_winsize(master, h.get("rows") or 24, h.get("cols") or 80)
+    Proc(rid, h, Stream(rid, 1 << 62), pty=(master, slave))
+
+
+def req_input(rid, h, payload):
+    p = by_id.get(h.get("target")) or background.get(h.get("pid"))
+    if p is not None:
+        p.write_stdin(payload, eof=bool(h.get("eof")))
+    if rid:
+        send({"t": "result", "id": rid})
+
+
+def req_resize(rid, h, _payload):
+    p = by_id.get(h.get("target"))
+    if p is not None and p.pty is not None and p.stdin_fd is not None:
+        set_winsize(p.stdin_fd, h["rows"], h["cols"])
+        kill_group(p.pid, signal.SIGWINCH)
+    send({"t": "result", "id": rid})
+
+
+def req_cancel(rid, h, _payload):
+    target = h.get("target")
+    p = by_id.get(target)
+    if p is not None and p.exit_code is None:
+        kill_group(p.pid, signal.SIGKILL)
+    w = watches.pop(target, None)
+    if w is not None:
+        w.stop()
+        send({"t": "exit", "id": target, "code": 0})
+    send({"t": "result", "id": rid})
+
+
+def req_signal(rid, h, _payload):
+    p = background.get(h["pid"]) or procs.get(h["pid"])
+    if p is None:
+        raise LookupError(f"no process {h['pid']}")
+    # ``procs`` also holds session shells: a Session has no exit code and is alive while listed.
+    if p.exit_code is None if isinstance(p, Proc) else True:
+        if h.get("group", True):
+            kill_group(p.pid, h.get("signal", 15))
+        else:
+            os.kill(p.pid, h.get("signal", 15))
+    send({"t": "result", "id": rid, "proc": p.info() if isinstance(p, Proc) else None})
+
+
+def req_list(rid, _h, _payload):
+    send({"t": "result", "id": rid, "procs": [p.info() for p in background.values()]})
+
+
+def _background_proc(h):
+    p = background.get(h["pid"])
+    if p is None:
+        raise LookupError(f"no process {h['pid']}")
+    return p
+
+
+def req_read(rid, h, _payload):
+    p = _background_proc(h)
+    limit = h.get("max_bytes") or (1 << 20)
+    o_start, o = p.sink.read(1, h.get("stdout_offset", 0), limit)
+    e_start, e = p.sink.read(2, h.get("stderr_offset", 0), limit)
+    send({"t": "result", "id": rid, "proc": p.info(), "stdout_offset": o_start,
+          "stderr_offset": e_start, "stdout_len": len(o)}, o + e)
+
+
+def req_wait(rid, h, _payload):
+    p = _background_proc(h)
+    if p.exit_code is not None:
+        send({"t": "result", "id": rid, "proc": p.info()})
+        return
+    # Answered by Proc.maybe_finish when it exits, or here when the timeout comes first.
+    entry = [rid, None]
+    if h.get("timeout"):
+        def expire(entry=entry, p=p):
+            if entry in p.waiters:
+                p.waiters.remove(entry)
+                send({"t": "result", "id": entry[0], "proc": p.info()})
+        entry[1] = later(h["timeout"], expire)
+    p.waiters.append(entry)
+
+
+def req_session_run(rid, h, _payload):
+    name = h["session"]
+    s = sessions.get(name)
+    if s is None or s.dead:
+        s = sessions[name] = Session(name, h)
+    s.run(rid, h)
+
+
+def req_session_open(rid, h, _payload):
+    name = h["session"]
+    if name not in sessions or sessions[name].dead:
+        sessions[name] = Session(name, h)
+    send({"t": "result", "id": rid, "pid": sessions[name].pid})
+
+
+def req_session_interrupt(rid, h, _payload):
+    s = sessions.get(h["session"])
+    if s is not None:
+        s.interrupt()
+    send({"t": "result", "id": rid, "running": bool(s and s.current)})
+
+
+def req_session_close(rid, h, _payload):
+    s = sessions.pop(h["session"], None)
+    if s is not None:
+        s.close()
+    send({"t": "result", "id": rid, "existed": s is not None})
+
+
+def req_sessions(rid, _h, _payload):
+    send({"t": "result", "id": rid, "sessions": [
+        {"name": s.name, "pid": s.pid, "busy": s.current is not None} for s in sessions.values()
+    ]})
+
+
+def req_read_file(rid, h, _payload):
+    with open(h["path"], "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(h.get("offset", 0))
+        data = f.read(h.get("length") or (1 << 20))
+    send({"t": "result", "id": rid, "size": size}, data)
+
+
+def req_write_file(rid, h, payload):
+    path = h["path"]
+    if h.get("make_dirs", True):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT
+    if h.get("append"):
+        flags |= os.O_APPEND
+    else:
+        flags |= os.O_TRUNC
+    fd = os.open(path, flags, h.get("mode", 0o644))
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        # O_CREAT's mode is masked by the umask and ignored for an existing file.
+        if not h.get("append"):
+            os.fchmod(fd, h.get("mode", 0o644))
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    send({"t": "result", "id": rid, "size": size})
+
+
+def req_list_files(rid, h, _payload):
+    entries = []
+    with os.scandir(h["path"]) as it:
+        for e in it:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            entries.append([e.name, st.st_size, st.st_mode, st.st_mtime])
+    send({"t": "result", "id": rid, "entries": entries})
+
+
+def req_watch(rid, h, _payload):
+    watches[rid] = Watch(rid, h["path"], h.get("interval") or 0.2)
+    send({"t": "result", "id": rid})
+
+
+def req_hello(rid, _h, _payload):
+    send({"t": "result", "id": rid, "version": VERSION, "pid": os.getpid(), "uid": os.getuid()})
+
+
+HANDLERS = {
+    "run": req_run,
+    "start": req_start,
+    "pty": req_pty,
+    "input": req_input,
+    "resize": req_resize,
+    "cancel": req_cancel,
+    "signal": req_signal,
+    "list": req_list,
+    "read": req_read,
+    "wait": req_wait,
+    "session_run": req_session_run,
+    "session_open": req_session_open,
+    "session_interrupt": req_session_interrupt,
+    "session_close": req_session_close,
+    "sessions": req_sessions,
+    "read_file": req_read_file,
+    "write_file": req_write_file,
+    "list_files": req_list_files,
+    "watch": req_watch,
+    "hello": req_hello,
+}
+# A permission error on these is about a path (FileError); on the others, about a command.
+FILE_REQUESTS = ("read_file", "write_file", "list_files", "watch")
+
+
+def _os_message(exc):
+    return f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"
 
 
 def handle(h, payload):
     t = h.get("t")
     rid = h.get("id", 0)
+    # A JSON header may carry any value as ``t``; only strings name a request.
+    fn = HANDLERS.get(t) if isinstance(t, str) else None
     try:
-        if t == "run" or t == "start" or t == "pty":
-            h["stdin_data"] = payload
-            if t == "run":
-                try:
-                    Proc(rid, h, Stream(rid, h.get("max_output") or (1 << 20)))
-                except OSError as exc:
-                    # As a shell would: 127 not found, 126 not executable.
-                    code = 127 if isinstance(exc, FileNotFoundError) else 126
-                    what = exc.filename or (h.get("argv") or ["sh"])[0]
-                    send({"t": "out", "id": rid, "fd": 2}, f"{what}: {exc.strerror}\n".encode())
-                    send({"t": "exit", "id": rid, "code": code, "duration": 0.0})
-            elif t == "start":
-                p = Proc(rid, h, Buffer(), background_=True)
-                background[p.pid] = p
-                _trim_background()
-                send({"t": "result", "id": rid, "proc": p.info()})
-            else:
-                master, slave = os.openpty()
-                set_winsize(master, h.get("rows") or 24, h.get("cols") or 80)
-                Proc(rid, h, Stream(rid, 1 << 62), pty=(master, slave))
-        elif t == "input":
-            p = by_id.get(h.get("target")) or background.get(h.get("pid"))
-            if p is not None:
-                p.write_stdin(payload, eof=bool(h.get("eof")))
-            if rid:
-                send({"t": "result", "id": rid})
-        elif t == "resize":
-            p = by_id.get(h.get("target"))
-            if p is not None and p.pty is not None and p.stdin_fd is not None:
-                set_winsize(p.stdin_fd, h["rows"], h["cols"])
-                kill_group(p.pid, signal.SIGWINCH)
-            send({"t": "result", "id": rid})
-        elif t == "cancel":
-            target = h.get("target")
-            p = by_id.get(target)
-            if p is not None and p.exit_code is None:
-                kill_group(p.pid, signal.SIGKILL)
-            w = watches.pop(target, None)
-            if w is not None:
-                w.stop()
-                send({"t": "exit", "id": target, "code": 0})
-            send({"t": "result", "id": rid})
-        elif t == "signal":
-            p = background.get(h["pid"]) or procs.get(h["pid"])
-            if p is None:
-                raise LookupError(f"no process {h['pid']}")
-            if p.exit_code is None if isinstance(p, Proc) else True:
-                if h.get("group", True):
-                    kill_group(p.pid, h.get("signal", 15))
-                else:
-                    os.kill(p.pid, h.get("signal", 15))
-            send({"t": "result", "id": rid, "proc": p.info() if isinstance(p, Proc) else None})
-        elif t == "list":
-            send({"t": "result", "id": rid, "procs": [p.info() for p in background.values()]})
-        elif t == "read":
-            p = background.get(h["pid"])
-            if p is None:
-                raise LookupError(f"no process {h['pid']}")
-            limit = h.get("max_bytes") or (1 << 20)
-            o_start, o = p.sink.read(1, h.get("stdout_offset", 0), limit)
-            e_start, e = p.sink.read(2, h.get("stderr_offset", 0), limit)
-            send({"t": "result", "id": rid, "proc": p.info(), "stdout_offset": o_start,
-                  "stderr_offset": e_start, "stdout_len": len(o)}, o + e)
-        elif t == "wait":
-            p = background.get(h["pid"])
-            if p is None:
-                raise LookupError(f"no process {h['pid']}")
-            if p.exit_code is not None:
-                send({"t": "result", "id": rid, "proc": p.info()})
-            else:
-                entry = [rid, None]
-                if h.get("timeout"):
-                    def expire(entry=entry, p=p):
-                        if entry in p.waiters:
-                            p.waiters.remove(entry)
-                            send({"t": "result", "id": entry[0], "proc": p.info()})
-                    entry[1] = later(h["timeout"], expire)
-                p.waiters.append(entry)
-        elif t == "session_run":
-            name = h["session"]
-            s = sessions.get(name)
-            if s is None or s.dead:
-                s = sessions[name] = Session(name, h)
-            s.run(rid, h)
-        elif t == "session_open":
-            name = h["session"]
-            if name not in sessions or sessions[name].dead:
-                sessions[name] = Session(name, h)
-            send({"t": "result", "id": rid, "pid": sessions[name].pid})
-        elif t == "session_interrupt":
-            s = sessions.get(h["session"])
-            if s is not None:
-                s.interrupt()
-            send({"t": "result", "id": rid, "running": bool(s and s.current)})
-        elif t == "session_close":
-            s = sessions.pop(h["session"], None)
-            if s is not None:
-                s.close()
-            send({"t": "result", "id": rid, "existed": s is not None})
-        elif t == "sessions":
-            send({"t": "result", "id": rid, "sessions": [
-                {"name": s.name, "pid": s.pid, "busy": s.current is not None} for s in sessions.values()
-            ]})
-        elif t == "read_file":
-            with open(h["path"], "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(h.get("offset", 0))
-                data = f.read(h.get("length") or (1 << 20))
-            send({"t": "result", "id": rid, "size": size}, data)
-        elif t == "write_file":
-            path = h["path"]
-            if h.get("make_dirs", True):
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT
-            if h.get("append"):
-                flags |= os.O_APPEND
-            else:
-                flags |= os.O_TRUNC
-            fd = os.open(path, flags, h.get("mode", 0o644))
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                if not h.get("append"):
-                    os.fchmod(fd, h.get("mode", 0o644))
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-            send({"t": "result", "id": rid, "size": size})
-        elif t == "list_files":
-            entries = []
-            base = h["path"]
-            with os.scandir(base) as it:
-                for e in it:
-                    try:
-                        st = e.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    entries.append([e.name, st.st_size, st.st_mode, st.st_mtime])
-            send({"t": "result", "id": rid, "entries": entries})
-        elif t == "watch":
-            watches[rid] = Watch(rid, h["path"], h.get("interval") or 0.2)
-            send({"t": "result", "id": rid})
-        elif t == "hello":
-            send({"t": "result", "id": rid, "version": VERSION, "pid": os.getpid(), "uid": os.getuid()})
-        else:
+        if fn is None:
             raise ValueError(f"unknown request {t!r}")
-    except FileNotFoundError as exc:
-        send({"t": "error", "id": rid, "code": "FileError", "message": f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"})
-    except IsADirectoryError as exc:
-        send({"t": "error", "id": rid, "code": "FileError", "message": f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"})
+        fn(rid, h, payload)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        send({"t": "error", "id": rid, "code": "FileError", "message": _os_message(exc)})
     except PermissionError as exc:
-        code = "FileError" if t in ("read_file", "write_file", "list_files", "watch") else "ExecFailed"
-        send({"t": "error", "id": rid, "code": code, "message": f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"})
+        code = "FileError" if t in FILE_REQUESTS else "ExecFailed"
+        send({"t": "error", "id": rid, "code": code, "message": _os_message(exc)})
     except LookupError as exc:
         send({"t": "error", "id": rid, "code": "ProcessNotFound", "message": str(exc)})
     except Exception as exc:  # one bad request never ends the agent
@@ -1017,28 +1098,32 @@ def on_stdin(fd, _mask):
         handle(header, payload)
 
 
-SPAWN_DIR = "/tmp/.hotbed"
-SPAWN_FIFO = SPAWN_DIR + "/spawn"
 spawn_buf = bytearray()
 
 
-def open_spawner():
-    """Each line written to SPAWN_FIFO starts as a child of init (the same contract as
-    the runtime's idle shell): such processes are part of a memory snapshot."""
+def open_spawner(fifo):
+    """Each line written to the FIFO at ``fifo`` (the worker passes its path at launch)
+    starts as a child of init (the same contract as the runtime's idle shell): such
+    processes are part of a memory snapshot. Their output goes to ``spawn.log`` beside it."""
+    if not fifo:
+        sys.stderr.write("hotbed guest agent: no spawner: no FIFO path given\n")
+        return
+    spawn_dir = os.path.dirname(fifo) or "."
     try:
-        os.makedirs(SPAWN_DIR, exist_ok=True)
+        os.makedirs(spawn_dir, exist_ok=True)
         try:
-            os.mkfifo(SPAWN_FIFO, 0o600)
+            os.mkfifo(fifo, 0o600)
         except FileExistsError:
             pass
-        fd = os.open(SPAWN_FIFO, os.O_RDWR | os.O_NONBLOCK)
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
     except OSError as exc:
         sys.stderr.write(f"hotbed guest agent: no spawner: {exc}\n")
         return
-    _set_events(fd, selectors.EVENT_READ, on_spawn)
+    log_path = os.path.join(spawn_dir, "spawn.log")
+    _set_events(fd, selectors.EVENT_READ, lambda fd_, mask: on_spawn(fd_, mask, log_path))
 
 
-def on_spawn(fd, _mask):
+def on_spawn(fd, _mask, log_path):
     try:
         data = os.read(fd, 65536)
     except OSError:
@@ -1050,7 +1135,7 @@ def on_spawn(fd, _mask):
         if not line.strip():
             continue
         try:
-            with open(SPAWN_DIR + "/spawn.log", "ab") as log:
+            with open(log_path, "ab") as log:
                 p = subprocess.Popen(
                     ["/bin/sh", "-c", line.decode()], stdin=subprocess.DEVNULL,
                     stdout=log, stderr=log, start_new_session=True, close_fds=True,
@@ -1073,7 +1158,8 @@ def reap():
             p.on_exit(status)
 
 
-def main():
+def main(args):
+    """``args``: what the worker passed at launch, after the source: the spawner's FIFO."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     wake_r, wake_w = os.pipe()
@@ -1092,7 +1178,7 @@ def main():
     _set_events(wake_r, selectors.EVENT_READ, on_wake)
     nonblock(0)
     nonblock(1)
-    open_spawner()
+    open_spawner(args[0] if args else None)
     _set_events(0, selectors.EVENT_READ, on_stdin)
     send({"t": "ready", "id": 0, "version": VERSION, "pid": os.getpid(), "uid": os.getuid()})
     while True:
@@ -1128,9 +1214,10 @@ def guarded(fn, *args):
 
 
 def reexec_from_memfd():
-    """Started as ``python3 -c SOURCE SOURCE``: every ``ps`` would show the whole source
-    as our command line. Re-exec from an in-memory file instead (part of snapshots like
-    any memory); ``ps`` then shows ``python3 -I /proc/self/fd/N hotbed-guest-agent``."""
+    """Started as ``python3 -c SOURCE SOURCE ARGS...``: every ``ps`` would show the whole
+    source as our command line. Re-exec from an in-memory file instead (part of snapshots
+    like any memory); ``ps`` then shows ``python3 -I /proc/self/fd/N hotbed-guest-agent N
+    ARGS...``. ARGS travel along unchanged: see :func:`launch_args`."""
     if sys.argv[:1] != ["-c"] or len(sys.argv) < 2:
         return
     try:
@@ -1139,7 +1226,8 @@ def reexec_from_memfd():
         while data:
             data = data[os.write(fd, data):]
         os.execv(sys.executable or "/usr/bin/python3",
-                 ["python3", "-I", f"/proc/self/fd/{fd}", "hotbed-guest-agent", str(fd)])
+                 ["python3", "-I", f"/proc/self/fd/{fd}", "hotbed-guest-agent", str(fd),
+                  *sys.argv[2:]])
     except (OSError, AttributeError):
         return  # keep running as we are
 
@@ -1152,11 +1240,22 @@ def close_source_fd():
             pass
 
 
+def launch_args(argv):
+    """The worker's arguments, after whatever carries the source: ``-c SOURCE`` when the
+    re-exec did not happen, ``hotbed-guest-agent N`` after it; as a plain script (tests),
+    everything after its path."""
+    if argv[:1] == ["-c"]:
+        return argv[2:]
+    if argv[1:2] == ["hotbed-guest-agent"]:
+        return argv[3:]
+    return argv[1:]
+
+
 if __name__ == "__main__":
     reexec_from_memfd()
     close_source_fd()
     try:
-        main()
+        main(launch_args(sys.argv))
     except SystemExit:
         raise
     except BaseException as exc:  # leave a trace for `docker logs`, then end

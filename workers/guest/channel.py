@@ -1,11 +1,12 @@
 """The worker's side of the guest agent: one persistent channel per sandbox.
 
 The guest agent (:mod:`workers.guest.agent`) is the container's main process; the
-channel is a ``docker attach`` of the container's stdin/stdout, opened once and kept,
-so a command is one frame each way instead of a ``docker exec`` setup (~80-100 ms
-here). After a worker restart or a checkpoint/restore the next use simply attaches
-again: the agent keeps its state (sessions, background processes) and answers
-``hello`` on the new attach.
+channel is its stdin/stdout, attached through the runtime (:meth:`Runtime.attach
+<workers.runtimes.base.Runtime.attach>`, a ``docker attach`` for the docker runtime),
+opened once and kept, so a command is one frame each way instead of a ``docker exec``
+setup (~80-100 ms here). After a worker restart or a checkpoint/restore the next use
+simply attaches again: the agent keeps its state (sessions, background processes) and
+answers ``hello`` on the new attach.
 
 Images without python3 run a shell that answers every line with ``HOTBED-NOAGENT``:
 the channel reports ``has_agent = False`` and the worker keeps the ``docker exec`` path.
@@ -13,7 +14,8 @@ the channel reports ``has_agent = False`` and the worker keeps the ``docker exec
 Flow control: one reader task per channel routes frames into small bounded streams,
 one per request; a consumer that cannot keep up (Redis slower than the command)
 blocks the reader, the attach socket fills, the agent stops reading its children and
-their writes block. Nothing on the way buffers more than a few frames.
+their writes block. Nothing on the way buffers more than a few frames (and the
+runtime's read buffer, which it bounds itself).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,36 +34,45 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotRunning, error_class
+from hotbed.protocol import SPAWN_FIFO
+from workers.runtimes.base import AttachedStdio
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"HBG1"
 HEAD = struct.Struct(">4sII")
 NOAGENT = b"HOTBED-NOAGENT"
+ATTACH_TIMEOUT_S = 30.0
 HELLO_TIMEOUT_S = 60.0
 # Frames buffered per request before the reader waits for its consumer.
 PER_REQUEST_FRAMES = 8
-READ_QUEUE_BYTES = 2 << 20
 
 GUEST_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
 
+# ``Runtime.attach``: the sandbox's main process's stdio, or None where the runtime has
+# no guest agent.
+Attach = Callable[[str], Awaitable[AttachedStdio | None]]
 
 
 def guest_command(idle_cmd: list[str]) -> list[str]:
     """PID 1 of a docker sandbox: the guest agent where the image has python3; else the
     runtime's idle shell (``idle_cmd``, a ``sh -c`` script), plus a reader that answers
     every line written to stdin with ``HOTBED-NOAGENT`` (so the worker knows at once).
-    Either way PID 1 re-execs so that ``ps`` does not show the agent's source."""
+    Either way PID 1 re-execs so that ``ps`` does not show the agent's source.
+
+    The agent gets its source twice (``python3 -c`` keeps no copy in ``sys.argv``, and it
+    re-execs from it) and then the spawner's FIFO path, which it cannot import."""
     fallback = (
         f"exec 3<&0; (while read -r _l <&3; do echo {NOAGENT.decode()}; done) & " + idle_cmd[-1]
     )
     return [
         "/bin/sh",
         "-c",
-        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0" "$0"; fi; '
+        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0" "$0" "$2"; fi; '
         'exec /bin/sh -c "$1"',
         GUEST_SOURCE,
         fallback,
+        SPAWN_FIFO,
     ]
 
 
@@ -121,9 +132,9 @@ class FrameParser:
 class GuestChannel:
     """One attach to one sandbox's agent. Use :meth:`call` or :meth:`open`."""
 
-    def __init__(self, sandbox_id: str, stream: Any) -> None:
+    def __init__(self, sandbox_id: str, stdio: AttachedStdio) -> None:
         self.sandbox_id = sandbox_id
-        self._stream = stream
+        self._stdio = stdio
         # Ids of a new attach never meet those of an earlier one whose commands the
         # agent may still be answering (after a worker restart or a restore).
         self._next_id = secrets.randbelow(1 << 48) << 4
@@ -142,13 +153,10 @@ class GuestChannel:
         parser = FrameParser()
         try:
             while True:
-                msg = await self._stream.read_out()
-                if msg is None:
+                chunk = await self._stdio.read()
+                if chunk is None:
                     break
-                if msg.stream == 2:
-                    log.debug("guest stderr: %r", msg.data[:500], extra={"sandbox_id": self.sandbox_id})
-                    continue
-                for header, payload in parser.feed(msg.data):
+                for header, payload in parser.feed(chunk):
                     await self._route(header, payload)
                 if parser.noagent and self.has_agent is None:
                     self.has_agent = False
@@ -188,9 +196,7 @@ class GuestChannel:
         for route in self._routes.values():
             route.close()
         self._routes.clear()
-        resp = getattr(self._stream, "_resp", None)
-        if resp is not None:
-            resp.close()
+        self._stdio.abort()
 
     async def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if self.closed:
@@ -198,7 +204,7 @@ class GuestChannel:
         data = encode_frame(header, payload)
         async with self._write_lock:
             try:
-                await self._stream.write_in(data)
+                await self._stdio.write(data)
             except Exception as exc:
                 self.close()
                 raise SandboxNotRunning(
@@ -224,6 +230,26 @@ class GuestChannel:
             if route is not None:
                 route.close()
 
+    async def greet(self, tg: TaskGroup) -> None:
+        """Find out what answers on the other end: the agent answers ``hello`` (and sets
+        :attr:`known` with :attr:`has_agent` true); the no-agent shell answers the
+        trailing newline with its marker. The answer is awaited in ``tg``."""
+        hello_id = self._new_id()
+        send, recv = anyio.create_memory_object_stream[Frame](1)
+        self._routes[hello_id] = send
+        tg.start_soon(self._await_hello, recv)
+        await self.send({"t": "hello", "id": hello_id}, b"")
+        await self._stdio.write(b"\n")
+
+    async def _await_hello(self, recv: MemoryObjectReceiveStream[Frame]) -> None:
+        with recv:
+            async for header, _payload in recv:
+                if header.get("t") == "result" and self.has_agent is None:
+                    self.has_agent = True
+                    self.info = header
+                    self.known.set()
+                return
+
     async def call(
         self, header: dict[str, Any], payload: bytes = b"", *, timeout: float = 30.0
     ) -> Frame:
@@ -240,11 +266,13 @@ class GuestChannel:
 
 
 class GuestManager:
-    """The channels of one worker's sandboxes; their reader tasks live in :meth:`run`."""
+    """The channels of one worker's sandboxes; their reader tasks live in :meth:`run`.
 
-    def __init__(self, docker: Any, container_name: Any) -> None:
-        self._docker = docker
-        self._container_name = container_name
+    ``attach`` is the runtime's :meth:`~workers.runtimes.base.Runtime.attach`: all this
+    needs of a runtime, so it never sees how the stdio is reached."""
+
+    def __init__(self, attach: Attach) -> None:
+        self._attach_stdio = attach
         self._channels: dict[str, GuestChannel] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._tg: TaskGroup | None = None
@@ -279,7 +307,8 @@ class GuestManager:
             log.debug("guest attach failed: %s", exc, extra={"sandbox_id": sandbox_id})
 
     async def channel(self, sandbox_id: str) -> GuestChannel | None:
-        """The sandbox's live channel to its agent, or None if its image has none."""
+        """The sandbox's live channel to its agent, or None if it has none (its image
+        lacks python3, or its runtime has no guest agent)."""
         ch = self._channels.get(sandbox_id)
         if ch is not None and not ch.closed and ch.known.is_set():
             return ch if ch.has_agent else None
@@ -288,6 +317,8 @@ class GuestManager:
             ch = self._channels.get(sandbox_id)
             if ch is None or ch.closed:
                 ch = await self._attach(sandbox_id)
+                if ch is None:
+                    return None
             with anyio.move_on_after(HELLO_TIMEOUT_S):
                 await ch.known.wait()
             if ch.has_agent is None or ch.closed:
@@ -298,43 +329,16 @@ class GuestManager:
                 )
             return ch if ch.has_agent else None
 
-    async def _attach(self, sandbox_id: str) -> GuestChannel:
+    async def _attach(self, sandbox_id: str) -> GuestChannel | None:
         if self._tg is None:
             raise RuntimeFailure("guest manager is not running", sandbox_id=sandbox_id)
-        from aiodocker.exceptions import DockerError
-
-        container = self._docker.containers.container(self._container_name(sandbox_id))
-        stream = container.attach(stdin=True, stdout=True, stderr=True)
-        try:
-            with anyio.fail_after(30):
-                await stream._init()
-        except DockerError as exc:
-            raise SandboxNotRunning(
-                f"sandbox {sandbox_id}: cannot attach: {exc.message}", sandbox_id=sandbox_id
-            ) from None
-        queue = getattr(stream, "_queue", None)
-        if queue is not None and hasattr(queue, "_limit"):
-            # aiodocker pauses the socket past 128 KiB queued; our reader bounds what
-            # it holds itself, so let a few MiB through between pauses (throughput).
-            queue._limit = READ_QUEUE_BYTES
-        ch = GuestChannel(sandbox_id, stream)
+        # SandboxNotRunning from the runtime (it cannot attach) reaches the caller as is.
+        with anyio.fail_after(ATTACH_TIMEOUT_S):
+            stdio = await self._attach_stdio(sandbox_id)
+        if stdio is None:
+            return None
+        ch = GuestChannel(sandbox_id, stdio)
         self._channels[sandbox_id] = ch
         self._tg.start_soon(ch.read_loop)
-        # The agent answers hello with "ready" semantics; the no-agent shell answers
-        # the trailing newline with its marker.
-        hello_id = ch._new_id()
-        send, recv = anyio.create_memory_object_stream[Frame](1)
-        ch._routes[hello_id] = send
-        self._tg.start_soon(self._await_hello, ch, recv)
-        await ch.send({"t": "hello", "id": hello_id}, b"")
-        await ch._stream.write_in(b"\n")
+        await ch.greet(self._tg)
         return ch
-
-    async def _await_hello(self, ch: GuestChannel, recv: MemoryObjectReceiveStream[Frame]) -> None:
-        with recv:
-            async for header, _payload in recv:
-                if header.get("t") == "result" and ch.has_agent is None:
-                    ch.has_agent = True
-                    ch.info = header
-                    ch.known.set()
-                return
