@@ -159,7 +159,8 @@ def load(path: Path | str) -> dict[str, Any]:
     """A results file written by one run, its digest checked; :class:`NotOneRun` otherwise."""
     doc = json.loads(Path(path).read_text())
     if not isinstance(doc, dict) or "run" not in doc or "digest" not in doc:
-        raise NotOneRun(f"{path}: no run block or digest: not written by one bench run")
+        raise NotOneRun(f"{path}: no run block or digest: written by hand, merged, or by a bench "
+                        "from before results recorded their run")
     if doc["digest"] != _digest(doc):
         raise NotOneRun(f"{path}: digest does not match: edited or merged after the run wrote it")
     return doc
