@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
@@ -25,8 +25,6 @@ from bench.common.stats import steady_rate, summary_ms
 from hotbed.client import Client
 from hotbed.errors import HotbedError
 from hotbed.protocol import CreateSandbox, ErrorReply, Resources, SandboxCreated, SandboxSpec
-
-T = TypeVar("T")
 
 # What a create or claim of the control-plane benchmarks asks for.
 SPEC = SandboxSpec(image="sim", resources=Resources(cpu=0.25, memory_mb=256), timeout=3600)
@@ -41,13 +39,13 @@ def now() -> float:
 
 
 async def run_many(
-    n: int, concurrency: int, one: Callable[[], Awaitable[T]],
-    end: Callable[[T], Awaitable[Any]] | None = None,
-) -> tuple[list[T], float]:
+    n: int, concurrency: int, one: Callable[[], Awaitable[Any]],
+    end: Callable[[Any], Awaitable[Any]] | None = None,
+) -> tuple[list[Any], float]:
     """``n`` calls of ``one``, ``concurrency`` at a time; returns the results and the
     wall time. ``end(result)``, if given, runs right after each (untimed, in the same
     slot): the next call then starts beside at most ``concurrency`` live results."""
-    out: list[T] = []
+    out: list[Any] = []
     sem = anyio.Semaphore(concurrency)
     t = time.perf_counter()
 
