@@ -6,14 +6,16 @@ PY      ?= .venv/bin/python
 PIP     ?= .venv/bin/pip
 HOTBED  ?= .venv/bin/hotbed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: help install host venv images image test-image demo test lint bench bench-start bench-scale bench-exec install-service clean
+.PHONY: help install host venv images image test-image demo test lint bench bench-start bench-scale \
+	bench-scale-claims bench-exec bench-exec-ptrace bench-verify install-service clean
 
 help:
 	@echo "make demo     install everything, build the image, start hotbed, run sandboxes"
 	@echo "make test     install everything and run the test suite (real Redis, dockerd + runsc)"
 	@echo "make lint     ruff + mypy"
-	@echo "make bench    all benchmarks (bench-start, bench-scale, bench-exec)"
+	@echo "make bench    all benchmarks, one results file each (bench-start, bench-scale, ...)"
 
 install: host venv
 
@@ -47,17 +49,34 @@ lint: venv
 	.venv/bin/ruff check hotbed daemon cli scheduler workers bench tests
 	.venv/bin/mypy
 
-bench: bench-start bench-scale bench-exec
+# Every results file under bench/results/ is written whole by one of these targets
+# (bench/README.md lists which); BENCH_ARGS adds options, e.g. BENCH_ARGS='--phases cost
+# --out /tmp/cost.json'. The run records the target, its argv and the git commit.
+bench: bench-start bench-scale bench-scale-claims bench-exec bench-exec-ptrace
 
 bench-start: images
-	$(PY) -m bench start
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench start $(BENCH_ARGS)
 
 bench-scale: install
 	$(PIP) install -q -e '.[bench]'
-	$(PY) -m bench scale
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench scale $(BENCH_ARGS)
+
+# Warm claims held 10 s per step (the scale run's claims steps are 3 s).
+bench-scale-claims: install
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench scale --phases claims --claim-rates 5000,6000 \
+		--claim-step-s 10 --out bench/results/scale-claims-10s.json $(BENCH_ARGS)
 
 bench-exec: images
-	$(PY) -m bench exec
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench exec $(BENCH_ARGS)
+
+# The same on gVisor's ptrace platform (the runsc-ptrace runtime host-setup registers).
+bench-exec-ptrace: images
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench exec --oci-runtime runsc-ptrace \
+		--out bench/results/exec-ptrace.json $(BENCH_ARGS)
+
+# Which run wrote each results file; fails for a file edited or merged by hand.
+bench-verify: venv
+	$(PY) -m bench verify
 
 # systemd units + /etc/hotbed configs for this checkout's venv (hotbed service install).
 install-service: venv

@@ -17,7 +17,8 @@ Starts a private Redis, one scheduler process and one real docker+runsc worker p
 * streaming throughput of a command printing 100 MB;
 * 1,000 sequential SWE-agent-style commands in one session (any failure counts).
 
-Results go to bench/results/exec.json; bench/README.md has the table.
+Results go to bench/results/exec.json (``--out``; one run, one file: see
+:mod:`bench.common.results`); bench/README.md has the table.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import argparse
 import json
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -35,21 +35,9 @@ from typing import Any
 
 import anyio
 
-from bench._cluster import ROOT, Cluster, loadavg, machine, proc_cpu_s
-
-RESULTS = Path(__file__).parent / "results" / "exec.json"
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "n": len(xs), "p50_ms": round(pct(xs, 0.5) * 1e3, 2), "p99_ms": round(pct(xs, 0.99) * 1e3, 2),
-        "mean_ms": round(statistics.fmean(xs) * 1e3, 2),
-    }
+from bench.common import results
+from bench.common.cluster import ROOT, Cluster, loadavg, proc_cpu_s
+from bench.common.stats import pct, summary_ms
 
 
 async def docker_exec_true(container: Any) -> float:
@@ -116,6 +104,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         docker = aiodocker.Docker()
         try:
             cluster.wait_workers(1, timeout=60)
+            out["cluster"] = cluster.settings_record()
             async with Client(cluster.url, prefix=prefix) as client:
                 sb = await Sandbox.create("hotbed/base", client=client, memory_mb=512, timeout=1800)
                 try:
@@ -139,12 +128,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         for name, a, b in zip(("worker", "redis", "client"), cpu0, cpu1, strict=True)
                     }
                     base = [await docker_exec_true(container) for _ in range(args.n_docker)]
-                    out["exec_true"] = summary(hot)
-                    out["exec_true_agent_spawn"] = summary(agent_side)
-                    out["docker_exec_true"] = summary(base)
+                    out["exec_true"] = summary_ms(hot)
+                    out["exec_true_agent_spawn"] = summary_ms(agent_side)
+                    out["docker_exec_true"] = summary_ms(base)
                     out["speedup_p50"] = round(pct(base, 0.5) / pct(hot, 0.5), 1)
                     floor = await sb.exec("python3", "-c", FLOOR, str(args.n), timeout=300)
-                    out["floor_spawn_in_sandbox"] = summary(json.loads(floor.stdout))
+                    out["floor_spawn_in_sandbox"] = summary_ms(json.loads(floor.stdout))
                     out["hotbed_share_p50_ms"] = round(
                         out["exec_true"]["p50_ms"] - out["floor_spawn_in_sandbox"]["p50_ms"], 2
                     )
@@ -159,8 +148,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         t = time.perf_counter()
                         assert (await sb.exec("sh", "-c", "ls /")).exit_code == 0
                         via_sh.append(time.perf_counter() - t)
-                    out["shell_plain_ls"] = summary(plain)
-                    out["sh_c_ls"] = summary(via_sh)
+                    out["shell_plain_ls"] = summary_ms(plain)
+                    out["sh_c_ls"] = summary_ms(via_sh)
 
                     sh = sb.shell("bench")
                     await sh.run("true")
@@ -170,7 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         r = await sh.run("true")
                         sess.append(time.perf_counter() - t)
                         assert r.exit_code == 0
-                    out["session_true"] = summary(sess)
+                    out["session_true"] = summary_ms(sess)
 
                     size = args.stream_mb * 1_000_000
                     t = time.perf_counter()
@@ -202,7 +191,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         failures += 1
                     out["swe_session"] = {
                         "commands": args.swe_commands, "failures": failures,
-                        "seconds": round(time.perf_counter() - t0, 2), **summary(lat),
+                        "seconds": round(time.perf_counter() - t0, 2), **summary_ms(lat),
                     }
                 finally:
                     await sb.terminate()
@@ -225,19 +214,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--swe-commands", type=int, default=1000)
     p.add_argument("--oci-runtime", default="runsc",
                    help="dockerd runtime of the sandbox (host-setup registers runsc, runsc-ptrace)")
-    p.add_argument("--out", default=str(RESULTS), help="results file")
+    p.add_argument("--out", default=str(results.RESULTS / "exec.json"), help="results file")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    run_block = results.new_run("exec", argv)
+    runtime = results.container_runtime(args.oci_runtime)
     load_before = loadavg()
-    res = anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
-    res["machine"] = machine()
-    res["oci_runtime"] = args.oci_runtime
-    res["loadavg_before"] = load_before
-    res["loadavg_after"] = loadavg()
-    res["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    measured = anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
+    res: dict[str, Any] = {"run": run_block, "oci_runtime": args.oci_runtime, "runtime": runtime,
+                           "loadavg_before": load_before, "loadavg_after": loadavg(), **measured}
     e, d, s = res["exec_true"], res["docker_exec_true"], res["session_true"]
-    print(f"machine: {res['machine']['cpus']} CPUs {res['machine']['cpu_model']}, load {load_before}, "
-          f"runtime {args.oci_runtime}")
+    m = run_block["machine"]
+    print(f"machine: {m['cpus']} CPUs {m['cpu_model']}, load {load_before}, runtime "
+          f"{args.oci_runtime} = {runtime['path']} ({runtime['version']}), Docker {runtime['docker_server']}")
     print(f"{'measure':<44} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'exec true, SDK end to end (guest agent)':<44} {e['p50_ms']:>8} {e['p99_ms']:>8}")
     a = res["exec_true_agent_spawn"]
@@ -259,10 +248,7 @@ def main(argv: list[str]) -> int:
     print(f"{sw['commands']} SWE-agent-style session commands: {sw['failures']} failures, "
           f"{sw['seconds']} s, p50 {sw['p50_ms']} ms, p99 {sw['p99_ms']} ms")
     if not args.no_save:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {results.write(args.out, res)}")
     return 0 if sw["failures"] == 0 else 1
 
 

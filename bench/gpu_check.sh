@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check on a real GPU machine (issue 6): Redis, a scheduler, a worker that detects
+# GPU check on a real GPU machine (GPU-tagged placement): Redis, a scheduler, a worker that detects
 # the real GPUs through NVML and a simulated CPU-only worker; one GPU and one CPU
 # sandbox request; prints where each was placed, the GPU model and UUID the worker
 # reported, and what `nvidia-smi -L` shows inside the GPU sandbox.

@@ -29,7 +29,7 @@ is shared, so absolute numbers move with it; ratios are measured in the same run
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import secrets
 import subprocess
@@ -40,7 +40,10 @@ from typing import Any
 
 import anyio
 
-from bench._cluster import ROOT, Cluster, loadavg, machine
+from bench.common import results
+from bench.common.cluster import ROOT, Cluster, loadavg
+from bench.common.loadgen import callers, run_many
+from bench.common.stats import pct, summary_ms
 
 HEAVY_PY = r'''
 import time
@@ -73,18 +76,6 @@ TEMPLATES: dict[str, tuple[str, dict[str, str], str | None, str | None, int]] = 
               "test -e /tmp/heavy.ready", 512),
     "light": ("hotbed/busybox", {}, None, None, 128),
 }
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {
-        "n": len(xs), "p50_ms": round(pct(xs, 0.5) * 1000, 2), "p90_ms": round(pct(xs, 0.9) * 1000, 2),
-        "p99_ms": round(pct(xs, 0.99) * 1000, 2), "mean_ms": round(sum(xs) / max(1, len(xs)) * 1000, 2),
-    }
 
 
 async def sh(*argv: str, check: bool = True) -> str:
@@ -156,28 +147,6 @@ async def path_template(tpl: str, client: Any, name: str, want: str) -> tuple[fl
     return created, time.perf_counter() - t, sb
 
 
-async def run_many(n: int, conc: int, one: Any, end: Any = None) -> tuple[list[Any], float]:
-    """``n`` calls of ``one``, ``conc`` at a time. ``end(result)``, if given, runs right
-    after each (untimed, in the same slot): the next sample then starts beside at most
-    ``conc`` live sandboxes, not beside every one made so far (50 idle heavy sandboxes
-    cost this 2-core box more than a core)."""
-    out: list[Any] = []
-    sem = anyio.Semaphore(conc)
-    t = time.perf_counter()
-
-    async def go() -> None:
-        async with sem:
-            r = await one()
-            out.append(r)
-            if end is not None:
-                await end(r)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(n):
-            tg.start_soon(go)
-    return out, time.perf_counter() - t
-
-
 async def cleanup(sandboxes: list[Any], prefix: str) -> None:
     sem = anyio.Semaphore(8)
 
@@ -233,20 +202,20 @@ async def run(
                 n = args.n_heavy if tpl == "heavy" and args.n_heavy else args.n
                 if "docker" in args.paths:  # (a) docker run + set-up
                     got, wall = await run_many(n, c, lambda t=tpl: path_docker(t, prefix), end=docker_rm)
-                    res[f"docker_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
+                    res[f"docker_{mode}"] = summary_ms([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
                     await cleanup([], prefix)
                 if "cold" in args.paths:  # (b) hotbed cold boot + set-up
                     got, wall = await run_many(
                         n, c, lambda t=tpl: path_cold(t, client), end=lambda g: g[1].terminate()
                     )
-                    res[f"cold_{mode}"] = summary([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
+                    res[f"cold_{mode}"] = summary_ms([g[0] for g in got]) | {"per_s": round(n / wall, 2)}
                     await cleanup([], prefix)
                 if "restore" in args.paths:  # (c) restore (no pool)
                     got, wall = await run_many(
                         n, c, lambda t=tpl, nm=name: path_template(t, client, nm, "restore"),
                         end=lambda g: g[2].terminate(),
                     )
-                    res[f"restore_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
+                    res[f"restore_{mode}"] = summary_ms([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
                     await cleanup([], prefix)
                 if "warm" in args.paths:  # (d) warm claim: a pool as large as the run, filled first
                     pool = await templates.set_pool(name, n, memory_mb=mem, client=client)
@@ -256,9 +225,9 @@ async def run(
                         end=lambda g: g[2].terminate(),
                     )
                     await templates.set_pool(name, 0, memory_mb=mem, client=client)
-                    res[f"warm_{mode}"] = summary([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
+                    res[f"warm_{mode}"] = summary_ms([g[1] for g in got]) | {"per_s": round(n / wall, 2)}
                     # The samples too, in order: a tail is then placeable in the run.
-                    res[f"warm_claim_{mode}"] = summary([g[0] for g in got]) | {
+                    res[f"warm_claim_{mode}"] = summary_ms([g[0] for g in got]) | {
                         "samples_ms": [round(g[0] * 1000, 2) for g in got]}
                     await cleanup([], prefix)
                 print(f"{tpl} {mode}: " + progress_line(res, mode) + f"  [load {loadavg()}]", flush=True)
@@ -291,17 +260,15 @@ async def run(
             lat: list[float] = []
             paths: dict[str, int] = {}
             made: list[Any] = []
-            stop_at = time.perf_counter() + args.sustain_s
             t0 = time.perf_counter()
-            async with anyio.create_task_group() as tg:
-                for _ in range(conc):
-                    tg.start_soon(sustain, client, name, mem, stop_at, lat, paths, made)
+            await callers(conc, functools.partial(sustain_one, client, name, mem, lat, paths, made),
+                          seconds=args.sustain_s)
             took = time.perf_counter() - t0
             await templates.set_pool(name, 0, memory_mb=mem, client=client)
             out["sustained"][tpl] = {
                 "clients": conc, "seconds": round(took, 1), "pool": args.pool,
                 "creates_per_s": round(len(lat) / took, 2), "paths": paths,
-                "to_first_exec": summary(lat),
+                "to_first_exec": summary_ms(lat),
             }
             print(f"{tpl} sustained: {len(lat) / took:.2f} creates/s over {took:.0f}s, paths {paths}, "
                   f"p50 {pct(lat, 0.5) * 1000:.0f} ms  [load {loadavg()}]", flush=True)
@@ -323,34 +290,32 @@ def progress_line(res: dict[str, Any], mode: str) -> str:
     return "; ".join(parts)
 
 
-async def sustain(
-    client: Any, name: str, mem: int, stop_at: float, lat: list[float], paths: dict[str, int],
-    made: list[Any],
+async def sustain_one(
+    client: Any, name: str, mem: int, lat: list[float], paths: dict[str, int], made: list[Any],
 ) -> None:
-    """One client creating sandboxes from ``name`` back to back until ``stop_at``."""
+    """One create from ``name`` and its first exec, timed; outcomes counted by path."""
     from hotbed.errors import HotbedError
     from hotbed.sandbox import Sandbox
 
-    while time.perf_counter() < stop_at:
-        t = time.perf_counter()
-        try:
-            sb = await Sandbox.create(template=name, memory_mb=mem, client=client, timeout=3600)
-        except HotbedError as exc:
-            paths[f"error:{exc.code}"] = paths.get(f"error:{exc.code}", 0) + 1
-            continue
-        made.append(sb)
-        try:
-            assert (await sb.exec("true")).ok
-        except HotbedError as exc:
-            # Counted, not fatal: an overloaded box answering with typed errors is a
-            # result of this phase too (the first of each kind is printed).
-            key = f"exec error:{exc.code}"
-            if key not in paths:
-                print(f"sustained: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
-            paths[key] = paths.get(key, 0) + 1
-            continue
-        lat.append(time.perf_counter() - t)
-        paths[sb.path] = paths.get(sb.path, 0) + 1
+    t = time.perf_counter()
+    try:
+        sb = await Sandbox.create(template=name, memory_mb=mem, client=client, timeout=3600)
+    except HotbedError as exc:
+        paths[f"error:{exc.code}"] = paths.get(f"error:{exc.code}", 0) + 1
+        return
+    made.append(sb)
+    try:
+        assert (await sb.exec("true")).ok
+    except HotbedError as exc:
+        # Counted, not fatal: an overloaded box answering with typed errors is a
+        # result of this phase too (the first of each kind is printed).
+        key = f"exec error:{exc.code}"
+        if key not in paths:
+            print(f"sustained: {exc.code}: {exc.message}", file=sys.stderr, flush=True)
+        paths[key] = paths.get(key, 0) + 1
+        return
+    lat.append(time.perf_counter() - t)
+    paths[sb.path] = paths.get(sb.path, 0) + 1
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -379,7 +344,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("create -> first exec (ms, log)")
         ax.set_title(f"{tpl} template")
         ax.legend()
-    fig.suptitle(f"hotbed sandbox start paths ({result['machine']['cpus']} CPUs, load {result['load_before']})")
+    cpus = machine_of(result).get("cpus")
+    fig.suptitle(f"hotbed sandbox start paths ({cpus} CPUs, load {result['load_before']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -389,12 +355,27 @@ PATHS = (("docker", "(a) docker run + set-up"), ("cold", "(b) hotbed cold + set-
          ("warm_claim", "(d) claim alone"))
 
 
+def machine_of(result: dict[str, Any]) -> dict[str, Any]:
+    # Files written before the run block kept the machine at the top level.
+    return dict(result.get("run", {}).get("machine") or result.get("machine") or {})
+
+
+def runtime_text(rt: Any) -> str:
+    if isinstance(rt, str):  # files written before the runtime was probed
+        return f"{rt} (as typed into the benchmark then, not probed)"
+    return (f"Docker {rt.get('docker_server')}, runtime `{rt.get('name')}` = {rt.get('path')} "
+            f"({rt.get('version')}); restores: {rt.get('restores')}")
+
+
 def report(result: dict[str, Any]) -> str:
     """The results as the markdown tables bench/README.md keeps."""
     conc = result["concurrency"]
+    m = machine_of(result)
     lines = [
-        f"Machine: {result['machine']['cpus']} vCPU {result['machine']['cpu_model']}, "
-        f"{result['machine']['memory_gib']} GiB; runtime: {result['runtime']}. "
+        f"Run: {results.describe(result)}." if "run" in result else "Run: not recorded in the file.",
+        "",
+        f"Machine: {m.get('cpus')} vCPU {m.get('cpu_model')}, {m.get('memory_gib')} GiB; "
+        f"{runtime_text(result.get('runtime'))}. "
         f"Load average before / after: {result['load_before'].split()[0]} / "
         f"{result.get('load_after', '?').split()[0]}.",
     ]
@@ -434,7 +415,59 @@ def report(result: dict[str, Any]) -> str:
             fe = r["to_first_exec"]
             lines.append(f"| {tpl} | {r['clients']} | {r['pool']} | {r['creates_per_s']:.2f} | {paths} | "
                          f"{fe['p50_ms']:,.0f} / {fe['p99_ms']:,.0f} ms |")
+    lines += ["", *targets(result)]
     return "\n".join(lines)
+
+
+def _verdict(items: list[tuple[str, float]], ok: Any) -> str:
+    if not items:
+        return "not measured"
+    good = [k for k, v in items if ok(v)]
+    if len(good) == len(items):
+        return "**met**"
+    if not good:
+        return "not met"
+    return f"met for {', '.join(good)} only"
+
+
+def targets(result: dict[str, Any]) -> list[str]:
+    """The start targets against this run, each ratio like for like: both sides end at
+    the same point (a sandbox with the template's set-up done that answered an exec)."""
+    conc = result["concurrency"]
+    modes = ("seq", f"c{conc}")
+    paths = result["paths"]
+
+    def each(key: str, field: str) -> list[tuple[str, float]]:
+        return [(f"{tpl} {mode}", res[f"{key}_{mode}"][field])
+                for tpl, res in paths.items() for mode in modes if f"{key}_{mode}" in res]
+
+    def ratios(key: str, tpls: tuple[str, ...] | None = None) -> list[tuple[str, float]]:
+        return [(f"{tpl} {mode}", res[f"docker_{mode}"]["p50_ms"] / res[f"{key}_{mode}"]["p50_ms"])
+                for tpl, res in paths.items() if tpls is None or tpl in tpls
+                for mode in modes if f"{key}_{mode}" in res and f"docker_{mode}" in res]
+
+    claim50, claim99 = each("warm_claim", "p50_ms"), each("warm_claim", "p99_ms")
+    warm, restore = ratios("warm"), ratios("restore", ("heavy",))
+    refill = [(tpl, float(r["ratio"])) for tpl, r in result.get("refill", {}).items()]
+    ms = "{:.1f} ms".format
+    times = "{:.1f}×".format
+    rows: list[tuple[str, list[tuple[str, float]], Any, Any]] = [
+        ("warm claim p50 ≤ 5 ms (the create call alone: an atomic claim in Redis)",
+         claim50, ms, lambda v: v <= 5),
+        ("warm claim p99 ≤ 25 ms (the create call alone)", claim99, ms, lambda v: v <= 25),
+        ("≥ 80× faster than `docker run`: (d) claim + first exec against (a) docker run + "
+         "set-up + first exec, p50", warm, times, lambda v: v >= 80),
+        ("restore of the heavy template ≥ 5× faster than (a): (c) restore + first exec, p50",
+         restore, times, lambda v: v >= 5),
+        (f"refill ≥ 2× plain `docker run` + set-up at parallelism {conc} (sandboxes ready per "
+         "second)", refill, times, lambda v: v >= 2),
+    ]
+    out = ["Against the targets (computed from this run by `--report`):", "",
+           "| target | measured | |", "| --- | --- | --- |"]
+    for what, items, fmt, ok in rows:
+        measured = ", ".join(f"{k} {fmt(v)}" for k, v in items) or "—"
+        out.append(f"| {what} | {measured} | {_verdict(items, ok)} |")
+    return out
 
 
 def engine_nice() -> int | None:
@@ -446,17 +479,14 @@ def engine_nice() -> int | None:
         return None
 
 
-def runtime_line() -> str:
-    """How this host restores: through hotbed's runsc wrapper or dockerd's own road."""
-    try:
-        info = json.loads(subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"],
-                                         capture_output=True, text=True, check=True).stdout)
-        path = str(info["runsc"].get("path", ""))
-    except (subprocess.CalledProcessError, ValueError, KeyError, OSError):
-        return "dockerd + runsc (unknown)"
-    if path.endswith("runsc-hotbed"):
-        return "dockerd 20.10 + runsc; restores: runsc restore from the snapshot folder (hotbed's wrapper)"
-    return "dockerd 20.10 + runsc; restores: docker start --checkpoint"
+def container_runtime() -> dict[str, Any]:
+    """The engine and runsc this host runs sandboxes with, probed, and how it restores:
+    through hotbed's runsc wrapper or dockerd's own road."""
+    rt = results.container_runtime("runsc")
+    wrapper = str(rt.get("path") or "").endswith("runsc-hotbed")
+    rt["restores"] = ("runsc restore from the snapshot folder (hotbed's wrapper)" if wrapper
+                      else "docker start --checkpoint")
+    return rt
 
 
 def main(argv: list[str]) -> int:
@@ -470,7 +500,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sustain-s", type=float, default=20.0)
     parser.add_argument("--templates", nargs="+", default=["heavy", "light"], choices=list(TEMPLATES))
     parser.add_argument("--redis-nice", type=int, default=0, help="renice the private Redis (e.g. -10)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "start.json"))
+    parser.add_argument("--out", default=str(results.RESULTS / "start.json"))
     parser.add_argument("--paths", nargs="+", default=["docker", "cold", "restore", "warm"],
                         choices=["docker", "cold", "restore", "warm"], help="start paths to time")
     parser.add_argument("--phases", nargs="*", default=["refill", "sustained"],
@@ -478,15 +508,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--report", metavar="JSON", help="print the markdown tables of a results file and exit")
     args = parser.parse_args(argv)
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        try:
+            print(report(results.load(args.report)))
+        except results.NotOneRun as exc:
+            print(f"not a single-run results file: {exc}", file=sys.stderr)
+            return 2
         return 0
 
     prefix = f"bstart{secrets.token_hex(3)}"
     sched_env = {"HOTBED_POOL_MAX_WARMING": str(args.concurrency), "HOTBED_POOL_REFILL_PER_S": "100"}
     result: dict[str, Any] = {
-        "benchmark": "start", "machine": machine(), "load_before": loadavg(),
+        "run": results.new_run("start", argv), "load_before": loadavg(),
         "n": args.n, "n_heavy": args.n_heavy or args.n, "concurrency": args.concurrency,
-        "runtime": runtime_line(),
+        "runtime": container_runtime(),
         "paths_run": args.paths, "phases": args.phases,
         "engine_nice": engine_nice(),
     }
@@ -496,6 +530,7 @@ def main(argv: list[str]) -> int:
             # Redis is a few ms of CPU here, so it may jump the queue (recorded below).
             os.setpriority(os.PRIO_PROCESS, cluster.redis_proc.pid, args.redis_nice)
             result["redis_nice"] = args.redis_nice
+        result["cluster"] = cluster.settings_record()
         snapdir = Path(cluster.dir) / "snapshots"
         worker_log = open(Path(cluster.dir) / "worker.log", "wb")
         worker = subprocess.Popen(
@@ -516,9 +551,8 @@ def main(argv: list[str]) -> int:
                 raise
         finally:
             result["load_after"] = loadavg()
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            # A run that failed still writes what it measured, marked unfinished.
+            results.write(args.out, result, finished="error" not in result)
             worker.terminate()
             try:
                 worker.wait(timeout=120)

@@ -18,9 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from daemon.config import load_settings
+from scheduler.config import SchedulerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,22 +57,6 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return {
-        "cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_gib, 1),
-        "python": sys.version.split()[0], "host": socket.gethostname(),
-    }
-
-
 class Cluster:
     """Redis + ``schedulers`` scheduler processes + ``fleets`` simfleet processes."""
 
@@ -95,9 +83,12 @@ class Cluster:
         self.schedulers: list[subprocess.Popen[bytes]] = []
         self.fleets: list[subprocess.Popen[bytes]] = []
         self.r: redis.Redis | None = None
+        # What the scheduler processes run with, resolved from the environment they
+        # get as the scheduler resolves it (results record it; nothing is retyped).
+        self.scheduler_settings: SchedulerSettings | None = None
         self.crashed: list[int] = []
-        # Load-generator processes (bench.scale.LoadGenerators): sampled as the load
-        # generator, with this process.
+        # Load-generator processes (bench.common.loadgen.LoadGenerators): sampled as
+        # the load generator, with this process.
         self.loadgen_pids: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,6 +140,7 @@ class Cluster:
         # simulated fleet must not be reaped mid-run, which would measure the reaper.
         env = self.env(HOTBED_NAME=name, HOTBED_LOG_LEVEL="WARNING", HOTBED_HEARTBEAT_TTL_S="15",
                        **self.scheduler_env)
+        self.scheduler_settings = load_settings(SchedulerSettings, environ=env)
         proc = subprocess.Popen(
             [sys.executable, "-m", "scheduler"], env=env, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=open(Path(self.dir) / f"{name}.log", "wb"),
@@ -233,6 +225,29 @@ class Cluster:
                 raise RuntimeError(f"{p.args} exited {p.returncode} during the run; logs in {self.dir}")
 
     # ------------------------------------------------------------------ sampling
+
+    @property
+    def heartbeat_ttl_s(self) -> float | None:
+        """The workers' heartbeat TTL the schedulers reap by (None: no scheduler)."""
+        return self.scheduler_settings.heartbeat_ttl_s if self.scheduler_settings else None
+
+    def redis_version(self) -> str:
+        assert self.r is not None
+        server: Any = self.r.info("server")
+        return str(server["redis_version"])
+
+    def settings_record(self) -> dict[str, Any]:
+        """What a results file records of this cluster: versions and settings in use."""
+        return {
+            "redis_version": self.redis_version(),
+            "schedulers": len(self.schedulers),
+            "scheduler_settings": (
+                {k: v for k, v in msgspec.to_builtins(self.scheduler_settings).items()
+                 if k not in ("redis_url", "name")}
+                if self.scheduler_settings else None),
+            "simfleet_processes": len(self.fleets), "workers_per_fleet": self.workers_per_fleet,
+            "latency_scale": self.latency_scale,
+        }
 
     def redis_info(self) -> dict[str, float]:
         assert self.r is not None
