@@ -64,7 +64,6 @@ def sandbox_id_for(request_id: str) -> str:
     return f"sb-{request_id}"
 
 
-
 class Placer:
     def __init__(
         self,
