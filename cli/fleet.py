@@ -30,6 +30,7 @@ import msgspec
 from cli.main import run_async
 from hotbed import protocol
 from hotbed.errors import ConfigError, HotbedError
+from hotbed.records import capacity_from_hash, pool_config_from_hash
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = ("hotbed-scheduler.service", "hotbed-worker.service")
@@ -177,12 +178,14 @@ async def snapshot(client: Any) -> Frame:
         if not raw:
             continue
         w = protocol.decode_worker_info(raw)
-        gpus_used = sum(1 for g in w.gpus if cap.get(f"gpu:{g.uuid}".encode()) == b"1")
+        free = capacity_from_hash(cap)
+        taken = set(free.gpu_taken)
+        gpus_used = sum(1 for g in w.gpus if g.uuid in taken)
         workers.append({
             "id": wid, "runtime": w.runtime, "kind": w.kind,
-            "cpu": w.cpu_millis / 1000, "cpu_free": int(cap.get(b"cpu", 0)) / 1000,
-            "mem": w.memory_mb, "mem_free": int(cap.get(b"mem", 0)),
-            "sandboxes": int(cap.get(b"n", 0)),
+            "cpu": w.cpu_millis / 1000, "cpu_free": free.cpu_free / 1000,
+            "mem": w.memory_mb, "mem_free": free.mem_free,
+            "sandboxes": free.sandboxes,
             "gpus": len(w.gpus), "gpus_used": gpus_used,
             "gpu_models": sorted({g.model for g in w.gpus}),
             "tags": w.tags, "age": max(0.0, now - score / 1000),
@@ -190,12 +193,11 @@ async def snapshot(client: Any) -> Frame:
     base = 2 * len(wids)
     out_pools = []
     for j, n in enumerate(pool_names):
-        conf, ready = rows[base + 2 * j], rows[base + 2 * j + 1]
-        if not conf:
+        conf, ready = pool_config_from_hash(rows[base + 2 * j]), rows[base + 2 * j + 1]
+        if conf is None:
             continue
         out_pools.append({
-            "name": n, "template": conf.get(b"template", b"").decode(),
-            "target": int(conf.get(b"size", 0) or 0), "ready": int(ready),
+            "name": n, "template": conf.template, "target": conf.size, "ready": int(ready),
         })
     return Frame(at=now, workers=workers, pools=out_pools, backlog=backlog, added=added, live=live)
 

@@ -211,17 +211,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows = await r.zrange(client.keys.workers, 0, -1, withscores=True)
         print(f"{'WORKER':<20} {'RUNTIME':<8} {'CPU FREE':>9} {'MEM FREE':>10} {'SANDBOXES':>9} {'GPUS':<12} HEARTBEAT")
         from hotbed import protocol
+        from hotbed.records import capacity_from_hash
 
         for raw, score in rows:
             wid = raw.decode()
             info_raw = await r.get(client.keys.worker_info(wid))
-            cap = await r.hgetall(client.keys.worker_cap(wid))
+            cap = capacity_from_hash(await r.hgetall(client.keys.worker_cap(wid)))
             info = protocol.decode_worker_info(info_raw) if info_raw else None
             runtime = (info.runtime + ("*" if info.kind == "simulated" else "")) if info else "?"
             gpus = ",".join(g.model for g in info.gpus) if info and info.gpus else "-"
             print(
-                f"{wid:<20} {runtime:<8} {int(cap.get(b'cpu', 0)) / 1000:>9.2f} "
-                f"{int(cap.get(b'mem', 0)):>8}Mi {int(cap.get(b'n', 0)):>9} {gpus[:12]:<12} {now - score / 1000:.1f}s ago"
+                f"{wid:<20} {runtime:<8} {cap.cpu_free / 1000:>9.2f} "
+                f"{cap.mem_free:>8}Mi {cap.sandboxes:>9} {gpus[:12]:<12} {now - score / 1000:.1f}s ago"
             )
         live = await r.zcard(client.keys.sandboxes)
         backlog = await r.xlen(client.keys.requests)

@@ -10,8 +10,9 @@ the next waiter. At most one pipeline per AutoPipeline is in flight, so everythi
 queued meanwhile goes in the next one.
 
 A task's commands stay together and in order within one pipeline (not a transaction:
-use a Lua script where atomicity matters). Lua scripts go as EVALSHA; a script the
-server does not know yet is loaded and its commands re-sent once.
+use a Lua script where atomicity matters). Lua scripts (:class:`Script`, the one way
+hotbed runs Lua) go as EVALSHA; a script the server does not know yet is loaded and
+its commands re-sent once.
 
 Cancellation: a task cancelled while its commands are queued withdraws them; once they
 are sent, the send finishes under a shield (bounded by the connection's socket
@@ -40,7 +41,7 @@ import hashlib
 import math
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -60,23 +61,49 @@ def script_sha(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()
 
 
-class Script:
-    """A Lua script for :meth:`AutoPipeline.execute`: ``script.call(keys, args)``."""
+# sha -> source of every Script made in this process, so a pipeline that meets NOSCRIPT
+# (a server restarted or flushed since) can load it, whoever queued the call.
+_SOURCES: dict[str, str] = {}
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+
+class Script(str):
+    """A Lua script, and the one way hotbed runs Lua.
+
+    ``await script.run(redis, keys, args)`` runs it alone; ``script.call(keys, args)`` is
+    its command for :meth:`AutoPipeline.execute`, to send it in one round trip with
+    other commands. Either way it goes as EVALSHA through the client's auto-pipeline,
+    and a server that does not know it yet gets it loaded and the call re-sent once.
+
+    A Script is also its source text (a ``str``), so code that still hands the source
+    to redis-py's ``register_script`` keeps working.
+    """
+
+    sha: str
+
+    def __new__(cls, source: str) -> Script:
+        self = super().__new__(cls, source)
         self.sha = script_sha(source)
+        _SOURCES[self.sha] = str(source)
+        return self
 
-    def call(self, keys: list[Any], args: list[Any]) -> Command:
+    @property
+    def source(self) -> str:
+        return str(self)
+
+    def call(self, keys: Sequence[Any], args: Sequence[Any] = ()) -> Command:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def run(self, redis: aioredis.Redis, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+        """Run the script (auto-pipelined with this client's other commands); its reply."""
+        (reply,) = raise_first_error(await for_client(redis).execute(self.call(keys, args)))
+        return reply
 
 
 class _Item:
-    __slots__ = ("commands", "scripts", "results", "error", "done", "event")
+    __slots__ = ("commands", "results", "error", "done", "event")
 
-    def __init__(self, commands: tuple[Command, ...], scripts: tuple[Script, ...]) -> None:
+    def __init__(self, commands: tuple[Command, ...]) -> None:
         self.commands = commands
-        self.scripts = scripts
         self.results: list[Any] = []
         self.error: BaseException | None = None
         self.done = False
@@ -90,7 +117,6 @@ class AutoPipeline:
         self.max_batch = max_batch
         self._queue: deque[_Item] = deque()
         self._busy = False
-        self._scripts: dict[str, str] = {}
         self._conn: AbstractConnection | None = None
         # Command name (as callers spell it) -> the client's response callback, or None.
         self._callbacks: dict[Any, Any] = {}
@@ -100,8 +126,10 @@ class AutoPipeline:
     async def execute(self, *commands: Command, scripts: tuple[Script, ...] = ()) -> list[Any]:
         """Send ``commands`` (``("HSET", key, f, v)``, ``script.call(...)``) in order, in
         a pipeline shared with other tasks; return their replies. A command that failed
-        gives its exception object in place of a reply (a failed connection raises)."""
-        item = _Item(commands, scripts)
+        gives its exception object in place of a reply (a failed connection raises).
+        ``scripts`` is accepted for older callers and not needed: every :class:`Script`
+        is known by its sha."""
+        item = _Item(commands)
         self._queue.append(item)
         try:
             while not item.done:
@@ -156,16 +184,13 @@ class AutoPipeline:
                     it.event.set()
 
     async def _send(self, batch: list[_Item]) -> None:
-        for it in batch:
-            for s in it.scripts:
-                self._scripts.setdefault(s.sha, s.source)
         flat = [c for it in batch for c in it.commands]
         results = await self._pipeline(flat)
         retry = [i for i, r in enumerate(results) if _noscript(r)]
         if retry:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for sha in {flat[i][1] for i in retry}:
-                    pipe.script_load(self._scripts[sha])
+                    pipe.script_load(_SOURCES[sha])
                 await pipe.execute()
             again = await self._pipeline([flat[i] for i in retry])
             for i, r in zip(retry, again, strict=True):

@@ -13,9 +13,12 @@ key                                    type    meaning
                                                ``worker``); same delete-on-ack rule
 ``hotbed:{w:ID}:cap``                  hash    worker ID's free capacity: ``cpu`` (millicpu),
                                                ``mem`` (MiB), ``gpu:<uuid>`` (0 free / 1
-                                               taken), ``n`` (sandboxes placed)
+                                               taken), ``n`` (sandboxes placed); codec
+                                               hotbed.records.Capacity, written only by Lua
 ``hotbed:{w:ID}:info``                 string  msgpack WorkerInfo (capacity, GPUs, tags)
-``hotbed:{w:ID}:sandboxes``            set     sandbox ids placed on worker ID
+``hotbed:{w:ID}:sandboxes``            hash    sandbox id -> its reservation on worker ID,
+                                               ``"MILLICPU MIB GPU,GPU..."`` (``"0 0 GPUS"``
+                                               while paused); written only by Lua
 ``hotbed:workers``                     zset    worker id -> last heartbeat (unix ms)
 ``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
 ``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
@@ -24,10 +27,9 @@ key                                    type    meaning
                                                RID (fields ``o`` stdout, ``e`` stderr, ``v``
                                                msgpack event, ``r`` final ReplyEnvelope);
                                                the reader trims what it read; expires
-``hotbed:req:{RID}``                   string  request RID accepted by a scheduler
-                                               (idempotency across redelivery); expires
-``hotbed:lock:{NAME}``                 string  leader lock (reaper, pool controller)
-``hotbed:tpl:{NAME}``                  hash    template record (hotbed.templates.TemplateRecord)
+``hotbed:lock:{NAME}``                 string  leader lock, holder's token (``reaper``,
+                                               ``pools``; scheduler.leader)
+``hotbed:tpl:{NAME}``                  hash    template record (hotbed.records.TemplateRecord)
 ``hotbed:templates``                   set     template names
 ``hotbed:{pool:NAME}:ready``           list    ``"SID WORKER"`` of pool NAME's warm sandboxes,
                                                ready to claim (LPOP in ``POOL_CLAIM``)
@@ -36,8 +38,12 @@ key                                    type    meaning
 ``hotbed:{pool:NAME}:claims``          zset    ``"SID WORKER"`` claimed, claim not finished
                                                -> lease expiry (unix ms); the pool
                                                controller takes back expired leases
+``hotbed:{pool:NAME}:stale``           list    ``"SID WORKER"`` retired by a template
+                                               rebuild (``POOL_RETIRE``), for the pool
+                                               controller to end
 ``hotbed:{pool:NAME}:conf``            hash    pool NAME's ``template``, ``size`` and shape
-                                               (``cpu``, ``memory_mb``, ``gpu``)
+                                               (``cpu``, ``memory_mb``, ``gpu``); codec
+                                               hotbed.records.PoolConfig
 ``hotbed:pools``                       set     pool names
 =====================================  ======  ============================================
 
@@ -55,7 +61,6 @@ WORKER_GROUP = "worker"
 FIELD = b"m"
 
 REPLY_TTL_S = 120
-ACCEPTED_TTL_S = 3600
 
 
 class Keys(msgspec.Struct, frozen=True):
@@ -72,11 +77,8 @@ class Keys(msgspec.Struct, frozen=True):
         return f"{self.prefix}:reply:{{{request_id}}}"
 
     def output(self, request_id: str) -> str:
-        """Issue 5: where a streaming request's output goes (shares the reply's tag)."""
+        """Where a streaming request's output goes (shares the reply's tag)."""
         return f"{self.prefix}:out:{{{request_id}}}"
-
-    def accepted(self, request_id: str) -> str:
-        return f"{self.prefix}:req:{{{request_id}}}"
 
     # -- workers
     @property
@@ -107,7 +109,7 @@ class Keys(msgspec.Struct, frozen=True):
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{{{name}}}"
 
-    # -- templates and pools (issue 3)
+    # -- templates and pools
     def template(self, name: str) -> str:
         return f"{self.prefix}:tpl:{{{name}}}"
 

@@ -1,26 +1,34 @@
 """Lua scripts for the multi-key atomic steps. Each header lists the keys it touches;
 all keys of one script share a hash tag (see hotbed.keys), so they run on one shard.
+
+Every script is a :class:`hotbed.batching.Script`, the one way hotbed runs Lua:
+``await lua.RELEASE.run(redis, keys, args)``, or ``lua.RELEASE.call(keys, args)`` among
+other commands in ``batching.for_client(redis).execute(...)``. The field names a
+script writes into a sandbox record come from :mod:`hotbed.records` (as ARGV), so the
+record's codec stays their one owner.
 """
 
 from __future__ import annotations
+
+from hotbed.batching import Script
 
 # KEYS[1] = request or command stream
 # ARGV[1] = backlog limit, ARGV[2] = encoded Envelope
 # Returns the entry id, or false when the backlog is at its limit (client: Overloaded).
 # Handled entries are deleted, so XLEN is exactly the unhandled backlog.
-SUBMIT = """
+SUBMIT = Script("""
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return false
 end
 return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
-"""
+""")
 
 # KEYS[1] = hotbed:{w:ID}:cmds, KEYS[2] = hotbed:{w:ID}:cap
 # ARGV[1] = backlog limit, ARGV[2] = encoded Envelope
 # SUBMIT for a worker's command stream: a worker the reaper has removed (no capacity
 # hash) gets nothing, so a client never waits on a stream nobody reads.
 # Returns the entry id, 0 when the backlog is full, -1 when the worker is gone.
-SUBMIT_TO_WORKER = """
+SUBMIT_TO_WORKER = Script("""
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return -1
 end
@@ -28,14 +36,14 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
   return 0
 end
 return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
-"""
+""")
 
 # KEYS[1] = hotbed:{w:ID}:cmds, KEYS[2] = hotbed:{w:ID}:cap,
 # KEYS[3] = hotbed:{w:ID}:sandboxes, KEYS[4] = hotbed:{w:ID}:info
 # Removes a dead worker in one step: returns the sandbox ids it held and every command
 # left in its stream (to be answered WorkerLost), and deletes its keys, so no command
 # can slip in between the answering and the deleting (SUBMIT_TO_WORKER sees no cap).
-DRAIN_WORKER = """
+DRAIN_WORKER = Script("""
 local held = redis.call('HKEYS', KEYS[3])
 local entries = redis.call('XRANGE', KEYS[1], '-', '+')
 local msgs = {}
@@ -47,7 +55,7 @@ for _, e in ipairs(entries) do
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return {held, msgs}
-"""
+""")
 
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes, KEYS[3] = hotbed:{w:ID}:cmds
 # ARGV[1] = sandbox id, ARGV[2] = millicpu, ARGV[3] = memory MiB,
@@ -57,7 +65,7 @@ return {held, msgs}
 # sandbox is never dispatched without capacity or reserved without dispatch.
 # Returns false if the worker lacks capacity, else the list of GPU uuids assigned
 # (empty for a CPU-only sandbox). Idempotent on the sandbox id.
-RESERVE_DISPATCH = """
+RESERVE_DISPATCH = Script("""
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return {}
 end
@@ -89,12 +97,12 @@ redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[2], ARGV[1], need_cpu .. ' ' .. need_mem .. ' ' .. table.concat(got, ','))
 redis.call('XADD', KEYS[3], '*', 'm', ARGV[4])
 return got
-"""
+""")
 
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes
 # ARGV[1] = sandbox id
 # Gives a sandbox's reservation back. Idempotent: only the first release of an id counts.
-RELEASE = """
+RELEASE = Script("""
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if not held then
   return 0
@@ -108,12 +116,12 @@ for u in string.gmatch(gpus or '', '[^,]+') do
   redis.call('HSET', KEYS[1], 'gpu:' .. u, '0')
 end
 return 1
-"""
+""")
 
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes; ARGV[1] = sandbox id
 # A paused sandbox holds no CPU or memory (its state is on disk): its reservation
 # becomes "0 0 GPUS" (GPUs stay: a restore needs the same devices). Idempotent.
-PARK = """
+PARK = Script("""
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if not held then
   return 0
@@ -123,12 +131,12 @@ redis.call('HINCRBY', KEYS[1], 'cpu', tonumber(cpu))
 redis.call('HINCRBY', KEYS[1], 'mem', tonumber(mem))
 redis.call('HSET', KEYS[2], ARGV[1], '0 0 ' .. (gpus or ''))
 return 1
-"""
+""")
 
 # KEYS as PARK; ARGV[1] = sandbox id, ARGV[2] = millicpu, ARGV[3] = MiB
 # Takes a parked sandbox's CPU and memory back for resume: 1 if held afterwards, 0 if
 # the worker has no room now, -1 if the sandbox holds no reservation here at all.
-UNPARK = """
+UNPARK = Script("""
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if not held then
   return -1
@@ -147,13 +155,13 @@ redis.call('HINCRBY', KEYS[1], 'cpu', -need_cpu)
 redis.call('HINCRBY', KEYS[1], 'mem', -need_mem)
 redis.call('HSET', KEYS[2], ARGV[1], need_cpu .. ' ' .. need_mem .. ' ' .. (gpus or ''))
 return 1
-"""
+""")
 
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes
 # ARGV[1] = total millicpu, ARGV[2] = total MiB, ARGV[3..] = GPU uuids of the node
 # (Re)computes a worker's free capacity from what it holds, atomically, so a restarted
 # worker neither double-counts nor forgets the sandboxes it still runs.
-REGISTER = """
+REGISTER = Script("""
 local cpu, mem = tonumber(ARGV[1]), tonumber(ARGV[2])
 local taken = {}
 local n = 0
@@ -171,11 +179,11 @@ for i = 3, #ARGV do
   redis.call('HSET', KEYS[1], 'gpu:' .. ARGV[i], taken[ARGV[i]] and '1' or '0')
 end
 return n
-"""
+""")
 
 # KEYS[1] = lock key; ARGV[1] = owner token, ARGV[2] = ttl ms
 # Takes or renews a leader lock: true if the caller holds it afterwards.
-LOCK = """
+LOCK = Script("""
 local cur = redis.call('GET', KEYS[1])
 if cur == false then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -185,7 +193,7 @@ elseif cur == ARGV[1] then
   return 1
 end
 return 0
-"""
+""")
 
 # KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:claims
 # ARGV[1] = claim lease (ms)
@@ -193,7 +201,7 @@ return 0
 # none is lost between this claim and the caller's reply: it sits in the claims zset
 # under a lease until the caller finishes (ZREM) or the pool controller takes it back.
 # Returns false when the pool is empty, else {"SID WORKER", now_ms} (Redis clock).
-POOL_CLAIM = """
+POOL_CLAIM = Script("""
 local item = redis.call('LPOP', KEYS[1])
 if not item then
   return false
@@ -202,41 +210,39 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), item)
 return {item, tostring(now)}
-"""
+""")
 
 # KEYS[1] = hotbed:sb:{SID}
-# ARGV[1] = now (unix s), ARGV[2] = timeout s, ARGV[3] = idle timeout s (0: none),
-# ARGV[4] = tags JSON, ARGV[5] = claiming client id
+# ARGV = field, value, ... of the claim (hotbed.records.claimed: state running, path
+# warm, the claim's clock, timeout, idle timeout, tags and claimer)
 # Second step of a warm claim: the record flips pooled -> running only if it is still
 # pooled (its container may have died since it was listed). Returns 1 or 0.
-CLAIM_RECORD = """
+CLAIM_RECORD = Script("""
 if redis.call('HGET', KEYS[1], 'state') ~= 'pooled' then
   return 0
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'path', 'warm', 'created_at', ARGV[1],
-  'started_at', ARGV[1], 'last_active', ARGV[1], 'timeout', ARGV[2], 'idle_timeout', ARGV[3],
-  'tags', ARGV[4], 'claimed_by', ARGV[5])
+redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
-"""
+""")
 
 # KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:stale
 # A template was rebuilt: every ready entry moves to the stale list in one step (the
 # pool controller ends them), so no claim after the rebuild gets the old set-up.
 # Returns how many moved.
-POOL_RETIRE = """
+POOL_RETIRE = Script("""
 local n = 0
 while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do
   n = n + 1
 end
 return n
-"""
+""")
 
 # KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:warming,
 # KEYS[3] = hotbed:{pool:NAME}:conf
 # ARGV[1] = "SID WORKER"
 # A worker made a pool sandbox ready: it joins the ready list unless the pool was
 # deleted meanwhile. Returns 1 if listed, 0 if the caller should end the sandbox.
-POOL_PUT = """
+POOL_PUT = Script("""
 local sid = string.match(ARGV[1], '^(%S+)')
 redis.call('ZREM', KEYS[2], sid)
 if redis.call('EXISTS', KEYS[3]) == 0 then
@@ -244,4 +250,24 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
 end
 redis.call('RPUSH', KEYS[1], ARGV[1])
 return 1
-"""
+""")
+
+# KEYS[1] = hotbed:tpl:{NAME}
+# ARGV[1] = worker id
+# A worker now holds template NAME's snapshot locally: adds it to the record's
+# ``holders`` (a sorted JSON list) in one step, so two workers finishing a copy at
+# once both stay listed. Returns 1 if added, 0 if it was listed already.
+ADD_HOLDER = Script("""
+local raw = redis.call('HGET', KEYS[1], 'holders')
+local holders = {}
+if raw and raw ~= '' then
+  holders = cjson.decode(raw)
+end
+for _, h in ipairs(holders) do
+  if h == ARGV[1] then return 0 end
+end
+table.insert(holders, ARGV[1])
+table.sort(holders)
+redis.call('HSET', KEYS[1], 'holders', cjson.encode(holders))
+return 1
+""")

@@ -1,15 +1,29 @@
-"""Sandbox records as stored in Redis (one hash per sandbox, ``Keys.sandbox``).
+"""The Redis shapes both daemons and the SDK share, each with its one codec.
 
-A hash rather than one encoded blob so that hot fields (``state``, ``last_active``) are
-updated with one HSET and no read-modify-write. Values are strings; tags are JSON.
+* **Sandbox records** (:class:`SandboxRecord`, one hash per sandbox, ``Keys.sandbox``):
+  :func:`to_hash` / :func:`from_hash`, and the named state transitions below, which
+  give the exact field writes of each step (the worker, the scheduler and the Lua
+  scripts take their field names from here, never spell them).
+* **Worker capacity** (:class:`Capacity`, ``Keys.worker_cap``): written only by the
+  capacity scripts in :mod:`hotbed.lua`; read with :func:`capacity_from_hash`.
+* **Pool config** (:class:`PoolConfig`, ``Keys.pool_conf``):
+  :func:`pool_config_to_hash` / :func:`pool_config_from_hash`.
+* **Template records** (:class:`TemplateRecord`, ``Keys.template``):
+  :func:`template_to_hash` / :func:`template_from_hash`; the ``holders`` list is only
+  ever extended by the ``ADD_HOLDER`` script (:func:`add_template_holder`).
 
-States::
+A sandbox record is a hash rather than one encoded blob so that hot fields (``state``,
+``last_active``) are updated with one HSET and no read-modify-write. Values are
+strings; tags and GPU uuids are JSON.
 
-    creating -> running -> terminated      (reason: client | timeout | idle_timeout | ...)
-             \\-> failed                   (reason: the error)
-    running  -> lost                       (its worker stopped heartbeating)
-    running <-> paused                     (issue 3)
-    creating -> pooled -> running           (warm pool: made ready, then claimed)
+States and the transition that writes each step::
+
+    creating -> running -> terminated      to_started / to_restored, then to_ended
+             \\-> failed                   to_ended(state="failed", reason=the error)
+    running  -> lost                       to_lost (its worker stopped heartbeating)
+    running <-> paused                     to_paused / to_resumed
+    creating -> pooled -> running          to_restored(pool=...), then to_claimed
+    pooled   -> terminated | failed        to_unlisted (before the container goes)
 
 An ended record (terminated / failed / lost) is kept for ``ENDED_RECORD_TTL_S`` so
 ``Sandbox.from_id`` can say why a sandbox is gone, then expires.
@@ -17,10 +31,16 @@ An ended record (terminated / failed / lost) is kept for ``ENDED_RECORD_TTL_S`` 
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import msgspec
 import orjson
+import redis.asyncio as aioredis
+
+from hotbed import lua
+from hotbed.batching import Command
+from hotbed.protocol import TemplateSpec, encode
 
 State = Literal["creating", "pooled", "running", "paused", "terminated", "failed", "lost"]
 ENDED_STATES = frozenset({"terminated", "failed", "lost"})
@@ -87,7 +107,7 @@ _FLOAT_FIELDS = frozenset(
 )
 
 
-def from_hash(raw: dict[bytes, bytes] | dict[str, str]) -> SandboxRecord | None:
+def from_hash(raw: Mapping[Any, Any]) -> SandboxRecord | None:
     if not raw:
         return None
     data: dict[str, object] = {}
@@ -105,3 +125,228 @@ def from_hash(raw: dict[bytes, bytes] | dict[str, str]) -> SandboxRecord | None:
     if "id" not in data:
         return None
     return msgspec.convert(data, SandboxRecord, strict=False)
+
+
+# ------------------------------------------------------------ state transitions
+# Each gives the exact fields one step writes (HSET them as they are): only this
+# module spells a record's field names.
+
+# Field name -> value. Keys typed Any so redis-py's ``hset(mapping=...)`` takes it.
+Fields = dict[Any, str]
+
+
+def field_names(*names: str) -> tuple[str, ...]:
+    """``names``, checked to be record fields: for code that reads a few fields raw
+    (HMGET) instead of decoding the whole record."""
+    unknown = set(names) - set(SandboxRecord.__struct_fields__)
+    if unknown:
+        raise ValueError(f"not sandbox record fields: {sorted(unknown)}")
+    return names
+
+
+def hset(key: str, fields: Fields) -> Command:
+    """``fields`` written to ``key``, as a command for ``AutoPipeline.execute``."""
+    return ("HSET", key, *(x for kv in fields.items() for x in kv))
+
+
+def to_started(*, now: float, path: str, worker: str) -> Fields:
+    """creating -> running: a sandbox booted from an image."""
+    return {
+        "state": "running", "started_at": str(now), "last_active": str(now), "path": path,
+        "created_at": str(now), "worker": worker,
+    }
+
+
+def to_restored(
+    *, now: float, path: str, worker: str, pool: str, image: str, snapshot: str
+) -> Fields:
+    """creating -> running, or -> pooled when made for a warm pool (``pool``): a
+    sandbox restored from a template's snapshot (or booted and set up from one)."""
+    return {
+        "state": "pooled" if pool else "running", "started_at": str(now),
+        "last_active": str(now), "path": path, "created_at": str(now), "worker": worker,
+        "pool": pool, "image": image, "snapshot": snapshot,
+    }
+
+
+def to_claimed(
+    *, now: float, timeout: float, idle_timeout: float, tags: dict[str, str], client_id: str
+) -> Fields:
+    """pooled -> running: a client claimed a warm sandbox; its clock starts now. Sent
+    as ARGV to ``lua.CLAIM_RECORD``, which writes it only if the record is still pooled.
+    ``claimed_by`` is for operators reading the hash (the record does not decode it)."""
+    return {
+        "state": "running", "path": "warm", "created_at": repr(now), "started_at": repr(now),
+        "last_active": repr(now), "timeout": repr(timeout), "idle_timeout": repr(idle_timeout),
+        "tags": orjson.dumps(tags).decode(), "claimed_by": client_id,
+    }
+
+
+def touched(last_active: float) -> Fields:
+    """Activity seen (written by the worker's heartbeat, at most once a beat)."""
+    return {"last_active": str(last_active)}
+
+
+def to_paused() -> Fields:
+    return {"state": "paused"}
+
+
+def to_resumed(*, now: float) -> Fields:
+    return {"state": "running", "last_active": str(now)}
+
+
+def to_unlisted(*, failed: bool) -> Fields:
+    """A pooled sandbox leaving its pool: marked ended before its container goes, so a
+    claim racing the end sees it is no longer pooled. :func:`to_ended` follows."""
+    return {"state": "failed" if failed else "terminated"}
+
+
+def to_ended(*, state: str, reason: str, now: float) -> Fields:
+    """-> terminated | failed | lost; expire the record ``ENDED_RECORD_TTL_S`` later."""
+    return {"state": state, "reason": reason, "ended_at": str(now)}
+
+
+def to_lost(*, worker: str, now: float) -> Fields:
+    """-> lost: its worker stopped heartbeating (the reaper's step)."""
+    return to_ended(state="lost", reason=f"worker {worker} stopped heartbeating", now=now)
+
+
+def with_gpus(uuids: list[str]) -> Fields:
+    """The GPUs a placement reserved (known only once ``RESERVE_DISPATCH`` ran)."""
+    return {"gpu_uuids": orjson.dumps(uuids).decode()}
+
+
+# ------------------------------------------------------------------ capacity
+
+
+class Capacity(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's free capacity (``Keys.worker_cap``): fields ``cpu`` (millicpu),
+    ``mem`` (MiB), ``n`` (sandboxes placed) and ``gpu:<uuid>`` (``0`` free, ``1``
+    taken). Only the Lua scripts write it (REGISTER, RESERVE_DISPATCH, RELEASE, PARK,
+    UNPARK); everything else reads it through :func:`capacity_from_hash`."""
+
+    cpu_free: int = 0
+    mem_free: int = 0
+    sandboxes: int = 0
+    gpu_free: list[str] = []
+    gpu_taken: list[str] = []
+
+
+def capacity_from_hash(raw: Mapping[Any, Any]) -> Capacity:
+    """The capacity in ``raw`` (HGETALL of ``Keys.worker_cap``); absent fields are 0."""
+    cpu = mem = n = 0
+    free: list[str] = []
+    taken: list[str] = []
+    for k, v in raw.items():
+        key = _s(k)
+        if key.startswith("gpu:"):
+            val = _s(v)
+            if val == "0":
+                free.append(key[4:])
+            elif val == "1":
+                taken.append(key[4:])
+        elif key == "cpu":
+            cpu = int(v)
+        elif key == "mem":
+            mem = int(v)
+        elif key == "n":
+            n = int(v)
+    return Capacity(cpu_free=cpu, mem_free=mem, sandboxes=n, gpu_free=free, gpu_taken=taken)
+
+
+# --------------------------------------------------------------- pool config
+
+
+class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A warm pool's target (``Keys.pool_conf``): its template, size and shape. Always
+    written whole (:func:`hotbed.templates.set_pool`)."""
+
+    template: str
+    size: int = 0
+    cpu: float = 0.0
+    memory_mb: int = 0
+    gpu: str = ""
+
+
+def pool_config_to_hash(conf: PoolConfig) -> Fields:
+    return {
+        "template": conf.template, "size": str(conf.size), "cpu": f"{conf.cpu:g}",
+        "memory_mb": str(conf.memory_mb), "gpu": conf.gpu,
+    }
+
+
+def pool_config_from_hash(raw: Mapping[Any, Any]) -> PoolConfig | None:
+    """The config in ``raw`` (HGETALL of ``Keys.pool_conf``), or None for no pool."""
+    if not raw:
+        return None
+    d = {_s(k): _s(v) for k, v in raw.items()}
+    return PoolConfig(
+        template=d.get("template", ""), size=int(d.get("size") or 0),
+        cpu=float(d.get("cpu") or 0), memory_mb=int(d.get("memory_mb") or 0),
+        gpu=d.get("gpu", ""),
+    )
+
+
+# ----------------------------------------------------------- template records
+
+TemplateState = Literal["building", "ready", "failed"]
+
+
+class TemplateRecord(msgspec.Struct, kw_only=True, frozen=True):
+    name: str
+    state: TemplateState = "building"
+    spec: TemplateSpec = TemplateSpec()
+    snapshot: str = ""
+    size_bytes: int = 0
+    build_s: float = 0.0
+    # Workers holding the snapshot locally (restore there needs no copy).
+    holders: list[str] = []
+    error: str = ""
+    created_at: float = 0.0
+    # The sandbox a ``sb.snapshot()`` template was taken from ("" for a built one).
+    source: str = ""
+
+
+def template_to_hash(rec: TemplateRecord) -> dict[str, Any]:
+    return {
+        "name": rec.name, "state": rec.state, "spec": encode(rec.spec),
+        "snapshot": rec.snapshot, "size_bytes": str(rec.size_bytes), "build_s": str(rec.build_s),
+        "holders": orjson.dumps(rec.holders), "error": rec.error,
+        "created_at": str(rec.created_at), "source": rec.source,
+    }
+
+
+_spec_decoder = msgspec.msgpack.Decoder(TemplateSpec)
+
+
+def _b(x: bytes | str) -> bytes:
+    return x if isinstance(x, bytes) else x.encode()
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def template_from_hash(hash_: Mapping[Any, Any]) -> TemplateRecord | None:
+    raw = {_b(k): _b(v) for k, v in hash_.items()}
+    if not raw or b"name" not in raw:
+        return None
+    g = raw.get
+    return TemplateRecord(
+        name=g(b"name", b"").decode(),
+        state=g(b"state", b"building").decode(),  # type: ignore[arg-type]
+        spec=_spec_decoder.decode(raw[b"spec"]) if raw.get(b"spec") else TemplateSpec(),
+        snapshot=g(b"snapshot", b"").decode(),
+        size_bytes=int(g(b"size_bytes", b"0") or 0),
+        build_s=float(g(b"build_s", b"0") or 0),
+        holders=orjson.loads(g(b"holders", b"[]") or b"[]"),
+        error=g(b"error", b"").decode(),
+        created_at=float(g(b"created_at", b"0") or 0),
+        source=g(b"source", b"").decode(),
+    )
+
+
+async def add_template_holder(redis: aioredis.Redis, key: str, worker_id: str) -> bool:
+    """List ``worker_id`` among the holders of the template at ``key`` (one Lua step:
+    concurrent holders never overwrite each other). True if it was not listed yet."""
+    return bool(await lua.ADD_HOLDER.run(redis, [key], [worker_id]))

@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import re
 import time
-import weakref
-from collections.abc import Mapping
-from typing import Any, Literal
 
 import msgspec
-import orjson
 
-from hotbed import batching, lua, protocol
-from hotbed.batching import Script, raise_first_error
+from hotbed import batching, lua, protocol, records
+from hotbed.batching import raise_first_error
 from hotbed.client import Client, new_id
 from hotbed.errors import InvalidRequest, TemplateNotFound
 from hotbed.protocol import (
@@ -50,71 +46,31 @@ from hotbed.protocol import (
     TemplateSpec,
 )
 
-TemplateState = Literal["building", "ready", "failed"]
+# The template record's codec lives with the other Redis shapes (hotbed.records); its
+# names are also this module's, where the SDK and the worker have always found them.
+from hotbed.records import TemplateRecord, TemplateState, template_from_hash, template_to_hash
+
+__all__ = [
+    "TemplateRecord", "TemplateState", "template_from_hash", "template_to_hash",
+    "check_name", "pool_name", "PoolStatus", "create_template", "get_template",
+    "list_templates", "delete_template", "set_pool", "pool_status", "claim_nowait",
+    "SPAWN_SCRIPT", "CLAIM_LEASE_MS", "BUILD_TIMEOUT_S", "NAME_RE",
+]
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # How long a claimer may take between POOL_CLAIM and finishing the claim.
 CLAIM_LEASE_MS = 10_000
 BUILD_TIMEOUT_S = 900.0
-# Waits (at most ~20 s) for init to have made the FIFO: the guest agent (issue 5), when
-# it is PID 1, creates it a moment after the container starts.
+# Waits (at most ~20 s) for init to have made the FIFO: the guest agent, when it is
+# PID 1, creates it a moment after the container starts.
 SPAWN_SCRIPT = (
     f'i=0; while [ ! -p {SPAWN_FIFO} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; '
     f'printf "%s\\n" "$1" > {SPAWN_FIFO}'
 )
 
 
-class TemplateRecord(msgspec.Struct, kw_only=True, frozen=True):
-    name: str
-    state: TemplateState = "building"
-    spec: TemplateSpec = TemplateSpec()
-    snapshot: str = ""
-    size_bytes: int = 0
-    build_s: float = 0.0
-    # Workers holding the snapshot locally (restore there needs no copy).
-    holders: list[str] = []
-    error: str = ""
-    created_at: float = 0.0
-    # The sandbox a ``sb.snapshot()`` template was taken from ("" for a built one).
-    source: str = ""
-
-
-def template_to_hash(rec: TemplateRecord) -> dict[str, Any]:
-    return {
-        "name": rec.name, "state": rec.state, "spec": protocol.encode(rec.spec),
-        "snapshot": rec.snapshot, "size_bytes": str(rec.size_bytes), "build_s": str(rec.build_s),
-        "holders": orjson.dumps(rec.holders), "error": rec.error,
-        "created_at": str(rec.created_at), "source": rec.source,
-    }
-
-
-_spec_decoder = msgspec.msgpack.Decoder(TemplateSpec)
-
-
-def _b(x: bytes | str) -> bytes:
-    return x if isinstance(x, bytes) else x.encode()
-
-
 def _s(x: bytes | str) -> str:
     return x.decode() if isinstance(x, bytes) else x
-
-
-def template_from_hash(hash_: Mapping[Any, Any]) -> TemplateRecord | None:
-    raw = {_b(k): _b(v) for k, v in hash_.items()}
-    if not raw or b"name" not in raw:
-        return None
-    g = raw.get
-    return TemplateRecord(
-        name=g(b"name", b"").decode(),
-        state=g(b"state", b"building").decode(),  # type: ignore[arg-type]
-        spec=_spec_decoder.decode(raw[b"spec"]) if raw.get(b"spec") else TemplateSpec(),
-        snapshot=g(b"snapshot", b"").decode(),
-        size_bytes=int(g(b"size_bytes", b"0") or 0),
-        build_s=float(g(b"build_s", b"0") or 0),
-        holders=orjson.loads(g(b"holders", b"[]") or b"[]"),
-        error=g(b"error", b"").decode(),
-        created_at=float(g(b"created_at", b"0") or 0),
-        source=g(b"source", b"").decode(),
-    )
 
 
 def check_name(name: str) -> str:
@@ -229,12 +185,9 @@ async def set_pool(
         raise InvalidRequest(f"pool size must be >= 0, got {size}")
     await get_template(template, client=client)
     name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu))
-    conf = client.keys.pool_conf(name)
+    conf = records.PoolConfig(template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "")
     async with client.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(conf, mapping={
-            "template": template, "size": str(size), "cpu": f"{cpu:g}",
-            "memory_mb": str(memory_mb), "gpu": gpu or "",
-        })
+        pipe.hset(client.keys.pool_conf(name), mapping=records.pool_config_to_hash(conf))
         pipe.sadd(client.keys.pools, name)
         await pipe.execute()
     return name
@@ -249,26 +202,16 @@ async def pool_status(*, client: Client) -> list[PoolStatus]:
             pipe.llen(client.keys.pool_ready(n))
             pipe.zcard(client.keys.pool_warming(n))
             pipe.zcard(client.keys.pool_claims(n))
-            conf, ready, warming, claiming = await pipe.execute()
-        if not conf:
+            raw, ready, warming, claiming = await pipe.execute()
+        conf = records.pool_config_from_hash(raw)
+        if conf is None:
             continue
         out.append(PoolStatus(
-            name=n, template=conf[b"template"].decode(), size=int(conf[b"size"]),
-            ready=ready, warming=warming, claiming=claiming, cpu=float(conf[b"cpu"]),
-            memory_mb=int(conf[b"memory_mb"]), gpu=conf.get(b"gpu", b"").decode(),
+            name=n, template=conf.template, size=conf.size,
+            ready=ready, warming=warming, claiming=claiming, cpu=conf.cpu,
+            memory_mb=conf.memory_mb, gpu=conf.gpu,
         ))
     return out
-
-
-class _Scripts:
-    def __init__(self, client: Client) -> None:
-        self.claim = client.redis.register_script(lua.POOL_CLAIM)
-        self.record = client.redis.register_script(lua.CLAIM_RECORD)
-
-
-_scripts: weakref.WeakKeyDictionary[Client, _Scripts] = weakref.WeakKeyDictionary()
-_POOL_CLAIM = Script(lua.POOL_CLAIM)
-_CLAIM_RECORD = Script(lua.CLAIM_RECORD)
 
 
 async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated | None:
@@ -277,30 +220,24 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
         return None
     if not 0 < spec.timeout <= protocol.MAX_TIMEOUT_S:
         raise InvalidRequest(f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}], got {spec.timeout:g}")
-    scripts = _scripts.get(client)
-    if scripts is None:
-        scripts = _scripts[client] = _Scripts(client)
     keys = client.keys
     pool = pool_name(spec.template, spec.resources)
     ready, claims = keys.pool_ready(pool), keys.pool_claims(pool)
-    tags = orjson.dumps(spec.tags).decode()
     # Each step is auto-pipelined: concurrent claims of this client share round trips.
     ap = batching.for_client(client.redis)
     while True:
-        (got,) = raise_first_error(await ap.execute(
-            _POOL_CLAIM.call([ready, claims], [CLAIM_LEASE_MS]), scripts=(_POOL_CLAIM,)
-        ))
+        (got,) = raise_first_error(await ap.execute(lua.POOL_CLAIM.call([ready, claims], [CLAIM_LEASE_MS])))
         if not got:
             return None
         item, now_ms = got[0], int(got[1])
         sid, wid = item.decode().split(" ", 1)
         now = now_ms / 1000
+        claim = records.to_claimed(
+            now=now, timeout=spec.timeout, idle_timeout=spec.idle_timeout or 0.0,
+            tags=spec.tags, client_id=client.client_id,
+        )
         (ok,) = raise_first_error(await ap.execute(
-            _CLAIM_RECORD.call(
-                [keys.sandbox(sid)],
-                [repr(now), repr(spec.timeout), repr(spec.idle_timeout or 0.0), tags, client.client_id],
-            ),
-            scripts=(_CLAIM_RECORD,),
+            lua.CLAIM_RECORD.call([keys.sandbox(sid)], [x for kv in claim.items() for x in kv])
         ))
         if not ok:
             # Died (or was taken back) since it was listed: never hand it out.

@@ -7,7 +7,7 @@ HOTBED_GPU_WORKERS_FOR_CPU (true: CPU-only sandboxes may land on GPU workers eve
 CPU-only workers have room), HOTBED_SHUTDOWN_GRACE_S, HOTBED_LOG_FORMAT,
 HOTBED_LOG_LEVEL, HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off),
 HOTBED_METRICS_ADDR (default 127.0.0.1), HOTBED_POOL_REFILL_PER_S,
-HOTBED_POOL_MAX_WARMING, HOTBED_POOL_INTERVAL_S (warm pool controller, issue 3).
+HOTBED_POOL_MAX_WARMING, HOTBED_POOL_INTERVAL_S (the warm pool controller).
 
 Validated at load: unknown keys and bad values are one ConfigError line (exit code 2).
 SIGHUP reloads :data:`RELOADABLE`; other fields need a restart.
@@ -40,11 +40,10 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     gpu_workers_for_cpu: bool = False
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     log_format: Literal["text", "json"] = "text"
-    # Fleet operation (issue 6).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     metrics_addr: str = "127.0.0.1"
-    # Warm pools (issue 3): refills started per second over all pools (a burst of
+    # Warm pools: refills started per second over all pools (a burst of
     # claims cannot starve running sandboxes of CPU), refills in flight per pool, and
     # how often the pool controller looks.
     pool_refill_per_s: Positive = 20.0

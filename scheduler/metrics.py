@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from daemon import lifecycle
 from daemon.metrics import Samples
+from hotbed.records import pool_config_from_hash
 
 if TYPE_CHECKING:
     from scheduler.service import Scheduler
@@ -44,16 +45,16 @@ async def sample(s: Scheduler) -> Samples:
     if names:
         async with s.redis.pipeline(transaction=False) as pipe:
             for n in names:
-                pipe.hmget(keys.pool_conf(n), "size", "template")
+                pipe.hgetall(keys.pool_conf(n))
                 pipe.llen(keys.pool_ready(n))
             rows = await pipe.execute()
         ready: dict[tuple[str, ...], float] = {}
         target: dict[tuple[str, ...], float] = {}
         for i, n in enumerate(names):
-            (size, template), nready = rows[2 * i], rows[2 * i + 1]
-            label = (n, template.decode() if template else "")
+            conf, nready = pool_config_from_hash(rows[2 * i]), rows[2 * i + 1]
+            label = (n, conf.template if conf else "")
             ready[label] = float(nready)
-            target[label] = float(size or 0)
+            target[label] = float(conf.size if conf else 0)
         out["hotbed_pool_ready"], out["hotbed_pool_target"] = ready, target
     gpu: dict[tuple[str, ...], float] = {}
     cap: dict[tuple[str, ...], float] = {}

@@ -1,4 +1,5 @@
-"""Choosing workers for a sandbox: pure functions over the registry's view.
+"""Choosing workers for a sandbox: pure functions over the registry's view of them
+(:class:`WorkerView`, kept fresh by :mod:`scheduler.registry`).
 
 ``rank`` filters the live workers that could take the sandbox now and orders them by
 policy (``spread``: most free CPU first; ``pack``: least free first). ``could_ever``
@@ -18,8 +19,24 @@ from collections.abc import Sequence
 import msgspec
 
 from hotbed.errors import InvalidRequest
-from hotbed.protocol import SandboxSpec
-from scheduler.registry import WorkerView
+from hotbed.protocol import SandboxSpec, WorkerInfo
+
+
+class WorkerView(msgspec.Struct, kw_only=True):
+    info: WorkerInfo
+    cpu_free: int = 0
+    mem_free: int = 0
+    gpu_free: list[str] = []
+    sandboxes: int = 0
+    heartbeat_at: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def has_gpus(self) -> bool:
+        return bool(self.info.gpus)
 
 
 class GpuNeed(msgspec.Struct, frozen=True):

@@ -26,63 +26,72 @@ it looks at each pool (``Keys.pools``):
 from __future__ import annotations
 
 import logging
-import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import anyio
+import redis.asyncio as aioredis
 
-from hotbed import protocol
+from hotbed import protocol, records
 from hotbed.client import new_id
 from hotbed.errors import HotbedError
+from hotbed.keys import Keys
 from hotbed.protocol import CreateSandbox, Envelope, Resources, SandboxSpec, Terminate
 from scheduler import templates
-
-if TYPE_CHECKING:
-    from scheduler.service import Scheduler
+from scheduler.config import SchedulerSettings
+from scheduler.leader import LeaderLock
+from scheduler.placer import Placer, sandbox_id_for
 
 log = logging.getLogger(__name__)
 
 # A refill that has not reported ready by then is no longer counted as warming.
 WARM_DEADLINE_S = 120.0
-LOCK_TTL_MS = 5000
 PRUNE_EVERY_S = 1.0
 # Ready entries checked per prune: a pool of 100k is walked in slices, so the safety
 # net costs O(1) per tick instead of O(pool size) (the worker's health check is what
 # removes a dead sandbox first; this catches what it could not).
 PRUNE_SLICE = 1000
+_PRUNE_FIELDS = records.field_names("state", "snapshot")
 
 
 class PoolController:
-    def __init__(self, sched: Scheduler) -> None:
-        self.sched = sched
-        self._token = secrets.token_hex(8)
+    """Keeps the pools full; refills go through ``placer``, and only the holder of
+    ``lock`` (the ``pools`` leader lock) acts. ``settings`` is replaced on a reload."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        placer: Placer,
+        lock: LeaderLock,
+        *,
+        settings: SchedulerSettings,
+    ) -> None:
+        # Replies are bytes (decode_responses is off); redis-py's stubs say bytes | str.
+        self.redis: Any = redis
+        self.keys = keys
+        self.placer = placer
+        self.lock = lock
+        self.settings = settings
         self._bucket = 0.0
         self._bucket_at: float | None = None
         self._pruned_at: dict[str, float] = {}
         self._prune_from: dict[str, int] = {}
         self.started = 0
 
-    @property
-    def redis(self):  # type: ignore[no-untyped-def]
-        return self.sched.redis
-
     async def run(self) -> None:
         while True:
             try:
-                leader = await self.sched._lock(
-                    keys=[self.sched.keys.lock("pools")], args=[self._token, LOCK_TTL_MS]
-                )
-                if leader:
+                if await self.lock.hold():
                     await self.tick()
             except HotbedError as exc:
                 log.warning("pool controller: %s", exc)
-            await anyio.sleep(self.sched.settings.pool_interval_s)
+            await anyio.sleep(self.settings.pool_interval_s)
 
     def _take_tokens(self, want: int) -> int:
-        rate = self.sched.settings.pool_refill_per_s
+        rate = self.settings.pool_refill_per_s
         now = anyio.current_time()
-        burst = max(1.0, float(self.sched.settings.pool_max_warming))
+        burst = max(1.0, float(self.settings.pool_max_warming))
         last = now - burst / rate if self._bucket_at is None else self._bucket_at
         self._bucket = min(burst, self._bucket + (now - last) * rate)
         self._bucket_at = now
@@ -91,53 +100,51 @@ class PoolController:
         return n
 
     async def tick(self) -> None:
-        names = [n.decode() for n in await self.redis.smembers(self.sched.keys.pools)]
+        names = [n.decode() for n in await self.redis.smembers(self.keys.pools)]
         for name in names:
             await self.tick_pool(name)
 
     async def tick_pool(self, name: str) -> None:
-        keys = self.sched.keys
+        keys = self.keys
         now_ms = int(time.time() * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.pool_conf(name))
             pipe.zremrangebyscore(keys.pool_warming(name), "-inf", now_ms)
             pipe.zrangebyscore(keys.pool_claims(name), "-inf", now_ms)
             pipe.llen(keys.pool_stale(name))
-            conf, _expired, stale_claims, retired = await pipe.execute()
+            raw_conf, _expired, stale_claims, retired = await pipe.execute()
+        conf = records.pool_config_from_hash(raw_conf)
         for item in stale_claims:
             await self._take_back(name, item.decode())
         if retired:
             await self._end_retired(name)
-        size = int(conf.get(b"size", 0)) if conf else 0
+        size = conf.size if conf else 0
         now = anyio.current_time()
         if now - self._pruned_at.get(name, 0.0) >= PRUNE_EVERY_S:
             self._pruned_at[name] = now
-            await self._prune(name, conf.get(b"template", b"").decode() if conf else "")
+            await self._prune(name, conf.template if conf else "")
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(keys.pool_ready(name))
             pipe.zcard(keys.pool_warming(name))
             ready, warming = await pipe.execute()
         if ready > size:
             await self._shrink(name, ready - size)
-        if not conf or size == 0:
-            if not conf or (ready == 0 and warming == 0):
+        if conf is None or size == 0:
+            if conf is None or (ready == 0 and warming == 0):
                 await self._forget(name)
             return
         deficit = size - ready - warming
-        room = self.sched.settings.pool_max_warming - warming
+        room = self.settings.pool_max_warming - warming
         n = self._take_tokens(min(deficit, room)) if deficit > 0 and room > 0 else 0
         if n <= 0:
             return
         spec = SandboxSpec(
-            template=conf[b"template"].decode(),
-            resources=Resources(
-                cpu=float(conf[b"cpu"]), memory_mb=int(conf[b"memory_mb"]),
-                gpu=conf.get(b"gpu", b"").decode() or None,
-            ),
+            template=conf.template,
+            resources=Resources(cpu=conf.cpu, memory_mb=conf.memory_mb, gpu=conf.gpu or None),
             timeout=protocol.MAX_TIMEOUT_S,
         )
         try:
-            recipe = await templates.resolve(self.sched, spec)
+            recipe = await templates.resolve(self.redis, self.keys, spec)
         except HotbedError as exc:
             log.warning("pool %s: %s", name, exc)
             return
@@ -147,18 +154,16 @@ class PoolController:
                 break
 
     async def _refill_one(self, name: str, recipe: templates.Resolved) -> bool:
-        keys = self.sched.keys
+        keys = self.keys
         rid = new_id()
         env = Envelope(
             id=rid, reply_to="", deadline=time.time() + WARM_DEADLINE_S,
             body=CreateSandbox(spec=recipe.spec), client="pool-controller",
         )
-        from scheduler.service import sandbox_id_for
-
         sid = sandbox_id_for(rid)
         await self.redis.zadd(keys.pool_warming(name), {sid: int((time.time() + WARM_DEADLINE_S) * 1000)})
         try:
-            placed = await self.sched.place(
+            placed = await self.placer.place(
                 env, recipe.spec, make_start=lambda s: recipe.start(s, pool=name), wait=False,
                 prefer=recipe.holders if recipe.snapshot else (),
             )
@@ -178,12 +183,12 @@ class PoolController:
             id=new_id(), reply_to="", deadline=time.time() + 60,
             body=Terminate(sandbox_id=sid, reason=reason), client="pool-controller",
         )
-        await self.redis.xadd(self.sched.keys.worker_cmds(wid), {b"m": protocol.encode(env)})
+        await self.redis.xadd(self.keys.worker_cmds(wid), {b"m": protocol.encode(env)})
 
     async def _take_back(self, name: str, item: str) -> None:
-        keys = self.sched.keys
+        keys = self.keys
         sid = item.split(" ", 1)[0]
-        state = await self.redis.hget(keys.sandbox(sid), "state")
+        (state,) = await self.redis.hmget(keys.sandbox(sid), records.field_names("state"))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(keys.pool_claims(name), item)
             if state == b"pooled":
@@ -194,7 +199,7 @@ class PoolController:
             await self._end(item, "claim abandoned")
 
     async def _prune(self, name: str, template: str) -> None:
-        keys = self.sched.keys
+        keys = self.keys
         start = self._prune_from.get(name, 0)
         items = await self.redis.lrange(keys.pool_ready(name), start, start + PRUNE_SLICE - 1)
         # Next tick goes on from here, or wraps; claims and refills move the list under
@@ -205,7 +210,7 @@ class PoolController:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(keys.template(template), "snapshot")
             for it in items:
-                pipe.hmget(keys.sandbox(it.decode().split(" ", 1)[0]), "state", "snapshot")
+                pipe.hmget(keys.sandbox(it.decode().split(" ", 1)[0]), _PRUNE_FIELDS)
             current, *rows = await pipe.execute()
         for it, (st, snap) in zip(items, rows, strict=True):
             if st != b"pooled":
@@ -220,11 +225,11 @@ class PoolController:
 
     async def _end_retired(self, name: str) -> None:
         """End what a template rebuild retired (lua.POOL_RETIRE moved it off the list)."""
-        while (item := await self.redis.lpop(self.sched.keys.pool_stale(name))) is not None:
+        while (item := await self.redis.lpop(self.keys.pool_stale(name))) is not None:
             await self._end(item.decode(), "template rebuilt")
 
     async def _shrink(self, name: str, surplus: int) -> None:
-        keys = self.sched.keys
+        keys = self.keys
         for _ in range(surplus):
             item = await self.redis.lpop(keys.pool_ready(name))
             if item is None:
@@ -232,7 +237,7 @@ class PoolController:
             await self._end(item.decode(), "pool shrunk")
 
     async def _forget(self, name: str) -> None:
-        keys = self.sched.keys
+        keys = self.keys
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.pool_conf(name))
             pipe.srem(keys.pools, name)

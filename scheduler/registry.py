@@ -22,24 +22,12 @@ import redis.asyncio as aioredis
 from daemon import lifecycle
 from hotbed import protocol
 from hotbed.keys import Keys
-from hotbed.protocol import SandboxSpec, WorkerInfo
+from hotbed.protocol import SandboxSpec
+from hotbed.records import capacity_from_hash
+from scheduler.placement import WorkerView, rank
 
-
-class WorkerView(msgspec.Struct, kw_only=True):
-    info: WorkerInfo
-    cpu_free: int = 0
-    mem_free: int = 0
-    gpu_free: list[str] = []
-    sandboxes: int = 0
-    heartbeat_at: float = 0.0
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    @property
-    def has_gpus(self) -> bool:
-        return bool(self.info.gpus)
+# WorkerView is defined with the placement functions that read it; still importable here.
+__all__ = ["WorkerRegistry", "WorkerView"]
 
 
 class WorkerRegistry:
@@ -78,8 +66,6 @@ class WorkerRegistry:
         """Candidates for ``spec``, best first, as :func:`~scheduler.placement.rank`
         orders them. The caller updates the yielded worker's ``cpu_free`` / ``mem_free``
         (reserved, or found fuller than cached) before asking for the next one."""
-        from scheduler.placement import rank
-
         if spec.resources.gpu or node_tags or policy != "spread" or gpu_workers_for_cpu:
             yield from rank(
                 self.live(), spec, node_tags=node_tags, policy=policy,
@@ -135,14 +121,13 @@ class WorkerRegistry:
                 info = protocol.decode_worker_info(raw_info)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
+            free = capacity_from_hash(cap)
             fresh[wid] = WorkerView(
                 info=info,
-                cpu_free=int(cap.get(b"cpu", 0)),
-                mem_free=int(cap.get(b"mem", 0)),
-                gpu_free=[
-                    k.decode()[4:] for k, v in cap.items() if k.startswith(b"gpu:") and v == b"0"
-                ],
-                sandboxes=int(cap.get(b"n", 0)),
+                cpu_free=free.cpu_free,
+                mem_free=free.mem_free,
+                gpu_free=free.gpu_free,
+                sandboxes=free.sandboxes,
                 heartbeat_at=hb,
             )
         self.workers = fresh

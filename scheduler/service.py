@@ -1,27 +1,21 @@
-"""The scheduler daemon: intake of client requests, placement, and the reaper.
+"""The scheduler daemon: intake of client requests, and the reaper.
 
 Several replicas may run: they share the request stream through one consumer group,
 and entries a dead replica took are claimed by another after ``reclaim_idle_s``.
-A create is placed with one round trip in the common case: the sandbox record write
-and the ``RESERVE_DISPATCH`` script (capacity + the worker's start command, atomic on
-the worker's hash tag) go in one pipeline; the worker replies to the client directly.
-Requests that find no capacity wait in line (scheduler.waitline: strictly first come,
-first placed per GPU model; ordered retries for CPU), retrying as the registry refreshes, until
-their deadline (CapacityExhausted); on a graceful stop they go back to the stream.
-Requests no live worker could ever take fail at once (NoMatchingWorker). A GPU start
-command names the GPUs the scheduler picked; RESERVE_DISPATCH takes exactly those.
+Creates and template builds go to the :class:`~scheduler.placer.Placer` (one round
+trip in the common case; the worker replies to the client directly); creates waiting
+for capacity go back to the stream on a graceful stop.
 
-The reaper runs on the one replica that holds the ``reaper`` lock: a worker whose
-heartbeat lapsed has its sandboxes marked lost, every command left in its stream
-answered with WorkerLost (no client waits out its deadline), and its keys removed.
+The reaper runs on the one replica that holds the ``reaper`` leader lock
+(scheduler.leader): a worker whose heartbeat lapsed has its sandboxes marked lost,
+every command left in its stream answered with WorkerLost (no client waits out its
+deadline), and its keys removed. The warm pool controller (scheduler.pools) runs under
+its own ``pools`` lock.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-from collections.abc import Callable, Collection, Iterator
-from itertools import chain
 
 import anyio
 import msgspec
@@ -30,91 +24,64 @@ import redis.asyncio as aioredis
 from daemon import lifecycle
 from daemon.metrics import NULL, NullMetrics
 from daemon.streams import StreamConsumer, ensure_group, reply_to, send_reply
-from hotbed import batching, lua, protocol
 from hotbed import keys as keyspace
-from hotbed.batching import Script, raise_first_error
+from hotbed import lua, protocol, records
 from hotbed.connection import connect
-from hotbed.errors import (
-    CapacityExhausted,
-    HotbedError,
-    InvalidRequest,
-    NoMatchingWorker,
-    UnsupportedRequest,
-    WorkerLost,
-)
-from hotbed.protocol import (
-    BuildTemplate,
-    CreateSandbox,
-    Envelope,
-    ErrorReply,
-    Message,
-    Reply,
-    SandboxSpec,
-    StartSandbox,
-)
-from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, to_hash
+from hotbed.errors import HotbedError, UnsupportedRequest, WorkerLost
+from hotbed.protocol import BuildTemplate, CreateSandbox, Envelope, ErrorReply, Reply
+from hotbed.records import ENDED_RECORD_TTL_S
 from scheduler import templates
 from scheduler.config import SchedulerSettings
-from scheduler.placement import could_ever, parse_gpu, rank
+from scheduler.leader import LeaderLock
+from scheduler.placer import Placer, sandbox_id_for, validate
 from scheduler.pools import PoolController
-from scheduler.registry import WorkerRegistry, WorkerView
-from scheduler.waitline import HandBack, WaitLine, wait_class
+from scheduler.registry import WorkerRegistry
+from scheduler.waitline import HandBack, WaitLine
 
 log = logging.getLogger(__name__)
 
-RESERVE_DISPATCH = Script(lua.RESERVE_DISPATCH)
-
-# A worker gets this long after its last heartbeat before a request that could only fit
-# on it fails as NoMatchingWorker.
-LOCK_TTL_MS = 5000
-
-
-def validate(spec: SandboxSpec) -> None:
-    """Bad input gets InvalidRequest, never a traceback."""
-    r = spec.resources
-    problems = []
-    if not spec.image:
-        problems.append("image is empty")
-    if not 0 < spec.timeout <= protocol.MAX_TIMEOUT_S:
-        problems.append(f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}] seconds, got {spec.timeout:g}")
-    if spec.idle_timeout is not None and spec.idle_timeout <= 0:
-        problems.append(f"idle_timeout must be positive, got {spec.idle_timeout:g}")
-    if r.cpu <= 0:
-        problems.append(f"cpu must be positive, got {r.cpu:g}")
-    if r.memory_mb < 16:
-        problems.append(f"memory_mb must be at least 16, got {r.memory_mb}")
-    if r.pids < 8:
-        problems.append(f"pids must be at least 8, got {r.pids}")
-    parse_gpu(r.gpu)
-    if problems:
-        raise InvalidRequest("; ".join(problems))
-
-
-def sandbox_id_for(request_id: str) -> str:
-    # Derived from the request id so a redelivered request names the same sandbox.
-    return f"sb-{request_id}"
+# Moved to scheduler.placer; still importable from here.
+__all__ = ["Scheduler", "sandbox_id_for", "validate"]
 
 
 class Scheduler:
     def __init__(self, settings: SchedulerSettings) -> None:
-        self.settings = settings
+        self._settings = settings
         self.keys = keyspace.Keys(settings.prefix)
         self.name = settings.resolved_name()
         self.stopping = anyio.Event()
         self._redis: aioredis.Redis | None = None
         self._blocking: aioredis.Redis | None = None
-        self.registry: WorkerRegistry | None = None
         self._limiter = anyio.CapacityLimiter(settings.max_in_flight)
-        self._lock_token = secrets.token_hex(8)
-        self.placed = 0
         self.waitline = WaitLine()
-        self.pools = PoolController(self)
         self.metrics: NullMetrics = NULL
+        # Made once Redis is connected (run()).
+        self.registry: WorkerRegistry | None = None
+        self.placer: Placer | None = None
+        self.pools: PoolController | None = None
+
+    @property
+    def settings(self) -> SchedulerSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: SchedulerSettings) -> None:
+        # A reload (SIGHUP) reaches the parts that read reloadable settings.
+        self._settings = value
+        if self.placer is not None:
+            self.placer.settings = value
+        if self.pools is not None:
+            self.pools.settings = value
 
     @property
     def redis(self) -> aioredis.Redis:
         assert self._redis is not None, "scheduler not started"
         return self._redis
+
+    @property
+    def placed(self) -> int:
+        """Sandboxes this replica placed."""
+        return self.placer.placed if self.placer is not None else 0
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._redis = connect(self.settings.redis_url)
@@ -127,11 +94,18 @@ class Scheduler:
                 await self._blocking.aclose()
 
     async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        self._reserve = self.redis.register_script(lua.RESERVE_DISPATCH)
-        self._lock = self.redis.register_script(lua.LOCK)
         self.registry = WorkerRegistry(
             self.redis, self.keys, heartbeat_ttl_s=self.settings.heartbeat_ttl_s
         )
+        self.placer = Placer(
+            self.redis, self.keys, self.registry, self.waitline,
+            settings=self.settings, metrics=self.metrics,
+        )
+        self.pools = pools = PoolController(
+            self.redis, self.keys, self.placer, LeaderLock(self.redis, self.keys.lock("pools")),
+            settings=self.settings,
+        )
+        reaper_lock = LeaderLock(self.redis, self.keys.lock("reaper"))
         await self.registry.refresh()
         consumer = StreamConsumer(
             redis=self.redis,
@@ -145,8 +119,8 @@ class Scheduler:
         log.info("scheduler %s ready", self.name)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._refresh_loop)
-            tg.start_soon(self._reaper_loop)
-            tg.start_soon(self.pools.run)
+            tg.start_soon(self._reaper_loop, reaper_lock)
+            tg.start_soon(pools.run)
             async with anyio.create_task_group() as work:
                 tg.start_soon(self._reclaim_loop, consumer, work)
                 task_status.started()
@@ -197,14 +171,11 @@ class Scheduler:
         finally:
             self._limiter.release_on_behalf_of(token)
 
-    async def _reaper_loop(self) -> None:
+    async def _reaper_loop(self, lock: LeaderLock) -> None:
         while True:
             await anyio.sleep(1.0)
             with lifecycle.survive("reaper"):
-                leader = await self._lock(
-                    keys=[self.keys.lock("reaper")], args=[self._lock_token, LOCK_TTL_MS]
-                )
-                if leader:
+                if await lock.hold():
                     await self.reap_dead_workers()
 
     async def reap_dead_workers(self) -> None:
@@ -215,21 +186,18 @@ class Scheduler:
 
     async def _worker_lost(self, wid: str) -> None:
         log.warning("worker %s stopped heartbeating; marking its sandboxes lost", wid, extra={"worker_id": wid})
-        drain = self.redis.register_script(lua.DRAIN_WORKER)
-        held, msgs = await drain(
-            keys=[
+        held, msgs = await lua.DRAIN_WORKER.run(
+            self.redis,
+            [
                 self.keys.worker_cmds(wid), self.keys.worker_cap(wid),
                 self.keys.worker_sandboxes(wid), self.keys.worker_info(wid),
-            ]
+            ],
         )
-        now = str(lifecycle.wall())
+        lost = records.to_lost(worker=wid, now=lifecycle.wall())
         async with self.redis.pipeline(transaction=False) as pipe:
             for raw in held:
                 sid = raw.decode()
-                pipe.hset(
-                    self.keys.sandbox(sid),
-                    mapping={"state": "lost", "reason": f"worker {wid} stopped heartbeating", "ended_at": now},
-                )
+                pipe.hset(self.keys.sandbox(sid), mapping=lost)
                 pipe.expire(self.keys.sandbox(sid), ENDED_RECORD_TTL_S)
                 pipe.zrem(self.keys.sandboxes, sid)
             pipe.zrem(self.keys.workers, wid)
@@ -281,166 +249,15 @@ class Scheduler:
             await reply_to(self.redis, env, reply)
 
     async def _dispatch(self, env: Envelope) -> Reply | None:
+        assert self.placer is not None
         body = env.body
         if isinstance(body, CreateSandbox):
             if body.spec.template:
-                await templates.place_from_template(self, env, body.spec)
+                await templates.place_from_template(self.placer, env, body.spec)
             else:
-                await self.place(env, body.spec)
+                await self.placer.place(env, body.spec)
             return None  # the worker replies
         if isinstance(body, BuildTemplate):
-            await templates.place_build(self, env, body)
+            await templates.place_build(self.placer, env, body)
             return None
         raise UnsupportedRequest(f"the scheduler does not handle {type(body).__name__}")
-
-    async def place(
-        self, env: Envelope, spec: SandboxSpec, *,
-        make_start: Callable[[str], Message] | None = None, wait: bool = True,
-        prefer: Collection[str] = (),
-    ) -> str | None:
-        """Reserve capacity on a worker and hand it the start command.
-
-        ``make_start(sid)`` builds a different command (a template restore, a template
-        build); ``wait=False`` returns None at once when no worker has room (pool refills).
-        ``prefer``: workers tried first when they have room (those holding the snapshot
-        a restore needs, so nothing is copied).
-        """
-        assert self.registry is not None
-        validate(spec)
-        sid = sandbox_id_for(env.id)
-        start = make_start(sid) if make_start else StartSandbox(sandbox_id=sid, spec=spec)
-        payload = protocol.encode(
-            Envelope(id=env.id, reply_to=env.reply_to, deadline=env.deadline, body=start, client=env.client)
-        )
-        record = SandboxRecord(
-            id=sid,
-            image=spec.image,
-            template=spec.template or "",
-            cpu=spec.resources.cpu,
-            memory_mb=spec.resources.memory_mb,
-            gpu=spec.resources.gpu or "",
-            created_at=lifecycle.wall(),
-            timeout=spec.timeout,
-            idle_timeout=spec.idle_timeout or 0.0,
-            tags=spec.tags,
-        )
-        gpu = parse_gpu(spec.resources.gpu)
-        ngpu = gpu.count if gpu else 0
-        t0 = anyio.current_time()
-        # Creates that find no room wait in line, per class, in arrival order.
-        ticket = self.waitline.ticket(wait_class(spec))
-        if not self.waitline.is_waiting(ticket.cls):
-            self._check_matchable(env, spec)
-            if await self._place_once(env, sid, spec, record, payload, ngpu, start=start, prefer=prefer):
-                self.metrics.placement_wait(anyio.current_time() - t0)
-                return sid
-        if not wait:
-            return None
-        with self.waitline.joined(ticket):
-            while True:
-                if self.waitline.closed:
-                    raise HandBack
-                if lifecycle.wall() > env.deadline:
-                    raise CapacityExhausted(
-                        f"no worker had room for cpu={spec.resources.cpu:g} memory={spec.resources.memory_mb}MiB"
-                        + (f" gpu={spec.resources.gpu}" if spec.resources.gpu else "")
-                        + " before the request's deadline"
-                    )
-                self._check_matchable(env, spec)
-                mark = self.waitline.mark()
-                if self.waitline.may_try(ticket) and await self._place_once(
-                    env, sid, spec, record, payload, ngpu, start=start, prefer=prefer
-                ):
-                    self.metrics.placement_wait(anyio.current_time() - t0)
-                    return sid
-                await self.waitline.wait_turn(ticket, mark, within=env.deadline - lifecycle.wall())
-
-    def _check_matchable(self, env: Envelope, spec: SandboxSpec) -> None:
-        assert self.registry is not None
-        live = self.registry.live()
-        if not could_ever(live, spec, spec.worker_tags):
-            if live or lifecycle.wall() > env.deadline - 0.001:
-                raise NoMatchingWorker(self._no_match_message(spec))
-
-    async def _place_once(
-        self, env: Envelope, sid: str, spec: SandboxSpec, record: SandboxRecord, payload: bytes,
-        ngpu: int, *, start: Message | None = None, prefer: Collection[str] = (),
-    ) -> bool:
-        """One pass over the ranked candidates; True once a worker took the sandbox."""
-        for w, gpus in self._candidates(spec, prefer):
-            if ngpu:
-                # The start command names its GPUs, so we pick them and RESERVE_DISPATCH
-                # takes exactly these or none (a stale view just fails this candidate).
-                gpus = gpus[:ngpu]
-                gstart: Message
-                if isinstance(start, StartSandbox):
-                    gstart = msgspec.structs.replace(start, gpu_uuids=gpus)
-                elif start is None:
-                    gstart = StartSandbox(sandbox_id=sid, spec=spec, gpu_uuids=gpus)
-                else:  # a command with no GPU list (a template build): sent as it is
-                    gstart = start
-                payload = protocol.encode(msgspec.structs.replace(env, body=gstart))
-            got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, ngpu)
-            if got is not None:
-                w.cpu_free -= spec.resources.millicpu
-                w.mem_free -= spec.resources.memory_mb
-                w.gpu_free = [g for g in w.gpu_free if g not in got]
-                self.placed += 1
-                return True
-            # Our cached view was stale; the worker is fuller than we thought.
-            w.cpu_free = min(w.cpu_free, spec.resources.millicpu - 1)
-        return False
-
-    def _candidates(self, spec: SandboxSpec, prefer: Collection[str]) -> Iterator[tuple[WorkerView, list[str]]]:
-        assert self.registry is not None
-        ranked = self.registry.ranked(
-            spec, node_tags=spec.worker_tags, policy=self.settings.placement,
-            gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
-        )
-        if not prefer:
-            return ranked
-        # The preferred few in policy order, then everyone else as usual; a preferred
-        # worker without room is simply not among the first.
-        first = rank(
-            [w for w in self.registry.live() if w.id in prefer], spec, node_tags=spec.worker_tags,
-            policy=self.settings.placement, gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
-        )
-        return chain(first, ((w, g) for w, g in ranked if w.id not in prefer))
-
-    async def _try_reserve(
-        self, wid: str, sid: str, spec: SandboxSpec, record: SandboxRecord,
-        payload: bytes, gpus: list[str], ngpu: int,
-    ) -> list[str] | None:
-        rec = msgspec.structs.replace(record, worker=wid)
-        fields = [x for kv in to_hash(rec).items() for x in kv]
-        # One round trip, shared with the other placements of this moment (auto-pipelined).
-        res = raise_first_error(await batching.for_client(self.redis).execute(
-            ("HSET", self.keys.sandbox(sid), *fields),
-            RESERVE_DISPATCH.call(
-                [self.keys.worker_cap(wid), self.keys.worker_sandboxes(wid), self.keys.worker_cmds(wid)],
-                [sid, spec.resources.millicpu, spec.resources.memory_mb, payload, ngpu, *gpus],
-            ),
-            scripts=(RESERVE_DISPATCH,),
-        ))
-        got = res[1]
-        if got is None:
-            return None
-        uuids = [g.decode() if isinstance(g, bytes) else g for g in got]
-        if uuids:
-            await self.redis.hset(self.keys.sandbox(sid), "gpu_uuids", msgspec.json.encode(uuids))
-        return uuids
-
-    def _no_match_message(self, spec: SandboxSpec) -> str:
-        assert self.registry is not None
-        r = spec.resources
-        asked = f"cpu={r.cpu:g} memory={r.memory_mb}MiB" + (f" gpu={r.gpu}" if r.gpu else "")
-        if spec.worker_tags:
-            asked += f" worker_tags={spec.worker_tags}"
-        have = []
-        for w in self.registry.live():
-            gpus = ",".join(sorted({g.model for g in w.info.gpus})) or "no GPU"
-            have.append(
-                f"{w.id} (cpu={w.info.cpu_millis / 1000:g} memory={w.info.memory_mb}MiB {gpus} tags={w.info.tags})"
-            )
-        return f"no live worker could ever run {asked}; live workers: " + ("; ".join(have) or "none")
-

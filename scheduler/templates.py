@@ -9,11 +9,11 @@ the template's shape, so it holds capacity while it runs; the worker replies.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import msgspec
+import redis.asyncio as aioredis
 
 from hotbed.errors import TemplateNotFound
+from hotbed.keys import Keys
 from hotbed.protocol import (
     BuildTemplate,
     CreatePath,
@@ -22,10 +22,9 @@ from hotbed.protocol import (
     StartSandbox,
     TemplateSpec,
 )
-from hotbed.templates import check_name, template_from_hash
-
-if TYPE_CHECKING:
-    from scheduler.service import Scheduler
+from hotbed.records import template_from_hash
+from hotbed.templates import check_name
+from scheduler.placer import Placer
 
 
 class Resolved(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,10 +41,10 @@ class Resolved(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-async def resolve(sched: Scheduler, spec: SandboxSpec) -> Resolved:
+async def resolve(redis: aioredis.Redis, keys: Keys, spec: SandboxSpec) -> Resolved:
     """The start recipe for ``spec.template``: TemplateNotFound if there is none."""
     name = spec.template or ""
-    rec = template_from_hash(await sched.redis.hgetall(sched.keys.template(name)))
+    rec = template_from_hash(await redis.hgetall(keys.template(name)))
     if rec is None:
         raise TemplateNotFound(f"no template {name!r}")
     ts = rec.spec
@@ -59,15 +58,15 @@ async def resolve(sched: Scheduler, spec: SandboxSpec) -> Resolved:
     )
 
 
-async def place_from_template(sched: Scheduler, env: Envelope, spec: SandboxSpec) -> None:
-    r = await resolve(sched, spec)
-    await sched.place(env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else ())
+async def place_from_template(placer: Placer, env: Envelope, spec: SandboxSpec) -> None:
+    r = await resolve(placer.redis, placer.keys, spec)
+    await placer.place(env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else ())
 
 
-async def place_build(sched: Scheduler, env: Envelope, cmd: BuildTemplate) -> None:
+async def place_build(placer: Placer, env: Envelope, cmd: BuildTemplate) -> None:
     check_name(cmd.name)
     ts = cmd.spec
     spec = SandboxSpec(image=ts.image, resources=ts.resources, timeout=max(ts.setup_timeout, 1.0))
-    await sched.place(
+    await placer.place(
         env, spec, make_start=lambda sid: msgspec.structs.replace(cmd, build_id=sid)
     )

@@ -195,8 +195,6 @@ async def test_sim_params_scale() -> None:
 async def test_pool_prune_walks_a_large_pool_in_slices(redis_url: str, prefix: str) -> None:
     """The pool controller's safety net checks a bounded slice per tick and still reaches
     every entry: dead ones anywhere in a pool larger than a slice are dropped."""
-    from types import SimpleNamespace
-
     from scheduler import pools
 
     keys = keyspace.Keys(prefix)
@@ -208,7 +206,8 @@ async def test_pool_prune_walks_a_large_pool_in_slices(redis_url: str, prefix: s
                 pipe.rpush(keys.pool_ready("p"), f"sb-{i} w")
                 pipe.hset(keys.sandbox(f"sb-{i}"), mapping={"state": "failed" if i in dead else "pooled"})
             await pipe.execute()
-        ctl = pools.PoolController(SimpleNamespace(redis=r, keys=keys))  # type: ignore[arg-type]
+        # Pruning needs neither placement nor the leader lock.
+        ctl = pools.PoolController(r, keys, None, None, settings=SchedulerSettings())  # type: ignore[arg-type]
         seen = []
         for _ in range(3):
             await ctl._prune("p", "no-template")
