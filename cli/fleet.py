@@ -32,7 +32,7 @@ from hotbed import protocol
 from hotbed.errors import ConfigError, HotbedError
 from hotbed.records import capacity_from_hash, pool_config_from_hash
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNITS = ("hotbed-scheduler.service", "hotbed-worker.service")
 # Drop-ins that lower the container engine's CPU priority (sandboxes inherit it), so
 # a burst of sandbox work never starves the control plane on the node.
