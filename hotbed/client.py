@@ -26,7 +26,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from hotbed import batching, lua, protocol
 from hotbed import keys as keyspace
-from hotbed.batching import Script, raise_first_error
+from hotbed.batching import raise_first_error
 from hotbed.connection import MAX_BLOCK_S, connect
 from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound, WorkerLost
 from hotbed.protocol import Envelope, Message, Reply
@@ -42,9 +42,6 @@ COMMAND_SLACK_S = 15.0
 REPLY_GRACE_S = 5.0
 DEFAULT_BACKLOG_LIMIT = 100_000
 
-_SUBMIT = Script(lua.SUBMIT)
-_SUBMIT_TO_WORKER = Script(lua.SUBMIT_TO_WORKER)
-_SCRIPTS = (_SUBMIT, _SUBMIT_TO_WORKER)
 
 
 def new_id() -> str:
@@ -75,8 +72,6 @@ class Client:
         self.backlog_limit = backlog_limit
         self.redis: aioredis.Redis = connect(self.url)
         self._blocking: aioredis.Redis = connect(self.url, blocking=True)
-        self._submit = self.redis.register_script(lua.SUBMIT)
-        self._submit_worker = self.redis.register_script(lua.SUBMIT_TO_WORKER)
         self._idle_waits: list[AbstractConnection] = []
         self._closed = False
 
@@ -137,13 +132,13 @@ class Client:
         try:
             # Auto-pipelined: concurrent calls of this client share one round trip.
             if worker_id is None:
-                cmd = _SUBMIT.call([stream], [self.backlog_limit, data])
+                cmd = lua.SUBMIT.call([stream], [self.backlog_limit, data])
             else:
-                cmd = _SUBMIT_TO_WORKER.call(
+                cmd = lua.SUBMIT_TO_WORKER.call(
                     [stream, self.keys.worker_cap(worker_id)], [self.backlog_limit, data]
                 )
             (accepted,) = raise_first_error(
-                await batching.for_client(self.redis).execute(cmd, scripts=_SCRIPTS)
+                await batching.for_client(self.redis).execute(cmd)
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None

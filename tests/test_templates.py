@@ -18,6 +18,7 @@ from hotbed import lua, templates
 from hotbed.client import Client
 from hotbed.errors import CapacityExhausted, SandboxNotRunning, SetupFailed, TemplateNotFound
 from hotbed.protocol import Resources, SandboxSpec
+from hotbed.records import capacity_from_hash
 from hotbed.sandbox import Sandbox
 from tests.conftest import (
     BUSYBOX_IMAGE,
@@ -178,9 +179,8 @@ async def test_warm_pool_claims_and_refills(stack: Stack) -> None:
         assert local.pool == "" and local.expires_at <= rec.created_at + 30.001
         # A claimer that vanishes between POOL_CLAIM and finishing its claim: the lease
         # expires and the pool controller puts the still-pooled sandbox back.
-        claim = c.redis.register_script(lua.POOL_CLAIM)
         ready, claims = c.keys.pool_ready(pool), c.keys.pool_claims(pool)
-        item, _now = await claim(keys=[ready, claims], args=[50])
+        item, _now = await lua.POOL_CLAIM.run(c.redis, [ready, claims], [50])
 
         async def taken_back() -> bool:
             return item in await c.redis.lrange(ready, 0, -1) and not await c.redis.zcard(claims)
@@ -375,8 +375,8 @@ async def test_pause_resume_survives_worker_restart(redis_url: str, prefix: str,
         sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=256, client=c)
 
         async def free() -> tuple[int, int]:
-            cap = await c.redis.hgetall(c.keys.worker_cap(stack.worker.id))
-            return int(cap[b"cpu"]), int(cap[b"mem"])
+            cap = capacity_from_hash(await c.redis.hgetall(c.keys.worker_cap(stack.worker.id)))
+            return cap.cpu_free, cap.mem_free
 
         running = await free()
         try:
