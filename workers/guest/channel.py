@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotRunning, error_class
+from workers.runtimes.base import AttachedStdio
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class FrameParser:
 class GuestChannel:
     """One attach to one sandbox's agent. Use :meth:`call` or :meth:`open`."""
 
-    def __init__(self, sandbox_id: str, stream: Any) -> None:
+    def __init__(self, sandbox_id: str, stream: AttachedStdio) -> None:
         self.sandbox_id = sandbox_id
         self._stream = stream
         # Ids of a new attach never meet those of an earlier one whose commands the
@@ -142,13 +143,10 @@ class GuestChannel:
         parser = FrameParser()
         try:
             while True:
-                msg = await self._stream.read_out()
-                if msg is None:
+                data = await self._stream.read()
+                if data is None:
                     break
-                if msg.stream == 2:
-                    log.debug("guest stderr: %r", msg.data[:500], extra={"sandbox_id": self.sandbox_id})
-                    continue
-                for header, payload in parser.feed(msg.data):
+                for header, payload in parser.feed(data):
                     await self._route(header, payload)
                 if parser.noagent and self.has_agent is None:
                     self.has_agent = False
@@ -188,9 +186,7 @@ class GuestChannel:
         for route in self._routes.values():
             route.close()
         self._routes.clear()
-        resp = getattr(self._stream, "_resp", None)
-        if resp is not None:
-            resp.close()
+        self._stream.abort()
 
     async def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if self.closed:
@@ -198,7 +194,7 @@ class GuestChannel:
         data = encode_frame(header, payload)
         async with self._write_lock:
             try:
-                await self._stream.write_in(data)
+                await self._stream.write(data)
             except Exception as exc:
                 self.close()
                 raise SandboxNotRunning(
@@ -242,9 +238,8 @@ class GuestChannel:
 class GuestManager:
     """The channels of one worker's sandboxes; their reader tasks live in :meth:`run`."""
 
-    def __init__(self, docker: Any, container_name: Any) -> None:
-        self._docker = docker
-        self._container_name = container_name
+    def __init__(self, attach: Callable[[str], Awaitable[AttachedStdio | None]]) -> None:
+        self._attach_stdio = attach
         self._channels: dict[str, GuestChannel] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._tg: TaskGroup | None = None
@@ -279,7 +274,8 @@ class GuestManager:
             log.debug("guest attach failed: %s", exc, extra={"sandbox_id": sandbox_id})
 
     async def channel(self, sandbox_id: str) -> GuestChannel | None:
-        """The sandbox's live channel to its agent, or None if its image has none."""
+        """The sandbox's live channel to its agent, or None if its image (or the
+        runtime) has none."""
         ch = self._channels.get(sandbox_id)
         if ch is not None and not ch.closed and ch.known.is_set():
             return ch if ch.has_agent else None
@@ -288,6 +284,8 @@ class GuestManager:
             ch = self._channels.get(sandbox_id)
             if ch is None or ch.closed:
                 ch = await self._attach(sandbox_id)
+                if ch is None:
+                    return None
             with anyio.move_on_after(HELLO_TIMEOUT_S):
                 await ch.known.wait()
             if ch.has_agent is None or ch.closed:
@@ -298,25 +296,12 @@ class GuestManager:
                 )
             return ch if ch.has_agent else None
 
-    async def _attach(self, sandbox_id: str) -> GuestChannel:
+    async def _attach(self, sandbox_id: str) -> GuestChannel | None:
         if self._tg is None:
             raise RuntimeFailure("guest manager is not running", sandbox_id=sandbox_id)
-        from aiodocker.exceptions import DockerError
-
-        container = self._docker.containers.container(self._container_name(sandbox_id))
-        stream = container.attach(stdin=True, stdout=True, stderr=True)
-        try:
-            with anyio.fail_after(30):
-                await stream._init()
-        except DockerError as exc:
-            raise SandboxNotRunning(
-                f"sandbox {sandbox_id}: cannot attach: {exc.message}", sandbox_id=sandbox_id
-            ) from None
-        queue = getattr(stream, "_queue", None)
-        if queue is not None and hasattr(queue, "_limit"):
-            # aiodocker pauses the socket past 128 KiB queued; our reader bounds what
-            # it holds itself, so let a few MiB through between pauses (throughput).
-            queue._limit = READ_QUEUE_BYTES
+        stream = await self._attach_stdio(sandbox_id)
+        if stream is None:
+            return None
         ch = GuestChannel(sandbox_id, stream)
         self._channels[sandbox_id] = ch
         self._tg.start_soon(ch.read_loop)
@@ -327,7 +312,7 @@ class GuestManager:
         ch._routes[hello_id] = send
         self._tg.start_soon(self._await_hello, ch, recv)
         await ch.send({"t": "hello", "id": hello_id}, b"")
-        await ch._stream.write_in(b"\n")
+        await ch._stream.write(b"\n")
         return ch
 
     async def _await_hello(self, ch: GuestChannel, recv: MemoryObjectReceiveStream[Frame]) -> None:
