@@ -1,4 +1,4 @@
-"""GPU detection and GPU placement (issue 6), without a GPU.
+"""GPU detection and GPU placement, without a GPU.
 
 Detection runs against NVML-shaped fakes (and the real binding, which finds no driver
 here). Placement runs the real scheduler and several worker agents against the real
