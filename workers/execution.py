@@ -72,7 +72,7 @@ from hotbed.protocol import (
     WriteFile,
 )
 from workers.guest.channel import Frame, GuestChannel, GuestManager, guest_error
-from workers.runtimes.base import Runtime
+from workers.runtimes.base import AttachedStdio, Runtime
 from workers.sandboxes import SandboxTable
 
 log = logging.getLogger(__name__)
@@ -206,19 +206,29 @@ class ExecutionService:
         self.table = table
         self.runtime = runtime
         self.guests: GuestManager | None = None
+        self._guestless = False
         # (sandbox id, client request id) -> (channel, guest request id), for Cancel,
         # PtyInput and PtyResize naming a running request.
         self._active: dict[tuple[str, str], tuple[GuestChannel, int]] = {}
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.guests = GuestManager(self.runtime.attach)
+        self.guests = GuestManager(self._attach)
         try:
             await self.guests.run(task_status=task_status)
         finally:
             self.guests = None
 
+    async def _attach(self, sandbox_id: str) -> AttachedStdio | None:
+        stdio = await self.runtime.attach(sandbox_id)
+        if stdio is None:
+            # The runtime has no guest agent at all (Runtime.attach): stop asking it, so
+            # a start or exec on it (the simulated fleet: thousands a second) costs no
+            # attach task, lock or call.
+            self._guestless = True
+        return stdio
+
     def prepare(self, sandbox_id: str) -> None:
-        if self.guests is not None:
+        if self.guests is not None and not self._guestless:
             self.guests.prepare(sandbox_id)
 
     def forget(self, sandbox_id: str) -> None:
@@ -226,7 +236,7 @@ class ExecutionService:
             self.guests.forget(sandbox_id)
 
     async def _channel(self, sandbox_id: str) -> GuestChannel | None:
-        if self.guests is None:
+        if self.guests is None or self._guestless:
             return None
         return await self.guests.channel(sandbox_id)
 
