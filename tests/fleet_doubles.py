@@ -1,4 +1,4 @@
-"""Test doubles for the fleet tests (issue 6). Nothing here runs a real sandbox.
+"""Test doubles for the fleet tests. Nothing here runs a real sandbox.
 
 ``RecordingRuntime`` is a runtime that only remembers what it was asked to create, so
 several workers fit in one test's event loop and placement can be checked exactly.
@@ -13,8 +13,9 @@ from typing import Any
 
 import msgspec
 
+from hotbed.errors import SandboxNotFound
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
-from workers.runtimes.base import Managed, Placed
+from workers.runtimes.base import AttachedStdio, Managed, Placed
 
 
 class RecordingRuntime:
@@ -42,8 +43,15 @@ class RecordingRuntime:
         self.restored_from.append((placed.sandbox_id, src))
         await self.create(placed, spec)
 
+    def _placed(self, sandbox_id: str) -> Placed:
+        placed = self.live.get(sandbox_id)
+        if placed is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id}", sandbox_id=sandbox_id)
+        return placed
+
     async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
-        placed = self.live[sandbox_id]
+        """Answers every command with the sandbox's GPU UUIDs (comma-separated)."""
+        placed = self._placed(sandbox_id)
         return ExecResult(exit_code=0, stdout=",".join(placed.gpu_uuids).encode())
 
     async def write_file(
@@ -62,6 +70,9 @@ class RecordingRuntime:
 
     async def is_alive(self, sandbox_id: str) -> bool:
         return sandbox_id in self.live
+
+    async def attach(self, sandbox_id: str) -> AttachedStdio | None:
+        return None
 
     async def list_managed(self) -> list[Managed]:
         return [

@@ -1,4 +1,4 @@
-"""GPU detection and GPU placement (issue 6), without a GPU.
+"""GPU detection and GPU placement, without a GPU.
 
 Detection runs against NVML-shaped fakes (and the real binding, which finds no driver
 here). Placement runs the real scheduler and several worker agents against the real
@@ -331,23 +331,24 @@ def test_docker_container_gets_exactly_its_gpus_under_nvproxy() -> None:
     request for exactly the assigned UUIDs, NVIDIA_VISIBLE_DEVICES, runsc --nvproxy."""
     from hotbed.errors import RuntimeFailure
     from workers.runtimes.base import Placed
-    from workers.runtimes.docker import DockerRuntime
+    from workers.runtimes.docker.engine import Engine
+    from workers.runtimes.docker.lifecycle import container_config
 
-    rt = DockerRuntime(oci_runtime="runsc", gpu_oci_runtime="runsc-nvproxy")
-    rt._runtimes = {"runc", "runsc", "runsc-nvproxy"}
+    engine = Engine(oci_runtime="runsc", gpu_oci_runtime="runsc-nvproxy")
+    engine.runtimes = {"runc", "runsc", "runsc-nvproxy"}
     spec = SandboxSpec(image="hotbed/busybox", resources=Resources(gpu="H100:2"))
     placed = Placed(sandbox_id="sb-x", worker_id="w", prefix="p", gpu_uuids=["GPU-b", "GPU-d"])
-    host = rt._container_config(placed, spec, "sha256:0")["HostConfig"]
-    cfg = rt._container_config(placed, spec, "sha256:0")
+    host = container_config(engine, placed, spec, "sha256:0")["HostConfig"]
+    cfg = container_config(engine, placed, spec, "sha256:0")
     assert host["Runtime"] == "runsc-nvproxy"
     assert host["DeviceRequests"] == [{"Driver": "nvidia", "DeviceIDs": ["GPU-b", "GPU-d"], "Capabilities": [["gpu"]]}]
     assert "NVIDIA_VISIBLE_DEVICES=GPU-b,GPU-d" in cfg["Env"]
-    cpu_only = rt._container_config(Placed(sandbox_id="sb-y", worker_id="w", prefix="p"), SandboxSpec(), "sha256:0")
+    cpu_only = container_config(engine, Placed(sandbox_id="sb-y", worker_id="w", prefix="p"), SandboxSpec(), "sha256:0")
     assert cpu_only["HostConfig"]["Runtime"] == "runsc" and "DeviceRequests" not in cpu_only["HostConfig"]
     assert not any(e.startswith("NVIDIA_VISIBLE_DEVICES") for e in cpu_only["Env"])
-    rt._runtimes = {"runc", "runsc"}
+    engine.runtimes = {"runc", "runsc"}
     with pytest.raises(RuntimeFailure, match="runsc-nvproxy"):
-        rt._container_config(placed, spec, "sha256:0")
+        container_config(engine, placed, spec, "sha256:0")
 
 
 async def test_restores_prefer_workers_holding_the_snapshot(redis_url: str, prefix: str, tmp_path: Path) -> None:

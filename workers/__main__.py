@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     async def serve() -> None:
         async with metrics.serve(
             agent.metrics, port=settings.metrics_port, addr=settings.metrics_addr,
-            sample=lambda: worker_metrics.sample(agent),
+            sample=lambda: worker_metrics.sample(agent.sandboxes, agent.info),
         ):
             await lifecycle.run_service(agent.run, agent.stopping, name="worker", reload=reload)
 

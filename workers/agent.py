@@ -5,10 +5,15 @@ Life of a worker::
     open runtime -> reconcile (adopt or remove its containers) -> register capacity
     -> [heartbeat | command stream | expiry | health] until stopped
 
+The agent is intake (the command stream), lifecycle (the loops above) and one table
+from message type to handler. The sandboxes themselves are in its
+:class:`~workers.sandboxes.SandboxTable` (``agent.sandboxes``), which the services
+(:mod:`workers.execution`, :mod:`workers.snapshots`) share with it.
+
 Capacity is reserved by the scheduler (``RESERVE_DISPATCH``) before a StartSandbox
 reaches us; every way a sandbox ends (client, lifetime, idle, died, failed start) goes
-through :meth:`WorkerAgent.end_sandbox`, which releases it exactly once (``RELEASE``
-is idempotent) and leaves an ended record saying why.
+through :meth:`SandboxTable.end <workers.sandboxes.SandboxTable.end>`, which releases it
+exactly once (``RELEASE`` is idempotent) and leaves an ended record saying why.
 
 Lifetime and idle deadlines are wall-clock (``expires_at`` in the record) because
 they must survive a worker restart; waits inside one process use the monotonic clock.
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import msgspec
@@ -26,27 +33,19 @@ import redis.asyncio as aioredis
 from daemon import lifecycle
 from daemon.metrics import NULL, NullMetrics
 from daemon.streams import StreamConsumer, ensure_group, send_reply
-from hotbed import batching, lua, protocol
 from hotbed import keys as keyspace
-from hotbed.batching import Script, raise_first_error
+from hotbed import lua, protocol
 from hotbed.connection import connect
 from hotbed.errors import (
-    FileTooLarge,
     HotbedError,
     RequestTimeout,
-    SandboxNotFound,
-    SandboxNotRunning,
     UnsupportedRequest,
     WorkerLost,
 )
 from hotbed.protocol import (
     BuildTemplate,
-    DirListing,
     Envelope,
     ErrorReply,
-    Exec,
-    FileContent,
-    FileWritten,
     ListFiles,
     PauseSandbox,
     ReadFile,
@@ -61,37 +60,22 @@ from hotbed.protocol import (
     WorkerInfo,
     WriteFile,
 )
-from hotbed.records import ENDED_RECORD_TTL_S, from_hash
 from workers.config import WorkerSettings
+from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
-from workers.runtimes.base import Placed, Runtime
+from workers.runtimes.base import Runtime
+from workers.sandboxes import Local, SandboxTable
 from workers.snapshots import SnapshotManager
 
-log = logging.getLogger(__name__)
+__all__ = ["Local", "WorkerAgent"]
 
-RELEASE = Script(lua.RELEASE)
+log = logging.getLogger(__name__)
 
 # Commands that may safely run again after a worker restart found them unacknowledged.
 RETRYABLE = (StartSandbox, Terminate, ReadFile, ListFiles, WriteFile)
 
-
-class Local(msgspec.Struct, kw_only=True):
-    """A sandbox this worker runs."""
-
-    id: str
-    user: str
-    expires_at: float
-    idle_timeout: float | None
-    last_active: float
-    dirty: bool = False
-    # Issue 3: env added to every exec (a claim's or restore's env), the warm pool it
-    # waits in ("" once claimed), and whether it is paused (checkpointed to disk).
-    env: dict[str, str] = {}
-    pool: str = ""
-    paused: bool = False
-    # Being checkpointed: the container looks stopped meanwhile; not a death.
-    busy: bool = False
+Handler = Callable[[Envelope], Awaitable[Reply]]
 
 
 class WorkerAgent:
@@ -109,7 +93,9 @@ class WorkerAgent:
         self.runtime = runtime
         self.id = settings.resolved_id()
         self.keys = keyspace.Keys(settings.prefix)
-        self.sandboxes: dict[str, Local] = {}
+        self.sandboxes = SandboxTable(
+            runtime, worker_id=self.id, prefix=settings.prefix, keys=self.keys
+        )
         self.stopping = anyio.Event()
         self.stopped = anyio.Event()
         self.info = WorkerInfo(
@@ -127,10 +113,17 @@ class WorkerAgent:
         self._shared_redis = redis
         self._blocking: aioredis.Redis | None = None
         self._in_flight = anyio.CapacityLimiter(settings.max_concurrency)
-        # Issue 5: exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
-        self.execution = ExecutionService(self)
+        # Exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
+        self.execution = ExecutionService(self.sandboxes, runtime)
+        # A sandbox's guest channel closes when it ends.
+        self.sandboxes.guests = self.execution
         self.metrics: NullMetrics = NULL
-        self.snapshots = SnapshotManager(self)
+        self.snapshots = SnapshotManager(
+            self.sandboxes, runtime, guests=self.execution,
+            snapshot_dir=settings.snapshot_dir, snapshot_store=settings.snapshot_store,
+            default_user=settings.default_user,
+        )
+        self._handlers = self._handler_table()
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -143,6 +136,7 @@ class WorkerAgent:
         """Serve until :attr:`stopping` is set, then shut down in order."""
         self._redis = self._shared_redis or connect(self.settings.redis_url)
         self._blocking = connect(self.settings.redis_url, blocking=True)
+        self.sandboxes.bind(self._redis)
         try:
             await self.runtime.open()
             try:
@@ -199,7 +193,7 @@ class WorkerAgent:
             if self.settings.drain_on_stop:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(60):
                     for sid in list(self.sandboxes):
-                        await self.end_sandbox(sid, reason="worker_drained")
+                        await self.sandboxes.end(sid, reason="worker_drained")
             tg.cancel_scope.cancel()
 
     async def _replay(self, consumer: StreamConsumer, entry_id: bytes, data: bytes) -> None:
@@ -241,47 +235,7 @@ class WorkerAgent:
 
     async def reconcile(self) -> None:
         """Adopt the sandboxes we still hold; remove containers nobody holds."""
-        held = {
-            k.decode(): v
-            for k, v in (await self.redis.hgetall(self.keys.worker_sandboxes(self.id))).items()
-        }
-        managed = [
-            m for m in await self.runtime.list_managed()
-            if m.worker_id == self.id and m.prefix == self.settings.prefix
-        ]
-        running = {m.sandbox_id for m in managed if m.running}
-        for m in managed:
-            if m.sandbox_id not in held:
-                log.info("removing orphan container", extra={"sandbox_id": m.sandbox_id})
-                await self.runtime.destroy(m.sandbox_id)
-        present = {m.sandbox_id for m in managed}
-        for sid in held:
-            rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sid)))
-            if rec is not None and rec.state == "paused" and sid in present:
-                # Checkpointed to disk before the restart: still resumable.
-                self.sandboxes[sid] = Local(
-                    id=sid, user=self.settings.default_user,
-                    expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
-                    idle_timeout=rec.idle_timeout or None, last_active=rec.last_active or lifecycle.wall(),
-                    paused=True,
-                )
-                continue
-            if rec is None or rec.ended or sid not in running:
-                if rec is not None and rec.state == "creating" and sid not in running:
-                    # Start command not yet run: it is still in our stream; keep it.
-                    continue
-                await self.end_sandbox(sid, reason="lost on worker restart", state="failed")
-                continue
-            self.sandboxes[sid] = Local(
-                id=sid,
-                user=self.settings.default_user,
-                expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
-                idle_timeout=rec.idle_timeout or None,
-                last_active=rec.last_active or lifecycle.wall(),
-                pool=rec.pool if rec.state == "pooled" else "",
-            )
-        if held or managed:
-            log.info("reconciled: adopted %d sandboxes", len(self.sandboxes))
+        await self.sandboxes.reconcile(self.settings.default_user)
 
     # -------------------------------------------------------------- background
 
@@ -293,13 +247,10 @@ class WorkerAgent:
 
     async def _heartbeat(self) -> None:
         now = lifecycle.wall()
-        dirty = [s for s in self.sandboxes.values() if s.dirty]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.workers, {self.id: int(now * 1000)})
             pipe.exists(self.keys.worker_cap(self.id))
-            for s in dirty:
-                s.dirty = False
-                pipe.hset(self.keys.sandbox(s.id), "last_active", str(s.last_active))
+            self.sandboxes.write_activity(pipe)
             res = await pipe.execute()
         if not res[1]:
             # The scheduler declared us dead (missed heartbeats) and dropped our keys.
@@ -342,7 +293,7 @@ class WorkerAgent:
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:
-            await self.end_sandbox(sid, reason=reason, state=state)
+            await self.sandboxes.end(sid, reason=reason, state=state)
         except lifecycle.TRANSIENT_ERRORS as exc:
             # Left for the next tick of the loop that found it.
             log.warning("could not end sandbox: %s", exc, extra={"sandbox_id": sid})
@@ -368,7 +319,7 @@ class WorkerAgent:
         if env.deadline and lifecycle.wall() > env.deadline:
             if isinstance(body, StartSandbox):
                 # The client gave up: starting it now would only leak it until its timeout.
-                await self.end_sandbox(body.sandbox_id, reason="request deadline passed before start", state="failed")
+                await self.sandboxes.end(body.sandbox_id, reason="request deadline passed before start", state="failed")
             await self._reply(env, protocol.error_reply(RequestTimeout("request expired in the queue")))
             return
         try:
@@ -390,66 +341,56 @@ class WorkerAgent:
             return
         await send_reply(self.redis, env.id, env.reply_to, body)
 
-    async def _dispatch(self, env: Envelope) -> Reply:
-        body = env.body
-        if isinstance(body, Exec):
-            # A claim's or restore's env (issue 3) applies to every command, on any path.
-            local = self.sandboxes.get(body.sandbox_id)
-            if local is not None and local.env:
-                body = msgspec.structs.replace(
-                    body, exec=msgspec.structs.replace(body.exec, env={**local.env, **body.exec.env})
-                )
-                env = msgspec.structs.replace(env, body=body)
-        if self.execution.handles(body):
-            return await self.execution.dispatch(env)
-        if isinstance(body, StartSandbox):
-            if body.template is not None or body.snapshot or body.pool:
-                return await self.snapshots.start(body)
-            return await self.start_sandbox(body)
-        if isinstance(body, (BuildTemplate, SnapshotSandbox, PauseSandbox, ResumeSandbox, SandboxClaimed)):
-            return await self.snapshots.handle(env)
-        if isinstance(body, Terminate):
-            await self.end_sandbox(body.sandbox_id, reason=body.reason, must_exist=True)
-            return Terminated(sandbox_id=body.sandbox_id)
-        if isinstance(body, Exec):
-            local = await self._touch(body.sandbox_id)
-            return await self.runtime.exec(body.sandbox_id, body.exec, default_user=local.user)
-        if isinstance(body, WriteFile):
-            if len(body.data) > protocol.MAX_FILE_BYTES:
-                raise FileTooLarge(f"{len(body.data)} bytes is over {protocol.MAX_FILE_BYTES}")
-            local = await self._touch(body.sandbox_id)
-            n = await self.runtime.write_file(
-                body.sandbox_id, body.path, body.data, mode=body.mode, make_dirs=body.make_dirs,
-                user=local.user,
-            )
-            return FileWritten(size=n)
-        if isinstance(body, ReadFile):
-            local = await self._touch(body.sandbox_id)
-            data = await self.runtime.read_file(
-                body.sandbox_id, body.path, max_bytes=min(body.max_bytes, protocol.MAX_FILE_BYTES),
-                user=local.user,
-            )
-            return FileContent(data=data)
-        if isinstance(body, ListFiles):
-            local = await self._touch(body.sandbox_id)
-            entries = await self.runtime.list_files(body.sandbox_id, body.path, user=local.user)
-            return DirListing(entries=entries)
-        raise UnsupportedRequest(f"worker does not handle {type(body).__name__}")
+    def _handler_table(self) -> dict[type, Handler]:
+        """Message type -> handler. Every command a worker takes is in it."""
+        table: dict[type, Handler] = {t: self.execution.dispatch for t in EXECUTION_COMMANDS}
+        table.update({
+            StartSandbox: self._start,
+            Terminate: self._terminate,
+            BuildTemplate: self._build,
+            SnapshotSandbox: self._snapshot,
+            PauseSandbox: self._pause,
+            ResumeSandbox: self._resume,
+            SandboxClaimed: self._claimed,
+        })
+        return table
 
-    async def _touch(self, sid: str) -> Local:
-        local = self.sandboxes.get(sid)
-        if local is None:
-            rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sid)))
-            if rec is None:
-                raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
-            if rec.ended:
-                raise SandboxNotFound(f"sandbox {sid} has ended ({rec.state}: {rec.reason})", sandbox_id=sid)
-            raise SandboxNotRunning(f"sandbox {sid} is {rec.state}", sandbox_id=sid)
-        if local.paused:
-            raise SandboxNotRunning(f"sandbox {sid} is paused; resume it first", sandbox_id=sid)
-        local.last_active = lifecycle.wall()
-        local.dirty = True
-        return local
+    async def _dispatch(self, env: Envelope) -> Reply:
+        handler = self._handlers.get(type(env.body))
+        if handler is None:
+            raise UnsupportedRequest(f"worker does not handle {type(env.body).__name__}")
+        return await handler(env)
+
+    async def _start(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        if body.template is not None or body.snapshot or body.pool:
+            return await self.snapshots.start(body)
+        return await self.start_sandbox(body)
+
+    async def _terminate(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        await self.sandboxes.end(body.sandbox_id, reason=body.reason, must_exist=True)
+        return Terminated(sandbox_id=body.sandbox_id)
+
+    async def _build(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        return await self.snapshots.build(env, body)
+
+    async def _snapshot(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        return await self.snapshots.snapshot(body)
+
+    async def _pause(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        return await self.snapshots.pause(body.sandbox_id)
+
+    async def _resume(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        return await self.snapshots.resume(body.sandbox_id)
+
+    async def _claimed(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        return self.snapshots.claimed(body)
 
     # --------------------------------------------------------------- sandboxes
 
@@ -459,34 +400,27 @@ class WorkerAgent:
             # A redelivered start of a sandbox we already run.
             return SandboxCreated(sandbox_id=sid, worker_id=self.id, path=cmd.path)
         started = anyio.current_time()
-        placed = Placed(
-            sandbox_id=sid, worker_id=self.id, prefix=self.settings.prefix,
-            gpu_uuids=list(cmd.gpu_uuids),
-        )
         user = spec.user or self.settings.default_user
         spec = msgspec.structs.replace(spec, user=user)
         try:
-            await self.runtime.create(placed, spec)
+            await self.runtime.create(self.sandboxes.placed(sid, cmd.gpu_uuids), spec)
             self.execution.prepare(sid)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
-                await self.end_sandbox(sid, reason=reason, state="failed")
+                await self.sandboxes.end(sid, reason=reason, state="failed")
             raise
         now = lifecycle.wall()
-        self.sandboxes[sid] = Local(
-            id=sid,
-            user=user,
-            expires_at=now + spec.timeout,
-            idle_timeout=spec.idle_timeout,
-            last_active=now,
+        await self.sandboxes.started(
+            Local(
+                id=sid,
+                user=user,
+                expires_at=now + spec.timeout,
+                idle_timeout=spec.idle_timeout,
+                last_active=now,
+            ),
+            now=now, path=cmd.path,
         )
-        # Auto-pipelined: one round trip for all the starts finishing together.
-        raise_first_error(await batching.for_client(self.redis).execute(
-            ("HSET", self.keys.sandbox(sid), "state", "running", "started_at", str(now),
-             "last_active", str(now), "path", cmd.path, "created_at", str(now), "worker", self.id),
-            ("ZADD", self.keys.sandboxes, now, sid),
-        ))
         startup = anyio.current_time() - started
         self.metrics.create(cmd.path, startup)
         log.info("started sandbox in %.3fs", startup, extra={"sandbox_id": sid, "worker_id": self.id})
@@ -494,35 +428,3 @@ class WorkerAgent:
             sandbox_id=sid, worker_id=self.id, path=cmd.path, startup_s=startup,
             gpu_uuids=list(cmd.gpu_uuids),
         )
-
-    async def end_sandbox(
-        self, sid: str, *, reason: str, state: str = "terminated", must_exist: bool = False
-    ) -> None:
-        """Destroy, release, record why. Safe to call twice and for unknown ids."""
-        local = self.sandboxes.pop(sid, None)
-        self.execution.forget(sid)
-        if local is None and must_exist:
-            held = await self.redis.hexists(self.keys.worker_sandboxes(self.id), sid)
-            if not held:
-                rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sid)))
-                if rec is None:
-                    raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
-                # Already ended: terminate is idempotent.
-                return
-        if local is not None and local.pool:
-            # Out of the pool before anything else, so it is never handed out dead.
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.keys.sandbox(sid), "state", "failed" if state == "failed" else "terminated")
-                pipe.lrem(self.keys.pool_ready(local.pool), 0, f"{sid} {self.id}")
-                await pipe.execute()
-        await self.runtime.destroy(sid)
-        record = self.keys.sandbox(sid)
-        raise_first_error(await batching.for_client(self.redis).execute(
-            RELEASE.call([self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)], [sid]),
-            ("HSET", record, "state", state, "reason", reason, "ended_at", str(lifecycle.wall())),
-            ("EXPIRE", record, ENDED_RECORD_TTL_S),
-            ("ZREM", self.keys.sandboxes, sid),
-            scripts=(RELEASE,),
-        ))
-        log.info("sandbox ended: %s (%s)", state, reason, extra={"sandbox_id": sid, "worker_id": self.id})
-

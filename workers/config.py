@@ -61,11 +61,11 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # On SIGTERM: False leaves sandboxes running, to be adopted when the worker returns.
     drain_on_stop: bool = False
     log_format: Literal["text", "json"] = "text"
-    # Issue 3: where this node keeps memory snapshots, and the store it copies missing
+    # Where this node keeps memory snapshots, and the store it copies missing
     # ones from ("" = the same directory: one machine, or a shared file system).
     snapshot_dir: str = "/var/lib/hotbed/snapshots"
     snapshot_store: str = ""
-    # Fleet operation (issue 6).
+    # Fleet operation: logging, GPUs, the process runtime's root, metrics.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     gpu_detect: Literal["auto", "nvml", "none"] = "auto"
     gpus: list[GpuDevice] = []

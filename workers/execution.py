@@ -1,11 +1,12 @@
-"""Agent-grade execution on the worker (issue 5): exec, sessions, background processes,
-PTYs, watches and file transfer served by the in-sandbox guest agent.
+"""Agent-grade execution on the worker: exec, sessions, background processes, PTYs,
+watches and file transfer served by the in-sandbox guest agent.
 
-The worker agent hands every command this module :meth:`ExecutionService.handles` to
+The worker agent hands every command in :data:`HANDLED` to
 :meth:`ExecutionService.dispatch`. Commands reach the sandbox's guest agent over its
-persistent channel (:mod:`workers.guest.channel`); a sandbox whose image has no
-python3 keeps the ``docker exec`` path for exec and files, and answers the rest with
-``UnsupportedRequest``.
+persistent channel (:mod:`workers.guest.channel`, attached through
+:meth:`Runtime.attach <workers.runtimes.base.Runtime.attach>`); a sandbox without one
+(an image with no python3, or a runtime with no guest agent) keeps the runtime's own
+exec and file methods, and answers the rest with ``UnsupportedRequest``.
 
 Streaming: a request with ``stream_to`` gets its output as stream entries on that key
 (``o`` stdout, ``e`` stderr, ``v`` an msgpack event), written in pipelined batches as
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import shlex
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
@@ -31,6 +32,7 @@ from hotbed.errors import (
     FileError,
     FileTooLarge,
     HotbedError,
+    InvalidRequest,
     SandboxNotRunning,
     UnsupportedRequest,
 )
@@ -70,9 +72,8 @@ from hotbed.protocol import (
     WriteFile,
 )
 from workers.guest.channel import Frame, GuestChannel, GuestManager, guest_error
-
-if TYPE_CHECKING:
-    from workers.agent import WorkerAgent
+from workers.runtimes.base import AttachedStdio, Runtime
+from workers.sandboxes import SandboxTable
 
 log = logging.getLogger(__name__)
 
@@ -199,37 +200,35 @@ def _info(d: dict[str, Any]) -> ProcessInfo:
 
 
 class ExecutionService:
-    """Serves issue-5 commands for one worker agent."""
+    """Serves the commands in :data:`HANDLED` for one worker's sandboxes."""
 
-    def __init__(self, agent: WorkerAgent) -> None:
-        self.agent = agent
+    def __init__(self, table: SandboxTable, runtime: Runtime) -> None:
+        self.table = table
+        self.runtime = runtime
         self.guests: GuestManager | None = None
+        self._guestless = False
         # (sandbox id, client request id) -> (channel, guest request id), for Cancel,
         # PtyInput and PtyResize naming a running request.
         self._active: dict[tuple[str, str], tuple[GuestChannel, int]] = {}
 
-    @property
-    def redis(self) -> Any:
-        return self.agent.redis
-
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        docker = getattr(self.agent.runtime, "_docker", None)
-        if docker is None:
-            task_status.started()
-            await anyio.sleep_forever()
-        from workers.runtimes.docker import container_name
-
-        self.guests = GuestManager(docker, container_name)
+        self.guests = GuestManager(self._attach)
         try:
             await self.guests.run(task_status=task_status)
         finally:
             self.guests = None
 
-    def handles(self, body: Any) -> bool:
-        return isinstance(body, HANDLED)
+    async def _attach(self, sandbox_id: str) -> AttachedStdio | None:
+        stdio = await self.runtime.attach(sandbox_id)
+        if stdio is None:
+            # The runtime has no guest agent at all (Runtime.attach): stop asking it, so
+            # a start or exec on it (the simulated fleet: thousands a second) costs no
+            # attach task, lock or call.
+            self._guestless = True
+        return stdio
 
     def prepare(self, sandbox_id: str) -> None:
-        if self.guests is not None:
+        if self.guests is not None and not self._guestless:
             self.guests.prepare(sandbox_id)
 
     def forget(self, sandbox_id: str) -> None:
@@ -237,7 +236,7 @@ class ExecutionService:
             self.guests.forget(sandbox_id)
 
     async def _channel(self, sandbox_id: str) -> GuestChannel | None:
-        if self.guests is None:
+        if self.guests is None or self._guestless:
             return None
         return await self.guests.channel(sandbox_id)
 
@@ -255,14 +254,20 @@ class ExecutionService:
     async def dispatch(self, env: Envelope) -> Reply:
         body: Any = env.body
         stream_to = getattr(body, "stream_to", "")
-        sink = Sink(self.redis, stream_to) if stream_to else None
+        sink = Sink(self.table.redis, stream_to) if stream_to else None
         try:
-            local = await self.agent._touch(body.sandbox_id)
+            local = await self.table.touch(body.sandbox_id)
+            if isinstance(body, Exec) and local.env:
+                # A claim's or restore's env applies to every command, on any path.
+                body = msgspec.structs.replace(
+                    body, exec=msgspec.structs.replace(body.exec, env={**local.env, **body.exec.env})
+                )
+                env = msgspec.structs.replace(env, body=body)
             reply = await self._dispatch(env, body, local.user, sink)
         except HotbedError as exc:
             if sink is not None:
                 if exc.worker_id is None:
-                    exc.worker_id = self.agent.id
+                    exc.worker_id = self.table.worker_id
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await sink.finish(protocol.error_reply(exc), env.id)
             raise
@@ -439,7 +444,7 @@ class ExecutionService:
                 raise UnsupportedRequest(
                     "idle_timeout needs the guest agent (image without python3?)", sandbox_id=sid
                 )
-            res = await self.agent.runtime.exec(sid, spec, default_user=user)
+            res = await self.runtime.exec(sid, spec, default_user=user)
             if sink is None:
                 return res
             if res.stdout:
@@ -448,8 +453,6 @@ class ExecutionService:
                 sink.add(b"e", res.stderr)
             return msgspec.structs.replace(res, stdout=b"", stderr=b"")
         if not spec.argv and spec.shell is None:
-            from hotbed.errors import InvalidRequest
-
             raise InvalidRequest("exec needs argv or shell", sandbox_id=sid)
         header = {"t": "run", **_spec_header(spec)}
         return await self._run(env, ch, header, spec.stdin or b"", sink, spec.max_output, spec.timeout)
@@ -482,7 +485,7 @@ class ExecutionService:
 
     async def _file(self, body: ReadFile | WriteFile | ListFiles, user: str) -> Reply:
         sid = body.sandbox_id
-        runtime = self.agent.runtime
+        runtime = self.runtime
         ch = await self._channel(sid)
         if isinstance(body, WriteFile):
             if len(body.data) > protocol.MAX_FILE_BYTES:

@@ -6,38 +6,36 @@ come from its ``gpu:<uuid>`` fields) and its heartbeat.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from daemon import lifecycle
 from daemon.metrics import Samples
+from hotbed.protocol import WorkerInfo
+from workers.sandboxes import SandboxTable
 
-if TYPE_CHECKING:
-    from workers.agent import WorkerAgent
 
-
-async def sample(agent: WorkerAgent) -> Samples:
-    if agent._redis is None:  # not started yet
+async def sample(table: SandboxTable, info: WorkerInfo) -> Samples:
+    """``table``: the worker's sandboxes; ``info``: what it advertises (its capacity)."""
+    if not table.bound:  # not started yet
         return {}
-    keys, wid = agent.keys, agent.id
-    async with agent.redis.pipeline(transaction=False) as pipe:
+    keys, wid = table.keys, table.worker_id
+    async with table.redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.worker_cap(wid))
         pipe.zscore(keys.workers, wid)
         cap, beat = await pipe.execute()
     gpu: dict[tuple[str, ...], float] = {}
-    for g in agent.info.gpus:
+    for g in info.gpus:
         taken = cap.get(f"gpu:{g.uuid}".encode()) == b"1"
         for state in ("used", "free"):
             gpu.setdefault((wid, g.model, state), 0.0)
         gpu[(wid, g.model, "used" if taken else "free")] += 1
     cpu_free, mem_free = float(cap.get(b"cpu", 0)), float(cap.get(b"mem", 0))
     out: Samples = {
-        "hotbed_live_sandboxes": {(): float(len(agent.sandboxes))},
+        "hotbed_live_sandboxes": {(): float(len(table))},
         "hotbed_gpu_slots": gpu,
         "hotbed_worker_capacity": {
             (wid, "cpu", "free"): cpu_free,
-            (wid, "cpu", "used"): agent.info.cpu_millis - cpu_free,
+            (wid, "cpu", "used"): info.cpu_millis - cpu_free,
             (wid, "memory", "free"): mem_free,
-            (wid, "memory", "used"): agent.info.memory_mb - mem_free,
+            (wid, "memory", "used"): info.memory_mb - mem_free,
         },
     }
     if beat is not None:

@@ -1,13 +1,14 @@
 """The worker's side of templates, memory snapshots, warm pools and pause/resume.
 
-The agent delegates here (``WorkerAgent.snapshots``); the runtime does the container
-work through the snapshot methods of :class:`workers.runtimes.base.Runtime`.
+The worker agent routes those commands here; this service works on the sandbox table
+(:mod:`workers.sandboxes`) and the runtime's snapshot methods
+(:class:`workers.runtimes.base.Runtime`), never on the agent.
 
 Snapshots live in this node's ``snapshot_dir`` as ``<dir>/<SNAPSHOT_ID>/`` (layout owned
 by the runtime). A :class:`SnapshotStore` is where a node copies a snapshot it does not
 hold from; :class:`LocalStore` is a directory (on one machine, or a shared file system,
 it is the snapshot dir itself and nothing is copied). Another store (S3, a peer
-fetch) plugs in behind the same four methods.
+fetch) plugs in behind the same five methods.
 
 Garbage collection: :meth:`SnapshotManager.collect` removes every snapshot that no
 template record references (older than a grace period, so one being built or just
@@ -21,7 +22,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -30,7 +31,6 @@ import orjson
 from daemon import lifecycle
 from hotbed import lua, protocol
 from hotbed.errors import (
-    CapacityExhausted,
     ExecTimeout,
     HotbedError,
     InvalidRequest,
@@ -44,9 +44,6 @@ from hotbed.protocol import (
     BuildTemplate,
     Envelope,
     ExecSpec,
-    PauseSandbox,
-    Reply,
-    ResumeSandbox,
     SandboxClaimed,
     SandboxCreated,
     SandboxSpec,
@@ -63,10 +60,8 @@ from hotbed.templates import (
     template_from_hash,
     template_to_hash,
 )
-from workers.runtimes.base import Placed
-
-if TYPE_CHECKING:
-    from workers.agent import WorkerAgent
+from workers.runtimes.base import Runtime
+from workers.sandboxes import GuestHooks, Local, SandboxTable
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +83,9 @@ class SnapshotStore(Protocol):
     async def delete(self, snapshot_id: str) -> None: ...
 
     async def list(self) -> list[str]: ...
+
+    async def age(self, snapshot_id: str) -> float | None:
+        """Seconds since the snapshot last changed; None if the store does not have it."""
 
 
 class LocalStore:
@@ -129,13 +127,23 @@ class LocalStore:
         )
 
     async def list(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return [p.name for p in self.root.iterdir() if p.name.startswith("snap-") and p.is_dir()]
+        def scan() -> list[str]:
+            if not self.root.is_dir():
+                return []
+            return [p.name for p in self.root.iterdir() if p.name.startswith("snap-") and p.is_dir()]
 
+        return await anyio.to_thread.run_sync(scan)
 
-def _text(v: bytes | str | None) -> str:
-    return v.decode() if isinstance(v, bytes) else (v or "")
+    async def age(self, snapshot_id: str) -> float | None:
+        """Seconds since the snapshot last changed; None if it is gone."""
+        def mtime() -> float | None:
+            try:
+                return (self.root / snapshot_id).stat().st_mtime
+            except OSError:
+                return None
+
+        changed = await anyio.to_thread.run_sync(mtime)
+        return None if changed is None else time.time() - changed
 
 
 def _tail(data: bytes) -> str:
@@ -144,41 +152,37 @@ def _tail(data: bytes) -> str:
 
 
 class SnapshotManager:
-    def __init__(self, agent: WorkerAgent) -> None:
-        self.agent = agent
-        self.dir = Path(agent.settings.snapshot_dir)
-        store_dir = agent.settings.snapshot_store
-        self.store: SnapshotStore = LocalStore(Path(store_dir) if store_dir else self.dir)
+    """Templates, snapshots, pools and pause/resume on one worker.
+
+    ``guests`` is told when a sandbox's guest channel must be (re)made: exec'd
+    processes, the guest agent's included, are not part of a restore.
+    """
+
+    def __init__(
+        self,
+        table: SandboxTable,
+        runtime: Runtime,
+        *,
+        guests: GuestHooks,
+        snapshot_dir: str,
+        snapshot_store: str = "",
+        default_user: str = "",
+    ) -> None:
+        self.table = table
+        self.runtime = runtime
+        self.guests = guests
+        self.default_user = default_user
+        self.dir = Path(snapshot_dir)
+        self.store: SnapshotStore = LocalStore(Path(snapshot_store) if snapshot_store else self.dir)
         self._local = LocalStore(self.dir)
 
     @property
-    def redis(self):  # type: ignore[no-untyped-def]
-        return self.agent.redis
+    def redis(self) -> Any:
+        return self.table.redis
 
-    def _guest(self, what: str, sid: str) -> None:
-        """Tell the exec service (issue 5) a sandbox's guest channel must be (re)made:
-        exec'd processes, the guest agent's included, are not part of a restore."""
-        execution = getattr(self.agent, "execution", None)
-        if execution is not None:
-            getattr(execution, what)(sid)
-
-    # ------------------------------------------------------------ dispatch
-
-    async def handle(self, env: Envelope) -> Reply:
-        body = env.body
-        if isinstance(body, BuildTemplate):
-            return await self.build(env, body)
-        if isinstance(body, SnapshotSandbox):
-            return await self.snapshot(body)
-        if isinstance(body, PauseSandbox):
-            return await self.pause(body.sandbox_id)
-        if isinstance(body, ResumeSandbox):
-            return await self.resume(body.sandbox_id)
-        if isinstance(body, SandboxClaimed):
-            return self.claimed(body)
-        if isinstance(body, StartSandbox):
-            return await self.start(body)
-        raise InvalidRequest(f"not a snapshot command: {type(body).__name__}")
+    @property
+    def worker_id(self) -> str:
+        return self.table.worker_id
 
     # ----------------------------------------------------------- snapshots
 
@@ -194,23 +198,23 @@ class SnapshotManager:
         if not await self.store.fetch(snapshot_id, dest):
             raise TemplateNotFound(
                 f"snapshot {snapshot_id} of template {template!r} is in no store",
-                worker_id=self.agent.id,
+                worker_id=self.worker_id,
             )
         if template:
             await self._add_holder(template)
         return dest
 
     async def _add_holder(self, template: str) -> None:
-        key = self.agent.keys.template(template)
+        key = self.table.keys.template(template)
         raw = await self.redis.hget(key, "holders")
         holders = set(orjson.loads(raw or b"[]"))
-        if self.agent.id not in holders:
-            holders.add(self.agent.id)
+        if self.worker_id not in holders:
+            holders.add(self.worker_id)
             await self.redis.hset(key, "holders", orjson.dumps(sorted(holders)))
 
     async def collect(self, *, grace_s: float = GC_GRACE_S) -> list[str]:
         """Remove snapshots no template references; returns the ids removed."""
-        keys = self.agent.keys
+        keys = self.table.keys
         names = [n.decode() for n in await self.redis.smembers(keys.templates)]
         referenced: set[str] = set()
         for n in names:
@@ -218,22 +222,18 @@ class SnapshotManager:
             if snap:
                 referenced.add(snap.decode())
         removed = []
-        now = time.time()
         for store in (self._local, self.store):
             for sid in await store.list():
                 if sid in referenced:
                     continue
-                try:
-                    age = now - (store.root / sid).stat().st_mtime  # type: ignore[attr-defined]
-                except OSError:
-                    continue
-                if age < grace_s:
+                age = await store.age(sid)
+                if age is None or age < grace_s:
                     continue
                 await store.delete(sid)
                 if sid not in removed:
                     removed.append(sid)
         if removed:
-            log.info("collected %d unreferenced snapshots", len(removed), extra={"worker_id": self.agent.id})
+            log.info("collected %d unreferenced snapshots", len(removed), extra={"worker_id": self.worker_id})
         return removed
 
     async def gc_loop(self) -> None:
@@ -248,7 +248,7 @@ class SnapshotManager:
 
     async def setup(self, sid: str, ts: TemplateSpec, user: str) -> None:
         """Files, ``run`` steps, ``start`` processes, then the readiness check."""
-        rt = self.agent.runtime
+        rt = self.runtime
         deadline = anyio.current_time() + ts.setup_timeout
         for path, data in ts.files.items():
             await rt.write_file(sid, path, data, mode=0o644, make_dirs=True, user=user)
@@ -298,7 +298,7 @@ class SnapshotManager:
         """Start ``command`` as a child of the sandbox's init (survives checkpoints)."""
         if "\n" in command:
             raise InvalidRequest("a start command is one line (use ';' or a script file)")
-        res = await self.agent.runtime.exec(
+        res = await self.runtime.exec(
             sid,
             ExecSpec(argv=["/bin/sh", "-c", SPAWN_SCRIPT, "sh", command], timeout=30.0),
             default_user=user,
@@ -309,7 +309,7 @@ class SnapshotManager:
     # ------------------------------------------------------------- building
 
     async def _write_template(self, rec: TemplateRecord) -> None:
-        keys = self.agent.keys
+        keys = self.table.keys
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.template(rec.name), mapping=template_to_hash(rec))
             pipe.sadd(keys.templates, rec.name)
@@ -321,8 +321,8 @@ class SnapshotManager:
         await self._write_template(rec)
         if not replaced or replaced == rec.snapshot:
             return
-        keys = self.agent.keys
-        retire = self._script(lua.POOL_RETIRE)
+        keys = self.table.keys
+        retire = self.redis.register_script(lua.POOL_RETIRE)
         for raw in await self.redis.smembers(keys.pools):
             pool = raw.decode()
             # Template names have no ':', so the prefix names this template's pools only.
@@ -332,12 +332,12 @@ class SnapshotManager:
                     log.info("template %s rebuilt: retired %d pooled sandboxes of %s", rec.name, n, pool)
 
     async def build(self, env: Envelope, cmd: BuildTemplate) -> TemplateReady:
-        agent = self.agent
+        table = self.table
         name, ts = check_name(cmd.name), cmd.spec
         sid = cmd.build_id or f"build-{env.id}"
-        user = ts.user or agent.settings.default_user
+        user = ts.user or self.default_user
         started = anyio.current_time()
-        old = template_from_hash(await self.redis.hgetall(agent.keys.template(name)))
+        old = template_from_hash(await self.redis.hgetall(table.keys.template(name)))
         building = TemplateRecord(
             name=name, state="building", spec=ts, created_at=lifecycle.wall(),
             # Keep serving the previous snapshot while the new one builds.
@@ -345,140 +345,141 @@ class SnapshotManager:
             size_bytes=old.size_bytes if old else 0,
         )
         await self._write_template(building)
-        placed = Placed(sandbox_id=sid, worker_id=agent.id, prefix=agent.settings.prefix)
         spec = SandboxSpec(
             image=ts.image, resources=ts.resources, env=ts.env, workdir=ts.workdir, user=user,
         )
         snap = new_snapshot_id()
         try:
-            await agent.runtime.create(placed, spec)
+            await self.runtime.create(table.placed(sid), spec)
             await self.setup(sid, ts, user)
             self.dir.mkdir(parents=True, exist_ok=True)
-            size = await agent.runtime.checkpoint(sid, self.path(snap), leave_running=False)
+            size = await self.runtime.checkpoint(sid, self.path(snap), leave_running=False)
             await self.store.put(snap, self.path(snap))
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
                 await self._write_template(msgspec.structs.replace(building, state="failed", error=reason))
-                await agent.end_sandbox(sid, reason="template build failed", state="failed")
-                shutil.rmtree(self.path(snap), ignore_errors=True)
+                await table.end(sid, reason="template build failed", state="failed")
+                await self._remove_partial(snap)
             if isinstance(exc, HotbedError):
                 exc.detail.setdefault("template", name)
             raise
-        await agent.end_sandbox(sid, reason="template built")
+        await table.end(sid, reason="template built")
         build_s = anyio.current_time() - started
         await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=build_s,
-            holders=[agent.id], created_at=lifecycle.wall(),
+            holders=[self.worker_id], created_at=lifecycle.wall(),
         ), replaced=old.snapshot if old else "")
         log.info("template %s built in %.2fs (snapshot %s, %d bytes)", name, build_s, snap, size,
-                 extra={"worker_id": agent.id})
-        return TemplateReady(name=name, snapshot=snap, size_bytes=size, build_s=build_s, worker_id=agent.id)
+                 extra={"worker_id": self.worker_id})
+        return TemplateReady(
+            name=name, snapshot=snap, size_bytes=size, build_s=build_s, worker_id=self.worker_id
+        )
+
+    async def _remove_partial(self, snap: str) -> None:
+        """Drop what a failed checkpoint left on this node's disk."""
+        path = self.path(snap)
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
 
     async def snapshot(self, cmd: SnapshotSandbox) -> TemplateReady:
         """Checkpoint a running sandbox (it keeps running) into a new template."""
-        agent = self.agent
+        table = self.table
         name, sid = check_name(cmd.name), cmd.sandbox_id
-        local = await agent._touch(sid)
+        local = await table.touch(sid)
         started = anyio.current_time()
-        rec = await agent.redis.hgetall(agent.keys.sandbox(sid))
+        rec = await table.record(sid)
         snap = new_snapshot_id()
         self.dir.mkdir(parents=True, exist_ok=True)
         local.busy = True
         try:
-            size = await agent.runtime.checkpoint(sid, self.path(snap), leave_running=True)
+            size = await self.runtime.checkpoint(sid, self.path(snap), leave_running=True)
             await self.store.put(snap, self.path(snap))
         except BaseException:
-            shutil.rmtree(self.path(snap), ignore_errors=True)
+            with anyio.CancelScope(shield=True):
+                await self._remove_partial(snap)
             raise
         finally:
             local.busy = False
         took = anyio.current_time() - started
         ts = TemplateSpec(
-            image=_text(rec.get(b"image")), user=local.user,
+            image=rec.image if rec else "", user=local.user,
             resources=protocol.Resources(
-                cpu=float(rec.get(b"cpu") or 1.0), memory_mb=int(rec.get(b"memory_mb") or 512)
+                cpu=(rec.cpu if rec else 0.0) or 1.0, memory_mb=(rec.memory_mb if rec else 0) or 512
             ),
         )
-        old = template_from_hash(await self.redis.hgetall(agent.keys.template(name)))
+        old = template_from_hash(await self.redis.hgetall(table.keys.template(name)))
         await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=took,
-            holders=[agent.id], created_at=lifecycle.wall(), source=sid,
+            holders=[self.worker_id], created_at=lifecycle.wall(), source=sid,
         ), replaced=old.snapshot if old else "")
-        return TemplateReady(name=name, snapshot=snap, size_bytes=size, build_s=took, worker_id=agent.id)
+        return TemplateReady(
+            name=name, snapshot=snap, size_bytes=size, build_s=took, worker_id=self.worker_id
+        )
 
     # -------------------------------------------------------------- starting
 
     async def start(self, cmd: StartSandbox) -> SandboxCreated:
         """A sandbox from a template: restored from its snapshot, or booted + set up."""
-        from workers.agent import Local
-
-        agent = self.agent
+        table = self.table
         sid, spec = cmd.sandbox_id, cmd.spec
-        if sid in agent.sandboxes:
-            return SandboxCreated(sandbox_id=sid, worker_id=agent.id, path=cmd.path)
+        if sid in table:
+            return SandboxCreated(sandbox_id=sid, worker_id=self.worker_id, path=cmd.path)
         started = anyio.current_time()
         ts = cmd.template or TemplateSpec(image=spec.image)
-        user = spec.user or ts.user or agent.settings.default_user
-        placed = Placed(sandbox_id=sid, worker_id=agent.id, prefix=agent.settings.prefix,
-                        gpu_uuids=list(cmd.gpu_uuids))
+        user = spec.user or ts.user or self.default_user
+        placed = table.placed(sid, cmd.gpu_uuids)
         try:
             if cmd.snapshot:
                 src = await self.ensure_local(cmd.snapshot, spec.template or "")
-                await agent.runtime.restore(placed, msgspec.structs.replace(spec, user=user), src)
+                await self.runtime.restore(placed, msgspec.structs.replace(spec, user=user), src)
                 env = dict(spec.env)
             else:
                 boot = msgspec.structs.replace(
                     spec, image=ts.image, user=user, env={**ts.env, **spec.env},
                     workdir=spec.workdir or ts.workdir,
                 )
-                await agent.runtime.create(placed, boot)
+                await self.runtime.create(placed, boot)
                 await self.setup(sid, ts, user)
                 env = {}
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
-                await agent.end_sandbox(sid, reason=reason, state="failed")
+                await table.end(sid, reason=reason, state="failed")
                 if cmd.pool:
-                    await self.redis.zrem(agent.keys.pool_warming(cmd.pool), sid)
+                    await self.redis.zrem(table.keys.pool_warming(cmd.pool), sid)
             raise
-        self._guest("prepare", sid)
+        self.guests.prepare(sid)
         now = lifecycle.wall()
         pooled = bool(cmd.pool)
-        agent.sandboxes[sid] = Local(
-            id=sid, user=user,
-            expires_at=float("inf") if pooled else now + spec.timeout,
-            idle_timeout=None if pooled else spec.idle_timeout,
-            last_active=now, env=env, pool=cmd.pool,
+        await table.started(
+            Local(
+                id=sid, user=user,
+                expires_at=float("inf") if pooled else now + spec.timeout,
+                idle_timeout=None if pooled else spec.idle_timeout,
+                last_active=now, env=env, pool=cmd.pool,
+            ),
+            now=now, path=cmd.path, pooled=pooled,
+            extra={"pool": cmd.pool, "image": ts.image, "snapshot": cmd.snapshot},
         )
-        keys = agent.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.sandbox(sid), mapping={
-                "state": "pooled" if pooled else "running", "started_at": str(now),
-                "last_active": str(now), "path": cmd.path, "created_at": str(now),
-                "worker": agent.id, "pool": cmd.pool, "image": ts.image, "snapshot": cmd.snapshot,
-            })
-            if not pooled:
-                pipe.zadd(keys.sandboxes, {sid: now})
-            await pipe.execute()
         startup = anyio.current_time() - started
         if pooled:
+            keys = table.keys
             put = self.redis.register_script(lua.POOL_PUT)
             listed = await put(
                 keys=[keys.pool_ready(cmd.pool), keys.pool_warming(cmd.pool), keys.pool_conf(cmd.pool)],
-                args=[f"{sid} {agent.id}"],
+                args=[f"{sid} {self.worker_id}"],
             )
             if not listed:
-                await agent.end_sandbox(sid, reason="pool deleted")
+                await table.end(sid, reason="pool deleted")
             log.info("pool %s: sandbox ready in %.3fs (%s)", cmd.pool, startup, cmd.path,
                      extra={"sandbox_id": sid})
-        return SandboxCreated(sandbox_id=sid, worker_id=agent.id, path=cmd.path, startup_s=startup,
-                              gpu_uuids=list(cmd.gpu_uuids))
+        return SandboxCreated(sandbox_id=sid, worker_id=self.worker_id, path=cmd.path,
+                              startup_s=startup, gpu_uuids=list(cmd.gpu_uuids))
 
     def claimed(self, cmd: SandboxClaimed) -> SandboxState:
         """A pooled sandbox was claimed: its lifetime starts now. No awaits before the
         update, so a command the claimer sends next (same stream) already sees it."""
-        local = self.agent.sandboxes.get(cmd.sandbox_id)
+        local = self.table.get(cmd.sandbox_id)
         if local is None:
             return SandboxState(sandbox_id=cmd.sandbox_id, state="gone")
         local.pool = ""
@@ -491,71 +492,51 @@ class SnapshotManager:
     # ---------------------------------------------------------- pause/resume
 
     async def pause(self, sid: str) -> SandboxState:
-        agent = self.agent
-        local = agent.sandboxes.get(sid)
+        table = self.table
+        local = table.get(sid)
         if local is None:
-            await agent._touch(sid)  # raises the right error
+            await table.touch(sid)  # raises the right error
             raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
         if local.paused:
             return SandboxState(sandbox_id=sid, state="paused")
         if local.pool:
             raise SandboxNotRunning(f"sandbox {sid} is pooled, not claimed", sandbox_id=sid)
         local.paused = True  # the health check must not take the stop for a death
-        self._guest("forget", sid)
+        self.guests.forget(sid)
         try:
-            await agent.runtime.pause(sid)
+            await self.runtime.pause(sid)
         except BaseException:
             local.paused = False
             raise
-        await self.redis.hset(agent.keys.sandbox(sid), "state", "paused")
         # Its CPU and memory are free while it sleeps on disk.
-        await self._script(lua.PARK)(keys=self._cap_keys(), args=[sid])
+        await table.paused(sid)
         return SandboxState(sandbox_id=sid, state="paused")
 
-    def _script(self, source: str):  # type: ignore[no-untyped-def]
-        return self.redis.register_script(source)
-
-    def _cap_keys(self) -> list[str]:
-        keys, wid = self.agent.keys, self.agent.id
-        return [keys.worker_cap(wid), keys.worker_sandboxes(wid)]
-
-    async def _unpark(self, sid: str) -> None:
-        """Reserve a paused sandbox's CPU and memory again, or CapacityExhausted."""
-        cpu, mem = await self.redis.hmget(self.agent.keys.sandbox(sid), "cpu", "memory_mb")
-        need_cpu = int(round(float(cpu or 0) * 1000))
-        got = await self._script(lua.UNPARK)(keys=self._cap_keys(), args=[sid, need_cpu, int(mem or 0)])
-        if got == 0:
-            raise CapacityExhausted(
-                f"worker {self.agent.id} has no room to resume {sid} now (it stays paused; "
-                f"cpu={need_cpu / 1000:g} memory={int(mem or 0)}MiB needed)", sandbox_id=sid,
-            )
-
     async def resume(self, sid: str) -> SandboxState:
-        agent = self.agent
-        local = agent.sandboxes.get(sid)
+        table = self.table
+        local = table.get(sid)
         if local is None:
-            await agent._touch(sid)
+            await table.touch(sid)
             raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
         if not local.paused:
             return SandboxState(sandbox_id=sid, state="running")
-        await self._unpark(sid)
+        await table.unpark(sid)
         local.busy = True
         try:
             try:
-                await agent.runtime.resume(sid)
+                await self.runtime.resume(sid)
             except RuntimeFailure:
                 # One retry: dockerd/containerd occasionally refuse the first restore.
                 await anyio.sleep(0.2)
-                await agent.runtime.resume(sid)
+                await self.runtime.resume(sid)
             local.paused = False
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._script(lua.PARK)(keys=self._cap_keys(), args=[sid])
+                await table.park(sid)
             raise
         finally:
             local.busy = False
-        self._guest("forget", sid)
-        self._guest("prepare", sid)
-        local.last_active = lifecycle.wall()
-        await self.redis.hset(agent.keys.sandbox(sid), mapping={"state": "running", "last_active": str(local.last_active)})
+        self.guests.forget(sid)
+        self.guests.prepare(sid)
+        await table.resumed(local)
         return SandboxState(sandbox_id=sid, state="running")

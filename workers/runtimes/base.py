@@ -92,7 +92,7 @@ class Runtime(Protocol):
 
     async def list_managed(self) -> list[Managed]: ...
 
-    # -- memory snapshots (issue 3). ``dest``/``src`` is a directory the runtime owns the
+    # -- memory snapshots. ``dest``/``src`` is a directory the runtime owns the
     # layout of; a snapshot must carry what restore needs to rebuild the sandbox
     # (image, user, env, working directory), so any worker holding it can restore it.
 

@@ -40,7 +40,7 @@ from hotbed.errors import (
     UnsupportedRequest,
 )
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
-from workers.runtimes.base import Managed, Placed
+from workers.runtimes.base import AttachedStdio, Managed, Placed
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,10 @@ class ProcessRuntime:
     def _meta(self, d: Path) -> _Meta:
         return _meta_decoder.decode((d / "meta.json").read_bytes())
 
+    def _locate(self, sandbox_id: str) -> tuple[Path, _Meta]:
+        d = self._find(sandbox_id)
+        return d, self._meta(d)
+
     @staticmethod
     def _inside(d: Path, path: str) -> Path:
         """A sandbox path re-rooted under the sandbox directory (not a security boundary)."""
@@ -124,41 +128,50 @@ class ProcessRuntime:
             raise RuntimeFailure(f"cannot create {d}: {exc}", sandbox_id=placed.sandbox_id) from None
 
     async def destroy(self, sandbox_id: str) -> None:
-        try:
-            d = self._find(sandbox_id)
-        except SandboxNotFound:
-            return
-        pids = d / "pids"
-        if pids.is_dir():
-            for p in pids.iterdir():
-                try:
-                    os.killpg(int(p.name), signal.SIGKILL)
-                except (ValueError, ProcessLookupError, PermissionError):
-                    pass
-        await anyio.to_thread.run_sync(lambda: shutil.rmtree(d, ignore_errors=True))
+        def remove() -> None:
+            try:
+                d = self._find(sandbox_id)
+            except SandboxNotFound:
+                return
+            pids = d / "pids"
+            if pids.is_dir():
+                for p in pids.iterdir():
+                    try:
+                        os.killpg(int(p.name), signal.SIGKILL)
+                    except (ValueError, ProcessLookupError, PermissionError):
+                        pass
+            shutil.rmtree(d, ignore_errors=True)
+
+        await anyio.to_thread.run_sync(remove)
 
     async def is_alive(self, sandbox_id: str) -> bool:
         try:
-            self._find(sandbox_id)
+            await anyio.to_thread.run_sync(self._find, sandbox_id)
         except SandboxNotFound:
             return False
         return True
 
+    async def attach(self, sandbox_id: str) -> AttachedStdio | None:
+        """No guest agent: commands and files take this runtime's own methods."""
+        return None
+
     async def list_managed(self) -> list[Managed]:
-        out = []
-        for d in self._dirs():
-            try:
-                m = self._meta(d)
-            except (OSError, msgspec.DecodeError):
-                continue
-            out.append(Managed(sandbox_id=m.sandbox_id, worker_id=m.worker_id, prefix=m.prefix, running=True))
-        return out
+        def scan() -> list[Managed]:
+            out = []
+            for d in self._dirs():
+                try:
+                    m = self._meta(d)
+                except (OSError, msgspec.DecodeError):
+                    continue
+                out.append(Managed(sandbox_id=m.sandbox_id, worker_id=m.worker_id, prefix=m.prefix, running=True))
+            return out
+
+        return await anyio.to_thread.run_sync(scan)
 
     # ---------------------------------------------------------------- commands
 
     async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
-        d = self._find(sandbox_id)
-        meta = self._meta(d)
+        d, meta = await anyio.to_thread.run_sync(self._locate, sandbox_id)
         if spec.argv:
             argv = list(spec.argv)
         elif spec.shell is not None:
@@ -240,9 +253,8 @@ class ProcessRuntime:
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes, *, mode: int, make_dirs: bool, user: str
     ) -> int:
-        target = self._inside(self._find(sandbox_id), path)
-
         def write() -> int:
+            target = self._inside(self._find(sandbox_id), path)
             if make_dirs:
                 target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
@@ -255,9 +267,8 @@ class ProcessRuntime:
             raise FileError(f"{path}: {exc.strerror}", sandbox_id=sandbox_id, detail={"path": path}) from None
 
     async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int, user: str) -> bytes:
-        target = self._inside(self._find(sandbox_id), path)
-
         def read() -> bytes:
+            target = self._inside(self._find(sandbox_id), path)
             if target.stat().st_size > max_bytes:
                 raise FileTooLarge(f"{path} is over {max_bytes} bytes", sandbox_id=sandbox_id)
             return target.read_bytes()
@@ -268,9 +279,8 @@ class ProcessRuntime:
             raise FileError(f"{path}: {exc.strerror}", sandbox_id=sandbox_id, detail={"path": path}) from None
 
     async def list_files(self, sandbox_id: str, path: str, *, user: str) -> list[FileEntry]:
-        base = self._inside(self._find(sandbox_id), path)
-
         def ls() -> list[FileEntry]:
+            base = self._inside(self._find(sandbox_id), path)
             out = []
             for p in sorted(base.iterdir()):
                 st = p.lstat()
@@ -285,7 +295,7 @@ class ProcessRuntime:
         except OSError as exc:
             raise FileError(f"{path}: {exc.strerror}", sandbox_id=sandbox_id, detail={"path": path}) from None
 
-    # -- snapshots (issue 3) are a gVisor feature; host processes cannot be checkpointed.
+    # -- snapshots are a gVisor feature; host processes cannot be checkpointed.
 
     async def checkpoint(self, sandbox_id: str, dest: Path, *, leave_running: bool) -> int:
         raise UnsupportedRequest("the process runtime cannot snapshot", sandbox_id=sandbox_id)

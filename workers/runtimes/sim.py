@@ -28,7 +28,7 @@ import msgspec
 
 from hotbed.errors import ExecTimeout, FileError, SandboxNotFound, SandboxNotRunning
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
-from workers.runtimes.base import Managed, Placed
+from workers.runtimes.base import AttachedStdio, Managed, Placed
 
 
 class SimParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -243,6 +243,10 @@ class SimRuntime:
 
     async def is_alive(self, sandbox_id: str) -> bool:
         return sandbox_id in self._boxes
+
+    async def attach(self, sandbox_id: str) -> AttachedStdio | None:
+        """No guest agent is modelled: commands take :meth:`exec` and the file methods."""
+        return None
 
     async def list_managed(self) -> list[Managed]:
         return [

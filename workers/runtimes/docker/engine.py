@@ -1,0 +1,123 @@
+"""The connection to dockerd, what ``open`` learns about the host, and the error
+translation every Docker call of this runtime goes through.
+
+Every Docker call sits under a deadline (aiodocker has none of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import anyio
+from aiodocker.exceptions import DockerError
+
+from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotFound, SandboxNotRunning
+from workers.runtimes.docker import _aiodocker
+
+log = logging.getLogger(__name__)
+
+API_TIMEOUT_S = 30.0
+# The file name of hotbed's runsc wrapper (deploy/runsc/runsc-hotbed): a dockerd runtime
+# whose binary has this name restores without containerd (see snapshots.py).
+WRAPPER_NAME = "runsc-hotbed"
+
+
+def container_name(sandbox_id: str) -> str:
+    return f"hotbed-{sandbox_id}"
+
+
+class Engine:
+    """One dockerd client and the host facts the other modules need."""
+
+    def __init__(
+        self,
+        *,
+        oci_runtime: str = "runsc",
+        docker_url: str | None = None,
+        extra_labels: dict[str, str] | None = None,
+        gpu_oci_runtime: str = "runsc-nvproxy",
+        cgroup_parent: str = "",
+    ) -> None:
+        self.oci_runtime = oci_runtime
+        self.cgroup_parent = cgroup_parent
+        # GPU sandboxes under gVisor need runsc's --nvproxy: a second runtime entry in
+        # daemon.json (scripts/host-setup.sh registers it on hosts with an NVIDIA driver).
+        self.gpu_oci_runtime = gpu_oci_runtime
+        # dockerd's runtimes, by name.
+        self.runtimes: set[str] = set()
+        # dockerd runtimes that are hotbed's runsc wrapper: their restores skip containerd.
+        self.wrapped: set[str] = set()
+        self.docker_url = docker_url
+        self.extra_labels = dict(extra_labels or {})
+        self.root = Path("/var/lib/docker")
+        self._docker: aiodocker.Docker | None = None
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            raise RuntimeFailure("docker runtime is not open")
+        return self._docker
+
+    async def open(self) -> None:
+        self._docker = aiodocker.Docker(url=self.docker_url)
+        with anyio.fail_after(API_TIMEOUT_S):
+            info = await self._docker.system.info()
+        self.root = Path(info.get("DockerRootDir") or "/var/lib/docker")
+        if not self.cgroup_parent:
+            # Sandboxes share one parent cgroup, which the host weighs below the
+            # control plane: nice alone does not reach across cgroups.
+            systemd = info.get("CgroupDriver") == "systemd"
+            self.cgroup_parent = "hotbed.slice" if systemd else "/hotbed"
+        runtimes = info.get("Runtimes") or {}
+        self.runtimes = set(runtimes)
+        if self.oci_runtime not in runtimes:
+            await self.aclose()
+            raise RuntimeFailure(
+                f"dockerd has no runtime {self.oci_runtime!r}; run scripts/host-setup.sh"
+            )
+        self.wrapped = {
+            name for name, r in runtimes.items()
+            if Path(str((r or {}).get("path") or "")).name == WRAPPER_NAME
+        }
+
+    async def aclose(self) -> None:
+        if self._docker is not None:
+            docker, self._docker = self._docker, None
+            with anyio.CancelScope(shield=True):
+                await docker.close()
+
+    def container(self, sandbox_id: str) -> Any:
+        """The sandbox's container (no API call)."""
+        return self.docker.containers.container(container_name(sandbox_id))
+
+    async def show(self, sandbox_id: str) -> dict[str, Any]:
+        """``docker inspect`` of the sandbox's container."""
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                info: dict[str, Any] = await self.container(sandbox_id).show()
+        except DockerError as exc:
+            raise self.translate(exc, sandbox_id) from None
+        return info
+
+    async def post(
+        self, path: str, *, params: dict[str, Any] | None = None,
+        body: dict[str, Any] | None = None, sandbox_id: str,
+    ) -> None:
+        try:
+            with anyio.fail_after(API_TIMEOUT_S):
+                await _aiodocker.post(self.docker, path, params=params, body=body)
+        except DockerError as exc:
+            raise self.translate(exc, sandbox_id) from None
+        except TimeoutError:
+            raise RuntimeFailure(f"docker: {path} timed out", sandbox_id=sandbox_id) from None
+
+    def translate(self, exc: DockerError, sandbox_id: str) -> HotbedError:
+        msg = exc.message if isinstance(exc.message, str) else str(exc.message)
+        if exc.status == 404:
+            return SandboxNotFound(f"sandbox {sandbox_id} has no container", sandbox_id=sandbox_id)
+        if exc.status == 409:
+            return SandboxNotRunning(f"sandbox {sandbox_id}: {msg}", sandbox_id=sandbox_id)
+        return RuntimeFailure(f"docker: {msg} (HTTP {exc.status})", sandbox_id=sandbox_id)

@@ -1,0 +1,168 @@
+"""Containers made, found and removed: the container config of a sandbox, create,
+destroy, is_alive and list_managed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from aiodocker.exceptions import DockerError
+
+from hotbed.errors import ImageNotFound, RuntimeFailure
+from hotbed.protocol import SPAWN_FIFO, SandboxSpec
+from workers.guest.channel import guest_command
+from workers.runtimes.base import (
+    LABEL_MANAGED,
+    LABEL_PREFIX,
+    LABEL_SANDBOX,
+    LABEL_WORKER,
+    Managed,
+    Placed,
+)
+from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
+
+# Keeps PID 1 alive and idle; TERM ends it at once. It also runs a spawner: each line
+# written to SPAWN_FIFO is started as a child of init. Under gVisor, processes that
+# descend from a ``docker exec`` do not survive checkpoint/restore; init's descendants
+# do, so long-running processes that must be in a snapshot start through the spawner.
+IDLE_CMD = [
+    "/bin/sh", "-c",
+    "trap 'exit 0' TERM INT; mkdir -p /tmp/.hotbed && mkfifo -m 600 " + SPAWN_FIFO + "; "
+    "(while :; do if read -r line < " + SPAWN_FIFO + "; then "
+    'sh -c "$line" </dev/null >>/tmp/.hotbed/spawn.log 2>&1 & fi; done) & '
+    "while :; do sleep 86400 & wait $!; done",
+]
+
+
+def container_config(
+    engine: Engine, placed: Placed, spec: SandboxSpec, image_id: str, *, cmd: list[str] | None = None
+) -> dict[str, Any]:
+    """The Engine API body that creates ``placed``'s container."""
+    res = spec.resources
+    labels = {
+        LABEL_MANAGED: "1",
+        LABEL_SANDBOX: placed.sandbox_id,
+        LABEL_WORKER: placed.worker_id,
+        LABEL_PREFIX: placed.prefix,
+        **engine.extra_labels,
+    }
+    env = [f"{k}={v}" for k, v in spec.env.items()]
+    host_config: dict[str, Any] = {
+        "Runtime": engine.oci_runtime,
+        "CgroupParent": engine.cgroup_parent,
+        "NetworkMode": "none",
+        "NanoCpus": int(res.cpu * 1e9),
+        "Memory": res.memory_mb << 20,
+        "MemorySwap": res.memory_mb << 20,
+        "PidsLimit": res.pids,
+        "SecurityOpt": ["no-new-privileges"],
+        # The guest agent's channel is the container's stdout: keep it out of logs.
+        "LogConfig": {"Type": "none", "Config": {}},
+    }
+    if placed.gpu_uuids:
+        if engine.oci_runtime == "runsc":
+            if engine.gpu_oci_runtime not in engine.runtimes:
+                raise RuntimeFailure(
+                    f"GPU sandbox needs dockerd runtime {engine.gpu_oci_runtime!r} (runsc "
+                    "--nvproxy); run scripts/host-setup.sh on this GPU node",
+                    sandbox_id=placed.sandbox_id, worker_id=placed.worker_id,
+                )
+            host_config["Runtime"] = engine.gpu_oci_runtime
+        host_config["DeviceRequests"] = [
+            {"Driver": "nvidia", "DeviceIDs": list(placed.gpu_uuids), "Capabilities": [["gpu"]]}
+        ]
+        env.append("NVIDIA_VISIBLE_DEVICES=" + ",".join(placed.gpu_uuids))
+    config: dict[str, Any] = {
+        "Image": image_id,
+        # PID 1 is the guest agent where the image has python3 (else IDLE_CMD): the
+        # worker talks to it over the attached stdin/stdout.
+        "Cmd": cmd or guest_command(IDLE_CMD),
+        "OpenStdin": True,
+        "StdinOnce": False,
+        "User": spec.user or "",
+        "Env": env,
+        "Labels": labels,
+        "NetworkDisabled": True,
+        "HostConfig": host_config,
+    }
+    if spec.workdir:
+        config["WorkingDir"] = spec.workdir
+    return config
+
+
+async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
+    sid = placed.sandbox_id
+    try:
+        with anyio.fail_after(API_TIMEOUT_S):
+            image = await engine.docker.images.inspect(spec.image)
+    except DockerError as exc:
+        if exc.status == 404:
+            raise ImageNotFound(
+                f"image {spec.image!r} not found on worker {placed.worker_id} "
+                "(hotbed never pulls; build it with `hotbed image build`)",
+                sandbox_id=sid,
+                worker_id=placed.worker_id,
+            ) from None
+        raise engine.translate(exc, sid) from None
+    config = container_config(engine, placed, spec, image["Id"])
+    async with removed_on_failure(engine, sid, "start"):
+        with anyio.fail_after(API_TIMEOUT_S):
+            container = await engine.docker.containers.create(config, name=container_name(sid))
+        with anyio.fail_after(API_TIMEOUT_S):
+            await container.start()
+
+
+@asynccontextmanager
+async def removed_on_failure(engine: Engine, sid: str, what: str) -> AsyncIterator[None]:
+    """A sandbox that fails (or is cancelled) half-made leaves no container behind."""
+    try:
+        yield
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await destroy(engine, sid)
+        if isinstance(exc, DockerError):
+            raise engine.translate(exc, sid) from None
+        if isinstance(exc, TimeoutError):
+            raise RuntimeFailure(f"docker did not {what} {sid} in time", sandbox_id=sid) from None
+        raise
+
+
+async def destroy(engine: Engine, sandbox_id: str) -> None:
+    try:
+        with anyio.fail_after(API_TIMEOUT_S):
+            await engine.container(sandbox_id).delete(force=True, v=True)
+    except DockerError as exc:
+        if exc.status not in (404, 409):
+            raise engine.translate(exc, sandbox_id) from None
+
+
+async def is_alive(engine: Engine, sandbox_id: str) -> bool:
+    try:
+        with anyio.fail_after(API_TIMEOUT_S):
+            info = await engine.container(sandbox_id).show()
+    except DockerError as exc:
+        if exc.status == 404:
+            return False
+        raise engine.translate(exc, sandbox_id) from None
+    return bool(info["State"]["Running"])
+
+
+async def list_managed(engine: Engine) -> list[Managed]:
+    with anyio.fail_after(API_TIMEOUT_S):
+        found = await engine.docker.containers.list(
+            all=True, filters={"label": [f"{LABEL_MANAGED}=1"]}
+        )
+    out = []
+    for c in found:
+        labels = c["Labels"] or {}
+        out.append(
+            Managed(
+                sandbox_id=labels.get(LABEL_SANDBOX, ""),
+                worker_id=labels.get(LABEL_WORKER, ""),
+                prefix=labels.get(LABEL_PREFIX, ""),
+                running=c["State"] == "running",
+            )
+        )
+    return out

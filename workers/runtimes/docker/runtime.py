@@ -1,0 +1,104 @@
+"""The :class:`~workers.runtimes.base.Runtime` of Docker + gVisor: each method is one
+call into the module that owns its concern."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+from aiodocker.exceptions import DockerError
+
+from hotbed.errors import SandboxNotRunning
+from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+from workers.runtimes.base import Managed, Placed
+from workers.runtimes.docker import _aiodocker, checkpoints, commands, files, lifecycle
+from workers.runtimes.docker.engine import Engine, container_name
+
+
+class DockerRuntime:
+    name = "docker"
+    kind = "real"
+
+    def __init__(
+        self,
+        *,
+        oci_runtime: str = "runsc",
+        docker_url: str | None = None,
+        extra_labels: dict[str, str] | None = None,
+        gpu_oci_runtime: str = "runsc-nvproxy",
+        cgroup_parent: str = "",
+    ) -> None:
+        self.engine = Engine(
+            oci_runtime=oci_runtime, docker_url=docker_url, extra_labels=extra_labels,
+            gpu_oci_runtime=gpu_oci_runtime, cgroup_parent=cgroup_parent,
+        )
+
+    async def open(self) -> None:
+        await self.engine.open()
+        if self.engine.wrapped:
+            await anyio.to_thread.run_sync(checkpoints.prepare_marks)
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+    @property
+    def direct_restore(self) -> bool:
+        """Whether this worker's (non-GPU) sandboxes restore through the wrapper."""
+        return self.engine.oci_runtime in self.engine.wrapped
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def create(self, placed: Placed, spec: SandboxSpec) -> None:
+        await lifecycle.create(self.engine, placed, spec)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        await lifecycle.destroy(self.engine, sandbox_id)
+
+    async def is_alive(self, sandbox_id: str) -> bool:
+        return await lifecycle.is_alive(self.engine, sandbox_id)
+
+    async def list_managed(self) -> list[Managed]:
+        return await lifecycle.list_managed(self.engine)
+
+    async def attach(self, sandbox_id: str) -> _aiodocker.AttachedContainer:
+        try:
+            return await _aiodocker.attach(self.engine.docker, container_name(sandbox_id), sandbox_id)
+        except DockerError as exc:
+            raise SandboxNotRunning(
+                f"sandbox {sandbox_id}: cannot attach: {exc.message}", sandbox_id=sandbox_id
+            ) from None
+
+    # ------------------------------------------------------------ exec and files
+
+    async def exec(self, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
+        return await commands.exec_spec(self.engine, sandbox_id, spec, default_user=default_user)
+
+    async def write_file(
+        self, sandbox_id: str, path: str, data: bytes, *, mode: int, make_dirs: bool, user: str
+    ) -> int:
+        return await files.write_file(
+            self.engine, sandbox_id, path, data, mode=mode, make_dirs=make_dirs, user=user
+        )
+
+    async def read_file(self, sandbox_id: str, path: str, *, max_bytes: int, user: str) -> bytes:
+        return await files.read_file(self.engine, sandbox_id, path, max_bytes=max_bytes, user=user)
+
+    async def list_files(self, sandbox_id: str, path: str, *, user: str) -> list[FileEntry]:
+        return await files.list_files(self.engine, sandbox_id, path, user=user)
+
+    # ---------------------------------------------------------------- snapshots
+
+    async def checkpoint(self, sandbox_id: str, dest: Path, *, leave_running: bool) -> int:
+        return await checkpoints.checkpoint(self.engine, sandbox_id, dest, leave_running=leave_running)
+
+    async def restore(self, placed: Placed, spec: SandboxSpec, src: Path) -> None:
+        await checkpoints.restore(self.engine, placed, spec, src)
+
+    async def pause(self, sandbox_id: str) -> None:
+        await checkpoints.pause(self.engine, sandbox_id)
+
+    async def resume(self, sandbox_id: str) -> None:
+        await checkpoints.resume(self.engine, sandbox_id)
+
+    async def is_paused(self, sandbox_id: str) -> bool:
+        return await checkpoints.is_paused(self.engine, sandbox_id)
