@@ -66,29 +66,21 @@ def script_sha(source: str) -> str:
 _SOURCES: dict[str, str] = {}
 
 
-class Script(str):
+class Script:
     """A Lua script, and the one way hotbed runs Lua.
 
     ``await script.run(redis, keys, args)`` runs it alone; ``script.call(keys, args)`` is
     its command for :meth:`AutoPipeline.execute`, to send it in one round trip with
     other commands. Either way it goes as EVALSHA through the client's auto-pipeline,
     and a server that does not know it yet gets it loaded and the call re-sent once.
-
-    A Script is also its source text (a ``str``), so code that still hands the source
-    to redis-py's ``register_script`` keeps working.
     """
 
-    sha: str
+    __slots__ = ("source", "sha")
 
-    def __new__(cls, source: str) -> Script:
-        self = super().__new__(cls, source)
+    def __init__(self, source: str) -> None:
+        self.source = source
         self.sha = script_sha(source)
-        _SOURCES[self.sha] = str(source)
-        return self
-
-    @property
-    def source(self) -> str:
-        return str(self)
+        _SOURCES[self.sha] = source
 
     def call(self, keys: Sequence[Any], args: Sequence[Any] = ()) -> Command:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -123,12 +115,10 @@ class AutoPipeline:
         self.round_trips = 0
         self.commands_sent = 0
 
-    async def execute(self, *commands: Command, scripts: tuple[Script, ...] = ()) -> list[Any]:
+    async def execute(self, *commands: Command) -> list[Any]:
         """Send ``commands`` (``("HSET", key, f, v)``, ``script.call(...)``) in order, in
         a pipeline shared with other tasks; return their replies. A command that failed
-        gives its exception object in place of a reply (a failed connection raises).
-        ``scripts`` is accepted for older callers and not needed: every :class:`Script`
-        is known by its sha."""
+        gives its exception object in place of a reply (a failed connection raises)."""
         item = _Item(commands)
         self._queue.append(item)
         try:

@@ -182,6 +182,11 @@ def to_claimed(
     }
 
 
+def is_pooled(fields: Fields) -> bool:
+    """Whether a transition's ``fields`` leave the sandbox waiting in a warm pool."""
+    return fields.get("state") == "pooled"
+
+
 def touched(last_active: float) -> Fields:
     """Activity seen (written by the worker's heartbeat, at most once a beat)."""
     return {"last_active": str(last_active)}

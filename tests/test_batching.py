@@ -49,7 +49,7 @@ async def test_scripts_load_on_first_use_and_errors_stay_per_command(redis_url: 
     assert batching.for_client(redis) is ap
     try:
         # Unknown to the server until now: NOSCRIPT, loaded, re-sent once.
-        (n,) = await ap.execute(script.call([f"{prefix}:s"], [5]), scripts=(script,))
+        (n,) = await ap.execute(script.call([f"{prefix}:s"], [5]))
         assert n == 5
         got = await ap.execute(("INCR", f"{prefix}:s"), ("HGET", f"{prefix}:s", "f"))
         assert got[0] == 6 and isinstance(got[1], Exception)

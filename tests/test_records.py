@@ -70,10 +70,7 @@ async def test_scripts_and_read_modify_write_steps(redis_url: str, prefix: str) 
     redis = connect(redis_url)
     keys = Keys(prefix)
     try:
-        # A Script is its source too: redis-py's register_script still takes it.
-        assert isinstance(lua.LOCK, str) and lua.LOCK.source == str(lua.LOCK)
-        legacy = redis.register_script(lua.LOCK)
-        assert await legacy(keys=[keys.lock("x")], args=["tok", 1000]) == 1
+        assert await lua.LOCK.run(redis, [keys.lock("x")], ["tok", 1000]) == 1
         assert await lua.LOCK.run(redis, [keys.lock("x")], ["other", 1000]) == 0
         await redis.script_flush()
         # Unknown to the server again: loaded from the process's registry and re-sent.

@@ -34,7 +34,7 @@ from daemon import lifecycle
 from daemon.metrics import NULL, NullMetrics
 from daemon.streams import StreamConsumer, ensure_group, send_reply
 from hotbed import keys as keyspace
-from hotbed import lua, protocol
+from hotbed import lua, protocol, records
 from hotbed.connection import connect
 from hotbed.errors import (
     HotbedError,
@@ -223,10 +223,10 @@ class WorkerAgent:
     async def register(self) -> None:
         """Publish capacity, recomputed from the reservations we still hold."""
         gpu_ids = [g.uuid for g in self.info.gpus]
-        script = self.redis.register_script(lua.REGISTER)
-        await script(
-            keys=[self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)],
-            args=[self.info.cpu_millis, self.info.memory_mb, *gpu_ids],
+        await lua.REGISTER.run(
+            self.redis,
+            [self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)],
+            [self.info.cpu_millis, self.info.memory_mb, *gpu_ids],
         )
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.worker_info(self.id), protocol.encode(self.info))
@@ -419,7 +419,7 @@ class WorkerAgent:
                 idle_timeout=spec.idle_timeout,
                 last_active=now,
             ),
-            now=now, path=cmd.path,
+            records.to_started(now=now, path=cmd.path, worker=self.id),
         )
         startup = anyio.current_time() - started
         self.metrics.create(cmd.path, startup)

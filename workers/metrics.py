@@ -9,6 +9,7 @@ from __future__ import annotations
 from daemon import lifecycle
 from daemon.metrics import Samples
 from hotbed.protocol import WorkerInfo
+from hotbed.records import capacity_from_hash
 from workers.sandboxes import SandboxTable
 
 
@@ -21,13 +22,14 @@ async def sample(table: SandboxTable, info: WorkerInfo) -> Samples:
         pipe.hgetall(keys.worker_cap(wid))
         pipe.zscore(keys.workers, wid)
         cap, beat = await pipe.execute()
+    capacity = capacity_from_hash(cap)
     gpu: dict[tuple[str, ...], float] = {}
     for g in info.gpus:
-        taken = cap.get(f"gpu:{g.uuid}".encode()) == b"1"
+        taken = g.uuid in capacity.gpu_taken
         for state in ("used", "free"):
             gpu.setdefault((wid, g.model, state), 0.0)
         gpu[(wid, g.model, "used" if taken else "free")] += 1
-    cpu_free, mem_free = float(cap.get(b"cpu", 0)), float(cap.get(b"mem", 0))
+    cpu_free, mem_free = float(capacity.cpu_free), float(capacity.mem_free)
     out: Samples = {
         "hotbed_live_sandboxes": {(): float(len(table))},
         "hotbed_gpu_slots": gpu,

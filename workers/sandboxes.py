@@ -24,8 +24,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from daemon import lifecycle
-from hotbed import batching, lua
-from hotbed.batching import Script, raise_first_error
+from hotbed import batching, lua, records
+from hotbed.batching import raise_first_error
 from hotbed.errors import CapacityExhausted, SandboxNotFound, SandboxNotRunning
 from hotbed.keys import Keys
 from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, from_hash
@@ -33,7 +33,6 @@ from workers.runtimes.base import Placed, Runtime
 
 log = logging.getLogger(__name__)
 
-RELEASE = Script(lua.RELEASE)
 
 
 class Local(msgspec.Struct, kw_only=True):
@@ -161,26 +160,19 @@ class SandboxTable:
         for s in self._locals.values():
             if s.dirty:
                 s.dirty = False
-                pipe.hset(self.keys.sandbox(s.id), "last_active", str(s.last_active))
+                pipe.hset(self.keys.sandbox(s.id), mapping=records.touched(s.last_active))
 
-    async def started(
-        self, local: Local, *, now: float, path: str, pooled: bool = False,
-        extra: dict[str, str] | None = None,
-    ) -> None:
-        """Hold ``local`` and record it running (or ``pooled``: waiting in a warm pool,
-        not listed among the live sandboxes until it is claimed)."""
+    async def started(self, local: Local, fields: records.Fields) -> None:
+        """Hold ``local`` and write its record's transition ``fields``
+        (:func:`records.to_started` or :func:`records.to_restored`); a sandbox that went
+        to ``pooled`` is not listed among the live sandboxes until it is claimed."""
         sid = local.id
         self._locals[sid] = local
-        fields = {
-            "state": "pooled" if pooled else "running", "started_at": str(now),
-            "last_active": str(now), "path": path, "created_at": str(now),
-            "worker": self.worker_id, **(extra or {}),
-        }
         commands: list[batching.Command] = [
-            ("HSET", self.keys.sandbox(sid), *(x for kv in fields.items() for x in kv)),
+            records.hset(self.keys.sandbox(sid), fields),
         ]
-        if not pooled:
-            commands.append(("ZADD", self.keys.sandboxes, now, sid))
+        if not records.is_pooled(fields):
+            commands.append(("ZADD", self.keys.sandboxes, float(fields["started_at"]), sid))
         # Auto-pipelined: one round trip for all the starts finishing together.
         raise_first_error(await batching.for_client(self.redis).execute(*commands))
 
@@ -236,20 +228,20 @@ class SandboxTable:
 
     async def park(self, sandbox_id: str) -> None:
         """Give back a paused sandbox's CPU and memory (it sleeps on disk)."""
-        await self.redis.register_script(lua.PARK)(keys=self._cap_keys(), args=[sandbox_id])
+        await lua.PARK.run(self.redis, self._cap_keys(), [sandbox_id])
 
     async def paused(self, sandbox_id: str) -> None:
         """Record a sandbox paused and free its CPU and memory."""
-        await self.redis.hset(self.keys.sandbox(sandbox_id), "state", "paused")
+        await self.redis.hset(self.keys.sandbox(sandbox_id), mapping=records.to_paused())
         await self.park(sandbox_id)
 
     async def unpark(self, sandbox_id: str) -> None:
         """Reserve a paused sandbox's CPU and memory again, or CapacityExhausted."""
-        cpu, mem = await self.redis.hmget(self.keys.sandbox(sandbox_id), "cpu", "memory_mb")
-        need_cpu = int(round(float(cpu or 0) * 1000))
-        got = await self.redis.register_script(lua.UNPARK)(
-            keys=self._cap_keys(), args=[sandbox_id, need_cpu, int(mem or 0)]
+        cpu, mem = await self.redis.hmget(
+            self.keys.sandbox(sandbox_id), records.field_names("cpu", "memory_mb")
         )
+        need_cpu = int(round(float(cpu or 0) * 1000))
+        got = await lua.UNPARK.run(self.redis, self._cap_keys(), [sandbox_id, need_cpu, int(mem or 0)])
         if got == 0:
             raise CapacityExhausted(
                 f"worker {self.worker_id} has no room to resume {sandbox_id} now (it stays "
@@ -261,8 +253,7 @@ class SandboxTable:
         """Record a resumed sandbox running again, active now."""
         local.last_active = lifecycle.wall()
         await self.redis.hset(
-            self.keys.sandbox(local.id),
-            mapping={"state": "running", "last_active": str(local.last_active)},
+            self.keys.sandbox(local.id), mapping=records.to_resumed(now=local.last_active)
         )
 
     # ------------------------------------------------------------------- end
@@ -285,17 +276,16 @@ class SandboxTable:
         if local is not None and local.pool:
             # Out of the pool before anything else, so it is never handed out dead.
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.keys.sandbox(sid), "state", "failed" if state == "failed" else "terminated")
+                pipe.hset(self.keys.sandbox(sid), mapping=records.to_unlisted(failed=state == "failed"))
                 pipe.lrem(self.keys.pool_ready(local.pool), 0, f"{sid} {self.worker_id}")
                 await pipe.execute()
         await self.runtime.destroy(sid)
         record = self.keys.sandbox(sid)
         raise_first_error(await batching.for_client(self.redis).execute(
-            RELEASE.call(self._cap_keys(), [sid]),
-            ("HSET", record, "state", state, "reason", reason, "ended_at", str(lifecycle.wall())),
+            lua.RELEASE.call(self._cap_keys(), [sid]),
+            records.hset(record, records.to_ended(state=state, reason=reason, now=lifecycle.wall())),
             ("EXPIRE", record, ENDED_RECORD_TTL_S),
             ("ZREM", self.keys.sandboxes, sid),
-            scripts=(RELEASE,),
         ))
         log.info(
             "sandbox ended: %s (%s)", state, reason,

@@ -26,10 +26,9 @@ from typing import Any, Protocol
 
 import anyio
 import msgspec
-import orjson
 
 from daemon import lifecycle
-from hotbed import lua, protocol
+from hotbed import lua, protocol, records
 from hotbed.errors import (
     ExecTimeout,
     HotbedError,
@@ -201,16 +200,10 @@ class SnapshotManager:
                 worker_id=self.worker_id,
             )
         if template:
-            await self._add_holder(template)
+            await records.add_template_holder(
+                self.redis, self.table.keys.template(template), self.worker_id
+            )
         return dest
-
-    async def _add_holder(self, template: str) -> None:
-        key = self.table.keys.template(template)
-        raw = await self.redis.hget(key, "holders")
-        holders = set(orjson.loads(raw or b"[]"))
-        if self.worker_id not in holders:
-            holders.add(self.worker_id)
-            await self.redis.hset(key, "holders", orjson.dumps(sorted(holders)))
 
     async def collect(self, *, grace_s: float = GC_GRACE_S) -> list[str]:
         """Remove snapshots no template references; returns the ids removed."""
@@ -308,10 +301,15 @@ class SnapshotManager:
 
     # ------------------------------------------------------------- building
 
-    async def _write_template(self, rec: TemplateRecord) -> None:
+    async def _write_template(self, rec: TemplateRecord, *, holders: bool = True) -> None:
+        """``holders=False`` leaves the stored holder list alone: a record read earlier
+        must not write back a list that a concurrent ``ADD_HOLDER`` has grown since."""
         keys = self.table.keys
+        fields = template_to_hash(rec)
+        if not holders:
+            fields.pop("holders", None)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.template(rec.name), mapping=template_to_hash(rec))
+            pipe.hset(keys.template(rec.name), mapping=fields)
             pipe.sadd(keys.templates, rec.name)
             await pipe.execute()
 
@@ -322,12 +320,11 @@ class SnapshotManager:
         if not replaced or replaced == rec.snapshot:
             return
         keys = self.table.keys
-        retire = self.redis.register_script(lua.POOL_RETIRE)
         for raw in await self.redis.smembers(keys.pools):
             pool = raw.decode()
             # Template names have no ':', so the prefix names this template's pools only.
             if pool.startswith(rec.name + ":"):
-                n = await retire(keys=[keys.pool_ready(pool), keys.pool_stale(pool)])
+                n = await lua.POOL_RETIRE.run(self.redis, [keys.pool_ready(pool), keys.pool_stale(pool)])
                 if n:
                     log.info("template %s rebuilt: retired %d pooled sandboxes of %s", rec.name, n, pool)
 
@@ -344,7 +341,7 @@ class SnapshotManager:
             snapshot=old.snapshot if old else "", holders=old.holders if old else [],
             size_bytes=old.size_bytes if old else 0,
         )
-        await self._write_template(building)
+        await self._write_template(building, holders=False)
         spec = SandboxSpec(
             image=ts.image, resources=ts.resources, env=ts.env, workdir=ts.workdir, user=user,
         )
@@ -358,7 +355,9 @@ class SnapshotManager:
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
-                await self._write_template(msgspec.structs.replace(building, state="failed", error=reason))
+                await self._write_template(
+                    msgspec.structs.replace(building, state="failed", error=reason), holders=False
+                )
                 await table.end(sid, reason="template build failed", state="failed")
                 await self._remove_partial(snap)
             if isinstance(exc, HotbedError):
@@ -458,16 +457,18 @@ class SnapshotManager:
                 idle_timeout=None if pooled else spec.idle_timeout,
                 last_active=now, env=env, pool=cmd.pool,
             ),
-            now=now, path=cmd.path, pooled=pooled,
-            extra={"pool": cmd.pool, "image": ts.image, "snapshot": cmd.snapshot},
+            records.to_restored(
+                now=now, path=cmd.path, worker=self.worker_id, pool=cmd.pool, image=ts.image,
+                snapshot=cmd.snapshot,
+            ),
         )
         startup = anyio.current_time() - started
         if pooled:
             keys = table.keys
-            put = self.redis.register_script(lua.POOL_PUT)
-            listed = await put(
-                keys=[keys.pool_ready(cmd.pool), keys.pool_warming(cmd.pool), keys.pool_conf(cmd.pool)],
-                args=[f"{sid} {self.worker_id}"],
+            listed = await lua.POOL_PUT.run(
+                self.redis,
+                [keys.pool_ready(cmd.pool), keys.pool_warming(cmd.pool), keys.pool_conf(cmd.pool)],
+                [f"{sid} {self.worker_id}"],
             )
             if not listed:
                 await table.end(sid, reason="pool deleted")
