@@ -2,7 +2,7 @@
 :class:`~workers.runtimes.base.Runtime`, run against each of them.
 
 :class:`RuntimeContract` holds the behaviour; a subclass per runtime (docker + runsc,
-process, sim, and the test double of ``fleet_doubles``) gives the runtime and says
+process, sim, and the test double of ``doubles``) gives the runtime and says
 what it models, and the tests of what it does not model are skipped for it:
 
 * ``runs_commands``: exec runs the command (``echo``, ``exit N``, ``sleep`` past the
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import anyio
 import pytest
 from conftest import BUSYBOX_IMAGE, docker_available, image_exists
-from fleet_doubles import RecordingRuntime
+from doubles import RecordingRuntime
 
 from hotbed.errors import (
     ExecTimeout,

@@ -1,4 +1,4 @@
-"""Templates, memory snapshots, warm pools, snapshot/fork/pause (issue 3).
+"""Templates, memory snapshots, warm pools, snapshot/fork/pause.
 
 Real Redis, real dockerd + runsc, the busybox image. Each test gets its own prefix and
 snapshot directory; teardown fails the test if a container with its prefix is left.

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-from fleet_doubles import FakeNvml, RecordingRuntime, gpus
+from doubles import FakeNvml, RecordingRuntime, gpus
 
 from hotbed.client import Client
 from hotbed.errors import CapacityExhausted, NoMatchingWorker

@@ -1,4 +1,4 @@
-"""The daemons as services (issue 6): real subprocesses, a real NOTIFY_SOCKET, signals.
+"""The daemons as services: real subprocesses, a real NOTIFY_SOCKET, signals.
 
 Each daemon runs as ``python -m scheduler`` / ``python -m workers`` with its own
 notify socket (a Unix datagram socket bound here, as systemd binds it), so readiness

@@ -1,4 +1,4 @@
-"""Operating a fleet (issue 6): systemd units, config checking, Redis ACL and TLS, `hotbed top`.
+"""Operating a fleet: systemd units, config checking, Redis ACL and TLS, `hotbed top`.
 
 ``systemd-analyze verify`` runs on the units as ``hotbed service install`` renders
 them (scripts/host-setup.sh installs the ``systemd`` package when it is missing).
@@ -21,7 +21,7 @@ import anyio
 import msgspec
 import pytest
 import redis as sync_redis
-from fleet_doubles import RecordingRuntime
+from doubles import RecordingRuntime
 
 from cli.fleet import Frame, check_config, install_service, render, snapshot
 from cli.main import main as cli_main
