@@ -20,7 +20,7 @@ import msgspec
 from hotbed.errors import InvalidRequest
 from hotbed.protocol import MAX_FILE_BYTES, MAX_TIMEOUT_S, ExecSpec, Resources, SandboxSpec
 
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,191}")
 POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
 SNAPSHOT_RE = re.compile(r"snap-[A-Za-z0-9_-]{1,64}")
 
@@ -40,7 +40,7 @@ MAX_READ_BYTES = MAX_FILE_BYTES // 2
 def check_id(value: str, what: str = "id") -> str:
     if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise InvalidRequest(
-            f"bad {what} {value!r}: letters, digits, '.', '_', '-', at most 128, not starting with '.'"
+            f"bad {what} {value!r}: letters, digits, '.', '_', '-', at most 192, not starting with '.'"
         )
     return value
 
