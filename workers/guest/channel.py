@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,7 @@ GUEST_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
 # no guest agent.
 Attach = Callable[[str], Awaitable[AttachedStdio | None]]
 # Told (sandbox id, why) when a sandbox breaks its channel's frame limits.
-Violation = Callable[[str, str], Awaitable[None]]
+Violation = Callable[[str, str], Coroutine[Any, Any, None]]
 
 
 def guest_command(idle_cmd: list[str]) -> list[str]:
