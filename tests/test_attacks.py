@@ -113,7 +113,7 @@ async def test_sandbox_forging_an_8gib_frame_is_ended(hotbed_stack: Stack) -> No
         assert "guest channel violation" in rec["reason"]
         assert _rss_bytes() - baseline < 32 << 20, "the worker buffered the forged frame"
         # The other sandbox and the node keep serving.
-        assert (await other.exec("echo", "fine")).stdout == b"fine\n"
+        assert (await other.exec("echo", "fine")).stdout == "fine\n"
         async with await Sandbox.create(BUSYBOX_IMAGE, client=c) as fresh:
             assert (await fresh.exec("true")).ok
     finally:
@@ -219,7 +219,7 @@ async def test_max_output_is_clamped_on_the_worker(hotbed_stack: Stack) -> None:
             "head", "-c", str(limits.MAX_COLLECTED_OUTPUT + (4 << 20)), "/dev/zero",
             max_output=1 << 40, timeout=60,
         )
-        assert res.truncated and len(res.stdout) == limits.MAX_COLLECTED_OUTPUT
+        assert res.truncated and len(res.stdout_bytes) == limits.MAX_COLLECTED_OUTPUT
 
 
 async def test_an_unread_output_stream_stays_bounded(
@@ -230,7 +230,8 @@ async def test_an_unread_output_stream_stays_bounded(
     async with await Sandbox.create(BASE_IMAGE, client=c, memory_mb=256) as sb:
         rid = new_id()
         key = c.keys.output(rid)
-        body = Exec(sandbox_id=sb.id, exec=ExecSpec(argv=["yes", "x" * 200], timeout=60), stream_to=key)
+        spec = ExecSpec(argv=["yes", "x" * 200], timeout=60, max_output=1 << 40)
+        body = Exec(sandbox_id=sb.id, exec=spec, stream_to=key)
         await c.submit(c.keys.worker_cmds(sb.worker_id), body, timeout=60, worker_id=sb.worker_id, request_id=rid)
         longest = 0
         end = None
@@ -245,7 +246,7 @@ async def test_an_unread_output_stream_stays_bounded(
         assert isinstance(end, protocol.ErrorReply) and end.code == "Overloaded", end
         await c.redis.delete(key, c.keys.reply(rid))
         # The sandbox still serves.
-        assert (await sb.exec("echo", "ok")).stdout == b"ok\n"
+        assert (await sb.exec("echo", "ok")).stdout == "ok\n"
 
 
 # ------------------------------------------------------------------- intake
@@ -268,7 +269,7 @@ async def test_long_lived_requests_do_not_take_the_intake(redis_url: str, prefix
                     await anyio.sleep(0.05)
             # A plain exec still runs at once.
             with anyio.fail_after(5):
-                assert (await sb.exec("echo", "through")).stdout == b"through\n"
+                assert (await sb.exec("echo", "through")).stdout == "through\n"
             # The sandbox's long-lived limit is full: the next is refused, typed.
             rid = new_id()
             body = WatchDir(sandbox_id=sb.id, path="/tmp", stream_to=c.keys.output(rid), timeout=120)
