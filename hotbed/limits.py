@@ -109,9 +109,10 @@ def spec_problems(spec: SandboxSpec) -> list[str]:
     return problems + resource_problems(spec.resources)
 
 
-def check_exec(spec: ExecSpec) -> None:
+def check_exec(spec: ExecSpec, *, background: bool = False) -> None:
+    """``background``: a background process, where timeout 0 means none."""
     problems = []
-    if not 0 < spec.timeout <= MAX_TIMEOUT_S:
+    if not (0 <= spec.timeout if background else 0 < spec.timeout) or spec.timeout > MAX_TIMEOUT_S:
         problems.append(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {spec.timeout:g}")
     # 0 is "no idle timeout".
     if spec.idle_timeout is not None and not 0 <= spec.idle_timeout <= MAX_TIMEOUT_S:

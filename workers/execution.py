@@ -351,7 +351,7 @@ class ExecutionService:
                 return Ack()
             case ProcessStart():
                 # stdin given (even empty): kept open for ProcessInput.
-                limits.check_exec(body.exec)
+                limits.check_exec(body.exec, background=True)
                 h, _ = await ch.call(
                     {"t": "start", **_spec_header(body.exec, streaming=True),
                      "stdin_open": body.exec.stdin is not None},
