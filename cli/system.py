@@ -48,6 +48,10 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
+# A control plane must refuse writes when full rather than evict state (docs/operations.md).
+REDIS_MEMORY_FLAGS = ("--maxmemory", "2gb", "--maxmemory-policy", "noeviction")
+
+
 def ensure_redis(url: str) -> None:
     if _redis_answers(url):
         return
@@ -64,7 +68,8 @@ def ensure_redis(url: str) -> None:
     subprocess.run(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
          "--dir", str(data), "--appendonly", "yes", "--save", "",
-         "--logfile", str(home() / "redis.log"), "--maxclients", "20000"],
+         "--logfile", str(home() / "redis.log"), "--maxclients", "20000",
+         *REDIS_MEMORY_FLAGS],
         check=True,
     )
     for _ in range(50):

@@ -7,12 +7,20 @@ XREADGROUP, no polling), and runs each in the caller's task group. An entry is
 acknowledged and deleted only after its handler returns, so a crashed consumer's
 entries stay pending for :meth:`StreamConsumer.claim_stale` (another replica) or for
 its own restart (:meth:`StreamConsumer.pending`).
+
+A handler that will run for long (a terminal, a watch) calls :func:`leave_intake` to
+give its slot back once it holds a limit of its own, so long-lived requests never take
+the slots that short ones need; its entry is still acknowledged only when it returns.
+
+Replies go to ``keys.reply(request id)``, never to a key a message names: the
+envelope's ``reply_to`` only says whether anyone waits for an answer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -20,10 +28,11 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskGroup
 from redis import exceptions as redis_errors
 
-from hotbed import batching, protocol
+from hotbed import batching, limits, protocol
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
 from hotbed.connection import MAX_BLOCK_S
+from hotbed.keys import Keys
 from hotbed.protocol import Envelope, Reply, ReplyEnvelope
 
 log = logging.getLogger(__name__)
@@ -40,18 +49,55 @@ async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
 
 
 async def send_reply(
-    redis: aioredis.Redis, request_id: str, reply_to: str, body: Reply
+    redis: aioredis.Redis, keys: Keys, request_id: str, reply_to: str, body: Reply
 ) -> None:
-    """Push the one reply of a request to its reply key, which then expires."""
+    """Push the one reply of a request to ``keys.reply(request_id)``, which then expires.
+
+    ``reply_to`` (the envelope's field) only says whether anyone waits: empty for a
+    notice. The key is derived from the id, so a message cannot make a daemon write
+    to, or expire, any other key; a request whose id is malformed gets no reply."""
+    if not reply_to:
+        return
+    if not isinstance(request_id, str) or not limits.ID_RE.fullmatch(request_id):
+        log.warning("not answering a request with a malformed id %r", str(request_id)[:80])
+        return
+    key = keys.reply(request_id)
     data = protocol.encode(ReplyEnvelope(id=request_id, body=body))
     # Shares a round trip with every other reply, ack and write of this moment.
     raise_first_error(await batching.for_client(redis).execute(
-        ("LPUSH", reply_to, data), ("EXPIRE", reply_to, keyspace.REPLY_TTL_S)
+        ("LPUSH", key, data), ("EXPIRE", key, keyspace.REPLY_TTL_S)
     ))
 
 
-async def reply_to(redis: aioredis.Redis, env: Envelope, body: Reply) -> None:
-    await send_reply(redis, env.id, env.reply_to, body)
+async def reply_to(redis: aioredis.Redis, keys: Keys, env: Envelope, body: Reply) -> None:
+    await send_reply(redis, keys, env.id, env.reply_to, body)
+
+
+class _Slot:
+    """The intake slot an entry's handler holds, until it returns or leaves intake."""
+
+    __slots__ = ("held", "limiter", "token")
+
+    def __init__(self, limiter: anyio.CapacityLimiter, token: object) -> None:
+        self.limiter = limiter
+        self.token = token
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.limiter.release_on_behalf_of(self.token)
+
+
+_slot: ContextVar[_Slot | None] = ContextVar("hotbed_intake_slot", default=None)
+
+
+def leave_intake() -> None:
+    """Give back the intake slot of the entry the calling task handles (no-op outside a
+    :class:`StreamConsumer` handler, or when already given back)."""
+    slot = _slot.get()
+    if slot is not None:
+        slot.release()
 
 
 class StreamConsumer:
@@ -178,6 +224,8 @@ class StreamConsumer:
                 tg.start_soon(self._run_one, handle, entry_id, fields.get(keyspace.FIELD, b""), tok)
 
     async def _run_one(self, handle: Handler, entry_id: bytes, data: bytes, token: object) -> None:
+        slot = _Slot(self.limiter, token)
+        _slot.set(slot)
         try:
             try:
                 await handle(entry_id, data)
@@ -191,4 +239,4 @@ class StreamConsumer:
                 except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
                     log.warning("could not acknowledge %s on %s: %s", entry_id, self.stream, exc)
         finally:
-            self.limiter.release_on_behalf_of(token)
+            slot.release()

@@ -47,6 +47,11 @@ key                                    type    meaning
 ``hotbed:pools``                       set     pool names
 =====================================  ======  ============================================
 
+Daemons derive a request's reply and output keys from its id (``reply``, ``output``),
+never from the key names a message carries (``reply_to``, ``stream_to`` only say whether
+anyone waits and whether output streams), and check every id and name against the
+patterns in :mod:`hotbed.limits` first: none may contain ``{``, ``}`` or ``/``.
+
 Everything lives under one prefix (``HOTBED_PREFIX``, default ``hotbed``), so tests can
 share a Redis by giving each run its own prefix.
 """

@@ -259,6 +259,21 @@ def capacity_from_hash(raw: Mapping[Any, Any]) -> Capacity:
     return Capacity(cpu_free=cpu, mem_free=mem, sandboxes=n, gpu_free=free, gpu_taken=taken)
 
 
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    """One sandbox's entry in ``Keys.worker_sandboxes``: ``"MILLICPU MIB GPU,GPU..."``
+    (``"0 0 GPUS"`` while paused). Only the Lua scripts write it; this reads it."""
+
+    millicpu: int
+    memory_mb: int
+    gpus: list[str] = []
+
+
+def reservation_from_value(raw: bytes | str) -> Reservation:
+    parts = _s(raw).split(" ")
+    gpus = [g for g in parts[2].split(",") if g] if len(parts) > 2 else []
+    return Reservation(millicpu=int(parts[0]), memory_mb=int(parts[1]), gpus=gpus)
+
+
 # --------------------------------------------------------------- pool config
 
 

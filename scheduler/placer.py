@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 
 from daemon import lifecycle
 from daemon.metrics import NULL, NullMetrics
-from hotbed import batching, lua, protocol, records
+from hotbed import batching, limits, lua, protocol, records
 from hotbed.batching import raise_first_error
 from hotbed.errors import CapacityExhausted, InvalidRequest, NoMatchingWorker
 from hotbed.keys import Keys
@@ -39,22 +39,9 @@ from scheduler.waitline import HandBack, WaitLine, wait_class
 
 
 def validate(spec: SandboxSpec) -> None:
-    """Bad input gets InvalidRequest, never a traceback."""
-    r = spec.resources
-    problems = []
-    if not spec.image:
-        problems.append("image is empty")
-    if not 0 < spec.timeout <= protocol.MAX_TIMEOUT_S:
-        problems.append(f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}] seconds, got {spec.timeout:g}")
-    if spec.idle_timeout is not None and spec.idle_timeout <= 0:
-        problems.append(f"idle_timeout must be positive, got {spec.idle_timeout:g}")
-    if r.cpu <= 0:
-        problems.append(f"cpu must be positive, got {r.cpu:g}")
-    if r.memory_mb < 16:
-        problems.append(f"memory_mb must be at least 16, got {r.memory_mb}")
-    if r.pids < 8:
-        problems.append(f"pids must be at least 8, got {r.pids}")
-    parse_gpu(r.gpu)
+    """Bad input gets InvalidRequest, never a traceback (the worker checks again)."""
+    problems = limits.spec_problems(spec)
+    parse_gpu(spec.resources.gpu)
     if problems:
         raise InvalidRequest("; ".join(problems))
 

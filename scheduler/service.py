@@ -206,7 +206,7 @@ class Scheduler:
         for data in msgs:
             header = protocol.decode_header(data)
             if header is not None:
-                await send_reply(self.redis, header.id, header.reply_to, err)
+                await send_reply(self.redis, self.keys, header.id, header.reply_to, err)
         if self.registry is not None:
             self.registry.workers.pop(wid, None)
 
@@ -223,7 +223,7 @@ class Scheduler:
             )
             if header is not None:
                 await send_reply(
-                    self.redis, header.id, header.reply_to,
+                    self.redis, self.keys, header.id, header.reply_to,
                     protocol.error_reply(UnsupportedRequest(f"malformed or unknown request: {exc}")),
                 )
             return
@@ -246,7 +246,7 @@ class Scheduler:
         if reply is not None:
             if isinstance(reply, ErrorReply):
                 self.metrics.error(kind, reply.code)
-            await reply_to(self.redis, env, reply)
+            await reply_to(self.redis, self.keys, env, reply)
 
     async def _dispatch(self, env: Envelope) -> Reply | None:
         assert self.placer is not None

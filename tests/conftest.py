@@ -56,7 +56,8 @@ def redis_url() -> Iterator[str]:
     workdir = tempfile.mkdtemp(prefix="hotbed-redis-")
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--maxclients", "20000"],
+         "--dir", workdir, "--maxclients", "20000", "--maxmemory", "2gb",
+         "--maxmemory-policy", "noeviction"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )

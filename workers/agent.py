@@ -15,6 +15,19 @@ reaches us; every way a sandbox ends (client, lifetime, idle, died, failed start
 through :meth:`SandboxTable.end <workers.sandboxes.SandboxTable.end>`, which releases it
 exactly once (``RELEASE`` is idempotent) and leaves an ended record saying why.
 
+Workers verify what reaches their stream, since anything that can write to it skips
+the scheduler: ids have the shape :mod:`hotbed.limits` allows and every float is finite
+before anything is looked up; a start (or a template build) must match the
+reservation the scheduler wrote in the same Lua step as its dispatch
+(``RESERVE_DISPATCH``), within bounds and this node's capacity, naming only GPUs that
+reservation took; anything else is refused with ``InvalidRequest`` and runs nothing.
+
+Intake: at most ``max_concurrency`` commands hold an intake slot. Long-lived ones (a
+terminal, a watch, streaming output, a process wait, a command allowed over
+``SHORT_S``) give theirs back once they hold one of ``LONG_LIVED_PER_NODE`` slots (at
+most ``LONG_LIVED_PER_SANDBOX`` per sandbox); when those are taken they are answered
+``Overloaded``. So no number of open shells takes the slots short commands need.
+
 Lifetime and idle deadlines are wall-clock (``expires_at`` in the record) because
 they must survive a worker restart; waits inside one process use the monotonic clock.
 """
@@ -23,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -32,31 +46,41 @@ import redis.asyncio as aioredis
 
 from daemon import lifecycle
 from daemon.metrics import NULL, NullMetrics
-from daemon.streams import StreamConsumer, ensure_group, send_reply
+from daemon.streams import StreamConsumer, ensure_group, leave_intake, send_reply
+from hotbed import batching, limits, lua, protocol, records
 from hotbed import keys as keyspace
-from hotbed import lua, protocol, records
+from hotbed.batching import raise_first_error
 from hotbed.connection import connect
 from hotbed.errors import (
     HotbedError,
+    InvalidRequest,
+    Overloaded,
     RequestTimeout,
     UnsupportedRequest,
     WorkerLost,
 )
 from hotbed.protocol import (
     BuildTemplate,
+    DownloadTar,
     Envelope,
     ErrorReply,
+    Exec,
     ListFiles,
     PauseSandbox,
+    ProcessWait,
+    PtyOpen,
     ReadFile,
     Reply,
+    Resources,
     ResumeSandbox,
     SandboxClaimed,
     SandboxCreated,
+    SessionRun,
     SnapshotSandbox,
     StartSandbox,
     Terminate,
     Terminated,
+    WatchDir,
     WorkerInfo,
     WriteFile,
 )
@@ -76,6 +100,24 @@ log = logging.getLogger(__name__)
 RETRYABLE = (StartSandbox, Terminate, ReadFile, ListFiles, WriteFile)
 
 Handler = Callable[[Envelope], Awaitable[Reply]]
+
+# Long-lived requests: at most this many per node and per sandbox, outside intake.
+LONG_LIVED_PER_NODE = 256
+LONG_LIVED_PER_SANDBOX = 16
+# A command allowed to run longer than this is long-lived.
+SHORT_S = 60.0
+
+
+def long_lived(body: Any) -> bool:
+    if isinstance(body, (PtyOpen, WatchDir, DownloadTar, ProcessWait)):
+        return True
+    if getattr(body, "stream_to", ""):
+        return True
+    if isinstance(body, Exec):
+        return body.exec.timeout > SHORT_S
+    if isinstance(body, SessionRun):
+        return body.timeout > SHORT_S
+    return False
 
 
 class WorkerAgent:
@@ -113,6 +155,10 @@ class WorkerAgent:
         self._shared_redis = redis
         self._blocking: aioredis.Redis | None = None
         self._in_flight = anyio.CapacityLimiter(settings.max_concurrency)
+        # Long-lived requests running, per sandbox; and their limits.
+        self._long: dict[str, int] = {}
+        self.long_lived_per_node = LONG_LIVED_PER_NODE
+        self.long_lived_per_sandbox = LONG_LIVED_PER_SANDBOX
         # Exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
         self.execution = ExecutionService(self.sandboxes, runtime)
         # A sandbox's guest channel closes when it ends.
@@ -182,12 +228,13 @@ class WorkerAgent:
                 await consumer.run(work, self._handle_entry, stop=self.stopping)
                 # Intake stopped: let in-flight commands finish within the grace period.
                 with anyio.move_on_after(self.settings.shutdown_grace_s) as grace:
-                    while self._in_flight.borrowed_tokens:  # noqa: ASYNC110 - a limiter has no drained event
+                    while self._in_flight.borrowed_tokens or self._long:  # noqa: ASYNC110 - a limiter has no drained event
                         await anyio.sleep(0.05)
                 if grace.cancelled_caught:
                     log.warning(
                         "%d commands still running after %.0fs; cancelling (they stay pending)",
-                        self._in_flight.borrowed_tokens, self.settings.shutdown_grace_s,
+                        self._in_flight.borrowed_tokens + sum(self._long.values()),
+                        self.settings.shutdown_grace_s,
                     )
                     work.cancel_scope.cancel()
             if self.settings.drain_on_stop:
@@ -208,7 +255,7 @@ class WorkerAgent:
             )
             if env is not None and not retry:
                 await send_reply(
-                    self.redis, env.id, env.reply_to,
+                    self.redis, self.keys, env.id, env.reply_to,
                     protocol.error_reply(WorkerLost(
                         "the worker restarted while running this command; it may or may not "
                         "have run", worker_id=self.id,
@@ -308,16 +355,23 @@ class WorkerAgent:
             log.warning("malformed command %s: %s", entry_id, exc, extra={"worker_id": self.id})
             if header is not None:
                 await send_reply(
-                    self.redis, header.id, header.reply_to,
+                    self.redis, self.keys, header.id, header.reply_to,
                     protocol.error_reply(UnsupportedRequest(f"malformed or unknown command: {exc}")),
                 )
             return
         body = env.body
         kind = type(body).__name__
         self.metrics.request(kind)
+        try:
+            self._verify(env)
+        except InvalidRequest as exc:
+            log.warning("refused %s: %s", kind, exc, extra={"worker_id": self.id})
+            exc.worker_id = self.id
+            await self._reply(env, protocol.error_reply(exc))
+            return
         lifecycle.log_context.set({"request_id": env.id, "sandbox_id": getattr(body, "sandbox_id", None)})
         if env.deadline and lifecycle.wall() > env.deadline:
-            if isinstance(body, StartSandbox):
+            if isinstance(body, StartSandbox) and await self._reserved(body.sandbox_id) is not None:
                 # The client gave up: starting it now would only leak it until its timeout.
                 await self.sandboxes.end(body.sandbox_id, reason="request deadline passed before start", state="failed")
             await self._reply(env, protocol.error_reply(RequestTimeout("request expired in the queue")))
@@ -336,10 +390,78 @@ class WorkerAgent:
         await self._reply(env, reply)
 
     async def _reply(self, env: Envelope, body: Reply) -> None:
-        if not env.reply_to:
-            # A notice (SandboxClaimed, a pool refill): nobody waits for an answer.
-            return
-        await send_reply(self.redis, env.id, env.reply_to, body)
+        # A notice (SandboxClaimed, a pool refill) has no reply_to: nobody waits.
+        await send_reply(self.redis, self.keys, env.id, env.reply_to, body)
+
+    def _verify(self, env: Envelope) -> None:
+        """Shapes first: an id goes into key names and Docker API paths, a float into
+        deadlines and sleeps."""
+        body: Any = env.body
+        limits.check_id(env.id, "request id")
+        for field in ("sandbox_id", "build_id"):
+            value = getattr(body, field, "")
+            if value:
+                limits.check_id(value, field)
+        if isinstance(body, StartSandbox):
+            if body.snapshot:
+                limits.check_snapshot(body.snapshot)
+            if body.pool:
+                limits.check_pool(body.pool)
+        limits.check_finite(body)
+
+    async def _reserved(self, sid: str) -> records.Reservation | None:
+        (held,) = raise_first_error(await batching.for_client(self.redis).execute(
+            ("HGET", self.keys.worker_sandboxes(self.id), sid)
+        ))
+        return None if held is None else records.reservation_from_value(held)
+
+    async def _verify_start(self, sid: str, resources: Resources, gpu_uuids: list[str] | None) -> None:
+        """A start runs only what the scheduler reserved for it: the reservation it wrote
+        with the dispatch, the same CPU, memory and GPUs (``None``: a build, whose
+        command names no GPUs), within bounds."""
+        problems = limits.resource_problems(resources)
+        if resources.millicpu > self.info.cpu_millis:
+            problems.append(f"cpu {resources.cpu:g} is over this worker's {self.info.cpu_millis / 1000:g}")
+        if resources.memory_mb > self.info.memory_mb:
+            problems.append(f"memory_mb {resources.memory_mb} is over this worker's {self.info.memory_mb}")
+        if problems:
+            raise InvalidRequest("; ".join(problems), sandbox_id=sid, worker_id=self.id)
+        held = await self._reserved(sid)
+        if held is None:
+            raise InvalidRequest(
+                f"no reservation for sandbox {sid} on this worker: starts come from the scheduler",
+                sandbox_id=sid, worker_id=self.id,
+            )
+        gpus_differ = gpu_uuids is not None and sorted(held.gpus) != sorted(gpu_uuids)
+        if (held.millicpu, held.memory_mb) != (resources.millicpu, resources.memory_mb) or gpus_differ:
+            raise InvalidRequest(
+                f"start of {sid} does not match its reservation (cpu/memory/GPUs)",
+                sandbox_id=sid, worker_id=self.id,
+            )
+
+    @contextmanager
+    def _long_lived(self, sid: str) -> Iterator[None]:
+        """A slot for a long-lived request, instead of its intake slot."""
+        if sum(self._long.values()) >= self.long_lived_per_node:
+            raise Overloaded(
+                f"this worker runs {self.long_lived_per_node} long-lived requests already",
+                sandbox_id=sid, worker_id=self.id,
+            )
+        if self._long.get(sid, 0) >= self.long_lived_per_sandbox:
+            raise Overloaded(
+                f"sandbox {sid} has {self.long_lived_per_sandbox} long-lived requests open already",
+                sandbox_id=sid, worker_id=self.id,
+            )
+        self._long[sid] = self._long.get(sid, 0) + 1
+        try:
+            leave_intake()
+            yield
+        finally:
+            left = self._long[sid] - 1
+            if left:
+                self._long[sid] = left
+            else:
+                del self._long[sid]
 
     def _handler_table(self) -> dict[type, Handler]:
         """Message type -> handler. Every command a worker takes is in it."""
@@ -359,10 +481,18 @@ class WorkerAgent:
         handler = self._handlers.get(type(env.body))
         if handler is None:
             raise UnsupportedRequest(f"worker does not handle {type(env.body).__name__}")
+        if long_lived(env.body):
+            with self._long_lived(env.body.sandbox_id):  # type: ignore[union-attr]
+                return await handler(env)
         return await handler(env)
 
     async def _start(self, env: Envelope) -> Reply:
         body: Any = env.body
+        if body.sandbox_id not in self.sandboxes:
+            await self._verify_start(body.sandbox_id, body.spec.resources, body.gpu_uuids)
+            problems = limits.spec_problems(body.spec)
+            if problems:
+                raise InvalidRequest("; ".join(problems), sandbox_id=body.sandbox_id, worker_id=self.id)
         if body.template is not None or body.snapshot or body.pool:
             return await self.snapshots.start(body)
         return await self.start_sandbox(body)
@@ -374,6 +504,7 @@ class WorkerAgent:
 
     async def _build(self, env: Envelope) -> Reply:
         body: Any = env.body
+        await self._verify_start(body.build_id or f"build-{env.id}", body.spec.resources, None)
         return await self.snapshots.build(env, body)
 
     async def _snapshot(self, env: Envelope) -> Reply:

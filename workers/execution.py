@@ -8,11 +8,20 @@ persistent channel (:mod:`workers.guest.channel`, attached through
 (an image with no python3, or a runtime with no guest agent) keeps the runtime's own
 exec and file methods, and answers the rest with ``UnsupportedRequest``.
 
-Streaming: a request with ``stream_to`` gets its output as stream entries on that key
-(``o`` stdout, ``e`` stderr, ``v`` an msgpack event), written in pipelined batches as
-frames arrive, and a last ``r`` entry holding the reply. The channel's reader waits
-for each batch to be written, so a command's output is never held in the worker
-beyond a few frames (the agent stops reading the command instead).
+Streaming: a request with ``stream_to`` gets its output as stream entries on its
+output key (``keys.output`` of its request id: never a key the message names), ``o``
+stdout, ``e`` stderr, ``v`` an msgpack event, written in pipelined batches as frames
+arrive, and a last ``r`` entry holding the reply. The channel's reader waits for each
+batch to be written, so a command's output is never held in the worker beyond a few
+frames (the agent stops reading the command instead). The reader trims what it has
+read, so the stream's length is what it has not: past ``LAG_ENTRIES`` the pump stops
+reading the sandbox until the reader catches up, and a reader ``LAG_DEADLINE_S``
+behind ends the request with ``Overloaded`` (the command is cancelled). Every entry is
+added with an approximate ``MAXLEN`` as a backstop.
+
+Bounds: sizes asked by the client are clamped (output collected into one reply to
+``limits.MAX_COLLECTED_OUTPUT``, process reads to ``limits.MAX_READ_BYTES``), and what
+the agent sends back may not exceed what was asked (the channel's frame limits).
 """
 
 from __future__ import annotations
@@ -26,13 +35,14 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from hotbed import keys as keyspace
-from hotbed import protocol
+from hotbed import limits, protocol
 from hotbed.errors import (
     ExecTimeout,
     FileError,
     FileTooLarge,
     HotbedError,
     InvalidRequest,
+    Overloaded,
     SandboxNotRunning,
     UnsupportedRequest,
 )
@@ -87,6 +97,11 @@ HANDLED = (Exec, ReadFile, WriteFile, ListFiles, *GUEST_ONLY)
 BATCH_BYTES = 1 << 20
 # Slack on top of a command's own timeout before the worker stops waiting for the agent.
 GUARD_S = 10.0
+# Unread entries of an output stream past which the pump waits for its reader (each
+# entry is at most ~2 * BATCH_BYTES), how long it waits, and the hard cap on entries.
+LAG_ENTRIES = 32
+LAG_DEADLINE_S = 60.0
+MAX_STREAM_ENTRIES = 1024
 
 _event_encode = msgspec.msgpack.Encoder().encode
 
@@ -99,11 +114,14 @@ class Sink:
         self.key = key
         self._pipe: Any = None
         self._n = 0
+        # Entries the reader has not trimmed yet, as of the last flush.
+        self.unread = 0
+        self.lagging = False
 
     def add(self, field: bytes, data: bytes) -> None:
         if self._pipe is None:
             self._pipe = self.redis.pipeline(transaction=False)
-        self._pipe.xadd(self.key, {field: data})
+        self._pipe.xadd(self.key, {field: data}, maxlen=MAX_STREAM_ENTRIES, approximate=True)
         self._n += 1
 
     async def flush(self) -> None:
@@ -111,7 +129,29 @@ class Sink:
             return
         pipe, self._pipe = self._pipe, None
         pipe.expire(self.key, keyspace.REPLY_TTL_S)
-        await pipe.execute()
+        pipe.xlen(self.key)
+        res = await pipe.execute()
+        self.unread = int(res[-1])
+
+    async def wait_for_reader(self, sandbox_id: str) -> None:
+        """Hold the pump (and so the command's output) while the reader is behind.
+        Redis has no blocking wait for a stream to shrink, so this polls, backing off."""
+        if self.unread <= LAG_ENTRIES:
+            return
+        self.lagging = True
+        give_up = anyio.current_time() + LAG_DEADLINE_S
+        delay = 0.005
+        while self.unread > LAG_ENTRIES // 2:
+            if anyio.current_time() > give_up:
+                raise Overloaded(
+                    f"the output reader is {self.unread} entries behind after "
+                    f"{LAG_DEADLINE_S:g}s; the command was cancelled",
+                    sandbox_id=sandbox_id, detail={"unread_entries": self.unread},
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            self.unread = int(await self.redis.xlen(self.key))
+        self.lagging = False
 
     async def finish(self, reply: Reply, request_id: str) -> None:
         self.add(b"r", protocol.encode(ReplyEnvelope(id=request_id, body=reply)))
@@ -191,6 +231,8 @@ async def pump(
             sink.add(b"o" if run_fd == 1 else b"e", bytes(run_buf))
         if sink is not None:
             await sink.flush()
+            if end is None:
+                await sink.wait_for_reader(sandbox_id)
         if end is not None:
             return end
 
@@ -212,7 +254,7 @@ class ExecutionService:
         self._active: dict[tuple[str, str], tuple[GuestChannel, int]] = {}
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.guests = GuestManager(self._attach)
+        self.guests = GuestManager(self._attach, on_violation=self._violated)
         try:
             await self.guests.run(task_status=task_status)
         finally:
@@ -226,6 +268,13 @@ class ExecutionService:
             # attach task, lock or call.
             self._guestless = True
         return stdio
+
+    async def _violated(self, sandbox_id: str, reason: str) -> None:
+        """The sandbox wrote outside the channel's frame limits: it is ended."""
+        try:
+            await self.table.end(sandbox_id, reason=f"guest channel violation: {reason}", state="failed")
+        except Exception as exc:  # the expiry/health loops end it later
+            log.warning("could not end sandbox: %s", exc, extra={"sandbox_id": sandbox_id})
 
     def prepare(self, sandbox_id: str) -> None:
         if self.guests is not None and not self._guestless:
@@ -253,8 +302,9 @@ class ExecutionService:
 
     async def dispatch(self, env: Envelope) -> Reply:
         body: Any = env.body
+        # The output key comes from the request id, whatever key the message names.
         stream_to = getattr(body, "stream_to", "")
-        sink = Sink(self.table.redis, stream_to) if stream_to else None
+        sink = Sink(self.table.redis, self.table.keys.output(env.id)) if stream_to else None
         try:
             local = await self.table.touch(body.sandbox_id)
             if isinstance(body, Exec) and local.env:
@@ -285,12 +335,14 @@ class ExecutionService:
         ch = await self._need_channel(sid, type(body).__name__)
         match body:
             case SessionRun():
+                limits.check_timeout(body.timeout)
+                max_output = _output_cap(body.max_output, streaming=sink is not None)
                 header = {
                     "t": "session_run", "session": body.session, "command": body.command,
-                    "timeout": body.timeout, "max_output": body.max_output,
+                    "timeout": body.timeout, "max_output": max_output,
                     "merge_stderr": body.merge_stderr, "env": body.env, "cwd": body.cwd,
                 }
-                return await self._run(env, ch, header, b"", sink, body.max_output, body.timeout)
+                return await self._run(env, ch, header, b"", sink, max_output, body.timeout)
             case SessionInterrupt():
                 await ch.call({"t": "session_interrupt", "session": body.session})
                 return Ack()
@@ -299,8 +351,10 @@ class ExecutionService:
                 return Ack()
             case ProcessStart():
                 # stdin given (even empty): kept open for ProcessInput.
+                limits.check_exec(body.exec, background=True)
                 h, _ = await ch.call(
-                    {"t": "start", **_spec_header(body.exec), "stdin_open": body.exec.stdin is not None},
+                    {"t": "start", **_spec_header(body.exec, streaming=True),
+                     "stdin_open": body.exec.stdin is not None},
                     body.exec.stdin or b"",
                 )
                 return _info(h["proc"])
@@ -308,16 +362,18 @@ class ExecutionService:
                 h, _ = await ch.call({"t": "list"})
                 return ProcessListing(procs=[_info(p) for p in h["procs"]])
             case ProcessRead():
+                max_bytes = limits.clamp(body.max_bytes, limits.MAX_READ_BYTES)
                 h, p = await ch.call({
                     "t": "read", "pid": body.pid, "stdout_offset": body.stdout_offset,
-                    "stderr_offset": body.stderr_offset, "max_bytes": body.max_bytes,
-                })
+                    "stderr_offset": body.stderr_offset, "max_bytes": max_bytes,
+                }, max_payload=2 * max_bytes)
                 n = int(h.get("stdout_len", 0))
                 return ProcessOutput(
                     info=_info(h["proc"]), stdout=p[:n], stderr=p[n:],
                     stdout_offset=int(h["stdout_offset"]), stderr_offset=int(h["stderr_offset"]),
                 )
             case ProcessWait():
+                limits.check_timeout(body.timeout)
                 h, _ = await ch.call(
                     {"t": "wait", "pid": body.pid, "timeout": body.timeout},
                     timeout=body.timeout + GUARD_S,
@@ -332,6 +388,7 @@ class ExecutionService:
                 await ch.call({"t": "input", "pid": body.pid, "eof": body.eof}, body.data)
                 return Ack()
             case PtyOpen():
+                limits.check_timeout(body.timeout)
                 header = {
                     "t": "pty", "argv": body.argv, "rows": body.rows, "cols": body.cols,
                     "env": {"TERM": "xterm-256color", **body.env}, "cwd": body.cwd,
@@ -352,6 +409,9 @@ class ExecutionService:
                     await tch.call({"t": "cancel", "target": gid})
                 return Ack()
             case WatchDir():
+                limits.check_timeout(body.timeout)
+                if not 0.01 <= body.interval <= 3600:
+                    raise InvalidRequest(f"interval must be in [0.01, 3600] seconds, got {body.interval:g}")
                 header = {"t": "watch", "path": body.path, "interval": body.interval}
                 return await self._watch(env, ch, header, sink, body.timeout)
             case UploadTar():
@@ -368,6 +428,7 @@ class ExecutionService:
                     )
                 return Ack()
             case DownloadTar():
+                limits.check_timeout(body.timeout)
                 q = shlex.quote(body.path)
                 header = {
                     "t": "run", "argv": ["/bin/sh", "-c", f"tar -C {q} -cf - ."],
@@ -398,6 +459,12 @@ class ExecutionService:
                     end = await pump(frames, sink=sink, collect=collect, sandbox_id=sid)
                 finished = True
             except TimeoutError:
+                if sink is not None and sink.lagging:
+                    raise Overloaded(
+                        f"the output reader fell {sink.unread} entries behind and the "
+                        "command's time ran out; it was cancelled",
+                        sandbox_id=sid, detail={"unread_entries": sink.unread},
+                    ) from None
                 raise SandboxNotRunning(
                     f"sandbox {sid}: the guest agent did not end the command", sandbox_id=sid
                 ) from None
@@ -438,6 +505,9 @@ class ExecutionService:
     async def _exec(self, env: Envelope, body: Exec, user: str, sink: Sink | None) -> Reply:
         spec = body.exec
         sid = body.sandbox_id
+        limits.check_exec(spec)
+        if sink is None and spec.max_output > limits.MAX_COLLECTED_OUTPUT:
+            spec = msgspec.structs.replace(spec, max_output=limits.MAX_COLLECTED_OUTPUT)
         ch = None if spec.user not in (None, user) else await self._channel(sid)
         if ch is None:
             if spec.idle_timeout:
@@ -454,8 +524,8 @@ class ExecutionService:
             return msgspec.structs.replace(res, stdout=b"", stderr=b"")
         if not spec.argv and spec.shell is None:
             raise InvalidRequest("exec needs argv or shell", sandbox_id=sid)
-        header = {"t": "run", **_spec_header(spec)}
-        return await self._run(env, ch, header, spec.stdin or b"", sink, spec.max_output, spec.timeout)
+        header = {"t": "run", **_spec_header(spec, streaming=sink is not None)}
+        return await self._run(env, ch, header, spec.stdin or b"", sink, header["max_output"], spec.timeout)
 
     async def _watch(
         self, env: Envelope, ch: GuestChannel, header: dict[str, Any], sink: Sink | None,
@@ -507,7 +577,9 @@ class ExecutionService:
                 raise FileError(f"cannot write {body.path}: {exc.message}", sandbox_id=sid) from None
             return FileWritten(size=len(body.data))
         if isinstance(body, ReadFile):
-            limit = min(body.max_bytes, protocol.MAX_FILE_BYTES)
+            limit = limits.clamp(body.max_bytes, protocol.MAX_FILE_BYTES)
+            if body.offset < 0:
+                raise InvalidRequest(f"offset must not be negative, got {body.offset}", sandbox_id=sid)
             if ch is None:
                 if body.offset:
                     raise UnsupportedRequest("offset needs the guest agent", sandbox_id=sid)
@@ -516,7 +588,7 @@ class ExecutionService:
             try:
                 h, p = await ch.call(
                     {"t": "read_file", "path": body.path, "offset": body.offset, "length": limit},
-                    timeout=120.0,
+                    timeout=120.0, max_payload=limit,
                 )
             except FileError as exc:
                 raise FileError(
@@ -547,9 +619,16 @@ class ExecutionService:
         return DirListing(entries=sorted(entries, key=lambda e: e.name))
 
 
-def _spec_header(spec: ExecSpec) -> dict[str, Any]:
+def _output_cap(max_output: int, *, streaming: bool) -> int:
+    """Output collected into one reply is held by the worker, so it is clamped; streamed
+    output is bounded by its reader instead (``wait_for_reader``)."""
+    return max(0, max_output) if streaming else limits.clamp(max_output, limits.MAX_COLLECTED_OUTPUT)
+
+
+def _spec_header(spec: ExecSpec, *, streaming: bool) -> dict[str, Any]:
     return {
         "argv": spec.argv, "shell": spec.shell, "env": spec.env, "cwd": spec.cwd,
         "timeout": spec.timeout, "idle_timeout": spec.idle_timeout,
-        "max_output": spec.max_output, "stdin": spec.stdin is not None,
+        "max_output": _output_cap(spec.max_output, streaming=streaming),
+        "stdin": spec.stdin is not None,
     }

@@ -28,7 +28,7 @@ import anyio
 import msgspec
 
 from daemon import lifecycle
-from hotbed import lua, protocol, records
+from hotbed import limits, lua, protocol, records
 from hotbed.errors import (
     ExecTimeout,
     HotbedError,
@@ -186,11 +186,15 @@ class SnapshotManager:
     # ----------------------------------------------------------- snapshots
 
     def path(self, snapshot_id: str) -> Path:
-        return self.dir / snapshot_id
+        # The id comes off the wire (a restore names its snapshot): only the shape
+        # new_snapshot_id makes may become a path under the snapshot dir.
+        return self.dir / limits.check_snapshot(snapshot_id)
 
     async def ensure_local(self, snapshot_id: str, template: str = "") -> Path:
         """The snapshot on this node's disk, copied from the store if needed."""
         dest = self.path(snapshot_id)
+        if template:
+            check_name(template)
         if dest.is_dir():
             return dest
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -483,9 +487,13 @@ class SnapshotManager:
         local = self.table.get(cmd.sandbox_id)
         if local is None:
             return SandboxState(sandbox_id=cmd.sandbox_id, state="gone")
+        now = lifecycle.wall()
         local.pool = ""
-        local.expires_at = cmd.expires_at
-        local.idle_timeout = cmd.idle_timeout
+        # Never later than the longest lifetime a sandbox may have.
+        local.expires_at = min(cmd.expires_at, now + protocol.MAX_TIMEOUT_S)
+        local.idle_timeout = (
+            cmd.idle_timeout if cmd.idle_timeout and 0 < cmd.idle_timeout <= protocol.MAX_TIMEOUT_S else None
+        )
         local.env = dict(cmd.env)
         local.last_active = lifecycle.wall()
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")

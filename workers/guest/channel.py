@@ -16,6 +16,13 @@ one per request; a consumer that cannot keep up (Redis slower than the command)
 blocks the reader, the attach socket fills, the agent stops reading its children and
 their writes block. Nothing on the way buffers more than a few frames (and the
 runtime's read buffer, which it bounds itself).
+
+Limits: the sandbox's own code runs as the agent's uid and, under gVisor, can write to
+the agent's stdout (``/proc/1/fd/1``) even though the agent makes itself undumpable,
+so nothing read from the channel is trusted. A header over ``MAX_HEADER_BYTES``, a
+payload over ``MAX_PAYLOAD_BYTES``, or over what the request asked for (a file read's
+length, one pipe read for output) is a :class:`FrameViolation`: the worker drops the
+channel before buffering any of it and ends the sandbox.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotRunning, error_class
-from hotbed.protocol import SPAWN_FIFO
+from hotbed.protocol import MAX_FILE_BYTES, SPAWN_FIFO
 from workers.runtimes.base import AttachedStdio
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,8 @@ GUEST_SOURCE = (Path(__file__).with_name("agent.py")).read_text()
 # ``Runtime.attach``: the sandbox's main process's stdio, or None where the runtime has
 # no guest agent.
 Attach = Callable[[str], Awaitable[AttachedStdio | None]]
+# Told (sandbox id, why) when a sandbox breaks its channel's frame limits.
+Violation = Callable[[str, str], Coroutine[Any, Any, None]]
 
 
 def guest_command(idle_cmd: list[str]) -> list[str]:
@@ -93,17 +102,61 @@ def guest_error(header: dict[str, Any], sandbox_id: str) -> HotbedError:
     return error_class(code)(str(header.get("message", "")), sandbox_id=sandbox_id)
 
 
-class FrameParser:
-    """Splits the agent's stdout into frames; resynchronises on the magic."""
+class FrameViolation(Exception):
+    """The agent's stdout broke the frame limits: the sandbox is no longer trusted to
+    speak the protocol (its code can write to the agent's stdout)."""
 
-    def __init__(self) -> None:
+
+# Limits on what the worker buffers of one frame. Headers carry directory listings and
+# watch events (tens of bytes per entry), payloads at most a file read (MAX_FILE_BYTES).
+MAX_HEADER_BYTES = 8 << 20
+MAX_PAYLOAD_BYTES = MAX_FILE_BYTES + (1 << 20)
+# An ``out`` frame carries one read of a child's pipe (the agent's READ_CHUNK).
+MAX_OUT_BYTES = 1 << 20
+
+# How much payload a frame may carry given its header: an int, or None to skip the
+# payload unread (a frame nobody waits for).
+PayloadLimit = Callable[[dict[str, Any]], int | None]
+
+
+class FrameParser:
+    """Splits the agent's stdout into frames; resynchronises on the magic.
+
+    Holds at most one frame's header (``MAX_HEADER_BYTES``) and the payload its
+    ``limit`` allows; a frame claiming more raises :class:`FrameViolation` before any
+    of it is buffered."""
+
+    def __init__(self, limit: PayloadLimit | None = None) -> None:
         self.buf = bytearray()
         self.noagent = False
+        self._limit = limit
+        # Payload bytes still to drop (a frame with no reader), and the header being
+        # read once its length is known.
+        self._skip = 0
+        self._header: dict[str, Any] | None = None
+        self._payload_len = 0
 
     def feed(self, data: bytes) -> list[Frame]:
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
         self.buf += data
         out: list[Frame] = []
         while True:
+            if self._skip:
+                n = min(self._skip, len(self.buf))
+                self._skip -= n
+                del self.buf[:n]
+                if self._skip:
+                    return out
+            if self._header is not None:
+                if len(self.buf) < self._payload_len:
+                    return out
+                out.append((self._header, bytes(self.buf[: self._payload_len])))
+                del self.buf[: self._payload_len]
+                self._header = None
+                continue
             i = self.buf.find(MAGIC)
             if i < 0:
                 if NOAGENT in self.buf:
@@ -117,28 +170,46 @@ class FrameParser:
             if len(self.buf) < HEAD.size:
                 return out
             _m, hl, pl = HEAD.unpack_from(self.buf)
-            total = HEAD.size + hl + pl
-            if len(self.buf) < total:
+            if hl > MAX_HEADER_BYTES:
+                raise FrameViolation(f"frame header of {hl} bytes (limit {MAX_HEADER_BYTES})")
+            if pl > MAX_PAYLOAD_BYTES:
+                raise FrameViolation(f"frame payload of {pl} bytes (limit {MAX_PAYLOAD_BYTES})")
+            if len(self.buf) < HEAD.size + hl:
                 return out
             try:
                 header = _json_decode(bytes(self.buf[HEAD.size : HEAD.size + hl]))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 del self.buf[:4]
                 continue
-            out.append((header, bytes(self.buf[HEAD.size + hl : total])))
-            del self.buf[:total]
+            del self.buf[: HEAD.size + hl]
+            allowed = MAX_PAYLOAD_BYTES if self._limit is None else self._limit(header)
+            if allowed is None:
+                self._skip = pl
+                continue
+            if pl > allowed:
+                raise FrameViolation(
+                    f"{header.get('t')!r} frame with a {pl}-byte payload where at most "
+                    f"{allowed} was asked for"
+                )
+            self._header, self._payload_len = header, pl
 
 
 class GuestChannel:
     """One attach to one sandbox's agent. Use :meth:`call` or :meth:`open`."""
 
-    def __init__(self, sandbox_id: str, stdio: AttachedStdio) -> None:
+    def __init__(
+        self, sandbox_id: str, stdio: AttachedStdio, *,
+        on_violation: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.sandbox_id = sandbox_id
         self._stdio = stdio
+        self._on_violation = on_violation
         # Ids of a new attach never meet those of an earlier one whose commands the
         # agent may still be answering (after a worker restart or a restore).
         self._next_id = secrets.randbelow(1 << 48) << 4
         self._routes: dict[int, MemoryObjectSendStream[Frame]] = {}
+        # The payload a request's ``result`` frame may carry (what the worker asked for).
+        self._result_limits: dict[int, int] = {}
         self._write_lock = anyio.Lock()
         self.closed = False
         self.has_agent: bool | None = None
@@ -149,8 +220,18 @@ class GuestChannel:
         self._next_id += 1
         return self._next_id
 
+    def _payload_limit(self, header: dict[str, Any]) -> int | None:
+        rid = header.get("id")
+        if not isinstance(rid, int) or (rid and rid not in self._routes):
+            # Nobody waits for it (a request of an earlier attach): dropped unread.
+            return None if rid else 0
+        t = header.get("t")
+        if t == "result":
+            return self._result_limits.get(rid, MAX_PAYLOAD_BYTES)
+        return MAX_OUT_BYTES
+
     async def read_loop(self) -> None:
-        parser = FrameParser()
+        parser = FrameParser(self._payload_limit)
         try:
             while True:
                 chunk = await self._stdio.read()
@@ -161,6 +242,14 @@ class GuestChannel:
                 if parser.noagent and self.has_agent is None:
                     self.has_agent = False
                     self.known.set()
+        except FrameViolation as exc:
+            log.warning(
+                "guest channel violated the frame limits, dropping it: %s", exc,
+                extra={"sandbox_id": self.sandbox_id},
+            )
+            self.close()
+            if self._on_violation is not None:
+                self._on_violation(self.sandbox_id, str(exc))
         except Exception as exc:  # the attach broke: the next use re-attaches
             log.info("guest channel lost: %s", exc, extra={"sandbox_id": self.sandbox_id})
         finally:
@@ -196,6 +285,7 @@ class GuestChannel:
         for route in self._routes.values():
             route.close()
         self._routes.clear()
+        self._result_limits.clear()
         self._stdio.abort()
 
     async def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
@@ -213,19 +303,24 @@ class GuestChannel:
 
     @asynccontextmanager
     async def open(
-        self, header: dict[str, Any], payload: bytes = b"", *, streaming: bool = True
+        self, header: dict[str, Any], payload: bytes = b"", *, streaming: bool = True,
+        max_payload: int | None = None,
     ) -> AsyncIterator[tuple[int, MemoryObjectReceiveStream[Frame]]]:
         """Send a request; yield its channel id and the stream of its frames (which ends
-        after its exit/error frame)."""
+        after its exit/error frame). ``max_payload``: the most its ``result`` frame may
+        carry; more breaks the channel (:class:`FrameViolation`)."""
         rid = self._new_id()
         send, recv = anyio.create_memory_object_stream[Frame](PER_REQUEST_FRAMES)
         send._hotbed_stream = streaming  # type: ignore[attr-defined]
         self._routes[rid] = send
+        if max_payload is not None:
+            self._result_limits[rid] = max_payload
         try:
             await self.send({**header, "id": rid}, payload)
             with recv:
                 yield rid, recv
         finally:
+            self._result_limits.pop(rid, None)
             route = self._routes.pop(rid, None)
             if route is not None:
                 route.close()
@@ -251,11 +346,14 @@ class GuestChannel:
                 return
 
     async def call(
-        self, header: dict[str, Any], payload: bytes = b"", *, timeout: float = 30.0
+        self, header: dict[str, Any], payload: bytes = b"", *, timeout: float = 30.0,
+        max_payload: int | None = None,
     ) -> Frame:
         """A request with one ``result`` frame; ``error`` frames raise typed errors."""
         with anyio.fail_after(timeout):
-            async with self.open(header, payload, streaming=False) as (_rid, frames):
+            async with self.open(
+                header, payload, streaming=False, max_payload=max_payload
+            ) as (_rid, frames):
                 async for h, p in frames:
                     if h.get("t") == "error":
                         raise guest_error(h, self.sandbox_id)
@@ -271,8 +369,9 @@ class GuestManager:
     ``attach`` is the runtime's :meth:`~workers.runtimes.base.Runtime.attach`: all this
     needs of a runtime, so it never sees how the stdio is reached."""
 
-    def __init__(self, attach: Attach) -> None:
+    def __init__(self, attach: Attach, *, on_violation: Violation | None = None) -> None:
         self._attach_stdio = attach
+        self._on_violation = on_violation
         self._channels: dict[str, GuestChannel] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._tg: TaskGroup | None = None
@@ -288,6 +387,12 @@ class GuestManager:
             for ch in self._channels.values():
                 ch.close()
             self._channels.clear()
+
+    def _violated(self, sandbox_id: str, reason: str) -> None:
+        """A sandbox broke its channel's limits: end it (in this manager's task group)."""
+        self._channels.pop(sandbox_id, None)
+        if self._on_violation is not None and self._tg is not None:
+            self._tg.start_soon(self._on_violation, sandbox_id, reason)
 
     def forget(self, sandbox_id: str) -> None:
         ch = self._channels.pop(sandbox_id, None)
@@ -337,7 +442,7 @@ class GuestManager:
             stdio = await self._attach_stdio(sandbox_id)
         if stdio is None:
             return None
-        ch = GuestChannel(sandbox_id, stdio)
+        ch = GuestChannel(sandbox_id, stdio, on_violation=self._violated)
         self._channels[sandbox_id] = ch
         self._tg.start_soon(ch.read_loop)
         await ch.greet(self._tg)

@@ -1,0 +1,133 @@
+"""What a request may ask for: upper bounds, finite numbers, and the shape of ids and names.
+
+Checked where a request is first handled (the scheduler, for a create) and again by the
+worker before it acts, because anything that can write to a worker's command stream
+skips the scheduler. Every check raises :class:`~hotbed.errors.InvalidRequest`.
+
+Ids and names end up in Redis key names (inside ``{...}`` hash tags), Docker API paths
+and file paths, so they are limited to letters, digits, ``.``, ``_`` and ``-`` (pool
+names also ``:``), and never start with a ``.``: no ``/``, no ``..``, no braces.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import msgspec
+
+from hotbed.errors import InvalidRequest
+from hotbed.protocol import MAX_FILE_BYTES, MAX_TIMEOUT_S, ExecSpec, Resources, SandboxSpec
+
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,191}")
+POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")
+SNAPSHOT_RE = re.compile(r"snap-[A-Za-z0-9_-]{1,64}")
+
+# Per-sandbox resource bounds a worker accepts (besides its own capacity).
+MAX_CPU = 1024.0
+MAX_MEMORY_MB = 4 << 20
+MIN_MEMORY_MB = 16
+MIN_PIDS = 8
+MAX_PIDS = 1 << 16
+# Output a worker collects into one reply (a non-streaming exec, a process read): it
+# is held in the worker's memory and then in one Redis value.
+MAX_COLLECTED_OUTPUT = MAX_FILE_BYTES
+# A ProcessRead returns up to this much of stdout and as much of stderr.
+MAX_READ_BYTES = MAX_FILE_BYTES // 2
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise InvalidRequest(
+            f"bad {what} {value!r}: letters, digits, '.', '_', '-', at most 192, not starting with '.'"
+        )
+    return value
+
+
+def check_pool(value: str) -> str:
+    if not POOL_RE.fullmatch(value):
+        raise InvalidRequest(f"bad pool name {value!r}")
+    return value
+
+
+def check_snapshot(value: str) -> str:
+    """A snapshot id as :func:`workers.snapshots.new_snapshot_id` makes them; it becomes a
+    directory name, so nothing else (``../``) is accepted."""
+    if not SNAPSHOT_RE.fullmatch(value):
+        raise InvalidRequest(f"bad snapshot id {value!r}")
+    return value
+
+
+def non_finite(obj: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite float in a message, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path or "value")
+    if isinstance(obj, msgspec.Struct):
+        for name in obj.__struct_fields__:
+            bad = non_finite(getattr(obj, name), f"{path}.{name}" if path else name)
+            if bad:
+                return bad
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad = non_finite(v, f"{path}[{i}]")
+            if bad:
+                return bad
+    return None
+
+
+def check_finite(obj: Any) -> None:
+    bad = non_finite(obj)
+    if bad:
+        raise InvalidRequest(f"{bad} must be a finite number")
+
+
+def resource_problems(r: Resources) -> list[str]:
+    problems = []
+    if not 0 < r.cpu <= MAX_CPU:
+        problems.append(f"cpu must be in (0, {MAX_CPU:g}], got {r.cpu:g}")
+    if not MIN_MEMORY_MB <= r.memory_mb <= MAX_MEMORY_MB:
+        problems.append(f"memory_mb must be in [{MIN_MEMORY_MB}, {MAX_MEMORY_MB}], got {r.memory_mb}")
+    if not MIN_PIDS <= r.pids <= MAX_PIDS:
+        problems.append(f"pids must be in [{MIN_PIDS}, {MAX_PIDS}], got {r.pids}")
+    if r.disk_mb is not None and r.disk_mb < 0:
+        problems.append(f"disk_mb must not be negative, got {r.disk_mb}")
+    return problems
+
+
+def spec_problems(spec: SandboxSpec) -> list[str]:
+    """Everything wrong with a sandbox spec (NaN and infinity fail every range test)."""
+    problems = []
+    if not spec.image:
+        problems.append("image is empty")
+    if not 0 < spec.timeout <= MAX_TIMEOUT_S:
+        problems.append(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {spec.timeout:g}")
+    if spec.idle_timeout is not None and not 0 < spec.idle_timeout <= MAX_TIMEOUT_S:
+        problems.append(
+            f"idle_timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {spec.idle_timeout:g}"
+        )
+    return problems + resource_problems(spec.resources)
+
+
+def check_exec(spec: ExecSpec, *, background: bool = False) -> None:
+    """``background``: a background process, where timeout 0 means none."""
+    problems = []
+    if not (0 <= spec.timeout if background else 0 < spec.timeout) or spec.timeout > MAX_TIMEOUT_S:
+        problems.append(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {spec.timeout:g}")
+    # 0 is "no idle timeout".
+    if spec.idle_timeout is not None and not 0 <= spec.idle_timeout <= MAX_TIMEOUT_S:
+        problems.append(f"idle_timeout must be in [0, {MAX_TIMEOUT_S:g}] seconds, got {spec.idle_timeout:g}")
+    if spec.max_output < 0:
+        problems.append(f"max_output must not be negative, got {spec.max_output}")
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+
+
+def check_timeout(value: float, what: str = "timeout") -> float:
+    if not 0 <= value <= MAX_TIMEOUT_S:
+        raise InvalidRequest(f"{what} must be in [0, {MAX_TIMEOUT_S:g}] seconds, got {value:g}")
+    return value
+
+
+def clamp(value: int, upper: int) -> int:
+    return max(0, min(value, upper))
