@@ -1,5 +1,9 @@
 """System commands: up, down, status, scheduler, worker, image build.
 
+``hotbed scheduler ARGS`` and ``hotbed worker ARGS`` are ``python -m scheduler ARGS``
+and ``python -m workers ARGS``: every argument after the command's name is the
+daemon's (``--config FILE``, ``--help``), and so are its exit codes.
+
 ``hotbed up`` is the embedded single-machine default: it starts Redis if none answers
 at the configured URL, dockerd if none runs, then one scheduler and one worker in one
 process (foreground; ``-d`` detaches it, ``hotbed down`` stops it). State lives in
@@ -21,7 +25,7 @@ from urllib.parse import urlparse
 
 import anyio
 
-from cli.main import run_async, with_client
+from cli.main import print_json, run_async, with_client
 from daemon import lifecycle
 from hotbed.errors import HotbedError
 
@@ -211,6 +215,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hotbed.client import Client
 
     async def go(client: Client) -> int:
+        if args.json or args.quiet:
+            from cli.fleet import snapshot
+
+            frame = await snapshot(client)
+            if args.json:
+                print_json(frame)
+            else:
+                for w in frame.workers:
+                    print(w["id"])
+            return 0
         r = client.redis
         now = time.time()
         rows = await r.zrange(client.keys.workers, 0, -1, withscores=True)
@@ -242,6 +256,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from daemon import images
 
+    up, _runsc = _docker_ok()
+    if not up:
+        raise HotbedError("dockerd does not answer (`docker info` failed); `hotbed up` starts it")
+
     def progress(line: str) -> None:
         print(f"hotbed: {line}", file=sys.stderr, flush=True)
 
@@ -261,6 +279,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from scheduler.__main__ import main as scheduler_main
 
+    # The daemon's own exit codes (2 bad settings, 1 failure) reach the shell unchanged.
     scheduler_main(args.rest)
     return 0
 
@@ -275,31 +294,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="start Redis, dockerd, a scheduler and a worker on this machine")
     p.add_argument("--detach", "-d", action="store_true", help="run in the background")
-    p.add_argument("--runtime", default="docker", choices=["docker", "sim", "process"])
-    p.add_argument("--worker-config")
-    p.add_argument("--scheduler-config")
+    p.add_argument("--runtime", default="docker", choices=["docker", "sim", "process"],
+                   help="sandbox runtime: docker (gVisor, default), sim (no sandboxes), "
+                        "process (unisolated, development only)")
+    p.add_argument("--worker-config", metavar="FILE", help="the worker's TOML settings")
+    p.add_argument("--scheduler-config", metavar="FILE", help="the scheduler's TOML settings")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop what `hotbed up -d` started (Redis and dockerd keep running)")
     p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("status", help="workers, their free capacity, live sandboxes")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print workers, pools and counts as one JSON object")
+    out.add_argument("--quiet", "-q", action="store_true", help="print only worker ids, one per line")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("image", help="sandbox images")
-    isub = p.add_subparsers(dest="image_cmd", metavar="ACTION")
+    isub = p.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
     b = isub.add_parser("build", help="build hotbed/base (Debian + python3 + git) or hotbed/busybox")
-    b.add_argument("kind", nargs="?", default="base", choices=["base", "busybox"])
+    b.add_argument("kind", nargs="?", default="base", choices=["base", "busybox"], help="which image (default base)")
     b.add_argument("--tag", help="image name (default hotbed/base or hotbed/busybox)")
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
     b.set_defaults(func=cmd_image_build)
 
-    p = sub.add_parser("scheduler", help="run the scheduler daemon (python -m scheduler)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    # Everything after the name goes to the daemon's parser (cli.main.split_passthrough).
+    p = sub.add_parser("scheduler", help="run the scheduler daemon (--config FILE; --help lists its options)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the daemon's arguments: --config FILE, ...")
     p.set_defaults(func=cmd_scheduler)
 
-    p = sub.add_parser("worker", help="run the worker agent (python -m workers)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("worker", help="run the worker agent (--config FILE; --help lists its options)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the daemon's arguments: --config FILE, ...")
     p.set_defaults(func=cmd_worker)
 
 
