@@ -19,6 +19,9 @@ key                                    type    meaning
 ``hotbed:{w:ID}:sandboxes``            hash    sandbox id -> its reservation on worker ID,
                                                ``"MILLICPU MIB GPU,GPU..."`` (``"0 0 GPUS"``
                                                while paused); written only by Lua
+``hotbed:{w:ID}:images``               string  msgpack HeldImages: the images worker ID
+                                               holds (bounded); codec hotbed.records,
+                                               rewritten with a TTL by the worker
 ``hotbed:workers``                     zset    worker id -> last heartbeat (unix ms)
 ``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
 ``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
@@ -98,6 +101,9 @@ class Keys(msgspec.Struct, frozen=True):
 
     def worker_info(self, worker_id: str) -> str:
         return f"{self.prefix}:{{w:{worker_id}}}:info"
+
+    def worker_images(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{w:{worker_id}}}:images"
 
     def worker_sandboxes(self, worker_id: str) -> str:
         return f"{self.prefix}:{{w:{worker_id}}}:sandboxes"

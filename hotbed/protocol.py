@@ -119,6 +119,9 @@ class WorkerInfo(Struct):
     started_at: float = 0.0
     # "simulated" for the sim runtime, so nothing measured on it passes for real.
     kind: str = "real"
+    # Registry hosts this worker pulls missing images from (no credentials): placement
+    # sends an image no node holds to a worker that can pull it.
+    registries: list[str] = []
 
 
 class TemplateSpec(Struct):

@@ -11,6 +11,10 @@
 * **Template records** (:class:`TemplateRecord`, ``Keys.template``):
   :func:`template_to_hash` / :func:`template_from_hash`; the ``holders`` list is only
   ever extended by the ``ADD_HOLDER`` script (:func:`add_template_holder`).
+* **Held images** (:class:`HeldImages`, ``Keys.worker_images``): what a worker
+  advertises holding; :func:`images_to_value` / :func:`images_from_value`, with the
+  image-reference helpers both sides match names with (:func:`image_ref`,
+  :func:`image_registry`).
 
 A sandbox record is a hash rather than one encoded blob so that hot fields (``state``,
 ``last_active``) are updated with one HSET and no read-modify-write. Values are
@@ -370,3 +374,84 @@ async def add_template_holder(redis: aioredis.Redis, key: str, worker_id: str) -
     """List ``worker_id`` among the holders of the template at ``key`` (one Lua step:
     concurrent holders never overwrite each other). True if it was not listed yet."""
     return bool(await lua.ADD_HOLDER.run(redis, [key], [worker_id]))
+
+
+# ----------------------------------------------------------------- held images
+
+# At most this many names in one worker's advertisement: placement only needs to know
+# the images a node holds, and a node with thousands of tags says "truncated" instead
+# (it may hold anything, as far as placement knows).
+MAX_ADVERTISED_IMAGES = 500
+DOCKER_HUB = "docker.io"
+
+
+class HeldImage(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One name a worker holds: its normalized reference (:func:`image_ref`), image id
+    (``sha256:...``), size in bytes and creation time (unix s)."""
+
+    name: str
+    id: str
+    size: int = 0
+    created: float = 0.0
+
+
+class HeldImages(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's advertisement (``Keys.worker_images``): rewritten with a TTL every
+    image refresh and right after a pull, so a stopped worker's list expires."""
+
+    images: list[HeldImage] = []
+    # More names than MAX_ADVERTISED_IMAGES: the list is a prefix of what it holds.
+    truncated: bool = False
+    at: float = 0.0
+
+    def names(self) -> set[str]:
+        return {i.name for i in self.images} | {i.id for i in self.images}
+
+
+_images_encoder = msgspec.msgpack.Encoder()
+_images_decoder = msgspec.msgpack.Decoder(HeldImages)
+
+
+def images_to_value(held: HeldImages) -> bytes:
+    return _images_encoder.encode(held)
+
+
+def images_from_value(raw: bytes | None) -> HeldImages | None:
+    """The advertisement in ``raw`` (GET of ``Keys.worker_images``); None if absent or
+    unreadable (placement then treats the worker as one that may hold anything)."""
+    if not raw:
+        return None
+    try:
+        return _images_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _split_registry(ref: str) -> tuple[str, str]:
+    first, sep, rest = ref.partition("/")
+    # Docker's rule: the first component names a registry when it looks like a host.
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return DOCKER_HUB, ref
+
+
+def image_registry(ref: str) -> str:
+    """The registry host an image reference pulls from (``docker.io`` when unnamed)."""
+    if ref.startswith("sha256:"):
+        return ""
+    return _split_registry(ref)[0]
+
+
+def image_ref(ref: str) -> str:
+    """``ref`` as dockerd lists it in RepoTags: a tag (``:latest`` when none is given),
+    Docker Hub's ``docker.io/`` and ``library/`` left out. Ids and digests stay as given."""
+    if ref.startswith("sha256:") or "@" in ref:
+        return ref
+    registry, path = _split_registry(ref)
+    if registry in (DOCKER_HUB, "index.docker.io"):
+        registry = ""
+        if path.startswith("library/") and path.count("/") == 1:
+            path = path[len("library/"):]
+    if ":" not in path.rsplit("/", 1)[-1]:
+        path += ":latest"
+    return f"{registry}/{path}" if registry else path

@@ -10,6 +10,12 @@ handed back (HandBack). Requests no live worker could ever take fail at once
 (NoMatchingWorker). A GPU start command names the GPUs the placer picked;
 RESERVE_DISPATCH takes exactly those.
 
+Images: workers that advertise holding the sandbox's image are tried first; while any
+worker could get it (holds it, may hold it, or pulls from its registry) the others are
+not tried at all, so a busy holder makes the request wait rather than land where the
+image cannot be had. The chosen worker pulls a missing image within the request's
+deadline (:mod:`workers.images`); ImageNotFound comes from a worker that tried.
+
 The :class:`Placer` is what intake, the template paths and the pool controller share:
 it needs the Redis client, the key schema, the worker registry, the wait line and the
 placement settings, and nothing of the daemon around it.
@@ -168,10 +174,14 @@ class Placer:
         return False
 
     def _candidates(self, spec: SandboxSpec, prefer: Collection[str]) -> Iterator[tuple[WorkerView, list[str]]]:
-        ranked = self.registry.ranked(
+        ranked: Iterator[tuple[WorkerView, list[str]]] = self.registry.ranked(
             spec, node_tags=spec.worker_tags, policy=self.settings.placement,
             gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
         )
+        holders, able = self.registry.image_fit(spec.image)
+        if able is not None:
+            ranked = ((w, g) for w, g in ranked if w.id in able)
+        prefer = prefer or holders
         if not prefer:
             return ranked
         # The preferred few in policy order, then everyone else as usual; a preferred

@@ -95,7 +95,8 @@ class Scheduler:
 
     async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         self.registry = WorkerRegistry(
-            self.redis, self.keys, heartbeat_ttl_s=self.settings.heartbeat_ttl_s
+            self.redis, self.keys, heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+            image_refresh_s=self.settings.image_refresh_s,
         )
         self.placer = Placer(
             self.redis, self.keys, self.registry, self.waitline,

@@ -53,6 +53,7 @@ from hotbed.batching import raise_first_error
 from hotbed.connection import connect
 from hotbed.errors import (
     HotbedError,
+    ImageNotFound,
     InvalidRequest,
     Overloaded,
     RequestTimeout,
@@ -88,6 +89,7 @@ from workers.config import WorkerSettings
 from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
+from workers.images import ImageService
 from workers.runtimes.base import Runtime
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshots import SnapshotManager
@@ -106,6 +108,8 @@ LONG_LIVED_PER_NODE = 256
 LONG_LIVED_PER_SANDBOX = 16
 # A command allowed to run longer than this is long-lived.
 SHORT_S = 60.0
+# A pull for a request that carries no deadline gives up after this long.
+PULL_WITHOUT_DEADLINE_S = 600.0
 
 
 def long_lived(body: Any) -> bool:
@@ -150,6 +154,7 @@ class WorkerAgent:
             tags=dict(settings.tags),
             started_at=lifecycle.wall(),
             gpus=(gpu_detector or detector_for(settings.gpu_detect, settings.gpus)).detect(),
+            registries=list(settings.registries),
         )
         self._redis: aioredis.Redis | None = None
         self._shared_redis = redis
@@ -169,6 +174,8 @@ class WorkerAgent:
             snapshot_dir=settings.snapshot_dir, snapshot_store=settings.snapshot_store,
             default_user=settings.default_user,
         )
+        # Images held (advertised) and pulled on demand.
+        self.images = ImageService(runtime, settings=settings, worker_id=self.id, keys=self.keys)
         self._handlers = self._handler_table()
 
     @property
@@ -183,6 +190,7 @@ class WorkerAgent:
         self._redis = self._shared_redis or connect(self.settings.redis_url)
         self._blocking = connect(self.settings.redis_url, blocking=True)
         self.sandboxes.bind(self._redis)
+        self.images.bind(self._redis)
         try:
             await self.runtime.open()
             try:
@@ -220,6 +228,7 @@ class WorkerAgent:
             tg.start_soon(self._health_loop)
             await tg.start(self.execution.run)
             tg.start_soon(self.snapshots.gc_loop)
+            await tg.start(self.images.run)
             async with anyio.create_task_group() as work:
                 for entry_id, data in await consumer.pending():
                     await self._in_flight.acquire_on_behalf_of(entry_id)
@@ -495,7 +504,7 @@ class WorkerAgent:
                 raise InvalidRequest("; ".join(problems), sandbox_id=body.sandbox_id, worker_id=self.id)
         if body.template is not None or body.snapshot or body.pool:
             return await self.snapshots.start(body)
-        return await self.start_sandbox(body)
+        return await self.start_sandbox(body, deadline=env.deadline)
 
     async def _terminate(self, env: Envelope) -> Reply:
         body: Any = env.body
@@ -504,7 +513,15 @@ class WorkerAgent:
 
     async def _build(self, env: Envelope) -> Reply:
         body: Any = env.body
-        await self._verify_start(body.build_id or f"build-{env.id}", body.spec.resources, None)
+        sid = body.build_id or f"build-{env.id}"
+        await self._verify_start(sid, body.spec.resources, None)
+        try:
+            await self.images.ensure(body.spec.image, deadline=env.deadline or self._pull_deadline(), sandbox_id=sid)
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
+            with anyio.CancelScope(shield=True):
+                await self.sandboxes.end(sid, reason=reason, state="failed")
+            raise
         return await self.snapshots.build(env, body)
 
     async def _snapshot(self, env: Envelope) -> Reply:
@@ -525,7 +542,14 @@ class WorkerAgent:
 
     # --------------------------------------------------------------- sandboxes
 
-    async def start_sandbox(self, cmd: StartSandbox) -> SandboxCreated:
+    @staticmethod
+    def _pull_deadline() -> float:
+        """How long a pull may take for a request without a deadline of its own."""
+        return lifecycle.wall() + PULL_WITHOUT_DEADLINE_S
+
+    async def start_sandbox(self, cmd: StartSandbox, *, deadline: float = 0.0) -> SandboxCreated:
+        """Boot ``cmd``'s sandbox, pulling its image first if it is missing (before
+        ``deadline``, the request's, wall clock; 0: none)."""
         sid, spec = cmd.sandbox_id, cmd.spec
         if sid in self.sandboxes:
             # A redelivered start of a sandbox we already run.
@@ -534,7 +558,14 @@ class WorkerAgent:
         user = spec.user or self.settings.default_user
         spec = msgspec.structs.replace(spec, user=user)
         try:
-            await self.runtime.create(self.sandboxes.placed(sid, cmd.gpu_uuids), spec)
+            placed = self.sandboxes.placed(sid, cmd.gpu_uuids)
+            try:
+                await self.runtime.create(placed, spec)
+            except ImageNotFound:
+                # Pulled here rather than checked first: a start whose image is present
+                # (nearly all) costs no extra Docker call.
+                await self.images.ensure(spec.image, deadline=deadline or self._pull_deadline(), sandbox_id=sid)
+                await self.runtime.create(placed, spec)
             self.execution.prepare(sid)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"

@@ -10,7 +10,13 @@ HOTBED_GPU_OCI_RUNTIME (the runsc runtime registered with ``--nvproxy``, used fo
 sandboxes), HOTBED_PROCESS_ROOT (state directory of the unisolated ``process``
 runtime), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
 (default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
-HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same).
+HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same),
+HOTBED_REGISTRIES (JSON list of registry hosts, ``host[:port]`` as image names spell
+them, ``docker.io`` for Docker Hub, that missing images are pulled from; empty: never
+pull), HOTBED_REGISTRY_AUTH (JSON ``{"HOST": {"username": ..., "password": ...}}``),
+HOTBED_REGISTRY_AUTH_FILE (a Docker ``config.json``-shaped file of credentials, read
+at each pull), HOTBED_IMAGE_REFRESH_S (how often the held images are re-advertised).
+Credentials are never logged: settings print them as ``***``.
 
 Validated at load (:func:`daemon.config.load_settings`): unknown keys and bad values
 are one ConfigError line; the daemons exit with code 2 on it.
@@ -28,6 +34,17 @@ from daemon.config import check_common
 from hotbed.protocol import GpuDevice
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class RegistryCredential(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A login for one registry: ``username`` and ``password`` (or a token as password)."""
+
+    username: str = ""
+    password: str = ""
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and error lines; the secret never does.
+        return f"RegistryCredential(username={self.username!r}, password=***)"
 
 
 def _default_memory_mb() -> int:
@@ -73,6 +90,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     process_root: str = "/var/lib/hotbed/process"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     metrics_addr: str = "127.0.0.1"
+    # Images: registries missing images are pulled from, their logins, and how often
+    # the images this node holds are re-advertised (also right after a pull).
+    registries: list[str] = []
+    registry_auth: dict[str, RegistryCredential] = {}
+    registry_auth_file: str = ""
+    image_refresh_s: Positive = 10.0
 
     def __post_init__(self) -> None:
         check_common(self.redis_url, self.prefix)
@@ -83,6 +106,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("gpus: duplicate uuid")
         if any(not g.uuid or not g.model for g in self.gpus):
             raise ValueError("gpus: every GPU needs a uuid and a model")
+        for host in [*self.registries, *self.registry_auth]:
+            if not host or "/" in host or " " in host:
+                raise ValueError(f"registry {host!r}: want a host[:port] as image names spell it")
 
     def resolved_id(self) -> str:
         return self.worker_id or socket.gethostname()

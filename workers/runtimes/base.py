@@ -10,11 +10,12 @@ at this boundary) and must be safe to cancel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+from hotbed.records import HeldImages
 
 # Labels put on every container hotbed makes, so a restarted worker can find its own.
 LABEL_MANAGED = "dev.hotbed.managed"
@@ -110,3 +111,18 @@ class Runtime(Protocol):
         """Restore a paused sandbox in place: same id, files and processes."""
 
     async def is_paused(self, sandbox_id: str) -> bool: ...
+
+
+@runtime_checkable
+class ImageStore(Protocol):
+    """A runtime that keeps images on the node and can pull them (``docker``). The
+    worker advertises what :meth:`list_images` returns and pulls what a start needs;
+    runtimes without it (``sim``, ``process``) advertise nothing."""
+
+    async def list_images(self) -> HeldImages:
+        """The images held, bounded (``truncated`` set when there are more)."""
+
+    async def has_image(self, ref: str) -> bool: ...
+
+    async def pull_image(self, ref: str, *, login: tuple[str, str] | None = None) -> None:
+        """Pull ``ref``; ImageNotFound when it cannot be had. No deadline of its own."""

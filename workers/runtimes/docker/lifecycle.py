@@ -101,7 +101,8 @@ async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
         if exc.status == 404:
             raise ImageNotFound(
                 f"image {spec.image!r} not found on worker {placed.worker_id} "
-                "(hotbed never pulls; build it with `hotbed image build`)",
+                "(build it with `hotbed image build`, or list its registry in the "
+                "worker's `registries`)",
                 sandbox_id=sid,
                 worker_id=placed.worker_id,
             ) from None
