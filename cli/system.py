@@ -1,4 +1,4 @@
-"""System commands: up, down, status, scheduler, worker, image build.
+"""System commands: up, down, status, scheduler, worker, image build, images.
 
 ``hotbed scheduler ARGS`` and ``hotbed worker ARGS`` are ``python -m scheduler ARGS``
 and ``python -m workers ARGS``: every argument after the command's name is the
@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import anyio
 
-from cli.main import print_json, run_async, with_client
+from cli.main import add_listing_options, print_json, run_async, with_client
 from daemon import lifecycle
 from hotbed.errors import HotbedError
 
@@ -263,6 +263,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"hotbed: {line}", file=sys.stderr, flush=True)
 
+    if args.file or args.kind not in ("base", "busybox"):
+        return _build_dockerfile(args, progress)
+
     async def go() -> int:
         if args.kind == "busybox":
             await images.build_busybox(args.tag or images.BUSYBOX_IMAGE, progress=progress)
@@ -274,6 +277,69 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         return 0
 
     return run_async(go)
+
+
+def _build_dockerfile(args: argparse.Namespace, progress: Any) -> int:
+    """``-f FILE -t NAME DIR``: the engine's build output on stderr as it streams in,
+    the image's name (or id) on stdout at the end."""
+    from daemon import images
+
+    context = args.kind if args.kind not in ("base", "busybox") else None
+    if context is None or not Path(context).is_dir():
+        raise HotbedError(f"image build: want a context directory (`-f Dockerfile -t NAME DIR`), got {args.kind!r}")
+
+    def line(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    async def go() -> int:
+        image_id = await images.build_dockerfile(context, tag=args.tag, dockerfile=args.file, progress=line)
+        progress(f"built {args.tag or image_id}")
+        print(args.tag or image_id)
+        return 0
+
+    return run_async(go)
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from hotbed.client import Client
+
+    async def go(client: Client) -> int:
+        from hotbed import records
+
+        r = client.redis
+        wids = [raw.decode() for raw in await r.zrange(client.keys.workers, 0, -1)]
+        raws = [await r.get(client.keys.worker_images(wid)) for wid in wids]
+        nodes = []
+        for wid, raw in zip(wids, raws, strict=True):
+            held = records.images_from_value(raw)
+            if held is None:
+                continue
+            nodes.append((wid, held))
+        if args.json:
+            print_json([
+                {"worker": wid, "truncated": held.truncated, "at": held.at,
+                 "images": [
+                     {"name": i.name, "id": i.id, "size": i.size, "created": i.created}
+                     for i in held.images
+                 ]}
+                for wid, held in nodes
+            ])
+            return 0
+        if args.quiet:
+            for name in sorted({i.name for _, held in nodes for i in held.images}):
+                print(name)
+            return 0
+        print(f"{'WORKER':<20} {'IMAGE':<48} {'ID':<12} {'SIZE':>9}")
+        for wid, held in nodes:
+            for i in held.images:
+                print(f"{wid:<20} {i.name:<48} {i.id.removeprefix('sha256:')[:12]:<12} {i.size / 1e6:>7.1f}MB")
+            if held.truncated:
+                print(f"{wid:<20} (more not listed)")
+        if not nodes:
+            print("no worker advertises images (docker-runtime workers do)")
+        return 0
+
+    return with_client(go)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -312,11 +378,20 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("image", help="sandbox images")
     isub = p.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
-    b = isub.add_parser("build", help="build hotbed/base (Debian + python3 + git) or hotbed/busybox")
-    b.add_argument("kind", nargs="?", default="base", choices=["base", "busybox"], help="which image (default base)")
-    b.add_argument("--tag", help="image name (default hotbed/base or hotbed/busybox)")
+    b = isub.add_parser(
+        "build", help="build an image from a Dockerfile (-f FILE -t NAME DIR), or the stock "
+                      "hotbed/base (Debian + python3 + git) or hotbed/busybox",
+    )
+    b.add_argument("kind", nargs="?", default="base", metavar="base|busybox|DIR",
+                   help="a stock image (default base), or a build context directory")
+    b.add_argument("--file", "-f", metavar="FILE", help="the Dockerfile (default DIR/Dockerfile)")
+    b.add_argument("--tag", "-t", help="image name (default hotbed/base or hotbed/busybox)")
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
     b.set_defaults(func=cmd_image_build)
+
+    p = sub.add_parser("images", help="the images each worker holds, as it advertises them")
+    add_listing_options(p, "image names (over all workers)")
+    p.set_defaults(func=cmd_images)
 
     # Everything after the name goes to the daemon's parser (cli.main.split_passthrough).
     p = sub.add_parser("scheduler", help="run the scheduler daemon (--config FILE; --help lists its options)",

@@ -78,16 +78,19 @@ async def pull(engine: Engine, ref: str, *, login: tuple[str, str] | None = None
         # The login header needs the registry spelled out in the name.
         source = f"{DOCKER_HUB}/{ref}"
     auth = {"username": login[0], "password": login[1]} if login else None
+
+    def failed(msg: str) -> ImageNotFound:
+        return ImageNotFound(
+            f"image {ref!r} could not be pulled from {registry}: {redact(msg, secret)}",
+            detail={"image": ref, "registry": registry},
+        )
+
     try:
         async for event in engine.docker.images.pull(source, auth=auth, stream=True):
             # aiodocker before 0.27 passes error events through instead of raising.
             if isinstance(event, dict) and event.get("error"):
-                raise DockerError(500, {"message": str(event["error"])})
+                raise failed(str(event["error"]))
     except DockerError as exc:
-        msg = exc.message if isinstance(exc.message, str) else str(exc.message)
-        raise ImageNotFound(
-            f"image {ref!r} could not be pulled from {registry}: {redact(msg, secret)}",
-            detail={"image": ref, "registry": registry},
-        ) from None
+        raise failed(exc.message if isinstance(exc.message, str) else str(exc.message)) from None
     except OSError as exc:  # dockerd's socket itself failed
         raise RuntimeFailure(f"docker: pulling {ref!r}: {redact(str(exc), secret)}") from None
