@@ -35,6 +35,8 @@ install_debian_packages() {
   # package does not make systemd PID 1; nothing else changes on the host).
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v openssl >/dev/null || missing+=(openssl)
+  # A registry on loopback, for the tests that pull (tests/test_images.py starts its own).
+  command -v docker-registry >/dev/null || missing+=(docker-registry)
   [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -q '^wget$' || missing+=(busybox-static)
   if [ ${#missing[@]} -gt 0 ]; then
     need_root; apt_update
@@ -43,6 +45,10 @@ install_debian_packages() {
     # The redis-server package starts a system instance; hotbed manages its own.
     if command -v systemctl >/dev/null && systemctl is-active -q redis-server 2>/dev/null; then
       systemctl stop redis-server || true
+    fi
+    # Likewise the docker-registry package's system service: the tests start their own.
+    if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>/dev/null; then
+      systemctl disable --now docker-registry || true
     fi
   fi
 }
