@@ -9,7 +9,7 @@ Tree::
     ├── Overloaded                   a request stream's backlog is over its limit; retry later
     ├── InvalidRequest               malformed or out-of-range request (negative timeout, ...)
     │   └── UnsupportedRequest       a peer does not know this message type or version
-    ├── ImageNotFound                the image does not exist on the worker (hotbed never pulls)
+    ├── ImageNotFound                no worker holds the image or could pull it
     ├── TemplateNotFound             no template of that name
     ├── SandboxNotFound              no such sandbox, or it has ended
     ├── SandboxNotRunning            the sandbox exists but cannot serve (paused, dead, ...)
