@@ -23,7 +23,7 @@ placement settings, and nothing of the daemon around it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from itertools import chain
 
 import anyio
@@ -174,16 +174,23 @@ class Placer:
         return False
 
     def _candidates(self, spec: SandboxSpec, prefer: Collection[str]) -> Iterator[tuple[WorkerView, list[str]]]:
-        ranked: Iterator[tuple[WorkerView, list[str]]] = self.registry.ranked(
-            spec, node_tags=spec.worker_tags, policy=self.settings.placement,
-            gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
-        )
         holders, able = self.registry.image_fit(spec.image)
-        if able is not None:
-            ranked = ((w, g) for w, g in ranked if w.id in able)
+        ranked: Iterable[tuple[WorkerView, list[str]]]
+        if able is None:
+            ranked = self.registry.ranked(
+                spec, node_tags=spec.worker_tags, policy=self.settings.placement,
+                gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+            )
+        else:
+            # Only workers that could get the image. (The registry's heap expects every
+            # worker it yields to be tried, so this takes the scan instead.)
+            ranked = rank(
+                [w for w in self.registry.live() if w.id in able], spec, node_tags=spec.worker_tags,
+                policy=self.settings.placement, gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+            )
         prefer = prefer or holders
         if not prefer:
-            return ranked
+            return iter(ranked)
         # The preferred few in policy order, then everyone else as usual; a preferred
         # worker without room is simply not among the first.
         first = rank(
