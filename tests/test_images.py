@@ -29,7 +29,7 @@ from doubles import RecordingRuntime
 
 import hotbed
 from hotbed import records
-from hotbed.errors import ImageNotFound
+from hotbed.errors import CapacityExhausted, ImageNotFound
 from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec
 from hotbed.records import HeldImage, HeldImages, image_ref, image_registry
 from scheduler.config import SchedulerSettings
@@ -187,7 +187,7 @@ async def test_pull_on_demand_with_a_login_never_logged(
         assert image_ref(image) not in before.names()
         sb = await hotbed.Sandbox.create(image, client=stack.client, timeout=60)
         try:
-            assert (await sb.exec("cat /token")).stdout.strip() == token.encode()
+            assert (await sb.exec("cat", "/token")).stdout.strip() == token
         finally:
             await sb.terminate()
         # Advertised right after the pull, not at the next refresh.
@@ -228,7 +228,7 @@ async def test_bad_images_get_typed_errors_fast_and_the_daemons_keep_serving(
         c = stack.client
         sb = await hotbed.Sandbox.create(image, client=c, timeout=60)
         try:
-            assert (await sb.exec("cat /token")).stdout.strip() == token.encode()
+            assert (await sb.exec("cat", "/token")).stdout.strip() == token
         finally:
             await sb.terminate()
         cases = {
@@ -248,7 +248,7 @@ async def test_bad_images_get_typed_errors_fast_and_the_daemons_keep_serving(
             assert PASSWORD not in str(err.value)
             # The daemons keep serving.
             ok = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c)
-            assert (await ok.exec("echo ok")).stdout == b"ok\n"
+            assert (await ok.exec("echo", "ok")).stdout == "ok\n"
             await ok.terminate()
         # Without a login, the registry refuses: still a typed error.
         auth_file.write_text(json.dumps({"auths": {}}))
@@ -324,7 +324,7 @@ async def test_a_template_builds_from_a_pulled_image(
         try:
             sb = await hotbed.Sandbox.create(template=name, client=stack.client)
             try:
-                assert (await sb.exec("cat /tmp/copied")).stdout.strip() == token.encode()
+                assert (await sb.exec("cat", "/tmp/copied")).stdout.strip() == token
             finally:
                 await sb.terminate()
         finally:
@@ -412,9 +412,9 @@ async def test_placement_goes_to_the_holder_or_a_worker_that_can_pull(redis_url:
     }
     async with image_fleet(redis_url, prefix, nodes) as (_, client):
 
-        async def create(image: str) -> SandboxCreated:
+        async def create(image: str, timeout: float = 10) -> SandboxCreated:
             spec = SandboxSpec(image=image, resources=Resources(cpu=0.5, memory_mb=64))
-            reply = await client.request(CreateSandbox(spec=spec), timeout=10)
+            reply = await client.request(CreateSandbox(spec=spec), timeout=timeout)
             assert isinstance(reply, SandboxCreated)
             return reply
 
@@ -430,4 +430,9 @@ async def test_placement_goes_to_the_holder_or_a_worker_that_can_pull(redis_url:
         with pytest.raises(ImageNotFound):
             await create("elsewhere.example/team/none:v1")
         assert anyio.current_time() - t0 < 2
-        assert (await create("team/only-small:v1")).worker_id == "small"
+        # "small" is full now (4 x 0.5 CPU): its image's requests wait for it rather
+        # than land where the image cannot be had, and everything else goes on.
+        with pytest.raises(CapacityExhausted):
+            await create("team/only-small:v1", timeout=1)
+        assert (await create("team/only-big:v1")).worker_id == "big"
+        assert small.pulled == [f"{reg}/team/fresh:v2"] and big.pulled == []
