@@ -307,7 +307,7 @@ def cmd_images(args: argparse.Namespace) -> int:
         from hotbed import records
 
         r = client.redis
-        wids = [raw.decode() for raw in await r.zrange(client.keys.workers, 0, -1)]
+        wids = [m.decode() if isinstance(m, bytes) else str(m) for m in await r.zrange(client.keys.workers, 0, -1)]
         raws = [await r.get(client.keys.worker_images(wid)) for wid in wids]
         nodes = []
         for wid, raw in zip(wids, raws, strict=True):

@@ -416,13 +416,13 @@ def images_to_value(held: HeldImages) -> bytes:
     return _images_encoder.encode(held)
 
 
-def images_from_value(raw: bytes | None) -> HeldImages | None:
+def images_from_value(raw: bytes | str | None) -> HeldImages | None:
     """The advertisement in ``raw`` (GET of ``Keys.worker_images``); None if absent or
     unreadable (placement then treats the worker as one that may hold anything)."""
     if not raw:
         return None
     try:
-        return _images_decoder.decode(raw)
+        return _images_decoder.decode(_b(raw))
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 
