@@ -114,7 +114,7 @@ class ImageService:
         if registry not in self.settings.registries:
             allowed = ", ".join(self.settings.registries) or "none"
             raise ImageNotFound(
-                f"image {image!r} is not on worker {self.worker_id}, and {registry or 'an image id'} "
+                f"image {image!r} not found on worker {self.worker_id}, and {registry or 'an image id'} "
                 f"is not a registry it pulls from (registries: {allowed})",
                 sandbox_id=sandbox_id or None, worker_id=self.worker_id,
                 detail={"image": image, "registry": registry},
