@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url")
     parser.add_argument("--prefix")
     parser.add_argument("--worker-id")
-    parser.add_argument("--runtime", choices=["docker", "sim", "process"])
+    parser.add_argument("--runtime", choices=["docker", "runsc", "sim", "process"])
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         "redis_url": args.redis_url, "prefix": args.prefix,
