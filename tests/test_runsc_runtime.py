@@ -11,6 +11,8 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from workers.guest.channel import GuestManager
 from workers.runtimes.base import Placed
 from workers.runtimes.runsc import nvidia, oci
 from workers.runtimes.runsc.images import ImageStore, unpack
+from workers.runtimes.runsc.nvidia import gpu_minors
 
 UUID_A = "GPU-aaaaaaaa-1111-2222-3333-444444444444"
 UUID_B = "GPU-bbbbbbbb-1111-2222-3333-444444444444"
@@ -194,9 +197,6 @@ async def test_image_dir_serves_directories_and_tarballs_without_docker(tmp_path
 
 # ------------------------------------------------------------------ with runsc
 
-pytestmark_runsc = pytest.mark.skipif(shutil.which("runsc") is None, reason="needs runsc")
-
-
 @pytest.fixture
 async def base_rootfs_runtime(tmp_path: Path) -> AsyncIterator[Any]:
     """A runsc runtime with no Docker engine: its one image is a directory on the node
@@ -245,3 +245,41 @@ async def test_guest_agent_over_the_pipes_survives_a_new_attach(base_rootfs_runt
             tg.cancel_scope.cancel()
     res = await rt.exec(sid, ExecSpec(shell="id -u; echo $HOME"), default_user="1000:1000")
     assert res.stdout.split() == [b"1000", b"/home/user"] or res.stdout.split()[0] == b"1000"
+
+
+# ------------------------------------------------------- bench/gpu_check_runsc.sh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gpu_check(tmp_path: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTBED_")}
+    env.update(PYTHON=sys.executable, GPU_CHECK_OUT=os.fspath(tmp_path / "gpu_check.txt"),
+               GPU_CHECK_MEMORY_MB="256", **extra)
+    return subprocess.run(["bash", os.fspath(ROOT / "bench" / "gpu_check_runsc.sh")], capture_output=True,
+                          text=True, timeout=240, env=env)
+
+
+@pytest.mark.timeout(300)
+def test_gpu_check_script_without_a_gpu_fails_clearly(tmp_path: Path) -> None:
+    """The GPU check for the lent machine, run here: the whole stack comes up on the
+    runsc runtime (host root as the image), and with no GPU it says so and fails."""
+    if shutil.which("runsc") is None or shutil.which("redis-server") is None or os.geteuid() != 0:
+        pytest.skip("needs root, runsc and redis-server")
+    if set(gpu_minors()):
+        pytest.skip("this host has GPUs: the check itself is the test")
+    out = _gpu_check(tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "worker gpu-node: runtime=runsc kind=real GPUs: none" in out.stdout
+    assert "FAILED: no GPU detected" in out.stdout
+    assert (tmp_path / "gpu_check.txt").read_text() == out.stdout
+
+    # GPUs declared but absent: the CPU-only sandbox runs under runsc, the GPU sandbox
+    # is refused with the reason (no driver), and nothing is left behind.
+    fake = '[{"uuid": "GPU-fake-1", "model": "NVIDIA H200", "memory_mb": 143771}]'
+    out = _gpu_check(tmp_path, GPU_CHECK_FAKE_GPUS=fake)
+    assert out.returncode == 1, out.stdout + out.stderr
+    text = out.stdout
+    assert "ok    CPU-only sandbox created" in text
+    assert "FAIL  GPU sandbox created under runsc --nvproxy" in text
+    assert "no NVIDIA GPU in /proc/driver/nvidia/gpus" in text

@@ -8,9 +8,10 @@ HOTBED_LOG_LEVEL, HOTBED_GPU_DETECT (auto | nvml | none), HOTBED_GPUS (JSON list
 ``{uuid, model, memory_mb}``: declared GPUs instead of detection, for simulated fleets),
 HOTBED_GPU_OCI_RUNTIME (the runsc runtime registered with ``--nvproxy``, used for GPU
 sandboxes), HOTBED_PROCESS_ROOT (state directory of the unisolated ``process``
-runtime), HOTBED_RUNSC (the runsc binary of the ``runsc`` runtime), HOTBED_RUNSC_DIR
-(its bundles, unpacked images and paused sandboxes), HOTBED_IMAGE_DIR (image
-directories and tarballs it runs where no Docker engine is), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
+runtime), HOTBED_RUNSC (the runsc binary of the ``runsc`` runtime), HOTBED_RUNSC_ROOT
+(its ``runsc --root``), HOTBED_RUNSC_DIR (its bundles, unpacked images and paused
+sandboxes), HOTBED_IMAGE_DIR (image directories and tarballs it runs where no Docker
+engine is), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
 (default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
 HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same).
 
@@ -76,6 +77,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # The "runsc" runtime (runsc driven directly, no dockerd): its binary, its state,
     # and where it finds images when there is no Docker engine on the node.
     runsc: str = "runsc"
+    runsc_root: str = "/run/hotbed/runsc"
     runsc_dir: str = "/var/lib/hotbed/runsc"
     image_dir: str = "/var/lib/hotbed/images"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0

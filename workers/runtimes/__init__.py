@@ -18,7 +18,7 @@ def make_runtime(settings: WorkerSettings) -> Runtime:
         from workers.runtimes.runsc import RunscRuntime
 
         return RunscRuntime(
-            runsc=settings.runsc, state_dir=settings.runsc_dir, image_dir=settings.image_dir,
+            runsc=settings.runsc, root=settings.runsc_root, state_dir=settings.runsc_dir, image_dir=settings.image_dir,
             cgroup_parent=settings.cgroup_parent,
         )
     if settings.runtime == "sim":

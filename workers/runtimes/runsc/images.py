@@ -63,7 +63,7 @@ def config_from_docker(cfg: dict[str, Any] | None) -> ImageConfig:
 
 def _inside(dest: Path, name: str) -> Path:
     rel = os.path.normpath(name.lstrip("/"))
-    if rel == "." or rel.startswith(".."):
+    if rel == ".." or rel.startswith("../"):
         raise ValueError(f"image layer path {name!r} leaves the root")
     target = dest / rel
     # A parent reached through a symlink must stay in the tree (absolute links in a
@@ -86,6 +86,8 @@ def apply_layer(layer: tarfile.TarFile, dest: Path) -> None:
     a lower file, ``.wh..wh..opq`` empties a lower directory). Blocking."""
     added: set[Path] = set()
     for member in layer:
+        if os.path.normpath(member.name.lstrip("/")) == ".":
+            continue  # the root itself
         target = _inside(dest, member.name)
         base = target.name
         if base == ".wh..wh..opq":

@@ -283,6 +283,10 @@ class RunscRuntime:
             for m in metas
         ]
 
+    def gpu_holders(self) -> dict[str, str]:
+        """GPU UUID -> the sandbox holding it, for the worker's GPU metrics."""
+        return {u: m.sandbox_id for m in self._metas.values() for u in m.gpu_uuids}
+
     # ------------------------------------------------------------ exec and files
 
     async def _target(self, sandbox_id: str) -> tuple[commands.Target, SandboxMeta]:
