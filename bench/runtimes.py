@@ -8,8 +8,8 @@ Measured at the runtime level, in one run, alternating so load drifts hit both:
 * restore: a new sandbox from a memory snapshot, until its agent answers;
 * exec: ``true`` through the guest agent (the common road) and through the
   runtime's own exec (``docker exec`` / ``runsc exec``: images without python3);
-* idle overhead: host memory (MemAvailable) per idle sandbox, ``--idle`` of them, and
-  host processes per sandbox (containerd's shim is per container).
+* idle overhead, ``--idle`` idle sandboxes: the host processes they add (containerd's
+  shim is per container) and those processes' PSS, and the drop of MemAvailable.
 
 Results: bench/results/runtimes.json. Ratios are runsc / docker, lower is better for
 runsc. The machine is shared: the load average is recorded before and after.
@@ -47,8 +47,21 @@ def mem_available_mib() -> float:
     return float("nan")
 
 
-def process_count() -> int:
-    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
+def pids() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+
+
+def pss_mib(of: set[int]) -> float:
+    """Proportional set size of processes ``of`` (shared pages split among sharers)."""
+    total = 0
+    for pid in of:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
 
 
 class Bench:
@@ -154,13 +167,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             idle: dict[str, Any] = {}
             for b in benches:
                 await anyio.sleep(2)
-                mem0, procs0 = mem_available_mib(), process_count()
+                mem0, pids0 = mem_available_mib(), pids()
                 sids = [(await b.start())[1] for _ in range(args.idle)]
                 await anyio.sleep(3)
-                mem1, procs1 = mem_available_mib(), process_count()
+                mem1, added = mem_available_mib(), pids() - pids0
                 idle[b.name] = {
-                    "mib_per_sandbox": round((mem0 - mem1) / args.idle, 1),
-                    "host_processes_per_sandbox": round((procs1 - procs0) / args.idle, 1),
+                    "pss_mib_per_sandbox": round(pss_mib(added) / args.idle, 1),
+                    "mem_available_drop_mib_per_sandbox": round((mem0 - mem1) / args.idle, 1),
+                    "host_processes_per_sandbox": round(len(added) / args.idle, 1),
                 }
                 for sid in sids:
                     await b.end(sid)
@@ -191,7 +205,8 @@ def report(res: dict[str, Any]) -> str:
         d, r = res["samples"]["docker"][k], res["samples"]["runsc"][k]
         lines.append(f"| {k} | {d['p50_ms']:.0f} / {d['p90_ms']:.0f} | {r['p50_ms']:.0f} / {r['p90_ms']:.0f} | {ratio:.2f} |")
     for name, v in res["idle"].items():
-        lines.append(f"idle {name}: {v['mib_per_sandbox']} MiB and {v['host_processes_per_sandbox']} host processes per sandbox")
+        lines.append(f"idle {name}, per sandbox: {v['host_processes_per_sandbox']} host processes, "
+                     f"{v['pss_mib_per_sandbox']} MiB PSS, MemAvailable -{v['mem_available_drop_mib_per_sandbox']} MiB")
     return "\n".join(lines)
 
 
