@@ -2,7 +2,8 @@
 
 Both make the same gVisor sandboxes (runsc, same limits, the guest agent as PID 1);
 one goes through dockerd and containerd, the other runs runsc on OCI bundles itself.
-Measured at the runtime level, in one run, alternating so load drifts hit both:
+Measured at the runtime level, in one run, sample by sample alternating between the
+two, so load drifts on a shared machine hit both alike:
 
 * start: ``create`` until the guest agent answers ``hello`` (commands can run);
 * restore: a new sandbox from a memory snapshot, until its agent answers;
@@ -150,15 +151,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     samples[b.name]["start"].append(took)
                     await b.end(sid)
             snaps: dict[str, Path] = {}
+            live = {b.name: (await b.start())[1] for b in benches}
+            for i in range(args.execs):
+                for b in benches:
+                    samples[b.name]["guest_exec"].append(await b.guest_exec(live[b.name]))
+                    if i % 4 == 0:
+                        samples[b.name]["runtime_exec"].append(await b.runtime_exec(live[b.name]))
             for b in benches:
-                _took, sid = await b.start()
-                for _ in range(args.execs):
-                    samples[b.name]["guest_exec"].append(await b.guest_exec(sid))
-                for _ in range(max(3, args.execs // 4)):
-                    samples[b.name]["runtime_exec"].append(await b.runtime_exec(sid))
                 snaps[b.name] = snapdir / b.name
-                await b.rt.checkpoint(sid, snaps[b.name], leave_running=False)
-                await b.end(sid)
+                await b.rt.checkpoint(live[b.name], snaps[b.name], leave_running=False)
+                await b.end(live[b.name])
             for _ in range(args.n):
                 for b in benches:
                     took, sid = await b.restore(snaps[b.name])
