@@ -154,6 +154,7 @@ class ImageStore:
 
     async def open(self) -> None:
         await anyio.Path(self.cache).mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(self._drop_partial)
         if not self.use_docker:
             return
         import aiodocker
@@ -174,6 +175,15 @@ class ImageStore:
             docker, self._docker = self._docker, None
             with anyio.CancelScope(shield=True):
                 await docker.close()
+
+    def _drop_partial(self) -> None:
+        """Remove what a worker that died mid-export left (one worker per cache)."""
+        for p in self.cache.glob(".*"):
+            if p.name.startswith((".export-", ".unpack-")):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     def _cached(self, key: str) -> Image | None:
         d = self.cache / key

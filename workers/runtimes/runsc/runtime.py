@@ -158,7 +158,8 @@ class RunscRuntime:
             image_ref=image.ref, rootfs=image.rootfs,
             # PID 1 is the guest agent where the image has python3, else the idle shell.
             args=guest_command(IDLE_CMD),
-            env=oci.merge_env(image.config.env, dict(spec.env)),
+            # Defaults (PATH, HOME from the user's passwd entry) are filled in at boot.
+            env=[*image.config.env, *(f"{k}={v}" for k, v in spec.env.items())],
             cwd=spec.workdir or image.config.workdir or "/",
             user=spec.user or image.config.user or "0",
             gpu_uuids=list(placed.gpu_uuids), flags=list(GPU_FLAGS) if placed.gpu_uuids else [],
@@ -214,6 +215,12 @@ class RunscRuntime:
             ends = await anyio.to_thread.run_sync(prepare)
         except FileExistsError:
             raise RuntimeFailure(f"sandbox {sid} already exists on this worker", sandbox_id=sid) from None
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(d, ignore_errors=True))
+            if isinstance(exc, OSError):
+                raise RuntimeFailure(f"cannot prepare sandbox {sid}: {exc}", sandbox_id=sid) from None
+            raise
         self._metas[sid] = meta
         try:
             if restore_from is None:
