@@ -47,6 +47,12 @@ SAMPLED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hotbed_pool_target": ("Warm pool target size.", ("pool", "template")),
     "hotbed_worker_heartbeat_age_seconds": ("Seconds since each worker's last heartbeat.", ("worker",)),
     "hotbed_gpu_slots": ("GPUs per worker and model, used or free.", ("worker", "model", "state")),
+    "hotbed_gpu_memory_used_bytes": (
+        "GPU memory in use, per GPU and the sandbox holding it (NVML).", ("worker", "gpu", "sandbox"),
+    ),
+    "hotbed_gpu_utilization_ratio": (
+        "GPU utilisation (0-1), per GPU and the sandbox holding it (NVML).", ("worker", "gpu", "sandbox"),
+    ),
     "hotbed_worker_capacity": (
         "Worker capacity (cpu in millicpu, memory in MiB), used or free.",
         ("worker", "resource", "state"),

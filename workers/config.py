@@ -1,14 +1,17 @@
 """Worker settings: TOML file (``--config``) plus ``HOTBED_*`` overrides.
 
 Variables: HOTBED_REDIS_URL, HOTBED_PREFIX, HOTBED_WORKER_ID, HOTBED_RUNTIME
-(docker | sim | process), HOTBED_CPU, HOTBED_MEMORY_MB, HOTBED_MAX_CONCURRENCY,
+(docker | runsc | sim | process), HOTBED_CPU, HOTBED_MEMORY_MB, HOTBED_MAX_CONCURRENCY,
 HOTBED_OCI_RUNTIME, HOTBED_DEFAULT_USER, HOTBED_TAGS (JSON), HOTBED_HEARTBEAT_S,
 HOTBED_RECONCILE_S, HOTBED_SHUTDOWN_GRACE_S, HOTBED_DRAIN_ON_STOP, HOTBED_LOG_FORMAT,
 HOTBED_LOG_LEVEL, HOTBED_GPU_DETECT (auto | nvml | none), HOTBED_GPUS (JSON list of
 ``{uuid, model, memory_mb}``: declared GPUs instead of detection, for simulated fleets),
 HOTBED_GPU_OCI_RUNTIME (the runsc runtime registered with ``--nvproxy``, used for GPU
 sandboxes), HOTBED_PROCESS_ROOT (state directory of the unisolated ``process``
-runtime), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
+runtime), HOTBED_RUNSC (the runsc binary of the ``runsc`` runtime), HOTBED_RUNSC_ROOT
+(its ``runsc --root``), HOTBED_RUNSC_DIR (its bundles, unpacked images and paused
+sandboxes), HOTBED_IMAGE_DIR (image directories and tarballs it runs where no Docker
+engine is), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
 (default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
 HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same),
 HOTBED_REGISTRIES (JSON list of registry hosts, ``host[:port]`` as image names spell
@@ -60,7 +63,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     redis_url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "hotbed"
     worker_id: str = ""
-    runtime: Literal["docker", "sim", "process"] = "docker"
+    runtime: Literal["docker", "runsc", "sim", "process"] = "docker"
     # Capacity this node offers; defaults from the host.
     cpu: Annotated[float, msgspec.Meta(gt=0)] | None = None
     memory_mb: Annotated[int, msgspec.Meta(gt=0)] | None = None
@@ -88,6 +91,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     gpus: list[GpuDevice] = []
     gpu_oci_runtime: str = "runsc-nvproxy"
     process_root: str = "/var/lib/hotbed/process"
+    # The "runsc" runtime (runsc driven directly, no dockerd): its binary, its state,
+    # and where it finds images when there is no Docker engine on the node.
+    runsc: str = "runsc"
+    runsc_root: str = "/run/hotbed/runsc"
+    runsc_dir: str = "/var/lib/hotbed/runsc"
+    image_dir: str = "/var/lib/hotbed/images"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     metrics_addr: str = "127.0.0.1"
     # Images: registries missing images are pulled from, their logins, and how often

@@ -14,6 +14,13 @@ def make_runtime(settings: WorkerSettings) -> Runtime:
             oci_runtime=settings.oci_runtime, gpu_oci_runtime=settings.gpu_oci_runtime,
             cgroup_parent=settings.cgroup_parent,
         )
+    if settings.runtime == "runsc":
+        from workers.runtimes.runsc import RunscRuntime
+
+        return RunscRuntime(
+            runsc=settings.runsc, root=settings.runsc_root, state_dir=settings.runsc_dir, image_dir=settings.image_dir,
+            cgroup_parent=settings.cgroup_parent,
+        )
     if settings.runtime == "sim":
         from workers.runtimes.sim import SimRuntime
 
