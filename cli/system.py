@@ -360,9 +360,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="start Redis, dockerd, a scheduler and a worker on this machine")
     p.add_argument("--detach", "-d", action="store_true", help="run in the background")
-    p.add_argument("--runtime", default="docker", choices=["docker", "sim", "process"],
-                   help="sandbox runtime: docker (gVisor, default), sim (no sandboxes), "
-                        "process (unisolated, development only)")
+    p.add_argument("--runtime", default="docker", choices=["docker", "runsc", "sim", "process"],
+                   help="sandbox runtime: docker (gVisor, default), runsc (gVisor without "
+                        "dockerd), sim (no sandboxes), process (unisolated, development only)")
     p.add_argument("--worker-config", metavar="FILE", help="the worker's TOML settings")
     p.add_argument("--scheduler-config", metavar="FILE", help="the scheduler's TOML settings")
     p.set_defaults(func=cmd_up)

@@ -1,5 +1,5 @@
 """The runtime interface a worker drives. Implementations: ``docker`` (gVisor via dockerd,
-the default), ``sim`` (simulated, for control-plane load tests only) and ``process``
+the default), ``runsc`` (gVisor driven directly on OCI bundles, no dockerd), ``sim`` (simulated, for control-plane load tests only) and ``process``
 (UNISOLATED host processes, for development machines without Docker; never a default).
 
 A runtime knows containers, not Redis: the worker agent owns records, capacity and
