@@ -127,6 +127,7 @@ class AutoPipeline:
         self._cluster: RedisCluster | None = redis if is_cluster(redis) else None  # type: ignore[assignment]
         self._lane = _Lane(self, self._pool_connection)
         self._lanes: dict[str, _Lane] = {}
+        self._ready: anyio.Event | None = None
 
     async def execute(self, *commands: Command) -> list[Any]:
         """Send ``commands`` (``("HSET", key, f, v)``, ``script.call(...)``) in order, in
@@ -141,6 +142,25 @@ class AutoPipeline:
         return await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call,no-any-return]
 
     # ------------------------------------------------------------ Redis Cluster
+
+    async def _discover(self, cluster: RedisCluster) -> None:
+        """The cluster's topology, read once by the first caller while the others wait
+        (and then start together, so their first commands share round trips)."""
+        if self._ready is None:
+            self._ready = ready = anyio.Event()
+            try:
+                # Shielded: the callers waiting on it must not fail for this one's cancel.
+                with anyio.CancelScope(shield=True), anyio.fail_after(COMMAND_TIMEOUT_S):
+                    await cluster.initialize()
+            except BaseException:
+                self._ready = None
+                ready.set()
+                raise
+            ready.set()
+        else:
+            await self._ready.wait()
+            if self._ready is None:
+                await self._discover(cluster)
 
     def _node_lane(self, cluster: RedisCluster, name: str) -> _Lane:
         lane = self._lanes.get(name)
@@ -159,7 +179,8 @@ class AutoPipeline:
         failover or resharding, ASK during a slot migration) and a lost node (topology
         re-read, then retried until the command deadline) are followed per command. Once
         a run is sent, the rest is shielded from cancellation: a task's commands go whole."""
-        await cluster.initialize()
+        if self._ready is None or not self._ready.is_set():
+            await self._discover(cluster)
         results: list[Any] = [None] * len(commands)
         pending = deque(range(len(commands)))
         asking: dict[int, str] = {}
@@ -355,7 +376,11 @@ def node_of(cluster: RedisCluster, command: Command) -> str:
 
 
 def node_for_key(cluster: RedisCluster, key: Any) -> str:
-    return cluster.nodes_manager.get_node_from_slot(cluster.keyslot(key)).name
+    slot = cluster.keyslot(key)
+    try:
+        return cluster.nodes_manager.get_node_from_slot(slot).name
+    except KeyError:  # the topology is being re-read
+        raise redis_errors.SlotNotCoveredError(f"slot {slot} has no known node") from None
 
 
 def node_connection(cluster: RedisCluster, name: str) -> AbstractConnection:
