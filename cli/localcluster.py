@@ -81,7 +81,7 @@ def _info(port: int, section: str) -> dict[str, str]:
 
     r = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
     try:
-        text = r.execute_command("CLUSTER INFO") if section == "cluster" else r.execute_command("INFO", section)
+        text = r.execute_command("CLUSTER INFO") if section == "cluster" else r.execute_command("INFO", section)  # type: ignore[no-untyped-call]
     except redis.RedisError:
         return {}
     finally:
