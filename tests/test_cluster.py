@@ -1,0 +1,171 @@
+"""hotbed on a real local Redis Cluster (3 primaries, 1 replica each): URL forms,
+auto-pipelining and scripts per node, the spine through the cluster, and a primary
+failover in the middle of a stream of requests.
+
+``HOTBED_TEST_CLUSTER=1`` runs the rest of the suite on the cluster too (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import hotbed
+from cli import localcluster
+from daemon.config import check_common
+from hotbed import batching
+from hotbed.connection import RedisURL, connect
+from tests.conftest import BUSYBOX_IMAGE, running_stack, sync_redis
+
+pytestmark = pytest.mark.anyio
+
+
+def test_url_forms() -> None:
+    u = RedisURL("redis+cluster://u:p%40ss@10.0.0.1:7000,10.0.0.2,[::1]:7002/?socket_timeout=3")
+    assert (u.cluster, u.sentinel, u.tls) == (True, False, False)
+    assert u.hosts == [("10.0.0.1", 7000), ("10.0.0.2", 6379), ("::1", 7002)]
+    assert (u.username, u.password, u.query) == ("u", "p@ss", {"socket_timeout": "3"})
+    s = RedisURL("rediss+sentinel://s1:26379,s2:26379/mymaster/2")
+    assert (s.sentinel, s.tls, s.path) == (True, True, "/mymaster/2")
+    check_common("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "hotbed")
+    check_common("redis+sentinel://127.0.0.1:26379/mymaster", "hotbed")
+    for bad, why in [
+        ("redis+cluster://", "seeds"),
+        ("redis+cluster://h:7000/3", "database 0"),
+        ("redis+sentinel://h:26379", "Sentinel service"),
+        ("redis+cluster://h:notaport", "bad port"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            check_common(bad, "hotbed")
+
+
+def _node_of(url: str, key: str) -> tuple[int, int]:
+    """(primary port, its replica's port) of the shard owning ``key``."""
+    r = sync_redis(url)
+    try:
+        slot = r.keyslot(key)
+        for start, end, primary, *replicas in r.execute_command("CLUSTER SLOTS", target_nodes=r.get_random_node()):
+            if start <= slot <= end:
+                return int(primary[1]), int(replicas[0][1])
+    finally:
+        r.close()
+    raise AssertionError(f"no shard owns {key}")
+
+
+async def test_scripts_and_pipelines_run_per_node(redis_cluster: localcluster.LocalCluster) -> None:
+    prefix = f"t{secrets.token_hex(4)}"
+    redis = connect(redis_cluster.url)
+    script = batching.Script(f"redis.call('SET', KEYS[2], ARGV[1]); return redis.call('INCRBY', KEYS[1], ARGV[1]) -- {prefix}")
+    ap = batching.for_client(redis)
+    try:
+        # Keys whose tags land on every shard; each script call names two keys of one tag.
+        tags = [f"{prefix}:{{{i}}}" for i in range(30)]
+        got = await ap.execute(*(script.call([f"{t}:n", f"{t}:v"], [i]) for i, t in enumerate(tags)))
+        assert got == list(range(30))
+        # One lane per primary, and the script was loaded on each (NOSCRIPT per node).
+        assert len(ap._lanes) == 3
+        # Concurrent callers share round trips per node.
+        before = ap.round_trips
+
+        async def one(i: int) -> None:
+            (n,) = await ap.execute(script.call([f"{tags[i % 30]}:n", f"{tags[i % 30]}:v"], [1]))
+            assert n >= 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(600):
+                tg.start_soon(one, i)
+        assert ap.round_trips - before < 40, ap.round_trips - before
+        # A task's commands spanning shards apply in order.
+        res = await ap.execute(*(("SET", f"{t}:o", "x") for t in tags), *(("GET", f"{t}:o") for t in tags))
+        assert res == [True] * 30 + [b"x"] * 30
+    finally:
+        await redis.delete(*(f"{t}:{s}" for t in tags for s in "nvo"))
+        await redis.aclose()
+
+
+async def test_spine_through_the_cluster(redis_cluster: localcluster.LocalCluster) -> None:
+    prefix = f"t{secrets.token_hex(4)}"
+    async with running_stack(redis_cluster.url, prefix) as stack:
+        sb = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=stack.client)
+        res = await sb.exec("sh", "-c", "echo hi; exit 3")
+        assert (res.exit_code, res.stdout) == (3, "hi\n")
+        assert [r.id for r in await hotbed.Sandbox.list(client=stack.client)] == [sb.id]
+        await sb.terminate()
+        assert (await stack.client.record(sb.id)).state == "terminated"
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[localcluster.LocalCluster]:
+    """A cluster of this test's own: a failover changes who is primary."""
+    root = Path(tempfile.mkdtemp(prefix="hotbed-failover-"))
+    try:
+        yield localcluster.start(3, root, replicas=1)
+    finally:
+        localcluster.stop(root)
+
+
+def _failover(replica_port: int, primary_port: int) -> None:
+    subprocess.run(["redis-cli", "-p", str(replica_port), "cluster", "failover"], check=True, capture_output=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        role = subprocess.run(["redis-cli", "-p", str(replica_port), "role"], capture_output=True, text=True).stdout
+        if role.startswith("master"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"replica {replica_port} of {primary_port} did not take over")
+
+
+async def test_primary_failover_mid_stream(own_cluster: localcluster.LocalCluster) -> None:
+    """Fail over the primary holding the worker's command stream while creates and
+    execs stream through: every request gets its right answer, none is lost, no
+    sandbox is made twice."""
+    prefix = f"t{secrets.token_hex(4)}"
+    url = own_cluster.url
+    async with running_stack(url, prefix) as stack:
+        c = stack.client
+        primary, replica = _node_of(url, c.keys.worker_cmds(stack.worker.id))
+        sb = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c)
+        done: list[int] = []
+        created: list[str] = []
+        waits: list[float] = []
+        failed_over = anyio.Event()
+
+        async def execs(lane: int) -> None:
+            i = 0
+            while not failed_over.is_set() or i < 40:
+                t0 = anyio.current_time()
+                res = await sb.exec("echo", f"{lane}-{i}", timeout=30)
+                waits.append(anyio.current_time() - t0)
+                assert res.stdout == f"{lane}-{i}\n"
+                done.append(lane)
+                i += 1
+
+        async def creates() -> None:
+            for _ in range(3):
+                s = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c)
+                created.append(s.id)
+                await s.terminate()
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for lane in range(4):
+                    tg.start_soon(execs, lane)
+                tg.start_soon(creates)
+                while len(done) < 20:
+                    await anyio.sleep(0.05)
+                await anyio.to_thread.run_sync(_failover, replica, primary)
+                failed_over.set()
+        assert _node_of(url, c.keys.worker_cmds(stack.worker.id))[0] == replica
+        assert len(set(created)) == 3
+        await sb.terminate()
+        # No duplicate sandbox: only the ones asked for were ever recorded live.
+        live = await c.redis.zrange(c.keys.sandboxes, 0, -1)
+        assert live == []
+        print(f"failover: {len(done)} execs, longest wait {max(waits):.2f}s")  # noqa: T201
