@@ -11,8 +11,9 @@ queued meanwhile goes in the next one.
 
 A task's commands stay together and in order within one pipeline (not a transaction:
 use a Lua script where atomicity matters). Lua scripts (:class:`Script`, the one way
-hotbed runs Lua) go as EVALSHA; a script the server does not know yet is loaded and
-its commands re-sent once.
+hotbed runs Lua) go as EVALSHA, loaded (SCRIPT LOAD) ahead of the first batch that uses
+them; a server that lost them since (restarted, flushed) answers NOSCRIPT, and they are
+loaded and their commands re-sent once.
 
 Cancellation: a task cancelled while its commands are queued withdraws them; once they
 are sent, the send finishes under a shield (bounded by the connection's socket
@@ -257,6 +258,8 @@ class _Lane:
         self._queue: deque[_Item] = deque()
         self._busy = False
         self._conn: AbstractConnection | None = None
+        # Scripts sent through this lane; a server that lost them since answers NOSCRIPT.
+        self._loaded: set[str] = set()
 
     async def execute(self, commands: tuple[Command, ...]) -> list[Any]:
         item = _Item(commands)
@@ -316,7 +319,16 @@ class _Lane:
 
     async def _send(self, batch: list[_Item]) -> None:
         flat = [c for it in batch for c in it.commands]
+        # A script this lane has not sent before is loaded ahead of the batch, so a
+        # task's commands after it never run before it (NOSCRIPT's re-send would).
+        new = {c[1] for c in flat if c[0] == "EVALSHA" and c[1] not in self._loaded}
+        if new:
+            flat = [("SCRIPT", "LOAD", _SOURCES[sha]) for sha in new] + flat
         results = await self._pipeline(flat)
+        if new:
+            raise_first_error(results[: len(new)])
+            self._loaded |= new
+            flat, results = flat[len(new):], results[len(new):]
         retry = [i for i, r in enumerate(results) if _noscript(r)]
         if retry:
             # Loaded on this lane's server (each node of a cluster has its own cache).

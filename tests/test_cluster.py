@@ -169,3 +169,47 @@ async def test_primary_failover_mid_stream(own_cluster: localcluster.LocalCluste
         live = await c.redis.zrange(c.keys.sandboxes, 0, -1)
         assert live == []
         print(f"failover: {len(done)} execs, longest wait {max(waits):.2f}s")  # noqa: T201
+
+
+@pytest.fixture
+def sentinel_url(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A primary and one Sentinel watching it as ``svc``: (URL, the primary's port)."""
+    from cli.localcluster import _free_ports
+
+    primary_port, sentinel_port = _free_ports(2)
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor svc 127.0.0.1 {primary_port} 1\n"
+    )
+    procs = [
+        subprocess.Popen(["redis-server", "--port", str(primary_port), "--bind", "127.0.0.1",
+                          "--save", "", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL),
+        subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL),
+    ]
+    try:
+        yield f"redis+sentinel://127.0.0.1:{sentinel_port}/svc", primary_port
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+async def test_sentinel_url_reaches_the_primary(sentinel_url: tuple[str, int]) -> None:
+    """``redis+sentinel://`` (one primary, no cluster) keeps working: the client asks
+    the Sentinel for the primary, and auto-pipelining and scripts run there, in order."""
+    url, primary_port = sentinel_url
+    redis = connect(url)
+    try:
+        script = batching.Script("return redis.call('INCRBY', KEYS[1], ARGV[1]) -- sentinel")
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    got = await batching.for_client(redis).execute(script.call(["n"], [2]), ("GET", "n"))
+                    break
+                except Exception:  # noqa: BLE001 - the Sentinel still discovering its primary
+                    await anyio.sleep(0.1)
+        assert got == [2, b"2"]
+        assert int((await redis.info("server"))["tcp_port"]) == primary_port
+    finally:
+        await redis.aclose()
