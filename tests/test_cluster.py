@@ -22,7 +22,7 @@ from cli import localcluster
 from daemon.config import check_common
 from hotbed import batching
 from hotbed.connection import RedisURL, connect
-from tests.conftest import BUSYBOX_IMAGE, running_stack, sync_redis
+from tests.conftest import BUSYBOX_IMAGE, running_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -46,17 +46,24 @@ def test_url_forms() -> None:
             check_common(bad, "hotbed")
 
 
-def _node_of(url: str, key: str) -> tuple[int, int]:
-    """(primary port, its replica's port) of the shard owning ``key``."""
-    r = sync_redis(url)
-    try:
-        slot = r.keyslot(key)
-        for start, end, primary, *replicas in r.execute_command("CLUSTER SLOTS", target_nodes=r.get_random_node()):
-            if start <= slot <= end:
+def _node_of(cluster: localcluster.LocalCluster, key: str) -> tuple[int, int]:
+    """(primary port, its replica's port) of the shard owning ``key`` now."""
+    import redis
+    from redis.crc import key_slot
+
+    slot = key_slot(key.encode())
+    for port in cluster.ports:
+        r = redis.Redis(port=port, socket_timeout=2)
+        try:
+            shards = r.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        except redis.RedisError:
+            continue
+        finally:
+            r.close()
+        for start, end, primary, *replicas in shards:
+            if start <= slot <= end and replicas:
                 return int(primary[1]), int(replicas[0][1])
-    finally:
-        r.close()
-    raise AssertionError(f"no shard owns {key}")
+    raise AssertionError(f"no shard with a replica owns {key}")
 
 
 async def test_scripts_and_pipelines_run_per_node(redis_cluster: localcluster.LocalCluster) -> None:
@@ -130,7 +137,7 @@ async def test_primary_failover_mid_stream(own_cluster: localcluster.LocalCluste
     url = own_cluster.url
     async with running_stack(url, prefix) as stack:
         c = stack.client
-        primary, replica = _node_of(url, c.keys.worker_cmds(stack.worker.id))
+        primary, replica = _node_of(own_cluster, c.keys.worker_cmds(stack.worker.id))
         sb = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c)
         done: list[int] = []
         created: list[str] = []
@@ -138,8 +145,9 @@ async def test_primary_failover_mid_stream(own_cluster: localcluster.LocalCluste
         failed_over = anyio.Event()
 
         async def execs(lane: int) -> None:
-            i = 0
-            while not failed_over.is_set() or i < 40:
+            i = after = 0
+            while after < 10:
+                after += failed_over.is_set()
                 t0 = anyio.current_time()
                 res = await sb.exec("echo", f"{lane}-{i}", timeout=30)
                 waits.append(anyio.current_time() - t0)
@@ -148,7 +156,9 @@ async def test_primary_failover_mid_stream(own_cluster: localcluster.LocalCluste
                 i += 1
 
         async def creates() -> None:
-            for _ in range(3):
+            after = 0
+            while after < 2:
+                after += failed_over.is_set()
                 s = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c)
                 created.append(s.id)
                 await s.terminate()
@@ -162,8 +172,8 @@ async def test_primary_failover_mid_stream(own_cluster: localcluster.LocalCluste
                     await anyio.sleep(0.05)
                 await anyio.to_thread.run_sync(_failover, replica, primary)
                 failed_over.set()
-        assert _node_of(url, c.keys.worker_cmds(stack.worker.id))[0] == replica
-        assert len(set(created)) == 3
+        assert _node_of(own_cluster, c.keys.worker_cmds(stack.worker.id))[0] == replica
+        assert len(set(created)) == len(created) >= 2
         await sb.terminate()
         # No duplicate sandbox: only the ones asked for were ever recorded live.
         live = await c.redis.zrange(c.keys.sandboxes, 0, -1)
