@@ -236,6 +236,12 @@ class Client:
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+        except redis.exceptions.ResponseError as exc:
+            # A cluster primary that became a replica mid-wait ends the wait; the caller
+            # reads again, and redis-py follows the slot to its new primary.
+            if is_cluster(self._blocking) and _moved_on(exc):
+                return []
+            raise
         return list(got[0][1]) if got else []
 
     async def request(self, body: Message, *, timeout: float) -> Reply:
