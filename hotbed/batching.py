@@ -36,7 +36,7 @@ hotbed sends names its key first (a script, its first key; all keys of one scrip
 a hash tag), so each goes to the lane (queue + connection) of the primary that owns its
 slot, and scripts are loaded per node on NOSCRIPT. A task's commands that span nodes go
 as consecutive runs, one after the other, so they still apply in order; MOVED, ASK and
-a lost node are followed (see ``AutoPipeline._execute_routed``).
+a lost node are followed (see ``AutoPipeline._follow``).
 
 :class:`Coalescer` goes one step further for commands that take many arguments: values
 added by concurrent tasks in one pass of the event loop go to one call (a stream's
@@ -174,16 +174,39 @@ class AutoPipeline:
         return lane
 
     async def _execute_routed(self, cluster: RedisCluster, commands: tuple[Command, ...]) -> list[Any]:
-        """Runs of consecutive commands owned by one node go, one run after the other, to
-        that node's lane, so a task's commands apply in order even across shards (a reply
-        pushed after a record write is never seen before it). Redirections (MOVED after a
-        failover or resharding, ASK during a slot migration) and a lost node (topology
-        re-read, then retried until the command deadline) are followed per command. Once
-        a run is sent, the rest is shielded from cancellation: a task's commands go whole."""
         if self._ready is None or not self._ready.is_set():
             await self._discover(cluster)
-        results: list[Any] = [None] * len(commands)
-        pending = deque(range(len(commands)))
+        try:
+            first = node_of(cluster, commands[0])
+            single = all(node_of(cluster, c) == first for c in commands[1:])
+        except redis_errors.SlotNotCoveredError:
+            single = False
+        if single:
+            # The common case (one key, or one script): straight to the node's lane.
+            try:
+                replies = await self._node_lane(cluster, first).execute(commands)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                return await self._follow(cluster, commands, [None] * len(commands), list(range(len(commands))))
+            if not any(isinstance(r, _REDIRECTS) for r in replies):
+                return replies
+            redo, busy = await self._triage(cluster, range(len(commands)), replies, replies, {})
+            if busy:
+                await anyio.sleep(0.05)
+            return await self._follow(cluster, commands, replies, redo, sent=True)
+        return await self._follow(cluster, commands, [None] * len(commands), list(range(len(commands))))
+
+    async def _follow(
+        self, cluster: RedisCluster, commands: tuple[Command, ...], results: list[Any],
+        todo: list[int], *, sent: bool = False,
+    ) -> list[Any]:
+        """Sends ``commands[todo]``: runs of consecutive commands owned by one node go,
+        one run after the other, to that node's lane, so a task's commands apply in
+        order even across shards (a reply pushed after a record write is never seen
+        before it). Redirections (MOVED after a failover or resharding, ASK during a
+        slot migration) and a lost node (topology re-read, then retried until the
+        command deadline) are followed per command. Once a run is sent (``sent``), the
+        rest is shielded from cancellation: a task's commands go whole."""
+        pending = deque(todo)
         asking: dict[int, str] = {}
         give_up = anyio.current_time() + COMMAND_TIMEOUT_S
         pause = 0.05
@@ -191,7 +214,7 @@ class AutoPipeline:
         def owner(i: int) -> str:
             return asking.get(i) or node_of(cluster, commands[i])
 
-        with anyio.CancelScope() as scope:
+        with anyio.CancelScope(shield=sent) as scope:
             while pending:
                 run: list[int] = []
                 try:
@@ -199,12 +222,12 @@ class AutoPipeline:
                     run.append(pending.popleft())
                     while pending and owner(pending[0]) == node:
                         run.append(pending.popleft())
-                    sent: list[Command] = []
+                    wire: list[Command] = []
                     for i in run:
                         if i in asking:
-                            sent.append(("ASKING",))
-                        sent.append(commands[i])
-                    replies = await self._node_lane(cluster, node).execute(tuple(sent))
+                            wire.append(("ASKING",))
+                        wire.append(commands[i])
+                    replies = await self._node_lane(cluster, node).execute(tuple(wire))
                 except (redis_errors.ConnectionError, redis_errors.TimeoutError,
                         redis_errors.SlotNotCoveredError) as exc:
                     # A node is gone (failover in progress): re-read the topology, retry.
@@ -218,34 +241,48 @@ class AutoPipeline:
                     pause = min(pause * 2, 1.0)
                     continue
                 scope.shield = True
-                redo: list[int] = []
-                busy = False
-                pos = 0
-                for i in run:
-                    if i in asking:
-                        pos += 1  # the ASKING reply
-                    reply = replies[pos]
-                    pos += 1
-                    asking.pop(i, None)
-                    if isinstance(reply, redis_errors.MovedError):
-                        await cluster.nodes_manager.move_slot(reply)
-                    elif isinstance(reply, redis_errors.AskError):
-                        asking[i] = f"{reply.host}:{reply.port}"
-                    elif isinstance(reply, redis_errors.TryAgainError | redis_errors.ClusterDownError):
-                        busy = True  # a slot mid-migration or a failover: ask again shortly
-                    else:
-                        results[i] = reply
-                        continue
-                    if anyio.current_time() > give_up:
-                        results[i] = reply
-                    else:
-                        redo.append(i)
+                if any(i in asking for i in run):
+                    kept, pos = [], 0
+                    for i in run:
+                        pos += i in asking  # past the ASKING reply
+                        kept.append(replies[pos])
+                        pos += 1
+                    replies = kept
+                redo, busy = await self._triage(cluster, run, replies, results, asking)
                 if redo:
+                    if anyio.current_time() > give_up:
+                        continue  # their redirection errors stand as their replies
                     if busy:
                         await anyio.sleep(pause)
                         pause = min(pause * 2, 1.0)
                     pending.extendleft(reversed(redo))
         return results
+
+    @staticmethod
+    async def _triage(
+        cluster: RedisCluster, run: Sequence[int], replies: list[Any], results: list[Any],
+        asking: dict[int, str],
+    ) -> tuple[list[int], bool]:
+        """Files each reply of ``run`` into ``results``; returns the commands to send
+        again (redirected) and whether the cluster asked to wait (TRYAGAIN, CLUSTERDOWN)."""
+        redo: list[int] = []
+        busy = False
+        for i, reply in zip(run, replies, strict=True):
+            results[i] = reply
+            asking.pop(i, None)
+            if isinstance(reply, redis_errors.MovedError):
+                await cluster.nodes_manager.move_slot(reply)
+            elif isinstance(reply, redis_errors.AskError):
+                asking[i] = f"{reply.host}:{reply.port}"
+            elif isinstance(reply, redis_errors.TryAgainError | redis_errors.ClusterDownError):
+                busy = True
+            else:
+                continue
+            redo.append(i)
+        return redo, busy
+
+
+_REDIRECTS = (redis_errors.AskError, redis_errors.TryAgainError, redis_errors.ClusterDownError)
 
 
 class _Lane:
