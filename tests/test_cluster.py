@@ -223,3 +223,35 @@ async def test_sentinel_url_reaches_the_primary(sentinel_url: tuple[str, int]) -
         assert int((await redis.info("server"))["tcp_port"]) == primary_port
     finally:
         await redis.aclose()
+
+
+def test_up_cluster_then_down(tmp_path: Path) -> None:
+    """`hotbed up --cluster 3 -d` starts a local cluster and the daemons on it; the
+    printed URL serves the CLI; `hotbed down` ends the daemons and every cluster node."""
+    import os
+    import sys
+
+    prefix = f"t{secrets.token_hex(4)}"
+    env = dict(os.environ, HOTBED_HOME=str(tmp_path), HOTBED_PREFIX=prefix, HOTBED_WORKER_ID=f"w-{prefix}")
+    env.pop("HOTBED_REDIS_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    try:
+        up = cli("up", "--cluster", "3", "--runtime", "sim", "--detach")
+        assert up.returncode == 0, up.stderr
+        url = up.stderr.split("export HOTBED_REDIS_URL=", 1)[1].split()[0]
+        cluster = localcluster.load(tmp_path / "cluster")
+        assert cluster is not None and cluster.url == url and localcluster.running(cluster)
+        env["HOTBED_REDIS_URL"] = url
+        status = cli("status")
+        assert f"w-{prefix}" in status.stdout, status.stderr
+        down = cli("down")
+        assert down.returncode == 0 and "local Redis Cluster stopped" in down.stderr, down.stderr
+        assert localcluster.load(tmp_path / "cluster") is None
+        assert not any(Path(f"/proc/{pid}").exists() for pid in cluster.pids)
+        assert "Traceback" not in (tmp_path / "hotbed.log").read_text()
+    finally:
+        cli("down")
