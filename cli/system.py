@@ -6,7 +6,9 @@ daemon's (``--config FILE``, ``--help``), and so are its exit codes.
 
 ``hotbed up`` is the embedded single-machine default: it starts Redis if none answers
 at the configured URL, dockerd if none runs, then one scheduler and one worker in one
-process (foreground; ``-d`` detaches it, ``hotbed down`` stops it). State lives in
+process (foreground; ``-d`` detaches it, ``hotbed down`` stops it). ``--cluster N``
+runs it on a local N-primary Redis Cluster instead (cli.localcluster), which ``hotbed
+down`` stops too. State lives in
 ``$HOTBED_HOME`` (default ``~/.hotbed``): redis data, logs, the pid file.
 """
 
@@ -113,9 +115,32 @@ def ensure_dockerd() -> None:
         raise HotbedError(f"dockerd did not come up with runsc; see {home() / 'dockerd.log'}")
 
 
+def ensure_cluster(primaries: int, replicas: int) -> str:
+    """The URL of the local Redis Cluster under ``$HOTBED_HOME/cluster``, started if
+    none runs there (cli.localcluster); ``hotbed down`` stops it."""
+    from cli import localcluster
+
+    root = home() / "cluster"
+    current = localcluster.load(root)
+    if current is not None and localcluster.running(current):
+        return current.url
+    localcluster.stop(root)
+    print(f"hotbed: starting a local Redis Cluster ({primaries} primaries, {replicas} replicas each)",
+          file=sys.stderr)
+    try:
+        cluster = localcluster.start(primaries, root, replicas=replicas)
+    except localcluster.ClusterStartError as exc:
+        raise HotbedError(str(exc)) from None
+    print(f"hotbed: for the CLI and SDK: export HOTBED_REDIS_URL={cluster.url}", file=sys.stderr)
+    return cluster.url
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    url = redis_url()
-    ensure_redis(url)
+    if args.cluster:
+        url = os.environ["HOTBED_REDIS_URL"] = ensure_cluster(args.cluster, args.replicas)
+    else:
+        url = redis_url()
+        ensure_redis(url)
     if args.runtime == "docker":
         ensure_dockerd()
     if args.detach:
@@ -163,6 +188,8 @@ def _detach(args: argparse.Namespace) -> int:
             pidfile.unlink()
     logfile = home() / "hotbed.log"
     cmd = [sys.executable, "-m", "cli", "up", "--runtime", args.runtime]
+    if args.cluster:
+        cmd += ["--cluster", str(args.cluster), "--replicas", str(args.replicas)]
     if args.worker_config:
         cmd += ["--worker-config", args.worker_config]
     if args.scheduler_config:
@@ -185,6 +212,16 @@ def _detach(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        return _stop_hotbed()
+    finally:
+        from cli import localcluster
+
+        if localcluster.stop(home() / "cluster"):
+            print("hotbed: local Redis Cluster stopped", file=sys.stderr)
+
+
+def _stop_hotbed() -> int:
     pidfile = home() / "hotbed.pid"
     if not pidfile.exists():
         print("hotbed: not running (no pid file)", file=sys.stderr)
@@ -365,9 +402,14 @@ def register(sub: Any) -> None:
                         "dockerd), sim (no sandboxes), process (unisolated, development only)")
     p.add_argument("--worker-config", metavar="FILE", help="the worker's TOML settings")
     p.add_argument("--scheduler-config", metavar="FILE", help="the scheduler's TOML settings")
+    p.add_argument("--cluster", type=int, default=0, metavar="N",
+                   help="run on a local Redis Cluster of N (>= 3) primaries instead of one Redis")
+    p.add_argument("--replicas", type=int, default=0, metavar="R",
+                   help="with --cluster: replicas per primary (default 0)")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("down", help="stop what `hotbed up -d` started (Redis and dockerd keep running)")
+    p = sub.add_parser("down", help="stop what `hotbed up -d` started, and its local Redis Cluster "
+                                    "(a standalone Redis and dockerd keep running)")
     p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("status", help="workers, their free capacity, live sandboxes")

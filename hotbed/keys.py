@@ -50,6 +50,12 @@ key                                    type    meaning
 ``hotbed:pools``                       set     pool names
 =====================================  ======  ============================================
 
+The registries (``hotbed:workers``, ``hotbed:sandboxes``, ``hotbed:templates``,
+``hotbed:pools``) have no tag of their own kind and no script touches one together with
+another key: on a Redis Cluster they may sit on any shard. A write that pairs a registry
+with a record is two ordered steps (record first when adding, registry first when
+removing), so a race leaves at worst a listed name without a record, which readers skip.
+
 Daemons derive a request's reply and output keys from its id (``reply``, ``output``),
 never from the key names a message carries (``reply_to``, ``stream_to`` only say whether
 anyone waits and whether output streams), and check every id and name against the

@@ -158,11 +158,14 @@ async def list_templates(*, client: Client) -> list[TemplateRecord]:
 
 async def delete_template(name: str, *, client: Client) -> bool:
     """Forget a template; its snapshot is garbage-collected by the workers holding it."""
-    async with client.redis.pipeline(transaction=True) as pipe:
-        pipe.delete(client.keys.template(name))
-        pipe.srem(client.keys.templates, name)
-        res = await pipe.execute()
-    return bool(res[0])
+    # Two keys that a Redis Cluster may keep on different shards, so two ordered steps
+    # rather than a transaction: the name is unlisted first, and then a racing rebuild
+    # (record first, then listed) can leave at worst a listed name without a record,
+    # which listings skip, but never a record that nothing lists.
+    res = raise_first_error(await batching.for_client(client.redis).execute(
+        ("SREM", client.keys.templates, name), ("DEL", client.keys.template(name))
+    ))
+    return bool(res[1])
 
 
 # ---------------------------------------------------------------------- pools
@@ -186,10 +189,11 @@ async def set_pool(
     await get_template(template, client=client)
     name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu))
     conf = records.PoolConfig(template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "")
-    async with client.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(client.keys.pool_conf(name), mapping=records.pool_config_to_hash(conf))
-        pipe.sadd(client.keys.pools, name)
-        await pipe.execute()
+    # Configured, then listed (the order delete_template explains; may span shards).
+    raise_first_error(await batching.for_client(client.redis).execute(
+        records.hset(client.keys.pool_conf(name), records.pool_config_to_hash(conf)),
+        ("SADD", client.keys.pools, name),
+    ))
     return name
 
 

@@ -32,7 +32,8 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from hotbed import protocol, records
+from hotbed import batching, protocol, records
+from hotbed.batching import raise_first_error
 from hotbed.client import new_id
 from hotbed.errors import HotbedError
 from hotbed.keys import Keys
@@ -238,9 +239,10 @@ class PoolController:
 
     async def _forget(self, name: str) -> None:
         keys = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.pool_conf(name))
-            pipe.srem(keys.pools, name)
-            await pipe.execute()
+        # Unlisted, then deleted: on a Redis Cluster the two keys may live on different
+        # shards, and this order never leaves a configuration that nothing lists.
+        raise_first_error(await batching.for_client(self.redis).execute(
+            ("SREM", keys.pools, name), ("DEL", keys.pool_conf(name))
+        ))
         self._pruned_at.pop(name, None)
         self._prune_from.pop(name, None)

@@ -28,7 +28,8 @@ import anyio
 import msgspec
 
 from daemon import lifecycle
-from hotbed import limits, lua, protocol, records
+from hotbed import batching, limits, lua, protocol, records
+from hotbed.batching import raise_first_error
 from hotbed.errors import (
     ExecTimeout,
     HotbedError,
@@ -312,10 +313,11 @@ class SnapshotManager:
         fields = template_to_hash(rec)
         if not holders:
             fields.pop("holders", None)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.template(rec.name), mapping=fields)
-            pipe.sadd(keys.templates, rec.name)
-            await pipe.execute()
+        # Recorded, then listed: on a Redis Cluster the two keys may live on different
+        # shards, and this order never lists a name before its record exists.
+        raise_first_error(await batching.for_client(self.redis).execute(
+            records.hset(keys.template(rec.name), fields), ("SADD", keys.templates, rec.name)
+        ))
 
     async def _publish_snapshot(self, rec: TemplateRecord, replaced: str) -> None:
         """Record the template ready; if that replaced an older snapshot, retire what its
