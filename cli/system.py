@@ -1,8 +1,9 @@
 """System commands: up, down, status, scheduler, worker, image build.
 
 ``hotbed up`` is the embedded single-machine default: it starts Redis if none answers
-at the configured URL, dockerd if none runs, then one scheduler and one worker in one
-process (foreground; ``-d`` detaches it, ``hotbed down`` stops it). State lives in
+at the configured URL, dockerd if none runs, then one scheduler and one worker as child
+processes it supervises (cli.supervise: restarted when they exit, as is the Redis it
+started). Foreground; ``-d`` detaches it, ``hotbed down`` stops it. State lives in
 ``$HOTBED_HOME`` (default ``~/.hotbed``): redis data, logs, the pid file.
 """
 
@@ -18,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-
-import anyio
 
 from cli.main import run_async, with_client
 from daemon import lifecycle
@@ -48,9 +47,10 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def ensure_redis(url: str) -> None:
+def ensure_redis(url: str) -> bool:
+    """Start a local Redis unless one answers at ``url``; True if it started one."""
     if _redis_answers(url):
-        return
+        return False
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise HotbedError(f"Redis at {url} does not answer (hotbed up only starts a local one)")
@@ -69,7 +69,7 @@ def ensure_redis(url: str) -> None:
     )
     for _ in range(50):
         if _redis_answers(url):
-            return
+            return True
         time.sleep(0.1)
     raise HotbedError(f"redis-server did not come up; see {home() / 'redis.log'}")
 
@@ -106,41 +106,33 @@ def ensure_dockerd() -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     url = redis_url()
-    ensure_redis(url)
+    started_redis = ensure_redis(url)
     if args.runtime == "docker":
         ensure_dockerd()
     if args.detach:
         return _detach(args)
+    from cli import supervise
     from daemon.config import load_settings
     from scheduler.config import SchedulerSettings
-    from scheduler.service import Scheduler
-    from workers.agent import WorkerAgent
     from workers.config import WorkerSettings
-    from workers.runtimes import make_runtime
 
+    # Read here so bad settings fail `hotbed up` at once, not each child in turn.
     wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
     lifecycle.setup_logging(ssettings.log_format)
-    scheduler = Scheduler(ssettings)
-    worker = WorkerAgent(wsettings, make_runtime(wsettings))
-
-    async def serve() -> None:
-        stopping = anyio.Event()
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(lifecycle.watch_signals, stopping, outer.cancel_scope)
-            async with anyio.create_task_group() as daemons:
-                await daemons.start(scheduler.run)
-                await daemons.start(worker.run)
-                print(f"hotbed: up (redis {url}, worker {worker.id}); Ctrl-C to stop", file=sys.stderr)
-                await stopping.wait()
-                # Each daemon finishes its in-flight work within its grace period.
-                worker.stopping.set()
-                scheduler.stopping.set()
-            # Both have returned; the signal watcher is all that is left.
-            outer.cancel_scope.cancel()
-
-    lifecycle.run(serve)
+    sup = supervise.Supervisor(home(), restart_redis=(lambda: ensure_redis(url)) if started_redis else None)
+    sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config), "--redis-url", url])
+    sup.add("worker", "workers", [
+        *_config_arg(args.worker_config), "--redis-url", url, "--runtime", args.runtime,
+        "--worker-id", wsettings.resolved_id(),
+    ])
+    ready = f"hotbed: up (redis {url}, worker {wsettings.resolved_id()}); Ctrl-C to stop"
+    lifecycle.run(lambda: supervise.serve(sup, ready))
     return 0
+
+
+def _config_arg(path: str | None) -> list[str]:
+    return ["--config", path] if path else []
 
 
 def _detach(args: argparse.Namespace) -> int:
@@ -229,6 +221,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"\nsandboxes live: {live}   request backlog: {backlog}")
         if not rows:
             print("no workers: start one with `hotbed up` or `hotbed worker`")
+        from cli.supervise import status_lines
+
+        for line in status_lines(home()):
+            print(line)
         return 0
 
     return with_client(go)
