@@ -88,11 +88,18 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, home: Path, *, restart_redis: Callable[[], bool] | None = None) -> None:
-        """``restart_redis()``: start Redis again if it does not answer; True if it had
-        to (None when Redis is not ours to keep)."""
+    def __init__(
+        self,
+        home: Path,
+        *,
+        redis_answers: Callable[[], bool] | None = None,
+        start_redis: Callable[[], object] | None = None,
+    ) -> None:
+        """``redis_answers()`` / ``start_redis()``: to keep the Redis `hotbed up`
+        started running (None when Redis is not ours to keep)."""
         self.home = home
-        self.restart_redis = restart_redis
+        self.redis_answers = redis_answers
+        self.start_redis = start_redis
         self.state = SupervisorState(pid=os.getpid(), started_at=lifecycle.wall())
         self.children: list[Child] = []
         self.stopping = anyio.Event()
@@ -131,8 +138,8 @@ class Supervisor:
                     with anyio.fail_after(READY_TIMEOUT_S):
                         for child in self.children:
                             await child.ready.wait()
-                    if self.restart_redis is not None:
-                        tg.start_soon(self._watch_redis)
+                    if self.redis_answers is not None and self.start_redis is not None:
+                        tg.start_soon(self._watch_redis, self.redis_answers, self.start_redis)
                     task_status.started()
                 tg.cancel_scope.cancel()
         finally:
@@ -221,18 +228,29 @@ class Supervisor:
             tg.cancel_scope.cancel()
         return code
 
-    async def _watch_redis(self) -> None:
-        assert self.restart_redis is not None
-        restart = self.restart_redis
+    async def _watch_redis(self, answers: Callable[[], bool], start: Callable[[], object]) -> None:
         st = self.state.children.setdefault("redis", ChildState(running=True))
         self._save()
+        missed = 0
 
         async def check() -> None:
-            if await anyio.to_thread.run_sync(restart):
-                st.restarts += 1
-                st.last_exit, st.last_exit_at = "stopped answering", lifecycle.wall()
-                log.warning("redis stopped answering; started it again (restart %d)", st.restarts)
-                self._save()
+            nonlocal missed
+            if await anyio.to_thread.run_sync(answers):
+                missed = 0
+                return
+            # Twice in a row: one slow answer (a big AOF loading) is not a dead server.
+            missed += 1
+            if missed < 2:
+                return
+            st.running = False
+            self._save()
+            await anyio.to_thread.run_sync(start)
+            missed = 0
+            st.running = True
+            st.restarts += 1
+            st.last_exit, st.last_exit_at = "stopped answering", lifecycle.wall()
+            log.warning("redis stopped answering; started it again (restart %d)", st.restarts)
+            self._save()
 
         await lifecycle.supervised_loop("redis watch", check, interval=REDIS_CHECK_S, log=log)
 

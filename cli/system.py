@@ -120,7 +120,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
     lifecycle.setup_logging(ssettings.log_format)
-    sup = supervise.Supervisor(home(), restart_redis=(lambda: ensure_redis(url)) if started_redis else None)
+    sup = supervise.Supervisor(
+        home(), redis_answers=(lambda: _redis_answers(url)) if started_redis else None,
+        start_redis=lambda: ensure_redis(url),
+    )
     sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config), "--redis-url", url])
     sup.add("worker", "workers", [
         *_config_arg(args.worker_config), "--redis-url", url, "--runtime", args.runtime,
