@@ -63,7 +63,7 @@ def ensure_redis(url: str) -> bool:
     print(f"hotbed: starting redis-server on 127.0.0.1:{port} (data in {data})", file=sys.stderr)
     subprocess.run(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
-         "--dir", str(data), "--appendonly", "yes", "--save", "",
+         "--dir", str(data), "--appendonly", "yes", "--save", "", "--pidfile", str(home() / "redis.pid"),
          "--logfile", str(home() / "redis.log"), "--maxclients", "20000"],
         check=True,
     )
@@ -106,7 +106,8 @@ def ensure_dockerd() -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     url = redis_url()
-    started_redis = ensure_redis(url)
+    # Ours to keep running: started now, or by the `hotbed up -d` that started us.
+    started_redis = ensure_redis(url) or (home() / "redis.pid").exists()
     if args.runtime == "docker":
         ensure_dockerd()
     if args.detach:
