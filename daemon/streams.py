@@ -189,8 +189,8 @@ class StreamConsumer:
             try:
                 await handle(entry_id, data)
             except lifecycle.TRANSIENT_ERRORS as exc:
-                # Redis went away mid-request (its reply could not be sent): the entry
-                # stays pending and is handled again.
+                # Redis went away mid-request: its reply is lost and its client times
+                # out. A dependency's hiccup, not a bug: one line, no traceback.
                 log.warning("handler failed on entry %s of %s: %s: %s", entry_id, self.stream, type(exc).__name__, exc)
             except Exception:
                 log.exception("handler failed on entry %s of %s", entry_id, self.stream)
