@@ -35,11 +35,11 @@ def redis_url() -> str:
     return os.environ.get("HOTBED_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def _redis_answers(url: str) -> bool:
+def _redis_answers(url: str, timeout: float = 1.0) -> bool:
     import redis
 
     try:
-        r = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        r = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=2 * timeout)
         ok = bool(r.ping())
         r.close()
         return ok
@@ -122,7 +122,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
     lifecycle.setup_logging(ssettings.log_format)
     sup = supervise.Supervisor(
-        home(), redis_answers=(lambda: _redis_answers(url)) if started_redis else None,
+        # A loaded box may be slow to answer: only a dead server is restarted.
+        home(), redis_answers=(lambda: _redis_answers(url, timeout=5.0)) if started_redis else None,
         start_redis=lambda: ensure_redis(url),
     )
     sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config), "--redis-url", url])

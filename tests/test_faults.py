@@ -659,6 +659,7 @@ def test_up_restarts_what_dies_and_status_says_so(workdir: Path, prefix: str) ->
         again = state_where(lambda s: s.children["worker"].restarts == 1 and s.children["worker"].running)
         assert again.children["worker"].last_exit == "signal 9"  # type: ignore[attr-defined]
         children.append(again.children["worker"].pid)  # type: ignore[attr-defined]
+        serves()  # by the restarted worker, once it is ready
         r.shutdown(nosave=True)
         state_where(lambda s: s.children["redis"].restarts == 1)
         assert r.ping()
