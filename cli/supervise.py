@@ -93,10 +93,10 @@ class Supervisor:
         home: Path,
         *,
         redis_answers: Callable[[], bool] | None = None,
-        start_redis: Callable[[], object] | None = None,
+        start_redis: Callable[[], bool] | None = None,
     ) -> None:
-        """``redis_answers()`` / ``start_redis()``: to keep the Redis `hotbed up`
-        started running (None when Redis is not ours to keep)."""
+        """``redis_answers()`` / ``start_redis()`` (True if it had to start one): to keep
+        the Redis `hotbed up` started running (None when Redis is not ours to keep)."""
         self.home = home
         self.redis_answers = redis_answers
         self.start_redis = start_redis
@@ -228,7 +228,7 @@ class Supervisor:
             tg.cancel_scope.cancel()
         return code
 
-    async def _watch_redis(self, answers: Callable[[], bool], start: Callable[[], object]) -> None:
+    async def _watch_redis(self, answers: Callable[[], bool], start: Callable[[], bool]) -> None:
         st = self.state.children.setdefault("redis", ChildState(running=True))
         self._save()
         missed = 0
@@ -244,9 +244,12 @@ class Supervisor:
                 return
             st.running = False
             self._save()
-            await anyio.to_thread.run_sync(start)
+            started = await anyio.to_thread.run_sync(start)
             missed = 0
             st.running = True
+            if not started:  # it answered again after all
+                self._save()
+                return
             st.restarts += 1
             st.last_exit, st.last_exit_at = "stopped answering", lifecycle.wall()
             log.warning("redis stopped answering; started it again (restart %d)", st.restarts)
