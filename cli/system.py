@@ -5,8 +5,9 @@ and ``python -m workers ARGS``: every argument after the command's name is the
 daemon's (``--config FILE``, ``--help``), and so are its exit codes.
 
 ``hotbed up`` is the embedded single-machine default: it starts Redis if none answers
-at the configured URL, dockerd if none runs, then one scheduler and one worker in one
-process (foreground; ``-d`` detaches it, ``hotbed down`` stops it). ``--cluster N``
+at the configured URL, dockerd if none runs, then one scheduler and one worker as child
+processes it supervises (cli.supervise: restarted when they exit, as is the Redis it
+started). Foreground; ``-d`` detaches it, ``hotbed down`` stops it. ``--cluster N``
 runs it on a local N-primary Redis Cluster instead (cli.localcluster), which ``hotbed
 down`` stops too. State lives in
 ``$HOTBED_HOME`` (default ``~/.hotbed``): redis data, logs, the pid file.
@@ -25,8 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import anyio
-
 from cli.main import add_listing_options, print_json, run_async, with_client
 from daemon import lifecycle
 from hotbed.errors import HotbedError
@@ -42,11 +41,11 @@ def redis_url() -> str:
     return os.environ.get("HOTBED_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def _redis_answers(url: str) -> bool:
+def _redis_answers(url: str, timeout: float = 1.0) -> bool:
     import redis
 
     try:
-        r = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        r = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=2 * timeout)
         ok = bool(r.ping())
         r.close()
         return ok
@@ -58,9 +57,10 @@ def _redis_answers(url: str) -> bool:
 REDIS_MEMORY_FLAGS = ("--maxmemory", "2gb", "--maxmemory-policy", "noeviction")
 
 
-def ensure_redis(url: str) -> None:
+def ensure_redis(url: str) -> bool:
+    """Start a local Redis unless one answers at ``url``; True if it started one."""
     if _redis_answers(url):
-        return
+        return False
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise HotbedError(f"Redis at {url} does not answer (hotbed up only starts a local one)")
@@ -73,14 +73,14 @@ def ensure_redis(url: str) -> None:
     print(f"hotbed: starting redis-server on 127.0.0.1:{port} (data in {data})", file=sys.stderr)
     subprocess.run(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
-         "--dir", str(data), "--appendonly", "yes", "--save", "",
+         "--dir", str(data), "--appendonly", "yes", "--save", "", "--pidfile", str(home() / "redis.pid"),
          "--logfile", str(home() / "redis.log"), "--maxclients", "20000",
          *REDIS_MEMORY_FLAGS],
         check=True,
     )
     for _ in range(50):
         if _redis_answers(url):
-            return
+            return True
         time.sleep(0.1)
     raise HotbedError(f"redis-server did not come up; see {home() / 'redis.log'}")
 
@@ -138,43 +138,42 @@ def ensure_cluster(primaries: int, replicas: int) -> str:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.cluster:
         url = os.environ["HOTBED_REDIS_URL"] = ensure_cluster(args.cluster, args.replicas)
+        # The cluster is hotbed down's to stop; the supervisor watches no Redis of its own.
+        started_redis = False
     else:
         url = redis_url()
-        ensure_redis(url)
+        # Ours to keep running: started now, or by the `hotbed up -d` that started us.
+        started_redis = ensure_redis(url) or (home() / "redis.pid").exists()
     if args.runtime == "docker":
         ensure_dockerd()
     if args.detach:
         return _detach(args)
+    from cli import supervise
     from daemon.config import load_settings
     from scheduler.config import SchedulerSettings
-    from scheduler.service import Scheduler
-    from workers.agent import WorkerAgent
     from workers.config import WorkerSettings
-    from workers.runtimes import make_runtime
 
+    # Read here so bad settings fail `hotbed up` at once, not each child in turn.
     wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
     lifecycle.setup_logging(ssettings.log_format)
-    scheduler = Scheduler(ssettings)
-    worker = WorkerAgent(wsettings, make_runtime(wsettings))
-
-    async def serve() -> None:
-        stopping = anyio.Event()
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(lifecycle.watch_signals, stopping, outer.cancel_scope)
-            async with anyio.create_task_group() as daemons:
-                await daemons.start(scheduler.run)
-                await daemons.start(worker.run)
-                print(f"hotbed: up (redis {url}, worker {worker.id}); Ctrl-C to stop", file=sys.stderr)
-                await stopping.wait()
-                # Each daemon finishes its in-flight work within its grace period.
-                worker.stopping.set()
-                scheduler.stopping.set()
-            # Both have returned; the signal watcher is all that is left.
-            outer.cancel_scope.cancel()
-
-    lifecycle.run(serve)
+    sup = supervise.Supervisor(
+        # A loaded box may be slow to answer: only a dead server is restarted.
+        home(), redis_answers=(lambda: _redis_answers(url, timeout=5.0)) if started_redis else None,
+        start_redis=lambda: ensure_redis(url),
+    )
+    sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config), "--redis-url", url])
+    sup.add("worker", "workers", [
+        *_config_arg(args.worker_config), "--redis-url", url, "--runtime", args.runtime,
+        "--worker-id", wsettings.resolved_id(),
+    ])
+    ready = f"hotbed: up (redis {url}, worker {wsettings.resolved_id()}); Ctrl-C to stop"
+    lifecycle.run(lambda: supervise.serve(sup, ready))
     return 0
+
+
+def _config_arg(path: str | None) -> list[str]:
+    return ["--config", path] if path else []
 
 
 def _detach(args: argparse.Namespace) -> int:
@@ -285,6 +284,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"\nsandboxes live: {live}   request backlog: {backlog}")
         if not rows:
             print("no workers: start one with `hotbed up` or `hotbed worker`")
+        from cli.supervise import status_lines
+
+        for line in status_lines(home()):
+            print(line)
         return 0
 
     return with_client(go)

@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 
+from daemon import lifecycle
 from hotbed.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -198,12 +199,12 @@ async def serve(
 
     async def sampler() -> None:
         assert sample is not None
-        while True:
-            try:
-                metrics.publish(await sample())
-            except Exception as exc:  # a failed sample must not stop the daemon
-                log.warning("metrics sample failed: %s", exc)
-            await anyio.sleep(SAMPLE_S)
+
+        async def step() -> None:
+            metrics.publish(await sample())
+
+        # A failed sample must not stop the daemon.
+        await lifecycle.supervised_loop("metrics sample", step, interval=SAMPLE_S, log=log)
 
     try:
         async with anyio.create_task_group() as tg:

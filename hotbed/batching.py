@@ -470,6 +470,11 @@ async def _exchange(conn: AbstractConnection, packed: list[bytes]) -> list[Any]:
     timeout = conn.socket_timeout or None
     try:
         with anyio.fail_after(timeout):
+            reader = conn._reader  # noqa: SLF001 - is the kept connection still open?
+            if conn.is_connected and reader is not None and reader.at_eof():
+                # The server closed it while it sat idle (Redis restarted): a new one,
+                # rather than a batch lost on a dead socket.
+                await conn.disconnect(nowait=True)
             if not conn.is_connected:
                 await conn.connect()  # type: ignore[no-untyped-call]
             await conn.check_health()  # type: ignore[no-untyped-call]

@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
+from daemon import lifecycle
 from hotbed import batching, protocol, records
 from hotbed.batching import raise_first_error
 from hotbed.client import new_id
@@ -81,13 +82,13 @@ class PoolController:
         self.started = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                if await self.lock.hold():
-                    await self.tick()
-            except HotbedError as exc:
-                log.warning("pool controller: %s", exc)
-            await anyio.sleep(self.settings.pool_interval_s)
+        async def step() -> None:
+            if await self.lock.hold():
+                await self.tick()
+
+        await lifecycle.supervised_loop(
+            "pool controller", step, interval=lambda: self.settings.pool_interval_s, log=log,
+        )
 
     def _take_tokens(self, want: int) -> int:
         rate = self.settings.pool_refill_per_s

@@ -109,6 +109,8 @@ configure_docker() {
   # `docker start --checkpoint`). "runsc-ptrace" is the wrapper on gVisor's ptrace
   # platform: process creation 2.3x faster than systrap on this kind of VM, syscalls
   # slower (bench/README.md, "exec"); a worker opts in with HOTBED_OCI_RUNTIME.
+  # "live-restore": sandboxes keep running while dockerd restarts (an upgrade, a
+  # crash); the worker rides out the outage and finds them running after it.
   local runsc_bin; runsc_bin=$(command -v runsc)
   local runsc_path=/usr/local/lib/hotbed/runsc-hotbed
   install -D -m 0755 "$ROOT/deploy/runsc/runsc-hotbed" "$runsc_path"
@@ -124,6 +126,7 @@ configure_docker() {
                "runsc-plain": {"path": "$runsc_bin", "runtimeArgs": ["--network=none"]},
                "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]}$gpu_runtime},
   "experimental": true,
+  "live-restore": true,
   "bridge": "none",
   "iptables": false,
   "ip-masq": false

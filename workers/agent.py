@@ -296,10 +296,10 @@ class WorkerAgent:
     # -------------------------------------------------------------- background
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            with lifecycle.survive("heartbeat"):
-                await self._heartbeat()
-            await anyio.sleep(self.settings.heartbeat_s)
+        await lifecycle.supervised_loop(
+            "heartbeat", self._heartbeat, interval=lambda: self.settings.heartbeat_s,
+            max_backoff=1.0, log=log,
+        )
 
     async def _heartbeat(self) -> None:
         now = lifecycle.wall()
@@ -316,36 +316,37 @@ class WorkerAgent:
             await self.register()
 
     async def _expiry_loop(self) -> None:
-        while True:
-            await anyio.sleep(0.25)
-            now = lifecycle.wall()
-            for s in list(self.sandboxes.values()):
-                if now >= s.expires_at:
-                    await self._end_quietly(s.id, "timeout")
-                elif s.idle_timeout and now - s.last_active >= s.idle_timeout:
-                    await self._end_quietly(s.id, "idle_timeout")
+        await lifecycle.supervised_loop("expiry", self._expire, interval=0.25, log=log)
+
+    async def _expire(self) -> None:
+        now = lifecycle.wall()
+        for s in list(self.sandboxes.values()):
+            if now >= s.expires_at:
+                await self._end_quietly(s.id, "timeout")
+            elif s.idle_timeout and now - s.last_active >= s.idle_timeout:
+                await self._end_quietly(s.id, "idle_timeout")
 
     async def _health_loop(self) -> None:
         """Sandboxes whose container died (out of memory, killed out of band) end here."""
-        while True:
-            await anyio.sleep(self.settings.reconcile_s)
-            # Only sandboxes known before listing: one started (or resumed) while the
-            # list was in flight is not in it, and is not dead.
-            known = {
-                sid: local for sid, local in self.sandboxes.items()
-                if not local.paused and not local.busy
-            }
-            try:
-                running = {
-                    m.sandbox_id for m in await self.runtime.list_managed()
-                    if m.running and m.worker_id == self.id
-                }
-            except HotbedError as exc:
-                log.warning("health check failed: %s", exc)
-                continue
-            for sid, local in known.items():
-                if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
-                    await self._end_quietly(sid, "died", state="failed")
+        await lifecycle.supervised_loop(
+            "health check", self._check_health, interval=lambda: self.settings.reconcile_s,
+            initial_delay=self.settings.reconcile_s, log=log,
+        )
+
+    async def _check_health(self) -> None:
+        # Only sandboxes known before listing: one started (or resumed) while the
+        # list was in flight is not in it, and is not dead.
+        known = {
+            sid: local for sid, local in self.sandboxes.items()
+            if not local.paused and not local.busy
+        }
+        running = {
+            m.sandbox_id for m in await self.runtime.list_managed()
+            if m.running and m.worker_id == self.id
+        }
+        for sid, local in known.items():
+            if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
+                await self._end_quietly(sid, "died", state="failed")
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:

@@ -235,12 +235,10 @@ class SnapshotManager:
         return removed
 
     async def gc_loop(self) -> None:
-        while True:
-            await anyio.sleep(GC_INTERVAL_S)
-            try:
-                await self.collect()
-            except (HotbedError, OSError) as exc:
-                log.warning("snapshot collection failed: %s", exc)
+        await lifecycle.supervised_loop(
+            "snapshot collection", self.collect, interval=GC_INTERVAL_S,
+            initial_delay=GC_INTERVAL_S, log=log,
+        )
 
     # ------------------------------------------------------------- set-up
 

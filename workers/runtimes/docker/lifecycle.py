@@ -151,10 +151,14 @@ async def is_alive(engine: Engine, sandbox_id: str) -> bool:
 
 
 async def list_managed(engine: Engine) -> list[Managed]:
-    with anyio.fail_after(API_TIMEOUT_S):
-        found = await engine.docker.containers.list(
-            all=True, filters={"label": [f"{LABEL_MANAGED}=1"]}
-        )
+    try:
+        with anyio.fail_after(API_TIMEOUT_S):
+            found = await engine.docker.containers.list(
+                all=True, filters={"label": [f"{LABEL_MANAGED}=1"]}
+            )
+    except DockerError as exc:
+        # dockerd restarting, say: the health check's caller retries.
+        raise RuntimeFailure(f"docker: listing containers: {exc.message} (HTTP {exc.status})") from None
     out = []
     for c in found:
         labels = c["Labels"] or {}
