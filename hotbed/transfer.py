@@ -28,7 +28,7 @@ import anyio.from_thread
 
 from hotbed import protocol
 from hotbed.client import OP_TIMEOUT_S
-from hotbed.errors import FileError, HotbedError, UnsupportedRequest
+from hotbed.errors import FileError, HotbedError, NotADirectory, UnsupportedRequest
 from hotbed.handles import SandboxRef
 from hotbed.protocol import ExecResult
 
@@ -114,6 +114,8 @@ async def _why(sandbox: SandboxRef, remote: str, what: str, stderr: bytes) -> Ho
     except FileError as exc:
         return exc
     assert isinstance(reply, protocol.FileStat)
+    if reply.entry is not None and not reply.entry.is_dir:
+        return NotADirectory(f"not a directory: {remote}", sandbox_id=sandbox.id)
     detail = stderr.decode("utf-8", "replace").strip()
     return FileError(f"cannot {what} {remote}: {detail}", sandbox_id=sandbox.id)
 
