@@ -847,6 +847,8 @@ class Pipe:
         self.eof_after_write = False
         self.writer = None  # request id of the write in progress
         self.reader = None  # [request id, max bytes, data, gather timer]
+        self.ahead = bytearray()  # read ahead of the next pipe_read
+        self.ahead_max = 0
         self.closer = None  # [request id, kill timer]
         self.idle = h.get("idle_timeout") or 120.0
         self.idle_timer = later(self.idle, self.expire)
@@ -940,11 +942,17 @@ class Pipe:
             send({"t": "result", "id": rid})
 
     # ---- stdout
+    # Between reads, up to the last read's size is read ahead, so the command keeps
+    # producing while a chunk travels: still one chunk held here, at most.
 
     def read(self, rid, max_bytes):
         if self.reader is not None:
             raise ValueError(f"pipe {self.pid}: a read is in progress")
         self.reader = [rid, max(1, max_bytes), bytearray(), None]
+        self.ahead_max = self.reader[1]
+        if self.ahead:
+            self.reader[2] += self.ahead[: self.reader[1]]
+            del self.ahead[: self.reader[1]]
         if self.stdout_fd is None:
             self.answer_read()
         else:
@@ -952,12 +960,10 @@ class Pipe:
 
     def on_readable(self, fd, _mask):
         r = self.reader
-        if r is None:
-            _set_events(fd, 0, None)
-            return
-        while len(r[2]) < r[1]:
+        buf, want = (r[2], r[1]) if r is not None else (self.ahead, self.ahead_max)
+        while len(buf) < want:
             try:
-                data = os.read(fd, min(READ_CHUNK, r[1] - len(r[2])))
+                data = os.read(fd, min(READ_CHUNK, want - len(buf)))
             except BlockingIOError:
                 break
             except OSError:
@@ -966,12 +972,16 @@ class Pipe:
                 self.out_eof = True
                 self._close_fd("stdout_fd")
                 break
-            r[2] += data
-        if self.out_eof or len(r[2]) >= r[1]:
+            buf += data
+        if r is None:
+            if self.stdout_fd is not None:
+                _set_events(fd, selectors.EVENT_READ if len(buf) < want else 0, self.on_readable)
+            return
+        if self.out_eof or len(buf) >= want:
             self.answer_read()
             return
         _set_events(fd, selectors.EVENT_READ, self.on_readable)
-        if r[2] and r[3] is None:
+        if buf and r[3] is None:
             r[3] = later(PIPE_GATHER_S, self.answer_read)
 
     def answer_read(self):
@@ -979,10 +989,11 @@ class Pipe:
         if r is None:
             return
         cancel_timer(r[3])
-        if self.stdout_fd is not None:
-            _set_events(self.stdout_fd, 0, None)
         self.touch()
-        send({"t": "result", "id": r[0], "eof": self.out_eof}, bytes(r[2]))
+        eof = self.out_eof and not self.ahead
+        send({"t": "result", "id": r[0], "eof": eof}, bytes(r[2]))
+        if self.stdout_fd is not None:
+            self.on_readable(self.stdout_fd, 0)
 
     # ---- end
 
