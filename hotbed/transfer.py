@@ -247,36 +247,133 @@ def _unpack(local: Path, take: Callable[[], bytes]) -> None:
 
 async def upload_dir(sandbox: SandboxRef, local: str | os.PathLike[str], remote: str, *,
                      chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Copy a local directory's contents into ``remote`` (made if missing)."""
+    """Copy a local directory's contents into ``remote`` (made if missing). A tar that
+    fits in one chunk goes in one request; a larger one streams through a pipe."""
     src = Path(local)
     if not await anyio.Path(src).is_dir():
         raise NotADirectoryError(f"not a local directory: {src}")
+    first: bytes | None = None
+    sink: _Sink | None = None
+    sent = 0
+
+    async def push(chunk: bytes) -> None:
+        nonlocal first, sink, sent
+        if sink is None:
+            if first is None:
+                first = chunk
+                return
+            sink = await _open_sink(sandbox, remote)
+            await sink.write(first)
+            first = None
+        await sink.write(chunk)
+        sent += len(chunk)
+
+    try:
+        await _from_thread(lambda emit: _pack(src, emit, chunk_bytes), push)
+        if sink is None:
+            await _untar_one(sandbox, remote, first or b"")
+            return len(first or b"")
+        await sink.finish()
+    except BaseException:
+        if sink is not None:
+            await sink.abandon()
+        raise
+    return sent + len(first or b"")
+
+
+class _Sink:
+    """Where a streamed directory upload's tar chunks go."""
+
+    async def write(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        """Unpack what was written; FileError saying why not."""
+        raise NotImplementedError
+
+    async def abandon(self) -> None:
+        raise NotImplementedError
+
+
+class _PipeSink(_Sink):
+    """Into ``tar -x`` in the sandbox, through a guest-agent pipe."""
+
+    def __init__(self, sandbox: SandboxRef, remote: str, pipe: Pipe) -> None:
+        self.sandbox, self.remote, self.pipe = sandbox, remote, pipe
+
+    async def write(self, chunk: bytes) -> None:
+        await self.pipe.write(chunk)
+
+    async def finish(self) -> None:
+        await self.pipe.write(b"", eof=True)
+        res = await self.pipe.close()
+        if res.exit_code != 0:
+            raise FileError(
+                f"cannot unpack into {self.remote}: {res.stderr.decode('utf-8', 'replace').strip()}",
+                sandbox_id=self.sandbox.id,
+            )
+
+    async def abandon(self) -> None:
+        await self.pipe.abandon()
+
+
+class _FileSink(_Sink):
+    """No pipes (no guest agent): into a temporary tar file, unpacked at the end."""
+
+    def __init__(self, sandbox: SandboxRef, remote: str) -> None:
+        self.sandbox, self.remote = sandbox, remote
+        self.tmp = _temp_tar()
+        self.written = 0
+
+    async def write(self, chunk: bytes) -> None:
+        await _call(self.sandbox, protocol.WriteFile(
+            sandbox_id=self.sandbox.id, path=self.tmp, data=chunk, mode=0o600,
+            append=self.written > 0,
+        ))
+        self.written += len(chunk)
+
+    async def finish(self) -> None:
+        try:
+            res = await _sh(self.sandbox, 'mkdir -p "$1" && tar -C "$1" -xf "$2"', self.remote, self.tmp)
+        finally:
+            await self.abandon()
+        if res.exit_code != 0:
+            raise FileError(
+                f"cannot unpack into {self.remote}: {res.stderr.decode('utf-8', 'replace').strip()}",
+                sandbox_id=self.sandbox.id,
+            )
+
+    async def abandon(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            try:
+                await _sh(self.sandbox, 'rm -f "$1"', self.tmp)
+            except HotbedError:
+                pass
+
+
+async def _open_sink(sandbox: SandboxRef, remote: str) -> _Sink:
     q = shlex.quote(remote)
     try:
         pipe = await Pipe.open(sandbox, ["/bin/sh", "-c", f"mkdir -p {q} && exec tar -C {q} -xf -"],
                                write=True)
     except UnsupportedRequest:
-        return await _upload_dir_via_file(sandbox, src, remote, chunk_bytes)
-    sent = 0
+        return _FileSink(sandbox, remote)
+    return _PipeSink(sandbox, remote, pipe)
 
-    async def push(chunk: bytes) -> None:
-        nonlocal sent
-        await pipe.write(chunk)
-        sent += len(chunk)
 
+async def _untar_one(sandbox: SandboxRef, remote: str, data: bytes) -> None:
+    """A whole (small) tar in one request."""
     try:
-        await _from_thread(lambda emit: _pack(src, emit, chunk_bytes), push)
-        await pipe.write(b"", eof=True)
-        res = await pipe.close()
-    except BaseException:
-        await pipe.abandon()
-        raise
-    if res.exit_code != 0:
-        raise FileError(
-            f"cannot unpack into {remote}: {res.stderr.decode('utf-8', 'replace').strip()}",
-            sandbox_id=sandbox.id,
-        )
-    return sent
+        await _call(sandbox, protocol.UploadTar(sandbox_id=sandbox.id, path=remote, data=data),
+                    timeout=DIR_TIMEOUT_S)
+    except UnsupportedRequest:
+        sink = _FileSink(sandbox, remote)
+        try:
+            await sink.write(data)
+        except BaseException:
+            await sink.abandon()
+            raise
+        await sink.finish()
 
 
 async def download_dir(sandbox: SandboxRef, remote: str, local: str | os.PathLike[str], *,
@@ -319,32 +416,6 @@ async def download_dir(sandbox: SandboxRef, remote: str, local: str | os.PathLik
 
 def _temp_tar() -> str:
     return f"/tmp/.hotbed-transfer-{secrets.token_hex(6)}.tar"
-
-
-async def _upload_dir_via_file(sandbox: SandboxRef, src: Path, remote: str, chunk_bytes: int) -> int:
-    """No pipes (no guest agent): the tar goes to a temporary file, then is unpacked."""
-    tmp = _temp_tar()
-    sent = 0
-
-    async def push(chunk: bytes) -> None:
-        nonlocal sent
-        await _call(sandbox, protocol.WriteFile(
-            sandbox_id=sandbox.id, path=tmp, data=chunk, mode=0o600, append=sent > 0,
-        ))
-        sent += len(chunk)
-
-    try:
-        await _from_thread(lambda emit: _pack(src, emit, chunk_bytes), push)
-        res = await _sh(sandbox, 'mkdir -p "$1" && tar -C "$1" -xf "$2"', remote, tmp)
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
-            await _sh(sandbox, 'rm -f "$1"', tmp)
-    if res.exit_code != 0:
-        raise FileError(
-            f"cannot unpack into {remote}: {res.stderr.decode('utf-8', 'replace').strip()}",
-            sandbox_id=sandbox.id,
-        )
-    return sent
 
 
 async def _download_dir_via_file(sandbox: SandboxRef, remote: str, dst: Path, chunk_bytes: int) -> int:

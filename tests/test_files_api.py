@@ -231,10 +231,12 @@ async def test_transfers_without_the_guest_agent(hotbed_stack: Stack, tmp_path: 
         back = tmp_path / "back.bin"
         assert await sb.download_file("/tmp/blob.bin", back, chunk_bytes=2 << 20) == 9 << 20
         assert _sha(back) == _sha(blob)
-        await sb.upload_dir(src, "/tmp/proj", chunk_bytes=1 << 20)
+        await sb.upload_dir(src, "/tmp/proj", chunk_bytes=1 << 20)  # several chunks
         dst = tmp_path / "dst"
         await sb.download_dir("/tmp/proj", dst, chunk_bytes=1 << 20)
         assert _tree(dst) == _tree(src)
+        await sb.upload_dir(src / "pkg", "/tmp/small")  # one chunk
+        assert await sb.read_file("/tmp/small/mod.py") == b"X = 1\n"
         assert not [e for e in await sb.list_files("/tmp") if e.name.startswith(".hotbed-transfer")]
         with pytest.raises(hotbed.FileNotFound):
             await sb.download_dir("/tmp/nope", tmp_path / "nope")
