@@ -1004,8 +1004,15 @@ class Pipe:
         else:
             self.exit_code = os.WEXITSTATUS(status)
         procs.pop(self.pid, None)
-        if self.stderr_fd is not None:
+        # What it wrote to stderr is in the pipe already (a daemon it left holding the
+        # pipe is not waited for).
+        for _ in range(64):
+            if self.stderr_fd is None:
+                break
+            before = len(self.err)
             self.on_stderr(self.stderr_fd, 0)
+            if len(self.err) == before:
+                break
         if self.closer is not None:
             self.finish()
 
