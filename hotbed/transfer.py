@@ -264,6 +264,7 @@ async def upload_dir(sandbox: SandboxRef, local: str | os.PathLike[str], remote:
                 return
             sink = await _open_sink(sandbox, remote)
             await sink.write(first)
+            sent += len(first)
             first = None
         await sink.write(chunk)
         sent += len(chunk)
@@ -278,7 +279,7 @@ async def upload_dir(sandbox: SandboxRef, local: str | os.PathLike[str], remote:
         if sink is not None:
             await sink.abandon()
         raise
-    return sent + len(first or b"")
+    return sent
 
 
 class _Sink:
