@@ -208,7 +208,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     kind = "d" if e.is_dir else "-"
                     print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
             return 0
-        records = await Sandbox.list(tags=_pairs(args.tag, "--tag"), client=client)
+        records = await Sandbox.list_records(tags=_pairs(args.tag, "--tag"), client=client)
         if args.json:
             print_json(records)
             return 0

@@ -98,6 +98,7 @@ class FileEntry(Struct):
     is_dir: bool
     mode: int = 0
     mtime: float = 0.0
+    is_symlink: bool = False
 
 
 class GpuDevice(Struct):
@@ -196,6 +197,41 @@ class ReadFile(Msg):
 class ListFiles(Msg):
     sandbox_id: str
     path: str
+    # 1: the directory's own entries; n: n levels down (entries of subdirectories too).
+    depth: int = 1
+
+
+class RemoveFile(Msg):
+    """Remove a file, a symlink or an empty directory; with ``recursive``, a tree."""
+
+    sandbox_id: str
+    path: str
+    recursive: bool = False
+
+
+class MakeDir(Msg):
+    sandbox_id: str
+    path: str
+    parents: bool = True
+    exist_ok: bool = True
+    mode: int = 0o755
+
+
+class RenameFile(Msg):
+    """Move ``src`` to ``dst`` (replacing a file there, as ``mv`` does)."""
+
+    sandbox_id: str
+    src: str
+    dst: str
+
+
+class StatFile(Msg):
+    """What is at ``path``: FileStat, with no entry when nothing is there and
+    ``missing_ok`` (else FileNotFound)."""
+
+    sandbox_id: str
+    path: str
+    missing_ok: bool = False
 
 
 class Terminate(Msg):
@@ -371,17 +407,71 @@ class DownloadTar(Msg):
     timeout: float = 600.0
 
 
+class PipeOpen(Msg):
+    """Start ``argv`` with its stdin (``write``) and/or stdout (``read``) moved only on
+    request, by PipeWrite / PipeRead: a transfer of any size in bounded memory, paced by
+    whoever pulls or pushes. The reply's pid names the pipe; it is killed after
+    ``idle_timeout`` seconds without a request, or ``timeout`` in all."""
+
+    sandbox_id: str
+    argv: list[str]
+    read: bool = False
+    write: bool = False
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    timeout: float = 3600.0
+    idle_timeout: float = 120.0
+
+
+class PipeWrite(Msg):
+    """Answered once ``data`` is in the command's stdin pipe; ``eof`` then closes it."""
+
+    sandbox_id: str
+    pipe: int
+    data: bytes = b""
+    eof: bool = False
+
+
+class PipeRead(Msg):
+    """Up to ``max_bytes`` of the command's stdout, as soon as some is there (PipeData)."""
+
+    sandbox_id: str
+    pipe: int
+    max_bytes: int = 8 << 20
+
+
+class PipeClose(Msg):
+    """Wait up to ``timeout`` for the command to exit (``kill``: kill it first) and
+    drop the pipe; ExecResult with its exit code and the tail of its stderr."""
+
+    sandbox_id: str
+    pipe: int
+    kill: bool = False
+    timeout: float = 600.0
+
+
 ExecRequest = (
     SessionRun | SessionInterrupt | SessionClose | ProcessStart | ProcessList | ProcessRead
     | ProcessWait | ProcessSignal | ProcessInput | PtyOpen | PtyInput | PtyResize | Cancel
-    | WatchDir | UploadTar | DownloadTar
+    | WatchDir | UploadTar | DownloadTar | PipeOpen | PipeWrite | PipeRead | PipeClose
 )
+
+FileRequest = RemoveFile | MakeDir | RenameFile | StatFile
+
+
+class UpdateSandbox(Msg):
+    """Client -> worker: change a running sandbox. ``timeout``: its lifetime, in seconds
+    from now (longer or shorter); ``tags``: its tags, replaced whole. None leaves it."""
+
+    sandbox_id: str
+    timeout: float | None = None
+    tags: dict[str, str] | None = None
 
 
 Message = (
     CreateSandbox | StartSandbox | Exec | WriteFile | ReadFile | ListFiles | Terminate
     | BuildTemplate | SnapshotSandbox | PauseSandbox | ResumeSandbox | SandboxClaimed
-    | ExecRequest
+    | ExecRequest | FileRequest | UpdateSandbox
 )
 
 
@@ -440,6 +530,19 @@ class FileWritten(Msg):
 
 class DirListing(Msg):
     entries: list[FileEntry]
+    # Cut at the guest agent's limit on entries per listing (a deep listing of a huge tree).
+    truncated: bool = False
+
+
+class FileStat(Msg):
+    # None: nothing at that path (StatFile with missing_ok).
+    entry: FileEntry | None = None
+
+
+class PipeData(Msg):
+    data: bytes = b""
+    # The command's stdout is at its end: nothing more will come.
+    eof: bool = False
 
 
 class Terminated(Msg):
@@ -504,6 +607,8 @@ Reply = (
     | FileContent
     | FileWritten
     | DirListing
+    | FileStat
+    | PipeData
     | Terminated
     | TemplateReady
     | SandboxState

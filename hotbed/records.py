@@ -29,6 +29,9 @@ States and the transition that writes each step::
     creating -> pooled -> running          to_restored(pool=...), then to_claimed
     pooled   -> terminated | failed        to_unlisted (before the container goes)
 
+A live sandbox's lifetime and tags may change after create (:func:`with_lifetime`,
+:func:`with_tags`); ``created_at + timeout`` always stays the moment it expires.
+
 An ended record (terminated / failed / lost) is kept for ``ENDED_RECORD_TTL_S`` so
 ``Sandbox.from_id`` can say why a sandbox is gone, then expires.
 """
@@ -218,6 +221,16 @@ def to_ended(*, state: str, reason: str, now: float) -> Fields:
 def to_lost(*, worker: str, now: float) -> Fields:
     """-> lost: its worker stopped heartbeating (the reaper's step)."""
     return to_ended(state="lost", reason=f"worker {worker} stopped heartbeating", now=now)
+
+
+def with_lifetime(*, created_at: float, expires_at: float) -> Fields:
+    """A new end of life: ``timeout`` counts from ``created_at``, as at create."""
+    return {"timeout": repr(max(0.0, expires_at - created_at))}
+
+
+def with_tags(tags: dict[str, str]) -> Fields:
+    """Tags replaced whole (``Sandbox.list(tags=...)`` filters on them)."""
+    return {"tags": orjson.dumps(tags).decode()}
 
 
 def with_gpus(uuids: list[str]) -> Fields:

@@ -81,6 +81,7 @@ from hotbed.protocol import (
     StartSandbox,
     Terminate,
     Terminated,
+    UpdateSandbox,
     WatchDir,
     WorkerInfo,
     WriteFile,
@@ -484,6 +485,7 @@ class WorkerAgent:
             PauseSandbox: self._pause,
             ResumeSandbox: self._resume,
             SandboxClaimed: self._claimed,
+            UpdateSandbox: self._update,
         })
         return table
 
@@ -536,6 +538,11 @@ class WorkerAgent:
     async def _resume(self, env: Envelope) -> Reply:
         body: Any = env.body
         return await self.snapshots.resume(body.sandbox_id)
+
+    async def _update(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        await self.sandboxes.update(body.sandbox_id, timeout=body.timeout, tags=body.tags)
+        return protocol.Ack()
 
     async def _claimed(self, env: Envelope) -> Reply:
         body: Any = env.body
