@@ -3,7 +3,9 @@ calls it (deployment start, session, commands, interrupt, files, close, stop).""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -29,6 +31,7 @@ from swerex.runtime.abstract import (  # noqa: E402
 
 from hotbed.integrations.swerex import HotbedDeployment  # noqa: E402
 from tests.conftest import BASE_IMAGE, Stack  # noqa: E402
+from tests.swerex_cases import CASES, make_local, outcome  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +112,51 @@ async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> N
         await deployment.stop()
     with pytest.raises(DeploymentNotStartedError):
         await deployment.is_alive()
+
+
+async def _outcomes(rt: Any, local: Path) -> list[tuple[Any, ...]]:
+    got = []
+    for _, request in CASES:
+        try:
+            value = await request(rt, local)
+        except Exception as exc:  # noqa: BLE001 (what it raised is the result)
+            got.append(outcome(exc=exc))
+        else:
+            got.append(outcome(value))
+    return got
+
+
+@pytest.fixture(scope="module")
+def swerex_image() -> str:
+    from bench.common.swerex_ref import ensure_image
+
+    try:
+        return ensure_image(BASE_IMAGE)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot build swe-rex's reference image (wheels need PyPI once): {exc}")
+
+
+@pytest.mark.timeout(300)
+async def test_every_request_matches_swerex_own_runtime(
+    hotbed_stack: Stack, tmp_path: Path, swerex_image: str
+) -> None:
+    """Each request, same order, same image: hotbed's runtime and swe-rex's own
+    (``swerex-remote`` under runsc, through its docker deployment) return equal models
+    and raise the same exception types with the same messages."""
+    from bench.common.swerex_ref import swerex_docker
+
+    make_local(tmp_path)
+    hot = HotbedDeployment(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256)
+    async with swerex_docker(swerex_image) as ref:
+        await ref.start()
+        await hot.start()
+        try:
+            want = await _outcomes(ref.runtime, tmp_path)
+            got = await _outcomes(hot.runtime, tmp_path)
+        finally:
+            await hot.stop()
+    diffs = [
+        f"{name}:\n  swe-rex: {w!r}\n  hotbed:  {g!r}"
+        for (name, _), w, g in zip(CASES, want, got, strict=True) if w != g
+    ]
+    assert not diffs, f"{len(diffs)} of {len(CASES)} requests differ:\n" + "\n".join(diffs)
