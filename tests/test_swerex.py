@@ -160,3 +160,54 @@ async def test_every_request_matches_swerex_own_runtime(
         for (name, _), w, g in zip(CASES, want, got, strict=True) if w != g
     ]
     assert not diffs, f"{len(diffs)} of {len(CASES)} requests differ:\n" + "\n".join(diffs)
+
+
+@pytest.mark.timeout(300)
+async def test_swe_agent_remote_deployment_runs_on_hotbed(hotbed_stack: Stack, tmp_path: Path) -> None:
+    """SWE-agent unchanged: its ``remote`` deployment config (host, port, token), built
+    into a deployment by swe-rex's own ``get_deployment``, drives a hotbed sandbox
+    through hotbed's server, and every request answers as hotbed's runtime does."""
+    import socket
+
+    import uvicorn
+    from swerex.deployment.config import RemoteDeploymentConfig, get_deployment
+
+    from hotbed.integrations.swerex_server import HotbedSwerexServer
+
+    make_local(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = HotbedSwerexServer(auth_token="tok", image=BASE_IMAGE, client=hotbed_stack.client,
+                                memory_mb=256)
+    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    direct = HotbedDeployment(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        try:
+            with anyio.fail_after(10):
+                while not web.started:  # noqa: ASYNC110 (uvicorn has no readiness event)
+                    await anyio.sleep(0.01)
+            config = RemoteDeploymentConfig(host="http://127.0.0.1", port=port, auth_token="tok",
+                                            timeout=30)
+            remote = get_deployment(config)
+            await remote.start()
+            got = await _outcomes(remote.runtime, tmp_path)
+            assert server._runtime is None  # /close ended the episode's sandbox
+            await direct.start()
+            try:
+                want = await _outcomes(direct.runtime, tmp_path)
+            finally:
+                await direct.stop()
+            # A wrong token is refused.
+            bad = get_deployment(RemoteDeploymentConfig(host="http://127.0.0.1", port=port,
+                                                         auth_token="wrong", timeout=30))
+            await bad.start()
+            assert not (await bad.runtime.is_alive()).is_alive
+        finally:
+            web.should_exit = True
+    diffs = [
+        f"{name}:\n  direct: {w!r}\n  remote: {g!r}"
+        for (name, _), w, g in zip(CASES, want, got, strict=True) if w != g
+    ]
+    assert not diffs, f"{len(diffs)} of {len(CASES)} requests differ:\n" + "\n".join(diffs)
