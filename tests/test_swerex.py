@@ -114,6 +114,9 @@ async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> N
         await deployment.is_alive()
 
 
+_KEEP_PAST_LOOP: list[object] = []
+
+
 async def _outcomes(rt: Any, local: Path) -> list[tuple[Any, ...]]:
     got = []
     for _, request in CASES:
@@ -169,6 +172,7 @@ async def test_swe_agent_remote_deployment_runs_on_hotbed(hotbed_stack: Stack, t
     through hotbed's server, and every request answers as hotbed's runtime does."""
     import socket
 
+    import aiohttp
     import uvicorn
     from swerex.deployment.config import RemoteDeploymentConfig, get_deployment
 
@@ -191,6 +195,9 @@ async def test_swe_agent_remote_deployment_runs_on_hotbed(hotbed_stack: Stack, t
             config = RemoteDeploymentConfig(host="http://127.0.0.1", port=port, auth_token="tok",
                                             timeout=30)
             remote = get_deployment(config)
+            # swe-rex's deployments schedule stop() from __del__, and a stopped
+            # RemoteDeployment's stop() raises: keep it until the event loop is gone.
+            _KEEP_PAST_LOOP.append(remote)
             await remote.start()
             got = await _outcomes(remote.runtime, tmp_path)
             assert server._runtime is None  # /close ended the episode's sandbox
@@ -199,11 +206,12 @@ async def test_swe_agent_remote_deployment_runs_on_hotbed(hotbed_stack: Stack, t
                 want = await _outcomes(direct.runtime, tmp_path)
             finally:
                 await direct.stop()
+            await remote.stop()
             # A wrong token is refused.
-            bad = get_deployment(RemoteDeploymentConfig(host="http://127.0.0.1", port=port,
-                                                         auth_token="wrong", timeout=30))
-            await bad.start()
-            assert not (await bad.runtime.is_alive()).is_alive
+            async with aiohttp.ClientSession() as http, http.post(
+                f"http://127.0.0.1:{port}/close", headers={"X-API-Key": "wrong"}
+            ) as resp:
+                assert resp.status == 401
         finally:
             web.should_exit = True
     diffs = [

@@ -396,6 +396,9 @@ class HotbedDeployment(AbstractDeployment):
             return
         self._hooks.on_custom_step("Starting hotbed sandbox")
         self._sandbox = await Sandbox.create(self.image, client=self.client, **self.create_kwargs)
+        # Started means answering, as SWE-ReX's deployments wait until is_alive: the
+        # guest agent's first answer after create is what takes time.
+        await self._sandbox.list_files("/")
         self._runtime = HotbedRuntime(self._sandbox, logger=self.logger)
         self.logger.info("hotbed sandbox %s on %s", self._sandbox.id, self._sandbox.worker_id)
 
