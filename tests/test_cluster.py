@@ -52,17 +52,22 @@ def _node_of(cluster: localcluster.LocalCluster, key: str) -> tuple[int, int]:
     from redis.crc import key_slot
 
     slot = key_slot(key.encode())
-    for port in cluster.ports:
-        r = redis.Redis(port=port, socket_timeout=2)
-        try:
-            shards = r.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-        except redis.RedisError:
-            continue
-        finally:
-            r.close()
-        for start, end, primary, *replicas in shards:
-            if start <= slot <= end and replicas:
-                return int(primary[1]), int(replicas[0][1])
+    # A node's view of its shard's replicas can lag the cluster's start on a loaded box:
+    # ask again until it converges.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for port in cluster.ports:
+            r = redis.Redis(port=port, socket_timeout=2)
+            try:
+                shards = r.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            except redis.RedisError:
+                continue
+            finally:
+                r.close()
+            for start, end, primary, *replicas in shards:
+                if start <= slot <= end and replicas:
+                    return int(primary[1]), int(replicas[0][1])
+        time.sleep(0.2)
     raise AssertionError(f"no shard with a replica owns {key}")
 
 
