@@ -157,6 +157,23 @@ redis.call('HSET', KEYS[2], ARGV[1], need_cpu .. ' ' .. need_mem .. ' ' .. (gpus
 return 1
 """)
 
+# KEYS[1] = hotbed:{w:ID}:cap; ARGV[1] = requested MiB the node's real memory can back
+# Memory pressure: keeps the advertised free memory ('mem') at most ARGV[1] by moving the
+# excess into 'withheld', and gives back what no longer needs withholding; atomic with
+# reservations, so a concurrent RESERVE_DISPATCH is never lost. Returns MiB withheld.
+# A cap hash that is gone (the worker was declared dead) is left alone.
+WITHHOLD = Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local before = tonumber(redis.call('HGET', KEYS[1], 'withheld') or '0')
+local free = tonumber(redis.call('HGET', KEYS[1], 'mem') or '0') + before
+local want = free - tonumber(ARGV[1])
+if want < 0 then want = 0 end
+redis.call('HSET', KEYS[1], 'mem', free - want, 'withheld', want)
+return want
+""")
+
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes
 # ARGV[1] = total millicpu, ARGV[2] = total MiB, ARGV[3..] = GPU uuids of the node
 # (Re)computes a worker's free capacity from what it holds, atomically, so a restarted

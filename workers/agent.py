@@ -86,6 +86,7 @@ from hotbed.protocol import (
     WorkerInfo,
     WriteFile,
 )
+from workers.admission import MemoryWatch, StartGate
 from workers.config import WorkerSettings
 from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
@@ -103,6 +104,9 @@ log = logging.getLogger(__name__)
 RETRYABLE = (StartSandbox, Terminate, ReadFile, ListFiles, WriteFile)
 
 Handler = Callable[[Envelope], Awaitable[Reply]]
+
+# Commands that boot or restore a sandbox: they go through the start gate.
+STARTS = (StartSandbox, BuildTemplate, ResumeSandbox)
 
 # Long-lived requests: at most this many per node and per sandbox, outside intake.
 LONG_LIVED_PER_NODE = 256
@@ -161,6 +165,11 @@ class WorkerAgent:
         self._shared_redis = redis
         self._blocking: aioredis.Redis | None = None
         self._in_flight = anyio.CapacityLimiter(settings.max_concurrency)
+        # Starts and restores run at most this many at once, outside intake.
+        self.starts = StartGate(
+            settings.resolved_max_starts(), queue_limit=settings.start_queue, worker_id=self.id
+        )
+        self.memory: MemoryWatch | None = None
         # Long-lived requests running, per sandbox; and their limits.
         self._long: dict[str, int] = {}
         self.long_lived_per_node = LONG_LIVED_PER_NODE
@@ -227,6 +236,7 @@ class WorkerAgent:
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._expiry_loop)
             tg.start_soon(self._health_loop)
+            tg.start_soon(self._memory_loop)
             await tg.start(self.execution.run)
             tg.start_soon(self.snapshots.gc_loop)
             await tg.start(self.images.run)
@@ -315,6 +325,28 @@ class WorkerAgent:
             self.sandboxes.clear()
             await self.reconcile()
             await self.register()
+
+    async def _memory_loop(self) -> None:
+        """Advertised memory kept within what the node really has (workers.admission);
+        only where sandboxes are real gVisor containers: a simulated or unisolated node
+        declares exactly what it offers."""
+        if self.runtime.name not in ("docker", "runsc"):
+            return
+        engine = getattr(self.runtime, "engine", None)
+        self.memory = MemoryWatch(
+            self.redis, self.keys.worker_cap(self.id),
+            # The docker runtime resolves its parent cgroup when it opens.
+            cgroup_parent=getattr(engine, "cgroup_parent", "") or self.settings.cgroup_parent or "/hotbed",
+            headroom_mb=self.settings.resolved_memory_headroom_mb(),
+            psi_limit=self.settings.memory_psi_limit,
+            overcommit=self.settings.resolved_memory_overcommit(),
+            worker_id=self.id,
+        )
+        memory = self.memory
+        await lifecycle.supervised_loop(
+            "memory watch", lambda: memory.check(self.info.memory_mb),
+            interval=lambda: self.settings.heartbeat_s, log=log,
+        )
 
     async def _expiry_loop(self) -> None:
         await lifecycle.supervised_loop("expiry", self._expire, interval=0.25, log=log)
@@ -496,7 +528,39 @@ class WorkerAgent:
         if long_lived(env.body):
             with self._long_lived(env.body.sandbox_id):  # type: ignore[union-attr]
                 return await handler(env)
+        if isinstance(env.body, STARTS):
+            return await self._admitted(env, handler)
         return await handler(env)
+
+    async def _admitted(self, env: Envelope, handler: Handler) -> Reply:
+        """A start, restore, build or resume: it waits for a start slot (in order, until
+        its deadline) without holding an intake slot, so control traffic never queues
+        behind it. Refused (Overloaded) when it could not start in time, its
+        reservation given back."""
+        body: Any = env.body
+        sid = getattr(body, "sandbox_id", "") or getattr(body, "build_id", "") or f"build-{env.id}"
+        pool = getattr(body, "pool", "")
+        if isinstance(body, StartSandbox) and sid in self.sandboxes:
+            return await handler(env)  # a redelivered start of one we run: nothing to do
+        leave_intake()
+        entered = False
+        try:
+            async with self.starts.admitted_start(
+                deadline=env.deadline, sandbox_id=sid, background=bool(pool) and not env.reply_to,
+            ):
+                entered = True
+                return await handler(env)
+        except Overloaded as exc:
+            if not entered and not isinstance(body, ResumeSandbox):
+                with anyio.CancelScope(shield=True):
+                    await self._refused_start(sid, pool, exc.message)
+            raise
+
+    async def _refused_start(self, sid: str, pool: str, reason: str) -> None:
+        if await self._reserved(sid) is not None:
+            await self.sandboxes.end(sid, reason=reason, state="failed")
+        if pool:
+            await self.redis.zrem(self.keys.pool_warming(pool), sid)
 
     async def _start(self, env: Envelope) -> Reply:
         body: Any = env.body

@@ -18,7 +18,15 @@ HOTBED_REGISTRIES (JSON list of registry hosts, ``host[:port]`` as image names s
 them, ``docker.io`` for Docker Hub, that missing images are pulled from; empty: never
 pull), HOTBED_REGISTRY_AUTH (JSON ``{"HOST": {"username": ..., "password": ...}}``),
 HOTBED_REGISTRY_AUTH_FILE (a Docker ``config.json``-shaped file of credentials, read
-at each pull), HOTBED_IMAGE_REFRESH_S (how often the held images are re-advertised).
+at each pull), HOTBED_IMAGE_REFRESH_S (how often the held images are re-advertised),
+HOTBED_MAX_STARTS (starts and restores run at once; the rest wait in order),
+HOTBED_START_QUEUE (starts that may wait; Overloaded past it), HOTBED_CPU_OVERCOMMIT
+(CPU advertised per core: CPU is shared, not reserved), HOTBED_MEMORY_OVERCOMMIT
+(requested memory advertised per MiB of ``memory_mb``, kept within the node's real
+memory by the memory watch), HOTBED_MEMORY_HEADROOM_MB (real memory always left
+free), HOTBED_MEMORY_PSI_LIMIT (memory stall percentage, PSI ``some avg10``, above
+which nothing new is admitted; 0 = ignore PSI). docs/operations.md says how the
+defaults were measured.
 Credentials are never logged: settings print them as ``***``.
 
 Validated at load (:func:`daemon.config.load_settings`): unknown keys and bad values
@@ -37,6 +45,14 @@ from daemon.config import check_common
 from hotbed.protocol import GpuDevice
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+# Measured on a 2-core / 24 GiB node (docs/operations.md, "Admission and density";
+# bench/results/node.json): restores per second stop growing past two in flight per
+# core; idle sandboxes cost a fraction of a percent of a core each, so a core's worth
+# of requests is shared by many; idle sandboxes use a small part of their 512 MiB.
+STARTS_PER_CORE = 2
+CPU_OVERCOMMIT = 64.0
+MEMORY_OVERCOMMIT = 8.0
 
 
 class RegistryCredential(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -68,6 +84,16 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cpu: Annotated[float, msgspec.Meta(gt=0)] | None = None
     memory_mb: Annotated[int, msgspec.Meta(gt=0)] | None = None
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 32
+    # Admission (workers.admission): starts at once (None: STARTS_PER_CORE per core),
+    # how many may wait, and the density ratios; measured defaults, docs/operations.md.
+    max_starts: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    start_queue: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    # None: the measured defaults for gVisor sandboxes (docker, runsc), 1 for the
+    # others (simulated and unisolated nodes declare exactly what they offer).
+    cpu_overcommit: Annotated[float, msgspec.Meta(ge=1)] | None = None
+    memory_overcommit: Annotated[float, msgspec.Meta(ge=1)] | None = None
+    memory_headroom_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    memory_psi_limit: Annotated[float, msgspec.Meta(ge=0, le=100)] = 10.0
     oci_runtime: str = "runsc"
     # Parent cgroup of this worker's sandboxes, weighed below the control plane
     # (scripts/host-setup.sh, docs/operations.md). "" = "/hotbed" under dockerd's
@@ -123,10 +149,40 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return self.worker_id or socket.gethostname()
 
     def resolved_cpu_millis(self) -> int:
-        return int((self.cpu or float(os.cpu_count() or 1)) * 1000)
+        """CPU this node offers: its cores (or ``cpu``) times ``cpu_overcommit``."""
+        return int(self.physical_cpu() * self.resolved_cpu_overcommit() * 1000)
+
+    def _measured(self) -> bool:
+        return self.runtime in ("docker", "runsc")
+
+    def resolved_cpu_overcommit(self) -> float:
+        if self.cpu_overcommit is not None:
+            return self.cpu_overcommit
+        return CPU_OVERCOMMIT if self._measured() else 1.0
+
+    def resolved_memory_overcommit(self) -> float:
+        if self.memory_overcommit is not None:
+            return self.memory_overcommit
+        return MEMORY_OVERCOMMIT if self._measured() else 1.0
+
+    def physical_cpu(self) -> float:
+        return self.cpu or float(os.cpu_count() or 1)
 
     def resolved_memory_mb(self) -> int:
+        """Memory requests this node takes: ``memory_mb`` times ``memory_overcommit``
+        (the memory watch withholds what real memory cannot back)."""
+        return int(self.physical_memory_mb() * self.resolved_memory_overcommit())
+
+    def physical_memory_mb(self) -> int:
         return self.memory_mb or _default_memory_mb()
+
+    def resolved_max_starts(self) -> int:
+        return self.max_starts or max(1, int(self.physical_cpu() * STARTS_PER_CORE))
+
+    def resolved_memory_headroom_mb(self) -> int:
+        if self.memory_headroom_mb is not None:
+            return self.memory_headroom_mb
+        return max(1024, int(self.physical_memory_mb() / 0.8 * 0.1))
 
 
 # Settings a running worker takes from a SIGHUP reload (tags are re-advertised).

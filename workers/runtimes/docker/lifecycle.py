@@ -3,6 +3,7 @@ destroy, is_alive and list_managed."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,7 +54,9 @@ def container_config(
         "Runtime": engine.oci_runtime,
         "CgroupParent": engine.cgroup_parent,
         "NetworkMode": "none",
-        "NanoCpus": int(res.cpu * 1e9),
+        # CPU is overcommitted (workers.config): a request past the host's cores is a
+        # share of all of them, which is as much as dockerd lets a container have.
+        "NanoCpus": int(min(res.cpu, float(os.cpu_count() or 1)) * 1e9),
         "Memory": res.memory_mb << 20,
         "MemorySwap": res.memory_mb << 20,
         "PidsLimit": res.pids,

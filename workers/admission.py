@@ -1,0 +1,308 @@
+"""Admission at the node: how many starts run at once, and how much memory is left.
+
+Starts (a boot, a restore, a template build, a resume) are what a node does slowly
+and what load slows down most: under gVisor each costs a few hundred milliseconds of
+CPU, and past the parallelism the cores carry, every start in flight gets slower
+together until all of them miss their deadline. :class:`StartGate` lets at most
+``slots`` run at once; the rest wait in arrival order, each until its request's
+deadline. A start that cannot begin in time is refused at once with ``Overloaded``
+(typed, while its client still waits) instead of joining a line it would leave only
+by timing out. Pool refills wait behind client requests. Waiting starts hold no
+intake slot (the agent gives it back first), so exec, terminate and claim notices
+never queue behind them.
+
+Memory is admitted against what the sandboxes actually use. The scheduler reserves
+each sandbox's *requested* memory against the node's advertised capacity (its
+memory times ``memory_overcommit``); :class:`MemoryWatch` keeps that honest by
+watching the node itself, each heartbeat: ``MemAvailable`` less a headroom, the
+sandboxes' cgroup (what they use per MiB they requested) and the kernel's memory
+pressure stall (PSI). It withholds from the advertised free memory whatever real
+memory could not back (the ``WITHHOLD`` script), so placement stops before the node
+runs short, and gives it back as memory frees up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+
+from daemon import lifecycle
+from hotbed import lua
+from hotbed.errors import Overloaded
+
+log = logging.getLogger(__name__)
+
+# What a start is assumed to take before any has been measured on this node.
+FIRST_START_S = 1.0
+# Weight of the newest start in the running estimate of start time.
+EWMA_ALPHA = 0.2
+# Time kept between the predicted end of a start and its deadline: the reply's trip.
+REPLY_MARGIN_S = 0.5
+
+
+class GateStats(msgspec.Struct, frozen=True, kw_only=True):
+    slots: int
+    running: int
+    waiting: int
+    start_s: float
+    admitted: int
+    refused: int
+
+
+class _Waiter:
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+
+
+class StartGate:
+    """At most ``slots`` starts at once; the rest wait in order, until their deadline.
+
+    Two lines: client requests, then background work (pool refills), which runs only
+    when no client start waits. ``queue_limit`` bounds what waits (Overloaded past it).
+    """
+
+    def __init__(self, slots: int, *, queue_limit: int = 4096, worker_id: str | None = None) -> None:
+        if slots < 1:
+            raise ValueError("a start gate needs at least one slot")
+        self.slots = slots
+        self.queue_limit = queue_limit
+        self.worker_id = worker_id
+        self.running = 0
+        self._lines: tuple[deque[_Waiter], deque[_Waiter]] = (deque(), deque())
+        self.start_s = FIRST_START_S
+        self.admitted = 0
+        self.refused = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._lines[0]) + len(self._lines[1])
+
+    def statistics(self) -> GateStats:
+        return GateStats(
+            slots=self.slots, running=self.running, waiting=self.waiting,
+            start_s=round(self.start_s, 4), admitted=self.admitted, refused=self.refused,
+        )
+
+    def predicted_wait(self, *, background: bool = False) -> float:
+        """Seconds until a start arriving now would get a slot, by the running estimate."""
+        ahead = len(self._lines[0]) + (len(self._lines[1]) if background else 0)
+        if self.running + ahead < self.slots:
+            return 0.0
+        # Each round of `slots` starts ahead of us takes one start time.
+        rounds = (self.running + ahead - self.slots) // self.slots + 1
+        return rounds * self.start_s
+
+    def _refuse(self, why: str, sandbox_id: str | None) -> Overloaded:
+        self.refused += 1
+        return Overloaded(
+            f"this node is busy starting sandboxes ({self.running} running, {self.waiting} "
+            f"waiting, ~{self.start_s:.2f}s each): {why}; retry later or on another node",
+            sandbox_id=sandbox_id, worker_id=self.worker_id,
+            detail={"running": self.running, "waiting": self.waiting, "start_s": round(self.start_s, 3)},
+        )
+
+    @asynccontextmanager
+    async def admitted_start(
+        self, *, deadline: float, sandbox_id: str | None = None, background: bool = False,
+    ) -> AsyncIterator[None]:
+        """Hold a start slot for the body. ``deadline``: the request's, wall clock (0:
+        none). Raises Overloaded at once when the start could not begin and end before
+        it, or later when the wait for a slot ran out."""
+        left = (deadline - lifecycle.wall()) if deadline else math.inf
+        if self.waiting >= self.queue_limit:
+            raise self._refuse(f"{self.queue_limit} starts wait already", sandbox_id)
+        if self.predicted_wait(background=background) + self.start_s + REPLY_MARGIN_S > left:
+            raise self._refuse("this start could not finish before its request's deadline", sandbox_id)
+        if self.running < self.slots and not self._lines[0] and not (background and self._lines[1]):
+            self.running += 1
+        else:
+            waiter = _Waiter()
+            line = self._lines[1 if background else 0]
+            line.append(waiter)
+            # Wait while a start could still finish in time after we get the slot.
+            patience = left - self.start_s - REPLY_MARGIN_S
+            try:
+                with anyio.move_on_after(max(patience, 0.0)):
+                    await waiter.event.wait()
+            except BaseException:
+                self._leave(line, waiter)
+                raise
+            if not waiter.granted:
+                self._leave(line, waiter)
+                raise self._refuse("no start slot came free in time for its deadline", sandbox_id)
+        self.admitted += 1
+        began = anyio.current_time()
+        try:
+            yield
+        finally:
+            took = anyio.current_time() - began
+            self.start_s += EWMA_ALPHA * (took - self.start_s)
+            self._release()
+
+    def _leave(self, line: deque[_Waiter], waiter: _Waiter) -> None:
+        if waiter.granted:
+            # Granted while we were being cancelled: pass the slot on.
+            self._release()
+            return
+        try:
+            line.remove(waiter)
+        except ValueError:
+            pass
+
+    def _release(self) -> None:
+        for line in self._lines:
+            if line:
+                waiter = line.popleft()
+                waiter.granted = True
+                waiter.event.set()
+                return  # the slot passes on; running stays
+        self.running -= 1
+
+
+# ------------------------------------------------------------------ memory
+
+
+class MemoryReading(msgspec.Struct, frozen=True, kw_only=True):
+    available_mb: int
+    sandboxes_mb: int | None  # the sandboxes' cgroup, less reclaimable page cache
+    psi_some_avg10: float | None
+
+
+def _meminfo_available_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) >> 10
+    return 0
+
+
+def _psi_some_avg10() -> float | None:
+    try:
+        first = Path("/proc/pressure/memory").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    for part in first.split():
+        if part.startswith("avg10="):
+            return float(part[6:])
+    return None
+
+
+def cgroup_memory_mb(parent: str) -> int | None:
+    """What the sandboxes under the cgroup ``parent`` use, less inactive page cache (the
+    kernel takes that back first), in MiB; None where the cgroup cannot be read."""
+    name = parent.strip("/")
+    if not name:
+        return None
+    v2 = Path("/sys/fs/cgroup") / name
+    try:
+        if (v2 / "memory.current").exists():
+            used = int((v2 / "memory.current").read_text())
+            stat = (v2 / "memory.stat").read_text()
+            inactive = _stat_field(stat, "inactive_file")
+        else:
+            v1 = Path("/sys/fs/cgroup/memory") / name
+            used = int((v1 / "memory.usage_in_bytes").read_text())
+            inactive = _stat_field((v1 / "memory.stat").read_text(), "total_inactive_file")
+    except (OSError, ValueError):
+        return None
+    return max(0, used - inactive) >> 20
+
+
+def _stat_field(stat: str, field: str) -> int:
+    for line in stat.splitlines():
+        name, _, value = line.partition(" ")
+        if name == field:
+            return int(value)
+    return 0
+
+
+def read_memory(cgroup_parent: str) -> MemoryReading:
+    """One look at the node's memory. Blocking (procfs and cgroupfs reads, in memory):
+    run it in a thread."""
+    return MemoryReading(
+        available_mb=_meminfo_available_mb(),
+        sandboxes_mb=cgroup_memory_mb(cgroup_parent),
+        psi_some_avg10=_psi_some_avg10(),
+    )
+
+
+class MemoryWatch:
+    """Keeps a worker's advertised free memory within what the node really has.
+
+    ``headroom_mb``: real memory always left free (the control plane, page cache, a
+    burst). ``psi_limit``: a ``some avg10`` memory stall percentage above which the
+    node admits nothing new. ``overcommit``: requested MiB per real MiB assumed for new
+    sandboxes before any runs here to measure it.
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, cap_key: str, *, cgroup_parent: str, headroom_mb: int,
+        psi_limit: float, overcommit: float, worker_id: str,
+    ) -> None:
+        self.redis = redis
+        self.cap_key = cap_key
+        self.cgroup_parent = cgroup_parent
+        self.headroom_mb = headroom_mb
+        self.psi_limit = psi_limit
+        self.overcommit = overcommit
+        self.worker_id = worker_id
+        self.last: MemoryReading | None = None
+        self.withheld_mb = 0
+        self.under_pressure = False
+
+    def fitting_mb(self, reading: MemoryReading, reserved_mb: int) -> int:
+        """Requested MiB that the node's real free memory can still back."""
+        if self.psi_limit and reading.psi_some_avg10 is not None and reading.psi_some_avg10 > self.psi_limit:
+            return 0
+        room = reading.available_mb - self.headroom_mb
+        if room <= 0:
+            return 0
+        # Requested MiB per MiB really used, as measured here; the configured
+        # overcommit until enough runs to say (an empty node measures nothing).
+        ratio = self.overcommit
+        if reading.sandboxes_mb and reserved_mb >= 1024 and reading.sandboxes_mb >= 64:
+            ratio = min(self.overcommit, reserved_mb / reading.sandboxes_mb)
+        return int(room * max(ratio, 1.0))
+
+    async def check(self, total_mb: int) -> None:
+        """One tick: read the node, then withhold what real memory cannot back.
+        ``total_mb``: the memory this worker advertises in all."""
+        reading = await anyio.to_thread.run_sync(read_memory, self.cgroup_parent)
+        self.last = reading
+        cap = await self.redis.hmget(self.cap_key, ["mem", "withheld"])
+        free = int(cap[0] or 0) + int(cap[1] or 0)
+        fitting = self.fitting_mb(reading, max(0, total_mb - free))
+        withheld = int(await lua.WITHHOLD.run(self.redis, [self.cap_key], [fitting]) or 0)
+        pressure = withheld > 0
+        if pressure != self.under_pressure:
+            self.under_pressure = pressure
+            if pressure:
+                log.warning(
+                    "memory: %d MiB available (headroom %d MiB, PSI some avg10 %s): "
+                    "withholding %d MiB of advertised capacity",
+                    reading.available_mb, self.headroom_mb, reading.psi_some_avg10, withheld,
+                    extra={"worker_id": self.worker_id},
+                )
+            else:
+                log.info("memory: pressure gone, capacity advertised again", extra={"worker_id": self.worker_id})
+        self.withheld_mb = withheld
+
+
+def default_headroom_mb() -> int:
+    """A tenth of the host's memory, at least 1 GiB."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1024
+    return max(1024, int(total * 0.1) >> 20)
