@@ -92,3 +92,9 @@ install-service: venv
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+
+# One real node (every role on this box, dockerd + runsc): burst, density, throughput,
+# faults; BENCH_ARGS='--phase density --density-max 200' runs one phase, smaller. The
+# results file keeps the sections of phases not run (bench/node_sessions.py adds its own).
+bench-node: images
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench node $(BENCH_ARGS)

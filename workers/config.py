@@ -94,7 +94,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     memory_overcommit: Annotated[float, msgspec.Meta(ge=1)] | None = None
     memory_headroom_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
     memory_psi_limit: Annotated[float, msgspec.Meta(ge=0, le=100)] = 10.0
-    oci_runtime: str = "runsc"
+    # gVisor's ptrace platform: an idle sandbox costs ~0.02 % of a core there against
+    # ~4 % under systrap, and starts processes faster (docs/operations.md); "runsc"
+    # (systrap) streams syscall-heavy output faster.
+    oci_runtime: str = "runsc-ptrace"
     # Parent cgroup of this worker's sandboxes, weighed below the control plane
     # (scripts/host-setup.sh, docs/operations.md). "" = "/hotbed" under dockerd's
     # cgroupfs driver, "hotbed.slice" under its systemd driver.
