@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .PHONY: help install host venv images image test-image demo test test-cluster lint bench bench-start bench-scale \
-	bench-scale-claims bench-exec bench-exec-ptrace bench-verify install-service clean
+	bench-scale-claims bench-exec bench-exec-ptrace bench-node bench-verify install-service clean
 
 help:
 	@echo "make demo     install everything, build the image, start hotbed, run sandboxes"
