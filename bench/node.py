@@ -301,6 +301,7 @@ async def phase_burst(args: argparse.Namespace) -> dict[str, Any]:
     served = [r for r in rows if "id" in r]
     warm = [r for r in served if r["path"] == "warm"]
     ids = [r["id"] for r in served]
+    firsts = [r["first_output_ms"] for r in warm if "first_output_ms" in r]
     late = [r for r in rows if r["answered_s"] > args.burst_timeout + 5]
     out.update({
         "answered": sum(1 for r in rows if r.get("error") != "hung"),
@@ -312,7 +313,7 @@ async def phase_burst(args: argparse.Namespace) -> dict[str, Any]:
         "warm": len(warm),
         "paths": {p: sum(1 for r in served if r["path"] == p) for p in {r["path"] for r in served}},
         "exec_failures": sum(1 for r in served if not r.get("exec_ok")),
-        "first_output_p50_ms": round(pct([r["first_output_ms"] for r in warm if "first_output_ms" in r], 0.5), 2),
+        "first_output_p50_ms": round(pct(firsts, 0.5), 2) if firsts else None,
         "first_output_ms_warm": summary_ms([r["first_output_ms"] / 1000 for r in warm if "first_output_ms" in r]),
         "claim_ms_warm": summary_ms([r["claim_ms"] / 1000 for r in warm]),
         "answered_s": summary_ms([r["answered_s"] for r in rows]),
@@ -358,8 +359,8 @@ async def phase_density(args: argparse.Namespace) -> dict[str, Any]:
             await anyio.sleep(2)
             base = await exec_p99(live, args.density_execs)
             out["empty_exec_ms"] = base
-            limit = base["p99"] * args.density_factor
-            log(f"density: 1 sandbox: exec p50 {base['p50']:.1f} p99 {base['p99']:.1f} ms (limit {limit:.1f})")
+            limit = base["p99_ms"] * args.density_factor
+            log(f"density: 1 sandbox: exec p50 {base['p50_ms']:.1f} p99 {base['p99_ms']:.1f} ms (limit {limit:.1f})")
             running_max = 1
             stop = ""
             while len(live) < args.density_max and not stop:
@@ -376,10 +377,10 @@ async def phase_density(args: argparse.Namespace) -> dict[str, Any]:
                 step = {"running": len(live), "exec_ms": lat, "idle_cpu_pct": cpu and round(cpu, 3),
                         "sandboxes_mib": mem}
                 out["steps"].append(step)
-                log(f"density: {len(live)} running: exec p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} ms, "
+                log(f"density: {len(live)} running: exec p50 {lat['p50_ms']:.1f} p99 {lat['p99_ms']:.1f} ms, "
                     f"idle CPU {cpu or 0:.2f}% of a core, {mem} MiB")
-                if lat["p99"] > limit:
-                    stop = f"exec p99 {lat['p99']:.1f} ms > {args.density_factor:g}x the empty node's"
+                if lat["p99_ms"] > limit:
+                    stop = f"exec p99 {lat['p99_ms']:.1f} ms > {args.density_factor:g}x the empty node's"
                 else:
                     running_max = len(live)
             out["stopped"] = stop or f"reached --density-max {args.density_max}"
@@ -418,7 +419,7 @@ async def phase_idle(args: argparse.Namespace) -> dict[str, Any]:
                     "memory_mib_per_sandbox": mem and round(mem / args.idle_n, 1), "exec_ms": lat,
                 }
                 log(f"idle {runtime}: {cpu and cpu / args.idle_n:.3f}% of a core per sandbox, "
-                    f"{mem and mem / args.idle_n:.1f} MiB, exec p50 {lat['p50']:.1f} ms")
+                    f"{mem and mem / args.idle_n:.1f} MiB, exec p50 {lat['p50_ms']:.1f} ms")
                 await end_all(live)
     return out
 

@@ -6,7 +6,8 @@ Tree::
     ├── ConfigError                  bad settings file or HOTBED_* variable
     ├── ConnectionLost               Redis unreachable from a client or daemon
     ├── RequestTimeout (TimeoutError)  no reply before the request's deadline
-    ├── Overloaded                   a request stream's backlog is over its limit; retry later
+    ├── Overloaded                   a backlog is over its limit, or a node cannot start the
+    │                                sandbox before its deadline (too many starts); retry later
     ├── InvalidRequest               malformed or out-of-range request (negative timeout, ...)
     │   └── UnsupportedRequest       a peer does not know this message type or version
     ├── ImageNotFound                no worker holds the image or could pull it
