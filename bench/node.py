@@ -443,7 +443,7 @@ class PrivateDockerd:
             "runtimes": host_conf.get("runtimes", {}), "experimental": True, "live-restore": True,
             "bridge": "none", "iptables": False, "ip-masq": False,
             "data-root": str(self.dir / "data"), "exec-root": f"/run/{ns}", "pidfile": str(self.dir / "docker.pid"),
-            "hosts": [self.host], "containerd-namespace": ns, "containerd-plugin-namespace": f"{ns}-plugins",
+            "hosts": [self.host], "containerd-namespace": ns, "containerd-plugins-namespace": f"{ns}-plugins",
         }
         self.conf = self.dir / "daemon.json"
         self.conf.write_text(json.dumps(conf))

@@ -558,7 +558,7 @@ class WorkerAgent:
 
     async def _refused_start(self, sid: str, pool: str, reason: str) -> None:
         if await self._reserved(sid) is not None:
-            await self.sandboxes.end(sid, reason=reason, state="failed")
+            await self.sandboxes.end(sid, reason=reason, state="failed", made=False)
         if pool:
             await self.redis.zrem(self.keys.pool_warming(pool), sid)
 

@@ -294,9 +294,11 @@ class SandboxTable:
     # ------------------------------------------------------------------- end
 
     async def end(
-        self, sandbox_id: str, *, reason: str, state: str = "terminated", must_exist: bool = False
+        self, sandbox_id: str, *, reason: str, state: str = "terminated", must_exist: bool = False,
+        made: bool = True,
     ) -> None:
-        """Destroy, release, record why. Safe to call twice and for unknown ids."""
+        """Destroy, release, record why. Safe to call twice and for unknown ids.
+        ``made=False``: no container was ever made (a start refused before it began)."""
         sid = sandbox_id
         local = self._locals.pop(sid, None)
         if self.guests is not None:
@@ -314,7 +316,8 @@ class SandboxTable:
                 pipe.hset(self.keys.sandbox(sid), mapping=records.to_unlisted(failed=state == "failed"))
                 pipe.lrem(self.keys.pool_ready(local.pool), 0, f"{sid} {self.worker_id}")
                 await pipe.execute()
-        await self.runtime.destroy(sid)
+        if made or local is not None:
+            await self.runtime.destroy(sid)
         record = self.keys.sandbox(sid)
         raise_first_error(await batching.for_client(self.redis).execute(
             lua.RELEASE.call(self._cap_keys(), [sid]),
