@@ -63,7 +63,12 @@ def log(msg: str) -> None:
 
 
 def runtime_env(args: argparse.Namespace) -> dict[str, str]:
-    return {"HOTBED_OCI_RUNTIME": args.oci_runtime} if args.oci_runtime else {}
+    """The worker's environment: its runtime and any ``--worker-env KEY=VALUE``."""
+    env = {"HOTBED_OCI_RUNTIME": args.oci_runtime} if args.oci_runtime else {}
+    for item in args.worker_env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    return env
 
 
 def worker_runtime(args: argparse.Namespace) -> str:
@@ -345,6 +350,7 @@ async def phase_density(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"step": args.density_step, "max": args.density_max,
                            "cpu": args.density_cpu, "memory_mb": args.density_memory_mb,
                            "factor": args.density_factor, "oci_runtime": worker_runtime(args), "steps": []}
+    out["worker_env"] = runtime_env(args)
     with NodeStack(worker_env=runtime_env(args)) as stack:
         async with Client(stack.url, prefix=stack.prefix) as c:
             live: list[Any] = []
@@ -598,6 +604,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="run only this phase (repeatable); default: " + ", ".join(PHASES))
     p.add_argument("--out", default=str(results.RESULTS / "node.json"))
     p.add_argument("--oci-runtime", default="", help="dockerd runtime of the worker (default: the worker's)")
+    p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="worker setting for the run, e.g. HOTBED_CPU_OVERCOMMIT=300 (repeatable)")
     p.add_argument("--pool", type=int, default=100)
     p.add_argument("--burst", type=int, default=300)
     p.add_argument("--procs", type=int, default=5)
