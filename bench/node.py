@@ -374,7 +374,9 @@ async def phase_density(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     await rate(want, 4, add)
                 except Exception as exc:
-                    stop = f"create failed at {len(live)}: {type(exc).__name__}: {exc}"
+                    inner = exc.exceptions if isinstance(exc, BaseExceptionGroup) else [exc]
+                    stop = f"create failed at {len(live)}: " + "; ".join(
+                        f"{type(e).__name__}: {e}"[:200] for e in inner[:3])
                     break
                 await anyio.sleep(args.density_settle_s)
                 lat = await exec_p99(live, args.density_execs)

@@ -8,7 +8,11 @@ aiodocker has no public API for three things this runtime does:
   the stream's ``_resp`` transport;
 * an attach kept open as the guest channel: ``Stream._init`` (connect now, so a
   missing container fails here), ``Stream._queue._limit`` (aiodocker pauses the
-  socket past 128 KiB queued) and ``Stream._resp`` (drop the connection at once).
+  socket past 128 KiB queued) and ``Stream._resp`` (drop the connection at once);
+* a connection pool without aiohttp's default cap of 100: every running sandbox's
+  guest channel holds one connection for as long as it runs, so at 100 sandboxes
+  every further Docker call (a create, a terminate) would wait for one to close.
+  aiodocker builds its connector itself; its ``_limit`` (aiohttp 3) is raised here.
 
 Checked against aiodocker 0.23 to 0.27; ``pyproject.toml`` bounds the version, and
 nothing outside this module touches a private attribute of aiodocker.
@@ -30,6 +34,14 @@ log = logging.getLogger(__name__)
 # (a few frames per request), so a few MiB between pauses only buys throughput.
 ATTACH_QUEUE_BYTES = 2 << 20
 ATTACH_TIMEOUT_S = 30.0
+
+
+def open_docker(url: str | None) -> aiodocker.Docker:
+    """An aiodocker client whose connections are not capped (see above)."""
+    docker = aiodocker.Docker(url=url)
+    if hasattr(docker.connector, "_limit"):
+        docker.connector._limit = 0  # 0: no limit
+    return docker
 
 
 async def post(

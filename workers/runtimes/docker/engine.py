@@ -62,7 +62,7 @@ class Engine:
         return self._docker
 
     async def open(self) -> None:
-        self._docker = aiodocker.Docker(url=self.docker_url)
+        self._docker = _aiodocker.open_docker(self.docker_url)
         with anyio.fail_after(API_TIMEOUT_S):
             info = await self._docker.system.info()
         self.root = Path(info.get("DockerRootDir") or "/var/lib/docker")
