@@ -225,7 +225,7 @@ def burst_process(url: str, prefix: str, template: str, n: int, start_at: float,
         try:
             res = await sb.exec("echo", "hi", timeout=30)
             out["first_output_ms"] = (time.perf_counter() - t0) * 1000
-            out["exec_ok"] = res.stdout.strip() == b"hi"
+            out["exec_ok"] = res.stdout.strip() == "hi"
         except Exception as exc:
             out["exec_error"] = type(exc).__name__
         try:
@@ -446,11 +446,12 @@ class PrivateDockerd:
         self.host = f"unix://{self.sock}"
         self.proc: subprocess.Popen[bytes] | None = None
         ns = f"hotbed-bench-{secrets.token_hex(3)}"
+        self.exec_root = f"/run/{ns}"
         host_conf = json.loads(Path("/etc/docker/daemon.json").read_text())
         conf = {
             "runtimes": host_conf.get("runtimes", {}), "experimental": True, "live-restore": True,
             "bridge": "none", "iptables": False, "ip-masq": False,
-            "data-root": str(self.dir / "data"), "exec-root": f"/run/{ns}", "pidfile": str(self.dir / "docker.pid"),
+            "data-root": str(self.dir / "data"), "exec-root": self.exec_root, "pidfile": str(self.dir / "docker.pid"),
             "hosts": [self.host], "containerd-namespace": ns, "containerd-plugins-namespace": f"{ns}-plugins",
         }
         self.conf = self.dir / "daemon.json"
@@ -487,7 +488,10 @@ class PrivateDockerd:
         if left:
             docker("rm", "-f", *left, host=self.host, timeout=300)
         self.stop()
-        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
+        # dockerd leaves its data root (and the exec root) mounted on themselves.
+        for path in (self.dir / "data", Path(self.exec_root)):
+            subprocess.run(["umount", "-R", "-l", str(path)], capture_output=True, check=False)
+        subprocess.run(["rm", "-rf", str(self.dir), self.exec_root], check=False)
 
 
 async def phase_faults(args: argparse.Namespace) -> dict[str, Any]:

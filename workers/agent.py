@@ -170,6 +170,9 @@ class WorkerAgent:
             settings.resolved_max_starts(), queue_limit=settings.start_queue, worker_id=self.id
         )
         self.memory: MemoryWatch | None = None
+        # Sandboxes (and builds) being started now: the health check leaves their
+        # containers alone until they are in the table.
+        self._starting: dict[str, int] = {}
         # Long-lived requests running, per sandbox; and their limits.
         self._long: dict[str, int] = {}
         self.long_lived_per_node = LONG_LIVED_PER_NODE
@@ -373,13 +376,25 @@ class WorkerAgent:
             sid: local for sid, local in self.sandboxes.items()
             if not local.paused and not local.busy
         }
-        running = {
-            m.sandbox_id for m in await self.runtime.list_managed()
-            if m.running and m.worker_id == self.id
-        }
+        starting = set(self._starting)
+        managed = [
+            m for m in await self.runtime.list_managed()
+            if m.worker_id == self.id and m.prefix == self.settings.prefix
+        ]
+        running = {m.sandbox_id for m in managed if m.running}
         for sid, local in known.items():
             if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
                 await self._end_quietly(sid, "died", state="failed")
+        # A container nobody holds: a start whose clean-up failed (dockerd restarting
+        # under it) left it. Not one being started (listed before it joined the table).
+        for m in managed:
+            sid = m.sandbox_id
+            if sid and sid not in self.sandboxes and sid not in starting and sid not in self._starting:
+                log.warning("removing a container nobody holds", extra={"sandbox_id": sid, "worker_id": self.id})
+                try:
+                    await self.runtime.destroy(sid)
+                except lifecycle.TRANSIENT_ERRORS as exc:
+                    log.warning("could not remove it: %s", exc, extra={"sandbox_id": sid})
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:
@@ -544,6 +559,7 @@ class WorkerAgent:
             return await handler(env)  # a redelivered start of one we run: nothing to do
         leave_intake()
         entered = False
+        self._starting[sid] = self._starting.get(sid, 0) + 1
         try:
             async with self.starts.admitted_start(
                 deadline=env.deadline, sandbox_id=sid, background=bool(pool) and not env.reply_to,
@@ -555,6 +571,10 @@ class WorkerAgent:
                 with anyio.CancelScope(shield=True):
                     await self._refused_start(sid, pool, exc.message)
             raise
+        finally:
+            left = self._starting.pop(sid) - 1
+            if left:
+                self._starting[sid] = left
 
     async def _refused_start(self, sid: str, pool: str, reason: str) -> None:
         if await self._reserved(sid) is not None:
