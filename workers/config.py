@@ -48,11 +48,11 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 # Measured on a 2-core / 24 GiB node (docs/operations.md, "Admission and density";
 # bench/results/node.json): restores per second stop growing past two in flight per
-# core; idle sandboxes cost a fraction of a percent of a core each, so a core's worth
-# of requests is shared by many; idle sandboxes use a small part of their 512 MiB.
+# core; an idle sandbox costs 0.016 % of a core under ptrace, so a core's worth of
+# requests is shared by many; an idle hotbed/base sandbox uses 26 MiB of its 512.
 STARTS_PER_CORE = 2
 CPU_OVERCOMMIT = 64.0
-MEMORY_OVERCOMMIT = 8.0
+MEMORY_OVERCOMMIT = 16.0
 
 
 class RegistryCredential(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
