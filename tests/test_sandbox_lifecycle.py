@@ -197,8 +197,10 @@ async def test_bad_input_gets_typed_errors(hotbed_stack: Stack) -> None:
         await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c, timeout=-1)
     with pytest.raises(hotbed.InvalidRequest, match="cpu"):
         await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=0)
-    with pytest.raises(hotbed.NoMatchingWorker, match="cpu=64"):
-        await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=64)
+    # More CPU than the node advertises (its cores times the CPU overcommit).
+    too_many = hotbed_stack.worker.info.cpu_millis // 1000 + 1
+    with pytest.raises(hotbed.NoMatchingWorker, match=f"cpu={too_many}"):
+        await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=too_many)
     with pytest.raises(hotbed.SandboxNotFound):
         await hotbed.Sandbox.from_id("sb-doesnotexist", client=c)
     sb = await hotbed.Sandbox.create(BUSYBOX_IMAGE, client=c)
