@@ -288,14 +288,14 @@ class MemoryWatch:
         if pressure != self.under_pressure:
             self.under_pressure = pressure
             if pressure:
-                log.warning(
+                log.info(
                     "memory: %d MiB available (headroom %d MiB, PSI some avg10 %s): "
-                    "withholding %d MiB of advertised capacity",
+                    "withholding %d MiB of advertised capacity that real memory cannot back",
                     reading.available_mb, self.headroom_mb, reading.psi_some_avg10, withheld,
                     extra={"worker_id": self.worker_id},
                 )
             else:
-                log.info("memory: pressure gone, capacity advertised again", extra={"worker_id": self.worker_id})
+                log.info("memory: all advertised capacity backed again", extra={"worker_id": self.worker_id})
         self.withheld_mb = withheld
 
 
