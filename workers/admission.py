@@ -47,6 +47,8 @@ FIRST_START_S = 1.0
 EWMA_ALPHA = 0.2
 # Time kept between the predicted end of a start and its deadline: the reply's trip.
 REPLY_MARGIN_S = 0.5
+# How often a waiting start checks whether it can still make its deadline.
+RECHECK_S = 1.0
 
 
 class GateStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,14 +97,22 @@ class StartGate:
             start_s=round(self.start_s, 4), admitted=self.admitted, refused=self.refused,
         )
 
-    def predicted_wait(self, *, background: bool = False) -> float:
-        """Seconds until a start arriving now would get a slot, by the running estimate."""
-        ahead = len(self._lines[0]) + (len(self._lines[1]) if background else 0)
+    def predicted_wait(self, *, background: bool = False, ahead: int | None = None) -> float:
+        """Seconds until a start would get a slot, by the running estimate: one arriving
+        now, or (``ahead``) one with that many starts before it in line."""
+        if ahead is None:
+            ahead = len(self._lines[0]) + (len(self._lines[1]) if background else 0)
         if self.running + ahead < self.slots:
             return 0.0
         # Each round of `slots` starts ahead of us takes one start time.
         rounds = (self.running + ahead - self.slots) // self.slots + 1
         return rounds * self.start_s
+
+    def _ahead_of(self, line: deque[_Waiter], waiter: _Waiter) -> int:
+        ahead = line.index(waiter)
+        if line is self._lines[1]:
+            ahead += len(self._lines[0])
+        return ahead
 
     def _refuse(self, why: str, sandbox_id: str | None) -> Overloaded:
         self.refused += 1
@@ -131,17 +141,25 @@ class StartGate:
             waiter = _Waiter()
             line = self._lines[1 if background else 0]
             line.append(waiter)
-            # Wait while a start could still finish in time after we get the slot.
-            patience = left - self.start_s - REPLY_MARGIN_S
+            # Wait while a start could still finish in time after we get the slot,
+            # looking again each second: when starts turn out slower than estimated,
+            # the back of the line is told at once rather than at its deadline.
+            give_up = anyio.current_time() + left - REPLY_MARGIN_S
             try:
-                with anyio.move_on_after(max(patience, 0.0)):
-                    await waiter.event.wait()
+                while not waiter.granted:
+                    left_now = give_up - anyio.current_time()
+                    if left_now <= self.start_s or (
+                        self.predicted_wait(ahead=self._ahead_of(line, waiter)) + self.start_s > left_now
+                    ):
+                        break
+                    with anyio.move_on_after(min(left_now - self.start_s, RECHECK_S)):
+                        await waiter.event.wait()
             except BaseException:
                 self._leave(line, waiter)
                 raise
             if not waiter.granted:
                 self._leave(line, waiter)
-                raise self._refuse("no start slot came free in time for its deadline", sandbox_id)
+                raise self._refuse("no start slot could come free in time for its deadline", sandbox_id)
         self.admitted += 1
         began = anyio.current_time()
         try:

@@ -51,7 +51,7 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 # core; an idle sandbox costs 0.016 % of a core under ptrace, so a core's worth of
 # requests is shared by many; an idle hotbed/base sandbox uses 26 MiB of its 512.
 STARTS_PER_CORE = 2
-CPU_OVERCOMMIT = 64.0
+CPU_OVERCOMMIT = 125.0
 MEMORY_OVERCOMMIT = 16.0
 
 
