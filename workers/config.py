@@ -48,11 +48,11 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 # Measured on a 2-core / 24 GiB node (docs/operations.md, "Admission and density";
 # bench/results/node.json): restores per second stop growing past two in flight per
-# core; 251 idle 1-CPU sandboxes on 2 cores kept exec p99 within 3x of an empty
-# node's (an idle sandbox costs ~0.02 % of a core under ptrace); an idle hotbed/base
+# core; 500 idle 1-CPU sandboxes on 2 cores kept exec p99 within 3x of a one-sandbox
+# node's (an idle sandbox costs ~0.04 % of a core under ptrace); an idle hotbed/base
 # sandbox costs the host ~43 MiB of its 512 (26 MiB in its cgroup).
 STARTS_PER_CORE = 2
-CPU_OVERCOMMIT = 125.0
+CPU_OVERCOMMIT = 250.0
 MEMORY_OVERCOMMIT = 12.0
 
 
