@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Checkpoints written at once: each is CPU- and disk-bound for a fraction of a second.
 PARALLEL_PAUSES = 2
+# Restores at once: more only share the same cores, and each waiter's deadline runs.
+PARALLEL_RESUMES = 4
 # Sandboxes paused to make room for one resume, at most.
 MAX_EVICTIONS = 8
 # Pressure pauses per check, at most (the probe is read again after each).
@@ -124,6 +126,7 @@ class AutoPauser:
         self.probe: MemoryProbe = probe or ProcMemory()
         self._flights: dict[str, Flight] = {}
         self._slots = anyio.Semaphore(PARALLEL_PAUSES)
+        self._resume_slots = anyio.Semaphore(PARALLEL_RESUMES)
         self._tg: anyio.abc.TaskGroup | None = None
         # Sandbox id -> wall time before which a failed pause is not retried.
         self._failed: dict[str, float] = {}
@@ -219,10 +222,13 @@ class AutoPauser:
 
     async def _resume(self, sid: str) -> None:
         """Resume, pausing the longest-idle sandboxes with an idle timer to make room."""
+        started = anyio.current_time()
         for evicted in range(MAX_EVICTIONS + 1):
             try:
-                await self.snapshots.resume(sid)
+                async with self._resume_slots:
+                    await self.snapshots.resume(sid)
                 self._counts["resumed"] += 1
+                log.info("auto-resumed in %.3fs", anyio.current_time() - started, extra={"sandbox_id": sid})
                 return
             except CapacityExhausted:
                 if evicted == MAX_EVICTIONS or not await self._make_room(exclude=sid):
