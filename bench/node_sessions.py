@@ -1,8 +1,9 @@
 """``python -m bench node_sessions`` (the ``sessions`` phase of ``make bench-node``):
 more sessions on one node than its memory holds, with auto-pause on.
 
-Starts a private Redis, one scheduler process and one real docker+runsc worker process
-with ``auto_pause_after`` set, then:
+Starts a private Redis, one scheduler process and one real worker process with
+``auto_pause_after`` set (``--runtime docker``: dockerd + runsc, the default; ``runsc``:
+runsc driven directly, no dockerd on the sandbox path), then:
 
 1. opens ``--sessions`` sessions: each a ``hotbed/base`` sandbox in which a file is
    written and a shell variable set in a persistent session, left idle so the worker
@@ -99,8 +100,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         worker_log_path = Path(cluster.dir) / "worker.log"
         worker_log = open(worker_log_path, "wb")  # noqa: ASYNC230 - set-up, nothing timed yet
         worker = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "workers", "--runtime", "docker", "--worker-id", f"w-{prefix}"],
+            [sys.executable, "-m", "workers", "--runtime", args.runtime, "--worker-id", f"w-{prefix}"],
             env=cluster.env(
+                HOTBED_RUNSC_ROOT=f"/run/hotbed/runsc-{prefix}", HOTBED_RUNSC_DIR=str(snapdir / "runsc"),
                 HOTBED_DRAIN_ON_STOP="true", HOTBED_SHUTDOWN_GRACE_S="2",
                 HOTBED_OCI_RUNTIME=args.oci_runtime, HOTBED_AUTO_PAUSE_AFTER=str(args.pause_after),
                 HOTBED_AUTO_PAUSE_CHECK_S="0.5", HOTBED_SNAPSHOT_DIR=str(snapdir),
@@ -125,6 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 refused: list[str] = []
                 made_s: list[float] = []
                 lock = anyio.Lock()
+                marks: dict[str, int] = {}
                 todo = iter(range(args.sessions))
 
                 async def opener() -> None:
@@ -142,6 +145,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             return
                         async with lock:
                             ids.append(sb.id)
+                            marks[sb.id] = i
                         await sb.shell("s").run(f"export MARK=m{i}; echo f{i} > /tmp/mark")
                         made_s.append(time.perf_counter() - t)
                         if len(ids) % 50 == 0:
@@ -155,7 +159,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 out["create_and_first_command"] = summary_ms(made_s)
                 out["stopped_by"] = refused[0] if refused else (
                     "time limit" if len(ids) < args.sessions else "count reached")
-                marks = {sid: i for i, sid in enumerate(ids)}
 
                 # ------------------------------------ 2. all paused: what each costs
                 async def states() -> dict[str, int]:
@@ -181,7 +184,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 sample = random.sample(ids, min(len(ids), args.disk_sample))
                 sizes = []
                 for sid in sample:
-                    ck = root / "containers" / by_sandbox.get(sid, "?") / "checkpoints" / "hotbed-paused"
+                    if args.runtime == "runsc":
+                        ck = snapdir / "runsc" / "sandboxes" / sid / "paused"
+                    else:
+                        ck = root / "containers" / by_sandbox.get(sid, "?") / "checkpoints" / "hotbed-paused"
                     if ck.is_dir():
                         sizes.append(await anyio.to_thread.run_sync(disk_bytes, ck))
                 out["per_paused_session"] = {
@@ -255,12 +261,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def clean_up(prefix: str, snapdir: str) -> int:
-    """Remove what the run left (a leak is counted, then cleared); how many containers."""
+    """Remove what the run left (a leak is counted, then cleared); how many sandboxes."""
     left = containers(prefix)
     for cid in left.values():
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
+    root = f"/run/hotbed/runsc-{prefix}"
+    direct = subprocess.run(["runsc", "--root", root, "list", "-quiet"], capture_output=True,
+                            text=True, check=False).stdout.split()
+    for sid in direct:
+        subprocess.run(["runsc", "--root", root, "delete", "--force", sid], capture_output=True, check=False)
+    shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(snapdir, ignore_errors=True)
-    return len(left)
+    return len(left) + len(direct)
 
 
 def main(argv: list[str]) -> int:
@@ -271,13 +283,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pause-after", type=float, default=2.0, help="auto_pause_after of each session (s)")
     p.add_argument("--resumes", type=int, default=100, help="paused sessions resumed by a request")
     p.add_argument("--disk-sample", type=int, default=50, help="checkpoints whose size is measured")
-    p.add_argument("--cpu", type=float, default=0.5, help="CPU of each session")
+    p.add_argument("--cpu", type=float, default=1.0, help="CPU of each session (the SDK default)")
     p.add_argument("--memory-mb", type=int, default=256, help="memory limit of each session")
     p.add_argument("--lifetime-s", type=float, default=6 * 3600, help="timeout of each session")
     p.add_argument("--node-cpu", type=float, default=64.0, help="the worker's declared CPU")
     p.add_argument("--node-memory-mb", type=int, default=64 * 1024, help="the worker's declared memory")
     p.add_argument("--snapshot-dir", default="", help="the worker's snapshot dir (default: a fresh one)")
-    p.add_argument("--oci-runtime", default="runsc")
+    p.add_argument("--runtime", choices=["docker", "runsc"], default="docker",
+                   help="the worker's runtime: dockerd + runsc, or runsc driven directly")
+    p.add_argument("--oci-runtime", default="runsc", help="dockerd's runtime (--runtime docker)")
     p.add_argument("--out", default=str(results.RESULTS / "node.json"), help="results file")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
@@ -305,8 +319,8 @@ def main(argv: list[str]) -> int:
     print(f"{'on a paused session (resume first)':<36} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['n']:>5}")
     print(f"{'  worker: the resume itself':<36} {w['p50_ms']:>8} {w['p99_ms']:>8} {w['n']:>5}")
     print(f"{'on a running session (baseline)':<36} {b['p50_ms']:>8} {b['p99_ms']:>8} {b['n']:>5}")
-    print(f"state lost: {section['state_lost']}; leaked containers: {section['leaked_containers']}; "
-          f"worker tracebacks: {section['worker_tracebacks']}")
+    print(f"state lost: {section['state_lost']} {section['state_lost_examples']}; leaked sandboxes: "
+          f"{section['leaked_containers']}; worker tracebacks: {section['worker_tracebacks']}")
     if not args.no_save:
         out = Path(args.out)
         try:
