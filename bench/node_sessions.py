@@ -148,8 +148,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             marks[sb.id] = i
                         await sb.shell("s").run(f"export MARK=m{i}; echo f{i} > /tmp/mark")
                         made_s.append(time.perf_counter() - t)
-                        if len(ids) % 50 == 0:
-                            print(f"  {len(ids)} sessions open ({time.perf_counter() - t0:.0f} s)",
+                        if len(made_s) % 50 == 0:
+                            print(f"  {len(made_s)} sessions open ({time.perf_counter() - t0:.0f} s)",
                                   flush=True)
 
                 async with anyio.create_task_group() as tg:

@@ -214,3 +214,47 @@ async def test_lifetime_and_idle_timeout_count_while_paused(
                 await lazy.terminate()
         async with await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) as fresh:
             assert (await fresh.run("echo fresh")).stdout == "fresh\n"
+
+
+async def test_resume_on_a_full_node_pauses_the_longest_idle_first(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """No room to resume: sandboxes with an idle timer of their own make room, longest
+    idle first; one without a timer is never taken, and with nothing left to pause the
+    request gets CapacityExhausted and the sandbox stays paused."""
+    from hotbed.errors import CapacityExhausted
+
+    async with running_stack(redis_url, prefix, worker_overrides=overrides(tmp_path, cpu=2)) as stack:
+        c = stack.client
+        sleeper = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=0.5, client=c)
+        try:
+            await wait_for(lambda: auto_paused(c, sleeper.id), "auto-pause")
+            older = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=600, client=c)
+            newer = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=600, client=c)
+            assert await free(stack) == (0, 4096 - 256)
+            await older.run("true")
+            await anyio.sleep(0.2)
+            await newer.run("true")
+            # The node is full: the older one is paused to make room, the newer one kept.
+            assert (await sleeper.run("echo woke")).stdout == "woke\n"
+            assert await auto_paused(c, older.id)
+            assert (await record(c, newer.id)).state == "running"
+            assert stack.worker.autopause.statistics()["room"] == 1
+            # The older one takes the room back in turn, from the sandbox idle longest.
+            await newer.run("true")
+            assert (await older.run("echo back")).stdout == "back\n"
+            assert await auto_paused(c, sleeper.id)
+            # A sandbox without an idle timer is never paused to make room.
+            for sb in (older, newer):
+                await sb.terminate()
+            keeper = await Sandbox.create(BUSYBOX_IMAGE, cpu=2, memory_mb=128, client=c)
+            try:
+                with pytest.raises(CapacityExhausted):
+                    await sleeper.run("true")
+                assert await auto_paused(c, sleeper.id)
+            finally:
+                await keeper.terminate()
+            assert (await sleeper.run("echo again")).stdout == "again\n"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sleeper.terminate()
