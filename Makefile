@@ -7,6 +7,7 @@ PIP     ?= .venv/bin/pip
 HOTBED  ?= .venv/bin/hotbed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SESSIONS_ARGS ?=
 
 .PHONY: help install host venv images image test-image demo test test-cluster lint bench bench-start bench-scale \
 	bench-scale-claims bench-exec bench-exec-ptrace bench-node bench-verify install-service clean
@@ -81,6 +82,12 @@ bench-exec: images
 bench-exec-ptrace: images
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench exec --oci-runtime runsc-ptrace \
 		--out bench/results/exec-ptrace.json $(BENCH_ARGS)
+
+# A real node (runsc, every role on this box): bench/node.py's phases, then the sessions
+# phase (auto-pause), which adds its section to the same bench/results/node.json.
+bench-node: images
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench node $(BENCH_ARGS)
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench node_sessions $(SESSIONS_ARGS)
 
 # Which run wrote each results file; fails for a file edited or merged by hand.
 bench-verify: venv

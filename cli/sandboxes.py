@@ -22,6 +22,7 @@ from cli.main import EXIT_FAILURE, add_listing_options, print_json, with_client
 from hotbed.client import Client
 from hotbed.errors import FileTooLarge, HotbedError, InvalidRequest, SandboxNotFound
 from hotbed.protocol import MAX_FILE_BYTES
+from hotbed.records import shown_state
 from hotbed.sandbox import Sandbox
 
 # Sandboxes ``rm`` terminates at once (each is one round trip to its worker).
@@ -44,6 +45,9 @@ def _add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", help='GPUs, e.g. "H100", "H100:2", "any"')
     p.add_argument("--timeout", type=float, default=300.0, help="lifetime in seconds (default 300, max 86400)")
     p.add_argument("--idle-timeout", type=float, help="end after this many idle seconds")
+    p.add_argument("--auto-pause-after", type=float, metavar="S",
+                   help="checkpoint to disk after S idle seconds, resumed by the next request "
+                        "(default: the node's; 0: never)")
     p.add_argument("--tag", action="append", metavar="K=V", help="label the sandbox (repeatable)")
     p.add_argument("--env", "-e", action="append", metavar="K=V", help="environment variable (repeatable)")
     p.add_argument("--workdir", "-w", help="working directory")
@@ -55,7 +59,7 @@ def _add_create_options(p: argparse.ArgumentParser) -> None:
 def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu, timeout=args.timeout,
-        idle_timeout=args.idle_timeout, tags=_pairs(args.tag, "--tag"), env=_pairs(args.env, "--env"),
+        idle_timeout=args.idle_timeout, auto_pause_after=args.auto_pause_after, tags=_pairs(args.tag, "--tag"), env=_pairs(args.env, "--env"),
         workdir=args.workdir, user=args.user, template=args.template,
         worker_tags=_pairs(args.on, "--on"),
     )
@@ -217,11 +221,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 print(r.id)
             return 0
         now = time.time()
-        print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<9} {'PATH':<7} {'AGE':>7}  TAGS")
+        print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<13} {'PATH':<7} {'AGE':>7}  TAGS")
         for r in records:
             tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
             print(
-                f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {r.state:<9} {r.path:<7} "
+                f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {shown_state(r):<13} {r.path:<7} "
                 f"{now - r.created_at:>6.0f}s  {tags}"
             )
         return 0

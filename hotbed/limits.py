@@ -106,6 +106,10 @@ def spec_problems(spec: SandboxSpec) -> list[str]:
         problems.append(
             f"idle_timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {spec.idle_timeout:g}"
         )
+    if spec.auto_pause_after is not None and not 0 <= spec.auto_pause_after <= MAX_TIMEOUT_S:
+        problems.append(
+            f"auto_pause_after must be in [0, {MAX_TIMEOUT_S:g}] seconds, got {spec.auto_pause_after:g}"
+        )
     return problems + resource_problems(spec.resources)
 
 

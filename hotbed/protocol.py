@@ -67,6 +67,9 @@ class SandboxSpec(Struct):
     resources: Resources = Resources()
     timeout: float = DEFAULT_TIMEOUT_S
     idle_timeout: float | None = None
+    # Checkpoint to disk after this many seconds without a request, resumed by the
+    # next one; None: the node's default; 0: never (not even under memory pressure).
+    auto_pause_after: float | None = None
     tags: dict[str, str] = {}
     env: dict[str, str] = {}
     workdir: str | None = None
@@ -271,6 +274,7 @@ class SandboxClaimed(Msg):
     expires_at: float
     idle_timeout: float | None = None
     env: dict[str, str] = {}
+    auto_pause_after: float | None = None
 
 
 # --------------------------------------------- -> worker: agent-grade execution

@@ -29,6 +29,10 @@ States and the transition that writes each step::
     creating -> pooled -> running          to_restored(pool=...), then to_claimed
     pooled   -> terminated | failed        to_unlisted (before the container goes)
 
+A paused record says who paused it (``paused_by``: ``"client"`` for an explicit pause,
+``"auto"`` for the worker's idle or memory-pressure pause, which the next request
+undoes by itself); :func:`shown_state` is how listings spell the two.
+
 A live sandbox's lifetime and tags may change after create (:func:`with_lifetime`,
 :func:`with_tags`); ``created_at + timeout`` always stays the moment it expires.
 
@@ -72,6 +76,11 @@ class SandboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     ended_at: float = 0.0
     timeout: float = 0.0
     idle_timeout: float = 0.0
+    # As the create asked (None: the node's default; 0: never).
+    auto_pause_after: float | None = None
+    # While paused: "auto" (resumed by the next request) or "client".
+    paused_by: str = ""
+    paused_at: float = 0.0
     tags: dict[str, str] = {}
     # Warm pool the sandbox was made for ("" if none).
     pool: str = ""
@@ -110,7 +119,8 @@ def to_hash(rec: SandboxRecord) -> dict[str, str]:
 
 
 _FLOAT_FIELDS = frozenset(
-    {"cpu", "created_at", "started_at", "last_active", "ended_at", "timeout", "idle_timeout"}
+    {"cpu", "created_at", "started_at", "last_active", "ended_at", "timeout", "idle_timeout",
+     "paused_at"}
 )
 
 
@@ -125,6 +135,8 @@ def from_hash(raw: Mapping[Any, Any]) -> SandboxRecord | None:
             data[key] = orjson.loads(val) if val else ([] if key == "gpu_uuids" else {})
         elif key in _FLOAT_FIELDS:
             data[key] = float(val or 0)
+        elif key == "auto_pause_after":
+            data[key] = float(val) if val else None
         elif key == "memory_mb":
             data[key] = int(val or 0)
         else:
@@ -177,7 +189,8 @@ def to_restored(
 
 
 def to_claimed(
-    *, now: float, timeout: float, idle_timeout: float, tags: dict[str, str], client_id: str
+    *, now: float, timeout: float, idle_timeout: float, tags: dict[str, str], client_id: str,
+    auto_pause_after: float | None = None,
 ) -> Fields:
     """pooled -> running: a client claimed a warm sandbox; its clock starts now. Sent
     as ARGV to ``lua.CLAIM_RECORD``, which writes it only if the record is still pooled.
@@ -186,6 +199,8 @@ def to_claimed(
         "state": "running", "path": "warm", "created_at": repr(now), "started_at": repr(now),
         "last_active": repr(now), "timeout": repr(timeout), "idle_timeout": repr(idle_timeout),
         "tags": orjson.dumps(tags).decode(), "claimed_by": client_id,
+        # "" reads back as None: the node's default.
+        "auto_pause_after": "" if auto_pause_after is None else repr(auto_pause_after),
     }
 
 
@@ -199,12 +214,23 @@ def touched(last_active: float) -> Fields:
     return {"last_active": str(last_active)}
 
 
-def to_paused() -> Fields:
-    return {"state": "paused"}
+PausedBy = Literal["client", "auto"]
+
+
+def to_paused(*, by: PausedBy = "client", now: float = 0.0) -> Fields:
+    """running -> paused (checkpointed to disk), by a client or by the worker."""
+    return {"state": "paused", "paused_by": by, "paused_at": str(now)}
 
 
 def to_resumed(*, now: float) -> Fields:
-    return {"state": "running", "last_active": str(now)}
+    return {"state": "running", "last_active": str(now), "paused_by": "", "paused_at": "0"}
+
+
+def shown_state(rec: SandboxRecord) -> str:
+    """The state as listings show it: ``paused (auto)`` for a worker's pause."""
+    if rec.state == "paused" and rec.paused_by == "auto":
+        return "paused (auto)"
+    return rec.state
 
 
 def to_unlisted(*, failed: bool) -> Fields:

@@ -118,6 +118,7 @@ class Sandbox:
         gpu: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         idle_timeout: float | None = None,
+        auto_pause_after: float | None = None,
         tags: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         workdir: str | None = None,
@@ -131,12 +132,16 @@ class Sandbox:
 
         ``gpu``: ``"H100"``, ``"H100:2"``, ``"any"``; the sandbox gets exactly those GPUs.
         ``worker_tags``: only workers carrying all these operator tags (zone, node pool).
+        ``auto_pause_after``: after this many seconds without a request the sandbox is
+        checkpointed to disk (``paused (auto)``) and the next request, from any client,
+        resumes it first; None takes the node's default, 0 never pauses it.
         """
         spec = SandboxSpec(
             image=image,
             resources=Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu),
             timeout=timeout,
             idle_timeout=idle_timeout,
+            auto_pause_after=auto_pause_after,
             tags=dict(tags or {}),
             env=dict(env or {}),
             workdir=workdir,

@@ -238,7 +238,7 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
         now = now_ms / 1000
         claim = records.to_claimed(
             now=now, timeout=spec.timeout, idle_timeout=spec.idle_timeout or 0.0,
-            tags=spec.tags, client_id=client.client_id,
+            tags=spec.tags, client_id=client.client_id, auto_pause_after=spec.auto_pause_after,
         )
         (ok,) = raise_first_error(await ap.execute(
             lua.CLAIM_RECORD.call([keys.sandbox(sid)], [x for kv in claim.items() for x in kv])
@@ -251,7 +251,7 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
             id=new_id(), reply_to="", deadline=time.time() + 60, client=client.client_id,
             body=SandboxClaimed(
                 sandbox_id=sid, expires_at=now + spec.timeout, idle_timeout=spec.idle_timeout,
-                env=dict(spec.env),
+                env=dict(spec.env), auto_pause_after=spec.auto_pause_after,
             ),
         )
         raise_first_error(await ap.execute(

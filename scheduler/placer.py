@@ -105,6 +105,7 @@ class Placer:
             created_at=lifecycle.wall(),
             timeout=spec.timeout,
             idle_timeout=spec.idle_timeout or 0.0,
+            auto_pause_after=spec.auto_pause_after,
             tags=spec.tags,
         )
         gpu = parse_gpu(spec.resources.gpu)

@@ -76,6 +76,7 @@ from hotbed.protocol import (
     ResumeSandbox,
     SandboxClaimed,
     SandboxCreated,
+    SandboxState,
     SessionRun,
     SnapshotSandbox,
     StartSandbox,
@@ -87,6 +88,7 @@ from hotbed.protocol import (
     WriteFile,
 )
 from workers.admission import MemoryWatch, StartGate
+from workers.autopause import AutoPauser
 from workers.config import WorkerSettings
 from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
@@ -187,6 +189,15 @@ class WorkerAgent:
             snapshot_dir=settings.snapshot_dir, snapshot_store=settings.snapshot_store,
             default_user=settings.default_user,
         )
+        # Idle sandboxes checkpointed to disk, resumed by their next request.
+        self.sandboxes.auto_pause_default = settings.auto_pause_after
+        self.autopause = AutoPauser(
+            self.sandboxes, self.snapshots, check_s=settings.auto_pause_check_s,
+            # A simulated sandbox holds no memory: nothing to watch.
+            pressure_mb=settings.resolved_memory_pressure_mb() if runtime.kind == "real" else 0,
+            pressure_psi=settings.memory_pressure_psi if runtime.kind == "real" else 0.0,
+        )
+        self.sandboxes.waker = self.autopause
         # Images held (advertised) and pulled on demand.
         self.images = ImageService(runtime, settings=settings, worker_id=self.id, keys=self.keys)
         self._handlers = self._handler_table()
@@ -242,6 +253,7 @@ class WorkerAgent:
             tg.start_soon(self._memory_loop)
             await tg.start(self.execution.run)
             tg.start_soon(self.snapshots.gc_loop)
+            await tg.start(self.autopause.run)
             await tg.start(self.images.run)
             async with anyio.create_task_group() as work:
                 for entry_id, data in await consumer.pending():
@@ -357,6 +369,8 @@ class WorkerAgent:
     async def _expire(self) -> None:
         now = lifecycle.wall()
         for s in list(self.sandboxes.values()):
+            if s.busy:
+                continue  # mid-checkpoint or mid-restore: the next tick ends it
             if now >= s.expires_at:
                 await self._end_quietly(s.id, "timeout")
             elif s.idle_timeout and now - s.last_active >= s.idle_timeout:
@@ -617,11 +631,13 @@ class WorkerAgent:
 
     async def _pause(self, env: Envelope) -> Reply:
         body: Any = env.body
+        await self.autopause.settle(body.sandbox_id)
         return await self.snapshots.pause(body.sandbox_id)
 
     async def _resume(self, env: Envelope) -> Reply:
         body: Any = env.body
-        return await self.snapshots.resume(body.sandbox_id)
+        await self.autopause.resume(body.sandbox_id)
+        return SandboxState(sandbox_id=body.sandbox_id, state="running")
 
     async def _update(self, env: Envelope) -> Reply:
         body: Any = env.body
@@ -665,6 +681,7 @@ class WorkerAgent:
                 await self.sandboxes.end(sid, reason=reason, state="failed")
             raise
         now = lifecycle.wall()
+        after, pausable = self.sandboxes.pause_policy(spec.auto_pause_after)
         await self.sandboxes.started(
             Local(
                 id=sid,
@@ -672,6 +689,8 @@ class WorkerAgent:
                 expires_at=now + spec.timeout,
                 idle_timeout=spec.idle_timeout,
                 last_active=now,
+                auto_pause_after=after,
+                pausable=pausable,
             ),
             records.to_started(now=now, path=cmd.path, worker=self.id),
         )

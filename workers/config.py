@@ -27,6 +27,12 @@ memory by the memory watch), HOTBED_MEMORY_HEADROOM_MB (real memory always left
 free), HOTBED_MEMORY_PSI_LIMIT (memory stall percentage, PSI ``some avg10``, above
 which nothing new is admitted; 0 = ignore PSI). docs/operations.md says how the
 defaults were measured.
+HOTBED_AUTO_PAUSE_AFTER (seconds without a request after which a sandbox that did not
+choose is checkpointed to disk; 0 = never), HOTBED_MEMORY_PRESSURE_MB (while the node's
+MemAvailable is below this, the longest-idle sandboxes are paused; default 5 % of the
+host's memory; 0 = off),
+HOTBED_MEMORY_PRESSURE_PSI (the same while ``some avg10`` of /proc/pressure/memory is
+above this percentage; 0 = off), HOTBED_AUTO_PAUSE_CHECK_S (how often both are checked).
 Credentials are never logged: settings print them as ``***``.
 
 Validated at load (:func:`daemon.config.load_settings`): unknown keys and bad values
@@ -135,6 +141,14 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     registry_auth: dict[str, RegistryCredential] = {}
     registry_auth_file: str = ""
     image_refresh_s: Positive = 10.0
+    # Auto-pause (workers/autopause.py): the idle time after which a sandbox whose create
+    # did not say is checkpointed to disk (0 = never); below this much MemAvailable, or
+    # above this memory PSI (some avg10, %), idle sandboxes are paused, longest idle
+    # first, before the kernel's OOM killer has to choose (0 = that watch is off).
+    auto_pause_after: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    memory_pressure_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    memory_pressure_psi: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    auto_pause_check_s: Positive = 1.0
 
     def __post_init__(self) -> None:
         check_common(self.redis_url, self.prefix)
@@ -187,6 +201,11 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         if self.memory_headroom_mb is not None:
             return self.memory_headroom_mb
         return max(1024, int(self.physical_memory_mb() / 0.8 * 0.1))
+    def resolved_memory_pressure_mb(self) -> int:
+        """Default: 5 % of the host's memory, within 256 MiB .. 4 GiB."""
+        if self.memory_pressure_mb is not None:
+            return self.memory_pressure_mb
+        return min(4096, max(256, _default_memory_mb() // 16))
 
 
 # Settings a running worker takes from a SIGHUP reload (tags are re-advertised).

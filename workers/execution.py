@@ -361,14 +361,15 @@ class ExecutionService:
         stream_to = getattr(body, "stream_to", "")
         sink = Sink(self.table.redis, self.table.keys.output(env.id)) if stream_to else None
         try:
-            local = await self.table.touch(body.sandbox_id)
-            if isinstance(body, Exec) and local.env:
-                # A claim's or restore's env applies to every command, on any path.
-                body = msgspec.structs.replace(
-                    body, exec=msgspec.structs.replace(body.exec, env={**local.env, **body.exec.env})
-                )
-                env = msgspec.structs.replace(env, body=body)
-            reply = await self._dispatch(env, body, local.user, sink)
+            # In use while it runs (never auto-paused); an auto-paused one resumes first.
+            async with self.table.serving(body.sandbox_id, deadline=env.deadline) as local:
+                if isinstance(body, Exec) and local.env:
+                    # A claim's or restore's env applies to every command, on any path.
+                    body = msgspec.structs.replace(
+                        body, exec=msgspec.structs.replace(body.exec, env={**local.env, **body.exec.env})
+                    )
+                    env = msgspec.structs.replace(env, body=body)
+                reply = await self._dispatch(env, body, local.user, sink)
         except HotbedError as exc:
             if sink is not None:
                 if exc.worker_id is None:

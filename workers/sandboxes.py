@@ -6,7 +6,9 @@ worker runs it. The table's verbs follow a sandbox's life on a worker:
 
 * :meth:`SandboxTable.reconcile` adopts what a restarted worker still holds;
 * :meth:`SandboxTable.started` records a new sandbox (running, or pooled);
-* :meth:`SandboxTable.touch` marks activity (flushed with each heartbeat);
+* :meth:`SandboxTable.touch` marks activity (flushed with each heartbeat), and
+  :meth:`SandboxTable.serving` holds a sandbox in use for one request; both first
+  wake a sandbox the worker paused by itself (its :class:`Waker`);
 * :meth:`SandboxTable.update` changes a live sandbox's lifetime or tags;
 * :meth:`SandboxTable.paused` / :meth:`SandboxTable.unpark` / :meth:`SandboxTable.resumed`;
 * :meth:`SandboxTable.end`, the one way a sandbox ends, which releases its reservation
@@ -18,7 +20,8 @@ Services (execution, snapshots) take this table and the runtime, never the agent
 from __future__ import annotations
 
 import logging
-from collections.abc import ItemsView, Iterator, ValuesView
+from collections.abc import AsyncIterator, ItemsView, Iterator, ValuesView
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import msgspec
@@ -55,6 +58,18 @@ class Local(msgspec.Struct, kw_only=True):
     paused: bool = False
     # Being checkpointed: the container looks stopped meanwhile; not a death.
     busy: bool = False
+    # Who paused it: "auto" (the worker: the next request resumes it) or "client".
+    paused_by: str = ""
+    # Auto-pause after this many idle seconds (0: no idle timer); ``pausable`` False
+    # when the create asked never to pause it (not even under memory pressure).
+    auto_pause_after: float = 0.0
+    pausable: bool = True
+    # Requests running in it now: a sandbox in use is never idle.
+    in_use: int = 0
+
+    def idle_for(self, now: float) -> float:
+        """Seconds without a request; 0 while one runs."""
+        return 0.0 if self.in_use else max(0.0, now - self.last_active)
 
 
 class GuestHooks(Protocol):
@@ -63,6 +78,14 @@ class GuestHooks(Protocol):
     def prepare(self, sandbox_id: str) -> None: ...
 
     def forget(self, sandbox_id: str) -> None: ...
+
+
+class Waker(Protocol):
+    """Whoever resumes a sandbox the worker paused by itself (the auto-pauser)."""
+
+    async def wake(self, local: Local, *, deadline: float) -> None:
+        """Return once ``local`` runs (or raise why it cannot), by ``deadline``
+        (wall clock; 0: none)."""
 
 
 class SandboxTable:
@@ -75,6 +98,10 @@ class SandboxTable:
         self.keys = keys
         # Told when a sandbox ends, so its guest channel closes with it.
         self.guests: GuestHooks | None = None
+        # Resumes auto-paused sandboxes when a request comes for one.
+        self.waker: Waker | None = None
+        # The node's auto-pause default, for sandboxes whose create did not say.
+        self.auto_pause_default = 0.0
         self._redis: aioredis.Redis | None = None
         self._locals: dict[str, Local] = {}
 
@@ -150,17 +177,43 @@ class SandboxTable:
             raise SandboxNotRunning(f"sandbox {sandbox_id} is {rec.state}", sandbox_id=sandbox_id)
         return local
 
-    async def touch(self, sandbox_id: str) -> Local:
+    async def touch(self, sandbox_id: str, *, deadline: float = 0.0) -> Local:
         """The running sandbox a command is for, marked active; else the typed error
-        saying why it cannot run one (unknown, ended, paused, not on this worker)."""
+        saying why it cannot run one (unknown, ended, paused, not on this worker). One
+        the worker paused by itself is resumed first, before ``deadline`` (wall clock).
+        No await between the sandbox found running and the return: a caller that marks
+        it in use at once cannot race an auto-pause."""
         local = await self._held(sandbox_id)
-        if local.paused:
-            raise SandboxNotRunning(
-                f"sandbox {sandbox_id} is paused; resume it first", sandbox_id=sandbox_id
-            )
+        while local.paused:
+            if local.paused_by != "auto" or self.waker is None:
+                raise SandboxNotRunning(
+                    f"sandbox {sandbox_id} is paused; resume it first", sandbox_id=sandbox_id
+                )
+            await self.waker.wake(local, deadline=deadline)
+            if self._locals.get(sandbox_id) is not local:
+                local = await self._held(sandbox_id)  # ended meanwhile: says so
         local.last_active = lifecycle.wall()
         local.dirty = True
         return local
+
+    @asynccontextmanager
+    async def serving(self, sandbox_id: str, *, deadline: float = 0.0) -> AsyncIterator[Local]:
+        """:meth:`touch`, then the sandbox held in use (never auto-paused) until the
+        block ends; its idle time counts from then."""
+        local = await self.touch(sandbox_id, deadline=deadline)
+        local.in_use += 1
+        try:
+            yield local
+        finally:
+            local.in_use -= 1
+            local.last_active = lifecycle.wall()
+            local.dirty = True
+
+    def pause_policy(self, asked: float | None) -> tuple[float, bool]:
+        """A create's ``auto_pause_after`` as (idle seconds, 0 = no timer; pausable)."""
+        if asked is None:
+            return self.auto_pause_default, True
+        return asked, asked > 0
 
     async def update(
         self, sandbox_id: str, *, timeout: float | None = None, tags: dict[str, str] | None = None
@@ -234,6 +287,7 @@ class SandboxTable:
             if rec is not None and rec.state == "paused" and sid in present:
                 # Checkpointed to disk before the restart: still resumable.
                 self._locals[sid] = self._adopted(sid, rec, default_user, paused=True)
+                self._locals[sid].paused_by = rec.paused_by or "client"
                 continue
             if rec is None or rec.ended or sid not in running:
                 if rec is not None and rec.state == "creating" and sid not in running:
@@ -245,10 +299,10 @@ class SandboxTable:
         if held or managed:
             log.info("reconciled: adopted %d sandboxes", len(self._locals))
 
-    @staticmethod
-    def _adopted(sid: str, rec: SandboxRecord, user: str, *, paused: bool = False) -> Local:
+    def _adopted(self, sid: str, rec: SandboxRecord, user: str, *, paused: bool = False) -> Local:
+        after, pausable = self.pause_policy(rec.auto_pause_after)
         return Local(
-            id=sid, user=user,
+            id=sid, user=user, auto_pause_after=after, pausable=pausable,
             expires_at=rec.created_at + rec.timeout if rec.timeout else float("inf"),
             idle_timeout=rec.idle_timeout or None,
             last_active=rec.last_active or lifecycle.wall(),
@@ -265,9 +319,11 @@ class SandboxTable:
         """Give back a paused sandbox's CPU and memory (it sleeps on disk)."""
         await lua.PARK.run(self.redis, self._cap_keys(), [sandbox_id])
 
-    async def paused(self, sandbox_id: str) -> None:
-        """Record a sandbox paused and free its CPU and memory."""
-        await self.redis.hset(self.keys.sandbox(sandbox_id), mapping=records.to_paused())
+    async def paused(self, sandbox_id: str, *, by: records.PausedBy = "client") -> None:
+        """Record a sandbox paused (by a client, or ``"auto"``) and free its CPU and memory."""
+        await self.redis.hset(
+            self.keys.sandbox(sandbox_id), mapping=records.to_paused(by=by, now=lifecycle.wall())
+        )
         await self.park(sandbox_id)
 
     async def unpark(self, sandbox_id: str) -> None:
@@ -286,6 +342,7 @@ class SandboxTable:
 
     async def resumed(self, local: Local) -> None:
         """Record a resumed sandbox running again, active now."""
+        local.paused_by = ""
         local.last_active = lifecycle.wall()
         await self.redis.hset(
             self.keys.sandbox(local.id), mapping=records.to_resumed(now=local.last_active)

@@ -454,12 +454,14 @@ class SnapshotManager:
         self.guests.prepare(sid)
         now = lifecycle.wall()
         pooled = bool(cmd.pool)
+        after, pausable = table.pause_policy(spec.auto_pause_after)
         await table.started(
             Local(
                 id=sid, user=user,
                 expires_at=float("inf") if pooled else now + spec.timeout,
                 idle_timeout=None if pooled else spec.idle_timeout,
                 last_active=now, env=env, pool=cmd.pool,
+                auto_pause_after=after, pausable=pausable,
             ),
             records.to_restored(
                 now=now, path=cmd.path, worker=self.worker_id, pool=cmd.pool, image=ts.image,
@@ -495,30 +497,47 @@ class SnapshotManager:
             cmd.idle_timeout if cmd.idle_timeout and 0 < cmd.idle_timeout <= protocol.MAX_TIMEOUT_S else None
         )
         local.env = dict(cmd.env)
+        ok = cmd.auto_pause_after is None or 0 <= cmd.auto_pause_after <= protocol.MAX_TIMEOUT_S
+        local.auto_pause_after, local.pausable = self.table.pause_policy(
+            cmd.auto_pause_after if ok else None
+        )
         local.last_active = lifecycle.wall()
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
 
     # ---------------------------------------------------------- pause/resume
 
-    async def pause(self, sid: str) -> SandboxState:
+    async def pause(self, sid: str, *, by: records.PausedBy = "client") -> SandboxState:
+        """Checkpoint to disk and stop (``by``: who asked; ``"auto"``: the worker, and
+        the next request resumes it). A client's pause of an auto-paused sandbox only
+        changes who paused it."""
         table = self.table
         local = table.get(sid)
         if local is None:
             await table.touch(sid)  # raises the right error
             raise SandboxNotFound(f"no sandbox {sid}", sandbox_id=sid)
         if local.paused:
+            if local.paused_by != by and by == "client":
+                local.paused_by = by
+                await self.redis.hset(table.keys.sandbox(sid), mapping={"paused_by": by})
             return SandboxState(sandbox_id=sid, state="paused")
         if local.pool:
             raise SandboxNotRunning(f"sandbox {sid} is pooled, not claimed", sandbox_id=sid)
-        local.paused = True  # the health check must not take the stop for a death
+        # The health check must not take the stop for a death; a request meanwhile
+        # waits for this pause (auto) or is told the sandbox is paused (client).
+        local.paused, local.paused_by, local.busy = True, by, True
         self.guests.forget(sid)
         try:
             await self.runtime.pause(sid)
         except BaseException:
-            local.paused = False
+            local.paused, local.paused_by = False, ""
             raise
+        finally:
+            local.busy = False
+        if table.get(sid) is not local:
+            # Ended while it was being checkpointed: its record says so already.
+            raise SandboxNotFound(f"sandbox {sid} ended while pausing", sandbox_id=sid)
         # Its CPU and memory are free while it sleeps on disk.
-        await table.paused(sid)
+        await table.paused(sid, by=by)
         return SandboxState(sandbox_id=sid, state="paused")
 
     async def resume(self, sid: str) -> SandboxState:
@@ -546,6 +565,8 @@ class SnapshotManager:
         finally:
             local.busy = False
         self.guests.forget(sid)
+        if table.get(sid) is not local:
+            raise SandboxNotFound(f"sandbox {sid} ended while resuming", sandbox_id=sid)
         self.guests.prepare(sid)
         await table.resumed(local)
         return SandboxState(sandbox_id=sid, state="running")

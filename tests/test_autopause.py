@@ -1,0 +1,260 @@
+"""Auto-pause: idle sandboxes checkpointed to disk and resumed by their next request.
+
+Real Redis, dockerd and runsc: a sandbox left idle is paused by the worker (its
+capacity given back, its record ``paused (auto)``), and the next request from another
+client resumes it with its files and its shell session as they were; memory pressure
+pauses the longest idle first; lifetime and idle timeout keep counting while paused.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from hotbed.client import Client
+from hotbed.records import SandboxRecord, capacity_from_hash, from_hash, shown_state
+from hotbed.sandbox import Sandbox
+from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack, running_stack
+from workers.autopause import ProcMemory
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
+    with anyio.fail_after(timeout):
+        while not await cond():
+            await anyio.sleep(0.05)
+
+
+async def record(c: Client, sid: str) -> SandboxRecord:
+    rec = from_hash(await c.redis.hgetall(c.keys.sandbox(sid)))
+    assert rec is not None
+    return rec
+
+
+async def auto_paused(c: Client, sid: str) -> bool:
+    rec = await record(c, sid)
+    return rec.state == "paused" and rec.paused_by == "auto"
+
+
+async def free(stack: Stack) -> tuple[int, int]:
+    c = stack.client
+    cap = capacity_from_hash(await c.redis.hgetall(c.keys.worker_cap(stack.worker.id)))
+    return cap.cpu_free, cap.mem_free
+
+
+def overrides(tmp_path: Path, **more: object) -> dict[str, object]:
+    return {"snapshot_dir": str(tmp_path / "snapshots"), "auto_pause_check_s": 0.1,
+            "memory_pressure_mb": 0, "cpu": 16, "memory_mb": 4096, **more}
+
+
+async def test_idle_sandbox_paused_then_resumed_by_another_client(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    async with running_stack(redis_url, prefix, worker_overrides=overrides(tmp_path)) as stack:
+        c = stack.client
+        idle = await free(stack)
+        sb = await Sandbox.create(BASE_IMAGE, memory_mb=256, auto_pause_after=1.0, client=c)
+        # Opted out: never paused, however long it idles.
+        keep = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=0, client=c)
+        try:
+            await sb.write_file("/tmp/kept.txt", "written before the pause")
+            await sb.shell("dev").run("export STAGE=before-pause; cd /tmp")
+            assert (await record(c, sb.id)).auto_pause_after == 1.0
+            await wait_for(lambda: auto_paused(c, sb.id), "auto-pause")
+            # Its CPU and memory went back to the scheduler; the opted-out one holds its own.
+            assert await free(stack) == (idle[0] - 1000, idle[1] - 128)
+            assert (await record(c, keep.id)).state == "running"
+            env = {**os.environ, "HOTBED_REDIS_URL": redis_url, "HOTBED_PREFIX": prefix}
+            ls = (await anyio.run_process(
+                [str(Path(sys.executable).parent / "hotbed"), "ls"], env=env,
+            )).stdout.decode()
+            assert any(sb.id in line and "paused (auto)" in line for line in ls.splitlines()), ls
+
+            # A second client, three requests at once: one resume, all three served.
+            other = Client(redis_url, prefix=prefix)
+            try:
+                again = await Sandbox.from_id(sb.id, client=other)
+                got: dict[str, object] = {}
+
+                async def ask(name: str, call: Callable[[], Awaitable[object]]) -> None:
+                    got[name] = await call()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ask, "exec", lambda: again.run("echo resumed"))
+                    tg.start_soon(ask, "file", lambda: again.read_file("/tmp/kept.txt"))
+                    tg.start_soon(ask, "session", lambda: again.shell("dev").run('echo "$STAGE:$PWD"'))
+            finally:
+                await other.aclose()
+            assert got["exec"].stdout == "resumed\n"  # type: ignore[attr-defined]
+            assert got["file"] == b"written before the pause"
+            assert got["session"].stdout == "before-pause:/tmp\n"  # type: ignore[attr-defined]
+            assert stack.worker.autopause.statistics()["resumed"] == 1
+            rec = await record(c, sb.id)
+            assert (rec.state, rec.paused_by) == ("running", "")
+            assert await free(stack) == (idle[0] - 2000, idle[1] - 384)
+
+            # A process and a terminal wake it too.
+            await wait_for(lambda: auto_paused(c, sb.id), "second auto-pause")
+            assert [p for p in await sb.processes() if p.running] == []
+            await wait_for(lambda: auto_paused(c, sb.id), "third auto-pause")
+            async with sb.pty(["/bin/bash", "--norc"]) as term:
+                await term.write('echo "pty:$((6*7))"; exit\n')
+                seen = bytearray()
+                with anyio.fail_after(20):
+                    async for data in term:
+                        seen += data
+            assert b"pty:42" in seen
+            # A terminal held open is a request in progress: never paused under it.
+            async with sb.pty(["/bin/bash", "--norc"]) as term:
+                await anyio.sleep(2.5)
+                assert (await record(c, sb.id)).state == "running"
+                await term.write("exit\n")
+                with anyio.fail_after(20):
+                    async for _ in term:
+                        pass
+            assert stack.worker.autopause.statistics()["resumed"] == 3
+            # An explicit pause stays explicit: no request resumes it.
+            await wait_for(lambda: auto_paused(c, sb.id), "fourth auto-pause")
+            await sb.pause()
+            assert shown_state(await record(c, sb.id)) == "paused"
+            await sb.resume()
+            assert (await sb.run("echo ok")).stdout == "ok\n"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sb.terminate()
+                await keep.terminate()
+        # The node kept serving, and gave everything back.
+        async with await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) as fresh:
+            assert (await fresh.run("echo fresh")).stdout == "fresh\n"
+        assert await free(stack) == idle
+
+
+async def test_memory_pressure_pauses_longest_idle_first(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    assert (await ProcMemory().available_mb() or 0) > 0
+    async with running_stack(redis_url, prefix, worker_overrides=overrides(tmp_path)) as stack:
+        c = stack.client
+        boxes = [await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) for _ in range(3)]
+        never = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=0, client=c)
+        try:
+            # The node default is no idle timer: nothing pauses without pressure.
+            for sb in boxes:
+                await sb.run("true")
+            await anyio.sleep(1.0)
+            assert [(await record(c, sb.id)).state for sb in boxes] == ["running"] * 3
+            # One of them is busy with a command when the pressure comes.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(boxes[1].run, "sleep 4")
+                await anyio.sleep(0.5)
+                # Any node is "under pressure" below a threshold over its whole memory.
+                stack.worker.autopause.pressure_mb = 1 << 30
+                await wait_for(lambda: auto_paused(c, boxes[0].id), "first pressure pause")
+                await wait_for(lambda: auto_paused(c, boxes[2].id), "second pressure pause")
+                assert (await record(c, boxes[1].id)).state == "running"
+            # Once its command is done, it is the last one left to pause.
+            await wait_for(lambda: auto_paused(c, boxes[1].id), "third pressure pause")
+            paused_at = [(await record(c, sb.id)).paused_at for sb in boxes]
+            assert paused_at[0] < paused_at[2] < paused_at[1]
+            assert (await record(c, never.id)).state == "running"
+            assert stack.worker.autopause.statistics()["pressure"] == 3
+            # The pressure is gone: a request resumes the first one and it stays up.
+            stack.worker.autopause.pressure_mb = 0
+            assert (await boxes[0].run("echo back")).stdout == "back\n"
+            await anyio.sleep(0.5)
+            assert (await record(c, boxes[0].id)).state == "running"
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sb in [*boxes, never]:
+                    await sb.terminate()
+
+
+async def test_lifetime_and_idle_timeout_count_while_paused(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    async with running_stack(redis_url, prefix, worker_overrides=overrides(tmp_path)) as stack:
+        c = stack.client
+        idle = await free(stack)
+        short = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, timeout=6, auto_pause_after=0.5, client=c)
+        lazy = await Sandbox.create(
+            BUSYBOX_IMAGE, memory_mb=128, idle_timeout=6, auto_pause_after=0.5, client=c
+        )
+        try:
+            async def checkpoint_dir(sid: str) -> Path:
+                name = (await anyio.run_process(
+                    ["docker", "ps", "-aq", "--no-trunc", "--filter", f"label=dev.hotbed.sandbox={sid}"],
+                )).stdout.decode().strip()
+                assert name, f"no container for {sid}"
+                return Path("/var/lib/docker/containers", name, "checkpoints", "hotbed-paused")
+
+            await wait_for(lambda: auto_paused(c, short.id), "auto-pause (lifetime)")
+            await wait_for(lambda: auto_paused(c, lazy.id), "auto-pause (idle)")
+            kept = [await checkpoint_dir(short.id), await checkpoint_dir(lazy.id)]
+            assert all(p.is_dir() for p in kept)
+
+            async def ended(sid: str) -> bool:
+                return (await record(c, sid)).ended
+
+            await wait_for(lambda: ended(short.id), "lifetime end", timeout=30)
+            await wait_for(lambda: ended(lazy.id), "idle end", timeout=30)
+            assert ((await record(c, short.id)).state, (await record(c, short.id)).reason) == ("terminated", "timeout")
+            assert (await record(c, lazy.id)).reason == "idle_timeout"
+            # The checkpoints went with their containers; the capacity was given back once.
+            assert not any(p.exists() for p in kept)
+            assert await free(stack) == idle
+        finally:
+            with anyio.CancelScope(shield=True):
+                await short.terminate()
+                await lazy.terminate()
+        async with await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) as fresh:
+            assert (await fresh.run("echo fresh")).stdout == "fresh\n"
+
+
+async def test_resume_on_a_full_node_pauses_the_longest_idle_first(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """No room to resume: sandboxes with an idle timer of their own make room, longest
+    idle first; one without a timer is never taken, and with nothing left to pause the
+    request gets CapacityExhausted and the sandbox stays paused."""
+    from hotbed.errors import CapacityExhausted
+
+    async with running_stack(redis_url, prefix, worker_overrides=overrides(tmp_path, cpu=2)) as stack:
+        c = stack.client
+        sleeper = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=0.5, client=c)
+        try:
+            await wait_for(lambda: auto_paused(c, sleeper.id), "auto-pause")
+            older = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=600, client=c)
+            newer = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=600, client=c)
+            assert await free(stack) == (0, 4096 - 256)
+            await older.run("true")
+            await anyio.sleep(0.2)
+            await newer.run("true")
+            # The node is full: the older one is paused to make room, the newer one kept.
+            assert (await sleeper.run("echo woke")).stdout == "woke\n"
+            assert await auto_paused(c, older.id)
+            assert (await record(c, newer.id)).state == "running"
+            assert stack.worker.autopause.statistics()["room"] == 1
+            # The older one takes the room back in turn, from the sandbox idle longest.
+            await newer.run("true")
+            assert (await older.run("echo back")).stdout == "back\n"
+            assert await auto_paused(c, sleeper.id)
+            # A sandbox without an idle timer is never paused to make room.
+            for sb in (older, newer):
+                await sb.terminate()
+            keeper = await Sandbox.create(BUSYBOX_IMAGE, cpu=2, memory_mb=128, client=c)
+            try:
+                with pytest.raises(CapacityExhausted):
+                    await sleeper.run("true")
+                assert await auto_paused(c, sleeper.id)
+            finally:
+                await keeper.terminate()
+            assert (await sleeper.run("echo again")).stdout == "again\n"
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sleeper.terminate()
