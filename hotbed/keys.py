@@ -25,6 +25,13 @@ key                                    type    meaning
 ``hotbed:workers``                     zset    worker id -> last heartbeat (unix ms)
 ``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
 ``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
+``hotbed:req:{RID}``                   string  who handles create RID, so it makes one
+                                               sandbox ever: ``lease TOKEN`` while one
+                                               scheduler places it (short TTL, renewed),
+                                               then ``placed WORKER`` (written by
+                                               RESERVE_DISPATCH with the dispatch) or
+                                               ``answered``; kept past the request's
+                                               deadline (scheduler.once)
 ``hotbed:reply:{RID}``                 list    the one reply to request RID; expires
 ``hotbed:out:{RID}``                   stream  output chunks / events of streaming request
                                                RID (fields ``o`` stdout, ``e`` stderr, ``v``
@@ -86,6 +93,10 @@ class Keys(msgspec.Struct, frozen=True):
     @property
     def requests(self) -> str:
         return f"{self.prefix}:{{q}}:requests"
+
+    def request(self, request_id: str) -> str:
+        """Who handles create ``request_id`` (scheduler.once)."""
+        return f"{self.prefix}:req:{{{request_id}}}"
 
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{{{request_id}}}"
