@@ -30,6 +30,27 @@ MAX_MEMORY_MB = 4 << 20
 MIN_MEMORY_MB = 16
 MIN_PIDS = 8
 MAX_PIDS = 1 << 16
+# Ulimits of every process in a sandbox. gVisor enforces RLIMIT_NPROC itself, per user,
+# so a fork bomb meets EAGAIN inside the sandbox (which keeps running) long before the
+# host's pids cgroup is reached: that one counts the sandbox kernel's own host threads
+# too, and reaching it ends the whole sandbox. Hence the host limit sits above the
+# sandbox's ``pids`` (:func:`host_pids_limit`).
+SANDBOX_NOFILE = 65536
+# No core files: a crashing process must not write its memory to the sandbox's disk.
+SANDBOX_CORE = 0
+
+
+def host_pids_limit(pids: int) -> int:
+    """The host pids cgroup limit of a sandbox whose processes are limited to ``pids``."""
+    return 2 * pids + 64
+
+
+def sandbox_rlimits(pids: int) -> dict[str, int]:
+    """``{name: limit}`` (soft = hard) of every sandbox process, names as in ulimit(1)
+    (``nproc``, ``nofile``, ``core``); runtimes map them to their own form."""
+    return {"nproc": pids, "nofile": SANDBOX_NOFILE, "core": SANDBOX_CORE}
+
+
 # Output a worker collects into one reply (a non-streaming exec, a process read): it
 # is held in the worker's memory and then in one Redis value.
 MAX_COLLECTED_OUTPUT = MAX_FILE_BYTES

@@ -225,6 +225,36 @@ end
 return n
 """)
 
+# KEYS[1] = hotbed:workers; ARGV[1] = worker id
+# A worker's heartbeat, stamped with Redis's clock (never the worker's: a worker whose
+# clock runs behind must not look dead to a reaper on another host). Returns it (ms).
+HEARTBEAT = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return now
+""")
+
+# KEYS[1] = hotbed:workers; ARGV[1] = heartbeat TTL (ms)
+# The workers whose last heartbeat is older than the TTL, by Redis's clock (the one
+# HEARTBEAT stamps with).
+LAPSED_WORKERS = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+""")
+
+# KEYS[1] = hotbed:{w:ID}:sandboxes; ARGV = sandbox id, reservation, ...
+# A worker the reaper removed while it still ran sandboxes (a stalled loop, a Redis
+# failover) takes their reservations back before REGISTER recomputes its capacity, so
+# coming back destroys nothing. Returns how many it holds.
+READOPT = Script("""
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return redis.call('HLEN', KEYS[1])
+""")
+
 # KEYS[1] = lock key; ARGV[1] = owner token, ARGV[2] = ttl ms
 # Takes or renews a leader lock: true if the caller holds it afterwards.
 LOCK = Script("""

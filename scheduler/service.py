@@ -187,8 +187,10 @@ class Scheduler:
         await lifecycle.supervised_loop("reaper", reap, interval=1.0, initial_delay=1.0, log=log)
 
     async def reap_dead_workers(self) -> None:
-        cutoff = int((lifecycle.wall() - self.settings.heartbeat_ttl_s) * 1000)
-        dead = await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff)
+        # Heartbeats and this cut-off are both on Redis's clock: no host's clock counts.
+        dead = await lua.LAPSED_WORKERS.run(
+            self.redis, [self.keys.workers], [int(self.settings.heartbeat_ttl_s * 1000)]
+        )
         for raw in dead:
             await self._worker_lost(raw.decode())
 

@@ -91,7 +91,7 @@ from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
 from workers.images import ImageService
-from workers.runtimes.base import Runtime
+from workers.runtimes.base import ExitReasons, Runtime
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshots import SnapshotManager
 
@@ -285,10 +285,8 @@ class WorkerAgent:
             [self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)],
             [self.info.cpu_millis, self.info.memory_mb, *gpu_ids],
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.worker_info(self.id), protocol.encode(self.info))
-            pipe.zadd(self.keys.workers, {self.id: int(lifecycle.wall() * 1000)})
-            await pipe.execute()
+        await self.redis.set(self.keys.worker_info(self.id), protocol.encode(self.info))
+        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
 
     async def reconcile(self) -> None:
         """Adopt the sandboxes we still hold; remove containers nobody holds."""
@@ -303,16 +301,17 @@ class WorkerAgent:
         )
 
     async def _heartbeat(self) -> None:
-        now = lifecycle.wall()
+        # Stamped with Redis's clock (HEARTBEAT), which the reaper's cut-off uses too.
+        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.workers, {self.id: int(now * 1000)})
             pipe.exists(self.keys.worker_cap(self.id))
             self.sandboxes.write_activity(pipe)
             res = await pipe.execute()
-        if not res[1]:
-            # The scheduler declared us dead (missed heartbeats) and dropped our keys.
+        if not res[0]:
+            # The reaper declared us dead (missed heartbeats) and dropped our keys. We
+            # still run our sandboxes: take them back rather than destroy anything.
             log.warning("capacity record missing; re-registering", extra={"worker_id": self.id})
-            self.sandboxes.clear()
+            await self.sandboxes.readopt()
             await self.reconcile()
             await self.register()
 
@@ -347,7 +346,17 @@ class WorkerAgent:
         }
         for sid, local in known.items():
             if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
-                await self._end_quietly(sid, "died", state="failed")
+                await self._end_quietly(sid, await self._death_reason(sid), state="failed")
+
+    async def _death_reason(self, sid: str) -> str:
+        """``died``, with the runtime's reason when it is one worth telling (out of memory)."""
+        if not isinstance(self.runtime, ExitReasons):
+            return "died"
+        try:
+            why = await self.runtime.exit_reason(sid)
+        except lifecycle.TRANSIENT_ERRORS:
+            return "died"
+        return f"died: {why}" if why and why.startswith("out of memory") else "died"
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:

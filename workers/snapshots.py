@@ -12,7 +12,9 @@ fetch) plugs in behind the same five methods.
 
 Garbage collection: :meth:`SnapshotManager.collect` removes every snapshot that no
 template record references (older than a grace period, so one being built or just
-taken is safe); the worker runs it every ``GC_INTERVAL_S``.
+taken is safe); the worker runs it every ``GC_INTERVAL_S``. It deletes only what Redis
+positively shows unreferenced: with no template listed at all (a Redis that lost its
+data), or a listed template without its record, it deletes nothing.
 """
 
 from __future__ import annotations
@@ -214,9 +216,19 @@ class SnapshotManager:
         """Remove snapshots no template references; returns the ids removed."""
         keys = self.table.keys
         names = [n.decode() for n in await self.redis.smembers(keys.templates)]
+        if not names:
+            # No template at all is what a Redis that lost its data looks like, too:
+            # nothing is positively unreferenced, so nothing goes.
+            return []
         referenced: set[str] = set()
         for n in names:
-            snap = await self.redis.hget(keys.template(n), "snapshot")
+            rec = await self.redis.hgetall(keys.template(n))
+            if not rec:
+                # A listed template without its record: Redis is not telling the whole
+                # story (a partial loss, a write in flight). Keep everything this time.
+                log.warning("template %r is listed but has no record; collecting nothing", n)
+                return []
+            snap = rec.get(b"snapshot")
             if snap:
                 referenced.add(snap.decode())
         removed = []
