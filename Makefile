@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .PHONY: help install host venv images image test-image demo test test-cluster lint bench bench-start bench-scale \
-	bench-scale-claims bench-exec bench-exec-ptrace bench-verify install-service clean
+	bench-scale-claims bench-exec bench-exec-ptrace bench-verify fuzz install-service clean
 
 help:
 	@echo "make demo     install everything, build the image, start hotbed, run sandboxes"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-cluster  the spine, templates and exec tests on a local Redis Cluster"
 	@echo "make lint     ruff + mypy"
 	@echo "make bench    all benchmarks, one results file each (bench-start, bench-scale, ...)"
+	@echo "make fuzz     random and mutated messages on every stream for 60 s (FUZZ_S=...)"
 
 install: host venv
 
@@ -81,6 +82,13 @@ bench-exec: images
 bench-exec-ptrace: images
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench exec --oci-runtime runsc-ptrace \
 		--out bench/results/exec-ptrace.json $(BENCH_ARGS)
+
+# Hostile input on every stream and a sandbox's guest channel, bounded in time: no
+# daemon may exit and no valid request interleaved with it may fail
+# (bench/results/fuzz.json). FUZZ_S sets the duration.
+FUZZ_S ?= 60
+fuzz: images
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench fuzz --duration $(FUZZ_S) $(BENCH_ARGS)
 
 # Which run wrote each results file; fails for a file edited or merged by hand.
 bench-verify: venv
