@@ -68,7 +68,7 @@ BASE_IMAGE = "hotbed/base"
 BUSYBOX_IMAGE = "hotbed/busybox"
 
 HOSTILE_VALUES: list[Any] = [
-    float("nan"), float("inf"), -float("inf"), -1, 0, 2**63 - 1, -(2**63), 2**64, "",
+    float("nan"), float("inf"), -float("inf"), -1, 0, 2**63 - 1, -(2**63), 2**64 - 1, "",
     "x" * 70_000, "../../etc/passwd", "sb-}{evil", "\x00", None, [], {}, b"\xff" * 64, True,
 ]
 
@@ -122,7 +122,7 @@ def base_body(rng: random.Random) -> protocol.Message:
         ReadFile(sandbox_id=sid, path="/etc/hostname"),
         WriteFile(sandbox_id=sid, path="/tmp/x", data=b"x"),
         ListFiles(sandbox_id=sid, path="/"),
-        SessionRun(sandbox_id=sid, command="true"),
+        SessionRun(sandbox_id=sid, session="s", command="true"),
         UpdateSandbox(sandbox_id=sid, timeout=10.0),
     ])
 
@@ -169,6 +169,8 @@ class Fuzz:
         self.valid = 0
         self.valid_failures: list[str] = []
         self.chaos_ended = 0
+        # Garbage on a reply path that the client answered with an untyped exception.
+        self.client_untyped: list[str] = []
 
     # -------------------------------------------------------------- processes
 
@@ -266,6 +268,8 @@ class Fuzz:
                     await c._wait_reply(rid, keys.reply(rid), 1.0)  # noqa: SLF001 - the client's reply path
                 except (HotbedError, msgspec.DecodeError, msgspec.ValidationError):
                     pass
+                except Exception as exc:
+                    self.client_untyped.append(f"{type(exc).__name__}: {exc}")
                 self.sent["replies"] += 1
             else:
                 rid = secrets.token_hex(8)
@@ -347,6 +351,7 @@ def main(argv: list[str]) -> int:
         "valid_requests": fuzz.valid, "sent_by_target": fuzz.sent, "exited": exits,
         "failures": fuzz.valid_failures[:20], "channel_sandboxes_ended": fuzz.chaos_ended,
         "daemon_tracebacks": tracebacks, "leaked_containers": len(leaked),
+        "client_untyped_errors": len(fuzz.client_untyped), "client_untyped_examples": fuzz.client_untyped[:5],
         "duration_s": args.duration, "rate_per_s": args.rate, "seed": args.seed,
     })
     out = results.write(args.out, doc)

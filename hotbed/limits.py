@@ -111,8 +111,14 @@ def resource_problems(r: Resources) -> list[str]:
         problems.append(f"memory_mb must be in [{MIN_MEMORY_MB}, {MAX_MEMORY_MB}], got {r.memory_mb}")
     if not MIN_PIDS <= r.pids <= MAX_PIDS:
         problems.append(f"pids must be in [{MIN_PIDS}, {MAX_PIDS}], got {r.pids}")
-    if r.disk_mb is not None and r.disk_mb < 0:
-        problems.append(f"disk_mb must not be negative, got {r.disk_mb}")
+    if r.disk_mb is not None:
+        # Refused, not ignored: no runtime here can hold a sandbox to it (overlay2 on
+        # ext4 has no project quota for docker's size option, and runsc's root overlay
+        # is backed by a host file of no fixed size).
+        problems.append(
+            f"disk_mb={r.disk_mb} cannot be enforced by this deployment's runtimes; "
+            "leave it unset"
+        )
     return problems
 
 

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from hotbed import limits
-from hotbed.errors import HotbedError
+from hotbed.errors import HotbedError, InvalidRequest
 from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec
 from hotbed.sandbox import Sandbox
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack
@@ -158,3 +158,15 @@ async def test_memory_bomb_is_oom_killed_at_its_own_limit(hotbed_stack: Stack) -
     finally:
         await sb.terminate()
         await other.terminate()
+
+
+async def test_a_disk_quota_is_refused_not_ignored(hotbed_stack: Stack) -> None:
+    spec = SandboxSpec(image=BUSYBOX_IMAGE, resources=Resources(disk_mb=64))
+    with pytest.raises(InvalidRequest, match="disk_mb"):
+        await hotbed_stack.client.request(CreateSandbox(spec=spec), timeout=30)
+    # Refused before anything ran or was reserved; the node serves the next create.
+    c = hotbed_stack.client
+    cap = await c.redis.hget(c.keys.worker_cap(hotbed_stack.worker.id), "n")
+    assert cap == b"0"
+    async with await Sandbox.create(BUSYBOX_IMAGE, client=c) as sb:
+        assert (await sb.exec("true")).ok
