@@ -8,7 +8,9 @@ first placed per GPU model; ordered retries for CPU), retrying as the registry
 refreshes, until their deadline (CapacityExhausted); when the scheduler stops they are
 handed back (HandBack). Requests no live worker could ever take fail at once
 (NoMatchingWorker). A GPU start command names the GPUs the placer picked;
-RESERVE_DISPATCH takes exactly those.
+RESERVE_DISPATCH takes exactly those. A client's create carries its request's lease
+(:mod:`scheduler.once`): it is dispatched only while that lease holds, and the dispatch
+settles it, so a create is placed once however often it is delivered.
 
 Images: workers that advertise holding the sandbox's image are tried first; while any
 worker could get it (holds it, may hold it, or pulls from its registry) the others are

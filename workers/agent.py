@@ -28,6 +28,12 @@ terminal, a watch, streaming output, a process wait, a command allowed over
 most ``LONG_LIVED_PER_SANDBOX`` per sandbox); when those are taken they are answered
 ``Overloaded``. So no number of open shells takes the slots short commands need.
 
+Heartbeats are stamped with Redis's clock (``HEARTBEAT``), as is the reaper's cut-off,
+so no host's clock decides who is dead. A worker the reaper declared dead anyway (its
+loop stalled, Redis failed over) takes its sandboxes back when it notices
+(:meth:`SandboxTable.readopt <workers.sandboxes.SandboxTable.readopt>`): doubt
+destroys nothing.
+
 Lifetime and idle deadlines are wall-clock (``expires_at`` in the record) because
 they must survive a worker restart; waits inside one process use the monotonic clock.
 """
