@@ -41,6 +41,9 @@ key                                    type    meaning
                                                ``pools``; scheduler.leader)
 ``hotbed:tpl:{NAME}``                  hash    template record (hotbed.records.TemplateRecord)
 ``hotbed:templates``                   set     template names
+``hotbed:snapshots:retired``           set     snapshot ids no template uses any more (its
+                                               template deleted or rebuilt): the positive
+                                               proof snapshot collection needs
 ``hotbed:{pool:NAME}:ready``           list    ``"SID WORKER"`` of pool NAME's warm sandboxes,
                                                ready to claim (LPOP in ``POOL_CLAIM``)
 ``hotbed:{pool:NAME}:warming``         zset    ``SID`` being made ready for pool NAME ->
@@ -144,6 +147,11 @@ class Keys(msgspec.Struct, frozen=True):
     @property
     def templates(self) -> str:
         return f"{self.prefix}:templates"
+
+    @property
+    def snapshots_retired(self) -> str:
+        """Snapshot ids that no template uses any more (workers may delete them)."""
+        return f"{self.prefix}:snapshots:retired"
 
     def pool_ready(self, pool: str) -> str:
         return f"{self.prefix}:{{pool:{pool}}}:ready"

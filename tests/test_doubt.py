@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from daemon import lifecycle
-from hotbed import records
+from hotbed import records, templates
 from hotbed.client import Client
 from hotbed.keys import Keys
 from hotbed.records import capacity_from_hash
@@ -133,6 +133,10 @@ async def test_gc_with_an_empty_template_set_deletes_no_snapshot(redis_url: str,
         await client.redis.hset(keys.template("t1"), mapping={"snapshot": "snap-kept", "spec": "{}"})
         assert await snapshots.collect(grace_s=0) == ["snap-old"]
         assert sorted([p.name async for p in anyio.Path(tmp_path).iterdir()]) == ["snap-kept"]
+        # Its template deleted, the last snapshot is retired: positively unreferenced.
+        await templates.delete_template("t1", client=client)
+        assert await client.redis.scard(keys.templates) == 0
+        assert await snapshots.collect(grace_s=0) == ["snap-kept"]
     finally:
-        await client.redis.delete(keys.templates, keys.template("t1"))
+        await client.redis.delete(keys.templates, keys.template("t1"), keys.snapshots_retired)
         await client.aclose()
