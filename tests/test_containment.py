@@ -11,11 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from hotbed import limits
+from hotbed import limits, templates
 from hotbed.errors import HotbedError, InvalidRequest
 from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec
 from hotbed.sandbox import Sandbox
-from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack
+from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack, running_stack
 from workers.runtimes.docker.engine import container_name
 
 pytestmark = pytest.mark.anyio
@@ -170,3 +170,22 @@ async def test_a_disk_quota_is_refused_not_ignored(hotbed_stack: Stack) -> None:
     assert cap == b"0"
     async with await Sandbox.create(BUSYBOX_IMAGE, client=c) as sb:
         assert (await sb.exec("true")).ok
+
+
+async def test_a_snapshot_keeps_no_env_secret_and_is_private(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    secret = f"secret-{prefix}"
+    async with running_stack(redis_url, prefix, worker_overrides={"snapshot_dir": str(tmp_path)}) as stack:
+        c = stack.client
+        async with await Sandbox.create(BASE_IMAGE, client=c, memory_mb=256, env={"API_KEY": secret}) as sb:
+            assert (await sb.exec("sh", "-c", "echo $API_KEY")).stdout == f"{secret}\n"
+            name = await sb.snapshot(f"scrub-{prefix}")
+        rec = await templates.get_template(name, client=c)
+        snap = anyio.Path(stack.worker.snapshots.path(rec.snapshot))
+        meta = await (snap / "container.json").read_text()
+        assert secret not in meta and "API_KEY" not in meta
+        assert (await snap.stat()).st_mode & 0o777 == 0o700
+        async for f in snap.rglob("*"):
+            if await f.is_file():
+                assert (await f.stat()).st_mode & 0o077 == 0, f"{f} is readable by others"
+        await templates.delete_template(name, client=c)
+        assert rec.snapshot in await stack.worker.snapshots.collect(grace_s=0)
