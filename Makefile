@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 SESSIONS_ARGS ?=
 
 .PHONY: help install host venv images image test-image demo test test-cluster lint bench bench-start bench-scale \
-	bench-scale-claims bench-exec bench-exec-ptrace bench-node bench-verify install-service clean
+	bench-scale-claims bench-exec bench-exec-ptrace bench-node bench-verify fuzz install-service clean
 
 help:
 	@echo "make demo     install everything, build the image, start hotbed, run sandboxes"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-cluster  the spine, templates and exec tests on a local Redis Cluster"
 	@echo "make lint     ruff + mypy"
 	@echo "make bench    all benchmarks, one results file each (bench-start, bench-scale, ...)"
+	@echo "make fuzz     random and mutated messages on every stream for 60 s (FUZZ_S=...)"
 
 install: host venv
 
@@ -88,6 +89,13 @@ bench-exec-ptrace: images
 bench-node: images
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench node $(BENCH_ARGS)
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench node_sessions $(SESSIONS_ARGS)
+
+# Hostile input on every stream and a sandbox's guest channel, bounded in time: no
+# daemon may exit and no valid request interleaved with it may fail
+# (bench/results/fuzz.json). FUZZ_S sets the duration.
+FUZZ_S ?= 60
+fuzz: images
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench fuzz --duration $(FUZZ_S) $(BENCH_ARGS)
 
 # Which run wrote each results file; fails for a file edited or merged by hand.
 bench-verify: venv

@@ -25,6 +25,13 @@ key                                    type    meaning
 ``hotbed:workers``                     zset    worker id -> last heartbeat (unix ms)
 ``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
 ``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
+``hotbed:req:{RID}``                   string  who handles create RID, so it makes one
+                                               sandbox ever: ``lease TOKEN`` while one
+                                               scheduler places it (short TTL, renewed),
+                                               then ``placed WORKER`` (written by
+                                               RESERVE_DISPATCH with the dispatch) or
+                                               ``answered``; kept past the request's
+                                               deadline (scheduler.once)
 ``hotbed:reply:{RID}``                 list    the one reply to request RID; expires
 ``hotbed:out:{RID}``                   stream  output chunks / events of streaming request
                                                RID (fields ``o`` stdout, ``e`` stderr, ``v``
@@ -34,6 +41,9 @@ key                                    type    meaning
                                                ``pools``; scheduler.leader)
 ``hotbed:tpl:{NAME}``                  hash    template record (hotbed.records.TemplateRecord)
 ``hotbed:templates``                   set     template names
+``hotbed:snapshots:retired``           set     snapshot ids no template uses any more (its
+                                               template deleted or rebuilt): the positive
+                                               proof snapshot collection needs
 ``hotbed:{pool:NAME}:ready``           list    ``"SID WORKER"`` of pool NAME's warm sandboxes,
                                                ready to claim (LPOP in ``POOL_CLAIM``)
 ``hotbed:{pool:NAME}:warming``         zset    ``SID`` being made ready for pool NAME ->
@@ -87,6 +97,10 @@ class Keys(msgspec.Struct, frozen=True):
     def requests(self) -> str:
         return f"{self.prefix}:{{q}}:requests"
 
+    def request(self, request_id: str) -> str:
+        """Who handles create ``request_id`` (scheduler.once)."""
+        return f"{self.prefix}:req:{{{request_id}}}"
+
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{{{request_id}}}"
 
@@ -133,6 +147,11 @@ class Keys(msgspec.Struct, frozen=True):
     @property
     def templates(self) -> str:
         return f"{self.prefix}:templates"
+
+    @property
+    def snapshots_retired(self) -> str:
+        """Snapshot ids that no template uses any more (workers may delete them)."""
+        return f"{self.prefix}:snapshots:retired"
 
     def pool_ready(self, pool: str) -> str:
         return f"{self.prefix}:{{pool:{pool}}}:ready"

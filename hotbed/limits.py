@@ -30,6 +30,27 @@ MAX_MEMORY_MB = 4 << 20
 MIN_MEMORY_MB = 16
 MIN_PIDS = 8
 MAX_PIDS = 1 << 16
+# Ulimits of every process in a sandbox. gVisor enforces RLIMIT_NPROC itself, per user,
+# so a fork bomb meets EAGAIN inside the sandbox (which keeps running) long before the
+# host's pids cgroup is reached: that one counts the sandbox kernel's own host threads
+# too, and reaching it ends the whole sandbox. Hence the host limit sits above the
+# sandbox's ``pids`` (:func:`host_pids_limit`).
+SANDBOX_NOFILE = 65536
+# No core files: a crashing process must not write its memory to the sandbox's disk.
+SANDBOX_CORE = 0
+
+
+def host_pids_limit(pids: int) -> int:
+    """The host pids cgroup limit of a sandbox whose processes are limited to ``pids``."""
+    return 2 * pids + 64
+
+
+def sandbox_rlimits(pids: int) -> dict[str, int]:
+    """``{name: limit}`` (soft = hard) of every sandbox process, names as in ulimit(1)
+    (``nproc``, ``nofile``, ``core``); runtimes map them to their own form."""
+    return {"nproc": pids, "nofile": SANDBOX_NOFILE, "core": SANDBOX_CORE}
+
+
 # Output a worker collects into one reply (a non-streaming exec, a process read): it
 # is held in the worker's memory and then in one Redis value.
 MAX_COLLECTED_OUTPUT = MAX_FILE_BYTES
@@ -90,8 +111,14 @@ def resource_problems(r: Resources) -> list[str]:
         problems.append(f"memory_mb must be in [{MIN_MEMORY_MB}, {MAX_MEMORY_MB}], got {r.memory_mb}")
     if not MIN_PIDS <= r.pids <= MAX_PIDS:
         problems.append(f"pids must be in [{MIN_PIDS}, {MAX_PIDS}], got {r.pids}")
-    if r.disk_mb is not None and r.disk_mb < 0:
-        problems.append(f"disk_mb must not be negative, got {r.disk_mb}")
+    if r.disk_mb is not None:
+        # Refused, not ignored: no runtime here can hold a sandbox to it (overlay2 on
+        # ext4 has no project quota for docker's size option, and runsc's root overlay
+        # is backed by a host file of no fixed size).
+        problems.append(
+            f"disk_mb={r.disk_mb} cannot be enforced by this deployment's runtimes; "
+            "leave it unset"
+        )
     return problems
 
 

@@ -57,15 +57,25 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return {held, msgs}
 """)
 
-# KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes, KEYS[3] = hotbed:{w:ID}:cmds
+# KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes, KEYS[3] = hotbed:{w:ID}:cmds,
+# KEYS[4] (only with a lease) = hotbed:req:{RID}
 # ARGV[1] = sandbox id, ARGV[2] = millicpu, ARGV[3] = memory MiB,
 # ARGV[4] = encoded StartSandbox envelope, ARGV[5] = number of GPUs,
-# ARGV[6..] = GPU uuids eligible for this request, in preference order
+# ARGV[6] = the request's lease value ('' = none), ARGV[7] = its value once dispatched,
+# ARGV[8] = how long that value is kept (ms), ARGV[9..] = GPU uuids eligible for this
+# request, in preference order
 # Reserves capacity on one worker and hands it the start command in one step, so a
-# sandbox is never dispatched without capacity or reserved without dispatch.
-# Returns false if the worker lacks capacity, else the list of GPU uuids assigned
-# (empty for a CPU-only sandbox). Idempotent on the sandbox id.
+# sandbox is never dispatched without capacity or reserved without dispatch. With a
+# lease, it dispatches only while the request's key still holds that lease, and turns
+# it into the dispatched value in the same step: a create is dispatched once, ever
+# (scheduler.once). Only a standalone Redis gets KEYS[4] (on a cluster it sits on
+# another shard; the placer writes it right after).
+# Returns -1 if the lease is not held, false if the worker lacks capacity, else the
+# list of GPU uuids assigned (empty for a CPU-only sandbox). Idempotent on the sandbox id.
 RESERVE_DISPATCH = Script("""
+if #KEYS > 3 and redis.call('GET', KEYS[4]) ~= ARGV[6] then
+  return -1
+end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return {}
 end
@@ -78,7 +88,7 @@ end
 local ngpu = tonumber(ARGV[5])
 local got = {}
 if ngpu > 0 then
-  for i = 6, #ARGV do
+  for i = 9, #ARGV do
     if redis.call('HGET', KEYS[1], 'gpu:' .. ARGV[i]) == '0' then
       table.insert(got, ARGV[i])
       if #got == ngpu then break end
@@ -96,7 +106,41 @@ redis.call('HINCRBY', KEYS[1], 'mem', -need_mem)
 redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('HSET', KEYS[2], ARGV[1], need_cpu .. ' ' .. need_mem .. ' ' .. table.concat(got, ','))
 redis.call('XADD', KEYS[3], '*', 'm', ARGV[4])
+if #KEYS > 3 then
+  redis.call('SET', KEYS[4], ARGV[7], 'PX', ARGV[8])
+end
 return got
+""")
+
+# KEYS[1] = hotbed:req:{RID}
+# ARGV[1] = this attempt's lease value ("lease TOKEN"), ARGV[2] = lease (ms)
+# Takes the lease on a create unless someone holds it or it was handled: returns 1 if
+# the caller holds it now, else the key's value (another attempt's lease, or how the
+# request was handled).
+REQUEST_LEASE = Script("""
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  return cur
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+""")
+
+# KEYS[1] = hotbed:req:{RID}
+# ARGV[1] = the caller's lease value, ARGV[2] = new value ('' = delete; the lease
+# value itself = renew), ARGV[3] = its time to live (ms)
+# Renews, hands back or settles a lease, only while the caller still holds it.
+# Returns 1 if it did, 0 if the lease was not the caller's (any more).
+REQUEST_SWAP = Script("""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
 """)
 
 # KEYS[1] = hotbed:{w:ID}:cap, KEYS[2] = hotbed:{w:ID}:sandboxes
@@ -196,6 +240,36 @@ for i = 3, #ARGV do
   redis.call('HSET', KEYS[1], 'gpu:' .. ARGV[i], taken[ARGV[i]] and '1' or '0')
 end
 return n
+""")
+
+# KEYS[1] = hotbed:workers; ARGV[1] = worker id
+# A worker's heartbeat, stamped with Redis's clock (never the worker's: a worker whose
+# clock runs behind must not look dead to a reaper on another host). Returns it (ms).
+HEARTBEAT = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return now
+""")
+
+# KEYS[1] = hotbed:workers; ARGV[1] = heartbeat TTL (ms)
+# The workers whose last heartbeat is older than the TTL, by Redis's clock (the one
+# HEARTBEAT stamps with).
+LAPSED_WORKERS = Script("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+""")
+
+# KEYS[1] = hotbed:{w:ID}:sandboxes; ARGV = sandbox id, reservation, ...
+# A worker the reaper removed while it still ran sandboxes (a stalled loop, a Redis
+# failover) takes their reservations back before REGISTER recomputes its capacity, so
+# coming back destroys nothing. Returns how many it holds.
+READOPT = Script("""
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return redis.call('HLEN', KEYS[1])
 """)
 
 # KEYS[1] = lock key; ARGV[1] = owner token, ARGV[2] = ttl ms

@@ -249,6 +249,17 @@ def to_lost(*, worker: str, now: float) -> Fields:
     return to_ended(state="lost", reason=f"worker {worker} stopped heartbeating", now=now)
 
 
+def to_readopted(*, state: str) -> Fields:
+    """lost -> ``state`` (running, paused or pooled) again: its worker was declared dead
+    but came back with the sandbox intact (:meth:`workers.sandboxes.SandboxTable.readopt`)."""
+    return {"state": state, "reason": "", "ended_at": "0.0"}
+
+
+def reservation_value(*, millicpu: int, memory_mb: int, gpus: list[str]) -> str:
+    """A :class:`Reservation` as ``Keys.worker_sandboxes`` holds it."""
+    return f"{millicpu} {memory_mb} {','.join(gpus)}"
+
+
 def with_lifetime(*, created_at: float, expires_at: float) -> Fields:
     """A new end of life: ``timeout`` counts from ``created_at``, as at create."""
     return {"timeout": repr(max(0.0, expires_at - created_at))}

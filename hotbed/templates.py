@@ -162,6 +162,10 @@ async def delete_template(name: str, *, client: Client) -> bool:
     # rather than a transaction: the name is unlisted first, and then a racing rebuild
     # (record first, then listed) can leave at worst a listed name without a record,
     # which listings skip, but never a record that nothing lists.
+    snapshot = await client.redis.hget(client.keys.template(name), "snapshot")
+    if snapshot:
+        # Retired first: the one proof that lets a worker delete the snapshot.
+        await client.redis.sadd(client.keys.snapshots_retired, snapshot)
     res = raise_first_error(await batching.for_client(client.redis).execute(
         ("SREM", client.keys.templates, name), ("DEL", client.keys.template(name))
     ))

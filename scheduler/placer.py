@@ -8,7 +8,9 @@ first placed per GPU model; ordered retries for CPU), retrying as the registry
 refreshes, until their deadline (CapacityExhausted); when the scheduler stops they are
 handed back (HandBack). Requests no live worker could ever take fail at once
 (NoMatchingWorker). A GPU start command names the GPUs the placer picked;
-RESERVE_DISPATCH takes exactly those.
+RESERVE_DISPATCH takes exactly those. A client's create carries its request's lease
+(:mod:`scheduler.once`): it is dispatched only while that lease holds, and the dispatch
+settles it, so a create is placed once however often it is delivered.
 
 Images: workers that advertise holding the sandbox's image are tried first; while any
 worker could get it (holds it, may hold it, or pulls from its registry) the others are
@@ -34,11 +36,13 @@ from daemon import lifecycle
 from daemon.metrics import NULL, NullMetrics
 from hotbed import batching, limits, lua, protocol, records
 from hotbed.batching import raise_first_error
+from hotbed.connection import is_cluster
 from hotbed.errors import CapacityExhausted, InvalidRequest, NoMatchingWorker
 from hotbed.keys import Keys
 from hotbed.protocol import Envelope, Message, SandboxSpec, StartSandbox
 from hotbed.records import SandboxRecord
 from scheduler.config import SchedulerSettings
+from scheduler.once import RENEW_S, Lease, LeaseLost
 from scheduler.placement import WorkerView, could_ever, parse_gpu, rank
 from scheduler.registry import WorkerRegistry
 from scheduler.waitline import HandBack, WaitLine, wait_class
@@ -80,14 +84,16 @@ class Placer:
     async def place(
         self, env: Envelope, spec: SandboxSpec, *,
         make_start: Callable[[str], Message] | None = None, wait: bool = True,
-        prefer: Collection[str] = (),
+        prefer: Collection[str] = (), lease: Lease | None = None,
     ) -> str | None:
         """Reserve capacity on a worker and hand it the start command.
 
         ``make_start(sid)`` builds a different command (a template restore, a template
         build); ``wait=False`` returns None at once when no worker has room (pool refills).
         ``prefer``: workers tried first when they have room (those holding the snapshot
-        a restore needs, so nothing is copied).
+        a restore needs, so nothing is copied). ``lease``: the request's
+        (:mod:`scheduler.once`): dispatched only while it holds, renewed while waiting,
+        LeaseLost once another delivery has it.
         """
         validate(spec)
         sid = sandbox_id_for(env.id)
@@ -115,7 +121,9 @@ class Placer:
         ticket = self.waitline.ticket(wait_class(spec))
         if not self.waitline.is_waiting(ticket.cls):
             self._check_matchable(env, spec)
-            if await self._place_once(env, sid, spec, record, payload, ngpu, start=start, prefer=prefer):
+            if await self._place_once(
+                env, sid, spec, record, payload, ngpu, start=start, prefer=prefer, lease=lease
+            ):
                 self.metrics.placement_wait(anyio.current_time() - t0)
                 return sid
         if not wait:
@@ -131,13 +139,18 @@ class Placer:
                         + " before the request's deadline"
                     )
                 self._check_matchable(env, spec)
+                if lease is not None:
+                    await lease.keep()
                 mark = self.waitline.mark()
                 if self.waitline.may_try(ticket) and await self._place_once(
-                    env, sid, spec, record, payload, ngpu, start=start, prefer=prefer
+                    env, sid, spec, record, payload, ngpu, start=start, prefer=prefer, lease=lease
                 ):
                     self.metrics.placement_wait(anyio.current_time() - t0)
                     return sid
-                await self.waitline.wait_turn(ticket, mark, within=env.deadline - lifecycle.wall())
+                within = env.deadline - lifecycle.wall()
+                if lease is not None:
+                    within = min(within, RENEW_S)  # back in time to renew the lease
+                await self.waitline.wait_turn(ticket, mark, within=within)
 
     def _check_matchable(self, env: Envelope, spec: SandboxSpec) -> None:
         live = self.registry.live()
@@ -148,6 +161,7 @@ class Placer:
     async def _place_once(
         self, env: Envelope, sid: str, spec: SandboxSpec, record: SandboxRecord, payload: bytes,
         ngpu: int, *, start: Message | None = None, prefer: Collection[str] = (),
+        lease: Lease | None = None,
     ) -> bool:
         """One pass over the ranked candidates; True once a worker took the sandbox."""
         for w, gpus in self._candidates(spec, prefer):
@@ -163,7 +177,7 @@ class Placer:
                 else:  # a command with no GPU list (a template build): sent as it is
                     gstart = start
                 payload = protocol.encode(msgspec.structs.replace(env, body=gstart))
-            got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, ngpu)
+            got = await self._try_reserve(w.id, sid, spec, record, payload, gpus, ngpu, lease)
             if got is not None:
                 w.cpu_free -= spec.resources.millicpu
                 w.mem_free -= spec.resources.memory_mb
@@ -202,20 +216,40 @@ class Placer:
 
     async def _try_reserve(
         self, wid: str, sid: str, spec: SandboxSpec, record: SandboxRecord,
-        payload: bytes, gpus: list[str], ngpu: int,
+        payload: bytes, gpus: list[str], ngpu: int, lease: Lease | None = None,
     ) -> list[str] | None:
         rec = msgspec.structs.replace(record, worker=wid)
-        # One round trip, shared with the other placements of this moment (auto-pipelined).
+        keys = [self.keys.worker_cap(wid), self.keys.worker_sandboxes(wid), self.keys.worker_cmds(wid)]
+        fence = placed = ""
+        keep_ms = 0
+        two_steps = lease is not None and is_cluster(self.redis)
+        if lease is not None:
+            placed, keep_ms = lease.placed_value(wid), lease.keep_ms()
+            if two_steps:
+                # The request's key is on another shard: checked just before instead.
+                await lease.keep(force=True)
+            else:
+                keys.append(lease.key)
+                fence = lease.value
+        # One round trip, shared with the other placements of this moment (auto-pipelined);
+        # the record first, so the worker's own write to it comes after. Only the delivery
+        # holding the request's lease gets here: a duplicate never rewrites the record.
         res = raise_first_error(await batching.for_client(self.redis).execute(
             records.hset(self.keys.sandbox(sid), records.to_hash(rec)),
             lua.RESERVE_DISPATCH.call(
-                [self.keys.worker_cap(wid), self.keys.worker_sandboxes(wid), self.keys.worker_cmds(wid)],
-                [sid, spec.resources.millicpu, spec.resources.memory_mb, payload, ngpu, *gpus],
+                keys,
+                [sid, spec.resources.millicpu, spec.resources.memory_mb, payload, ngpu,
+                 fence, placed, keep_ms, *gpus],
             ),
         ))
         got = res[1]
+        if got == -1:
+            raise LeaseLost(sid)
         if got is None:
             return None
+        if two_steps:
+            assert lease is not None
+            await lease.settle(placed)
         uuids = [g.decode() if isinstance(g, bytes) else g for g in got]
         if uuids:
             await self.redis.hset(self.keys.sandbox(sid), mapping=records.with_gpus(uuids))

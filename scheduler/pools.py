@@ -106,9 +106,15 @@ class PoolController:
         for name in names:
             await self.tick_pool(name)
 
+    async def redis_now_ms(self) -> int:
+        """Redis's clock: claim leases are stamped with it (POOL_CLAIM), so every time
+        they are compared with is too, whichever replica leads."""
+        sec, usec = await self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
     async def tick_pool(self, name: str) -> None:
         keys = self.keys
-        now_ms = int(time.time() * 1000)
+        now_ms = await self.redis_now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.pool_conf(name))
             pipe.zremrangebyscore(keys.pool_warming(name), "-inf", now_ms)
@@ -163,7 +169,8 @@ class PoolController:
             body=CreateSandbox(spec=recipe.spec), client="pool-controller",
         )
         sid = sandbox_id_for(rid)
-        await self.redis.zadd(keys.pool_warming(name), {sid: int((time.time() + WARM_DEADLINE_S) * 1000)})
+        give_up_ms = await self.redis_now_ms() + int(WARM_DEADLINE_S * 1000)
+        await self.redis.zadd(keys.pool_warming(name), {sid: give_up_ms})
         try:
             placed = await self.placer.place(
                 env, recipe.spec, make_start=lambda s: recipe.start(s, pool=name), wait=False,

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 import msgspec
 import redis.asyncio as aioredis
 
-from daemon import lifecycle
 from hotbed import protocol, records
 from hotbed.keys import Keys
 from hotbed.protocol import SandboxSpec
@@ -120,7 +119,9 @@ class WorkerRegistry:
                     self._push(w)
 
     async def refresh(self) -> None:
-        now = lifecycle.wall()
+        # Heartbeats are stamped with Redis's clock (HEARTBEAT): so is the cut-off.
+        sec, usec = await self.redis.time()
+        now = sec + usec / 1e6
         rows = await self.redis.zrangebyscore(
             self.keys.workers, int((now - self.heartbeat_ttl_s) * 1000), "+inf", withscores=True
         )

@@ -30,7 +30,7 @@ from hotbed.connection import connect
 from hotbed.errors import HotbedError, UnsupportedRequest, WorkerLost
 from hotbed.protocol import BuildTemplate, CreateSandbox, Envelope, ErrorReply, Reply
 from hotbed.records import ENDED_RECORD_TTL_S
-from scheduler import templates
+from scheduler import once, templates
 from scheduler.config import SchedulerSettings
 from scheduler.leader import LeaderLock
 from scheduler.placer import Placer, sandbox_id_for, validate
@@ -187,8 +187,10 @@ class Scheduler:
         await lifecycle.supervised_loop("reaper", reap, interval=1.0, initial_delay=1.0, log=log)
 
     async def reap_dead_workers(self) -> None:
-        cutoff = int((lifecycle.wall() - self.settings.heartbeat_ttl_s) * 1000)
-        dead = await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff)
+        # Heartbeats and this cut-off are both on Redis's clock: no host's clock counts.
+        dead = await lua.LAPSED_WORKERS.run(
+            self.redis, [self.keys.workers], [int(self.settings.heartbeat_ttl_s * 1000)]
+        )
         for raw in dead:
             await self._worker_lost(raw.decode())
 
@@ -238,12 +240,23 @@ class Scheduler:
         kind = type(env.body).__name__
         self.metrics.request(kind)
         lifecycle.log_context.set({"request_id": env.id})
+        lease: once.Lease | None = None
         try:
-            reply = await self._dispatch(env)
+            if isinstance(env.body, (CreateSandbox, BuildTemplate)):
+                # One sandbox per request id, however often the request is delivered.
+                lease = await once.acquire(self.redis, self.keys, env)
+                if lease is None:
+                    return
+            reply = await self._dispatch(env, lease)
         except HandBack:
             # Stopping while it waited for capacity: requeue it for a live replica.
+            assert lease is not None
+            await lease.release()
             await self.redis.xadd(self.keys.requests, {keyspace.FIELD: data})
             log.info("handed a waiting create back to the request stream", extra={"request_id": env.id})
+            return
+        except once.LeaseLost:
+            log.warning("another delivery took over request %s", env.id, extra={"request_id": env.id})
             return
         except HotbedError as exc:
             exc.request_id = env.id
@@ -254,18 +267,20 @@ class Scheduler:
         if reply is not None:
             if isinstance(reply, ErrorReply):
                 self.metrics.error(kind, reply.code)
+            if lease is not None:
+                await lease.settle(once.ANSWERED)
             await reply_to(self.redis, self.keys, env, reply)
 
-    async def _dispatch(self, env: Envelope) -> Reply | None:
+    async def _dispatch(self, env: Envelope, lease: once.Lease | None = None) -> Reply | None:
         assert self.placer is not None
         body = env.body
         if isinstance(body, CreateSandbox):
             if body.spec.template:
-                await templates.place_from_template(self.placer, env, body.spec)
+                await templates.place_from_template(self.placer, env, body.spec, lease=lease)
             else:
-                await self.placer.place(env, body.spec)
+                await self.placer.place(env, body.spec, lease=lease)
             return None  # the worker replies
         if isinstance(body, BuildTemplate):
-            await templates.place_build(self.placer, env, body)
+            await templates.place_build(self.placer, env, body, lease=lease)
             return None
         raise UnsupportedRequest(f"the scheduler does not handle {type(body).__name__}")

@@ -24,6 +24,7 @@ from hotbed.protocol import (
 )
 from hotbed.records import template_from_hash
 from hotbed.templates import check_name
+from scheduler.once import Lease
 from scheduler.placer import Placer
 
 
@@ -58,15 +59,19 @@ async def resolve(redis: aioredis.Redis, keys: Keys, spec: SandboxSpec) -> Resol
     )
 
 
-async def place_from_template(placer: Placer, env: Envelope, spec: SandboxSpec) -> None:
+async def place_from_template(
+    placer: Placer, env: Envelope, spec: SandboxSpec, *, lease: Lease | None = None
+) -> None:
     r = await resolve(placer.redis, placer.keys, spec)
-    await placer.place(env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else ())
+    await placer.place(
+        env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else (), lease=lease
+    )
 
 
-async def place_build(placer: Placer, env: Envelope, cmd: BuildTemplate) -> None:
+async def place_build(placer: Placer, env: Envelope, cmd: BuildTemplate, *, lease: Lease | None = None) -> None:
     check_name(cmd.name)
     ts = cmd.spec
     spec = SandboxSpec(image=ts.image, resources=ts.resources, timeout=max(ts.setup_timeout, 1.0))
     await placer.place(
-        env, spec, make_start=lambda sid: msgspec.structs.replace(cmd, build_id=sid)
+        env, spec, make_start=lambda sid: msgspec.structs.replace(cmd, build_id=sid), lease=lease
     )

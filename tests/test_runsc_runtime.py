@@ -66,7 +66,10 @@ def test_cpu_sandbox_spec_has_the_docker_runtime_limits() -> None:
     res = spec["linux"]["resources"]
     assert res["cpu"] == {"quota": 50_000, "period": 100_000}
     assert res["memory"] == {"limit": 256 << 20, "swap": 256 << 20}
-    assert res["pids"] == {"limit": 64}
+    # The sandbox's own processes stop at 64 (RLIMIT_NPROC, which gVisor enforces); the
+    # host's pids cgroup, which also counts gVisor's threads, sits above it.
+    assert res["pids"] == {"limit": 2 * 64 + 64}
+    assert {"type": "RLIMIT_NPROC", "soft": 64, "hard": 64} in spec["process"]["rlimits"]
     assert spec["linux"]["cgroupsPath"] == "/hotbed/hotbed-sb-1"
     proc = spec["process"]
     assert proc["user"] == {"uid": 1000, "gid": 1000, "additionalGids": []}

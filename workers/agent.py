@@ -28,6 +28,12 @@ terminal, a watch, streaming output, a process wait, a command allowed over
 most ``LONG_LIVED_PER_SANDBOX`` per sandbox); when those are taken they are answered
 ``Overloaded``. So no number of open shells takes the slots short commands need.
 
+Heartbeats are stamped with Redis's clock (``HEARTBEAT``), as is the reaper's cut-off,
+so no host's clock decides who is dead. A worker the reaper declared dead anyway (its
+loop stalled, Redis failed over) takes its sandboxes back when it notices
+(:meth:`SandboxTable.readopt <workers.sandboxes.SandboxTable.readopt>`): doubt
+destroys nothing.
+
 Lifetime and idle deadlines are wall-clock (``expires_at`` in the record) because
 they must survive a worker restart; waits inside one process use the monotonic clock.
 """
@@ -94,7 +100,7 @@ from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
 from workers.images import ImageService
-from workers.runtimes.base import Runtime
+from workers.runtimes.base import ExitReasons, Runtime
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshots import SnapshotManager
 
@@ -310,10 +316,8 @@ class WorkerAgent:
             [self.keys.worker_cap(self.id), self.keys.worker_sandboxes(self.id)],
             [self.info.cpu_millis, self.info.memory_mb, *gpu_ids],
         )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.worker_info(self.id), protocol.encode(self.info))
-            pipe.zadd(self.keys.workers, {self.id: int(lifecycle.wall() * 1000)})
-            await pipe.execute()
+        await self.redis.set(self.keys.worker_info(self.id), protocol.encode(self.info))
+        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
 
     async def reconcile(self) -> None:
         """Adopt the sandboxes we still hold; remove containers nobody holds."""
@@ -328,16 +332,17 @@ class WorkerAgent:
         )
 
     async def _heartbeat(self) -> None:
-        now = lifecycle.wall()
+        # Stamped with Redis's clock (HEARTBEAT), which the reaper's cut-off uses too.
+        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.workers, {self.id: int(now * 1000)})
             pipe.exists(self.keys.worker_cap(self.id))
             self.sandboxes.write_activity(pipe)
             res = await pipe.execute()
-        if not res[1]:
-            # The scheduler declared us dead (missed heartbeats) and dropped our keys.
+        if not res[0]:
+            # The reaper declared us dead (missed heartbeats) and dropped our keys. We
+            # still run our sandboxes: take them back rather than destroy anything.
             log.warning("capacity record missing; re-registering", extra={"worker_id": self.id})
-            self.sandboxes.clear()
+            await self.sandboxes.readopt()
             await self.reconcile()
             await self.register()
 
@@ -398,7 +403,7 @@ class WorkerAgent:
         running = {m.sandbox_id for m in managed if m.running}
         for sid, local in known.items():
             if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
-                await self._end_quietly(sid, "died", state="failed")
+                await self._end_quietly(sid, await self._death_reason(sid), state="failed")
         # A container nobody holds: a start whose clean-up failed (dockerd restarting
         # under it) left it. Not one being started (listed before it joined the table).
         for m in managed:
@@ -409,6 +414,16 @@ class WorkerAgent:
                     await self.runtime.destroy(sid)
                 except lifecycle.TRANSIENT_ERRORS as exc:
                     log.warning("could not remove it: %s", exc, extra={"sandbox_id": sid})
+
+    async def _death_reason(self, sid: str) -> str:
+        """``died``, with the runtime's reason when it is one worth telling (out of memory)."""
+        if not isinstance(self.runtime, ExitReasons):
+            return "died"
+        try:
+            why = await self.runtime.exit_reason(sid)
+        except lifecycle.TRANSIENT_ERRORS:
+            return "died"
+        return f"died: {why}" if why and why.startswith("out of memory") else "died"
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:

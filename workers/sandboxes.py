@@ -299,6 +299,40 @@ class SandboxTable:
         if held or managed:
             log.info("reconciled: adopted %d sandboxes", len(self._locals))
 
+    async def readopt(self) -> int:
+        """Take back what this worker still runs after the reaper declared it dead (its
+        heartbeats lapsed: a stalled loop, a Redis failover) and dropped its keys: each
+        sandbox it holds gets its reservation back and its record un-lost, so coming
+        back kills nothing; :meth:`reconcile` and ``REGISTER`` follow. A sandbox whose
+        record is gone too (Redis lost its data) is left to :meth:`reconcile`."""
+        args: list[str] = []
+        for sid, local in list(self._locals.items()):
+            rec = await self.record(sid)
+            if rec is None:
+                continue
+            held = records.reservation_value(
+                millicpu=0 if local.paused else int(round(rec.cpu * 1000)),
+                memory_mb=0 if local.paused else rec.memory_mb,
+                gpus=list(rec.gpu_uuids),
+            )
+            args += [sid, held]
+            state = "paused" if local.paused else "pooled" if local.pool else "running"
+            commands: list[batching.Command] = [
+                records.hset(self.keys.sandbox(sid), records.to_readopted(state=state)),
+                ("PERSIST", self.keys.sandbox(sid)),
+            ]
+            if state != "pooled":
+                commands.append(("ZADD", self.keys.sandboxes, rec.created_at, sid))
+            raise_first_error(await batching.for_client(self.redis).execute(*commands))
+        if not args:
+            return 0
+        n = int(await lua.READOPT.run(self.redis, [self.keys.worker_sandboxes(self.worker_id)], args))
+        log.warning(
+            "declared dead while running %d sandboxes; took them back", n,
+            extra={"worker_id": self.worker_id},
+        )
+        return n
+
     def _adopted(self, sid: str, rec: SandboxRecord, user: str, *, paused: bool = False) -> Local:
         after, pausable = self.pause_policy(rec.auto_pause_after)
         return Local(

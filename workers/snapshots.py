@@ -12,7 +12,10 @@ fetch) plugs in behind the same five methods.
 
 Garbage collection: :meth:`SnapshotManager.collect` removes every snapshot that no
 template record references (older than a grace period, so one being built or just
-taken is safe); the worker runs it every ``GC_INTERVAL_S``.
+taken is safe); the worker runs it every ``GC_INTERVAL_S``. It deletes only what Redis
+positively shows unreferenced: with no template listed at all (a Redis that lost its
+data), or a listed template without its record, it deletes only snapshots retired
+(``Keys.snapshots_retired``: their template was deleted or rebuilt).
 """
 
 from __future__ import annotations
@@ -214,15 +217,26 @@ class SnapshotManager:
         """Remove snapshots no template references; returns the ids removed."""
         keys = self.table.keys
         names = [n.decode() for n in await self.redis.smembers(keys.templates)]
+        retired = {n.decode() for n in await self.redis.smembers(keys.snapshots_retired)}
+        # Without any template listed (what a Redis that lost its data looks like, too)
+        # only snapshots positively retired go.
+        complete = bool(names)
         referenced: set[str] = set()
         for n in names:
-            snap = await self.redis.hget(keys.template(n), "snapshot")
+            rec = await self.redis.hgetall(keys.template(n))
+            if not rec:
+                # A listed template without its record: Redis is not telling the whole
+                # story (a partial loss, a write in flight).
+                log.warning("template %r is listed but has no record; collecting retired snapshots only", n)
+                complete = False
+                continue
+            snap = rec.get(b"snapshot")
             if snap:
                 referenced.add(snap.decode())
         removed = []
         for store in (self._local, self.store):
             for sid in await store.list():
-                if sid in referenced:
+                if sid in referenced or not (complete or sid in retired):
                     continue
                 age = await store.age(sid)
                 if age is None or age < grace_s:
@@ -324,6 +338,7 @@ class SnapshotManager:
         if not replaced or replaced == rec.snapshot:
             return
         keys = self.table.keys
+        await self.redis.sadd(keys.snapshots_retired, replaced)
         for raw in await self.redis.smembers(keys.pools):
             pool = raw.decode()
             # Template names have no ':', so the prefix names this template's pools only.

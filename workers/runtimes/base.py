@@ -114,6 +114,16 @@ class Runtime(Protocol):
 
 
 @runtime_checkable
+class ExitReasons(Protocol):
+    """A runtime that can say why a sandbox's container stopped (``docker``), so a
+    sandbox killed for memory ends saying so rather than just "died"."""
+
+    async def exit_reason(self, sandbox_id: str) -> str | None:
+        """Why the stopped sandbox stopped, e.g. ``out of memory (OOMKilled at its own
+        128 MiB limit)``; ``None`` if the runtime does not know."""
+
+
+@runtime_checkable
 class ImageStore(Protocol):
     """A runtime that keeps images on the node and can pull them (``docker``). The
     worker advertises what :meth:`list_images` returns and pulls what a start needs;

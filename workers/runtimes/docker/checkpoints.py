@@ -84,15 +84,27 @@ async def checkpoint(engine: Engine, sandbox_id: str, dest: Path, *, leave_runni
     await checkpoint_post(engine, info["Id"], name, exit=not leave_running, sandbox_id=sandbox_id)
     made = engine.root / "containers" / info["Id"] / "checkpoints" / name
     cfg = info["Config"]
+    # The image's own env only: what the sandbox was given (API keys) is no part of a
+    # snapshot that other sandboxes are restored from.
+    with anyio.fail_after(API_TIMEOUT_S):
+        image = await engine.docker.images.inspect(info["Image"])
+    image_env = set((image.get("Config") or {}).get("Env") or [])
     meta = {
         "Image": info["Image"], "Cmd": cfg.get("Cmd"), "User": cfg.get("User") or "",
-        "Env": cfg.get("Env") or [], "WorkingDir": cfg.get("WorkingDir") or "",
+        "Env": [e for e in cfg.get("Env") or [] if e in image_env],
+        "WorkingDir": cfg.get("WorkingDir") or "",
     }
 
     def store() -> int:
-        dest.mkdir(parents=True, exist_ok=True)
+        # Readable by the worker (root) alone: a snapshot holds a sandbox's memory.
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(dest, 0o700)
         shutil.move(str(made), str(dest / "checkpoint"))
-        (dest / "container.json").write_text(json.dumps(meta))
+        for f in (dest / "checkpoint").rglob("*"):
+            os.chmod(f, 0o700 if f.is_dir() else 0o600)
+        fd = os.open(dest / "container.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(meta))
         return sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
 
     return await anyio.to_thread.run_sync(store)

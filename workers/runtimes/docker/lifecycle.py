@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 from aiodocker.exceptions import DockerError
 
+from hotbed import limits
 from hotbed.errors import ImageNotFound, RuntimeFailure
 from hotbed.protocol import SPAWN_FIFO, SandboxSpec
 from workers.guest.channel import guest_command
@@ -59,7 +60,11 @@ def container_config(
         "NanoCpus": int(min(res.cpu, float(os.cpu_count() or 1)) * 1e9),
         "Memory": res.memory_mb << 20,
         "MemorySwap": res.memory_mb << 20,
-        "PidsLimit": res.pids,
+        "PidsLimit": limits.host_pids_limit(res.pids),
+        "Ulimits": [
+            {"Name": name, "Soft": value, "Hard": value}
+            for name, value in limits.sandbox_rlimits(res.pids).items()
+        ],
         "SecurityOpt": ["no-new-privileges"],
         # The guest agent's channel is the container's stdout: keep it out of logs.
         "LogConfig": {"Type": "none", "Config": {}},
@@ -151,6 +156,26 @@ async def is_alive(engine: Engine, sandbox_id: str) -> bool:
             return False
         raise engine.translate(exc, sandbox_id) from None
     return bool(info["State"]["Running"])
+
+
+async def exit_reason(engine: Engine, sandbox_id: str) -> str | None:
+    """Why a stopped container stopped: the kernel's OOM kill (under gVisor the host
+    kills the whole sandbox at its memory cgroup's limit, the sandbox's own), else its
+    exit code; ``None`` if it is gone or still running."""
+    try:
+        with anyio.fail_after(API_TIMEOUT_S):
+            info = await engine.container(sandbox_id).show()
+    except DockerError as exc:
+        if exc.status == 404:
+            return None
+        raise engine.translate(exc, sandbox_id) from None
+    state = info["State"]
+    if state.get("Running"):
+        return None
+    if state.get("OOMKilled"):
+        limit = int(info["HostConfig"].get("Memory") or 0) >> 20
+        return f"out of memory (OOMKilled at its own {limit} MiB limit)"
+    return f"exit code {state.get('ExitCode')}"
 
 
 async def list_managed(engine: Engine) -> list[Managed]:

@@ -61,6 +61,9 @@ class DockerRuntime:
     async def list_managed(self) -> list[Managed]:
         return await lifecycle.list_managed(self.engine)
 
+    async def exit_reason(self, sandbox_id: str) -> str | None:
+        return await lifecycle.exit_reason(self.engine, sandbox_id)
+
     async def attach(self, sandbox_id: str) -> _aiodocker.AttachedContainer:
         try:
             return await _aiodocker.attach(self.engine.docker, container_name(sandbox_id), sandbox_id)

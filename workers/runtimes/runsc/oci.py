@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from hotbed import limits
 from hotbed.protocol import Resources
 
 OCI_VERSION = "1.0.2"
@@ -159,6 +160,10 @@ def sandbox_spec(
 ) -> dict[str, Any]:
     """The bundle's ``config.json`` for one sandbox."""
     proc = process(args, env=merge_env(env, gpu.env if gpu else {}, home=ident.home), cwd=cwd, ident=ident)
+    proc["rlimits"] = [
+        {"type": f"RLIMIT_{name.upper()}", "soft": value, "hard": value}
+        for name, value in limits.sandbox_rlimits(resources.pids).items()
+    ]
     mounts = [dict(m) for m in BASE_MOUNTS]
     devices: list[dict[str, Any]] = []
     if gpu is not None:
@@ -178,7 +183,7 @@ def sandbox_spec(
             "resources": {
                 "cpu": {"quota": int(resources.cpu * CPU_PERIOD_US), "period": CPU_PERIOD_US},
                 "memory": {"limit": memory, "swap": memory},
-                "pids": {"limit": resources.pids},
+                "pids": {"limit": limits.host_pids_limit(resources.pids)},
             },
             "devices": devices,
             "maskedPaths": [],
