@@ -336,8 +336,8 @@ end
 redis.call('HDEL', KEYS[1], ARGV[1])
 local cpu, mem, gpu = string.match(held, '^(%S+) (%S+) (%S+)$')
 redis.call('HINCRBY', KEYS[2], 'n', -1)
-redis.call('HINCRBY', KEYS[2], 'cpu', -tonumber(cpu))
-redis.call('HINCRBY', KEYS[2], 'mem', -tonumber(mem))
-redis.call('HINCRBY', KEYS[2], 'gpu', -tonumber(gpu))
+redis.call('HINCRBY', KEYS[2], 'cpu', 0 - tonumber(cpu))
+redis.call('HINCRBY', KEYS[2], 'mem', 0 - tonumber(mem))
+redis.call('HINCRBY', KEYS[2], 'gpu', 0 - tonumber(gpu))
 return 1
 """)
