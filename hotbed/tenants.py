@@ -49,7 +49,7 @@ from redis import exceptions as redis_errors
 
 from hotbed import batching, lua
 from hotbed.batching import raise_first_error
-from hotbed.connection import RedisURL, is_cluster
+from hotbed.connection import is_cluster
 from hotbed.errors import InvalidRequest, QuotaExceeded
 from hotbed.keys import Keys
 
@@ -59,6 +59,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
 TENANT_COMMANDS = (
     "ping", "echo", "hello", "auth", "select", "reset", "quit", "acl|whoami",
     "client|setname", "client|id",
+    # A Redis Cluster client maps slots and commands, and follows ASK redirections.
+    "cluster|slots", "cluster|shards", "cluster|nodes", "command", "asking", "readwrite",
     "xadd", "xlen", "xread", "xrange", "xtrim", "del", "unlink", "exists",
     "blpop", "lpop", "llen", "hget", "hmget", "hgetall", "get", "type", "ttl", "pttl",
     "zrange", "zcard", "zscore", "smembers", "scard", "sismember",
@@ -226,9 +228,11 @@ def worker_rules(keys: Keys, worker_id: str) -> list[str]:
 async def _every_node(redis: aioredis.Redis, *args: Any) -> None:
     """An ACL command on every node (ACLs are per Redis process)."""
     if is_cluster(redis):
-        from redis.asyncio.cluster import RedisCluster
-
-        await _r(redis).execute_command(*args, target_nodes=RedisCluster.ALL_NODES)
+        # Every node, replicas too, named one by one: a node flag would be routed by
+        # the command's key policy instead.
+        cluster = _r(redis)
+        await cluster.initialize()
+        await cluster.execute_command(*args, target_nodes=cluster.get_nodes())
     else:
         await _r(redis).execute_command(*args)
 
@@ -244,6 +248,14 @@ async def set_user(redis: aioredis.Redis, user: str, password: str, rules: list[
     """(Re)create Redis user ``user`` with exactly ``rules`` and this password."""
     await _every_node(redis, "ACL", "SETUSER", user, "reset", "on", f">{password}", *rules)
     await _save_acl(redis)
+
+
+async def delete_user(redis: aioredis.Redis, user: str) -> None:
+    """Delete Redis user ``user`` everywhere; its connections close."""
+    try:
+        await _every_node(redis, "ACL", "DELUSER", user)
+    finally:
+        await _save_acl(redis)
 
 
 async def provision_daemon_user(
@@ -342,10 +354,7 @@ async def remove_tenant(redis: aioredis.Redis, keys: Keys, name: str) -> list[st
     check_name(name)
     held = [_s(s) for s in await _r(redis).hkeys(keys.tenant_held(name))]
     await _r(redis).srem(keys.tenants, name)
-    try:
-        await _every_node(redis, "ACL", "DELUSER", user_name(keys.prefix, name))
-    finally:
-        await _save_acl(redis)
+    await delete_user(redis, user_name(keys.prefix, name))
     streams = [keys.tenant_requests(name)] + [
         keys.tenant_worker_cmds(_s(w), name) for w in await _r(redis).zrange(keys.workers, 0, -1)
     ]
@@ -382,8 +391,8 @@ async def give(redis: aioredis.Redis, keys: Keys, tenant: str, sandbox_id: str) 
 
 
 __all__ = [
-    "Credentials", "Quota", "TenantInfo", "Usage", "check_name", "create_tenant", "get_tenant",
+    "Credentials", "Quota", "TenantInfo", "Usage", "check_name", "create_tenant", "delete_user", "get_tenant",
     "give", "list_tenants", "new_request_id", "owner", "provision_daemon_user", "remove_tenant",
     "scheduler_rules", "set_quota", "take", "tenant_names", "tenant_of_user", "tenant_rules",
-    "user_name", "with_credentials", "worker_rules", "RedisURL",
+    "user_name", "with_credentials", "worker_rules",
 ]

@@ -7,10 +7,15 @@ involved; the scheduler and the worker run as their own least-privileged Redis u
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import pytest
@@ -23,7 +28,14 @@ from hotbed.client import Client
 from hotbed.errors import PermissionDenied, QuotaExceeded, SandboxNotFound
 from hotbed.protocol import Envelope, Exec, ExecSpec
 from hotbed.sandbox import Sandbox
-from tests.conftest import BUSYBOX_IMAGE, Stack, running_stack
+from tests.conftest import (
+    BUSYBOX_IMAGE,
+    Stack,
+    _free_port,
+    docker_available,
+    leftover_containers,
+    running_stack,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -112,7 +124,7 @@ async def tenanted_stack(redis_url: str, prefix: str) -> AsyncIterator[Tenanted]
                             await remove(admin, name)
         finally:
             for user in (s_user, w_user):
-                await admin.redis.execute_command("ACL", "DELUSER", user)
+                await tenants.delete_user(admin.redis, user)
 
 
 async def test_tenant_b_is_refused_on_tenant_a_and_the_node_keeps_serving(redis_url: str, prefix: str) -> None:
@@ -193,8 +205,8 @@ async def test_tenant_b_is_refused_on_tenant_a_and_the_node_keeps_serving(redis_
                 await as_worker.redis.xread({keys.worker_cmds("w-other"): "0"})
             with pytest.raises(NOPERM):
                 await as_worker.redis.hset(keys.tenant_quota("bob"), "sandboxes", "0")
-            with pytest.raises(NOPERM):
-                await as_worker.redis.execute_command("ACL", "LIST")
+            with pytest.raises(NOPERM):  # nor pose as a tenant to the scheduler
+                await as_worker.redis.xadd(keys.tenant_requests("bob"), {"m": b"x"})
 
         # A is untouched and the node serves everyone.
         assert (await sa.exec("echo", "still", "mine")).stdout == "still mine\n"
@@ -248,3 +260,50 @@ async def test_open_redis_without_tenants_is_the_operator(redis_url: str, prefix
     async with Client(redis_url, prefix=prefix) as c:
         assert c.tenant is None and "." not in c.new_request_id()
         assert await c.redis.scard(c.keys.tenants) == 0
+
+
+def test_up_sets_an_admin_password_and_tenants_use_the_cli(tmp_path: Path) -> None:
+    """`hotbed up -d` on a fresh machine: Redis refuses the unauthenticated, the CLI finds
+    the admin URL in the client config, and a tenant made with `hotbed tenant create`
+    runs sandboxes with only its own URL."""
+    assert docker_available(), "run `make test`: it starts dockerd with runsc"
+    port = _free_port()
+    prefix = f"t{os.urandom(4).hex()}"
+    conf = tmp_path / "config"
+    conf.write_text(f'redis_url = "redis://127.0.0.1:{port}/0"\nprefix = "{prefix}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("HOTBED_REDIS_URL", "HOTBED_PREFIX")}
+    env.update(HOTBED_HOME=str(tmp_path / "home"), HOTBED_CONFIG=str(conf),
+               HOTBED_WORKER_ID=f"w-{prefix}", HOTBED_DRAIN_ON_STOP="true")
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True,
+                              env={**env, **extra}, timeout=120)
+
+    try:
+        up = cli("up", "--detach")
+        assert up.returncode == 0, up.stderr
+        assert "admin password" in up.stderr and "redis://" not in up.stderr.split("admin password")[1]
+        assert conf.stat().st_mode & 0o777 == 0o600 and "redis://default:" in conf.read_text()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port).ping()
+        made = cli("tenant", "create", "carol", "--sandboxes", "2", "--json")
+        assert made.returncode == 0, made.stderr
+        creds = json.loads(made.stdout)
+        assert creds["user"] == f"{prefix}.tenant.carol" and creds["password"] in creds["url"]
+        listed = cli("tenant", "list")
+        assert "carol" in listed.stdout and creds["password"] not in listed.stdout
+        # The tenant's own URL wins over the config file's admin URL.
+        run = cli("run", BUSYBOX_IMAGE, "--", "echo", "as carol", HOTBED_REDIS_URL=creds["url"])
+        assert (run.returncode, run.stdout) == (0, "as carol\n"), run.stderr
+        refused = cli("template", "delete", "anything", HOTBED_REDIS_URL=creds["url"])
+        assert refused.returncode == 125 and "permission" in refused.stderr.lower()
+        assert cli("tenant", "rm", "carol").returncode == 0
+        assert cli("tenant", "list", "-q").stdout == ""
+        log = (tmp_path / "home" / "hotbed.log").read_text()
+        assert "Traceback" not in log and creds["password"] not in log
+    finally:
+        cli("down")
+        subprocess.run(["redis-cli", "-p", str(port), "--user", "default", "--pass",
+                        conf.read_text().split(":")[2].split("@")[0], "shutdown", "nosave"],
+                       capture_output=True, timeout=10)
+    assert leftover_containers(prefix) == []
