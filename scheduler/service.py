@@ -30,10 +30,16 @@ from daemon import lifecycle, tenancy
 from daemon.metrics import NULL, NullMetrics
 from daemon.streams import StreamConsumer, ensure_group, reply_to, send_reply, set_arrival
 from hotbed import keys as keyspace
-from hotbed import lua, protocol, records
+from hotbed import limits, lua, protocol, records
 from hotbed import tenants as tenancy_rules
 from hotbed.connection import connect
-from hotbed.errors import HotbedError, PermissionDenied, UnsupportedRequest, WorkerLost
+from hotbed.errors import (
+    HotbedError,
+    InvalidRequest,
+    PermissionDenied,
+    UnsupportedRequest,
+    WorkerLost,
+)
 from hotbed.protocol import BuildTemplate, CreateSandbox, Envelope, ErrorReply, Reply
 from hotbed.records import ENDED_RECORD_TTL_S
 from scheduler import templates
@@ -302,7 +308,10 @@ class Scheduler:
         body = env.body
         if not isinstance(body, CreateSandbox):
             raise PermissionDenied(f"tenant {tenant!r} may not send {type(body).__name__}; operators only")
-        validate(body.spec)
+        # Shares are sums: a negative or NaN shape must not reach the quota step.
+        problems = limits.resource_problems(body.spec.resources)
+        if problems:
+            raise InvalidRequest("; ".join(problems))
         sid = sandbox_id_for(env.id)
         assert tenancy_rules.owner(sid) == tenant
         await self.quotas.take(tenant, sid, body.spec)
