@@ -46,6 +46,7 @@ AREAS = [
     "cli.system",
     "cli.fleet",
     "cli.shell",
+    "cli.tenants",
 ]
 # Commands that hand everything after their name to another program's parser (the
 # daemons'), so ``hotbed scheduler --config FILE`` and ``--help`` reach it untouched.

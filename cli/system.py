@@ -11,6 +11,14 @@ started). Foreground; ``-d`` detaches it, ``hotbed down`` stops it. ``--cluster 
 runs it on a local N-primary Redis Cluster instead (cli.localcluster), which ``hotbed
 down`` stops too. State lives in
 ``$HOTBED_HOME`` (default ``~/.hotbed``): redis data, logs, the pid file.
+
+The Redis ``hotbed up`` starts is not open: unless ``HOTBED_REDIS_URL`` names a Redis
+without a password (the caller's choice), it gets an admin password (the ``default``
+user, kept hashed in ``$HOTBED_HOME/users.acl``, its ACL file, so tenants' users survive
+a restart too), and the admin URL goes into the client config file (hotbed.config),
+where the SDK and CLI find it. The scheduler and the worker then run as their own
+least-privileged Redis users (hotbed.tenants), their URLs in their environment, not on
+a command line.
 """
 
 from __future__ import annotations
@@ -38,7 +46,69 @@ def home() -> Path:
 
 
 def redis_url() -> str:
-    return os.environ.get("HOTBED_REDIS_URL", "redis://127.0.0.1:6379/0")
+    from hotbed.client import default_url
+
+    return default_url()
+
+
+def _with_admin_password(url: str) -> str:
+    """``url`` with the admin password of a Redis that ``hotbed up`` is about to start,
+    written to the client config; ``url`` itself if it says how to authenticate, or
+    names an open Redis on purpose (``HOTBED_REDIS_URL``), or one answers there."""
+    from hotbed import config as client_config
+    from hotbed import tenants
+    from hotbed.client import default_prefix
+    from hotbed.connection import RedisURL
+
+    if os.environ.get("HOTBED_REDIS_URL") or RedisURL(url).password or _redis_answers(url):
+        return url
+    import secrets
+
+    url = tenants.with_credentials(url, "default", secrets.token_urlsafe(24))
+    where = client_config.write(client_config.ClientConfig(redis_url=url, prefix=default_prefix()))
+    print(f"hotbed: Redis gets an admin password; the SDK and CLI find it in {where}", file=sys.stderr)
+    return url
+
+
+def _acl_config(url: str) -> list[str]:
+    """redis-server arguments giving the default user ``url``'s password, from an ACL
+    file in ``$HOTBED_HOME`` (so ``ACL SAVE`` keeps the users hotbed makes)."""
+    import hashlib
+
+    from hotbed.connection import RedisURL
+
+    password = RedisURL(url).password
+    if not password:
+        return []
+    acl = home() / "users.acl"
+    # The default user follows the URL's password; the other users (tenants, daemons)
+    # are kept as ACL SAVE wrote them.
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    lines = [ln for ln in (acl.read_text().splitlines() if acl.exists() else []) if not ln.startswith("user default ")]
+    fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join([f"user default on #{digest} ~* &* +@all", *lines]) + "\n")
+    return ["--aclfile", str(acl)]
+
+
+def _daemon_env(url: str, worker_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The scheduler's and the worker's environment: their own Redis users' URLs when
+    ``url`` is an admin's (it has a password), else ``url`` for both."""
+    from hotbed import tenants
+    from hotbed.client import Client
+    from hotbed.connection import RedisURL
+
+    if not RedisURL(url).password:
+        return {"HOTBED_REDIS_URL": url}, {"HOTBED_REDIS_URL": url}
+
+    async def users() -> tuple[str, str]:
+        async with Client(url) as c:
+            s_user, s_pw = await tenants.provision_daemon_user(c.redis, c.keys, role="scheduler")
+            w_user, w_pw = await tenants.provision_daemon_user(c.redis, c.keys, role="worker", worker_id=worker_id)
+        return tenants.with_credentials(url, s_user, s_pw), tenants.with_credentials(url, w_user, w_pw)
+
+    s_url, w_url = run_async(users)
+    return {"HOTBED_REDIS_URL": s_url}, {"HOTBED_REDIS_URL": w_url}
 
 
 def _redis_answers(url: str, timeout: float = 1.0) -> bool:
@@ -72,7 +142,7 @@ def ensure_redis(url: str) -> bool:
     port = u.port or 6379
     print(f"hotbed: starting redis-server on 127.0.0.1:{port} (data in {data})", file=sys.stderr)
     subprocess.run(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
+        [server, *_acl_config(url), "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
          "--dir", str(data), "--appendonly", "yes", "--save", "", "--pidfile", str(home() / "redis.pid"),
          "--logfile", str(home() / "redis.log"), "--maxclients", "20000",
          *REDIS_MEMORY_FLAGS],
@@ -141,7 +211,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         # The cluster is hotbed down's to stop; the supervisor watches no Redis of its own.
         started_redis = False
     else:
-        url = redis_url()
+        url = _with_admin_password(redis_url())
         # Ours to keep running: started now, or by the `hotbed up -d` that started us.
         started_redis = ensure_redis(url) or (home() / "redis.pid").exists()
     if args.runtime == "docker":
@@ -162,12 +232,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         home(), redis_answers=(lambda: _redis_answers(url, timeout=5.0)) if started_redis else None,
         start_redis=lambda: ensure_redis(url),
     )
-    sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config), "--redis-url", url])
+    s_env, w_env = _daemon_env(url, wsettings.resolved_id())
+    sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config)], env=s_env)
     sup.add("worker", "workers", [
-        *_config_arg(args.worker_config), "--redis-url", url, "--runtime", args.runtime,
+        *_config_arg(args.worker_config), "--runtime", args.runtime,
         "--worker-id", wsettings.resolved_id(),
-    ])
-    ready = f"hotbed: up (redis {url}, worker {wsettings.resolved_id()}); Ctrl-C to stop"
+    ], env=w_env)
+    from daemon.config import redact_url
+
+    ready = f"hotbed: up (redis {redact_url(url)}, worker {wsettings.resolved_id()}); Ctrl-C to stop"
     lifecycle.run(lambda: supervise.serve(sup, ready))
     return 0
 

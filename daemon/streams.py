@@ -14,14 +14,19 @@ the slots that short ones need; its entry is still acknowledged only when it ret
 
 Replies go to ``keys.reply(request id)``, never to a key a message names: the
 envelope's ``reply_to`` only says whether anyone waits for an answer.
+
+A consumer may read more streams than its own: ``extra_streams`` names them (the
+tenants' streams, hotbed.tenants), re-asked on every read, all sharing the main
+stream's hash tag so one XREADGROUP reads them on a Redis Cluster too. A handler asks
+:func:`arrived_on` which stream its entry came from: that is who sent it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import redis.asyncio as aioredis
@@ -91,6 +96,25 @@ class _Slot:
 
 
 _slot: ContextVar[_Slot | None] = ContextVar("hotbed_intake_slot", default=None)
+_arrived: ContextVar[str | None] = ContextVar("hotbed_arrived_on", default=None)
+
+
+def arrived_on() -> str | None:
+    """The stream the entry the calling task handles was read from (None outside a
+    handler)."""
+    return _arrived.get()
+
+
+def set_arrival(stream: str) -> None:
+    """Say which stream the entry handled by the calling task came from (for entries
+    handled outside :meth:`StreamConsumer.run`: replays, reclaims)."""
+    _arrived.set(stream)
+
+
+class Entry(NamedTuple):
+    id: bytes
+    data: bytes
+    stream: str
 
 
 def leave_intake() -> None:
@@ -113,6 +137,7 @@ class StreamConsumer:
         group: str,
         consumer: str,
         limiter: anyio.CapacityLimiter,
+        extra_streams: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.redis = redis
         self.blocking = blocking
@@ -120,49 +145,80 @@ class StreamConsumer:
         self.group = group
         self.consumer = consumer
         self.limiter = limiter
-        self._acks: batching.Coalescer[bytes] = batching.Coalescer(self._flush_acks)
+        self._extra = extra_streams
+        # Streams whose group this consumer made sure of (the main one: the caller's job).
+        self._grouped: set[str] = {stream}
+        self._acks: batching.Coalescer[tuple[str, bytes]] = batching.Coalescer(self._flush_acks)
 
-    async def ack(self, *entry_ids: bytes) -> None:
-        # Entries finishing together are acknowledged by one XACK and one XDEL.
-        await self._acks.add(*entry_ids)
+    def streams(self) -> list[str]:
+        """Every stream this consumer reads: its own, then the extra ones."""
+        if self._extra is None:
+            return [self.stream]
+        return [self.stream, *(s for s in self._extra() if s != self.stream)]
 
-    async def _flush_acks(self, entry_ids: list[bytes]) -> None:
-        raise_first_error(await batching.for_client(self.redis).execute(
-            ("XACK", self.stream, self.group, *entry_ids), ("XDEL", self.stream, *entry_ids)
-        ))
+    async def ack(self, *entry_ids: bytes, stream: str | None = None) -> None:
+        # Entries finishing together are acknowledged by one XACK and one XDEL per stream.
+        where = stream or self.stream
+        await self._acks.add(*((where, e) for e in entry_ids))
 
-    async def pending(self) -> list[tuple[bytes, bytes]]:
+    async def _flush_acks(self, items: list[tuple[str, bytes]]) -> None:
+        by_stream: dict[str, list[bytes]] = {}
+        for where, entry_id in items:
+            by_stream.setdefault(where, []).append(entry_id)
+        commands: list[Any] = []
+        for where, ids in by_stream.items():
+            commands += [("XACK", where, self.group, *ids), ("XDEL", where, *ids)]
+        raise_first_error(await batching.for_client(self.redis).execute(*commands))
+
+    async def pending(self) -> list[Entry]:
         """Entries delivered to this consumer name before a restart and never acknowledged."""
-        out: list[tuple[bytes, bytes]] = []
-        got = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: "0"}, count=10_000
+        out: list[Entry] = []
+        await self._ensure_groups()
+        got: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, dict.fromkeys(self.streams(), "0"), count=10_000
         )
-        for _stream, entries in got or []:
+        for raw_stream, entries in got or []:
+            where = raw_stream.decode() if isinstance(raw_stream, bytes) else raw_stream
             for entry_id, fields in entries:
                 if fields:
-                    out.append((entry_id, fields.get(keyspace.FIELD, b"")))
+                    out.append(Entry(entry_id, fields.get(keyspace.FIELD, b""), where))
                 else:
                     # Deleted after delivery; nothing left to do but acknowledge.
-                    await self.ack(entry_id)
+                    await self.ack(entry_id, stream=where)
         return out
 
-    async def claim_stale(self, min_idle_ms: int) -> list[tuple[bytes, bytes]]:
+    async def claim_stale(self, min_idle_ms: int) -> list[Entry]:
         """Take over entries another consumer took and left unacknowledged (it died)."""
-        out: list[tuple[bytes, bytes]] = []
-        start = "0-0"
-        while True:
-            res: Any = await self.redis.xautoclaim(
-                self.stream, self.group, self.consumer, min_idle_ms, start_id=start, count=500
-            )
-            start, entries = res[0], res[1]
-            for entry_id, fields in entries:
-                if fields:
-                    out.append((entry_id, fields.get(keyspace.FIELD, b"")))
-            deleted = res[2] if len(res) > 2 else []
-            if deleted:
-                await self.ack(*deleted)
-            if start in (b"0-0", "0-0"):
-                return out
+        out: list[Entry] = []
+        for where in self.streams():
+            start = "0-0"
+            while True:
+                try:
+                    res: Any = await self.redis.xautoclaim(
+                        where, self.group, self.consumer, min_idle_ms, start_id=start, count=500
+                    )
+                except redis_errors.ResponseError as exc:
+                    if where != self.stream and str(exc).startswith("NOGROUP"):
+                        break  # a tenant's stream not read yet (or just removed)
+                    raise
+                start, entries = res[0], res[1]
+                for entry_id, fields in entries:
+                    if fields:
+                        out.append(Entry(entry_id, fields.get(keyspace.FIELD, b""), where))
+                deleted = res[2] if len(res) > 2 else []
+                if deleted:
+                    await self.ack(*deleted, stream=where)
+                if start in (b"0-0", "0-0"):
+                    break
+        return out
+
+    async def _ensure_groups(self, *, again: bool = False) -> None:
+        """Make the group on every extra stream not seen before (``again``: on all)."""
+        streams = self.streams()
+        for where in streams:
+            if again or where not in self._grouped:
+                await ensure_group(self.redis, where, self.group)
+        self._grouped = set(streams)
 
     async def run(
         self,
@@ -187,11 +243,14 @@ class StreamConsumer:
                 self.limiter.release_on_behalf_of(token)
                 return
             count = min(batch, 1 + int(self.limiter.available_tokens))
+            got: Any
             try:
+                if self._extra is not None:
+                    await self._ensure_groups()
                 got = await self.blocking.xreadgroup(
                     self.group,
                     self.consumer,
-                    {self.stream: ">"},
+                    dict.fromkeys(self.streams(), ">"),
                     count=count,
                     block=int(min(MAX_BLOCK_S, 1.0) * 1000),
                 )
@@ -206,6 +265,7 @@ class StreamConsumer:
                 log.warning("stream %s or its group vanished; recreating it", self.stream)
                 try:
                     await ensure_group(self.redis, self.stream, self.group)
+                    await self._ensure_groups(again=True)
                 except Exception as again:
                     await anyio.sleep(backoff.failed(again))
                 continue
@@ -217,7 +277,9 @@ class StreamConsumer:
                 self.limiter.release_on_behalf_of(token)
                 raise
             backoff.succeeded()
-            entries = [e for _s, es in (got or []) for e in es]
+            entries = [
+                (s.decode() if isinstance(s, bytes) else s, e) for s, es in (got or []) for e in es
+            ]
             if not entries:
                 self.limiter.release_on_behalf_of(token)
                 continue
@@ -227,12 +289,15 @@ class StreamConsumer:
                 # Slots were free when we read; taking them cannot block for long.
                 await self.limiter.acquire_on_behalf_of(extra)
                 tokens.append(extra)
-            for (entry_id, fields), tok in zip(entries, tokens, strict=True):
-                tg.start_soon(self._run_one, handle, entry_id, fields.get(keyspace.FIELD, b""), tok)
+            for (where, (entry_id, fields)), tok in zip(entries, tokens, strict=True):
+                tg.start_soon(self._run_one, handle, entry_id, fields.get(keyspace.FIELD, b""), tok, where)
 
-    async def _run_one(self, handle: Handler, entry_id: bytes, data: bytes, token: object) -> None:
+    async def _run_one(
+        self, handle: Handler, entry_id: bytes, data: bytes, token: object, stream: str = ""
+    ) -> None:
         slot = _Slot(self.limiter, token)
         _slot.set(slot)
+        _arrived.set(stream or self.stream)
         try:
             try:
                 await handle(entry_id, data)
@@ -246,8 +311,8 @@ class StreamConsumer:
             # later (handlers are idempotent or answer WorkerLost on replay).
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 try:
-                    await self.ack(entry_id)
+                    await self.ack(entry_id, stream=stream or self.stream)
                 except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-                    log.warning("could not acknowledge %s on %s: %s", entry_id, self.stream, exc)
+                    log.warning("could not acknowledge %s on %s: %s", entry_id, stream or self.stream, exc)
         finally:
             slot.release()

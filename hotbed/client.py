@@ -8,8 +8,15 @@ most ``MAX_BLOCK_S``, until the request's deadline plus a grace for the daemon's
 timeout error to arrive first. Nothing runs in the background: a client is two
 connection pools.
 
-Settings (environment): ``HOTBED_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``),
-``HOTBED_PREFIX`` (default ``hotbed``).
+Settings (environment): ``HOTBED_REDIS_URL`` (default: the client config file's, see
+:mod:`hotbed.config`, else ``redis://127.0.0.1:6379/0``), ``HOTBED_PREFIX`` (default:
+the config file's, else ``hotbed``).
+
+A client whose Redis user is a tenant's (``PREFIX.tenant.T``, :mod:`hotbed.tenants`)
+acts as that tenant: its request ids are ``T.<hex>``, and it submits to T's own
+streams with plain commands (a tenant may run no Lua), checking the backlog first; a
+worker gone, or not serving T yet, answers WorkerLost. What Redis refuses it (another
+tenant's keys) is PermissionDenied.
 """
 
 from __future__ import annotations
@@ -25,11 +32,19 @@ import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
-from hotbed import batching, lua, protocol
+from hotbed import batching, lua, protocol, tenants
+from hotbed import config as client_config
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
-from hotbed.connection import MAX_BLOCK_S, connect, is_cluster
-from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound, WorkerLost
+from hotbed.connection import MAX_BLOCK_S, RedisURL, connect, is_cluster
+from hotbed.errors import (
+    ConnectionLost,
+    Overloaded,
+    PermissionDenied,
+    RequestTimeout,
+    SandboxNotFound,
+    WorkerLost,
+)
 from hotbed.protocol import Envelope, Message, Reply
 from hotbed.records import SandboxRecord, from_hash
 
@@ -60,11 +75,15 @@ def new_id() -> str:
 
 
 def default_url() -> str:
-    return os.environ.get("HOTBED_REDIS_URL", DEFAULT_URL)
+    return os.environ.get("HOTBED_REDIS_URL") or client_config.load().redis_url or DEFAULT_URL
 
 
 def default_prefix() -> str:
-    return os.environ.get("HOTBED_PREFIX", "hotbed")
+    return os.environ.get("HOTBED_PREFIX") or client_config.load().prefix or "hotbed"
+
+
+def _refused(exc: redis.exceptions.NoPermissionError, what: str) -> PermissionDenied:
+    return PermissionDenied(f"Redis refused {what}: {exc}")
 
 
 class Client:
@@ -76,9 +95,12 @@ class Client:
         *,
         prefix: str | None = None,
         backlog_limit: int = DEFAULT_BACKLOG_LIMIT,
+        tenant: str | None = None,
     ) -> None:
         self.url = url or default_url()
         self.keys = keyspace.Keys(prefix or default_prefix())
+        # The tenant this client acts as (its Redis user's), None for an operator.
+        self.tenant = tenant or tenants.tenant_of_user(self.keys.prefix, RedisURL(self.url).username)
         self.client_id = new_id()
         self.backlog_limit = backlog_limit
         self.redis: aioredis.Redis = connect(self.url)
@@ -102,6 +124,10 @@ class Client:
             await self._blocking.aclose()
 
     # ------------------------------------------------------------------ requests
+
+    def new_request_id(self) -> str:
+        """A fresh request id, in this client's tenant's id space."""
+        return tenants.new_request_id(self.tenant) if self.tenant else new_id()
 
     async def call(
         self, stream: str, body: Message, *, timeout: float, worker_id: str | None = None
@@ -130,7 +156,7 @@ class Client:
         ``request_id`` and reads its output with :meth:`read_stream`. Raises Overloaded
         on a full backlog, WorkerLost when ``worker_id``'s worker is gone.
         """
-        rid = request_id or new_id()
+        rid = request_id or self.new_request_id()
         reply_key = self.keys.reply(rid)
         env = Envelope(
             id=rid,
@@ -140,6 +166,9 @@ class Client:
             client=self.client_id,
         )
         data = protocol.encode(env)
+        if self.tenant is not None:
+            await self._submit_as_tenant(stream, data, rid, worker_id)
+            return rid
         try:
             # Auto-pipelined: concurrent calls of this client share one round trip.
             if worker_id is None:
@@ -161,6 +190,39 @@ class Client:
                 request_id=rid,
             )
         return rid
+
+    async def _submit_as_tenant(self, stream: str, data: bytes, rid: str, worker_id: str | None) -> None:
+        """Submit onto the tenant's own stream (scheduler or worker) without Lua: the
+        backlog and the worker's liveness are read first, then the entry is added
+        (``NOMKSTREAM`` to a worker: a stream the reaper deleted is not recreated)."""
+        assert self.tenant is not None
+        tenant = self.tenant
+        if worker_id is None:
+            stream = self.keys.tenant_requests(tenant) if stream == self.keys.requests else stream
+            first: list[Any] = [("XLEN", stream)]
+        else:
+            stream = self.keys.tenant_worker_cmds(worker_id, tenant)
+            first = [("XLEN", stream), ("EXISTS", self.keys.worker_cap(worker_id))]
+        ap = batching.for_client(self.redis)
+        try:
+            got = raise_first_error(await ap.execute(*first))
+            if worker_id is not None and not got[1]:
+                raise WorkerLost(f"worker {worker_id} is gone", worker_id=worker_id, request_id=rid)
+            if got[0] >= self.backlog_limit:
+                raise Overloaded(f"request backlog at its limit ({self.backlog_limit}); retry later", request_id=rid)
+            add: list[Any] = ["XADD", stream]
+            if worker_id is not None:
+                add.append("NOMKSTREAM")
+            (entry,) = raise_first_error(await ap.execute((*add, "*", keyspace.FIELD, data)))
+        except redis.exceptions.NoPermissionError as exc:
+            raise _refused(exc, f"tenant {tenant!r} writing {stream}") from None
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+        if entry is None:
+            raise WorkerLost(
+                f"worker {worker_id} is gone or does not serve tenant {tenant!r} yet",
+                worker_id=worker_id, request_id=rid,
+            )
 
     async def _wait_reply(self, rid: str, reply_key: str, wait_s: float) -> Reply:
         give_up = anyio.current_time() + wait_s
@@ -275,14 +337,20 @@ class Client:
     # ------------------------------------------------------------------ records
 
     async def record(self, sandbox_id: str) -> SandboxRecord:
-        rec = from_hash(await self.redis.hgetall(self.keys.sandbox(sandbox_id)))
+        try:
+            raw = await self.redis.hgetall(self.keys.sandbox(sandbox_id))
+        except redis.exceptions.NoPermissionError as exc:
+            raise _refused(exc, f"reading sandbox {sandbox_id}") from None
+        rec = from_hash(raw)
         if rec is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id}", sandbox_id=sandbox_id)
         return rec
 
     async def records(self, *, tags: dict[str, str] | None = None) -> list[SandboxRecord]:
         """Live sandboxes, oldest first, optionally those carrying all of ``tags``."""
-        ids = await self.redis.zrange(self.keys.sandboxes, 0, -1)
+        ids: Any = await self.redis.zrange(self.keys.sandboxes, 0, -1)
+        if self.tenant is not None:
+            ids = [i for i in ids if tenants.owner(i.decode()) == self.tenant]
         out: list[SandboxRecord] = []
         for start in range(0, len(ids), 500):
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -8,6 +8,10 @@ Tree::
     ├── RequestTimeout (TimeoutError)  no reply before the request's deadline
     ├── Overloaded                   a backlog is over its limit, or a node cannot start the
     │                                sandbox before its deadline (too many starts); retry later
+    ├── QuotaExceeded                a create would take a tenant over its quota (``detail``
+    │                                names the ``tenant`` and the ``limit`` hit)
+    ├── PermissionDenied             the caller's credentials do not cover this sandbox or
+    │                                request (another tenant's, or an operator's only)
     ├── InvalidRequest               malformed or out-of-range request (negative timeout, ...)
     │   └── UnsupportedRequest       a peer does not know this message type or version
     ├── ImageNotFound                no worker holds the image or could pull it
@@ -82,6 +86,14 @@ class RequestTimeout(HotbedError, TimeoutError):
 
 class Overloaded(HotbedError):
     code = "Overloaded"
+
+
+class QuotaExceeded(HotbedError):
+    code = "QuotaExceeded"
+
+
+class PermissionDenied(HotbedError):
+    code = "PermissionDenied"
 
 
 class InvalidRequest(HotbedError):

@@ -58,7 +58,25 @@ key                                    type    meaning
                                                (``cpu``, ``memory_mb``, ``gpu``); codec
                                                hotbed.records.PoolConfig
 ``hotbed:pools``                       set     pool names
+``hotbed:tenants``                     set     tenant names (hotbed.tenants)
+``hotbed:{q}:requests:T``              stream  tenant T's requests to the schedulers (group
+                                               ``schedulers``); only T's Redis user may
+                                               write it, so the stream is T's identity
+``hotbed:{w:ID}:cmds:T``               stream  tenant T's commands to worker ID (group
+                                               ``worker``); likewise only T writes it
+``hotbed:{t:T}:quota``                 hash    tenant T's limits (hotbed.tenants.Quota)
+``hotbed:{t:T}:held``                  hash    sandbox id -> what it holds of T's quota,
+                                               ``"MILLICPU MIB GPUS"``; written only by Lua
+``hotbed:{t:T}:usage``                 hash    the sums of ``held``: ``n``, ``cpu``, ``mem``,
+                                               ``gpu``; written only by Lua
+``hotbed:{t:T}:rate``                  hash    T's create token bucket (``tokens``, ``at``
+                                               in Redis ``TIME`` ms); written only by Lua
 =====================================  ======  ============================================
+
+Tenants: a tenant's request ids start with ``T.`` and its sandboxes' ids with ``sb-T.``
+(tenant names hold no ``.``), so its reply, output and sandbox record keys fall under
+patterns its Redis user is granted and no other tenant's is (hotbed.tenants). Daemons
+take a request's tenant from the stream it arrived on and refuse ids outside it.
 
 The registries (``hotbed:workers``, ``hotbed:sandboxes``, ``hotbed:templates``,
 ``hotbed:pools``) have no tag of their own kind and no script touches one together with
@@ -172,3 +190,40 @@ class Keys(msgspec.Struct, frozen=True):
     @property
     def pools(self) -> str:
         return f"{self.prefix}:pools"
+
+    # -- tenants
+    @property
+    def tenants(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    def tenant_requests(self, tenant: str) -> str:
+        """Tenant ``tenant``'s request stream (shares the scheduler stream's tag, so one
+        XREADGROUP reads them all on a Redis Cluster too)."""
+        return f"{self.requests}:{tenant}"
+
+    def tenant_worker_cmds(self, worker_id: str, tenant: str) -> str:
+        """Tenant ``tenant``'s command stream to a worker (shares the worker's tag)."""
+        return f"{self.worker_cmds(worker_id)}:{tenant}"
+
+    def stream_tenant(self, stream: str) -> str | None:
+        """The tenant whose stream ``stream`` is; None for the operators' own streams."""
+        if stream.startswith(self.requests + ":"):
+            return stream[len(self.requests) + 1 :]
+        head = f"{self.prefix}:{{w:"
+        if stream.startswith(head):
+            _, sep, tenant = stream.partition("}:cmds:")
+            if sep:
+                return tenant
+        return None
+
+    def tenant_quota(self, tenant: str) -> str:
+        return f"{self.prefix}:{{t:{tenant}}}:quota"
+
+    def tenant_held(self, tenant: str) -> str:
+        return f"{self.prefix}:{{t:{tenant}}}:held"
+
+    def tenant_usage(self, tenant: str) -> str:
+        return f"{self.prefix}:{{t:{tenant}}}:usage"
+
+    def tenant_rate(self, tenant: str) -> str:
+        return f"{self.prefix}:{{t:{tenant}}}:rate"

@@ -39,21 +39,26 @@ return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 """)
 
 # KEYS[1] = hotbed:{w:ID}:cmds, KEYS[2] = hotbed:{w:ID}:cap,
-# KEYS[3] = hotbed:{w:ID}:sandboxes, KEYS[4] = hotbed:{w:ID}:info
+# KEYS[3] = hotbed:{w:ID}:sandboxes, KEYS[4] = hotbed:{w:ID}:info,
+# KEYS[5..] = hotbed:{w:ID}:cmds:TENANT, the tenants' command streams
 # Removes a dead worker in one step: returns the sandbox ids it held and every command
-# left in its stream (to be answered WorkerLost), and deletes its keys, so no command
-# can slip in between the answering and the deleting (SUBMIT_TO_WORKER sees no cap).
+# left in its streams as {stream, message} (to be answered WorkerLost), and deletes its keys, so no command
+# can slip in between the answering and the deleting (SUBMIT_TO_WORKER sees no cap; a
+# tenant's XADD NOMKSTREAM finds no stream).
 DRAIN_WORKER = Script("""
 local held = redis.call('HKEYS', KEYS[3])
-local entries = redis.call('XRANGE', KEYS[1], '-', '+')
 local msgs = {}
-for _, e in ipairs(entries) do
-  local fields = e[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'm' then table.insert(msgs, fields[i + 1]) end
+for k = 1, #KEYS do
+  if k == 1 or k > 4 then
+    for _, e in ipairs(redis.call('XRANGE', KEYS[k], '-', '+')) do
+      local fields = e[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'm' then table.insert(msgs, {KEYS[k], fields[i + 1]}) end
+      end
+    end
   end
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', unpack(KEYS))
 return {held, msgs}
 """)
 
@@ -360,5 +365,70 @@ end
 table.insert(holders, ARGV[1])
 table.sort(holders)
 redis.call('HSET', KEYS[1], 'holders', cjson.encode(holders))
+return 1
+""")
+
+# KEYS[1] = hotbed:{t:T}:quota, KEYS[2] = hotbed:{t:T}:held,
+# KEYS[3] = hotbed:{t:T}:usage, KEYS[4] = hotbed:{t:T}:rate
+# ARGV[1] = sandbox id, ARGV[2] = millicpu, ARGV[3] = MiB, ARGV[4] = GPUs
+# Takes a create's share of tenant T's quota, or refuses it: at most ``sandboxes``
+# held, ``millicpu``/``memory_mb``/``gpus`` summed over them, and ``creates_per_s``
+# (a token bucket holding one second's worth, on Redis TIME). A limit that is absent
+# or 0 is no limit. Idempotent on the sandbox id (a redelivered create takes nothing).
+# Returns 'ok', or the name of the limit the create would pass.
+QUOTA_TAKE = Script("""
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return 'ok'
+end
+local q = {}
+local raw = redis.call('HGETALL', KEYS[1])
+for i = 1, #raw, 2 do q[raw[i]] = tonumber(raw[i + 1]) or 0 end
+local u = {n = 0, cpu = 0, mem = 0, gpu = 0}
+raw = redis.call('HGETALL', KEYS[3])
+for i = 1, #raw, 2 do u[raw[i]] = tonumber(raw[i + 1]) or 0 end
+local cpu, mem, gpu = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local function over(limit, value)
+  return (q[limit] or 0) > 0 and value > q[limit]
+end
+if over('sandboxes', u.n + 1) then return 'sandboxes' end
+if over('millicpu', u.cpu + cpu) then return 'cpu' end
+if over('memory_mb', u.mem + mem) then return 'memory_mb' end
+if over('gpus', u.gpu + gpu) then return 'gpus' end
+local rate = q['creates_per_s'] or 0
+if rate > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local burst = math.max(1, rate)
+  local tokens = tonumber(redis.call('HGET', KEYS[4], 'tokens') or burst)
+  local at = tonumber(redis.call('HGET', KEYS[4], 'at') or now)
+  tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+  if tokens < 1 then
+    redis.call('HSET', KEYS[4], 'tokens', tostring(tokens), 'at', now)
+    return 'creates_per_s'
+  end
+  redis.call('HSET', KEYS[4], 'tokens', tostring(tokens - 1), 'at', now)
+  redis.call('PEXPIRE', KEYS[4], 60000)
+end
+redis.call('HSET', KEYS[2], ARGV[1], cpu .. ' ' .. mem .. ' ' .. gpu)
+redis.call('HINCRBY', KEYS[3], 'n', 1)
+redis.call('HINCRBY', KEYS[3], 'cpu', cpu)
+redis.call('HINCRBY', KEYS[3], 'mem', mem)
+redis.call('HINCRBY', KEYS[3], 'gpu', gpu)
+return 'ok'
+""")
+
+# KEYS[1] = hotbed:{t:T}:held, KEYS[2] = hotbed:{t:T}:usage; ARGV[1] = sandbox id
+# Gives a sandbox's share of its tenant's quota back. Idempotent: 1 the first time, 0 after.
+QUOTA_GIVE = Script("""
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if not held then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local cpu, mem, gpu = string.match(held, '^(%S+) (%S+) (%S+)$')
+redis.call('HINCRBY', KEYS[2], 'n', -1)
+redis.call('HINCRBY', KEYS[2], 'cpu', 0 - tonumber(cpu))
+redis.call('HINCRBY', KEYS[2], 'mem', 0 - tonumber(mem))
+redis.call('HINCRBY', KEYS[2], 'gpu', 0 - tonumber(gpu))
 return 1
 """)

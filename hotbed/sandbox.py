@@ -151,8 +151,10 @@ class Sandbox:
         )
         c = client or default_client()
         reply: protocol.Reply | None = None
-        if template:
-            # Warm pool first: a claim in Redis, no scheduler or worker round trip.
+        if template and c.tenant is None:
+            # Warm pool first: a claim in Redis, no scheduler or worker round trip
+            # (operators only: pools are shared, so a tenant's create goes through the
+            # scheduler, which holds it to the tenant's quota).
             from hotbed.templates import claim_nowait
 
             reply = await claim_nowait(spec, client=c)

@@ -16,7 +16,7 @@ import anyio
 import redis.exceptions
 
 from hotbed import protocol
-from hotbed.client import OP_TIMEOUT_S, REPLY_GRACE_S, Client, new_id
+from hotbed.client import OP_TIMEOUT_S, REPLY_GRACE_S, Client
 from hotbed.errors import RequestTimeout
 from hotbed.protocol import Message, Reply
 
@@ -44,7 +44,7 @@ class Streamed:
         self.client = client
         self.worker_id = worker_id
         self.sandbox_id = sandbox_id
-        self.request_id = new_id()
+        self.request_id = client.new_request_id()
         self.key = client.keys.output(self.request_id)
         self._body: Message = make(self.key)
         self._timeout = timeout

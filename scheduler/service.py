@@ -11,6 +11,11 @@ The reaper runs on the one replica that holds the ``reaper`` leader lock
 every command left in its stream answered with WorkerLost (no client waits out its
 deadline), and its keys removed. The warm pool controller (scheduler.pools) runs under
 its own ``pools`` lock.
+
+Tenants (hotbed.tenants): each writes its own request stream, read with the shared one;
+a request's tenant is the stream it came on. A tenant may only create sandboxes (ids
+``sb-T.*`` from its ``T.*`` request ids), within its quota (scheduler.quotas); a request
+id outside the stream's tenant gets no answer at all.
 """
 
 from __future__ import annotations
@@ -21,13 +26,20 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from daemon import lifecycle
+from daemon import lifecycle, tenancy
 from daemon.metrics import NULL, NullMetrics
-from daemon.streams import StreamConsumer, ensure_group, reply_to, send_reply
+from daemon.streams import StreamConsumer, ensure_group, reply_to, send_reply, set_arrival
 from hotbed import keys as keyspace
-from hotbed import lua, protocol, records
+from hotbed import limits, lua, protocol, records
+from hotbed import tenants as tenancy_rules
 from hotbed.connection import connect
-from hotbed.errors import HotbedError, UnsupportedRequest, WorkerLost
+from hotbed.errors import (
+    HotbedError,
+    InvalidRequest,
+    PermissionDenied,
+    UnsupportedRequest,
+    WorkerLost,
+)
 from hotbed.protocol import BuildTemplate, CreateSandbox, Envelope, ErrorReply, Reply
 from hotbed.records import ENDED_RECORD_TTL_S
 from scheduler import once, templates
@@ -35,6 +47,7 @@ from scheduler.config import SchedulerSettings
 from scheduler.leader import LeaderLock
 from scheduler.placer import Placer, sandbox_id_for, validate
 from scheduler.pools import PoolController
+from scheduler.quotas import TenantQuotas
 from scheduler.registry import WorkerRegistry
 from scheduler.waitline import HandBack, WaitLine
 
@@ -59,6 +72,8 @@ class Scheduler:
         self.registry: WorkerRegistry | None = None
         self.placer: Placer | None = None
         self.pools: PoolController | None = None
+        self.tenants: tenancy.TenantDirectory | None = None
+        self.quotas: TenantQuotas | None = None
 
     @property
     def settings(self) -> SchedulerSettings:
@@ -108,6 +123,8 @@ class Scheduler:
         )
         reaper_lock = LeaderLock(self.redis, self.keys.lock("reaper"))
         await self.registry.refresh()
+        self.tenants = directory = tenancy.TenantDirectory(self.redis, self.keys)
+        self.quotas = quotas = TenantQuotas(self.redis, self.keys)
         consumer = StreamConsumer(
             redis=self.redis,
             blocking=self._blocking,  # type: ignore[arg-type]
@@ -115,12 +132,15 @@ class Scheduler:
             group=keyspace.REQUESTS_GROUP,
             consumer=self.name,
             limiter=self._limiter,
+            extra_streams=lambda: [self.keys.tenant_requests(t) for t in directory.names],
         )
         await ensure_group(self.redis, consumer.stream, consumer.group)
         log.info("scheduler %s ready", self.name)
         async with anyio.create_task_group() as tg:
+            await tg.start(directory.run)
             tg.start_soon(self._refresh_loop)
             tg.start_soon(self._reaper_loop, reaper_lock)
+            tg.start_soon(quotas.run, reaper_lock.hold)
             tg.start_soon(pools.run)
             async with anyio.create_task_group() as work:
                 tg.start_soon(self._reclaim_loop, consumer, work)
@@ -159,11 +179,11 @@ class Scheduler:
 
         async def reclaim() -> None:
             stale = await consumer.claim_stale(int(self.settings.reclaim_idle_s * 1000))
-            for entry_id, data in stale:
+            for entry_id, data, stream in stale:
                 log.info("reclaimed request %s from a stalled replica", entry_id.decode())
                 token = object()
                 await self._limiter.acquire_on_behalf_of(token)
-                work.start_soon(self._run_reclaimed, consumer, entry_id, data, token)
+                work.start_soon(self._run_reclaimed, consumer, entry_id, data, token, stream)
 
         await lifecycle.supervised_loop(
             "reclaiming stale requests", reclaim,
@@ -171,11 +191,12 @@ class Scheduler:
         )
 
     async def _run_reclaimed(
-        self, consumer: StreamConsumer, entry_id: bytes, data: bytes, token: object
+        self, consumer: StreamConsumer, entry_id: bytes, data: bytes, token: object, stream: str = ""
     ) -> None:
         try:
+            set_arrival(stream or consumer.stream)
             await self._handle_entry(entry_id, data)
-            await consumer.ack(entry_id)
+            await consumer.ack(entry_id, stream=stream or None)
         finally:
             self._limiter.release_on_behalf_of(token)
 
@@ -196,11 +217,13 @@ class Scheduler:
 
     async def _worker_lost(self, wid: str) -> None:
         log.warning("worker %s stopped heartbeating; marking its sandboxes lost", wid, extra={"worker_id": wid})
+        names = self.tenants.names if self.tenants is not None else ()
         held, msgs = await lua.DRAIN_WORKER.run(
             self.redis,
             [
                 self.keys.worker_cmds(wid), self.keys.worker_cap(wid),
                 self.keys.worker_sandboxes(wid), self.keys.worker_info(wid),
+                *(self.keys.tenant_worker_cmds(wid, t) for t in names),
             ],
         )
         lost = records.to_lost(worker=wid, now=lifecycle.wall())
@@ -213,9 +236,10 @@ class Scheduler:
             pipe.zrem(self.keys.workers, wid)
             await pipe.execute()
         err = protocol.error_reply(WorkerLost(f"worker {wid} stopped heartbeating", worker_id=wid))
-        for data in msgs:
+        for stream, data in msgs:
             header = protocol.decode_header(data)
-            if header is not None:
+            tenant = self.keys.stream_tenant(stream.decode())
+            if header is not None and tenancy.may_answer(tenant, header.id):
                 await send_reply(self.redis, self.keys, header.id, header.reply_to, err)
         if self.registry is not None:
             self.registry.workers.pop(wid, None)
@@ -223,6 +247,7 @@ class Scheduler:
     # --------------------------------------------------------------- requests
 
     async def _handle_entry(self, entry_id: bytes, data: bytes) -> None:
+        tenant = tenancy.sender(self.keys)
         try:
             env = protocol.decode_envelope(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -231,11 +256,14 @@ class Scheduler:
                 "malformed request %s: %s", entry_id.decode(), exc,
                 extra={"request_id": header.id if header else None},
             )
-            if header is not None:
+            if header is not None and tenancy.may_answer(tenant, header.id):
                 await send_reply(
                     self.redis, self.keys, header.id, header.reply_to,
                     protocol.error_reply(UnsupportedRequest(f"malformed or unknown request: {exc}")),
                 )
+            return
+        if not tenancy.may_answer(tenant, env.id):
+            log.warning("dropped a request of tenant %s with a request id not its own", tenant)
             return
         kind = type(env.body).__name__
         self.metrics.request(kind)
@@ -247,12 +275,14 @@ class Scheduler:
                 lease = await once.acquire(self.redis, self.keys, env)
                 if lease is None:
                     return
-            reply = await self._dispatch(env, lease)
+            reply = await self._dispatch(env, lease, tenant)
         except HandBack:
-            # Stopping while it waited for capacity: requeue it for a live replica.
+            # Stopping while it waited for capacity: requeue it for a live replica, on
+            # the stream it came on (which says whose it is).
             assert lease is not None
             await lease.release()
-            await self.redis.xadd(self.keys.requests, {keyspace.FIELD: data})
+            stream = self.keys.tenant_requests(tenant) if tenant else self.keys.requests
+            await self.redis.xadd(stream, {keyspace.FIELD: data})
             log.info("handed a waiting create back to the request stream", extra={"request_id": env.id})
             return
         except once.LeaseLost:
@@ -271,9 +301,13 @@ class Scheduler:
                 await lease.settle(once.ANSWERED)
             await reply_to(self.redis, self.keys, env, reply)
 
-    async def _dispatch(self, env: Envelope, lease: once.Lease | None = None) -> Reply | None:
+    async def _dispatch(
+        self, env: Envelope, lease: once.Lease | None = None, tenant: str | None = None,
+    ) -> Reply | None:
         assert self.placer is not None
         body = env.body
+        if tenant is not None:
+            return await self._dispatch_tenant(env, tenant, lease)
         if isinstance(body, CreateSandbox):
             if body.spec.template:
                 await templates.place_from_template(self.placer, env, body.spec, lease=lease)
@@ -284,3 +318,31 @@ class Scheduler:
             await templates.place_build(self.placer, env, body, lease=lease)
             return None
         raise UnsupportedRequest(f"the scheduler does not handle {type(body).__name__}")
+
+    async def _dispatch_tenant(self, env: Envelope, tenant: str, lease: once.Lease | None) -> Reply | None:
+        """A tenant's request: a create within its quota, nothing else."""
+        assert self.placer is not None and self.quotas is not None
+        body = env.body
+        if not isinstance(body, CreateSandbox):
+            raise PermissionDenied(f"tenant {tenant!r} may not send {type(body).__name__}; operators only")
+        # Shares are sums: a negative or NaN shape must not reach the quota step.
+        problems = limits.resource_problems(body.spec.resources)
+        if problems:
+            raise InvalidRequest("; ".join(problems))
+        sid = sandbox_id_for(env.id)
+        assert tenancy_rules.owner(sid) == tenant
+        await self.quotas.take(tenant, sid, body.spec)
+        try:
+            if body.spec.template:
+                await templates.place_from_template(self.placer, env, body.spec, lease=lease)
+            else:
+                await self.placer.place(env, body.spec, lease=lease)
+        except HandBack:
+            self.quotas.placed(sid)  # still held: the create comes back on the same id
+            raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.quotas.give(tenant, sid)
+            raise
+        self.quotas.placed(sid)
+        return None  # the worker replies

@@ -33,6 +33,11 @@ so no host's clock decides who is dead. A worker the reaper declared dead anyway
 loop stalled, Redis failed over) takes its sandboxes back when it notices
 (:meth:`SandboxTable.readopt <workers.sandboxes.SandboxTable.readopt>`): doubt
 destroys nothing.
+Tenants (hotbed.tenants) write their commands to a stream of their own per worker,
+read with this worker's own; a command's tenant is the stream it came on. A tenant may
+only send what :data:`TENANT_COMMANDS` lists, for its own sandboxes (``sb-T.*``), under
+a request id of its own (``T.*``: its reply key); anything else is refused
+(``PermissionDenied``), and a foreign request id is not answered at all.
 
 Lifetime and idle deadlines are wall-clock (``expires_at`` in the record) because
 they must survive a worker restart; waits inside one process use the monotonic clock.
@@ -50,10 +55,10 @@ import anyio
 import msgspec
 import redis.asyncio as aioredis
 
-from daemon import lifecycle
+from daemon import lifecycle, tenancy
 from daemon.metrics import NULL, NullMetrics
-from daemon.streams import StreamConsumer, ensure_group, leave_intake, send_reply
-from hotbed import batching, limits, lua, protocol, records
+from daemon.streams import StreamConsumer, ensure_group, leave_intake, send_reply, set_arrival
+from hotbed import batching, limits, lua, protocol, records, tenants
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
 from hotbed.connection import connect
@@ -62,6 +67,7 @@ from hotbed.errors import (
     ImageNotFound,
     InvalidRequest,
     Overloaded,
+    PermissionDenied,
     RequestTimeout,
     UnsupportedRequest,
     WorkerLost,
@@ -123,6 +129,9 @@ LONG_LIVED_PER_SANDBOX = 16
 SHORT_S = 60.0
 # A pull for a request that carries no deadline gives up after this long.
 PULL_WITHOUT_DEADLINE_S = 600.0
+# What a tenant may send a worker, each naming one of its own sandboxes. Starts come
+# from the scheduler; builds, snapshots and pool notices are operators' business.
+TENANT_COMMANDS = frozenset(EXECUTION_COMMANDS) | {Terminate, UpdateSandbox, PauseSandbox, ResumeSandbox}
 
 
 def long_lived(body: Any) -> bool:
@@ -207,6 +216,7 @@ class WorkerAgent:
         # Images held (advertised) and pulled on demand.
         self.images = ImageService(runtime, settings=settings, worker_id=self.id, keys=self.keys)
         self._handlers = self._handler_table()
+        self.tenants: tenancy.TenantDirectory | None = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -236,6 +246,8 @@ class WorkerAgent:
             self.stopped.set()
 
     async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        self.tenants = directory = tenancy.TenantDirectory(self.redis, self.keys)
+        await directory.refresh()
         consumer = StreamConsumer(
             redis=self.redis,
             blocking=self._blocking,  # type: ignore[arg-type]
@@ -243,6 +255,7 @@ class WorkerAgent:
             group=keyspace.WORKER_GROUP,
             consumer="agent",
             limiter=self._in_flight,
+            extra_streams=lambda: [self.keys.tenant_worker_cmds(self.id, t) for t in directory.names],
         )
         await ensure_group(self.redis, consumer.stream, consumer.group)
         await self.reconcile()
@@ -253,6 +266,7 @@ class WorkerAgent:
             extra={"worker_id": self.id},
         )
         async with anyio.create_task_group() as tg:
+            await tg.start(directory.run)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._expiry_loop)
             tg.start_soon(self._health_loop)
@@ -262,9 +276,9 @@ class WorkerAgent:
             await tg.start(self.autopause.run)
             await tg.start(self.images.run)
             async with anyio.create_task_group() as work:
-                for entry_id, data in await consumer.pending():
+                for entry_id, data, stream in await consumer.pending():
                     await self._in_flight.acquire_on_behalf_of(entry_id)
-                    work.start_soon(self._replay, consumer, entry_id, data)
+                    work.start_soon(self._replay, consumer, entry_id, data, stream)
                 task_status.started()
                 await consumer.run(work, self._handle_entry, stop=self.stopping)
                 # Intake stopped: let in-flight commands finish within the grace period.
@@ -284,8 +298,9 @@ class WorkerAgent:
                         await self.sandboxes.end(sid, reason="worker_drained")
             tg.cancel_scope.cancel()
 
-    async def _replay(self, consumer: StreamConsumer, entry_id: bytes, data: bytes) -> None:
+    async def _replay(self, consumer: StreamConsumer, entry_id: bytes, data: bytes, stream: str = "") -> None:
         """An entry this worker took before a restart: retry it if that is safe."""
+        set_arrival(stream or consumer.stream)
         try:
             try:
                 env = protocol.decode_envelope(data)
@@ -294,7 +309,7 @@ class WorkerAgent:
             retry = env is not None and isinstance(env.body, RETRYABLE) and not (
                 isinstance(env.body, WriteFile) and env.body.append  # twice would append twice
             )
-            if env is not None and not retry:
+            if env is not None and not retry and tenancy.may_answer(tenancy.sender(self.keys), env.id):
                 await send_reply(
                     self.redis, self.keys, env.id, env.reply_to,
                     protocol.error_reply(WorkerLost(
@@ -302,9 +317,9 @@ class WorkerAgent:
                         "have run", worker_id=self.id,
                     )),
                 )
-            else:
+            elif env is None or retry:
                 await self._handle_entry(entry_id, data)
-            await consumer.ack(entry_id)
+            await consumer.ack(entry_id, stream=stream or None)
         finally:
             self._in_flight.release_on_behalf_of(entry_id)
 
@@ -435,23 +450,29 @@ class WorkerAgent:
     # ------------------------------------------------------------------ commands
 
     async def _handle_entry(self, entry_id: bytes, data: bytes) -> None:
+        tenant = tenancy.sender(self.keys)
         try:
             env = protocol.decode_envelope(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             header = protocol.decode_header(data)
             log.warning("malformed command %s: %s", entry_id, exc, extra={"worker_id": self.id})
-            if header is not None:
+            if header is not None and tenancy.may_answer(tenant, header.id):
                 await send_reply(
                     self.redis, self.keys, header.id, header.reply_to,
                     protocol.error_reply(UnsupportedRequest(f"malformed or unknown command: {exc}")),
                 )
+            return
+        if not tenancy.may_answer(tenant, env.id):
+            log.warning("dropped a command of tenant %s with a request id not its own", tenant)
             return
         body = env.body
         kind = type(body).__name__
         self.metrics.request(kind)
         try:
             self._verify(env)
-        except InvalidRequest as exc:
+            if tenant is not None:
+                self._verify_tenant(env, tenant)
+        except (InvalidRequest, PermissionDenied) as exc:
             log.warning("refused %s: %s", kind, exc, extra={"worker_id": self.id})
             exc.worker_id = self.id
             await self._reply(env, protocol.error_reply(exc))
@@ -495,6 +516,15 @@ class WorkerAgent:
             if body.pool:
                 limits.check_pool(body.pool)
         limits.check_finite(body)
+
+    def _verify_tenant(self, env: Envelope, tenant: str) -> None:
+        """A tenant's command: one it may send, for a sandbox of its own."""
+        body: Any = env.body
+        if type(body) not in TENANT_COMMANDS:
+            raise PermissionDenied(f"tenant {tenant!r} may not send {type(body).__name__}; operators only")
+        sid = getattr(body, "sandbox_id", "")
+        if tenants.owner(sid) != tenant:
+            raise PermissionDenied(f"sandbox {sid} is not tenant {tenant!r}'s", sandbox_id=sid)
 
     async def _reserved(self, sid: str) -> records.Reservation | None:
         (held,) = raise_first_error(await batching.for_client(self.redis).execute(
