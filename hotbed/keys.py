@@ -48,6 +48,8 @@ key                                    type    meaning
                                                (``cpu``, ``memory_mb``, ``gpu``); codec
                                                hotbed.records.PoolConfig
 ``hotbed:pools``                       set     pool names
+``hotbed:snapshot-token``              string  the fleet's token for copying snapshots between
+                                               nodes (workers.snapshot_peers), made once
 =====================================  ======  ============================================
 
 The registries (``hotbed:workers``, ``hotbed:sandboxes``, ``hotbed:templates``,
@@ -153,3 +155,7 @@ class Keys(msgspec.Struct, frozen=True):
     @property
     def pools(self) -> str:
         return f"{self.prefix}:pools"
+
+    @property
+    def snapshot_token(self) -> str:
+        return f"{self.prefix}:snapshot-token"

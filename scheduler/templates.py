@@ -24,6 +24,7 @@ from hotbed.protocol import (
 )
 from hotbed.records import template_from_hash
 from hotbed.templates import check_name
+from scheduler.placement import copy_cost_s
 from scheduler.placer import Placer
 
 
@@ -33,6 +34,7 @@ class Resolved(msgspec.Struct, frozen=True, kw_only=True):
     snapshot: str
     path: CreatePath
     holders: list[str]
+    size_bytes: int = 0
 
     def start(self, sid: str, *, pool: str = "") -> StartSandbox:
         return StartSandbox(
@@ -54,13 +56,18 @@ async def resolve(redis: aioredis.Redis, keys: Keys, spec: SandboxSpec) -> Resol
     # A template being rebuilt keeps serving its previous snapshot.
     return Resolved(
         spec=spec, template=ts, snapshot=rec.snapshot,
-        path="restore" if rec.snapshot else "cold", holders=rec.holders,
+        path="restore" if rec.snapshot else "cold", holders=rec.holders, size_bytes=rec.size_bytes,
     )
 
 
 async def place_from_template(placer: Placer, env: Envelope, spec: SandboxSpec) -> None:
+    """A restore goes to a node holding the snapshot if one has room, or frees up
+    within what copying the snapshot would take; else to any node (which copies it)."""
     r = await resolve(placer.redis, placer.keys, spec)
-    await placer.place(env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else ())
+    hold = copy_cost_s(r.size_bytes, placer.settings.snapshot_copy_mb_per_s) if r.snapshot else 0.0
+    await placer.place(
+        env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else (), hold_for_s=hold,
+    )
 
 
 async def place_build(placer: Placer, env: Envelope, cmd: BuildTemplate) -> None:

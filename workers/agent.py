@@ -38,6 +38,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -93,6 +94,7 @@ from workers.gpu import GpuDetector, detector_for
 from workers.images import ImageService
 from workers.runtimes.base import Runtime
 from workers.sandboxes import Local, SandboxTable
+from workers.snapshot_peers import SnapshotPeers
 from workers.snapshots import SnapshotManager
 
 __all__ = ["Local", "WorkerAgent"]
@@ -170,10 +172,15 @@ class WorkerAgent:
         # A sandbox's guest channel closes when it ends.
         self.sandboxes.guests = self.execution
         self.metrics: NullMetrics = NULL
+        # This node's snapshot endpoint, and its copies of the other nodes' snapshots.
+        self.snapshot_peers = SnapshotPeers(
+            Path(settings.snapshot_dir), keys=self.keys, worker_id=self.id,
+            listen=settings.snapshot_serve, url=settings.snapshot_url, token=settings.snapshot_token,
+        )
         self.snapshots = SnapshotManager(
             self.sandboxes, runtime, guests=self.execution,
             snapshot_dir=settings.snapshot_dir, snapshot_store=settings.snapshot_store,
-            default_user=settings.default_user,
+            default_user=settings.default_user, peers=self.snapshot_peers,
         )
         # Images held (advertised) and pulled on demand.
         self.images = ImageService(runtime, settings=settings, worker_id=self.id, keys=self.keys)
@@ -195,7 +202,9 @@ class WorkerAgent:
         try:
             await self.runtime.open()
             try:
-                await self._serve(task_status)
+                async with self.snapshot_peers.serving(self._redis):
+                    self.info = msgspec.structs.replace(self.info, snapshot_url=self.snapshot_peers.url)
+                    await self._serve(task_status)
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.runtime.aclose()
