@@ -221,9 +221,13 @@ class Fleet:
                     node.docker("load", "-q", "-i", str(tar), timeout=600)
 
     def restart_engine(self, node: Node) -> None:
-        """Start a node's dockerd again (after :meth:`kill`) on the same roots."""
+        """Start a node's dockerd again (after :meth:`kill`) on the same roots, without
+        the containers it had: their processes died with the node."""
         self._start_engine(node)
         self._wait_engine(node)
+        ids = node.docker("ps", "-aq").stdout.split()
+        if ids:
+            node.docker("rm", "-f", *ids, check=False)
         self._save()
 
     # --------------------------------------------------------------- workers

@@ -68,6 +68,10 @@ class SnapshotCopyError(Exception):
     """A copy from one source failed (unreachable, refused, or wrong content)."""
 
 
+# What makes one source's copy fail (the next source is tried).
+COPY_ERRORS = (SnapshotCopyError, aiohttp.ClientError, TimeoutError, OSError, msgspec.DecodeError)
+
+
 def _digest(files: Iterable[tuple[str, int, str]]) -> str:
     h = hashlib.sha256()
     for path, size, sha in sorted(files):
@@ -257,7 +261,7 @@ class SnapshotPeers:
             for holder, url in sources:
                 try:
                     await self._copy(session, f"{url}/snapshots/{snapshot_id}", dest, digest)
-                except (SnapshotCopyError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                except COPY_ERRORS as exc:
                     log.warning("snapshot %s: copy from %s failed: %s", snapshot_id, holder, exc,
                                 extra={"worker_id": self.worker_id})
                     await anyio.to_thread.run_sync(lambda: shutil.rmtree(dest, ignore_errors=True))
@@ -277,13 +281,22 @@ class SnapshotPeers:
         await anyio.Path(dest).mkdir(parents=True)
         limit = anyio.CapacityLimiter(PARALLEL_FILES)
 
+        failed: list[BaseException] = []
+
         async def one(rel: str, size: int, sha: str) -> None:
-            async with limit:
-                await self._copy_file(session, f"{base}/files/{rel}", dest / rel, size, sha)
+            try:
+                async with limit:
+                    await self._copy_file(session, f"{base}/files/{rel}", dest / rel, size, sha)
+            except COPY_ERRORS as exc:
+                # The first bad file fails the whole copy; the others stop.
+                failed.append(exc)
+                tg.cancel_scope.cancel()
 
         async with anyio.create_task_group() as tg:
             for rel, size, sha in files:
                 tg.start_soon(one, rel, size, sha)
+        if failed:
+            raise failed[0]
 
     @staticmethod
     async def _copy_file(
