@@ -242,7 +242,11 @@ async def test_a_killed_node_loses_only_its_own(
         async def spread() -> bool:
             return sorted(await ready_workers()) == sorted(nodes.worker_id(n) for n in (n1, n2, n3))
 
-        await wait_for(spread, "one pooled sandbox per node", timeout=60)
+        try:
+            await wait_for(spread, "one pooled sandbox per node", timeout=60)
+        except TimeoutError:
+            logs = "\n".join(f"--- {n.name}\n{fleet.worker_log(n)[-1500:]}" for n in fleet.nodes)
+            raise AssertionError(f"pool not spread: {await ready_workers()}\n{logs}") from None
         # A running sandbox on the builder node and one on node 3.
         doomed = await Sandbox.create(template=name, cpu=0.5, memory_mb=128, worker_tags={"node": n1.name}, client=c)
         keeps = await Sandbox.create(template=name, cpu=0.5, memory_mb=128, worker_tags={"node": n3.name}, client=c)
