@@ -278,6 +278,8 @@ class SnapshotManager:
                 if age is None or age < grace_s:
                     continue
                 await store.delete(sid)
+                if self.peers is not None:
+                    self.peers.forget(sid)
                 if sid not in removed:
                     removed.append(sid)
         if removed:
