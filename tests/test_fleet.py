@@ -127,8 +127,9 @@ class Nodes(msgspec.Struct, kw_only=True):
         wid = self.worker_id(node)
         registry = self.scheduler.registry
         assert registry is not None
+        # Placement prefers nodes advertising the image: wait for this one's list too.
         with anyio.fail_after(30):
-            while wid not in registry.workers:
+            while wid not in registry.workers or registry.workers[wid].images is None:
                 if not node.worker_pid:
                     raise AssertionError("worker stopped")
                 await registry.refresh()
@@ -145,7 +146,8 @@ async def nodes_on_cluster(
     prefix = f"t{secrets.token_hex(4)}"
     settings = msgspec.convert(
         {"redis_url": cluster.url, "prefix": prefix, "registry_refresh_s": 0.1, "heartbeat_ttl_s": 3.0,
-         "shutdown_grace_s": 2.0, "pool_interval_s": 0.05, "pool_refill_per_s": 50.0},
+         "shutdown_grace_s": 2.0, "pool_interval_s": 0.05, "pool_refill_per_s": 50.0,
+         "image_refresh_s": 0.1},
         SchedulerSettings,
     )
     scheduler = Scheduler(settings)
