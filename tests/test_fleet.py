@@ -299,3 +299,55 @@ async def test_no_holder_alive_is_template_not_found(
         await nodes.start_worker(n2)
         with pytest.raises(TemplateNotFound, match="on no live node"):
             await Sandbox.create(template=name, memory_mb=128, worker_tags={"node": n2.name}, client=c)
+
+
+# --------------------------------------------------------- placement weighs the copy
+
+
+@pytest.mark.parametrize("snapshot_mb", [1, 2000])
+async def test_restore_waits_for_a_holder_about_as_long_as_a_copy(
+    redis_url: str, prefix: str, tmp_path: Path, snapshot_mb: int
+) -> None:
+    """The holder is full; it frees up 1 s later. A small snapshot (0.2 s to copy) goes
+    to the other node at once; a large one (10 s to copy at 200 MB/s) waits for the
+    holder and restores there, with nothing copied."""
+    from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec, TemplateSpec
+    from hotbed.records import TemplateRecord, template_to_hash
+    from tests.test_gpu_placement import fleet as sim_fleet
+    from tests.test_gpu_placement import terminate
+
+    store = tmp_path / "store"
+    for where in (store, tmp_path / "holder"):
+        (where / "snap-1").mkdir(parents=True)
+        (where / "snap-1" / "state").write_bytes(b"x")
+    nodes: dict[str, dict[str, object]] = {
+        "other": {"cpu": 16, "snapshot_dir": str(tmp_path / "other"), "snapshot_store": str(store)},
+        "holder": {"cpu": 2, "snapshot_dir": str(tmp_path / "holder"), "snapshot_store": str(store)},
+    }
+    async with sim_fleet(redis_url, prefix, nodes) as f:
+        keys = Keys(prefix)
+        rec = TemplateRecord(name="t", state="ready", spec=TemplateSpec(image="none"), snapshot="snap-1",
+                             holders=["holder"], size_bytes=snapshot_mb << 20)
+        await f.client.redis.hset(keys.template("t"), mapping=template_to_hash(rec))
+        await f.client.redis.sadd(keys.templates, "t")
+        spec = SandboxSpec(template="t", resources=Resources(cpu=2, memory_mb=256))
+        first = await f.client.request(CreateSandbox(spec=spec), timeout=10)
+        assert isinstance(first, SandboxCreated) and first.worker_id == "holder"
+
+        async def free_holder() -> None:
+            await anyio.sleep(1.0)
+            await terminate(f.client, first)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(free_holder)
+            t0 = anyio.current_time()
+            second = await f.client.request(CreateSandbox(spec=spec), timeout=20)
+            waited = anyio.current_time() - t0
+        assert isinstance(second, SandboxCreated)
+        if snapshot_mb == 1:
+            assert second.worker_id == "other" and waited < 1.0
+            assert (tmp_path / "other" / "snap-1").is_dir()
+        else:
+            assert second.worker_id == "holder" and waited >= 0.9
+            assert not (tmp_path / "other" / "snap-1").exists()
+        await terminate(f.client, second)
