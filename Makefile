@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 SESSIONS_ARGS ?=
 
 .PHONY: help install host venv images image test-image demo test test-cluster lint bench bench-start bench-scale \
-	bench-scale-claims bench-exec bench-exec-ptrace bench-node bench-verify fuzz install-service clean
+	bench-scale-claims bench-scale-cluster bench-fleet bench-exec bench-exec-ptrace bench-node bench-verify fuzz install-service clean
 
 help:
 	@echo "make demo     install everything, build the image, start hotbed, run sandboxes"
@@ -75,6 +75,15 @@ bench-scale: install
 bench-scale-claims: install
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench scale --phases claims --claim-rates 5000,6000 \
 		--claim-step-s 10 --out bench/results/scale-claims-10s.json $(BENCH_ARGS)
+
+# The throughput and claims phases on a local Redis Cluster (3 primaries x 1 replica).
+bench-scale-cluster: install
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench scale --cluster $(BENCH_ARGS)
+
+# 3 nodes (a dockerd each) on a local Redis Cluster: snapshots copied between nodes, a
+# primary failover under load, claims through the cluster against a standalone Redis.
+bench-fleet: images
+	BENCH_MAKE_TARGET=$@ $(PY) -m bench fleet $(BENCH_ARGS)
 
 bench-exec: images
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench exec $(BENCH_ARGS)

@@ -71,6 +71,8 @@ key                                    type    meaning
                                                ``gpu``; written only by Lua
 ``hotbed:{t:T}:rate``                  hash    T's create token bucket (``tokens``, ``at``
                                                in Redis ``TIME`` ms); written only by Lua
+``hotbed:snapshot-token``              string  the fleet's token for copying snapshots between
+                                               nodes (workers.snapshot_peers), made once
 =====================================  ======  ============================================
 
 Tenants: a tenant's request ids start with ``T.`` and its sandboxes' ids with ``sb-T.``
@@ -227,3 +229,7 @@ class Keys(msgspec.Struct, frozen=True):
 
     def tenant_rate(self, tenant: str) -> str:
         return f"{self.prefix}:{{t:{tenant}}}:rate"
+
+    @property
+    def snapshot_token(self) -> str:
+        return f"{self.prefix}:snapshot-token"

@@ -126,6 +126,9 @@ class WorkerInfo(Struct):
     # Registry hosts this worker pulls missing images from (no credentials): placement
     # sends an image no node holds to a worker that can pull it.
     registries: list[str] = []
+    # Where other nodes copy this node's snapshots from (workers.snapshot_peers); "" if
+    # it serves none.
+    snapshot_url: str = ""
 
 
 class TemplateSpec(Struct):

@@ -379,6 +379,9 @@ class TemplateRecord(msgspec.Struct, kw_only=True, frozen=True):
     created_at: float = 0.0
     # The sandbox a ``sb.snapshot()`` template was taken from ("" for a built one).
     source: str = ""
+    # Digest of the snapshot's files (workers.snapshot_peers.manifest): a node that
+    # copies the snapshot checks it before restoring from it.
+    sha256: str = ""
 
 
 def template_to_hash(rec: TemplateRecord) -> dict[str, Any]:
@@ -386,7 +389,7 @@ def template_to_hash(rec: TemplateRecord) -> dict[str, Any]:
         "name": rec.name, "state": rec.state, "spec": encode(rec.spec),
         "snapshot": rec.snapshot, "size_bytes": str(rec.size_bytes), "build_s": str(rec.build_s),
         "holders": orjson.dumps(rec.holders), "error": rec.error,
-        "created_at": str(rec.created_at), "source": rec.source,
+        "created_at": str(rec.created_at), "source": rec.source, "sha256": rec.sha256,
     }
 
 
@@ -417,6 +420,7 @@ def template_from_hash(hash_: Mapping[Any, Any]) -> TemplateRecord | None:
         error=g(b"error", b"").decode(),
         created_at=float(g(b"created_at", b"0") or 0),
         source=g(b"source", b"").decode(),
+        sha256=g(b"sha256", b"").decode(),
     )
 
 

@@ -9,7 +9,9 @@ HOTBED_LOG_LEVEL, HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off),
 HOTBED_METRICS_ADDR (default 127.0.0.1), HOTBED_POOL_REFILL_PER_S,
 HOTBED_POOL_MAX_WARMING, HOTBED_POOL_INTERVAL_S (the warm pool controller),
 HOTBED_IMAGE_REFRESH_S (how often the images workers advertise are re-read; placement
-prefers a worker holding the sandbox's image). Registries and their logins are worker
+prefers a worker holding the sandbox's image), HOTBED_SNAPSHOT_COPY_MB_PER_S (how fast a
+node copies a snapshot from another: a restore waits for a node holding the snapshot
+about as long as the copy would take, then goes to any node). Registries and their logins are worker
 settings (:mod:`workers.config`): the worker pulls.
 
 Validated at load: unknown keys and bad values are one ConfigError line (exit code 2).
@@ -53,6 +55,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     pool_max_warming: Annotated[int, msgspec.Meta(ge=1)] = 8
     pool_interval_s: Positive = 0.1
     image_refresh_s: Positive = 2.0
+    snapshot_copy_mb_per_s: Positive = 200.0
 
     def __post_init__(self) -> None:
         check_common(self.redis_url, self.prefix)
@@ -65,5 +68,5 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
 RELOADABLE = (
     "placement", "gpu_workers_for_cpu", "registry_refresh_s", "shutdown_grace_s",
     "log_format", "log_level",
-    "pool_refill_per_s", "pool_max_warming", "pool_interval_s",
+    "pool_refill_per_s", "pool_max_warming", "pool_interval_s", "snapshot_copy_mb_per_s",
 )

@@ -12,6 +12,10 @@ they advertise, :class:`hotbed.records.HeldImages`), those that could get it (pu
 from a registry they list, or may hold it: no or a truncated advertisement) and the
 rest; the placer tries holders first and never the rest while anyone could get it.
 
+Snapshots: a restore prefers the nodes holding its snapshot; any other node must copy
+it first (``copy_cost_s``), so while a holder could take the restore the placer waits
+for one about as long as that copy would take, then places it anywhere.
+
 GPU requests: ``"H100"`` (one), ``"H100:2"``, ``"any"``, ``"any:2"``; models match
 case-insensitively as a substring of the NVML name ("H100" matches "NVIDIA H100 80GB
 HBM3"). CPU-only sandboxes avoid GPU workers while a CPU-only worker has room.
@@ -26,6 +30,15 @@ import msgspec
 from hotbed.errors import InvalidRequest
 from hotbed.protocol import SandboxSpec, WorkerInfo
 from hotbed.records import image_ref, image_registry
+
+# What a snapshot copy costs beyond moving its bytes: connecting, the manifest, the
+# last file's check, the rename.
+COPY_OVERHEAD_S = 0.2
+
+
+def copy_cost_s(size_bytes: int, mb_per_s: float) -> float:
+    """Seconds a node needs to copy a snapshot of ``size_bytes`` from another."""
+    return COPY_OVERHEAD_S + size_bytes / (mb_per_s * 2**20)
 
 
 class WorkerView(msgspec.Struct, kw_only=True):

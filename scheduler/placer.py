@@ -85,6 +85,7 @@ class Placer:
         self, env: Envelope, spec: SandboxSpec, *,
         make_start: Callable[[str], Message] | None = None, wait: bool = True,
         prefer: Collection[str] = (), lease: Lease | None = None,
+        hold_for_s: float = 0.0,
     ) -> str | None:
         """Reserve capacity on a worker and hand it the start command.
 
@@ -93,7 +94,9 @@ class Placer:
         ``prefer``: workers tried first when they have room (those holding the snapshot
         a restore needs, so nothing is copied). ``lease``: the request's
         (:mod:`scheduler.once`): dispatched only while it holds, renewed while waiting,
-        LeaseLost once another delivery has it.
+        LeaseLost once another delivery has it. ``hold_for_s``: until the request has
+        waited this long, only live ``prefer`` workers are tried (what copying the
+        snapshot to another node would cost is worth waiting for a holder to free up).
         """
         validate(spec)
         sid = sandbox_id_for(env.id)
@@ -119,10 +122,18 @@ class Placer:
         t0 = anyio.current_time()
         # Creates that find no room wait in line, per class, in arrival order.
         ticket = self.waitline.ticket(wait_class(spec))
+
+        def only_preferred() -> bool:
+            # Worth waiting for only while a live preferred worker could take it at all.
+            return anyio.current_time() - t0 < hold_for_s and could_ever(
+                [w for w in self.registry.live() if w.id in prefer], spec, spec.worker_tags
+            )
+
         if not self.waitline.is_waiting(ticket.cls):
             self._check_matchable(env, spec)
             if await self._place_once(
-                env, sid, spec, record, payload, ngpu, start=start, prefer=prefer, lease=lease
+                env, sid, spec, record, payload, ngpu, start=start, prefer=prefer, lease=lease,
+                only_preferred=only_preferred(),
             ):
                 self.metrics.placement_wait(anyio.current_time() - t0)
                 return sid
@@ -143,7 +154,8 @@ class Placer:
                     await lease.keep()
                 mark = self.waitline.mark()
                 if self.waitline.may_try(ticket) and await self._place_once(
-                    env, sid, spec, record, payload, ngpu, start=start, prefer=prefer, lease=lease
+                    env, sid, spec, record, payload, ngpu, start=start, prefer=prefer, lease=lease,
+                    only_preferred=only_preferred(),
                 ):
                     self.metrics.placement_wait(anyio.current_time() - t0)
                     return sid
@@ -162,9 +174,10 @@ class Placer:
         self, env: Envelope, sid: str, spec: SandboxSpec, record: SandboxRecord, payload: bytes,
         ngpu: int, *, start: Message | None = None, prefer: Collection[str] = (),
         lease: Lease | None = None,
+        only_preferred: bool = False,
     ) -> bool:
         """One pass over the ranked candidates; True once a worker took the sandbox."""
-        for w, gpus in self._candidates(spec, prefer):
+        for w, gpus in self._candidates(spec, prefer, only_preferred=only_preferred):
             if ngpu:
                 # The start command names its GPUs, so we pick them and RESERVE_DISPATCH
                 # takes exactly these or none (a stale view just fails this candidate).
@@ -188,7 +201,9 @@ class Placer:
             w.cpu_free = min(w.cpu_free, spec.resources.millicpu - 1)
         return False
 
-    def _candidates(self, spec: SandboxSpec, prefer: Collection[str]) -> Iterator[tuple[WorkerView, list[str]]]:
+    def _candidates(
+        self, spec: SandboxSpec, prefer: Collection[str], *, only_preferred: bool = False,
+    ) -> Iterator[tuple[WorkerView, list[str]]]:
         holders, able = self.registry.image_fit(spec.image)
         ranked: Iterable[tuple[WorkerView, list[str]]]
         if able is None:
@@ -212,6 +227,8 @@ class Placer:
             [w for w in self.registry.live() if w.id in prefer], spec, node_tags=spec.worker_tags,
             policy=self.settings.placement, gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
         )
+        if only_preferred:
+            return iter(first)
         return chain(first, ((w, g) for w, g in ranked if w.id not in prefer))
 
     async def _try_reserve(

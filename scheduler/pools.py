@@ -5,7 +5,9 @@ it looks at each pool (``Keys.pools``):
 
 * **refill**: ``size - ready - warming`` new sandboxes are placed like any create
   (spread over workers by the usual ranking, never waiting for room: a full fleet just
-  leaves the pool short), each with a start command that restores the template's
+  leaves the pool short). Nodes holding the template's snapshot are not preferred: a
+  pool spread over the fleet loses only part of itself with a node, and each node
+  that copies the snapshot once more is one more node it survives on, each with a start command that restores the template's
   snapshot into the pool. A token bucket (``pool_refill_per_s``) and a cap on
   refills in flight per pool (``pool_max_warming``) bound the rate, so a burst of
   claims cannot starve running sandboxes. The worker lists a sandbox it made ready
@@ -174,7 +176,6 @@ class PoolController:
         try:
             placed = await self.placer.place(
                 env, recipe.spec, make_start=lambda s: recipe.start(s, pool=name), wait=False,
-                prefer=recipe.holders if recipe.snapshot else (),
             )
         except HotbedError as exc:
             placed = None

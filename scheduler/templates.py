@@ -25,6 +25,7 @@ from hotbed.protocol import (
 from hotbed.records import template_from_hash
 from hotbed.templates import check_name
 from scheduler.once import Lease
+from scheduler.placement import copy_cost_s
 from scheduler.placer import Placer
 
 
@@ -34,6 +35,7 @@ class Resolved(msgspec.Struct, frozen=True, kw_only=True):
     snapshot: str
     path: CreatePath
     holders: list[str]
+    size_bytes: int = 0
 
     def start(self, sid: str, *, pool: str = "") -> StartSandbox:
         return StartSandbox(
@@ -55,16 +57,20 @@ async def resolve(redis: aioredis.Redis, keys: Keys, spec: SandboxSpec) -> Resol
     # A template being rebuilt keeps serving its previous snapshot.
     return Resolved(
         spec=spec, template=ts, snapshot=rec.snapshot,
-        path="restore" if rec.snapshot else "cold", holders=rec.holders,
+        path="restore" if rec.snapshot else "cold", holders=rec.holders, size_bytes=rec.size_bytes,
     )
 
 
 async def place_from_template(
     placer: Placer, env: Envelope, spec: SandboxSpec, *, lease: Lease | None = None
 ) -> None:
+    """A restore goes to a node holding the snapshot if one has room, or frees up
+    within what copying the snapshot would take; else to any node (which copies it)."""
     r = await resolve(placer.redis, placer.keys, spec)
+    hold = copy_cost_s(r.size_bytes, placer.settings.snapshot_copy_mb_per_s) if r.snapshot else 0.0
     await placer.place(
-        env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else (), lease=lease
+        env, r.spec, make_start=r.start, prefer=r.holders if r.snapshot else (), hold_for_s=hold,
+        lease=lease,
     )
 
 

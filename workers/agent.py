@@ -49,6 +49,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -108,6 +109,7 @@ from workers.gpu import GpuDetector, detector_for
 from workers.images import ImageService
 from workers.runtimes.base import ExitReasons, Runtime
 from workers.sandboxes import Local, SandboxTable
+from workers.snapshot_peers import SnapshotPeers
 from workers.snapshots import SnapshotManager
 
 __all__ = ["Local", "WorkerAgent"]
@@ -199,10 +201,15 @@ class WorkerAgent:
         # A sandbox's guest channel closes when it ends.
         self.sandboxes.guests = self.execution
         self.metrics: NullMetrics = NULL
+        # This node's snapshot endpoint, and its copies of the other nodes' snapshots.
+        self.snapshot_peers = SnapshotPeers(
+            Path(settings.snapshot_dir), keys=self.keys, worker_id=self.id,
+            listen=settings.snapshot_serve, url=settings.snapshot_url, token=settings.snapshot_token,
+        )
         self.snapshots = SnapshotManager(
             self.sandboxes, runtime, guests=self.execution,
             snapshot_dir=settings.snapshot_dir, snapshot_store=settings.snapshot_store,
-            default_user=settings.default_user,
+            default_user=settings.default_user, peers=self.snapshot_peers,
         )
         # Idle sandboxes checkpointed to disk, resumed by their next request.
         self.sandboxes.auto_pause_default = settings.auto_pause_after
@@ -234,7 +241,9 @@ class WorkerAgent:
         try:
             await self.runtime.open()
             try:
-                await self._serve(task_status)
+                async with self.snapshot_peers.serving(self._redis):
+                    self.info = msgspec.structs.replace(self.info, snapshot_url=self.snapshot_peers.url)
+                    await self._serve(task_status)
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.runtime.aclose()

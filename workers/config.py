@@ -14,6 +14,10 @@ sandboxes), HOTBED_IMAGE_DIR (image directories and tarballs it runs where no Do
 engine is), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
 (default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
 HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same),
+HOTBED_SNAPSHOT_SERVE (``HOST:PORT`` this node serves its snapshots to the other nodes
+on; port 0 = any free one; empty: it serves none), HOTBED_SNAPSHOT_URL (the address
+peers reach that endpoint by; default ``http://HOST:PORT``), HOTBED_SNAPSHOT_TOKEN (the
+fleet's shared secret for it; default: one kept in Redis),
 HOTBED_REGISTRIES (JSON list of registry hosts, ``host[:port]`` as image names spell
 them, ``docker.io`` for Docker Hub, that missing images are pulled from; empty: never
 pull), HOTBED_REGISTRY_AUTH (JSON ``{"HOST": {"username": ..., "password": ...}}``),
@@ -121,6 +125,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # ones from ("" = the same directory: one machine, or a shared file system).
     snapshot_dir: str = "/var/lib/hotbed/snapshots"
     snapshot_store: str = ""
+    # The endpoint other nodes copy this node's snapshots from (workers.snapshot_peers).
+    snapshot_serve: str = ""
+    snapshot_url: str = ""
+    snapshot_token: str = ""
     # Fleet operation: logging, GPUs, the process runtime's root, metrics.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     gpu_detect: Literal["auto", "nvml", "none"] = "auto"
@@ -159,6 +167,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("gpus: duplicate uuid")
         if any(not g.uuid or not g.model for g in self.gpus):
             raise ValueError("gpus: every GPU needs a uuid and a model")
+        if self.snapshot_serve:
+            _host, sep, port = self.snapshot_serve.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"snapshot_serve {self.snapshot_serve!r}: want HOST:PORT")
+        if self.snapshot_url and not self.snapshot_url.startswith(("http://", "https://")):
+            raise ValueError(f"snapshot_url {self.snapshot_url!r}: want an http:// URL")
         for host in [*self.registries, *self.registry_auth]:
             if not host or "/" in host or " " in host:
                 raise ValueError(f"registry {host!r}: want a host[:port] as image names spell it")

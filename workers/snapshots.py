@@ -5,10 +5,12 @@ The worker agent routes those commands here; this service works on the sandbox t
 (:class:`workers.runtimes.base.Runtime`), never on the agent.
 
 Snapshots live in this node's ``snapshot_dir`` as ``<dir>/<SNAPSHOT_ID>/`` (layout owned
-by the runtime). A :class:`SnapshotStore` is where a node copies a snapshot it does not
-hold from; :class:`LocalStore` is a directory (on one machine, or a shared file system,
-it is the snapshot dir itself and nothing is copied). Another store (S3, a peer
-fetch) plugs in behind the same five methods.
+by the runtime). A snapshot this node does not hold is copied in once (however many
+restores ask for it at once): from the operator's :class:`SnapshotStore` when one is
+configured (:class:`LocalStore`, a directory: on one machine, or a shared file system;
+with none, it is the snapshot dir itself and nothing is copied), else from a node that
+holds it (:mod:`workers.snapshot_peers`). Either copy must match the digest recorded
+when the snapshot was taken (``TemplateRecord.sha256``) before anything restores it.
 
 Garbage collection: :meth:`SnapshotManager.collect` removes every snapshot that no
 template record references (older than a grace period, so one being built or just
@@ -65,6 +67,7 @@ from hotbed.templates import (
 )
 from workers.runtimes.base import Runtime
 from workers.sandboxes import GuestHooks, Local, SandboxTable
+from workers.snapshot_peers import SnapshotPeers, manifest
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,7 @@ class SnapshotManager:
         snapshot_dir: str,
         snapshot_store: str = "",
         default_user: str = "",
+        peers: SnapshotPeers | None = None,
     ) -> None:
         self.table = table
         self.runtime = runtime
@@ -178,6 +182,10 @@ class SnapshotManager:
         self.dir = Path(snapshot_dir)
         self.store: SnapshotStore = LocalStore(Path(snapshot_store) if snapshot_store else self.dir)
         self._local = LocalStore(self.dir)
+        self.peers = peers
+        # One copy per snapshot at a time: restores that need it meanwhile wait for it.
+        self._copying: dict[str, anyio.Lock] = {}
+        self.copies = 0
 
     @property
     def redis(self) -> Any:
@@ -195,23 +203,65 @@ class SnapshotManager:
         return self.dir / limits.check_snapshot(snapshot_id)
 
     async def ensure_local(self, snapshot_id: str, template: str = "") -> Path:
-        """The snapshot on this node's disk, copied from the store if needed."""
+        """The snapshot on this node's disk, copied in if needed (once, however many
+        restores ask at once)."""
         dest = self.path(snapshot_id)
         if template:
             check_name(template)
-        if dest.is_dir():
+        if await anyio.Path(dest).is_dir():
             return dest
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not await self.store.fetch(snapshot_id, dest):
-            raise TemplateNotFound(
-                f"snapshot {snapshot_id} of template {template!r} is in no store",
-                worker_id=self.worker_id,
-            )
+        lock = self._copying.setdefault(snapshot_id, anyio.Lock())
+        try:
+            async with lock:
+                if not await anyio.Path(dest).is_dir():
+                    await self._copy_in(snapshot_id, template, dest)
+        finally:
+            if not lock.statistics().tasks_waiting:
+                self._copying.pop(snapshot_id, None)
+        return dest
+
+    async def _copy_in(self, snapshot_id: str, template: str, dest: Path) -> None:
+        """From the store, else from a node holding it; checked against the digest the
+        template records, then moved into place in one rename."""
+        rec = None
+        if template:
+            rec = template_from_hash(await self.redis.hgetall(self.table.keys.template(template)))
+        # The record names a newer snapshot once the template is rebuilt: its digest and
+        # holders are then not this one's (the copy is checked file by file only).
+        current = rec is not None and rec.snapshot == snapshot_id
+        digest = rec.sha256 if rec is not None and current else ""
+        holders = rec.holders if rec is not None and current else []
+        await anyio.Path(self.dir).mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(f"{dest.name}.part-{secrets.token_hex(4)}")
+        started = anyio.current_time()
+        source = ""
+        try:
+            if await self.store.fetch(snapshot_id, part):
+                if digest and (await anyio.to_thread.run_sync(manifest, part)).digest != digest:
+                    log.warning("snapshot %s in the store does not match its digest; ignoring it",
+                                snapshot_id, extra={"worker_id": self.worker_id})
+                    await anyio.to_thread.run_sync(lambda: shutil.rmtree(part, ignore_errors=True))
+                else:
+                    source = "store"
+            if not source and self.peers is not None and holders:
+                source = await self.peers.fetch(snapshot_id, part, holders=holders, digest=digest) or ""
+            if not source:
+                raise TemplateNotFound(
+                    f"snapshot {snapshot_id} of template {template!r} is in no store and on no live node",
+                    worker_id=self.worker_id, detail={"holders": holders},
+                )
+            await anyio.Path(part).rename(dest)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(part, ignore_errors=True))
+            raise
+        self.copies += 1
+        log.info("snapshot %s copied from %s in %.3fs", snapshot_id, source,
+                 anyio.current_time() - started, extra={"worker_id": self.worker_id})
         if template:
             await records.add_template_holder(
                 self.redis, self.table.keys.template(template), self.worker_id
             )
-        return dest
 
     async def collect(self, *, grace_s: float = GC_GRACE_S) -> list[str]:
         """Remove snapshots no template references; returns the ids removed."""
@@ -242,6 +292,8 @@ class SnapshotManager:
                 if age is None or age < grace_s:
                     continue
                 await store.delete(sid)
+                if self.peers is not None:
+                    self.peers.forget(sid)
                 if sid not in removed:
                     removed.append(sid)
         if removed:
@@ -370,6 +422,7 @@ class SnapshotManager:
             await self.setup(sid, ts, user)
             self.dir.mkdir(parents=True, exist_ok=True)
             size = await self.runtime.checkpoint(sid, self.path(snap), leave_running=False)
+            digest = await self._digest(snap)
             await self.store.put(snap, self.path(snap))
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
@@ -386,13 +439,21 @@ class SnapshotManager:
         build_s = anyio.current_time() - started
         await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=build_s,
-            holders=[self.worker_id], created_at=lifecycle.wall(),
+            holders=[self.worker_id], created_at=lifecycle.wall(), sha256=digest,
         ), replaced=old.snapshot if old else "")
         log.info("template %s built in %.2fs (snapshot %s, %d bytes)", name, build_s, snap, size,
                  extra={"worker_id": self.worker_id})
         return TemplateReady(
             name=name, snapshot=snap, size_bytes=size, build_s=build_s, worker_id=self.worker_id
         )
+
+    async def _digest(self, snap: str) -> str:
+        """The new snapshot's digest (recorded with the template); this node's endpoint
+        serves the manifest it comes from without hashing the files again."""
+        m = await anyio.to_thread.run_sync(manifest, self.path(snap))
+        if self.peers is not None:
+            self.peers.remember(snap, m)
+        return m.digest
 
     async def _remove_partial(self, snap: str) -> None:
         """Drop what a failed checkpoint left on this node's disk."""
@@ -411,6 +472,7 @@ class SnapshotManager:
         local.busy = True
         try:
             size = await self.runtime.checkpoint(sid, self.path(snap), leave_running=True)
+            digest = await self._digest(snap)
             await self.store.put(snap, self.path(snap))
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -428,7 +490,7 @@ class SnapshotManager:
         old = template_from_hash(await self.redis.hgetall(table.keys.template(name)))
         await self._publish_snapshot(TemplateRecord(
             name=name, state="ready", spec=ts, snapshot=snap, size_bytes=size, build_s=took,
-            holders=[self.worker_id], created_at=lifecycle.wall(), source=sid,
+            holders=[self.worker_id], created_at=lifecycle.wall(), source=sid, sha256=digest,
         ), replaced=old.snapshot if old else "")
         return TemplateReady(
             name=name, snapshot=snap, size_bytes=size, build_s=took, worker_id=self.worker_id

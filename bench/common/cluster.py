@@ -3,6 +3,9 @@ simulated worker fleets, all on loopback, plus /proc sampling of their CPU and m
 
 Every process is started by the harness and ended by it (SIGTERM, then SIGKILL after a
 grace period); the Redis is private (free port, no persistence) and dies with the run.
+``redis_cluster=True``: a local Redis Cluster (cli.localcluster: 3 primaries,
+``cluster_replicas`` replicas each) instead of one standalone Redis; its servers'
+CPU, memory and commands are summed where one Redis's would be.
 """
 
 from __future__ import annotations
@@ -69,8 +72,13 @@ class Cluster:
         latency_scale: float = 1.0,
         scheduler_env: dict[str, str] | None = None,
         prefix: str = "bench",
+        redis_cluster: bool = False,
+        cluster_replicas: int = 0,
     ) -> None:
         self.prefix = prefix
+        self.redis_cluster = redis_cluster
+        self.cluster_replicas = cluster_replicas
+        self.cluster_ports: list[int] = []
         self.n_schedulers = schedulers
         self.n_fleets = fleets
         self.workers_per_fleet = workers_per_fleet
@@ -82,7 +90,7 @@ class Cluster:
         self.redis_proc: subprocess.Popen[bytes] | None = None
         self.schedulers: list[subprocess.Popen[bytes]] = []
         self.fleets: list[subprocess.Popen[bytes]] = []
-        self.r: redis.Redis | None = None
+        self.r: Any = None
         # What the scheduler processes run with, resolved from the environment they
         # get as the scheduler resolves it (results record it; nothing is retyped).
         self.scheduler_settings: SchedulerSettings | None = None
@@ -104,6 +112,21 @@ class Cluster:
         server = shutil.which("redis-server")
         if server is None:
             raise SystemExit("redis-server is not installed (make install)")
+        if self.redis_cluster:
+            from cli import localcluster
+
+            try:
+                local = localcluster.start(3, Path(self.dir) / "cluster", replicas=self.cluster_replicas)
+            except BaseException:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise
+            self.url, self.cluster_ports = local.url, list(local.ports)
+            try:
+                self._start()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+            return self
         self.redis_proc = subprocess.Popen(
             [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--maxclients", "20000"],
@@ -117,7 +140,10 @@ class Cluster:
         return self
 
     def _start(self) -> None:
-        self.r = redis.Redis.from_url(self.url)
+        if self.redis_cluster:
+            self.r = redis.RedisCluster(host="127.0.0.1", port=self.cluster_ports[0])
+        else:
+            self.r = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -206,6 +232,10 @@ class Cluster:
         if self.redis_proc is not None:
             self.redis_proc.terminate()
             self.redis_proc.wait(timeout=10)
+        if self.redis_cluster:
+            from cli import localcluster
+
+            localcluster.stop(Path(self.dir) / "cluster")
         self.report_crashes()
         if not os.environ.get("HOTBED_BENCH_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -231,9 +261,14 @@ class Cluster:
         """The workers' heartbeat TTL the schedulers reap by (None: no scheduler)."""
         return self.scheduler_settings.heartbeat_ttl_s if self.scheduler_settings else None
 
+    def _servers(self) -> list[redis.Redis]:
+        """One client per Redis server of the run (the cluster's nodes, or the one)."""
+        if not self.redis_cluster:
+            return [self.r]
+        return [redis.Redis(port=p, socket_timeout=5) for p in self.cluster_ports]
+
     def redis_version(self) -> str:
-        assert self.r is not None
-        server: Any = self.r.info("server")
+        server: Any = self._servers()[0].info("server")
         return str(server["redis_version"])
 
     def settings_record(self) -> dict[str, Any]:
@@ -247,18 +282,25 @@ class Cluster:
                 if self.scheduler_settings else None),
             "simfleet_processes": len(self.fleets), "workers_per_fleet": self.workers_per_fleet,
             "latency_scale": self.latency_scale,
+            "redis": (f"local Redis Cluster, 3 primaries x {self.cluster_replicas} replicas"
+                      if self.redis_cluster else "standalone"),
         }
 
     def redis_info(self) -> dict[str, float]:
         assert self.r is not None
-        mem: Any = self.r.info("memory")
-        stats: Any = self.r.info("stats")
-        cpu: Any = self.r.info("cpu")
-        return {
-            "used_memory": float(mem["used_memory"]),
-            "commands": float(stats["total_commands_processed"]),
-            "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
-        }
+        out = {"used_memory": 0.0, "commands": 0.0, "cpu_s": 0.0}
+        servers = self._servers()
+        for r in servers:
+            mem: Any = r.info("memory")
+            stats: Any = r.info("stats")
+            cpu: Any = r.info("cpu")
+            out["used_memory"] += float(mem["used_memory"])
+            out["commands"] += float(stats["total_commands_processed"])
+            out["cpu_s"] += float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+        if self.redis_cluster:
+            for r in servers:
+                r.close()
+        return out
 
     def scheduler_sample(self) -> dict[str, float]:
         return {

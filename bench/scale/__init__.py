@@ -27,6 +27,10 @@ Phases (``--phases``, default all; one module each in this package):
 * ``cost``: CPU per cold create and per warm claim, the client, a scheduler and 10
   simulated workers in this one process.
 
+``--cluster``: the ``throughput`` and ``claims`` phases (the default then, and the only
+ones it takes) against a local Redis Cluster (3 primaries, ``--cluster-replicas`` each)
+instead of one standalone Redis; written to ``bench/results/scale-cluster.json``.
+
 Writes ``bench/results/scale.json`` (``--out``; one run, one file: see
 :mod:`bench.common.results`) and ``bench/results/scale.png``.
 The run bounds its own duration: every phase has a fixed length or a fixed count, and
@@ -64,9 +68,18 @@ PHASES: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] = {
 }
 
 
+# The phases that run on a Redis Cluster too (--cluster).
+CLUSTER_PHASES = {"throughput", "claims"}
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n")[0])
-    p.add_argument("--phases", default="cost,throughput,claims,replicas,placement,concurrency,mixed")
+    p.add_argument("--phases", default=None,
+                   help="default: cost,throughput,claims,replicas,placement,concurrency,mixed "
+                        "(with --cluster: throughput,claims)")
+    p.add_argument("--cluster", action="store_true",
+                   help="the throughput and claims phases on a local Redis Cluster")
+    p.add_argument("--cluster-replicas", type=int, default=1, help="with --cluster: replicas per primary")
     p.add_argument("--cost-n", type=int, default=10_000, help="operations in the cost phase")
     p.add_argument("--claim-rates", default="1000,2500,5000,6000,7000,8000")
     p.add_argument("--claim-step-s", type=float, default=3.0,
@@ -96,8 +109,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ramp-s", type=float, default=5.0, help="sessions start spread over this")
     p.add_argument("--mixed-max-s", type=float, default=120.0)
     p.add_argument("--quick", action="store_true", help="small numbers for a smoke run (~1 min)")
-    p.add_argument("--out", default=str(results.RESULTS / "scale.json"))
+    p.add_argument("--out", default=None, help="default bench/results/scale.json (--cluster: scale-cluster.json)")
     args = p.parse_args(argv)
+    if args.phases is None:
+        args.phases = "throughput,claims" if args.cluster else "cost,throughput,claims,replicas,placement,concurrency,mixed"
+    if args.out is None:
+        args.out = str(results.RESULTS / ("scale-cluster.json" if args.cluster else "scale.json"))
+    if args.cluster and {x.strip() for x in args.phases.split(",") if x.strip()} - CLUSTER_PHASES:
+        p.error(f"--cluster runs only the {', '.join(sorted(CLUSTER_PHASES))} phases")
     unknown = {x.strip() for x in args.phases.split(",") if x.strip()} - {*PHASES, "placement"}
     if unknown:
         p.error(f"unknown phases {sorted(unknown)}; have placement, {', '.join(PHASES)}")
@@ -140,6 +159,8 @@ def main(argv: list[str]) -> int:
     doc: dict[str, Any] = {
         "run": run, "label": LABEL, "loadavg_start": loadavg(), "sim_params": msgspec.to_builtins(params),
         "fleets": args.fleets, "workers": args.fleets * args.workers_per_fleet,
+        "redis": (f"local Redis Cluster, 3 primaries x {args.cluster_replicas} replicas"
+                  if args.cluster else "standalone"),
     }
     out = Path(args.out)
 

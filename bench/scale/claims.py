@@ -29,7 +29,9 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
     env = {"HOTBED_POOL_REFILL_PER_S": str(args.pool_refill), "HOTBED_POOL_MAX_WARMING": "4000"}
     out: dict[str, Any] = {"pool_size": size, "steps": steps}
     with Cluster(fleets=args.fleets, workers_per_fleet=args.workers_per_fleet,
-                 latency_scale=args.latency_scale, scheduler_env=env) as cluster:
+                 latency_scale=args.latency_scale,
+                 redis_cluster=getattr(args, "cluster", False),
+                 cluster_replicas=getattr(args, "cluster_replicas", 0), scheduler_env=env) as cluster:
         async with Client(cluster.url, prefix=cluster.prefix) as client:
             await templates.create_template(
                 "simtpl", image="sim", run=["true"], cpu=0.25, memory_mb=256, client=client,

@@ -23,7 +23,9 @@ async def phase_throughput(args: argparse.Namespace) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     capacity: dict[str, Any] | None = None
     with Cluster(fleets=args.fleets, workers_per_fleet=args.workers_per_fleet,
-                 latency_scale=args.latency_scale) as cluster:
+                 latency_scale=args.latency_scale,
+                 redis_cluster=getattr(args, "cluster", False),
+                 cluster_replicas=getattr(args, "cluster_replicas", 0)) as cluster:
         recorded = cluster.settings_record()
         async with Client(cluster.url, prefix=cluster.prefix) as client, \
                 LoadGenerators(cluster, "create", procs=args.loadgen_procs) as gens:
