@@ -12,16 +12,18 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from cli.main import EXIT_FAILURE, add_listing_options, print_json, with_client
+from cli.main import EXIT_FAILURE, add_listing_options, print_listing, with_client
+from hotbed import transfer
 from hotbed.client import Client
-from hotbed.errors import FileTooLarge, HotbedError, InvalidRequest, SandboxNotFound
-from hotbed.protocol import MAX_FILE_BYTES
+from hotbed.errors import FileNotFound, FileTooLarge, HotbedError, InvalidRequest, SandboxNotFound
+from hotbed.protocol import MAX_FILE_BYTES, FileEntry
+from hotbed.records import SandboxRecord
 from hotbed.sandbox import Sandbox
 
 # Sandboxes ``rm`` terminates at once (each is one round trip to its worker).
@@ -162,7 +164,87 @@ def _split_remote(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+async def _stdin_chunks(chunk_bytes: int = transfer.CHUNK_BYTES) -> AsyncIterator[bytes]:
+    """stdin in chunks, each read in a worker thread (the loop never blocks on it)."""
+    fd = sys.stdin.fileno()
+    while True:
+        data = await anyio.to_thread.run_sync(_read_up_to, fd, chunk_bytes, abandon_on_cancel=True)
+        if not data:
+            return
+        yield data
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes of ``fd``, fewer only at its end (a pipe gives what it has)."""
+    parts, got = [], 0
+    while got < n:
+        data = os.read(fd, min(n - got, 1 << 20))
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+async def _to_stdout(chunks: AsyncIterator[bytes]) -> None:
+    out = sys.stdout.buffer
+    async for data in chunks:
+        await anyio.to_thread.run_sync(out.write, data)
+    await anyio.to_thread.run_sync(out.flush)
+
+
+def _name(path: str) -> str:
+    return Path(path.rstrip("/") or "/").name
+
+
+async def _copy_in(sb: Sandbox, src: str, dst: str, *, recursive: bool) -> None:
+    """Local ``src`` into the sandbox, as ``cp`` does: into ``dst`` if it is a directory
+    (or ends with /), else as ``dst``."""
+    into = dst.endswith("/")
+    if not into:
+        try:
+            into = (await sb.stat(dst)).is_dir
+        except FileNotFound:
+            pass
+    if src == "-":
+        if into:
+            raise InvalidRequest(f"cannot copy stdin to a directory: {dst}")
+        await transfer.write_chunks(sb, _stdin_chunks(), dst)
+        return
+    local = anyio.Path(src)
+    if not await local.exists():
+        raise FileNotFoundError(f"no such local file or directory: {src}")
+    target = f"{dst.rstrip('/')}/{_name(src)}" if into else dst
+    if await local.is_dir():
+        if not recursive:
+            raise InvalidRequest(f"{src} is a directory (use cp -r)")
+        await sb.upload_dir(src, target)
+    else:
+        await sb.upload_file(src, target, mode=stat.S_IMODE((await local.stat()).st_mode))
+
+
+async def _copy_out(sb: Sandbox, src: str, dst: str, *, recursive: bool) -> None:
+    """Sandbox ``src`` to the local disk (or stdout), as ``cp`` does."""
+    entry = await sb.stat(src)
+    if entry.is_dir and not recursive:
+        raise InvalidRequest(f"{src} is a directory (use cp -r)")
+    if dst == "-":
+        if entry.is_dir:
+            raise InvalidRequest(f"cannot copy a directory to stdout: {src}")
+        await _to_stdout(transfer.read_chunks(sb, src))
+        return
+    target = anyio.Path(dst)
+    if dst.endswith("/") or await target.is_dir():
+        target = target / _name(src)
+    if entry.is_dir:
+        await sb.download_dir(src, target)
+    else:
+        await sb.download_file(src, target)
+
+
 def cmd_cp(args: argparse.Namespace) -> int:
+    """Files and (with -r) directories of any size, streamed in chunks: memory stays
+    bounded whatever the size."""
     src_id, src = _split_remote(args.src)
     dst_id, dst = _split_remote(args.dst)
     if (src_id is None) == (dst_id is None):
@@ -171,23 +253,31 @@ def cmd_cp(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         if src_id is not None:
             sb = await Sandbox.from_id(src_id, client=client)
-            data = await sb.read_file(src)
-            if dst == "-":
-                sys.stdout.buffer.write(data)
-            else:
-                target = anyio.Path(dst)
-                if await target.is_dir():
-                    target = target / Path(src).name
-                await target.write_bytes(data)
+            await _copy_out(sb, src or ".", dst, recursive=args.recursive)
         else:
             assert dst_id is not None
             sb = await Sandbox.from_id(dst_id, client=client)
-            data = await read_stdin() if src == "-" else await anyio.Path(src).read_bytes()
-            target_path = dst.rstrip("/") + "/" + Path(src).name if dst.endswith("/") else dst
-            await sb.write_file(target_path, data)
+            await _copy_in(sb, src, dst or ".", recursive=args.recursive)
         return 0
 
     return with_client(go)
+
+
+def _files_table(entries: Sequence[FileEntry]) -> None:
+    for e in entries:
+        kind = "d" if e.is_dir else "-"
+        print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
+
+
+def _sandboxes_table(records: Sequence[SandboxRecord]) -> None:
+    now = time.time()
+    print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<9} {'PATH':<7} {'AGE':>7}  TAGS")
+    for r in records:
+        tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
+        print(
+            f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {r.state:<9} {r.path:<7} "
+            f"{now - r.created_at:>6.0f}s  {tags}"
+        )
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -198,33 +288,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 sid, path = args.target, "."
             sb = await Sandbox.from_id(sid, client=client)
             entries = await sb.list_files(path or ".")
-            if args.json:
-                print_json(entries)
-            elif args.quiet:
-                for e in entries:
-                    print(e.name)
-            else:
-                for e in entries:
-                    kind = "d" if e.is_dir else "-"
-                    print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
-            return 0
+            return await print_listing(args, entries, key=lambda e: e.name, table=_files_table)
         records = await Sandbox.list_records(tags=_pairs(args.tag, "--tag"), client=client)
-        if args.json:
-            print_json(records)
-            return 0
-        if args.quiet:
-            for r in records:
-                print(r.id)
-            return 0
-        now = time.time()
-        print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<9} {'PATH':<7} {'AGE':>7}  TAGS")
-        for r in records:
-            tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
-            print(
-                f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {r.state:<9} {r.path:<7} "
-                f"{now - r.created_at:>6.0f}s  {tags}"
-            )
-        return 0
+        return await print_listing(args, records, key=lambda r: r.id, table=_sandboxes_table)
 
     return with_client(go)
 
@@ -348,9 +414,12 @@ def register(sub: Any) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
     p.set_defaults(func=cmd_exec)
 
-    p = sub.add_parser("cp", help="copy a file: cp LOCAL SANDBOX:PATH or cp SANDBOX:PATH LOCAL ('-' is stdio)")
-    p.add_argument("src", help="LOCAL_PATH, SANDBOX:PATH or - (stdin)")
-    p.add_argument("dst", help="LOCAL_PATH, SANDBOX:PATH or - (stdout)")
+    p = sub.add_parser("cp", help="copy files or (-r) directories of any size in or out of a sandbox: "
+                                  "cp [-r] LOCAL SANDBOX:PATH, cp [-r] SANDBOX:PATH LOCAL ('-' is stdio)")
+    p.add_argument("src", help="LOCAL_PATH, SANDBOX:PATH or - (stdin, to a file)")
+    p.add_argument("dst", help="LOCAL_PATH, SANDBOX:PATH or - (stdout, from a file); "
+                               "an existing directory (or a path ending in /) receives SRC inside it")
+    p.add_argument("--recursive", "-r", action="store_true", help="copy directories (their whole tree)")
     p.set_defaults(func=cmd_cp)
 
     p = sub.add_parser("ls", help="list sandboxes, or files with ls SANDBOX:PATH")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from cli.main import add_listing_options, print_json, with_client
+from cli.main import add_listing_options, print_json, print_listing, with_client
 from cli.sandboxes import _pairs
 from hotbed import templates
 from hotbed.client import Client
@@ -83,21 +84,17 @@ def cmd_template_create(args: argparse.Namespace) -> int:
     return with_client(go)
 
 
+def _templates_table(recs: Sequence[templates.TemplateRecord]) -> None:
+    print(f"{'NAME':24} {'STATE':9} {'IMAGE':18} {'SNAPSHOT':22} {'SIZE':>9} {'BUILD':>7}  HOLDERS")
+    for r in recs:
+        print(f"{r.name:24} {r.state:9} {r.spec.image:18} {r.snapshot or '-':22} "
+              f"{_size(r.size_bytes):>9} {r.build_s:6.2f}s  {','.join(r.holders) or '-'}")
+
+
 def cmd_template_list(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         recs = await templates.list_templates(client=client)
-        if args.json:
-            print_json(recs)
-            return 0
-        if args.quiet:
-            for r in recs:
-                print(r.name)
-            return 0
-        print(f"{'NAME':24} {'STATE':9} {'IMAGE':18} {'SNAPSHOT':22} {'SIZE':>9} {'BUILD':>7}  HOLDERS")
-        for r in recs:
-            print(f"{r.name:24} {r.state:9} {r.spec.image:18} {r.snapshot or '-':22} "
-                  f"{_size(r.size_bytes):>9} {r.build_s:6.2f}s  {','.join(r.holders) or '-'}")
-        return 0
+        return await print_listing(args, recs, key=lambda r: r.name, table=_templates_table)
 
     return with_client(go)
 
@@ -169,20 +166,16 @@ def cmd_pool_set(args: argparse.Namespace) -> int:
     return with_client(go)
 
 
+def _pools_table(pools: Sequence[templates.PoolStatus]) -> None:
+    print(f"{'POOL':36} {'SIZE':>5} {'READY':>6} {'WARMING':>8} {'CLAIMING':>9}")
+    for p in pools:
+        print(f"{p.name:36} {p.size:5d} {p.ready:6d} {p.warming:8d} {p.claiming:9d}")
+
+
 def cmd_pool_list(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         pools = await templates.pool_status(client=client)
-        if args.json:
-            print_json(pools)
-            return 0
-        if args.quiet:
-            for p in pools:
-                print(p.name)
-            return 0
-        print(f"{'POOL':36} {'SIZE':>5} {'READY':>6} {'WARMING':>8} {'CLAIMING':>9}")
-        for p in pools:
-            print(f"{p.name:36} {p.size:5d} {p.ready:6d} {p.warming:8d} {p.claiming:9d}")
-        return 0
+        return await print_listing(args, pools, key=lambda p: p.name, table=_pools_table)
 
     return with_client(go)
 

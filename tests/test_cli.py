@@ -205,3 +205,77 @@ async def test_template_progress_and_pool_set_wait(
         assert rc == EXIT_FAILURE and err.count("\n") == 1
     finally:
         await delete_template(name, client=c)
+
+
+# A hotbed process that reports the peak of what it allocated (tracemalloc: every
+# bytes object it holds, not the allocator's reserve) as its last stderr line.
+HB_PEAK = [sys.executable, "-c",
+           "import runpy, sys, tracemalloc\n"
+           "tracemalloc.start()\n"
+           "sys.argv = ['hotbed', *sys.argv[1:]]\n"
+           "try:\n    runpy.run_module('cli', run_name='__main__')\n"
+           "finally:\n    print(f'peak={tracemalloc.get_traced_memory()[1]}', file=sys.stderr)\n"]
+
+
+async def _hb_peak(stack: Stack, *args: str, input: bytes | None = None) -> tuple[bytes, int]:
+    env = _clean_env(HOTBED_REDIS_URL=stack.redis_url, HOTBED_PREFIX=stack.prefix)
+    res = await anyio.run_process([*HB_PEAK, *args], input=input, env=env, check=False)
+    err = res.stderr.decode()
+    last = err.strip().splitlines()[-1]
+    assert res.returncode == 0 and last.startswith("peak="), err
+    return res.stdout, int(last.split("=")[1])
+
+
+@pytest.mark.anyio
+async def test_cp_directories_and_any_size_in_bounded_memory(hotbed_stack: Stack, tmp_path: Path) -> None:
+    """cp -r both ways (into an existing directory, or as a new name), and files and
+    stdio over the 32 MiB of one message, with the CLI's peak memory far below them."""
+    import hashlib
+
+    from tests.conftest import BASE_IMAGE
+
+    size = 128 << 20
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    src = tmp_path / "proj"
+    (src / "pkg" / "sub").mkdir(parents=True)
+    (src / "README").write_text("hello\n")
+    (src / "pkg" / "sub" / "mod.py").write_text("x = 1\n")
+    (src / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (src / "run.sh").chmod(0o755)
+
+    async with await Sandbox.create(BASE_IMAGE, client=hotbed_stack.client, memory_mb=512) as sb:
+        s = hotbed_stack
+        # A directory needs -r.
+        rc, _, err = await _hb(s, "cp", str(src), f"{sb.id}:/tmp/")
+        assert rc == EXIT_FAILURE and "use cp -r" in err, err
+        # Into an existing directory: /tmp/proj; to a new name: /tmp/copy.
+        assert (await _hb(s, "cp", "-r", str(src), f"{sb.id}:/tmp"))[0] == 0
+        assert (await _hb(s, "cp", "-r", str(src), f"{sb.id}:/tmp/copy"))[0] == 0
+        res = await sb.exec("sh", "-c", "cd /tmp && cat proj/pkg/sub/mod.py copy/README && copy/run.sh")
+        assert res.stdout == "x = 1\nhello\nran\n", res.stderr
+        # And back out.
+        out = tmp_path / "out"
+        out.mkdir()
+        assert (await _hb(s, "cp", "-r", f"{sb.id}:/tmp/copy", str(out)))[0] == 0
+        assert (out / "copy" / "pkg" / "sub" / "mod.py").read_text() == "x = 1\n"
+        assert os.access(out / "copy" / "run.sh", os.X_OK)
+        assert (await _hb(s, "cp", "-r", f"{sb.id}:/tmp/proj", str(tmp_path / "again")))[0] == 0
+        assert (tmp_path / "again" / "README").read_text() == "hello\n"
+        rc, _, err = await _hb(s, "cp", f"{sb.id}:/tmp/proj", str(tmp_path / "x"))
+        assert rc == EXIT_FAILURE and "use cp -r" in err, err
+
+        # A file four times one message's limit, each way, and through stdin and stdout.
+        peaks = {}
+        _, peaks["up"] = await _hb_peak(s, "cp", str(big), f"{sb.id}:/tmp/")
+        assert (await sb.exec("sha256sum", "/tmp/big.bin")).stdout.split()[0] == digest
+        _, peaks["down"] = await _hb_peak(s, "cp", f"{sb.id}:/tmp/big.bin", str(out))
+        assert hashlib.sha256((out / "big.bin").read_bytes()).hexdigest() == digest
+        _, peaks["stdin"] = await _hb_peak(s, "cp", "-", f"{sb.id}:/tmp/piped", input=big.read_bytes())
+        piped, peaks["stdout"] = await _hb_peak(s, "cp", f"{sb.id}:/tmp/piped", "-")
+        assert hashlib.sha256(piped).hexdigest() == digest
+        # 8 MiB chunks: a few in flight at once, never the file.
+        assert max(peaks.values()) < 64 << 20, {k: v >> 20 for k, v in peaks.items()}
