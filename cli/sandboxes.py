@@ -1,7 +1,8 @@
 """Sandbox commands: run, create, exec, cp, ls, rm, inspect, snapshot, fork, pause, resume.
 
-``run`` and ``exec`` exit with the command's code and forward a piped or redirected
-stdin (``echo hi | hotbed exec ID -- cat``); ``ls`` takes ``--json`` and ``-q``, so
+``run`` and ``exec`` print output as it comes, exit with the command's code and stream
+a piped or redirected stdin to it (``echo hi | hotbed exec ID -- cat``; a terminal with
+``-i``), at the command's pace; ``ls`` takes ``--json`` and ``-q``, so
 ``hotbed rm $(hotbed ls -q)`` works, as do ``rm --all`` and ``rm --tag K=V``.
 """
 
@@ -21,13 +22,23 @@ import anyio
 from cli.main import EXIT_FAILURE, add_listing_options, print_listing, with_client
 from hotbed import transfer
 from hotbed.client import Client
-from hotbed.errors import FileNotFound, FileTooLarge, HotbedError, InvalidRequest, SandboxNotFound
+from hotbed.errors import (
+    FileNotFound,
+    FileTooLarge,
+    HotbedError,
+    InvalidRequest,
+    SandboxNotFound,
+    UnsupportedRequest,
+)
+from hotbed.handles import ExecStream
 from hotbed.protocol import MAX_FILE_BYTES, FileEntry
 from hotbed.records import SandboxRecord
 from hotbed.sandbox import Sandbox
 
 # Sandboxes ``rm`` terminates at once (each is one round trip to its worker).
 RM_CONCURRENCY = 16
+# Most bytes of stdin sent to a command in one request.
+STDIN_PIECE = 1 << 20
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -71,18 +82,10 @@ def _command(argv: list[str]) -> list[str]:
     return argv
 
 
-def _emit(res: Any) -> int:
-    sys.stdout.buffer.write(res.stdout_bytes)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(res.stderr_bytes)
-    if res.truncated:
-        print("hotbed: output truncated", file=sys.stderr)
-    return int(res.exit_code)
-
-
 def stdin_has_data() -> bool:
     """Whether stdin is data to forward: a pipe, a file or a socket. A terminal is left
-    alone (``hotbed shell`` is the interactive command), and so is /dev/null."""
+    alone unless -i says otherwise (``hotbed shell`` is the interactive command), and so
+    is /dev/null."""
     try:
         mode = os.fstat(sys.stdin.fileno()).st_mode
     except (OSError, ValueError, AttributeError):
@@ -91,10 +94,9 @@ def stdin_has_data() -> bool:
 
 
 async def read_stdin(limit: int = MAX_FILE_BYTES) -> bytes:
-    """All of stdin, read in a worker thread so the event loop never blocks on it.
-
-    The command gets it as one message, so it is read to its end before the command
-    starts and is bounded by the message size limit."""
+    """All of stdin, read in a worker thread so the event loop never blocks on it: for
+    a sandbox that cannot take streamed input (no guest agent), the command gets it as
+    one message, so it is read to its end first and bounded by the message size limit."""
     data: bytes = await anyio.to_thread.run_sync(sys.stdin.buffer.read, limit + 1, abandon_on_cancel=True)
     if len(data) > limit:
         raise FileTooLarge(
@@ -103,24 +105,82 @@ async def read_stdin(limit: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-async def _stdin_for(args: argparse.Namespace) -> bytes | None:
-    return await read_stdin() if not args.no_stdin and stdin_has_data() else None
+def _forwards_stdin(args: argparse.Namespace) -> bool:
+    return not args.no_stdin and (args.interactive or stdin_has_data())
+
+
+async def _stdin_pieces() -> AsyncIterator[bytes]:
+    """stdin as it comes: each read returns what is there (a line typed, a pipe's
+    buffer), up to STDIN_PIECE, so an interactive producer is not kept waiting."""
+    fd = sys.stdin.fileno()
+    while data := await anyio.to_thread.run_sync(os.read, fd, STDIN_PIECE, abandon_on_cancel=True):
+        yield data
+
+
+async def _feed(stream: ExecStream) -> None:
+    """stdin into the running command, one piece at a time (each write returns once the
+    command has it), then EOF; stops when the command closes its stdin or ends."""
+    if not await stream.wait_stdin():
+        return
+    async for data in _stdin_pieces():
+        if not await stream.write(data):
+            return
+    await stream.close_stdin()
+
+
+async def _exec_streamed(sb: Sandbox, argv: list[str], args: argparse.Namespace, *,
+                         env: dict[str, str] | None = None, cwd: str | None = None) -> int:
+    """Run ``argv`` with its output printed as it comes and stdin forwarded (streamed
+    when the sandbox has the guest agent, else read whole first, up to 32 MiB); the
+    command's exit code."""
+    streamed = _forwards_stdin(args)
+    opts: dict[str, Any] = dict(timeout=args.exec_timeout, env=env, cwd=cwd, shell=args.shell)
+    try:
+        return await _print_stream(sb.exec_stream(*argv, stdin_open=streamed, **opts), feed=streamed)
+    except UnsupportedRequest:
+        if not streamed:
+            raise
+    # No guest agent (busybox, say): nothing of stdin was read yet, so it goes whole.
+    return await _print_stream(sb.exec_stream(*argv, stdin=await read_stdin(), **opts), feed=False)
+
+
+async def _print_stream(stream: ExecStream, *, feed: bool) -> int:
+    refused: UnsupportedRequest | None = None
+    async with stream, anyio.create_task_group() as tg:
+        if feed:
+            tg.start_soon(_feed, stream)
+        try:
+            async for chunk in stream:
+                dest = sys.stdout if chunk.stream == "stdout" else sys.stderr
+                dest.buffer.write(chunk.data)
+                dest.flush()
+        except UnsupportedRequest as exc:
+            # Raised as itself, not in the task group's ExceptionGroup: the caller
+            # retries without streamed stdin.
+            refused = exc
+        # The command has ended: stdin still being read is of no use to it.
+        tg.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
+    assert stream.result is not None
+    if stream.result.truncated:
+        print("hotbed: output truncated", file=sys.stderr)
+    return int(stream.result.exit_code)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     argv = _command(args.cmd)
 
     async def go(client: Client) -> int:
-        stdin = await _stdin_for(args)
         t0 = time.perf_counter()
         sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
         if args.verbose:
             print(f"hotbed: {sb.id} on {sb.worker_id} ({sb.path}) in {time.perf_counter() - t0:.3f}s", file=sys.stderr)
         try:
-            res = await sb.exec(*argv, timeout=args.exec_timeout, shell=args.shell, stdin=stdin)
+            return await _exec_streamed(sb, argv, args)
         finally:
-            await sb.terminate()
-        return _emit(res)
+            with anyio.CancelScope(shield=True):
+                await sb.terminate()
 
     return with_client(go)
 
@@ -139,20 +199,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
     async def go(client: Client) -> int:
         sb = await Sandbox.from_id(args.sandbox, client=client)
-        stdin = await _stdin_for(args)
-        env = _pairs(args.env, "--env")
-        # Streamed, so output is printed as the command produces it, not at its end.
-        async with sb.exec_stream(
-            *argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell, stdin=stdin
-        ) as stream:
-            async for chunk in stream:
-                dest = sys.stdout if chunk.stream == "stdout" else sys.stderr
-                dest.buffer.write(chunk.data)
-                dest.flush()
-        assert stream.result is not None
-        if stream.result.truncated:
-            print("hotbed: output truncated", file=sys.stderr)
-        return int(stream.result.exit_code)
+        return await _exec_streamed(sb, argv, args, env=_pairs(args.env, "--env"), cwd=args.workdir)
 
     return with_client(go)
 
@@ -383,9 +430,11 @@ def cmd_pause_resume(args: argparse.Namespace) -> int:
 
 
 def _add_stdin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interactive", "-i", action="store_true",
+                   help="forward stdin even when it is a terminal (like docker exec -i; Ctrl-D ends it)")
     p.add_argument("--no-stdin", action="store_true",
-                   help="do not forward stdin (by default a piped or redirected stdin is the command's, "
-                        "read to its end first, up to 32 MiB; a terminal never is)")
+                   help="do not forward stdin (by default a piped or redirected stdin is streamed "
+                        "to the command, which reads EOF at its end; a terminal only with -i)")
 
 
 def register(sub: Any) -> None:

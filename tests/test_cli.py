@@ -279,3 +279,120 @@ async def test_cp_directories_and_any_size_in_bounded_memory(hotbed_stack: Stack
         assert hashlib.sha256(piped).hexdigest() == digest
         # 8 MiB chunks: a few in flight at once, never the file.
         assert max(peaks.values()) < 64 << 20, {k: v >> 20 for k, v in peaks.items()}
+
+
+# ---------------------------------------------------------------- exec's stdin
+
+
+@pytest.mark.anyio
+async def test_guest_paces_streamed_input(tmp_path: Path) -> None:
+    """A paced input is answered once its bytes are in the command's stdin: not before
+    the command reads them, and at once (closed) when the command has closed it."""
+    import time
+
+    from tests.test_guest_agent import agent_channel
+
+    out = tmp_path / "got.bin"
+    blob = os.urandom(6 << 20)  # well over what the pipe holds
+    async with agent_channel(tmp_path) as (ch, _proc):
+        header = {"t": "run", "argv": ["/bin/sh", "-c", f"sleep 1; cat > {out}; echo done"],
+                  "stdin": False, "stdin_open": True, "max_output": 1 << 16, "timeout": 30}
+        with anyio.fail_after(30):
+            async with ch.open(header) as (gid, frames):
+                t0 = time.monotonic()
+                h, _ = await ch.call({"t": "input", "target": gid, "paced": True}, blob, timeout=30)
+                assert time.monotonic() - t0 > 0.8 and h["closed"] is False
+                h, _ = await ch.call({"t": "input", "target": gid, "paced": True, "eof": True}, timeout=30)
+                assert h["closed"] is True
+                got = [(h2, p) async for h2, p in frames]
+        assert got[0][1] == b"done\n" and got[-1][0]["code"] == 0
+        assert out.read_bytes() == blob
+
+        # head reads 3 bytes and exits: the input after that is dropped, answered closed.
+        header["argv"] = ["head", "-c", "3"]
+        with anyio.fail_after(30):
+            async with ch.open(header) as (gid, frames):
+                h, _ = await ch.call({"t": "input", "target": gid, "paced": True}, blob, timeout=30)
+                assert h["closed"] is True
+                got = [(h2, p) async for h2, p in frames]
+        assert got[0][1] == blob[:3] and got[-1][0]["code"] == 0
+
+
+@pytest.mark.anyio
+async def test_exec_streams_stdin(hotbed_stack: Stack) -> None:
+    """``hotbed exec`` streams stdin: far over one message's 32 MiB, as the command
+    reads it (a reply to the first line comes back before the second is written), and
+    it stops sending once the command has closed its stdin."""
+    import hashlib
+
+    from tests.conftest import BASE_IMAGE
+
+    blob = os.urandom(48 << 20)
+    async with await Sandbox.create(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256) as sb:
+        s = hotbed_stack
+        rc, out, err = await _hb(s, "exec", sb.id, "--", "sha256sum", input=blob)
+        assert rc == 0 and out.split()[0] == hashlib.sha256(blob).hexdigest(), err
+        rc, out, err = await _hb(s, "exec", sb.id, "--", "head", "-c", "5", input=b"hello" + bytes(40 << 20))
+        assert (rc, out) == (0, "hello"), err
+        # `run` streams it the same way.
+        rc, out, err = await _hb(s, "run", BASE_IMAGE, "--memory", "256", "--", "wc", "-c", input=b"x" * 1000)
+        assert (rc, out.strip()) == (0, "1000"), err
+
+        env = _clean_env(HOTBED_REDIS_URL=s.redis_url, HOTBED_PREFIX=s.prefix)
+        script = 'read a; echo "got $a"; read b; echo "got $b"; exit 3'
+        with anyio.fail_after(60):
+            async with await anyio.open_process([*HB, "exec", sb.id, "--", "sh", "-c", script], env=env) as p:
+                assert p.stdin is not None and p.stdout is not None
+                await p.stdin.send(b"one\n")
+                first = await p.stdout.receive()
+                assert first == b"got one\n"
+                await p.stdin.send(b"two\n")
+                await p.stdin.aclose()
+                rest = b"".join([chunk async for chunk in p.stdout])
+                assert rest == b"got two\n"
+                assert await p.wait() == 3
+
+
+# ------------------------------------------------------------ template build output
+
+
+@pytest.mark.anyio
+async def test_template_create_streams_the_build(hotbed_stack: Stack) -> None:
+    """Each set-up step, its output and the snapshot are printed as the worker gets to
+    them, while the build is still running, not once it ends."""
+    from hotbed.templates import delete_template
+
+    s, name = hotbed_stack, f"cli-{secrets.token_hex(3)}"
+    env = _clean_env(HOTBED_REDIS_URL=s.redis_url, HOTBED_PREFIX=s.prefix)
+    argv = [*HB, "template", "create", name, "--image", BUSYBOX_IMAGE, "--cpu", "0.25", "--memory", "64",
+            "--run", "echo first-out; sleep 2", "--run", "echo second-out >&2", "--ready", "true"]
+    lines: list[str] = []
+    try:
+        with anyio.fail_after(120):
+            async with await anyio.open_process(argv, env=env) as p:
+                assert p.stderr is not None and p.stdout is not None
+                buf = b""
+                async for data in p.stderr:
+                    buf += data
+                    *done, buf = buf.split(b"\n")
+                    for raw in done:
+                        line = raw.decode()
+                        lines.append(line)
+                        if "step 1/2 exited 0" in line:
+                            # Printed while the build goes on (step 2, the snapshot).
+                            assert p.returncode is None
+                out = b"".join([d async for d in p.stdout]).decode()
+                assert await p.wait() == 0, lines
+        assert out.startswith(f"{name}: snapshot "), out
+        import re
+
+        said = [m.group(1) for line in lines if (m := re.match(rf"hotbed: template {name}: +[\d.]+s  (.*)$", line))]
+        wanted = [f"booting {BUSYBOX_IMAGE}", "step 1/2: echo first-out; sleep 2", "step 1/2 exited 0",
+                  "step 2/2: echo second-out >&2", "step 2/2 exited 0", "readiness check: true",
+                  "ready after 1 check(s)", "taking the memory snapshot", "snapshot "]
+        found = [next((i for i, text in enumerate(said) if text.startswith(w)), -1) for w in wanted]
+        assert -1 not in found and found == sorted(found), lines
+        assert "  | first-out" in lines and "  | second-out" in lines, lines
+        assert lines.index("  | first-out") < next(i for i, x in enumerate(lines) if "step 1/2 exited" in x)
+    finally:
+        await delete_template(name, client=s.client)

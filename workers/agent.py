@@ -66,6 +66,7 @@ from hotbed.protocol import (
     Envelope,
     ErrorReply,
     Exec,
+    ExecInput,
     ListFiles,
     PauseSandbox,
     ProcessWait,
@@ -114,7 +115,8 @@ PULL_WITHOUT_DEADLINE_S = 600.0
 
 
 def long_lived(body: Any) -> bool:
-    if isinstance(body, (PtyOpen, WatchDir, DownloadTar, ProcessWait)):
+    # An ExecInput waits until the command has read it: at the command's pace.
+    if isinstance(body, (PtyOpen, WatchDir, DownloadTar, ProcessWait, ExecInput)):
         return True
     if getattr(body, "stream_to", ""):
         return True
