@@ -111,9 +111,22 @@ def _forwards_stdin(args: argparse.Namespace) -> bool:
 
 async def _stdin_pieces() -> AsyncIterator[bytes]:
     """stdin as it comes: each read returns what is there (a line typed, a pipe's
-    buffer), up to STDIN_PIECE, so an interactive producer is not kept waiting."""
+    buffer), up to STDIN_PIECE, so an interactive producer is not kept waiting.
+
+    A pipe or a terminal is awaited on the event loop, not in a thread: a thread left
+    blocked in read() would keep the process from exiting after the command has ended
+    until the producer writes again. A regular file (which cannot be polled) is read
+    in a thread; its reads always end."""
     fd = sys.stdin.fileno()
-    while data := await anyio.to_thread.run_sync(os.read, fd, STDIN_PIECE, abandon_on_cancel=True):
+    polled = not stat.S_ISREG(os.fstat(fd).st_mode)
+    while True:
+        if polled:
+            await anyio.wait_readable(fd)
+            data = os.read(fd, STDIN_PIECE)
+        else:
+            data = await anyio.to_thread.run_sync(os.read, fd, STDIN_PIECE)
+        if not data:
+            return
         yield data
 
 

@@ -351,6 +351,13 @@ async def test_exec_streams_stdin(hotbed_stack: Stack) -> None:
                 rest = b"".join([chunk async for chunk in p.stdout])
                 assert rest == b"got two\n"
                 assert await p.wait() == 3
+            # A command that ends while its stdin is still open: hotbed exits with it,
+            # without waiting for the producer to write again or close.
+            async with await anyio.open_process([*HB, "exec", sb.id, "--", "head", "-n", "1"], env=env) as p:
+                assert p.stdin is not None and p.stdout is not None
+                await p.stdin.send(b"only\n")
+                assert await p.wait() == 0
+                assert await p.stdout.receive() == b"only\n"
 
 
 # ------------------------------------------------------------ template build output
