@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import anyio
@@ -35,6 +36,7 @@ from hotbed.client import Client
 from hotbed.errors import ConnectionLost, HotbedError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 EXIT_FAILURE = 125
 EXIT_INTERRUPTED = 130
@@ -94,6 +96,30 @@ def print_json(value: Any) -> None:
 
     sys.stdout.buffer.write(msgspec.json.encode(value) + b"\n")
     sys.stdout.flush()
+
+
+async def print_listing(
+    args: argparse.Namespace,
+    rows: Sequence[R],
+    *,
+    key: Callable[[R], object],
+    table: Callable[[Sequence[R]], object],
+    as_json: Any = None,
+) -> int:
+    """The output of every listing command, chosen by :func:`add_listing_options`'s
+    flags: ``--json`` one JSON document (``rows``, or ``as_json`` when the document is
+    more than the rows), ``-q`` ``key(row)`` one per line, else ``table(rows)`` (which
+    may be a coroutine function, for a table that reads more as it prints)."""
+    if getattr(args, "json", False):
+        print_json(rows if as_json is None else as_json)
+    elif getattr(args, "quiet", False):
+        for row in rows:
+            print(key(row))
+    else:
+        done = table(rows)
+        if inspect.isawaitable(done):
+            await done
+    return 0
 
 
 def add_listing_options(p: argparse.ArgumentParser, quiet: str) -> None:

@@ -1,7 +1,8 @@
 """Sandbox commands: run, create, exec, cp, ls, rm, inspect, snapshot, fork, pause, resume.
 
-``run`` and ``exec`` exit with the command's code and forward a piped or redirected
-stdin (``echo hi | hotbed exec ID -- cat``); ``ls`` takes ``--json`` and ``-q``, so
+``run`` and ``exec`` print output as it comes, exit with the command's code and stream
+a piped or redirected stdin to it (``echo hi | hotbed exec ID -- cat``; a terminal with
+``-i``), at the command's pace; ``ls`` takes ``--json`` and ``-q``, so
 ``hotbed rm $(hotbed ls -q)`` works, as do ``rm --all`` and ``rm --tag K=V``.
 """
 
@@ -12,21 +13,32 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from cli.main import EXIT_FAILURE, add_listing_options, print_json, with_client
+from cli.main import EXIT_FAILURE, add_listing_options, print_listing, with_client
+from hotbed import transfer
 from hotbed.client import Client
-from hotbed.errors import FileTooLarge, HotbedError, InvalidRequest, SandboxNotFound
-from hotbed.protocol import MAX_FILE_BYTES
-from hotbed.records import shown_state
+from hotbed.errors import (
+    FileNotFound,
+    FileTooLarge,
+    HotbedError,
+    InvalidRequest,
+    SandboxNotFound,
+    UnsupportedRequest,
+)
+from hotbed.handles import ExecStream
+from hotbed.protocol import MAX_FILE_BYTES, FileEntry
+from hotbed.records import SandboxRecord, shown_state
 from hotbed.sandbox import Sandbox
 
 # Sandboxes ``rm`` terminates at once (each is one round trip to its worker).
 RM_CONCURRENCY = 16
+# Most bytes of stdin sent to a command in one request.
+STDIN_PIECE = 1 << 20
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -73,18 +85,10 @@ def _command(argv: list[str]) -> list[str]:
     return argv
 
 
-def _emit(res: Any) -> int:
-    sys.stdout.buffer.write(res.stdout_bytes)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(res.stderr_bytes)
-    if res.truncated:
-        print("hotbed: output truncated", file=sys.stderr)
-    return int(res.exit_code)
-
-
 def stdin_has_data() -> bool:
     """Whether stdin is data to forward: a pipe, a file or a socket. A terminal is left
-    alone (``hotbed shell`` is the interactive command), and so is /dev/null."""
+    alone unless -i says otherwise (``hotbed shell`` is the interactive command), and so
+    is /dev/null."""
     try:
         mode = os.fstat(sys.stdin.fileno()).st_mode
     except (OSError, ValueError, AttributeError):
@@ -93,10 +97,9 @@ def stdin_has_data() -> bool:
 
 
 async def read_stdin(limit: int = MAX_FILE_BYTES) -> bytes:
-    """All of stdin, read in a worker thread so the event loop never blocks on it.
-
-    The command gets it as one message, so it is read to its end before the command
-    starts and is bounded by the message size limit."""
+    """All of stdin, read in a worker thread so the event loop never blocks on it: for
+    a sandbox that cannot take streamed input (no guest agent), the command gets it as
+    one message, so it is read to its end first and bounded by the message size limit."""
     data: bytes = await anyio.to_thread.run_sync(sys.stdin.buffer.read, limit + 1, abandon_on_cancel=True)
     if len(data) > limit:
         raise FileTooLarge(
@@ -105,24 +108,95 @@ async def read_stdin(limit: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-async def _stdin_for(args: argparse.Namespace) -> bytes | None:
-    return await read_stdin() if not args.no_stdin and stdin_has_data() else None
+def _forwards_stdin(args: argparse.Namespace) -> bool:
+    return not args.no_stdin and (args.interactive or stdin_has_data())
+
+
+async def _stdin_pieces() -> AsyncIterator[bytes]:
+    """stdin as it comes: each read returns what is there (a line typed, a pipe's
+    buffer), up to STDIN_PIECE, so an interactive producer is not kept waiting.
+
+    A pipe or a terminal is awaited on the event loop, not in a thread: a thread left
+    blocked in read() would keep the process from exiting after the command has ended
+    until the producer writes again. A regular file (which cannot be polled) is read
+    in a thread; its reads always end."""
+    fd = sys.stdin.fileno()
+    polled = not stat.S_ISREG(os.fstat(fd).st_mode)
+    while True:
+        if polled:
+            await anyio.wait_readable(fd)
+            data = os.read(fd, STDIN_PIECE)
+        else:
+            data = await anyio.to_thread.run_sync(os.read, fd, STDIN_PIECE)
+        if not data:
+            return
+        yield data
+
+
+async def _feed(stream: ExecStream) -> None:
+    """stdin into the running command, one piece at a time (each write returns once the
+    command has it), then EOF; stops when the command closes its stdin or ends."""
+    if not await stream.wait_stdin():
+        return
+    async for data in _stdin_pieces():
+        if not await stream.write(data):
+            return
+    await stream.close_stdin()
+
+
+async def _exec_streamed(sb: Sandbox, argv: list[str], args: argparse.Namespace, *,
+                         env: dict[str, str] | None = None, cwd: str | None = None) -> int:
+    """Run ``argv`` with its output printed as it comes and stdin forwarded (streamed
+    when the sandbox has the guest agent, else read whole first, up to 32 MiB); the
+    command's exit code."""
+    streamed = _forwards_stdin(args)
+    opts: dict[str, Any] = dict(timeout=args.exec_timeout, env=env, cwd=cwd, shell=args.shell)
+    try:
+        return await _print_stream(sb.exec_stream(*argv, stdin_open=streamed, **opts), feed=streamed)
+    except UnsupportedRequest:
+        if not streamed:
+            raise
+    # No guest agent (busybox, say): nothing of stdin was read yet, so it goes whole.
+    return await _print_stream(sb.exec_stream(*argv, stdin=await read_stdin(), **opts), feed=False)
+
+
+async def _print_stream(stream: ExecStream, *, feed: bool) -> int:
+    refused: UnsupportedRequest | None = None
+    async with stream, anyio.create_task_group() as tg:
+        if feed:
+            tg.start_soon(_feed, stream)
+        try:
+            async for chunk in stream:
+                dest = sys.stdout if chunk.stream == "stdout" else sys.stderr
+                dest.buffer.write(chunk.data)
+                dest.flush()
+        except UnsupportedRequest as exc:
+            # Raised as itself, not in the task group's ExceptionGroup: the caller
+            # retries without streamed stdin.
+            refused = exc
+        # The command has ended: stdin still being read is of no use to it.
+        tg.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
+    assert stream.result is not None
+    if stream.result.truncated:
+        print("hotbed: output truncated", file=sys.stderr)
+    return int(stream.result.exit_code)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     argv = _command(args.cmd)
 
     async def go(client: Client) -> int:
-        stdin = await _stdin_for(args)
         t0 = time.perf_counter()
         sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
         if args.verbose:
             print(f"hotbed: {sb.id} on {sb.worker_id} ({sb.path}) in {time.perf_counter() - t0:.3f}s", file=sys.stderr)
         try:
-            res = await sb.exec(*argv, timeout=args.exec_timeout, shell=args.shell, stdin=stdin)
+            return await _exec_streamed(sb, argv, args)
         finally:
-            await sb.terminate()
-        return _emit(res)
+            with anyio.CancelScope(shield=True):
+                await sb.terminate()
 
     return with_client(go)
 
@@ -141,20 +215,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
     async def go(client: Client) -> int:
         sb = await Sandbox.from_id(args.sandbox, client=client)
-        stdin = await _stdin_for(args)
-        env = _pairs(args.env, "--env")
-        # Streamed, so output is printed as the command produces it, not at its end.
-        async with sb.exec_stream(
-            *argv, timeout=args.exec_timeout, env=env, cwd=args.workdir, shell=args.shell, stdin=stdin
-        ) as stream:
-            async for chunk in stream:
-                dest = sys.stdout if chunk.stream == "stdout" else sys.stderr
-                dest.buffer.write(chunk.data)
-                dest.flush()
-        assert stream.result is not None
-        if stream.result.truncated:
-            print("hotbed: output truncated", file=sys.stderr)
-        return int(stream.result.exit_code)
+        return await _exec_streamed(sb, argv, args, env=_pairs(args.env, "--env"), cwd=args.workdir)
 
     return with_client(go)
 
@@ -166,7 +227,87 @@ def _split_remote(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+async def _stdin_chunks(chunk_bytes: int = transfer.CHUNK_BYTES) -> AsyncIterator[bytes]:
+    """stdin in chunks, each read in a worker thread (the loop never blocks on it)."""
+    fd = sys.stdin.fileno()
+    while True:
+        data = await anyio.to_thread.run_sync(_read_up_to, fd, chunk_bytes, abandon_on_cancel=True)
+        if not data:
+            return
+        yield data
+
+
+def _read_up_to(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes of ``fd``, fewer only at its end (a pipe gives what it has)."""
+    parts, got = [], 0
+    while got < n:
+        data = os.read(fd, min(n - got, 1 << 20))
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+async def _to_stdout(chunks: AsyncIterator[bytes]) -> None:
+    out = sys.stdout.buffer
+    async for data in chunks:
+        await anyio.to_thread.run_sync(out.write, data)
+    await anyio.to_thread.run_sync(out.flush)
+
+
+def _name(path: str) -> str:
+    return Path(path.rstrip("/") or "/").name
+
+
+async def _copy_in(sb: Sandbox, src: str, dst: str, *, recursive: bool) -> None:
+    """Local ``src`` into the sandbox, as ``cp`` does: into ``dst`` if it is a directory
+    (or ends with /), else as ``dst``."""
+    into = dst.endswith("/")
+    if not into:
+        try:
+            into = (await sb.stat(dst)).is_dir
+        except FileNotFound:
+            pass
+    if src == "-":
+        if into:
+            raise InvalidRequest(f"cannot copy stdin to a directory: {dst}")
+        await transfer.write_chunks(sb, _stdin_chunks(), dst)
+        return
+    local = anyio.Path(src)
+    if not await local.exists():
+        raise FileNotFoundError(f"no such local file or directory: {src}")
+    target = f"{dst.rstrip('/')}/{_name(src)}" if into else dst
+    if await local.is_dir():
+        if not recursive:
+            raise InvalidRequest(f"{src} is a directory (use cp -r)")
+        await sb.upload_dir(src, target)
+    else:
+        await sb.upload_file(src, target, mode=stat.S_IMODE((await local.stat()).st_mode))
+
+
+async def _copy_out(sb: Sandbox, src: str, dst: str, *, recursive: bool) -> None:
+    """Sandbox ``src`` to the local disk (or stdout), as ``cp`` does."""
+    entry = await sb.stat(src)
+    if entry.is_dir and not recursive:
+        raise InvalidRequest(f"{src} is a directory (use cp -r)")
+    if dst == "-":
+        if entry.is_dir:
+            raise InvalidRequest(f"cannot copy a directory to stdout: {src}")
+        await _to_stdout(transfer.read_chunks(sb, src))
+        return
+    target = anyio.Path(dst)
+    if dst.endswith("/") or await target.is_dir():
+        target = target / _name(src)
+    if entry.is_dir:
+        await sb.download_dir(src, target)
+    else:
+        await sb.download_file(src, target)
+
+
 def cmd_cp(args: argparse.Namespace) -> int:
+    """Files and (with -r) directories of any size, streamed in chunks: memory stays
+    bounded whatever the size."""
     src_id, src = _split_remote(args.src)
     dst_id, dst = _split_remote(args.dst)
     if (src_id is None) == (dst_id is None):
@@ -175,23 +316,31 @@ def cmd_cp(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         if src_id is not None:
             sb = await Sandbox.from_id(src_id, client=client)
-            data = await sb.read_file(src)
-            if dst == "-":
-                sys.stdout.buffer.write(data)
-            else:
-                target = anyio.Path(dst)
-                if await target.is_dir():
-                    target = target / Path(src).name
-                await target.write_bytes(data)
+            await _copy_out(sb, src or ".", dst, recursive=args.recursive)
         else:
             assert dst_id is not None
             sb = await Sandbox.from_id(dst_id, client=client)
-            data = await read_stdin() if src == "-" else await anyio.Path(src).read_bytes()
-            target_path = dst.rstrip("/") + "/" + Path(src).name if dst.endswith("/") else dst
-            await sb.write_file(target_path, data)
+            await _copy_in(sb, src, dst or ".", recursive=args.recursive)
         return 0
 
     return with_client(go)
+
+
+def _files_table(entries: Sequence[FileEntry]) -> None:
+    for e in entries:
+        kind = "d" if e.is_dir else "-"
+        print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
+
+
+def _sandboxes_table(records: Sequence[SandboxRecord]) -> None:
+    now = time.time()
+    print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<13} {'PATH':<7} {'AGE':>7}  TAGS")
+    for r in records:
+        tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
+        print(
+            f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {shown_state(r):<13} {r.path:<7} "
+            f"{now - r.created_at:>6.0f}s  {tags}"
+        )
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -202,33 +351,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 sid, path = args.target, "."
             sb = await Sandbox.from_id(sid, client=client)
             entries = await sb.list_files(path or ".")
-            if args.json:
-                print_json(entries)
-            elif args.quiet:
-                for e in entries:
-                    print(e.name)
-            else:
-                for e in entries:
-                    kind = "d" if e.is_dir else "-"
-                    print(f"{kind}{e.mode:04o} {e.size:>10} {e.name}{'/' if e.is_dir else ''}")
-            return 0
+            return await print_listing(args, entries, key=lambda e: e.name, table=_files_table)
         records = await Sandbox.list_records(tags=_pairs(args.tag, "--tag"), client=client)
-        if args.json:
-            print_json(records)
-            return 0
-        if args.quiet:
-            for r in records:
-                print(r.id)
-            return 0
-        now = time.time()
-        print(f"{'SANDBOX':<22} {'WORKER':<16} {'IMAGE':<22} {'STATE':<13} {'PATH':<7} {'AGE':>7}  TAGS")
-        for r in records:
-            tags = ",".join(f"{k}={v}" for k, v in r.tags.items())
-            print(
-                f"{r.id:<22} {r.worker:<16} {r.image[:22]:<22} {shown_state(r):<13} {r.path:<7} "
-                f"{now - r.created_at:>6.0f}s  {tags}"
-            )
-        return 0
+        return await print_listing(args, records, key=lambda r: r.id, table=_sandboxes_table)
 
     return with_client(go)
 
@@ -321,9 +446,11 @@ def cmd_pause_resume(args: argparse.Namespace) -> int:
 
 
 def _add_stdin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interactive", "-i", action="store_true",
+                   help="forward stdin even when it is a terminal (like docker exec -i; Ctrl-D ends it)")
     p.add_argument("--no-stdin", action="store_true",
-                   help="do not forward stdin (by default a piped or redirected stdin is the command's, "
-                        "read to its end first, up to 32 MiB; a terminal never is)")
+                   help="do not forward stdin (by default a piped or redirected stdin is streamed "
+                        "to the command, which reads EOF at its end; a terminal only with -i)")
 
 
 def register(sub: Any) -> None:
@@ -352,9 +479,12 @@ def register(sub: Any) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
     p.set_defaults(func=cmd_exec)
 
-    p = sub.add_parser("cp", help="copy a file: cp LOCAL SANDBOX:PATH or cp SANDBOX:PATH LOCAL ('-' is stdio)")
-    p.add_argument("src", help="LOCAL_PATH, SANDBOX:PATH or - (stdin)")
-    p.add_argument("dst", help="LOCAL_PATH, SANDBOX:PATH or - (stdout)")
+    p = sub.add_parser("cp", help="copy files or (-r) directories of any size in or out of a sandbox: "
+                                  "cp [-r] LOCAL SANDBOX:PATH, cp [-r] SANDBOX:PATH LOCAL ('-' is stdio)")
+    p.add_argument("src", help="LOCAL_PATH, SANDBOX:PATH or - (stdin, to a file)")
+    p.add_argument("dst", help="LOCAL_PATH, SANDBOX:PATH or - (stdout, from a file); "
+                               "an existing directory (or a path ending in /) receives SRC inside it")
+    p.add_argument("--recursive", "-r", action="store_true", help="copy directories (their whole tree)")
     p.set_defaults(func=cmd_cp)
 
     p = sub.add_parser("ls", help="list sandboxes, or files with ls SANDBOX:PATH")

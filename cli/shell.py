@@ -7,12 +7,14 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 
-from cli.main import add_listing_options, print_json, run_async, with_client
+from cli.main import add_listing_options, print_listing, run_async, with_client
 from hotbed.client import Client
+from hotbed.protocol import ProcessInfo
 from hotbed.sandbox import Sandbox
 
 
@@ -63,22 +65,18 @@ def cmd_shell(args: argparse.Namespace) -> int:
         termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
 
 
+def _procs_table(procs: Sequence[ProcessInfo]) -> None:
+    print(f"{'PID':>7} {'STATE':<10} {'OUT':>9} {'ERR':>9}  COMMAND")
+    for p in procs:
+        state = "running" if p.running else f"exit {p.exit_code}"
+        print(f"{p.pid:>7} {state:<10} {p.stdout_size:>9} {p.stderr_size:>9}  {' '.join(p.argv)}")
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         sb = await Sandbox.from_id(args.sandbox, client=client)
         procs = await sb.processes()
-        if args.json:
-            print_json(procs)
-            return 0
-        if args.quiet:
-            for p in procs:
-                print(p.pid)
-            return 0
-        print(f"{'PID':>7} {'STATE':<10} {'OUT':>9} {'ERR':>9}  COMMAND")
-        for p in procs:
-            state = "running" if p.running else f"exit {p.exit_code}"
-            print(f"{p.pid:>7} {state:<10} {p.stdout_size:>9} {p.stderr_size:>9}  {' '.join(p.argv)}")
-        return 0
+        return await print_listing(args, procs, key=lambda p: p.pid, table=_procs_table)
 
     return with_client(go)
 

@@ -30,11 +30,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cli.main import add_listing_options, print_json, run_async, with_client
+from cli.main import add_listing_options, print_listing, run_async, with_client
 from daemon import lifecycle
 from hotbed.errors import HotbedError
 
@@ -324,44 +325,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hotbed.client import Client
 
     async def go(client: Client) -> int:
-        if args.json or args.quiet:
-            from cli.fleet import snapshot
+        from cli.fleet import snapshot
 
-            frame = await snapshot(client)
-            if args.json:
-                print_json(frame)
-            else:
-                for w in frame.workers:
-                    print(w["id"])
-            return 0
-        r = client.redis
-        now = time.time()
-        rows = await r.zrange(client.keys.workers, 0, -1, withscores=True)
-        print(f"{'WORKER':<20} {'RUNTIME':<8} {'CPU FREE':>9} {'MEM FREE':>10} {'SANDBOXES':>9} {'GPUS':<12} HEARTBEAT")
-        from hotbed import protocol
-        from hotbed.records import capacity_from_hash
+        frame = await snapshot(client)
 
-        for raw, score in rows:
-            wid = raw.decode()
-            info_raw = await r.get(client.keys.worker_info(wid))
-            cap = capacity_from_hash(await r.hgetall(client.keys.worker_cap(wid)))
-            info = protocol.decode_worker_info(info_raw) if info_raw else None
-            runtime = (info.runtime + ("*" if info.kind == "simulated" else "")) if info else "?"
-            gpus = ",".join(g.model for g in info.gpus) if info and info.gpus else "-"
-            print(
-                f"{wid:<20} {runtime:<8} {cap.cpu_free / 1000:>9.2f} "
-                f"{cap.mem_free:>8}Mi {cap.sandboxes:>9} {gpus[:12]:<12} {now - score / 1000:.1f}s ago"
-            )
-        live = await r.zcard(client.keys.sandboxes)
-        backlog = await r.xlen(client.keys.requests)
-        print(f"\nsandboxes live: {live}   request backlog: {backlog}")
-        if not rows:
-            print("no workers: start one with `hotbed up` or `hotbed worker`")
-        from cli.supervise import status_lines
+        def table(workers: Sequence[dict[str, Any]]) -> None:
+            print(f"{'WORKER':<20} {'RUNTIME':<8} {'CPU FREE':>9} {'MEM FREE':>10} {'SANDBOXES':>9} {'GPUS':<12} HEARTBEAT")
+            for w in workers:
+                runtime = w["runtime"] + ("*" if w["kind"] == "simulated" else "")
+                gpus = ",".join(w["gpu_models"]) or "-"
+                print(
+                    f"{w['id']:<20} {runtime:<8} {w['cpu_free']:>9.2f} "
+                    f"{w['mem_free']:>8}Mi {w['sandboxes']:>9} {gpus[:12]:<12} {w['age']:.1f}s ago"
+                )
+            print(f"\nsandboxes live: {frame.live}   request backlog: {frame.backlog}")
+            if not workers:
+                print("no workers: start one with `hotbed up` or `hotbed worker`")
+            from cli.supervise import status_lines
 
-        for line in status_lines(home()):
-            print(line)
-        return 0
+            for line in status_lines(home()):
+                print(line)
+
+        return await print_listing(args, frame.workers, key=lambda w: w["id"], table=table, as_json=frame)
 
     return with_client(go)
 
@@ -428,29 +413,29 @@ def cmd_images(args: argparse.Namespace) -> int:
             if held is None:
                 continue
             nodes.append((wid, held))
-        if args.json:
-            print_json([
-                {"worker": wid, "truncated": held.truncated, "at": held.at,
-                 "images": [
-                     {"name": i.name, "id": i.id, "size": i.size, "created": i.created}
-                     for i in held.images
-                 ]}
-                for wid, held in nodes
-            ])
-            return 0
+
+        def table(nodes: Sequence[tuple[str, Any]]) -> None:
+            print(f"{'WORKER':<20} {'IMAGE':<48} {'ID':<12} {'SIZE':>9}")
+            for wid, held in nodes:
+                for i in held.images:
+                    print(f"{wid:<20} {i.name:<48} {i.id.removeprefix('sha256:')[:12]:<12} {i.size / 1e6:>7.1f}MB")
+                if held.truncated:
+                    print(f"{wid:<20} (more not listed)")
+            if not nodes:
+                print("no worker advertises images (docker-runtime workers do)")
+
+        # -q lists each image name once, over all workers.
+        names = sorted({i.name for _, held in nodes for i in held.images})
         if args.quiet:
-            for name in sorted({i.name for _, held in nodes for i in held.images}):
-                print(name)
-            return 0
-        print(f"{'WORKER':<20} {'IMAGE':<48} {'ID':<12} {'SIZE':>9}")
-        for wid, held in nodes:
-            for i in held.images:
-                print(f"{wid:<20} {i.name:<48} {i.id.removeprefix('sha256:')[:12]:<12} {i.size / 1e6:>7.1f}MB")
-            if held.truncated:
-                print(f"{wid:<20} (more not listed)")
-        if not nodes:
-            print("no worker advertises images (docker-runtime workers do)")
-        return 0
+            return await print_listing(args, names, key=str, table=print)
+        return await print_listing(args, nodes, key=str, table=table, as_json=[
+            {"worker": wid, "truncated": held.truncated, "at": held.at,
+             "images": [
+                 {"name": i.name, "id": i.id, "size": i.size, "created": i.created}
+                 for i in held.images
+             ]}
+            for wid, held in nodes
+        ])
 
     return with_client(go)
 

@@ -1,8 +1,8 @@
 """``hotbed template ...`` and ``hotbed pool ...``: templates, snapshots, warm pools.
 
-``template create`` prints a progress line (elapsed time, build state) every few
-seconds while it waits: the build request has one reply and carries no output, so
-progress comes from the template's record. ``pool set --wait`` returns once the pool
+``template create`` prints the build as the worker reports it (boot, each set-up step
+and its output, readiness checks, the snapshot), and a state line from the template's
+record whenever nothing was printed for a few seconds (a long step, a queued build). ``pool set --wait`` returns once the pool
 holds its size of ready sandboxes, printing each change, or fails (125) at
 ``--wait-timeout``. ``template list`` and ``pool list`` take ``--json`` and ``-q``.
 """
@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from cli.main import add_listing_options, print_json, with_client
+from cli.main import add_listing_options, print_json, print_listing, with_client
 from cli.sandboxes import _pairs
 from hotbed import templates
 from hotbed.client import Client
@@ -40,11 +42,21 @@ def _say(line: str) -> None:
     print(f"hotbed: {line}", file=sys.stderr, flush=True)
 
 
-async def report_build(name: str, client: Client, *, every: float = BUILD_PROGRESS_S) -> None:
-    """A line every ``every`` seconds until cancelled: elapsed time and build state."""
+async def report_build(name: str, client: Client, *, every: float = BUILD_PROGRESS_S,
+                       quiet_for: Callable[[], float] | None = None) -> None:
+    """A line (elapsed time, build state) whenever ``every`` seconds pass without one:
+    ``quiet_for()`` says how long since the last line printed by anyone (default: this
+    function's own), so a long set-up step or a build waiting for a worker still says
+    it is alive between the worker's own progress lines."""
     t0, wall0 = anyio.current_time(), time.time()
+    mine = t0  # when this function last printed
     while True:
-        await anyio.sleep(every)
+        since = anyio.current_time() - mine
+        if quiet_for is not None:
+            since = min(since, quiet_for())
+        if since < every:
+            await anyio.sleep(every - since)
+            continue
         try:
             rec = await templates.get_template(name, client=client)
         except TemplateNotFound:
@@ -55,26 +67,40 @@ async def report_build(name: str, client: Client, *, every: float = BUILD_PROGRE
         else:
             state = "set-up and snapshot running on a worker" if rec.state == "building" else rec.state
         _say(f"template {name}: {anyio.current_time() - t0:.0f}s, {state}")
+        mine = anyio.current_time()
 
 
 def cmd_template_create(args: argparse.Namespace) -> int:
+    """Streams the worker's progress (boot, each step and its output, readiness
+    checks, the snapshot) as it comes, with a state line whenever it is quiet."""
     files: dict[str, bytes | str] = {}
     for item in args.file or []:
         dest, sep, local = item.partition("=")
         if not sep:
             raise InvalidRequest(f"--file wants SANDBOX_PATH=LOCAL_PATH, got {item!r}")
         files[dest] = Path(local).read_bytes()
+    last_line = [time.monotonic()]
+
+    def show(event: templates.BuildEvent) -> None:
+        if event.kind == "progress":
+            _say(f"template {args.name}: {event.text}")
+        else:
+            for line in event.text.rstrip("\n").splitlines():
+                print(f"  | {line}", file=sys.stderr, flush=True)
+        last_line[0] = time.monotonic()
 
     async def go(client: Client) -> int:
         async with anyio.create_task_group() as tg:
             if not args.quiet:
-                tg.start_soon(report_build, args.name, client)
+                tg.start_soon(partial(
+                    report_build, args.name, client, quiet_for=lambda: time.monotonic() - last_line[0],
+                ))
             r = await templates.create_template(
                 args.name, image=args.image, run=args.run or [], start=args.start or [],
                 files=files, ready=args.ready, ready_timeout=args.ready_timeout,
                 setup_timeout=args.setup_timeout, env=_pairs(args.env, "--env"),
                 workdir=args.workdir, user=args.user, cpu=args.cpu, memory_mb=args.memory,
-                client=client,
+                client=client, on_progress=None if args.quiet else show,
             )
             tg.cancel_scope.cancel()
         print(f"{r.name}: snapshot {r.snapshot} ({_size(r.size_bytes)}) built in {r.build_s:.2f}s on {r.worker_id}")
@@ -83,21 +109,17 @@ def cmd_template_create(args: argparse.Namespace) -> int:
     return with_client(go)
 
 
+def _templates_table(recs: Sequence[templates.TemplateRecord]) -> None:
+    print(f"{'NAME':24} {'STATE':9} {'IMAGE':18} {'SNAPSHOT':22} {'SIZE':>9} {'BUILD':>7}  HOLDERS")
+    for r in recs:
+        print(f"{r.name:24} {r.state:9} {r.spec.image:18} {r.snapshot or '-':22} "
+              f"{_size(r.size_bytes):>9} {r.build_s:6.2f}s  {','.join(r.holders) or '-'}")
+
+
 def cmd_template_list(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         recs = await templates.list_templates(client=client)
-        if args.json:
-            print_json(recs)
-            return 0
-        if args.quiet:
-            for r in recs:
-                print(r.name)
-            return 0
-        print(f"{'NAME':24} {'STATE':9} {'IMAGE':18} {'SNAPSHOT':22} {'SIZE':>9} {'BUILD':>7}  HOLDERS")
-        for r in recs:
-            print(f"{r.name:24} {r.state:9} {r.spec.image:18} {r.snapshot or '-':22} "
-                  f"{_size(r.size_bytes):>9} {r.build_s:6.2f}s  {','.join(r.holders) or '-'}")
-        return 0
+        return await print_listing(args, recs, key=lambda r: r.name, table=_templates_table)
 
     return with_client(go)
 
@@ -169,20 +191,16 @@ def cmd_pool_set(args: argparse.Namespace) -> int:
     return with_client(go)
 
 
+def _pools_table(pools: Sequence[templates.PoolStatus]) -> None:
+    print(f"{'POOL':36} {'SIZE':>5} {'READY':>6} {'WARMING':>8} {'CLAIMING':>9}")
+    for p in pools:
+        print(f"{p.name:36} {p.size:5d} {p.ready:6d} {p.warming:8d} {p.claiming:9d}")
+
+
 def cmd_pool_list(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         pools = await templates.pool_status(client=client)
-        if args.json:
-            print_json(pools)
-            return 0
-        if args.quiet:
-            for p in pools:
-                print(p.name)
-            return 0
-        print(f"{'POOL':36} {'SIZE':>5} {'READY':>6} {'WARMING':>8} {'CLAIMING':>9}")
-        for p in pools:
-            print(f"{p.name:36} {p.size:5d} {p.ready:6d} {p.warming:8d} {p.claiming:9d}")
-        return 0
+        return await print_listing(args, pools, key=lambda p: p.name, table=_pools_table)
 
     return with_client(go)
 

@@ -130,14 +130,16 @@ class Client:
         return tenants.new_request_id(self.tenant) if self.tenant else new_id()
 
     async def call(
-        self, stream: str, body: Message, *, timeout: float, worker_id: str | None = None
+        self, stream: str, body: Message, *, timeout: float, worker_id: str | None = None,
+        request_id: str | None = None,
     ) -> Reply:
         """Submit ``body`` to ``stream``; return its reply (errors are returned, not raised).
 
         With ``worker_id`` the stream is that worker's command stream, and a worker the
-        reaper has removed answers at once (WorkerLost) instead of never.
+        reaper has removed answers at once (WorkerLost) instead of never. ``request_id``:
+        chosen by the caller, who needs it first (to read the request's output stream).
         """
-        rid = await self.submit(stream, body, timeout=timeout, worker_id=worker_id)
+        rid = await self.submit(stream, body, timeout=timeout, worker_id=worker_id, request_id=request_id)
         return await self._wait_reply(rid, self.keys.reply(rid), timeout + REPLY_GRACE_S)
 
     async def submit(
@@ -306,9 +308,9 @@ class Client:
             raise
         return list(got[0][1]) if got else []
 
-    async def request(self, body: Message, *, timeout: float) -> Reply:
+    async def request(self, body: Message, *, timeout: float, request_id: str | None = None) -> Reply:
         """A scheduler request; raises the typed error of an ErrorReply."""
-        reply = await self.call(self.keys.requests, body, timeout=timeout)
+        reply = await self.call(self.keys.requests, body, timeout=timeout, request_id=request_id)
         return protocol.raise_for_reply(reply)
 
     async def worker_request(

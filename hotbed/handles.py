@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal, Protocol
 
+import anyio
 import msgspec
 
 from hotbed import protocol
@@ -87,10 +88,17 @@ class WatchEvent(msgspec.Struct, frozen=True):
 
 
 class ExecStream:
-    """Live output of a command: ``async for chunk in stream``; then :attr:`result`."""
+    """Live output of a command: ``async for chunk in stream``; then :attr:`result`.
 
-    def __init__(self, streamed: Streamed) -> None:
+    Opened with ``stdin_open`` (:meth:`Sandbox.exec_stream`), the command's stdin is
+    fed by :meth:`write` and closed by :meth:`close_stdin`, from another task while
+    this one iterates (the command only starts once the stream is being read)."""
+
+    def __init__(self, streamed: Streamed, *, input_timeout: float = OP_TIMEOUT_S) -> None:
         self._s = streamed
+        self._input_timeout = input_timeout
+        self._stdin_ready = anyio.Event()
+        self.stdin_closed = False
         self.result: CommandResult | None = None
 
     async def __aenter__(self) -> ExecStream:
@@ -98,23 +106,60 @@ class ExecStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._s.aclose()
+        await self.aclose()
 
     async def aclose(self) -> None:
+        self._stdin_over()
         await self._s.aclose()
 
     def __aiter__(self) -> AsyncIterator[OutputChunk]:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[OutputChunk]:
-        async for field, value in self._s.entries():
-            if field == b"o":
-                yield OutputChunk("stdout", value)
-            elif field == b"e":
-                yield OutputChunk("stderr", value)
+        try:
+            async for field, value in self._s.entries():
+                if field == b"o":
+                    yield OutputChunk("stdout", value)
+                elif field == b"e":
+                    yield OutputChunk("stderr", value)
+                elif field == b"s":
+                    self._stdin_ready.set()
+        finally:
+            self._stdin_over()
         reply = self._s.final()
         assert isinstance(reply, ExecResult)
         self.result = CommandResult.from_reply(reply)
+
+    def _stdin_over(self) -> None:
+        self.stdin_closed = True
+        self._stdin_ready.set()
+
+    async def wait_stdin(self) -> bool:
+        """Until the command runs and takes input: True, or False if it never will
+        (it ended first, or it was not opened with ``stdin_open``)."""
+        await self._stdin_ready.wait()
+        return not self.stdin_closed
+
+    async def write(self, data: bytes | str, *, eof: bool = False) -> bool:
+        """Into the command's stdin; returns once the command has it (a writer goes at
+        its pace: nothing piles up in between). False, with nothing sent, once its stdin
+        is closed: it ended, closed its stdin, or an earlier write said ``eof``."""
+        if not await self.wait_stdin():
+            return False
+        reply = await self._s.client.worker_request(
+            self._s.worker_id,
+            protocol.ExecInput(sandbox_id=self._s.sandbox_id, target=self._s.request_id,
+                               data=data.encode() if isinstance(data, str) else data, eof=eof),
+            timeout=self._input_timeout,
+        )
+        assert isinstance(reply, protocol.StdinState)
+        if reply.closed or eof:
+            self.stdin_closed = True
+        return not reply.closed
+
+    async def close_stdin(self) -> None:
+        """End of input: the command reads EOF."""
+        await self.write(b"", eof=True)
 
     async def collect(
         self, *, on_chunk: Callable[[OutputChunk], Awaitable[None]] | None = None

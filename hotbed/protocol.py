@@ -180,6 +180,10 @@ class Exec(Msg):
     # When set, output goes to this stream key (hotbed.keys.output) as it is
     # produced and the final ExecResult carries none; the reply still ends the request.
     stream_to: str = ""
+    # Streaming only: the command's stdin stays open after ``exec.stdin`` for ExecInput
+    # requests naming this one, until one says ``eof``. The output stream gets an ``s``
+    # entry once the command runs, and input sent before it would be lost.
+    stdin_open: bool = False
 
 
 class WriteFile(Msg):
@@ -252,6 +256,11 @@ class BuildTemplate(Msg):
     spec: TemplateSpec
     # Filled in by the scheduler: the id the build's capacity is reserved under.
     build_id: str = ""
+    # When set, the worker reports the build as it goes on the request's output stream
+    # (hotbed.keys.output of its id): ``p`` entries, one progress line each, and ``o``
+    # entries with each set-up step's output once it ends. The reply still comes on the
+    # reply key, as for any request.
+    stream_to: str = ""
 
 
 class SnapshotSandbox(Msg):
@@ -348,6 +357,19 @@ class ProcessSignal(Msg):
 class ProcessInput(Msg):
     sandbox_id: str
     pid: int
+    data: bytes = b""
+    eof: bool = False
+
+
+class ExecInput(Msg):
+    """Bytes for the stdin of a running ``Exec`` opened with ``stdin_open`` (``target``
+    is its request id). Answered once the bytes are in the command's stdin, so a writer
+    that waits for each answer goes at the command's pace and nothing piles up between.
+    Input for a command that has ended, or that closed its stdin, is dropped (an Ack
+    all the same, as a write to a closed pipe is for ``docker exec -i``)."""
+
+    sandbox_id: str
+    target: str
     data: bytes = b""
     eof: bool = False
 
@@ -459,7 +481,7 @@ class PipeClose(Msg):
 
 ExecRequest = (
     SessionRun | SessionInterrupt | SessionClose | ProcessStart | ProcessList | ProcessRead
-    | ProcessWait | ProcessSignal | ProcessInput | PtyOpen | PtyInput | PtyResize | Cancel
+    | ProcessWait | ProcessSignal | ProcessInput | ExecInput | PtyOpen | PtyInput | PtyResize | Cancel
     | WatchDir | UploadTar | DownloadTar | PipeOpen | PipeWrite | PipeRead | PipeClose
 )
 
@@ -573,6 +595,13 @@ class Ack(Msg):
     """A request done, nothing to return."""
 
 
+class StdinState(Msg):
+    """Reply to ExecInput: ``closed`` once the command's stdin is closed (it ended, it
+    closed it, or the input said eof); input sent after that is dropped."""
+
+    closed: bool = False
+
+
 class ProcessInfo(Msg):
     pid: int
     argv: list[str] = []
@@ -620,6 +649,7 @@ Reply = (
     | TemplateReady
     | SandboxState
     | Ack
+    | StdinState
     | ProcessInfo
     | ProcessListing
     | ProcessOutput

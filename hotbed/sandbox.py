@@ -434,6 +434,7 @@ class Sandbox:
         idle_timeout: float | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
         stdin: bytes | str | None = None,
+        stdin_open: bool = False,
     ) -> ExecStream:
         """Run a command and get its output as it is produced::
 
@@ -445,6 +446,11 @@ class Sandbox:
         ``timeout`` bounds the whole command, ``idle_timeout`` the time without output
         (both raise ExecTimeout); past ``max_output`` bytes per stream the rest is
         dropped and ``result.truncated`` is set.
+
+        ``stdin`` is the command's whole input; with ``stdin_open`` it is only the start,
+        and the stream's :meth:`~ExecStream.write` streams the rest at the command's pace
+        (``close_stdin`` ends it). That needs the guest agent (UnsupportedRequest, raised
+        from the stream, on an image without python3).
         """
         if not argv:
             raise InvalidRequest("exec needs a command")
@@ -455,9 +461,9 @@ class Sandbox:
         )
         return ExecStream(Streamed(
             self.client, self.worker_id, self.id,
-            lambda key: protocol.Exec(sandbox_id=self.id, exec=spec, stream_to=key),
+            lambda key: protocol.Exec(sandbox_id=self.id, exec=spec, stream_to=key, stdin_open=stdin_open),
             timeout=timeout + COMMAND_SLACK_S,
-        ))
+        ), input_timeout=timeout + COMMAND_SLACK_S)
 
     # ----------------------------------------------------------------- sessions
 

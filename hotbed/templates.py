@@ -25,9 +25,13 @@ a snapshot boots cold and runs its set-up).
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
+from collections.abc import Callable
+from typing import Literal
 
+import anyio
 import msgspec
 
 from hotbed import batching, lua, protocol, records
@@ -38,6 +42,7 @@ from hotbed.protocol import (
     SPAWN_FIFO,
     BuildTemplate,
     Envelope,
+    Reply,
     Resources,
     SandboxClaimed,
     SandboxCreated,
@@ -52,7 +57,7 @@ from hotbed.records import TemplateRecord, TemplateState, template_from_hash, te
 
 __all__ = [
     "TemplateRecord", "TemplateState", "template_from_hash", "template_to_hash",
-    "check_name", "pool_name", "PoolStatus", "create_template", "get_template",
+    "check_name", "pool_name", "PoolStatus", "BuildEvent", "create_template", "get_template",
     "list_templates", "delete_template", "set_pool", "pool_status", "claim_nowait",
     "SPAWN_SCRIPT", "CLAIM_LEASE_MS", "BUILD_TIMEOUT_S", "NAME_RE",
 ]
@@ -119,11 +124,15 @@ async def create_template(
     memory_mb: int = 512,
     client: Client,
     request_timeout: float = BUILD_TIMEOUT_S,
+    on_progress: Callable[[BuildEvent], object] | None = None,
 ) -> TemplateReady:
     """Build template ``name`` on a worker and snapshot it; returns when it is ready.
 
     Raises SetupFailed (the failing step's output in the message) if set-up fails.
     Rebuilding an existing name replaces its snapshot; the old one is collected.
+    ``on_progress`` (a function or a coroutine function) sees the build as the worker
+    reports it: a :class:`BuildEvent` per line of progress (boot, each set-up step and
+    its exit, readiness checks, the snapshot) and per step's output, once it ends.
     """
     spec = TemplateSpec(
         image=image, run=list(run), start=list(start),
@@ -132,10 +141,65 @@ async def create_template(
         env=dict(env or {}), workdir=workdir, user=user,
         resources=Resources(cpu=cpu, memory_mb=memory_mb),
     )
-    reply = await client.request(
-        BuildTemplate(name=check_name(name), spec=spec), timeout=request_timeout
-    )
+    body = BuildTemplate(name=check_name(name), spec=spec)
+    if on_progress is None:
+        reply = await client.request(body, timeout=request_timeout)
+    else:
+        reply = await _build_following(client, body, request_timeout, on_progress)
     assert isinstance(reply, TemplateReady)
+    return reply
+
+
+class BuildEvent(msgspec.Struct, frozen=True):
+    """What a template build reports as it goes: ``progress`` (one line) or a set-up
+    step's ``output``."""
+
+    kind: Literal["progress", "output"]
+    text: str
+
+
+async def _build_following(
+    client: Client, body: BuildTemplate, timeout: float, on_progress: Callable[[BuildEvent], object]
+) -> Reply:
+    """The build request, its progress entries handed to ``on_progress`` while it runs
+    (read with blocking XREADs, trimmed as read), the last ones before returning."""
+    rid = new_id()
+    key = client.keys.output(rid)
+    last = "0-0"
+
+    async def deliver(block_s: float) -> bool:
+        nonlocal last
+        got = await client.read_stream(key, last, count=256, block_s=block_s)
+        for entry_id, fields in got:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            for field, value in fields.items():
+                text = value.decode("utf-8", "replace")
+                done = on_progress(BuildEvent("progress" if field == b"p" else "output", text))
+                if inspect.isawaitable(done):
+                    await done
+        if got:
+            await client.redis.xtrim(key, minid=last, approximate=False)
+        return bool(got)
+
+    async def follow() -> None:
+        while True:
+            await deliver(1.0)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            reply = await client.request(
+                msgspec.structs.replace(body, stream_to=key), timeout=timeout, request_id=rid
+            )
+            tg.cancel_scope.cancel()
+        # The worker wrote its last lines before its reply.
+        while await deliver(0.001):
+            pass
+    except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await client.redis.delete(key)
+        raise
+    await client.redis.delete(key)
     return reply
 
 

@@ -451,38 +451,65 @@ async def _download_dir_via_file(sandbox: SandboxRef, remote: str, dst: Path, ch
 # ------------------------------------------------------------------------- files
 
 
+async def write_chunks(sandbox: SandboxRef, chunks: AsyncIterator[bytes], remote: str, *,
+                       mode: int = 0o644) -> int:
+    """Write ``remote`` from ``chunks`` as they come (a pipe, stdin): the first
+    replaces the file, the rest are appended, one request each, so only the chunk in
+    flight is held. No chunks is an empty file."""
+    total = 0
+    first = True
+    async for data in chunks:
+        if not data:
+            continue
+        await _write(sandbox, remote, data, mode=mode, append=not first)
+        total += len(data)
+        first = False
+    if first:
+        await _write(sandbox, remote, b"", mode=mode, append=False)
+    return total
+
+
+async def _write(sandbox: SandboxRef, remote: str, data: bytes, *, mode: int, append: bool) -> None:
+    reply = await _call(sandbox, protocol.WriteFile(
+        sandbox_id=sandbox.id, path=remote, data=data, mode=mode, append=append,
+    ))
+    assert isinstance(reply, protocol.FileWritten)
+
+
+async def read_chunks(sandbox: SandboxRef, remote: str, *,
+                      chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:
+    """A sandbox file of any size, as ranged reads of ``chunk_bytes``, one at a time."""
+    offset = 0
+    while True:
+        reply: Any = await _call(sandbox, protocol.ReadFile(
+            sandbox_id=sandbox.id, path=remote, offset=offset, max_bytes=chunk_bytes,
+        ))
+        assert isinstance(reply, protocol.FileContent)
+        if reply.data:
+            yield reply.data
+        offset += len(reply.data)
+        if not reply.data or offset >= reply.size:
+            return
+
+
+async def _file_chunks(local: str | os.PathLike[str], chunk_bytes: int) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(local, "rb") as f:
+        while data := await f.read(chunk_bytes):
+            yield data
+
+
 async def upload_file(sandbox: SandboxRef, local: str | os.PathLike[str], remote: str, *,
                       chunk_bytes: int = CHUNK_BYTES, mode: int = 0o644) -> int:
     """Copy a local file of any size, in chunks (an empty file is one empty write)."""
-    total = 0
-    async with await anyio.open_file(local, "rb") as f:
-        first = True
-        while True:
-            data = await f.read(chunk_bytes)
-            if not data and not first:
-                break
-            reply = await _call(sandbox, protocol.WriteFile(
-                sandbox_id=sandbox.id, path=remote, data=data, mode=mode, append=not first,
-            ))
-            assert isinstance(reply, protocol.FileWritten)
-            total += len(data)
-            first = False
-            if not data:
-                break
-    return total
+    return await write_chunks(sandbox, _file_chunks(local, chunk_bytes), remote, mode=mode)
 
 
 async def download_file(sandbox: SandboxRef, remote: str, local: str | os.PathLike[str], *,
                         chunk_bytes: int = CHUNK_BYTES) -> int:
     """Copy a sandbox file of any size to a local path, in chunks."""
-    offset = 0
+    total = 0
     async with await anyio.open_file(local, "wb") as f:
-        while True:
-            reply: Any = await _call(sandbox, protocol.ReadFile(
-                sandbox_id=sandbox.id, path=remote, offset=offset, max_bytes=chunk_bytes,
-            ))
-            assert isinstance(reply, protocol.FileContent)
-            await f.write(reply.data)
-            offset += len(reply.data)
-            if not reply.data or offset >= reply.size:
-                return offset
+        async for data in read_chunks(sandbox, remote, chunk_bytes=chunk_bytes):
+            await f.write(data)
+            total += len(data)
+    return total

@@ -205,3 +205,201 @@ async def test_template_progress_and_pool_set_wait(
         assert rc == EXIT_FAILURE and err.count("\n") == 1
     finally:
         await delete_template(name, client=c)
+
+
+# A hotbed process that reports the peak of what it allocated (tracemalloc: every
+# bytes object it holds, not the allocator's reserve) as its last stderr line.
+HB_PEAK = [sys.executable, "-c",
+           "import runpy, sys, tracemalloc\n"
+           "tracemalloc.start()\n"
+           "sys.argv = ['hotbed', *sys.argv[1:]]\n"
+           "try:\n    runpy.run_module('cli', run_name='__main__')\n"
+           "finally:\n    print(f'peak={tracemalloc.get_traced_memory()[1]}', file=sys.stderr)\n"]
+
+
+async def _hb_peak(stack: Stack, *args: str, input: bytes | None = None) -> tuple[bytes, int]:
+    env = _clean_env(HOTBED_REDIS_URL=stack.redis_url, HOTBED_PREFIX=stack.prefix)
+    res = await anyio.run_process([*HB_PEAK, *args], input=input, env=env, check=False)
+    err = res.stderr.decode()
+    last = err.strip().splitlines()[-1]
+    assert res.returncode == 0 and last.startswith("peak="), err
+    return res.stdout, int(last.split("=")[1])
+
+
+@pytest.mark.anyio
+async def test_cp_directories_and_any_size_in_bounded_memory(hotbed_stack: Stack, tmp_path: Path) -> None:
+    """cp -r both ways (into an existing directory, or as a new name), and files and
+    stdio over the 32 MiB of one message, with the CLI's peak memory far below them."""
+    import hashlib
+
+    from tests.conftest import BASE_IMAGE
+
+    size = 128 << 20
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    src = tmp_path / "proj"
+    (src / "pkg" / "sub").mkdir(parents=True)
+    (src / "README").write_text("hello\n")
+    (src / "pkg" / "sub" / "mod.py").write_text("x = 1\n")
+    (src / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (src / "run.sh").chmod(0o755)
+
+    async with await Sandbox.create(BASE_IMAGE, client=hotbed_stack.client, memory_mb=512) as sb:
+        s = hotbed_stack
+        # A directory needs -r.
+        rc, _, err = await _hb(s, "cp", str(src), f"{sb.id}:/tmp/")
+        assert rc == EXIT_FAILURE and "use cp -r" in err, err
+        # Into an existing directory: /tmp/proj; to a new name: /tmp/copy.
+        assert (await _hb(s, "cp", "-r", str(src), f"{sb.id}:/tmp"))[0] == 0
+        assert (await _hb(s, "cp", "-r", str(src), f"{sb.id}:/tmp/copy"))[0] == 0
+        res = await sb.exec("sh", "-c", "cd /tmp && cat proj/pkg/sub/mod.py copy/README && copy/run.sh")
+        assert res.stdout == "x = 1\nhello\nran\n", res.stderr
+        # And back out.
+        out = tmp_path / "out"
+        out.mkdir()
+        assert (await _hb(s, "cp", "-r", f"{sb.id}:/tmp/copy", str(out)))[0] == 0
+        assert (out / "copy" / "pkg" / "sub" / "mod.py").read_text() == "x = 1\n"
+        assert os.access(out / "copy" / "run.sh", os.X_OK)
+        assert (await _hb(s, "cp", "-r", f"{sb.id}:/tmp/proj", str(tmp_path / "again")))[0] == 0
+        assert (tmp_path / "again" / "README").read_text() == "hello\n"
+        rc, _, err = await _hb(s, "cp", f"{sb.id}:/tmp/proj", str(tmp_path / "x"))
+        assert rc == EXIT_FAILURE and "use cp -r" in err, err
+
+        # A file four times one message's limit, each way, and through stdin and stdout.
+        peaks = {}
+        _, peaks["up"] = await _hb_peak(s, "cp", str(big), f"{sb.id}:/tmp/")
+        assert (await sb.exec("sha256sum", "/tmp/big.bin")).stdout.split()[0] == digest
+        _, peaks["down"] = await _hb_peak(s, "cp", f"{sb.id}:/tmp/big.bin", str(out))
+        assert hashlib.sha256((out / "big.bin").read_bytes()).hexdigest() == digest
+        _, peaks["stdin"] = await _hb_peak(s, "cp", "-", f"{sb.id}:/tmp/piped", input=big.read_bytes())
+        piped, peaks["stdout"] = await _hb_peak(s, "cp", f"{sb.id}:/tmp/piped", "-")
+        assert hashlib.sha256(piped).hexdigest() == digest
+        # 8 MiB chunks: a few in flight at once, never the file.
+        assert max(peaks.values()) < 64 << 20, {k: v >> 20 for k, v in peaks.items()}
+
+
+# ---------------------------------------------------------------- exec's stdin
+
+
+@pytest.mark.anyio
+async def test_guest_paces_streamed_input(tmp_path: Path) -> None:
+    """A paced input is answered once its bytes are in the command's stdin: not before
+    the command reads them, and at once (closed) when the command has closed it."""
+    import time
+
+    from tests.test_guest_agent import agent_channel
+
+    out = tmp_path / "got.bin"
+    blob = os.urandom(6 << 20)  # well over what the pipe holds
+    async with agent_channel(tmp_path) as (ch, _proc):
+        header = {"t": "run", "argv": ["/bin/sh", "-c", f"sleep 1; cat > {out}; echo done"],
+                  "stdin": False, "stdin_open": True, "max_output": 1 << 16, "timeout": 30}
+        with anyio.fail_after(30):
+            async with ch.open(header) as (gid, frames):
+                t0 = time.monotonic()
+                h, _ = await ch.call({"t": "input", "target": gid, "paced": True}, blob, timeout=30)
+                assert time.monotonic() - t0 > 0.8 and h["closed"] is False
+                h, _ = await ch.call({"t": "input", "target": gid, "paced": True, "eof": True}, timeout=30)
+                assert h["closed"] is True
+                got = [(h2, p) async for h2, p in frames]
+        assert got[0][1] == b"done\n" and got[-1][0]["code"] == 0
+        assert out.read_bytes() == blob
+
+        # head reads 3 bytes and exits: the input after that is dropped, answered closed.
+        header["argv"] = ["head", "-c", "3"]
+        with anyio.fail_after(30):
+            async with ch.open(header) as (gid, frames):
+                h, _ = await ch.call({"t": "input", "target": gid, "paced": True}, blob, timeout=30)
+                assert h["closed"] is True
+                got = [(h2, p) async for h2, p in frames]
+        assert got[0][1] == blob[:3] and got[-1][0]["code"] == 0
+
+
+@pytest.mark.anyio
+async def test_exec_streams_stdin(hotbed_stack: Stack) -> None:
+    """``hotbed exec`` streams stdin: far over one message's 32 MiB, as the command
+    reads it (a reply to the first line comes back before the second is written), and
+    it stops sending once the command has closed its stdin."""
+    import hashlib
+
+    from tests.conftest import BASE_IMAGE
+
+    blob = os.urandom(48 << 20)
+    async with await Sandbox.create(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256) as sb:
+        s = hotbed_stack
+        rc, out, err = await _hb(s, "exec", sb.id, "--", "sha256sum", input=blob)
+        assert rc == 0 and out.split()[0] == hashlib.sha256(blob).hexdigest(), err
+        rc, out, err = await _hb(s, "exec", sb.id, "--", "head", "-c", "5", input=b"hello" + bytes(40 << 20))
+        assert (rc, out) == (0, "hello"), err
+        # `run` streams it the same way.
+        rc, out, err = await _hb(s, "run", BASE_IMAGE, "--memory", "256", "--", "wc", "-c", input=b"x" * 1000)
+        assert (rc, out.strip()) == (0, "1000"), err
+
+        env = _clean_env(HOTBED_REDIS_URL=s.redis_url, HOTBED_PREFIX=s.prefix)
+        script = 'read a; echo "got $a"; read b; echo "got $b"; exit 3'
+        with anyio.fail_after(60):
+            async with await anyio.open_process([*HB, "exec", sb.id, "--", "sh", "-c", script], env=env) as p:
+                assert p.stdin is not None and p.stdout is not None
+                await p.stdin.send(b"one\n")
+                first = await p.stdout.receive()
+                assert first == b"got one\n"
+                await p.stdin.send(b"two\n")
+                await p.stdin.aclose()
+                rest = b"".join([chunk async for chunk in p.stdout])
+                assert rest == b"got two\n"
+                assert await p.wait() == 3
+            # A command that ends while its stdin is still open: hotbed exits with it,
+            # without waiting for the producer to write again or close.
+            async with await anyio.open_process([*HB, "exec", sb.id, "--", "head", "-n", "1"], env=env) as p:
+                assert p.stdin is not None and p.stdout is not None
+                await p.stdin.send(b"only\n")
+                assert await p.wait() == 0
+                assert await p.stdout.receive() == b"only\n"
+
+
+# ------------------------------------------------------------ template build output
+
+
+@pytest.mark.anyio
+async def test_template_create_streams_the_build(hotbed_stack: Stack) -> None:
+    """Each set-up step, its output and the snapshot are printed as the worker gets to
+    them, while the build is still running, not once it ends."""
+    from hotbed.templates import delete_template
+
+    s, name = hotbed_stack, f"cli-{secrets.token_hex(3)}"
+    env = _clean_env(HOTBED_REDIS_URL=s.redis_url, HOTBED_PREFIX=s.prefix)
+    argv = [*HB, "template", "create", name, "--image", BUSYBOX_IMAGE, "--cpu", "0.25", "--memory", "64",
+            "--run", "echo first-out; sleep 2", "--run", "echo second-out >&2", "--ready", "true"]
+    lines: list[str] = []
+    try:
+        with anyio.fail_after(120):
+            async with await anyio.open_process(argv, env=env) as p:
+                assert p.stderr is not None and p.stdout is not None
+                buf = b""
+                async for data in p.stderr:
+                    buf += data
+                    *done, buf = buf.split(b"\n")
+                    for raw in done:
+                        line = raw.decode()
+                        lines.append(line)
+                        if "step 1/2 exited 0" in line:
+                            # Printed while the build goes on (step 2, the snapshot).
+                            assert p.returncode is None
+                out = b"".join([d async for d in p.stdout]).decode()
+                assert await p.wait() == 0, lines
+        assert out.startswith(f"{name}: snapshot "), out
+        import re
+
+        said = [m.group(1) for line in lines if (m := re.match(rf"hotbed: template {name}: +[\d.]+s  (.*)$", line))]
+        wanted = [f"booting {BUSYBOX_IMAGE}", "step 1/2: echo first-out; sleep 2", "step 1/2 exited 0",
+                  "step 2/2: echo second-out >&2", "step 2/2 exited 0", "readiness check: true",
+                  "ready after 1 check(s)", "taking the memory snapshot", "snapshot "]
+        found = [next((i for i, text in enumerate(said) if text.startswith(w)), -1) for w in wanted]
+        assert -1 not in found and found == sorted(found), lines
+        assert "  | first-out" in lines and "  | second-out" in lines, lines
+        assert lines.index("  | first-out") < next(i for i, x in enumerate(lines) if "step 1/2 exited" in x)
+    finally:
+        await delete_template(name, client=s.client)

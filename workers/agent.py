@@ -79,6 +79,7 @@ from hotbed.protocol import (
     Envelope,
     ErrorReply,
     Exec,
+    ExecInput,
     ListFiles,
     PauseSandbox,
     ProcessWait,
@@ -137,7 +138,8 @@ TENANT_COMMANDS = frozenset(EXECUTION_COMMANDS) | {Terminate, UpdateSandbox, Pau
 
 
 def long_lived(body: Any) -> bool:
-    if isinstance(body, (PtyOpen, WatchDir, DownloadTar, ProcessWait)):
+    # An ExecInput waits until the command has read it: at the command's pace.
+    if isinstance(body, (PtyOpen, WatchDir, DownloadTar, ProcessWait, ExecInput)):
         return True
     if getattr(body, "stream_to", ""):
         return True

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from typing import Any
 
 import anyio
@@ -65,6 +66,7 @@ from hotbed.protocol import (
     DownloadTar,
     Envelope,
     Exec,
+    ExecInput,
     ExecResult,
     ExecSpec,
     FileContent,
@@ -99,6 +101,7 @@ from hotbed.protocol import (
     SessionInterrupt,
     SessionRun,
     StatFile,
+    StdinState,
     UploadTar,
     WatchDir,
     WriteFile,
@@ -111,7 +114,7 @@ log = logging.getLogger(__name__)
 
 GUEST_ONLY = (
     SessionRun, SessionInterrupt, SessionClose, ProcessStart, ProcessList, ProcessRead,
-    ProcessWait, ProcessSignal, ProcessInput, PtyOpen, PtyInput, PtyResize, Cancel,
+    ProcessWait, ProcessSignal, ProcessInput, ExecInput, PtyOpen, PtyInput, PtyResize, Cancel,
     WatchDir, UploadTar, DownloadTar, PipeOpen, PipeWrite, PipeRead, PipeClose,
 )
 PATH_OPS = (StatFile, RemoveFile, MakeDir, RenameFile)
@@ -119,6 +122,8 @@ HANDLED = (Exec, ReadFile, WriteFile, ListFiles, *PATH_OPS, *GUEST_ONLY)
 # The guest agent version that has the file verbs and pipes (a sandbox restored from an
 # older template runs the agent of its snapshot).
 GUEST_FILE_VERBS = 2
+# The guest agent version that answers an input once it is in the command's stdin.
+GUEST_PACED_INPUT = 3
 # How long one pipe request may wait on the command (a slow reader or writer).
 PIPE_CALL_S = 120.0
 # A script's exit code -> the typed error (the shell fallback of the file verbs).
@@ -453,6 +458,18 @@ class ExecutionService:
                     "timeout": body.timeout,
                 }
                 return await self._run(env, ch, header, b"", sink, 0, body.timeout)
+            case ExecInput():
+                # Waits on the command's pace: as long as the request may (its deadline).
+                active = self._active.get((sid, body.target))
+                if active is None:
+                    return StdinState(closed=True)
+                tch, gid = active
+                wait = env.deadline - time.time() if env.deadline else PIPE_CALL_S
+                h, _ = await tch.call(
+                    {"t": "input", "target": gid, "eof": body.eof, "paced": True}, body.data,
+                    timeout=max(1.0, wait),
+                )
+                return StdinState(closed=bool(h.get("closed")))
             case PtyInput() | PtyResize() | Cancel():
                 target = body.target if isinstance(body, Cancel) else body.pty
                 active = self._active.get((sid, target))
@@ -515,6 +532,10 @@ class ExecutionService:
         async with ch.open(header, payload) as (gid, frames):
             self._active[(sid, env.id)] = (ch, gid)
             try:
+                if header.get("stdin_open") and sink is not None:
+                    # The reader may send input from now on (ExecInput finds it active).
+                    sink.add(b"s", b"")
+                    await sink.flush()
                 with anyio.fail_after(timeout + GUARD_S):
                     end = await pump(frames, sink=sink, collect=collect, sandbox_id=sid)
                 finished = True
@@ -569,6 +590,14 @@ class ExecutionService:
         if sink is None and spec.max_output > limits.MAX_COLLECTED_OUTPUT:
             spec = msgspec.structs.replace(spec, max_output=limits.MAX_COLLECTED_OUTPUT)
         ch = None if spec.user not in (None, user) else await self._channel(sid)
+        if body.stdin_open:
+            if sink is None:
+                raise InvalidRequest("stdin_open needs a streaming exec (stream_to)", sandbox_id=sid)
+            if ch is None or int(ch.info.get("version") or 1) < GUEST_PACED_INPUT:
+                raise UnsupportedRequest(
+                    "streamed stdin needs the guest agent (an image with python3, the sandbox's "
+                    "own user, not a template snapshot older than it)", sandbox_id=sid,
+                )
         if ch is None:
             if spec.idle_timeout:
                 raise UnsupportedRequest(
@@ -585,6 +614,8 @@ class ExecutionService:
         if not spec.argv and spec.shell is None:
             raise InvalidRequest("exec needs argv or shell", sandbox_id=sid)
         header = {"t": "run", **_spec_header(spec, streaming=sink is not None)}
+        if body.stdin_open:
+            header["stdin_open"] = True
         return await self._run(env, ch, header, spec.stdin or b"", sink, header["max_output"], spec.timeout)
 
     async def _watch(

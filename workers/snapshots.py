@@ -34,6 +34,7 @@ import msgspec
 
 from daemon import lifecycle
 from hotbed import batching, limits, lua, protocol, records
+from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
 from hotbed.errors import (
     ExecTimeout,
@@ -74,6 +75,10 @@ log = logging.getLogger(__name__)
 GC_INTERVAL_S = 60.0
 GC_GRACE_S = 120.0
 OUTPUT_TAIL = 2000
+# Progress entries a build's output stream keeps (a reader that never comes).
+BUILD_LOG_ENTRIES = 1000
+# Seconds between "not ready yet" lines while a readiness check keeps failing.
+READY_REPORT_S = 5.0
 
 
 def new_snapshot_id() -> str:
@@ -150,6 +155,36 @@ class LocalStore:
 
         changed = await anyio.to_thread.run_sync(mtime)
         return None if changed is None else time.time() - changed
+
+
+class BuildLog:
+    """A template build's progress on its request's output stream, for the client that
+    asked (``BuildTemplate.stream_to``); nothing when none did. A line that cannot be
+    written is dropped: progress never fails a build."""
+
+    def __init__(self, redis: Any, key: str | None) -> None:
+        self.redis = redis
+        self.key = key
+        self.t0 = anyio.current_time()
+
+    async def say(self, line: str) -> None:
+        await self._add(b"p", f"{anyio.current_time() - self.t0:6.1f}s  {line}".encode())
+
+    async def output(self, data: bytes) -> None:
+        if data:
+            await self._add(b"o", data[-(OUTPUT_TAIL * 8):])
+
+    async def _add(self, field: bytes, data: bytes) -> None:
+        if self.key is None:
+            return
+        try:
+            with anyio.fail_after(5):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xadd(self.key, {field: data}, maxlen=BUILD_LOG_ENTRIES, approximate=True)
+                    pipe.expire(self.key, keyspace.REPLY_TTL_S)
+                    await pipe.execute()
+        except Exception as exc:  # progress is best effort; the build goes on
+            log.debug("build progress not written: %s", exc)
 
 
 def _tail(data: bytes) -> str:
@@ -308,14 +343,19 @@ class SnapshotManager:
 
     # ------------------------------------------------------------- set-up
 
-    async def setup(self, sid: str, ts: TemplateSpec, user: str) -> None:
+    async def setup(self, sid: str, ts: TemplateSpec, user: str, progress: BuildLog | None = None) -> None:
         """Files, ``run`` steps, ``start`` processes, then the readiness check."""
         rt = self.runtime
+        say = progress or BuildLog(None, None)
         deadline = anyio.current_time() + ts.setup_timeout
+        if ts.files:
+            await say.say(f"writing {len(ts.files)} file(s)")
         for path, data in ts.files.items():
             await rt.write_file(sid, path, data, mode=0o644, make_dirs=True, user=user)
         for i, cmd in enumerate(ts.run, 1):
             left = max(1.0, deadline - anyio.current_time())
+            await say.say(f"step {i}/{len(ts.run)}: {cmd}")
+            step_t0 = anyio.current_time()
             try:
                 res = await rt.exec(
                     sid, ExecSpec(shell=cmd, env=ts.env, cwd=ts.workdir, timeout=left),
@@ -327,6 +367,9 @@ class SnapshotManager:
                     f"output:\n{exc.detail.get('stdout', '')}{exc.detail.get('stderr', '')}",
                     sandbox_id=sid, detail={"step": i, "command": cmd},
                 ) from None
+            await say.output(res.stdout + res.stderr)
+            await say.say(f"step {i}/{len(ts.run)} exited {res.exit_code} after "
+                          f"{anyio.current_time() - step_t0:.1f}s")
             if res.exit_code != 0:
                 out = _tail(res.stdout + (b"\n" if res.stdout and res.stderr else b"") + res.stderr)
                 raise SetupFailed(
@@ -338,16 +381,26 @@ class SnapshotManager:
                     },
                 )
         for cmd in ts.start:
+            await say.say(f"start: {cmd}")
             await self.spawn(sid, cmd, user)
         if ts.ready:
-            give_up = anyio.current_time() + ts.ready_timeout
+            await say.say(f"readiness check: {ts.ready} (retried until it exits 0, up to {ts.ready_timeout:g}s)")
+            ready_t0 = anyio.current_time()
+            give_up = ready_t0 + ts.ready_timeout
+            tries, last_said = 0, ready_t0
             while True:
                 res = await rt.exec(
                     sid, ExecSpec(shell=ts.ready, env=ts.env, cwd=ts.workdir, timeout=ts.ready_timeout),
                     default_user=user,
                 )
+                tries += 1
                 if res.exit_code == 0:
+                    await say.say(f"ready after {tries} check(s), {anyio.current_time() - ready_t0:.1f}s")
                     break
+                if anyio.current_time() - last_said >= READY_REPORT_S:
+                    last_said = anyio.current_time()
+                    await say.say(f"not ready yet: {tries} check(s), last exit {res.exit_code}"
+                                  + (f": {_tail(res.stdout + res.stderr)[-200:]}" if res.stdout or res.stderr else ""))
                 if anyio.current_time() > give_up:
                     raise SetupFailed(
                         f"readiness check ({ts.ready!r}) still failing after {ts.ready_timeout:g}s "
@@ -417,13 +470,17 @@ class SnapshotManager:
             image=ts.image, resources=ts.resources, env=ts.env, workdir=ts.workdir, user=user,
         )
         snap = new_snapshot_id()
+        progress = BuildLog(self.redis, table.keys.output(env.id) if cmd.stream_to else None)
         try:
+            await progress.say(f"booting {ts.image} on {self.worker_id}")
             await self.runtime.create(table.placed(sid), spec)
-            await self.setup(sid, ts, user)
+            await self.setup(sid, ts, user, progress)
+            await progress.say("taking the memory snapshot")
             self.dir.mkdir(parents=True, exist_ok=True)
             size = await self.runtime.checkpoint(sid, self.path(snap), leave_running=False)
             digest = await self._digest(snap)
             await self.store.put(snap, self.path(snap))
+            await progress.say(f"snapshot {snap} stored ({size / (1 << 20):.1f} MiB)")
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):

@@ -43,7 +43,8 @@ LOW_WATER = 1 << 20
 BG_BUFFER = 8 << 20
 KEEP_EXITED = 256
 # 2: file verbs (remove, make_dir, rename, stat, list_files depth) and pipes.
-VERSION = 2
+# 3: paced input (an "input" with "paced" is answered once its bytes are in stdin).
+VERSION = 3
 # A pipe's stderr kept for its close (the tail, where a failing command says why).
 PIPE_ERR_TAIL = 64 << 10
 # A pipe_read with some data answers this long after the first byte, or when full.
@@ -303,6 +304,7 @@ class Proc:
         self.waiters = []
         self.stdin_buf = bytearray()
         self.stdin_eof = False
+        self.stdin_waiters = []  # paced inputs answered once stdin_buf has drained
         self.timer = None
         self.idle_timer = None
         self.fds = {}  # fd -> stream number (1 out, 2 err)
@@ -390,12 +392,24 @@ class Proc:
         for fd in self.fds:
             _set_events(fd, 0 if on else selectors.EVENT_READ, self.on_readable)
 
-    def write_stdin(self, data, eof=False):
+    def write_stdin(self, data, eof=False, waiter=None):
+        if waiter is not None:
+            self.stdin_waiters.append(waiter)
         if self.stdin_fd is None:
+            self.answer_stdin_waiters()
             return
         self.stdin_buf += data
         self.stdin_eof = self.stdin_eof or eof
         self.on_stdin_writable(self.stdin_fd, 0)
+
+    def answer_stdin_waiters(self):
+        """Paced inputs are answered once what they brought has left stdin_buf: written,
+        or dropped because the command closed its stdin or ended."""
+        if self.stdin_buf and self.stdin_fd is not None:
+            return
+        waiters, self.stdin_waiters = self.stdin_waiters, []
+        for rid in waiters:
+            send({"t": "result", "id": rid, "closed": self.stdin_fd is None})
 
     def on_stdin_writable(self, fd, _mask):
         while self.stdin_buf:
@@ -413,6 +427,7 @@ class Proc:
                 _set_events(fd, selectors.EVENT_READ | selectors.EVENT_WRITE, self.on_pty_event)
             else:
                 _set_events(fd, selectors.EVENT_READ, self.on_pty_event)
+            self.answer_stdin_waiters()
             return
         if self.stdin_buf:
             _set_events(fd, selectors.EVENT_WRITE, self.on_stdin_writable)
@@ -421,6 +436,7 @@ class Proc:
             if self.stdin_eof:
                 os.close(fd)
                 self.stdin_fd = None
+        self.answer_stdin_waiters()
 
     def on_pty_event(self, fd, mask):
         if mask & selectors.EVENT_WRITE:
@@ -474,6 +490,8 @@ class Proc:
             except OSError:
                 pass
             self.stdin_fd = None
+        self.stdin_buf.clear()
+        self.answer_stdin_waiters()
 
     def on_exit(self, status):
         if os.WIFSIGNALED(status):
@@ -1098,10 +1116,13 @@ def req_pty(rid, h, payload):
 
 def req_input(rid, h, payload):
     p = by_id.get(h.get("target")) or background.get(h.get("pid"))
+    if p is not None and rid and h.get("paced"):
+        p.write_stdin(payload, eof=bool(h.get("eof")), waiter=rid)
+        return
     if p is not None:
         p.write_stdin(payload, eof=bool(h.get("eof")))
     if rid:
-        send({"t": "result", "id": rid})
+        send({"t": "result", "id": rid, "closed": p is None})
 
 
 def req_resize(rid, h, _payload):
