@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -176,7 +177,8 @@ async def swe_episode(args: argparse.Namespace, client: Any) -> dict[str, Any]:
             for side in ("hotbed", "swerex"):
                 if side == "hotbed":
                     wall, got = await episode(
-                        HotbedDeployment(image, client=client, memory_mb=512, timeout=600),
+                        HotbedDeployment(image, client=client, cpu=args.swe_episode_cpu,
+                                         memory_mb=512, timeout=600),
                         repo, commands=args.swe_episode_commands)
                 else:
                     async with swerex_docker(image, oci_runtime=args.oci_runtime) as dep:
@@ -196,7 +198,7 @@ async def swe_episode(args: argparse.Namespace, client: Any) -> dict[str, Any]:
         "slower_calls": sorted(k for k, v in per_call.items()
                                if v["hotbed"]["p50_ms"] > v["swerex"]["p50_ms"]),
         "calls": per_call, "episodes": args.swe_episodes, "image": image,
-        "files_uploaded": args.swe_episode_files, "session_commands": args.swe_episode_commands,
+        "files_uploaded": args.swe_episode_files, "hotbed_cpu": args.swe_episode_cpu, "session_commands": args.swe_episode_commands,
         "swerex_transport": "stdio relay over one docker exec into the runsc container "
                             "(--network=none); RemoteRuntime opens one connection per request",
     }
@@ -340,6 +342,9 @@ def main(argv: list[str]) -> int:
                    help="SWE-agent episodes per side (0: skip the phase)")
     p.add_argument("--swe-episode-files", type=int, default=5000, help="files in the uploaded repository")
     p.add_argument("--swe-episode-commands", type=int, default=50, help="session commands per episode")
+    p.add_argument("--swe-episode-cpu", type=float, default=float(os.cpu_count() or 1),
+                   help="CPUs of hotbed's episode sandbox (default: the host's, as SWE-ReX's "
+                        "container has no CPU limit)")
     p.add_argument("--only-swe-episode", action="store_true", help="run only the SWE-agent episode phase")
     p.add_argument("--oci-runtime", default="runsc",
                    help="dockerd runtime of the sandbox (host-setup registers runsc, runsc-ptrace)")

@@ -10,6 +10,11 @@ command line would, and runs ``SWEEnv``: start (session with SWE-agent's start-u
 source and environment variables), a local repository copied in (upload + ``execute``),
 commands through ``communicate``, file reads and writes, close. Exit status 0 when every
 step did what SWE-agent expects.
+
+SWE-agent expects to be root in its container (it copies the repository to ``/NAME``
+and ``chown``s it): the server runs its commands as root. Installed from its
+repository without ``-e``, SWE-agent needs ``SWE_AGENT_CONFIG_DIR``,
+``SWE_AGENT_TOOLS_DIR`` and ``SWE_AGENT_TRAJECTORY_DIR`` set (they pass through).
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def main(argv: list[str]) -> int:
         )
         server = subprocess.Popen(
             [sys.executable, "-m", "hotbed.integrations.swerex_server", "--port", str(port),
-             "--auth-token", token, "--image", args.image, "--memory-mb", "512"],
+             "--auth-token", token, "--image", args.image, "--memory-mb", "512", "--user", "root"],
             env=env, cwd=ROOT,
         )
         try:

@@ -219,3 +219,26 @@ async def test_swe_agent_remote_deployment_runs_on_hotbed(hotbed_stack: Stack, t
         for (name, _), w, g in zip(CASES, want, got, strict=True) if w != g
     ]
     assert not diffs, f"{len(diffs)} of {len(CASES)} requests differ:\n" + "\n".join(diffs)
+
+
+@pytest.mark.timeout(900)
+def test_real_swe_agent_runs_on_hotbed() -> None:
+    """The real SWE-agent, unchanged, through its ``remote`` deployment config and
+    hotbed's server (bench/swe_agent_check.py). SWE-agent 1.x is not on PyPI (its
+    ``sweagent`` there is a 0.0.1 placeholder): install it from its repository into an
+    environment of its own and point ``HOTBED_SWEAGENT_PYTHON`` at that Python (with
+    ``SWE_AGENT_CONFIG_DIR``, ``SWE_AGENT_TOOLS_DIR``, ``SWE_AGENT_TRAJECTORY_DIR`` set
+    for a non-editable install)."""
+    import os
+    import sys
+
+    py = os.environ.get("HOTBED_SWEAGENT_PYTHON")
+    if not py:
+        pytest.skip("HOTBED_SWEAGENT_PYTHON names no SWE-agent environment")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "swe_agent_check", "--sweagent-python", py],
+        cwd=root, capture_output=True, text=True, timeout=800,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "SWE-agent on hotbed: ok" in res.stdout

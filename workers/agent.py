@@ -730,7 +730,8 @@ class WorkerAgent:
                 # (nearly all) costs no extra Docker call.
                 await self.images.ensure(spec.image, deadline=deadline or self._pull_deadline(), sandbox_id=sid)
                 await self.runtime.create(placed, spec)
-            self.execution.prepare(sid)
+            # Started means serving: the guest agent answers (~0.5 s after docker start).
+            await self.execution.wait_ready(sid)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):

@@ -153,6 +153,9 @@ SCRIPTS = {
     'stat -L -c %s -- "$1" && tail -c +"$2" -- "$1" | head -c "$3"',
     "append": '[ "$2" = 1 ] && mkdir -p -- "$(dirname -- "$1")"; cat >> "$1"',
 }
+# The longest a start waits for its sandbox's guest agent to answer (then the first
+# command waits, as it would have anyway).
+READY_WAIT_S = 10.0
 # Output entries written per Redis round trip, at most.
 BATCH_BYTES = 1 << 20
 # Slack on top of a command's own timeout before the worker stops waiting for the agent.
@@ -339,6 +342,28 @@ class ExecutionService:
     def prepare(self, sandbox_id: str) -> None:
         if self.guests is not None and not self._guestless:
             self.guests.prepare(sandbox_id)
+
+    async def wait_ready(self, sandbox_id: str, *, warm_up: bool = False) -> None:
+        """Attach now and wait for the guest agent's first answer (and, with
+        ``warm_up``, for one spawned ``true``), so the sandbox's first command finds
+        it serving. A start or restore returns ~0.5 s before its agent answers; a
+        restored agent's first spawn takes twice its later ones. Never fails the
+        start: a sandbox whose agent stays silent is left to the first command, as
+        before, which then reports why."""
+        if self.guests is None or self._guestless:
+            return
+        with anyio.move_on_after(READY_WAIT_S):
+            try:
+                ch = await self.guests.channel(sandbox_id)
+                if ch is not None and warm_up:
+                    async with ch.open({"t": "run", "argv": ["true"], "timeout": READY_WAIT_S,
+                                        "max_output": 4096}) as (_gid, frames):
+                        async for header, _payload in frames:
+                            if header.get("t") in ("exit", "error"):
+                                break
+            except HotbedError as exc:
+                log.info("guest agent not ready after start: %s", exc,
+                         extra={"sandbox_id": sandbox_id})
 
     def forget(self, sandbox_id: str) -> None:
         if self.guests is not None:

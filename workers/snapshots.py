@@ -578,6 +578,9 @@ class SnapshotManager:
                 await self.runtime.create(placed, boot)
                 await self.setup(sid, ts, user)
                 env = {}
+            # Ready means serving: the agent answers (a restored one some 0.5 s after
+            # runsc returns), and a pooled sandbox has spawned once, off the claimer's clock.
+            await self.guests.wait_ready(sid, warm_up=bool(cmd.pool))
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
@@ -585,7 +588,6 @@ class SnapshotManager:
                 if cmd.pool:
                     await self.redis.zrem(table.keys.pool_warming(cmd.pool), sid)
             raise
-        self.guests.prepare(sid)
         now = lifecycle.wall()
         pooled = bool(cmd.pool)
         after, pausable = table.pause_policy(spec.auto_pause_after)

@@ -283,6 +283,10 @@ class HotbedRuntime(AbstractRuntime):
             stdin=data, timeout=UPLOAD_TIMEOUT_S,
         )
         if res.exit_code != 0:
+            # As swe-rex's server, whose unzip makes the folders with os.makedirs.
+            if (m := _MKDIR_FAILED.search(res.stderr)) and m["text"].lower() in _ERRNO_BY_TEXT:
+                n = _ERRNO_BY_TEXT[m["text"].lower()]
+                raise OSError(n, os.strerror(n), m["path"])
             raise FileError(f"cannot unpack into {target}: {res.stderr.strip()}",
                             sandbox_id=self.sandbox.id)
 
@@ -316,6 +320,7 @@ _ERRNO_BY_TEXT = {
               errno.ENOSPC, errno.ETXTBSY)
 }
 _HOTBED_OS_ERROR = re.compile(r"^cannot \w+ .*?: (?P<text>[^:]+): (?P<path>.*)$", re.S)
+_MKDIR_FAILED = re.compile(r"^mkdir: cannot create directory ‘(?P<path>.*)’: (?P<text>.*)$", re.M)
 _PY_OS_ERROR = re.compile(r"^\w+: \[Errno (?P<errno>\d+)\] (?P<text>[^:]+): (?P<path>'.*')$", re.S)
 
 

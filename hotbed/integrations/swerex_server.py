@@ -5,8 +5,8 @@ SWE-agent builds its deployment from SWE-ReX's ``DeploymentConfig`` union; its
 is such a server on the host, backed by :class:`~hotbed.integrations.swerex.HotbedRuntime`:
 every request runs in a hotbed sandbox, and no SWE-ReX server runs inside it::
 
-    python -m hotbed.integrations.swerex_server --image hotbed/base --port 8880 \\
-        --auth-token "$TOKEN"          # HOTBED_REDIS_URL etc. as for any hotbed client
+    python -m hotbed.integrations.swerex_server --image hotbed/base --user root \\
+        --port 8880 --auth-token "$TOKEN"          # HOTBED_REDIS_URL etc. as for any hotbed client
     sweagent run --env.deployment.type=remote --env.deployment.host=http://127.0.0.1 \\
         --env.deployment.port=8880 --env.deployment.auth_token="$TOKEN" ...
 
@@ -191,13 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auth-token", required=True, help="the X-API-Key clients must send")
     p.add_argument("--image", default="hotbed/base", help="image of each episode's sandbox")
     p.add_argument("--memory-mb", type=int, default=2048, help="memory of each sandbox")
+    p.add_argument("--user", default=None,
+                   help="user commands run as (SWE-agent expects root); default: the worker's")
     p.add_argument("--cpu", type=float, default=1.0, help="CPUs of each sandbox")
     p.add_argument("--timeout", type=float, default=4 * 3600.0,
                    help="seconds a sandbox may live (ended earlier by /close)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     server = HotbedSwerexServer(auth_token=args.auth_token, image=args.image,
-                                memory_mb=args.memory_mb, cpu=args.cpu, timeout=args.timeout)
+                                memory_mb=args.memory_mb, cpu=args.cpu, timeout=args.timeout,
+                                user=args.user)
     uvicorn.run(server.app, host=args.host, port=args.port)
 
 

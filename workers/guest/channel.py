@@ -400,6 +400,11 @@ class GuestManager:
         if ch is not None:
             ch.close()
 
+    def serving(self, sandbox_id: str) -> bool:
+        """Whether the sandbox's channel is attached and its agent has answered."""
+        ch = self._channels.get(sandbox_id)
+        return ch is not None and not ch.closed and ch.known.is_set() and bool(ch.has_agent)
+
     def prepare(self, sandbox_id: str) -> None:
         """Attach in the background now, so the first command finds the agent ready."""
         if self._tg is not None and sandbox_id not in self._channels:
