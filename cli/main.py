@@ -29,6 +29,7 @@ AREAS = [
     "cli.system",
     "cli.fleet",
     "cli.shell",
+    "cli.ports",
 ]
 
 

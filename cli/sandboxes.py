@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from cli.main import with_client
+from cli.ports import port_number, publish
 from hotbed.client import Client
 from hotbed.errors import InvalidRequest
 from hotbed.sandbox import Sandbox
@@ -39,6 +40,10 @@ def _add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", "-u", help="user (default 1000:1000)")
     p.add_argument("--template", help="create from this template (warm pool / snapshot)")
     p.add_argument("--on", action="append", metavar="K=V", help="only on workers with this tag (repeatable)")
+    p.add_argument("--network", choices=("none", "egress", "open"), default="none",
+                   help="none (default: loopback only), egress (only --allow) or open")
+    p.add_argument("--allow", action="append", metavar="DEST",
+                   help="with --network egress: CIDR, ADDR[:PORT[-PORT]] or DOMAIN[:PORT] (repeatable)")
 
 
 def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -46,7 +51,7 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu, timeout=args.timeout,
         idle_timeout=args.idle_timeout, tags=_pairs(args.tag, "--tag"), env=_pairs(args.env, "--env"),
         workdir=args.workdir, user=args.user, template=args.template,
-        worker_tags=_pairs(args.on, "--on"),
+        worker_tags=_pairs(args.on, "--on"), network=args.network, allow=args.allow,
     )
 
 
@@ -88,6 +93,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
         print(sb.id)
+        sys.stdout.flush()
+        await publish(sb, args.publish)
         return 0
 
     return with_client(go)
@@ -238,6 +245,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("create", help="create a sandbox and print its id")
     p.add_argument("image", nargs="?", default="hotbed/base")
     _add_create_options(p)
+    p.add_argument("--publish", "-p", action="append", type=port_number, metavar="PORT",
+                   help="expose this TCP port; prints PORT -> HOST:PORT on stderr (repeatable)")
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("exec", help="run a command in a sandbox")

@@ -62,6 +62,19 @@ class Resources(Struct):
         return int(round(self.cpu * 1000))
 
 
+# How a sandbox reaches the network (docs/operations.md, "Sandbox network"): "none"
+# (loopback only), "egress" (only what ``NetworkPolicy.allow`` lists) or "open" (any
+# public address; never the node, other sandboxes or private ranges unless listed).
+NetworkMode = Literal["none", "egress", "open"]
+
+
+class NetworkPolicy(Struct):
+    mode: NetworkMode = "none"
+    # Entries: "10.1.2.0/24", "10.1.2.3:443", "10.1.2.0/24:8000-8099", "pypi.org",
+    # "*.github.com:443" (a domain's addresses are allowed as the sandbox resolves them).
+    allow: list[str] = []
+
+
 class SandboxSpec(Struct):
     image: str = "hotbed/base"
     resources: Resources = Resources()
@@ -75,6 +88,7 @@ class SandboxSpec(Struct):
     template: str | None = None
     # Placement constraint: only workers carrying all these tags (node pool, zone, ...).
     worker_tags: dict[str, str] = {}
+    network: NetworkPolicy = NetworkPolicy()
 
 
 class ExecSpec(Struct):
@@ -138,6 +152,7 @@ class TemplateSpec(Struct):
     workdir: str | None = None
     user: str | None = None
     resources: Resources = Resources()
+    network: NetworkPolicy = NetworkPolicy()
 
 
 # ------------------------------------------------------------- client -> scheduler
@@ -368,6 +383,16 @@ class DownloadTar(Msg):
     timeout: float = 600.0
 
 
+class ExposePort(Msg):
+    """Make TCP port ``port`` inside the sandbox reachable at an address on its worker
+    (answered with :class:`PortExposed`); the same port again gets the same address.
+    Works whatever the sandbox's network: connections travel over the guest channel.
+    The address closes when the sandbox ends."""
+
+    sandbox_id: str
+    port: int
+
+
 ExecRequest = (
     SessionRun | SessionInterrupt | SessionClose | ProcessStart | ProcessList | ProcessRead
     | ProcessWait | ProcessSignal | ProcessInput | PtyOpen | PtyInput | PtyResize | Cancel
@@ -378,7 +403,7 @@ ExecRequest = (
 Message = (
     CreateSandbox | StartSandbox | Exec | WriteFile | ReadFile | ListFiles | Terminate
     | BuildTemplate | SnapshotSandbox | PauseSandbox | ResumeSandbox | SandboxClaimed
-    | ExecRequest
+    | ExecRequest | ExposePort
 )
 
 
@@ -486,6 +511,23 @@ class ProcessOutput(Msg):
     stderr_offset: int = 0
 
 
+class PortExposed(Msg):
+    """Where a sandbox's port is reachable: ``host:host_port`` on its worker."""
+
+    sandbox_id: str
+    port: int
+    host: str
+    host_port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.host_port}" if ":" in self.host else f"{self.host}:{self.host_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+
 class ErrorReply(Msg):
     # HotbedError subclass name, e.g. "ImageNotFound".
     code: str
@@ -508,6 +550,7 @@ Reply = (
     | ProcessInfo
     | ProcessListing
     | ProcessOutput
+    | PortExposed
     | ErrorReply
 )
 

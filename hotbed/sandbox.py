@@ -35,6 +35,9 @@ from hotbed.protocol import (
     ExecSpec,
     FileContent,
     FileEntry,
+    NetworkMode,
+    NetworkPolicy,
+    PortExposed,
     ProcessInfo,
     ProcessListing,
     Resources,
@@ -113,6 +116,8 @@ class Sandbox:
         user: str | None = None,
         template: str | None = None,
         worker_tags: dict[str, str] | None = None,
+        network: NetworkMode = "none",
+        allow: builtins.list[str] | None = None,
         client: Client | None = None,
         request_timeout: float = CREATE_TIMEOUT_S,
     ) -> Sandbox:
@@ -120,6 +125,9 @@ class Sandbox:
 
         ``gpu``: ``"H100"``, ``"H100:2"``, ``"any"``; the sandbox gets exactly those GPUs.
         ``worker_tags``: only workers carrying all these operator tags (zone, node pool).
+        ``network``: ``"none"`` (loopback only), ``"egress"`` (only what ``allow`` lists:
+        ``"10.0.0.0/8"``, ``"10.1.2.3:443"``, ``"pypi.org:443"``...) or ``"open"`` (public
+        addresses; the worker may forbid it). A bad entry raises InvalidRequest.
         """
         spec = SandboxSpec(
             image=image,
@@ -132,6 +140,7 @@ class Sandbox:
             user=user,
             template=template,
             worker_tags=dict(worker_tags or {}),
+            network=NetworkPolicy(mode=network, allow=list(allow or [])),
         )
         c = client or default_client()
         reply: protocol.Reply | None = None
@@ -357,6 +366,21 @@ class Sandbox:
             lambda key: protocol.Exec(sandbox_id=self.id, exec=spec, stream_to=key),
             timeout=timeout + COMMAND_SLACK_S,
         ))
+
+    # -------------------------------------------------------------------- ports
+
+    async def expose(self, port: int, *, timeout: float = OP_TIMEOUT_S) -> PortExposed:
+        """Make TCP ``port`` inside the sandbox reachable from outside it: returns where
+        on the worker (``.address`` is ``host:port``, ``.url`` its ``http://`` form), for
+        HTTP or any TCP protocol. Works with ``network="none"``; the same port again
+        gets the same address; it closes when the sandbox ends."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise InvalidRequest(f"port must be in 1-65535, got {port!r}", sandbox_id=self.id)
+        reply = await self.client.worker_request(
+            self.worker_id, protocol.ExposePort(sandbox_id=self.id, port=port), timeout=timeout
+        )
+        assert isinstance(reply, PortExposed)
+        return reply
 
     # ----------------------------------------------------------------- sessions
 

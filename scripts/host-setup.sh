@@ -103,6 +103,10 @@ configure_docker() {
   # `docker start --checkpoint`). "runsc-ptrace" is the wrapper on gVisor's ptrace
   # platform: process creation 2.3x faster than systrap on this kind of VM, syscalls
   # slower (bench/README.md, "exec"); a worker opts in with HOTBED_OCI_RUNTIME.
+  # "runsc-net" is the wrapper with gVisor's own network stack on the container's
+  # interface: only for sandboxes whose network is "egress" or "open", which the
+  # worker attaches to its bridge and filters on the host (docs/operations.md,
+  # "Sandbox network"). Every other runtime keeps --network=none: loopback only.
   local runsc_bin; runsc_bin=$(command -v runsc)
   local runsc_path=/usr/local/lib/hotbed/runsc-hotbed
   install -D -m 0755 "$ROOT/deploy/runsc/runsc-hotbed" "$runsc_path"
@@ -116,7 +120,8 @@ configure_docker() {
 {
   "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]},
                "runsc-plain": {"path": "$runsc_bin", "runtimeArgs": ["--network=none"]},
-               "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]}$gpu_runtime},
+               "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]},
+               "runsc-net": {"path": "$runsc_path", "runtimeArgs": ["--network=sandbox"]}$gpu_runtime},
   "experimental": true,
   "bridge": "none",
   "iptables": false,
@@ -126,11 +131,20 @@ JSON
 )
   mkdir -p /etc/docker
   if [ ! -f "$want" ] || [ "$(cat "$want")" != "$body" ]; then
+    local before=""; [ -f "$want" ] && before=$(grep -v -e '"runsc' -e '^ *"runtimes"' "$want" || true)
     log "writing $want (runsc registered, no bridge network)"
     printf '%s\n' "$body" >"$want"
     if docker_up; then
-      log "restarting dockerd to pick up the runtime"
-      stop_dockerd
+      if [ -n "$before" ] && [ "$before" = "$(grep -v -e '"runsc' -e '^ *"runtimes"' "$want")" ]; then
+        # Only the runtimes changed: dockerd reloads those on SIGHUP, and the
+        # sandboxes running now keep running (a restart would end them).
+        log "reloading dockerd's runtimes"
+        pkill -HUP -x dockerd || true
+        for _ in $(seq 50); do docker info --format '{{json .Runtimes}}' | grep -q runsc-net && break; sleep 0.2; done
+      else
+        log "restarting dockerd to pick up the runtime"
+        stop_dockerd
+      fi
     fi
   fi
 }

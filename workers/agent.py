@@ -65,6 +65,7 @@ from hotbed.protocol import (
     Envelope,
     ErrorReply,
     Exec,
+    ExposePort,
     ListFiles,
     PauseSandbox,
     ProcessWait,
@@ -88,6 +89,7 @@ from workers.config import WorkerSettings
 from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
+from workers.ports import PortTunnels, chain
 from workers.runtimes.base import Runtime
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshots import SnapshotManager
@@ -161,8 +163,13 @@ class WorkerAgent:
         self.long_lived_per_sandbox = LONG_LIVED_PER_SANDBOX
         # Exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
         self.execution = ExecutionService(self.sandboxes, runtime)
-        # A sandbox's guest channel closes when it ends.
-        self.sandboxes.guests = self.execution
+        # Exposed ports: tunnels over the guest channel, one long-lived slot each.
+        self.ports = PortTunnels(
+            self.sandboxes, self.execution, slots=self._long_lived,
+            bind=settings.port_bind, advertise=settings.port_host,
+        )
+        # A sandbox's guest channel and exposed ports close when it ends.
+        self.sandboxes.guests = chain(self.execution, self.ports)
         self.metrics: NullMetrics = NULL
         self.snapshots = SnapshotManager(
             self.sandboxes, runtime, guests=self.execution,
@@ -219,6 +226,7 @@ class WorkerAgent:
             tg.start_soon(self._expiry_loop)
             tg.start_soon(self._health_loop)
             await tg.start(self.execution.run)
+            await tg.start(self.ports.run)
             tg.start_soon(self.snapshots.gc_loop)
             async with anyio.create_task_group() as work:
                 for entry_id, data in await consumer.pending():
@@ -474,6 +482,7 @@ class WorkerAgent:
             PauseSandbox: self._pause,
             ResumeSandbox: self._resume,
             SandboxClaimed: self._claimed,
+            ExposePort: self.ports.expose,
         })
         return table
 

@@ -10,7 +10,12 @@ HOTBED_GPU_OCI_RUNTIME (the runsc runtime registered with ``--nvproxy``, used fo
 sandboxes), HOTBED_PROCESS_ROOT (state directory of the unisolated ``process``
 runtime), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
 (default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
-HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same).
+HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the same),
+HOTBED_PORT_BIND (the address exposed sandbox ports listen on; default 127.0.0.1),
+HOTBED_PORT_HOST (the host clients are told for them; default: the bind address),
+HOTBED_NET_OCI_RUNTIME (the runsc runtime of sandboxes with a network; default
+runsc-net), HOTBED_NET_SUBNET (their bridge's subnet; default 172.29.0.0/16),
+HOTBED_ALLOW_OPEN_NETWORK (false forbids network="open" on this node).
 
 Validated at load (:func:`daemon.config.load_settings`): unknown keys and bad values
 are one ConfigError line; the daemons exit with code 2 on it.
@@ -73,6 +78,14 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     process_root: str = "/var/lib/hotbed/process"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     metrics_addr: str = "127.0.0.1"
+    # Exposed sandbox ports (workers/ports.py): where they listen and the host clients
+    # are told ("" = the bind address, or 127.0.0.1 for a wildcard bind).
+    port_bind: str = "127.0.0.1"
+    port_host: str = ""
+    # Sandboxes with network "egress"/"open" (docs/operations.md, "Sandbox network").
+    net_oci_runtime: str = "runsc-net"
+    net_subnet: str = "172.29.0.0/16"
+    allow_open_network: bool = True
 
     def __post_init__(self) -> None:
         check_common(self.redis_url, self.prefix)

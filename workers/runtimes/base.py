@@ -21,6 +21,8 @@ LABEL_MANAGED = "dev.hotbed.managed"
 LABEL_SANDBOX = "dev.hotbed.sandbox"
 LABEL_WORKER = "dev.hotbed.worker"
 LABEL_PREFIX = "dev.hotbed.prefix"
+# A sandbox's network mode, where it is not "none".
+LABEL_NETWORK = "dev.hotbed.network"
 
 
 class Placed(msgspec.Struct, frozen=True, kw_only=True):

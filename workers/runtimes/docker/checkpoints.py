@@ -29,9 +29,9 @@ from aiodocker.exceptions import DockerError
 
 from hotbed.errors import RuntimeFailure, SandboxNotFound, SandboxNotRunning
 from hotbed.protocol import SandboxSpec
-from workers.runtimes.base import Placed
+from workers.runtimes.base import LABEL_NETWORK, Placed
 from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
-from workers.runtimes.docker.lifecycle import container_config, removed_on_failure
+from workers.runtimes.docker.lifecycle import container_config, prepare_network, removed_on_failure
 
 # Checkpoint name a paused sandbox's state is kept under, in its container's folder.
 PAUSED_CHECKPOINT = "hotbed-paused"
@@ -104,7 +104,8 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
         meta = json.loads(await anyio.Path(src, "container.json").read_text())
     except (OSError, ValueError) as exc:
         raise RuntimeFailure(f"snapshot {src} unreadable: {exc}", sandbox_id=sid) from None
-    config = container_config(engine, placed, spec, meta["Image"], cmd=meta["Cmd"])
+    allows, resolved = await prepare_network(engine, placed, spec)
+    config = container_config(engine, placed, spec, meta["Image"], cmd=meta["Cmd"], resolved=resolved)
     config["User"] = meta["User"]
     config["Env"] = list(meta["Env"]) + [e for e in config["Env"] if e.startswith("NVIDIA_")]
     if meta["WorkingDir"]:
@@ -116,6 +117,8 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
             container = await engine.docker.containers.create(config, name=container_name(sid))
         if config["HostConfig"]["Runtime"] in engine.wrapped:  # not GPU's runsc-nvproxy
             await start_restoring(engine, container.id, src / "checkpoint", sandbox_id=sid)
+            if spec.network.mode != "none":
+                await engine.networks.apply(sid, await engine.show(sid), spec.network, allows, resolved)
             return
         target = engine.root / "containers" / container.id / "checkpoints" / "restore"
 
@@ -132,6 +135,8 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
         await engine.post(
             f"containers/{container.id}/start", params={"checkpoint": "restore"}, sandbox_id=sid
         )
+        if spec.network.mode != "none":
+            await engine.networks.apply(sid, await engine.show(sid), spec.network, allows, resolved)
 
 
 async def pause(engine: Engine, sandbox_id: str) -> None:
@@ -165,6 +170,9 @@ async def resume(engine: Engine, sandbox_id: str) -> None:
             f"containers/{info['Id']}/start", params={"checkpoint": PAUSED_CHECKPOINT},
             sandbox_id=sandbox_id,
         )
+    if info["Config"]["Labels"].get(LABEL_NETWORK):
+        # Started again: its address may have changed, its policy has not.
+        await engine.networks.reapply(sandbox_id, await engine.show(sandbox_id))
     # runsc has the image open by now: removing the files frees them when it is done.
     await anyio.to_thread.run_sync(lambda: shutil.rmtree(ck, ignore_errors=True))
 

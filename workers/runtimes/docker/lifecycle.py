@@ -11,10 +11,12 @@ import anyio
 from aiodocker.exceptions import DockerError
 
 from hotbed.errors import ImageNotFound, RuntimeFailure
+from hotbed.network import Allow
 from hotbed.protocol import SPAWN_FIFO, SandboxSpec
 from workers.guest.channel import guest_command
 from workers.runtimes.base import (
     LABEL_MANAGED,
+    LABEL_NETWORK,
     LABEL_PREFIX,
     LABEL_SANDBOX,
     LABEL_WORKER,
@@ -37,9 +39,11 @@ IDLE_CMD = [
 
 
 def container_config(
-    engine: Engine, placed: Placed, spec: SandboxSpec, image_id: str, *, cmd: list[str] | None = None
+    engine: Engine, placed: Placed, spec: SandboxSpec, image_id: str, *, cmd: list[str] | None = None,
+    resolved: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """The Engine API body that creates ``placed``'s container."""
+    """The Engine API body that creates ``placed``'s container. ``resolved``: the
+    addresses of the allowed domains of a networked sandbox (``SandboxNetworks.resolve``)."""
     res = spec.resources
     labels = {
         LABEL_MANAGED: "1",
@@ -61,6 +65,11 @@ def container_config(
         # The guest agent's channel is the container's stdout: keep it out of logs.
         "LogConfig": {"Type": "none", "Config": {}},
     }
+    networked = spec.network.mode != "none"
+    if networked:
+        # Filtered on the host (workers/runtimes/docker/network.py).
+        host_config.update(engine.networks.host_config(resolved or {}))
+        labels[LABEL_NETWORK] = engine.networks.label(spec.network)
     if placed.gpu_uuids:
         if engine.oci_runtime == "runsc":
             if engine.gpu_oci_runtime not in engine.runtimes:
@@ -84,7 +93,7 @@ def container_config(
         "User": spec.user or "",
         "Env": env,
         "Labels": labels,
-        "NetworkDisabled": True,
+        "NetworkDisabled": not networked,
         "HostConfig": host_config,
     }
     if spec.workdir:
@@ -106,12 +115,27 @@ async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
                 worker_id=placed.worker_id,
             ) from None
         raise engine.translate(exc, sid) from None
-    config = container_config(engine, placed, spec, image["Id"])
+    allows, resolved = await prepare_network(engine, placed, spec)
+    config = container_config(engine, placed, spec, image["Id"], resolved=resolved)
     async with removed_on_failure(engine, sid, "start"):
         with anyio.fail_after(API_TIMEOUT_S):
             container = await engine.docker.containers.create(config, name=container_name(sid))
         with anyio.fail_after(API_TIMEOUT_S):
             await container.start()
+        if spec.network.mode != "none":
+            await engine.networks.apply(sid, await engine.show(sid), spec.network, allows, resolved)
+
+
+async def prepare_network(
+    engine: Engine, placed: Placed, spec: SandboxSpec
+) -> tuple[list[Allow], dict[str, list[str]]]:
+    """A networked sandbox's checked allow list and resolved domains (the node's
+    network made on first use); nothing for ``network="none"``."""
+    if spec.network.mode == "none":
+        return [], {}
+    allows = engine.networks.check(spec.network, sandbox_id=placed.sandbox_id)
+    await engine.networks.ensure(engine.docker, engine.runtimes)
+    return allows, await engine.networks.resolve(allows, sandbox_id=placed.sandbox_id)
 
 
 @asynccontextmanager
@@ -130,6 +154,8 @@ async def removed_on_failure(engine: Engine, sid: str, what: str) -> AsyncIterat
 
 
 async def destroy(engine: Engine, sandbox_id: str) -> None:
+    # Its rules go first: dockerd may give its address to the next sandbox.
+    await engine.networks.remove(sandbox_id)
     try:
         with anyio.fail_after(API_TIMEOUT_S):
             await engine.container(sandbox_id).delete(force=True, v=True)

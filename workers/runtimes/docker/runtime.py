@@ -13,6 +13,7 @@ from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
 from workers.runtimes.base import Managed, Placed
 from workers.runtimes.docker import _aiodocker, checkpoints, commands, files, lifecycle
 from workers.runtimes.docker.engine import Engine, container_name
+from workers.runtimes.docker.network import SandboxNetworks
 
 
 class DockerRuntime:
@@ -27,10 +28,11 @@ class DockerRuntime:
         extra_labels: dict[str, str] | None = None,
         gpu_oci_runtime: str = "runsc-nvproxy",
         cgroup_parent: str = "",
+        networks: SandboxNetworks | None = None,
     ) -> None:
         self.engine = Engine(
             oci_runtime=oci_runtime, docker_url=docker_url, extra_labels=extra_labels,
-            gpu_oci_runtime=gpu_oci_runtime, cgroup_parent=cgroup_parent,
+            gpu_oci_runtime=gpu_oci_runtime, cgroup_parent=cgroup_parent, networks=networks,
         )
 
     async def open(self) -> None:
