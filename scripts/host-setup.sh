@@ -103,10 +103,12 @@ configure_docker() {
   # `docker start --checkpoint`). "runsc-ptrace" is the wrapper on gVisor's ptrace
   # platform: process creation 2.3x faster than systrap on this kind of VM, syscalls
   # slower (bench/README.md, "exec"); a worker opts in with HOTBED_OCI_RUNTIME.
-  # "runsc-net" is the wrapper with gVisor's own network stack on the container's
-  # interface: only for sandboxes whose network is "egress" or "open", which the
-  # worker attaches to its bridge and filters on the host (docs/operations.md,
-  # "Sandbox network"). Every other runtime keeps --network=none: loopback only.
+  # "runsc-net" is the wrapper with a network, only for sandboxes whose network is
+  # "egress" or "open": the worker puts them in a namespace on its bridge and filters
+  # them on the host (docs/operations.md, "Sandbox network"). It is --network=host
+  # (the kernel's stack inside that namespace) because this runsc's --network=sandbox
+  # refuses to start on kernels that show /proc/sys/net/core/rmem_default in every
+  # namespace (its root-namespace test). Every other runtime keeps --network=none.
   local runsc_bin; runsc_bin=$(command -v runsc)
   local runsc_path=/usr/local/lib/hotbed/runsc-hotbed
   install -D -m 0755 "$ROOT/deploy/runsc/runsc-hotbed" "$runsc_path"
@@ -121,7 +123,7 @@ configure_docker() {
   "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]},
                "runsc-plain": {"path": "$runsc_bin", "runtimeArgs": ["--network=none"]},
                "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]},
-               "runsc-net": {"path": "$runsc_path", "runtimeArgs": ["--network=sandbox"]}$gpu_runtime},
+               "runsc-net": {"path": "$runsc_path", "runtimeArgs": ["--network=host"]}$gpu_runtime},
   "experimental": true,
   "bridge": "none",
   "iptables": false,
