@@ -39,6 +39,7 @@ VERBS = {
     "hello", "run", "start", "pty", "input", "resize", "cancel", "signal", "list", "read",
     "wait", "session_run", "session_open", "session_interrupt", "session_close", "sessions",
     "read_file", "write_file", "list_files", "watch",
+    "tunnel", "tunnel_data", "tunnel_ack", "tunnel_close",
 }
 
 

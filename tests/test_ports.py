@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from hotbed import protocol
 from hotbed.errors import InvalidRequest, SandboxNotFound
 from hotbed.sandbox import Sandbox
 from tests.conftest import BASE_IMAGE, Stack
+from tests.test_guest_agent import agent_channel
+from workers import ports
+from workers.ports import Tunnel
 
 pytestmark = pytest.mark.anyio
 
@@ -80,6 +85,17 @@ async def _echo(address: protocol.PortExposed, data: bytes) -> bytes:
     return bytes(got)
 
 
+async def _closed_at_once(address: protocol.PortExposed) -> bool:
+    """The tunnel accepts, then closes (or resets) without a byte back."""
+    with anyio.fail_after(15):
+        async with await anyio.connect_tcp(address.host, address.host_port) as conn:
+            await conn.send(b"hello")
+            try:
+                return not await conn.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return True
+
+
 async def _http_get(address: protocol.PortExposed, path: str) -> bytes:
     async with await anyio.connect_tcp(address.host, address.host_port) as conn:
         await conn.send(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
@@ -121,9 +137,7 @@ async def test_http_and_raw_tcp_through_the_tunnel_then_closed(hotbed_stack: Sta
         assert got == blobs
 
         # A port where nothing listens: the connection is closed at once.
-        nothing = await sb.expose(9999)
-        with anyio.fail_after(15):
-            assert await _echo(nothing, b"hello") == b""
+        assert await _closed_at_once(await sb.expose(9999))
     finally:
         await sb.terminate()
     # Closed with the sandbox.
@@ -184,3 +198,69 @@ async def test_cli_port_and_publish(hotbed_stack: Stack) -> None:
         assert res.returncode == 2 and b"1-65535" in res.stderr
     finally:
         await sb.terminate()
+
+
+async def test_tunnel_against_a_local_agent(tmp_path: Path) -> None:
+    """The tunnel protocol without Docker: the guest agent as a local child process,
+    a TCP echo server on loopback, a few MiB each way on concurrent connections, a
+    slow reader (the windows hold), and a port where nothing listens."""
+    echoed: list[int] = []
+
+    async def echo(conn: anyio.abc.SocketStream) -> None:
+        async with conn:
+            n = 0
+            try:
+                while True:
+                    try:
+                        data = await conn.receive()
+                    except anyio.EndOfStream:
+                        break
+                    n += len(data)
+                    await conn.send(data)
+                await conn.send_eof()
+            except anyio.BrokenResourceError:
+                pass  # the slow client below goes away mid-echo
+            echoed.append(n)
+
+    async with agent_channel(tmp_path) as (ch, _proc), await anyio.create_tcp_listener(
+        local_host="127.0.0.1"
+    ) as server, anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, echo)
+        port = server.extra(anyio.abc.SocketAttribute.local_port)
+        front = ports.listen("127.0.0.1")
+        tg.start_soon(ports.serve, front, lambda c: Tunnel(ch, port, c).run())
+        exposed = protocol.PortExposed(
+            sandbox_id="sb1", port=port, host="127.0.0.1", host_port=front.getsockname()[1],
+        )
+        blobs = [os.urandom(n) for n in (1, 5 << 20, 70_000, 3 << 20)]
+        got: list[bytes] = [b""] * len(blobs)
+
+        async def one(i: int) -> None:
+            got[i] = await _echo(exposed, blobs[i])
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as clients:
+                for i in range(len(blobs)):
+                    clients.start_soon(one, i)
+        assert got == blobs
+
+        # A client that does not read: writes stop once the windows and the kernel's
+        # socket buffers (tens of MiB on loopback) are full, long before 256 MiB.
+        async with await anyio.connect_tcp(exposed.host, exposed.host_port) as slow:
+            for _ in range(1024):
+                with anyio.move_on_after(0.5) as stuck:
+                    await slow.send(b"y" * (256 << 10))
+                if stuck.cancelled_caught:
+                    break
+            assert stuck.cancelled_caught, "256 MiB went in without the client reading"
+
+        # Nothing listens on the target: the connection is closed at once.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()[1]
+        refused = ports.listen("127.0.0.1")
+        tg.start_soon(ports.serve, refused, lambda c: Tunnel(ch, dead, c).run())
+        assert await _closed_at_once(protocol.PortExposed(
+            sandbox_id="sb1", port=dead, host="127.0.0.1", host_port=refused.getsockname()[1],
+        ))
+        tg.cancel_scope.cancel()

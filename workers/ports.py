@@ -27,13 +27,14 @@ a paused sandbox keeps its address and refuses connections until it resumes.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any, Protocol
 
 import anyio
-from anyio.abc import Listener, SocketAttribute, SocketStream, TaskGroup
+from anyio.abc import TaskGroup
 
 from hotbed.errors import HotbedError, InvalidRequest, Overloaded, UnsupportedRequest
 from hotbed.protocol import Envelope, ExposePort, PortExposed, Reply
@@ -67,15 +68,69 @@ class GuestHooks(Protocol):
     def forget(self, sandbox_id: str) -> None: ...
 
 
+def listen(host: str) -> socket.socket:
+    """A non-blocking TCP listener on a free port of ``host``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(listener: socket.socket, handle: Callable[[socket.socket], Awaitable[None]]) -> None:
+    """Accept connections on ``listener`` until cancelled; each is handled in its own
+    task and closed after. Raw sockets, not anyio's streams: those read ahead into an
+    unbounded buffer, which would defeat the tunnels' flow control."""
+    async with anyio.create_task_group() as tg:
+        while True:
+            await anyio.wait_readable(listener)
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tg.start_soon(_handled, handle, conn)
+
+
+async def _handled(handle: Callable[[socket.socket], Awaitable[None]], conn: socket.socket) -> None:
+    with conn:
+        await handle(conn)
+
+
+async def recv(sock: socket.socket, max_bytes: int) -> bytes:
+    """What the peer sent (b"" at its end of stream), read only when asked for."""
+    while True:
+        try:
+            return sock.recv(max_bytes)
+        except (BlockingIOError, InterruptedError):
+            await anyio.wait_readable(sock)
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except (BlockingIOError, InterruptedError):
+            await anyio.wait_writable(sock)
+
+
 class _Exposed:
     """One listening port of one sandbox."""
 
-    def __init__(self, sandbox_id: str, port: int, listener: Listener[SocketStream]) -> None:
+    def __init__(self, sandbox_id: str, port: int, listener: socket.socket) -> None:
         self.sandbox_id = sandbox_id
         self.port = port
         self.listener = listener
         self.scope = anyio.CancelScope()
-        self.host_port = int(listener.extra(SocketAttribute.local_port))
+        self.host_port = int(listener.getsockname()[1])
 
 
 class PortTunnels:
@@ -131,7 +186,7 @@ class PortTunnels:
         await self.table.touch(sid)
         if port in self._exposed.get(sid, {}):
             return self._reply(self._exposed[sid][port])
-        listener = await anyio.create_tcp_listener(local_host=self.bind, local_port=0)
+        listener = listen(self.bind)
         exposed = _Exposed(sid, port, listener)
         self._exposed.setdefault(sid, {})[port] = exposed
         self._tg.start_soon(self._serve, exposed)
@@ -168,10 +223,9 @@ class PortTunnels:
 
     async def _serve(self, exposed: _Exposed) -> None:
         sid = exposed.sandbox_id
-        with exposed.scope:
+        with exposed.scope, exposed.listener:
             try:
-                async with exposed.listener, anyio.create_task_group() as conns:
-                    await exposed.listener.serve(partial(self._connection, exposed), task_group=conns)
+                await serve(exposed.listener, partial(self._connection, exposed))
             except OSError as exc:
                 log.warning("port %d listener failed: %s", exposed.port, exc, extra={"sandbox_id": sid})
             finally:
@@ -179,19 +233,18 @@ class PortTunnels:
                 if held.get(exposed.port) is exposed:
                     del held[exposed.port]
 
-    async def _connection(self, exposed: _Exposed, client: SocketStream) -> None:
+    async def _connection(self, exposed: _Exposed, client: socket.socket) -> None:
         sid = exposed.sandbox_id
-        async with client:
-            local = self.table.get(sid)
-            if local is None or local.paused:
-                return
-            try:
-                with self._slots(sid):
-                    ch = await self._channel_of(sid)
-                    if ch is not None:
-                        await Tunnel(ch, exposed.port, client).run()
-            except HotbedError as exc:
-                log.info("port %d: connection refused: %s", exposed.port, exc, extra={"sandbox_id": sid})
+        local = self.table.get(sid)
+        if local is None or local.paused:
+            return
+        try:
+            with self._slots(sid):
+                ch = await self._channel_of(sid)
+                if ch is not None:
+                    await Tunnel(ch, exposed.port, client).run()
+        except HotbedError as exc:
+            log.info("port %d: connection refused: %s", exposed.port, exc, extra={"sandbox_id": sid})
 
 
 def chain(*hooks: GuestHooks) -> GuestHooks:
@@ -225,7 +278,7 @@ class Tunnel:
     credit. The tunnel ends when the guest ends it (both sides closed, or an error)
     and the queue is written, or at once when the client or the channel breaks."""
 
-    def __init__(self, ch: GuestChannel, port: int, client: SocketStream) -> None:
+    def __init__(self, ch: GuestChannel, port: int, client: socket.socket) -> None:
         self.ch = ch
         self.port = port
         self.client = client
@@ -293,9 +346,9 @@ class Tunnel:
         with recv:
             async for data in recv:
                 if data is None:
-                    await self.client.send_eof()
+                    self.client.shutdown(socket.SHUT_WR)
                     continue
-                await self.client.send(data)
+                await send_all(self.client, data)
                 await self.ch.send({"t": "tunnel_ack", "id": 0, "target": gid, "n": len(data)})
         # The guest ended the tunnel and everything it sent is written.
         tg.cancel_scope.cancel()
@@ -306,9 +359,8 @@ class Tunnel:
             while self._sent_frames >= WINDOW_FRAMES or self._sent_bytes >= WINDOW_BYTES:
                 self._credit = anyio.Event()
                 await self._credit.wait()
-            try:
-                data = await self.client.receive(READ_BYTES)
-            except anyio.EndOfStream:
+            data = await recv(self.client, READ_BYTES)
+            if not data:
                 await self.ch.send({"t": "tunnel_data", "id": 0, "target": gid, "eof": True})
                 return
             self._sent_frames += 1
