@@ -45,6 +45,24 @@ print(json.dumps(out))
 """
 
 
+# A minimal HTTP server (http.server looks its own address up in DNS before it listens,
+# which in a namespace without DNS takes its resolver's whole timeout).
+SERVER = r"""
+import socket, sys, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(64)
+def answer(c):
+    with c:
+        c.recv(65536)
+        c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=answer, args=(c,), daemon=True).start()
+"""
+
+
 def _sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
@@ -79,7 +97,7 @@ class Namespace:
     def serve(self, ip: str, port: int, *, in_namespace: bool = True) -> None:
         prefix = ["ip", "netns", "exec", self.name] if in_namespace else []
         proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "http.server", str(port), "--bind", ip],
+            [*prefix, sys.executable, "-c", SERVER, ip, str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.procs.append(proc)
@@ -142,8 +160,15 @@ async def test_egress_allows_only_what_is_listed(hotbed_stack: Stack, netns: Nam
         assert got["ok"] and "200" in str(got["status"]), got
         # Denied at once, with "connection refused": a port not listed, the host, another
         # sandbox (a server listens there), link-local metadata.
-        await other.start_process("python3", "-m", "http.server", "9000", "--bind", "0.0.0.0")
+        await other.write_file("/tmp/server.py", SERVER)
+        await other.start_process("python3", "/tmp/server.py", "0.0.0.0", "9000")
         neighbour = _address(other)
+        # It does listen on its own address: a refusal below is the host's doing.
+        for _ in range(100):
+            if (await _probe(other, neighbour, 9000))["ok"]:
+                break
+        else:
+            raise AssertionError("the neighbour's server did not start")
         for host, port in ((netns.ns_ip, 8082), (netns.host_ip, 8083), (neighbour, 9000),
                            ("169.254.169.254", 80)):
             got = await _probe(allowed, host, port)
