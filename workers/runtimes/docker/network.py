@@ -9,8 +9,9 @@ cannot reach (docs/operations.md, "Sandbox network"):
 
 * in the sandbox's network namespace (made by dockerd, entered from the host) its
   only route is the bridge's gateway, so even a neighbour on the bridge is reached
-  through the host's FORWARD chain; ebtables drops frames bridged between sandboxes
-  as well;
+  through the host's FORWARD chain; and its port of the bridge is isolated
+  (``bridge link ... isolated on``): frames between two sandboxes are not bridged,
+  whatever routes one of them makes;
 * ``HOTBED-FWD`` (FORWARD) and ``HOTBED-IN`` (INPUT, the node itself) let through
   replies, then each sandbox's own chain (``HB-<hash>``: its allow list, as
   address/port rules), then, for ``"open"``, ``HOTBED-OPEN`` (any address but private,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import re
 from typing import Any
 
 import anyio
@@ -165,9 +167,6 @@ class SandboxNetworks:
             if rc != 0:
                 where = ["-I", chain, "1"] if table == "filter" else ["-A", chain]
                 await _run(["iptables", "-w", "-t", table, *where, *rule])
-        rc, out = await _run(["ebtables", "-L", "FORWARD"], check=False)
-        if f"--logical-in {BRIDGE} -j DROP" not in out:
-            await _run(["ebtables", "-A", "FORWARD", "--logical-in", BRIDGE, "-j", "DROP"])
 
     # ------------------------------------------------------------ per sandbox
 
@@ -247,6 +246,7 @@ class SandboxNetworks:
         await _run(["nsenter", f"--net={netns}", "ip", "route", "del", prefix, "dev", "eth0"], check=False)
         await _run(["nsenter", f"--net={netns}", "ip", "route", "replace", self.gateway, "dev", "eth0", "scope", "link"])
         await _run(["nsenter", f"--net={netns}", "ip", "route", "replace", "default", "via", self.gateway, "dev", "eth0"])
+        await self._isolate(sandbox_id, netns)
         chain = chain_name(sandbox_id)
         lines = ["*filter", f":{chain} - [0:0]"]
         for a in allows:
@@ -265,6 +265,23 @@ class SandboxNetworks:
         await self.remove(sandbox_id)
         await _run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(lines).encode() + b"\n")
         log.info("network %s: %s, %d rules", net.mode, ip, len(lines) - 3, extra={"sandbox_id": sandbox_id})
+
+    async def _isolate(self, sandbox_id: str, netns: str) -> None:
+        """Make the sandbox's port of the bridge an isolated one: frames between two
+        isolated ports are not forwarded, so no sandbox reaches another across the
+        bridge even with routes of its own making."""
+        _, out = await _run(["nsenter", f"--net={netns}", "ip", "-o", "link", "show", "eth0"])
+        peer = re.search(r"eth0@if(\d+)", out)
+        port = None
+        if peer:
+            _, links = await _run(["ip", "-o", "link", "show", "master", BRIDGE])
+            for line in links.splitlines():
+                index, _, rest = line.partition(": ")
+                if index.strip() == peer.group(1):
+                    port = rest.split("@", 1)[0].split(":", 1)[0]
+        if port is None:
+            raise RuntimeFailure(f"cannot find sandbox {sandbox_id}'s port on {BRIDGE}", sandbox_id=sandbox_id)
+        await _run(["bridge", "link", "set", "dev", port, "isolated", "on"])
 
     async def remove(self, sandbox_id: str) -> None:
         """Drop the sandbox's rules (none: nothing to do). A node that never had a
