@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hotbed.errors import InvalidRequest
+from hotbed.errors import InvalidRequest, UnsupportedRequest
 from hotbed.sandbox import Sandbox
 from tests.conftest import BASE_IMAGE, Stack
 from workers.runtimes.docker.network import chain_name
@@ -207,3 +207,24 @@ async def test_open_network_can_be_forbidden(redis_url: str, prefix: str) -> Non
     async with running_stack(redis_url, prefix, worker_overrides={"allow_open_network": False}) as stack:
         with pytest.raises(InvalidRequest, match="forbidden"):
             await Sandbox.create(BASE_IMAGE, client=stack.client, cpu=0.25, memory_mb=256, network="open")
+
+
+async def test_pause_and_snapshot_refused_typed_and_the_network_stays(
+    hotbed_stack: Stack, netns: Namespace
+) -> None:
+    """runsc cannot checkpoint the kernel network stack that networked sandboxes use:
+    pause and snapshot say so (typed) and the sandbox keeps its network and rules."""
+    netns.serve(netns.ns_ip, 8081)
+    sb = await Sandbox.create(BASE_IMAGE, client=hotbed_stack.client, cpu=0.25, memory_mb=256,
+                              network="egress", allow=[f"{netns.ns_ip}:8081"])
+    try:
+        with pytest.raises(UnsupportedRequest, match="network"):
+            await sb.pause()
+        with pytest.raises(UnsupportedRequest, match="network"):
+            await sb.snapshot()
+        assert chain_name(sb.id) in _rules()
+        got = await _probe(sb, netns.ns_ip, 8081)
+        assert got["ok"], got
+    finally:
+        await sb.terminate()
+    assert chain_name(sb.id) not in _rules()

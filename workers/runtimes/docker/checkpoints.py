@@ -23,11 +23,12 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 from aiodocker.exceptions import DockerError
 
-from hotbed.errors import RuntimeFailure, SandboxNotFound, SandboxNotRunning
+from hotbed.errors import RuntimeFailure, SandboxNotFound, SandboxNotRunning, UnsupportedRequest
 from hotbed.protocol import SandboxSpec
 from workers.runtimes.base import LABEL_NETWORK, Placed
 from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
@@ -76,10 +77,22 @@ async def checkpoint_post(engine: Engine, container_id: str, name: str, *, exit:
             delay = min(delay * 1.5, 1.5)
 
 
+def refuse_networked(info: dict[str, Any], sandbox_id: str, what: str) -> None:
+    """A sandbox with a network runs on the kernel's network stack (runsc-net), which
+    runsc cannot checkpoint: say so, instead of the runtime's error."""
+    if (info.get("Config") or {}).get("Labels", {}).get(LABEL_NETWORK):
+        raise UnsupportedRequest(
+            f"{what} of a sandbox with a network is not supported: runsc cannot checkpoint "
+            "its host network stack (docs/operations.md, \"Sandbox network\")",
+            sandbox_id=sandbox_id,
+        )
+
+
 async def checkpoint(engine: Engine, sandbox_id: str, dest: Path, *, leave_running: bool) -> int:
     info = await engine.show(sandbox_id)
     if not info["State"]["Running"]:
         raise SandboxNotRunning(f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id)
+    refuse_networked(info, sandbox_id, "a snapshot")
     name = f"ck-{secrets.token_hex(6)}"
     await checkpoint_post(engine, info["Id"], name, exit=not leave_running, sandbox_id=sandbox_id)
     made = engine.root / "containers" / info["Id"] / "checkpoints" / name
@@ -141,6 +154,7 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
 
 async def pause(engine: Engine, sandbox_id: str) -> None:
     info = await engine.show(sandbox_id)
+    refuse_networked(info, sandbox_id, "pause")
     # Checkpoint leaving it running, then stop it: a checkpoint with Exit=true that
     # trips containerd's "already exists" has already stopped the container, and a
     # retry would find nothing to checkpoint. What the sandbox does in the few
