@@ -8,12 +8,13 @@ HOTBED  ?= .venv/bin/hotbed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install host venv images image test-image demo test lint bench bench-start bench-scale \
+.PHONY: help install host venv images image test-image demo test test-cluster lint bench bench-start bench-scale \
 	bench-scale-claims bench-exec bench-exec-ptrace bench-verify install-service clean
 
 help:
 	@echo "make demo     install everything, build the image, start hotbed, run sandboxes"
 	@echo "make test     install everything and run the test suite (real Redis, dockerd + runsc)"
+	@echo "make test-cluster  the spine, templates and exec tests on a local Redis Cluster"
 	@echo "make lint     ruff + mypy"
 	@echo "make bench    all benchmarks, one results file each (bench-start, bench-scale, ...)"
 
@@ -44,6 +45,13 @@ demo: images
 
 test: images
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same tests against a local 3-primary Redis Cluster (tests/conftest.py starts it);
+# CLUSTER_TESTS=tests runs the whole suite that way.
+CLUSTER_TESTS ?= tests/test_sandbox_lifecycle.py tests/test_templates.py tests/test_exec.py \
+	tests/test_batching.py tests/test_records.py
+test-cluster: images
+	HOTBED_TEST_CLUSTER=1 $(PY) -m pytest $(CLUSTER_TESTS) $(PYTEST_ARGS)
 
 lint: venv
 	.venv/bin/ruff check hotbed daemon cli scheduler workers bench tests

@@ -15,7 +15,10 @@ Starts a private Redis, one scheduler process and one real docker+runsc worker p
   load, CPU is latency);
 * a persistent-session command (``true`` in ``sb.shell()``);
 * streaming throughput of a command printing 100 MB;
-* 1,000 sequential SWE-agent-style commands in one session (any failure counts).
+* 1,000 sequential SWE-agent-style commands in one session (any failure counts);
+* an SWE-agent episode (``swe_episode``): the same sequence of SWE-ReX calls through
+  hotbed's SWE-ReX deployment and through SWE-ReX's own docker deployment on the same
+  runtime, same image, same run (see :func:`swe_episode`).
 
 Results go to bench/results/exec.json (``--out``; one run, one file: see
 :mod:`bench.common.results`); bench/README.md has the table.
@@ -83,6 +86,122 @@ SWE_COMMANDS = [
 ]
 
 
+EPISODE_SETUP = "export LANG=C.UTF-8 LC_ALL=C.UTF-8 PIP_PROGRESS_BAR=off PAGER=cat"
+EPISODE_EXECUTES = [
+    ["python3", "-c", "print(6 * 7)"],
+    ["ls", "/tmp/repo/src"],
+    ["cat", "/tmp/repo/src/app.py"],
+    "grep -c def /tmp/repo/src/app.py",
+    ["sh", "-c", "echo out; echo err >&2"],
+]
+
+
+def make_repo(root: Path, files: int) -> Path:
+    """A checkout-like tree of ``files`` small files (100 per folder), with the
+    src/app.py the SWE-agent-style commands read and edit."""
+    repo = root / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "app.py").write_text("def f():\n    return 1\n")
+    for i in range(files - 1):
+        d = repo / "pkg" / f"m{i // 100:03d}"
+        if i % 100 == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i % 100:03d}.py").write_text(f"X_{i} = {i}\n")
+    return repo
+
+
+async def episode(deployment: Any, repo: Path, *, commands: int) -> tuple[float, dict[str, list[float]]]:
+    """One SWE-agent episode through a SWE-ReX deployment: start, session set-up,
+    upload of the repository, ``commands`` session commands, 5 executes, 10 file
+    writes and 10 reads, stop. Returns its wall time and each call's durations."""
+    from swerex.runtime.abstract import (
+        BashAction,
+        Command,
+        CreateBashSessionRequest,
+        ReadFileRequest,
+        UploadRequest,
+        WriteFileRequest,
+    )
+
+    calls: dict[str, list[float]] = {}
+
+    async def timed(kind: str, call: Any) -> Any:
+        t = time.perf_counter()
+        out = await call
+        calls.setdefault(kind, []).append(time.perf_counter() - t)
+        return out
+
+    t0 = time.perf_counter()
+    await timed("start", deployment.start())
+    try:
+        rt = deployment.runtime
+        await timed("create_session", rt.create_session(
+            CreateBashSessionRequest(startup_source=[], startup_timeout=10)))
+        await timed("run_in_session", rt.run_in_session(BashAction(command=EPISODE_SETUP, check="silent")))
+        await timed("upload", rt.upload(UploadRequest(source_path=str(repo), target_path="/tmp/repo")))
+        for i in range(commands - 1):
+            obs = await timed("run_in_session", rt.run_in_session(BashAction(
+                command=SWE_COMMANDS[i % len(SWE_COMMANDS)], timeout=60, check="silent")))
+            assert obs.exit_code == 0, obs
+        for cmd in EPISODE_EXECUTES:
+            res = await timed("execute", rt.execute(Command(command=cmd, shell=isinstance(cmd, str), timeout=60)))
+            assert res.exit_code == 0, res
+        for i in range(10):
+            path = f"/tmp/repo/src/edit_{i}.py"
+            await timed("write_file", rt.write_file(WriteFileRequest(path=path, content=f"V = {i}\n" * 50)))
+            got = await timed("read_file", rt.read_file(ReadFileRequest(path=path)))
+            assert got.content == f"V = {i}\n" * 50
+    finally:
+        await timed("stop", deployment.stop())
+    return time.perf_counter() - t0, calls
+
+
+async def swe_episode(args: argparse.Namespace, client: Any) -> dict[str, Any]:
+    """The SWE-agent episode through hotbed and through SWE-ReX's docker deployment on
+    ``args.oci_runtime``, alternating, on the same image (hotbed/base plus swe-rex,
+    which SWE-ReX's server needs), in the same run. SWE-ReX's server is reached through
+    a stdio relay over one ``docker exec`` (gVisor's network is not reachable from the
+    host here): see bench.common.swerex_ref."""
+    import tempfile
+
+    from bench.common.swerex_ref import ensure_image, swerex_docker
+    from hotbed.integrations.swerex import HotbedDeployment
+
+    image = await anyio.to_thread.run_sync(ensure_image)
+    walls: dict[str, list[float]] = {"hotbed": [], "swerex": []}
+    calls: dict[str, dict[str, list[float]]] = {"hotbed": {}, "swerex": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-swe-") as tmp:
+        repo = await anyio.to_thread.run_sync(make_repo, Path(tmp), args.swe_episode_files)
+        for _ in range(args.swe_episodes):
+            for side in ("hotbed", "swerex"):
+                if side == "hotbed":
+                    wall, got = await episode(
+                        HotbedDeployment(image, client=client, memory_mb=512, timeout=600),
+                        repo, commands=args.swe_episode_commands)
+                else:
+                    async with swerex_docker(image, oci_runtime=args.oci_runtime) as dep:
+                        wall, got = await episode(dep, repo, commands=args.swe_episode_commands)
+                walls[side].append(wall)
+                for kind, xs in got.items():
+                    calls[side].setdefault(kind, []).extend(xs)
+    per_call = {
+        kind: {"hotbed": summary_ms(calls["hotbed"].get(kind, [])),
+               "swerex": summary_ms(calls["swerex"].get(kind, []))}
+        for kind in calls["swerex"]
+    }
+    hotbed_s, swerex_s = pct(walls["hotbed"], 0.5), pct(walls["swerex"], 0.5)
+    return {
+        "hotbed_s": round(hotbed_s, 3), "swerex_s": round(swerex_s, 3),
+        "ratio": round(swerex_s / hotbed_s, 2),
+        "slower_calls": sorted(k for k, v in per_call.items()
+                               if v["hotbed"]["p50_ms"] > v["swerex"]["p50_ms"]),
+        "calls": per_call, "episodes": args.swe_episodes, "image": image,
+        "files_uploaded": args.swe_episode_files, "session_commands": args.swe_episode_commands,
+        "swerex_transport": "stdio relay over one docker exec into the runsc container "
+                            "(--network=none); RemoteRuntime opens one connection per request",
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import aiodocker
 
@@ -106,6 +225,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cluster.wait_workers(1, timeout=60)
             out["cluster"] = cluster.settings_record()
             async with Client(cluster.url, prefix=prefix) as client:
+                if args.only_swe_episode:
+                    out["swe_episode"] = await swe_episode(args, client)
+                    return out
                 sb = await Sandbox.create("hotbed/base", client=client, memory_mb=512, timeout=1800)
                 try:
                     container = docker.containers.container(container_name(sb.id))
@@ -195,6 +317,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 finally:
                     await sb.terminate()
+                if args.swe_episodes:
+                    out["swe_episode"] = await swe_episode(args, client)
         finally:
             await docker.close()
             worker.send_signal(signal.SIGTERM)
@@ -212,6 +336,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--stream-mb", type=int, default=100)
     p.add_argument("--swe-commands", type=int, default=1000)
+    p.add_argument("--swe-episodes", type=int, default=3,
+                   help="SWE-agent episodes per side (0: skip the phase)")
+    p.add_argument("--swe-episode-files", type=int, default=5000, help="files in the uploaded repository")
+    p.add_argument("--swe-episode-commands", type=int, default=50, help="session commands per episode")
+    p.add_argument("--only-swe-episode", action="store_true", help="run only the SWE-agent episode phase")
     p.add_argument("--oci-runtime", default="runsc",
                    help="dockerd runtime of the sandbox (host-setup registers runsc, runsc-ptrace)")
     p.add_argument("--out", default=str(results.RESULTS / "exec.json"), help="results file")
@@ -223,8 +352,15 @@ def main(argv: list[str]) -> int:
     measured = anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
     res: dict[str, Any] = {"run": run_block, "oci_runtime": args.oci_runtime, "runtime": runtime,
                            "loadavg_before": load_before, "loadavg_after": loadavg(), **measured}
-    e, d, s = res["exec_true"], res["docker_exec_true"], res["session_true"]
     m = run_block["machine"]
+    if args.only_swe_episode:
+        print(f"machine: {m['cpus']} CPUs {m['cpu_model']}, load {load_before}, runtime "
+              f"{args.oci_runtime} = {runtime['path']} ({runtime['version']})")
+        print_swe_episode(res["swe_episode"])
+        if not args.no_save:
+            print(f"wrote {results.write(args.out, res)}")
+        return 0
+    e, d, s = res["exec_true"], res["docker_exec_true"], res["session_true"]
     print(f"machine: {m['cpus']} CPUs {m['cpu_model']}, load {load_before}, runtime "
           f"{args.oci_runtime} = {runtime['path']} ({runtime['version']}), Docker {runtime['docker_server']}")
     print(f"{'measure':<44} {'p50 ms':>8} {'p99 ms':>8}")
@@ -247,9 +383,23 @@ def main(argv: list[str]) -> int:
     sw = res["swe_session"]
     print(f"{sw['commands']} SWE-agent-style session commands: {sw['failures']} failures, "
           f"{sw['seconds']} s, p50 {sw['p50_ms']} ms, p99 {sw['p99_ms']} ms")
+    if "swe_episode" in res:
+        print_swe_episode(res["swe_episode"])
     if not args.no_save:
         print(f"wrote {results.write(args.out, res)}")
     return 0 if sw["failures"] == 0 else 1
+
+
+def print_swe_episode(ep: dict[str, Any]) -> None:
+    print(f"SWE-agent episode ({ep['episodes']} per side; {ep['session_commands']} session "
+          f"commands, {ep['files_uploaded']}-file upload; image {ep['image']}; SWE-ReX via "
+          f"{ep['swerex_transport']})")
+    print(f"{'call':<16} {'hotbed p50':>10} {'p99':>8} {'SWE-ReX p50':>12} {'p99':>8}")
+    for kind, v in ep["calls"].items():
+        h, r = v["hotbed"], v["swerex"]
+        print(f"{kind:<16} {h['p50_ms']:>10} {h['p99_ms']:>8} {r['p50_ms']:>12} {r['p99_ms']:>8}")
+    print(f"episode wall: hotbed {ep['hotbed_s']} s, SWE-ReX {ep['swerex_s']} s = {ep['ratio']}x; "
+          f"hotbed slower on: {', '.join(ep['slower_calls']) or 'nothing'}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ pids+=($!)
 
 export HOTBED_REDIS_URL="redis://127.0.0.1:$port/0" HOTBED_PREFIX="gpucheck" PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 export HOTBED_REGISTRY_REFRESH_S=0.1 HOTBED_HEARTBEAT_S=0.2 HOTBED_LOG_FORMAT=text
+# This run's own snapshot directory: a worker collects unreferenced snapshots in its
+# directory, and this run's Redis references none of the node's.
+export HOTBED_SNAPSHOT_DIR="$work/snapshots"
 
 for _ in $(seq 100); do
   "$PYTHON" -c "import redis,sys; sys.exit(0 if redis.Redis.from_url('$HOTBED_REDIS_URL').ping() else 1)" 2>/dev/null && break

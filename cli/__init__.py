@@ -1,5 +1,6 @@
 """The ``hotbed`` command line. One module per area, each with ``register(subparsers)``;
-``main`` wires them and turns every HotbedError into one clear line and exit code 1.
+``main`` wires them and turns every failure into one ``error:`` line and exit code 125
+(docker's convention; cli.main says which codes mean what).
 """
 
 from cli.main import main

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from cli.main import run_async
+from cli.main import print_json, run_async
 from hotbed import protocol
 from hotbed.errors import ConfigError, HotbedError
 from hotbed.records import capacity_from_hash, pool_config_from_hash
@@ -243,6 +243,9 @@ def cmd_top(args: argparse.Namespace) -> int:
         async with Client() as client:
             while True:
                 frame = await snapshot(client)
+                if args.json:
+                    print_json(frame)
+                    return 0
                 text = render(frame, prev)
                 if args.once:
                     sys.stdout.write(text)
@@ -266,7 +269,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("config", help="daemon settings files")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     c = csub.add_parser("check", help="validate a scheduler or worker TOML (exit 2 if bad)")
-    c.add_argument("file")
+    c.add_argument("file", help="the TOML file")
     c.add_argument("--daemon", choices=["scheduler", "worker"], help="default: from the file name")
     c.set_defaults(func=cmd_config_check)
 
@@ -283,4 +286,5 @@ def register(sub: Any) -> None:
     p = sub.add_parser("top", help="live view of workers, GPUs, pools and request rates")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--json", action="store_true", help="print one frame as JSON and exit")
     p.set_defaults(func=cmd_top)

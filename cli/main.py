@@ -2,8 +2,22 @@
 
 Each area module registers its subcommands with ``register(subparsers)`` and gives each
 a ``func(args) -> int`` (synchronous; async work goes through :func:`run_async`).
-Errors: a HotbedError prints ``error: <message>`` and exits 1; bad settings exit 2;
-Ctrl-C exits 130. No traceback reaches the user unless HOTBED_DEBUG=1.
+
+Exit codes follow ``docker run``/``docker exec``:
+
+* ``run`` and ``exec`` exit with the command's own code (0-255, 128+N for a signal).
+* **125**: hotbed itself failed, whatever the command: a bad flag or argument, a bad
+  setting, an unreachable Redis or dockerd, a typed :class:`~hotbed.errors.HotbedError`
+  (no such sandbox, image not found, capacity exhausted, exec timeout, ...). Docker
+  uses 125 for its own errors bad flags included, so hotbed has no separate usage code;
+  a script tells "hotbed failed" (125) from "the command failed" (anything else).
+* 130 on Ctrl-C.
+* Two commands answer a question with their code, as their help says: ``config check``
+  exits 2 for an invalid file (the code the daemons exit with on that file), and
+  ``scheduler``/``worker`` are the daemons themselves (2 bad settings, 1 failure).
+
+Every failure prints one line, ``error: <message>``, on stderr and no traceback
+(``HOTBED_DEBUG=1`` shows it). A Redis or dockerd that does not answer is such a line.
 """
 
 from __future__ import annotations
@@ -13,14 +27,17 @@ import importlib
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
 from hotbed.client import Client
-from hotbed.errors import ConfigError, HotbedError
+from hotbed.errors import ConnectionLost, HotbedError
 
 T = TypeVar("T")
+
+EXIT_FAILURE = 125
+EXIT_INTERRUPTED = 130
 
 # Area modules, in help order. A new area adds itself here.
 AREAS = [
@@ -31,6 +48,30 @@ AREAS = [
     "cli.shell",
     "cli.ports",
 ]
+# Commands that hand everything after their name to another program's parser (the
+# daemons'), so ``hotbed scheduler --config FILE`` and ``--help`` reach it untouched.
+PASSTHROUGH = frozenset({"scheduler", "worker"})
+GLOBAL_OPTIONS = ("--redis-url", "--prefix")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    from hotbed.protocol import PROTOCOL_VERSION
+
+    try:
+        v = dist_version("hotbed")
+    except PackageNotFoundError:
+        v = "unknown"
+    return f"hotbed {v} (protocol {PROTOCOL_VERSION})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with docker's convention: a usage error is one line and exit 125."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_FAILURE, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -47,11 +88,29 @@ def with_client(fn: Callable[[Client], Awaitable[T]]) -> T:
     return run_async(go)
 
 
+def print_json(value: Any) -> None:
+    """One JSON document on stdout (Structs, lists of them, dicts)."""
+    import msgspec
+
+    sys.stdout.buffer.write(msgspec.json.encode(value) + b"\n")
+    sys.stdout.flush()
+
+
+def add_listing_options(p: argparse.ArgumentParser, quiet: str) -> None:
+    """``--json`` and ``-q`` for a listing command; ``quiet`` says what -q prints."""
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    out.add_argument("--quiet", "-q", action="store_true", help=f"print only {quiet}, one per line")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hotbed",
         description="Self-hosted code-execution sandboxes for AI coding agents.",
+        epilog="Exit codes: a command's own code for run/exec, 125 when hotbed itself fails, "
+               "130 on Ctrl-C. HOTBED_DEBUG=1 shows tracebacks.",
     )
+    parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     parser.add_argument("--redis-url", help="control plane Redis (default $HOTBED_REDIS_URL or redis://127.0.0.1:6379/0)")
     parser.add_argument("--prefix", help="key-space prefix (default $HOTBED_PREFIX or hotbed)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -60,9 +119,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``(ours, theirs)``: for ``[GLOBAL OPTIONS] scheduler|worker ARGS...`` ours ends at
+    the command's name and theirs is ARGS; otherwise theirs is None. argparse cannot do
+    this itself: a REMAINDER positional loses options that come first (``--config``)."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in PASSTHROUGH:
+            return argv[: i + 1], argv[i + 1 :]
+        if a in GLOBAL_OPTIONS:
+            i += 2
+        elif a.startswith(tuple(o + "=" for o in GLOBAL_OPTIONS)):
+            i += 1
+        else:
+            break
+    return argv, None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    # A task group wraps what one task raised; the user wants that, not the group.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe(exc: BaseException) -> str | None:
+    """The one line for a failure hotbed knows how to explain; None for anything else."""
+    import redis.exceptions
+
+    from daemon.config import redact_url
+    from hotbed.client import default_url
+
+    url = redact_url(default_url())
+    if isinstance(exc, ConnectionLost) or isinstance(
+        exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+    ):
+        # ConnectionLost's own message names the URL as given, password included.
+        cause = str(exc).split(": ", 1)[1] if isinstance(exc, ConnectionLost) and ": " in str(exc) else str(exc)
+        return f"cannot reach Redis at {url} ({cause.strip() or type(exc).__name__}); is hotbed up? (hotbed up -d)"
+    if isinstance(exc, HotbedError):
+        return str(exc)
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"Redis at {url}: {exc}"
+    if isinstance(exc, OSError):
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    ours, theirs = split_passthrough(argv)
+    try:
+        args = parser.parse_args(ours)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (125)
+        return int(exc.code or 0)
+    if theirs is not None:
+        args.rest = theirs
     if args.redis_url:
         os.environ["HOTBED_REDIS_URL"] = args.redis_url
     if args.prefix:
@@ -70,19 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
-        return 2
+        return 0
     try:
         return int(func(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except HotbedError as exc:
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
         if os.environ.get("HOTBED_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        line = describe(leaf)
+        if line is None:
+            line = f"unexpected {type(leaf).__name__}: {leaf} (HOTBED_DEBUG=1 shows the traceback)"
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def console() -> None:

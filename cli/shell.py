@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from cli.main import run_async, with_client
+from cli.main import add_listing_options, print_json, run_async, with_client
 from hotbed.client import Client
 from hotbed.sandbox import Sandbox
 
@@ -66,8 +66,16 @@ def cmd_shell(args: argparse.Namespace) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         sb = await Sandbox.from_id(args.sandbox, client=client)
+        procs = await sb.processes()
+        if args.json:
+            print_json(procs)
+            return 0
+        if args.quiet:
+            for p in procs:
+                print(p.pid)
+            return 0
         print(f"{'PID':>7} {'STATE':<10} {'OUT':>9} {'ERR':>9}  COMMAND")
-        for p in await sb.processes():
+        for p in procs:
             state = "running" if p.running else f"exit {p.exit_code}"
             print(f"{p.pid:>7} {state:<10} {p.stdout_size:>9} {p.stderr_size:>9}  {' '.join(p.argv)}")
         return 0
@@ -115,28 +123,29 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("shell", help="interactive terminal in a sandbox (like docker exec -it)")
-    p.add_argument("sandbox")
+    p.add_argument("sandbox", help="sandbox id")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ... (default bash -l)")
     p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("bg", help="start a background process in a sandbox; prints its pid")
-    p.add_argument("sandbox")
+    p.add_argument("sandbox", help="sandbox id")
     p.add_argument("--shell", action="store_true", help="run CMD as one /bin/sh -c string")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ...")
     p.set_defaults(func=cmd_bg)
 
     p = sub.add_parser("ps", help="list a sandbox's background processes")
-    p.add_argument("sandbox")
+    p.add_argument("sandbox", help="sandbox id")
+    add_listing_options(p, "pids")
     p.set_defaults(func=cmd_ps)
 
     p = sub.add_parser("logs", help="print a background process's output")
-    p.add_argument("sandbox")
-    p.add_argument("pid", type=int)
-    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("sandbox", help="sandbox id")
+    p.add_argument("pid", type=int, help="process id (from bg or ps)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the process exits")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("kill", help="signal a background process (its group)")
-    p.add_argument("sandbox")
-    p.add_argument("pid", type=int)
-    p.add_argument("--signal", "-s", type=int, default=15)
+    p.add_argument("sandbox", help="sandbox id")
+    p.add_argument("pid", type=int, help="process id (from bg or ps)")
+    p.add_argument("--signal", "-s", type=int, default=15, help="signal number (default 15, TERM)")
     p.set_defaults(func=cmd_kill)

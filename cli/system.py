@@ -1,8 +1,15 @@
-"""System commands: up, down, status, scheduler, worker, image build.
+"""System commands: up, down, status, scheduler, worker, image build, images.
+
+``hotbed scheduler ARGS`` and ``hotbed worker ARGS`` are ``python -m scheduler ARGS``
+and ``python -m workers ARGS``: every argument after the command's name is the
+daemon's (``--config FILE``, ``--help``), and so are its exit codes.
 
 ``hotbed up`` is the embedded single-machine default: it starts Redis if none answers
-at the configured URL, dockerd if none runs, then one scheduler and one worker in one
-process (foreground; ``-d`` detaches it, ``hotbed down`` stops it). State lives in
+at the configured URL, dockerd if none runs, then one scheduler and one worker as child
+processes it supervises (cli.supervise: restarted when they exit, as is the Redis it
+started). Foreground; ``-d`` detaches it, ``hotbed down`` stops it. ``--cluster N``
+runs it on a local N-primary Redis Cluster instead (cli.localcluster), which ``hotbed
+down`` stops too. State lives in
 ``$HOTBED_HOME`` (default ``~/.hotbed``): redis data, logs, the pid file.
 """
 
@@ -19,9 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import anyio
-
-from cli.main import run_async, with_client
+from cli.main import add_listing_options, print_json, run_async, with_client
 from daemon import lifecycle
 from hotbed.errors import HotbedError
 
@@ -36,11 +41,11 @@ def redis_url() -> str:
     return os.environ.get("HOTBED_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def _redis_answers(url: str) -> bool:
+def _redis_answers(url: str, timeout: float = 1.0) -> bool:
     import redis
 
     try:
-        r = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        r = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=2 * timeout)
         ok = bool(r.ping())
         r.close()
         return ok
@@ -52,9 +57,10 @@ def _redis_answers(url: str) -> bool:
 REDIS_MEMORY_FLAGS = ("--maxmemory", "2gb", "--maxmemory-policy", "noeviction")
 
 
-def ensure_redis(url: str) -> None:
+def ensure_redis(url: str) -> bool:
+    """Start a local Redis unless one answers at ``url``; True if it started one."""
     if _redis_answers(url):
-        return
+        return False
     u = urlparse(url)
     if u.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise HotbedError(f"Redis at {url} does not answer (hotbed up only starts a local one)")
@@ -67,14 +73,14 @@ def ensure_redis(url: str) -> None:
     print(f"hotbed: starting redis-server on 127.0.0.1:{port} (data in {data})", file=sys.stderr)
     subprocess.run(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
-         "--dir", str(data), "--appendonly", "yes", "--save", "",
+         "--dir", str(data), "--appendonly", "yes", "--save", "", "--pidfile", str(home() / "redis.pid"),
          "--logfile", str(home() / "redis.log"), "--maxclients", "20000",
          *REDIS_MEMORY_FLAGS],
         check=True,
     )
     for _ in range(50):
         if _redis_answers(url):
-            return
+            return True
         time.sleep(0.1)
     raise HotbedError(f"redis-server did not come up; see {home() / 'redis.log'}")
 
@@ -109,43 +115,65 @@ def ensure_dockerd() -> None:
         raise HotbedError(f"dockerd did not come up with runsc; see {home() / 'dockerd.log'}")
 
 
+def ensure_cluster(primaries: int, replicas: int) -> str:
+    """The URL of the local Redis Cluster under ``$HOTBED_HOME/cluster``, started if
+    none runs there (cli.localcluster); ``hotbed down`` stops it."""
+    from cli import localcluster
+
+    root = home() / "cluster"
+    current = localcluster.load(root)
+    if current is not None and localcluster.running(current):
+        return current.url
+    localcluster.stop(root)
+    print(f"hotbed: starting a local Redis Cluster ({primaries} primaries, {replicas} replicas each)",
+          file=sys.stderr)
+    try:
+        cluster = localcluster.start(primaries, root, replicas=replicas)
+    except localcluster.ClusterStartError as exc:
+        raise HotbedError(str(exc)) from None
+    print(f"hotbed: for the CLI and SDK: export HOTBED_REDIS_URL={cluster.url}", file=sys.stderr)
+    return cluster.url
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    url = redis_url()
-    ensure_redis(url)
+    if args.cluster:
+        url = os.environ["HOTBED_REDIS_URL"] = ensure_cluster(args.cluster, args.replicas)
+        # The cluster is hotbed down's to stop; the supervisor watches no Redis of its own.
+        started_redis = False
+    else:
+        url = redis_url()
+        # Ours to keep running: started now, or by the `hotbed up -d` that started us.
+        started_redis = ensure_redis(url) or (home() / "redis.pid").exists()
     if args.runtime == "docker":
         ensure_dockerd()
     if args.detach:
         return _detach(args)
+    from cli import supervise
     from daemon.config import load_settings
     from scheduler.config import SchedulerSettings
-    from scheduler.service import Scheduler
-    from workers.agent import WorkerAgent
     from workers.config import WorkerSettings
-    from workers.runtimes import make_runtime
 
+    # Read here so bad settings fail `hotbed up` at once, not each child in turn.
     wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
     lifecycle.setup_logging(ssettings.log_format)
-    scheduler = Scheduler(ssettings)
-    worker = WorkerAgent(wsettings, make_runtime(wsettings))
-
-    async def serve() -> None:
-        stopping = anyio.Event()
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(lifecycle.watch_signals, stopping, outer.cancel_scope)
-            async with anyio.create_task_group() as daemons:
-                await daemons.start(scheduler.run)
-                await daemons.start(worker.run)
-                print(f"hotbed: up (redis {url}, worker {worker.id}); Ctrl-C to stop", file=sys.stderr)
-                await stopping.wait()
-                # Each daemon finishes its in-flight work within its grace period.
-                worker.stopping.set()
-                scheduler.stopping.set()
-            # Both have returned; the signal watcher is all that is left.
-            outer.cancel_scope.cancel()
-
-    lifecycle.run(serve)
+    sup = supervise.Supervisor(
+        # A loaded box may be slow to answer: only a dead server is restarted.
+        home(), redis_answers=(lambda: _redis_answers(url, timeout=5.0)) if started_redis else None,
+        start_redis=lambda: ensure_redis(url),
+    )
+    sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config), "--redis-url", url])
+    sup.add("worker", "workers", [
+        *_config_arg(args.worker_config), "--redis-url", url, "--runtime", args.runtime,
+        "--worker-id", wsettings.resolved_id(),
+    ])
+    ready = f"hotbed: up (redis {url}, worker {wsettings.resolved_id()}); Ctrl-C to stop"
+    lifecycle.run(lambda: supervise.serve(sup, ready))
     return 0
+
+
+def _config_arg(path: str | None) -> list[str]:
+    return ["--config", path] if path else []
 
 
 def _detach(args: argparse.Namespace) -> int:
@@ -159,6 +187,8 @@ def _detach(args: argparse.Namespace) -> int:
             pidfile.unlink()
     logfile = home() / "hotbed.log"
     cmd = [sys.executable, "-m", "cli", "up", "--runtime", args.runtime]
+    if args.cluster:
+        cmd += ["--cluster", str(args.cluster), "--replicas", str(args.replicas)]
     if args.worker_config:
         cmd += ["--worker-config", args.worker_config]
     if args.scheduler_config:
@@ -181,6 +211,16 @@ def _detach(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        return _stop_hotbed()
+    finally:
+        from cli import localcluster
+
+        if localcluster.stop(home() / "cluster"):
+            print("hotbed: local Redis Cluster stopped", file=sys.stderr)
+
+
+def _stop_hotbed() -> int:
     pidfile = home() / "hotbed.pid"
     if not pidfile.exists():
         print("hotbed: not running (no pid file)", file=sys.stderr)
@@ -211,6 +251,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hotbed.client import Client
 
     async def go(client: Client) -> int:
+        if args.json or args.quiet:
+            from cli.fleet import snapshot
+
+            frame = await snapshot(client)
+            if args.json:
+                print_json(frame)
+            else:
+                for w in frame.workers:
+                    print(w["id"])
+            return 0
         r = client.redis
         now = time.time()
         rows = await r.zrange(client.keys.workers, 0, -1, withscores=True)
@@ -234,6 +284,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"\nsandboxes live: {live}   request backlog: {backlog}")
         if not rows:
             print("no workers: start one with `hotbed up` or `hotbed worker`")
+        from cli.supervise import status_lines
+
+        for line in status_lines(home()):
+            print(line)
         return 0
 
     return with_client(go)
@@ -242,8 +296,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from daemon import images
 
+    up, _runsc = _docker_ok()
+    if not up:
+        raise HotbedError("dockerd does not answer (`docker info` failed); `hotbed up` starts it")
+
     def progress(line: str) -> None:
         print(f"hotbed: {line}", file=sys.stderr, flush=True)
+
+    if args.file or args.kind not in ("base", "busybox"):
+        return _build_dockerfile(args, progress)
 
     async def go() -> int:
         if args.kind == "busybox":
@@ -258,9 +319,73 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return run_async(go)
 
 
+def _build_dockerfile(args: argparse.Namespace, progress: Any) -> int:
+    """``-f FILE -t NAME DIR``: the engine's build output on stderr as it streams in,
+    the image's name (or id) on stdout at the end."""
+    from daemon import images
+
+    context = args.kind if args.kind not in ("base", "busybox") else None
+    if context is None or not Path(context).is_dir():
+        raise HotbedError(f"image build: want a context directory (`-f Dockerfile -t NAME DIR`), got {args.kind!r}")
+
+    def line(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    async def go() -> int:
+        image_id = await images.build_dockerfile(context, tag=args.tag, dockerfile=args.file, progress=line)
+        progress(f"built {args.tag or image_id}")
+        print(args.tag or image_id)
+        return 0
+
+    return run_async(go)
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from hotbed.client import Client
+
+    async def go(client: Client) -> int:
+        from hotbed import records
+
+        r = client.redis
+        wids = [m.decode() if isinstance(m, bytes) else str(m) for m in await r.zrange(client.keys.workers, 0, -1)]
+        raws = [await r.get(client.keys.worker_images(wid)) for wid in wids]
+        nodes = []
+        for wid, raw in zip(wids, raws, strict=True):
+            held = records.images_from_value(raw)
+            if held is None:
+                continue
+            nodes.append((wid, held))
+        if args.json:
+            print_json([
+                {"worker": wid, "truncated": held.truncated, "at": held.at,
+                 "images": [
+                     {"name": i.name, "id": i.id, "size": i.size, "created": i.created}
+                     for i in held.images
+                 ]}
+                for wid, held in nodes
+            ])
+            return 0
+        if args.quiet:
+            for name in sorted({i.name for _, held in nodes for i in held.images}):
+                print(name)
+            return 0
+        print(f"{'WORKER':<20} {'IMAGE':<48} {'ID':<12} {'SIZE':>9}")
+        for wid, held in nodes:
+            for i in held.images:
+                print(f"{wid:<20} {i.name:<48} {i.id.removeprefix('sha256:')[:12]:<12} {i.size / 1e6:>7.1f}MB")
+            if held.truncated:
+                print(f"{wid:<20} (more not listed)")
+        if not nodes:
+            print("no worker advertises images (docker-runtime workers do)")
+        return 0
+
+    return with_client(go)
+
+
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from scheduler.__main__ import main as scheduler_main
 
+    # The daemon's own exit codes (2 bad settings, 1 failure) reach the shell unchanged.
     scheduler_main(args.rest)
     return 0
 
@@ -275,31 +400,53 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="start Redis, dockerd, a scheduler and a worker on this machine")
     p.add_argument("--detach", "-d", action="store_true", help="run in the background")
-    p.add_argument("--runtime", default="docker", choices=["docker", "sim", "process"])
-    p.add_argument("--worker-config")
-    p.add_argument("--scheduler-config")
+    p.add_argument("--runtime", default="docker", choices=["docker", "runsc", "sim", "process"],
+                   help="sandbox runtime: docker (gVisor, default), runsc (gVisor without "
+                        "dockerd), sim (no sandboxes), process (unisolated, development only)")
+    p.add_argument("--worker-config", metavar="FILE", help="the worker's TOML settings")
+    p.add_argument("--scheduler-config", metavar="FILE", help="the scheduler's TOML settings")
+    p.add_argument("--cluster", type=int, default=0, metavar="N",
+                   help="run on a local Redis Cluster of N (>= 3) primaries instead of one Redis")
+    p.add_argument("--replicas", type=int, default=0, metavar="R",
+                   help="with --cluster: replicas per primary (default 0)")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("down", help="stop what `hotbed up -d` started (Redis and dockerd keep running)")
+    p = sub.add_parser("down", help="stop what `hotbed up -d` started, and its local Redis Cluster "
+                                    "(a standalone Redis and dockerd keep running)")
     p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("status", help="workers, their free capacity, live sandboxes")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print workers, pools and counts as one JSON object")
+    out.add_argument("--quiet", "-q", action="store_true", help="print only worker ids, one per line")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("image", help="sandbox images")
-    isub = p.add_subparsers(dest="image_cmd", metavar="ACTION")
-    b = isub.add_parser("build", help="build hotbed/base (Debian + python3 + git) or hotbed/busybox")
-    b.add_argument("kind", nargs="?", default="base", choices=["base", "busybox"])
-    b.add_argument("--tag", help="image name (default hotbed/base or hotbed/busybox)")
+    isub = p.add_subparsers(dest="image_cmd", metavar="ACTION", required=True)
+    b = isub.add_parser(
+        "build", help="build an image from a Dockerfile (-f FILE -t NAME DIR), or the stock "
+                      "hotbed/base (Debian + python3 + git) or hotbed/busybox",
+    )
+    b.add_argument("kind", nargs="?", default="base", metavar="base|busybox|DIR",
+                   help="a stock image (default base), or a build context directory")
+    b.add_argument("--file", "-f", metavar="FILE", help="the Dockerfile (default DIR/Dockerfile)")
+    b.add_argument("--tag", "-t", help="image name (default hotbed/base or hotbed/busybox)")
     b.add_argument("--force", action="store_true", help="rebuild even if it exists")
     b.set_defaults(func=cmd_image_build)
 
-    p = sub.add_parser("scheduler", help="run the scheduler daemon (python -m scheduler)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("images", help="the images each worker holds, as it advertises them")
+    add_listing_options(p, "image names (over all workers)")
+    p.set_defaults(func=cmd_images)
+
+    # Everything after the name goes to the daemon's parser (cli.main.split_passthrough).
+    p = sub.add_parser("scheduler", help="run the scheduler daemon (--config FILE; --help lists its options)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the daemon's arguments: --config FILE, ...")
     p.set_defaults(func=cmd_scheduler)
 
-    p = sub.add_parser("worker", help="run the worker agent (python -m workers)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("worker", help="run the worker agent (--config FILE; --help lists its options)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the daemon's arguments: --config FILE, ...")
     p.set_defaults(func=cmd_worker)
 
 

@@ -70,6 +70,8 @@ def load_settings(
 
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Several host:port seeds (hotbed.connection): a Redis Cluster or a Sentinel-run primary.
+MULTI_HOST_SCHEMES = ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
 
 
 def check_common(redis_url: str, prefix: str) -> None:
@@ -78,18 +80,39 @@ def check_common(redis_url: str, prefix: str) -> None:
 
     u = urlparse(redis_url)
     shown = redact_url(redis_url)
-    if u.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"redis_url {shown!r}: scheme must be redis://, rediss:// (TLS) or unix://")
-    if u.scheme != "unix" and not u.hostname:
+    if u.scheme in MULTI_HOST_SCHEMES:
+        _check_seeds(redis_url, shown)
+    elif u.scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"redis_url {shown!r}: scheme must be redis://, rediss:// (TLS), unix://, "
+            "redis+cluster:// or redis+sentinel://"
+        )
+    elif u.scheme != "unix" and not u.hostname:
         raise ValueError(f"redis_url {shown!r} names no host")
-    if u.scheme == "unix" and not u.path:
+    elif u.scheme == "unix" and not u.path:
         raise ValueError(f"redis_url {shown!r} names no socket path")
-    try:
-        _ = u.port
-    except ValueError:
-        raise ValueError(f"redis_url {shown!r}: bad port") from None
+    else:
+        try:
+            _ = u.port
+        except ValueError:
+            raise ValueError(f"redis_url {shown!r}: bad port") from None
     if not prefix or any(c in prefix for c in "{}: "):
         raise ValueError(f"prefix {prefix!r} must be non-empty, without braces, colons or spaces")
+
+
+def _check_seeds(redis_url: str, shown: str) -> None:
+    from hotbed.connection import RedisURL
+
+    try:
+        u = RedisURL(redis_url)
+    except ValueError:
+        raise ValueError(f"redis_url {shown!r}: bad port") from None
+    if not u.hosts or any(not host or not 0 < port < 65536 for host, port in u.hosts):
+        raise ValueError(f"redis_url {shown!r} must name host:port seeds, comma-separated")
+    if u.sentinel and not u.path.strip("/"):
+        raise ValueError(f"redis_url {shown!r} names no Sentinel service: redis+sentinel://HOST:PORT/SERVICE")
+    if u.cluster and u.path.strip("/") not in ("", "0"):
+        raise ValueError(f"redis_url {shown!r}: a Redis Cluster has only database 0")
 
 
 def redact_url(url: str) -> str:

@@ -1,4 +1,4 @@
-"""Building sandbox images without a registry.
+"""Building sandbox images: the stock ones without a registry, and any Dockerfile.
 
 ``hotbed/base``: Debian bookworm (minbase) with bash, python3, git and coreutils, made
 by mmdebstrap from the host's own Debian mirror, streamed as a tarball into
@@ -7,20 +7,29 @@ KiB, for fast tests. Both carry a non-root ``user`` (1000:1000) with a home dire
 
 The mirror is the one the host's apt already uses, named explicitly so that other
 suites in the host's sources (trixie, pinned for runsc) never leak into the image.
+
+:func:`build_dockerfile` builds a Dockerfile through the Engine API (``POST /build``,
+the classic builder), passing each line of the engine's output on as it streams in;
+the context directory is sent as a gzipped tar, ``.dockerignore`` honoured.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
+import aiodocker
 import anyio
+from aiodocker.exceptions import DockerError
 
 from hotbed.errors import HotbedError
 
@@ -187,3 +196,112 @@ async def build_base(
     if rc_import != 0:
         raise ImageBuildError("docker import failed")
     progress(f"built {image} in {time.monotonic() - started:.0f}s")
+
+
+# A Dockerfile build gives up after this long (aiodocker has no deadline of its own).
+BUILD_TIMEOUT_S = 3600.0
+# Where a Dockerfile from outside the context goes inside the context's tar.
+OUTSIDE_DOCKERFILE = ".hotbed.Dockerfile"
+
+
+def _ignored(patterns: list[str], rel: str) -> bool:
+    """``.dockerignore`` matching: the last pattern that matches wins, ``!`` re-includes."""
+    out = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        p = pat[1:] if neg else pat
+        if fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.rstrip("/") + "/*"):
+            out = not neg
+    return out
+
+
+def context_tar(context: Path, dockerfile: Path) -> tuple[IO[bytes], str]:
+    """The build context as a gzipped tar in a temporary file, and the Dockerfile's
+    path inside it. Blocking: run it in a thread."""
+    if not context.is_dir():
+        raise ImageBuildError(f"build context {context} is not a directory")
+    if not dockerfile.is_file():
+        raise ImageBuildError(f"no Dockerfile at {dockerfile}")
+    ignore = context / ".dockerignore"
+    patterns = []
+    if ignore.is_file():
+        for line in ignore.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                patterns.append(os.path.normpath(line.lstrip("/")))
+    try:
+        inner = dockerfile.resolve().relative_to(context.resolve()).as_posix()
+    except ValueError:
+        inner = OUTSIDE_DOCKERFILE
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for root, dirs, files in os.walk(context):
+            rel_root = os.path.relpath(root, context)
+            for name in sorted(dirs + files):
+                rel = os.path.normpath(os.path.join(rel_root, name))
+                if _ignored(patterns, rel) and rel != inner:
+                    if name in dirs:
+                        dirs.remove(name)
+                    continue
+                tar.add(os.path.join(root, name), arcname=rel, recursive=False)
+        if inner == OUTSIDE_DOCKERFILE:
+            tar.add(str(dockerfile), arcname=OUTSIDE_DOCKERFILE)
+    out.seek(0)
+    return out, inner
+
+
+async def build_dockerfile(
+    context: str | os.PathLike[str],
+    *,
+    tag: str | None = None,
+    dockerfile: str | os.PathLike[str] | None = None,
+    progress: Progress = _noop,
+    docker_url: str | None = None,
+    timeout: float = BUILD_TIMEOUT_S,
+) -> str:
+    """Build ``dockerfile`` (default ``CONTEXT/Dockerfile``) with ``context`` through
+    dockerd's build API, calling ``progress`` with each line of its output as it comes;
+    returns the image id. ImageBuildError carries the engine's message."""
+    ctx = Path(context)
+    df = Path(dockerfile) if dockerfile is not None else ctx / "Dockerfile"
+    fileobj, inner = await anyio.to_thread.run_sync(context_tar, ctx, df)
+    image_id = ""
+    try:
+        docker = aiodocker.Docker(url=docker_url)
+        try:
+            with anyio.fail_after(timeout):
+                async for event in docker.images.build(
+                    fileobj=fileobj, encoding="gzip", path_dockerfile=inner, tag=tag,
+                    rm=True, forcerm=True, stream=True,
+                ):
+                    image_id = _report(event, progress) or image_id
+        finally:
+            with anyio.CancelScope(shield=True):
+                await docker.close()
+    except DockerError as exc:
+        raise ImageBuildError(f"build failed: {exc.message}") from None
+    except TimeoutError:
+        raise ImageBuildError(f"build did not finish within {timeout:.0f}s") from None
+    finally:
+        fileobj.close()
+    if not image_id:
+        raise ImageBuildError("build finished without an image id")
+    return image_id
+
+
+def _report(event: Any, progress: Progress) -> str:
+    """Pass one build event on; the image id if it names one."""
+    if not isinstance(event, dict):
+        return ""
+    if event.get("error"):
+        # aiodocker before 0.27 passes error events through instead of raising.
+        raise ImageBuildError(f"build failed: {str(event['error']).strip()}")
+    for line in str(event.get("stream") or "").splitlines():
+        if line.strip():
+            progress(line.rstrip())
+    if event.get("status"):
+        progress(" ".join(str(event[k]) for k in ("id", "status", "progress") if event.get(k)))
+    aux = event.get("aux")
+    if isinstance(aux, dict) and aux.get("ID"):
+        return str(aux["ID"])
+    return ""

@@ -3,19 +3,26 @@
 Shutdown order (uvicorn's): the first SIGTERM/SIGINT sets the daemon's ``stopping``
 event (stop taking work, let in-flight work finish within its grace period); a second
 signal cancels everything at once.
+
+The survive policy (:func:`supervised_loop`, :class:`Backoff`): every background loop
+of both daemons (heartbeat, health, expiry, registry, reclaim, reaper, pool controller,
+snapshot collection, metrics, stream intake) survives any failure of one step. It logs
+the first failure of an outage once, retries with capped exponential backoff, logs the
+recovery, and keeps serving; only cancellation ends a loop.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.config
+import random
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import orjson
@@ -228,16 +235,124 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
     from hotbed.errors import HotbedError
 
+    # OSError covers TimeoutError (every fail_after), a refused or reset socket, and
+    # aiohttp's client errors reaching Docker.
     return (redis_errors.ConnectionError, redis_errors.TimeoutError, HotbedError, OSError)
 
 
 TRANSIENT_ERRORS = _transient_errors()
 
+# A failing step is retried after min(MAX_BACKOFF_S or its interval if longer,
+# interval * 2**failures), less up to a fifth at random so a fleet that lost Redis
+# together does not come back in step.
+MAX_BACKOFF_S = 5.0
+# While a fault lasts one line says so this often, not one per retry.
+STILL_FAILING_EVERY_S = 300.0
+
+
+class Backoff:
+    """The survive policy's state for one background loop.
+
+    ``failed(exc)`` logs the first failure of an outage (a Redis or runtime hiccup as one
+    warning line; anything else with its traceback, since it is a bug), stays quiet on
+    the retries that follow (one reminder every :data:`STILL_FAILING_EVERY_S`), and
+    returns how long to wait before the next try; ``succeeded()`` logs the recovery
+    once and resets the backoff. Cancellation is never its business: callers catch
+    ``Exception`` only.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        interval: float = 1.0,
+        max_backoff: float = MAX_BACKOFF_S,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.name = name
+        self.interval = interval
+        self.max_backoff = max_backoff
+        self.log = log or logging.getLogger("hotbed.daemon")
+        self.failures = 0
+        self.total_failures = 0
+        self._since = 0.0
+        self._reminded = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.failures > 0
+
+    def failed(self, exc: Exception) -> float:
+        now = time.monotonic()
+        self.total_failures += 1
+        if self.failures == 0:
+            self._since = self._reminded = now
+            if isinstance(exc, TRANSIENT_ERRORS):
+                self.log.warning(
+                    "%s failed, retrying with backoff: %s: %s", self.name, type(exc).__name__, exc,
+                    extra={"loop": self.name},
+                )
+            else:
+                self.log.error(
+                    "%s failed unexpectedly, retrying with backoff", self.name,
+                    exc_info=exc, extra={"loop": self.name},
+                )
+        elif now - self._reminded >= STILL_FAILING_EVERY_S:
+            self._reminded = now
+            self.log.warning(
+                "%s still failing after %.0fs (%d tries): %s: %s",
+                self.name, now - self._since, self.failures + 1, type(exc).__name__, exc,
+                extra={"loop": self.name},
+            )
+        self.failures += 1
+        cap = max(self.interval, self.max_backoff)
+        delay = min(cap, self.interval * 2.0 ** self.failures)
+        return delay * random.uniform(0.8, 1.0)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self.log.info(
+                "%s recovered after %.1fs (%d failed tries)",
+                self.name, time.monotonic() - self._since, self.failures, extra={"loop": self.name},
+            )
+            self.failures = 0
+
+
+async def supervised_loop(
+    name: str,
+    step: Callable[[], Awaitable[object]],
+    *,
+    interval: float | Callable[[], float],
+    initial_delay: float = 0.0,
+    max_backoff: float = MAX_BACKOFF_S,
+    log: logging.Logger | None = None,
+) -> NoReturn:
+    """Run ``step()`` every ``interval`` seconds, forever, under the survive policy.
+
+    Every background loop of a daemon runs through this: a step that raises any
+    ``Exception`` (Redis restarting, Docker timing out, a bug) is logged once per
+    outage and retried with backoff (:class:`Backoff`) while the daemon keeps serving.
+    Cancellation passes through untouched. ``interval`` may be a callable, read before
+    each wait, for settings a reload changes.
+    """
+    backoff = Backoff(name, max_backoff=max_backoff, log=log)
+    if initial_delay > 0:
+        await anyio.sleep(initial_delay)
+    while True:
+        backoff.interval = interval() if callable(interval) else interval
+        try:
+            await step()
+        except Exception as exc:
+            await anyio.sleep(backoff.failed(exc))
+            continue
+        backoff.succeeded()
+        await anyio.sleep(backoff.interval)
+
 
 @contextmanager
 def survive(what: str) -> Iterator[None]:
-    """Around one step of a background loop: a Redis or runtime hiccup is logged and the
-    loop goes on at its next tick, instead of one slow call killing the daemon."""
+    """Around one step that is not a loop of its own: a Redis or runtime hiccup is
+    logged and the caller goes on. Loops use :func:`supervised_loop`."""
     try:
         yield
     except TRANSIENT_ERRORS as exc:

@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 
+from daemon import lifecycle
 from hotbed.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,12 @@ SAMPLED: dict[str, tuple[str, tuple[str, ...]]] = {
     "hotbed_pool_target": ("Warm pool target size.", ("pool", "template")),
     "hotbed_worker_heartbeat_age_seconds": ("Seconds since each worker's last heartbeat.", ("worker",)),
     "hotbed_gpu_slots": ("GPUs per worker and model, used or free.", ("worker", "model", "state")),
+    "hotbed_gpu_memory_used_bytes": (
+        "GPU memory in use, per GPU and the sandbox holding it (NVML).", ("worker", "gpu", "sandbox"),
+    ),
+    "hotbed_gpu_utilization_ratio": (
+        "GPU utilisation (0-1), per GPU and the sandbox holding it (NVML).", ("worker", "gpu", "sandbox"),
+    ),
     "hotbed_worker_capacity": (
         "Worker capacity (cpu in millicpu, memory in MiB), used or free.",
         ("worker", "resource", "state"),
@@ -192,12 +199,12 @@ async def serve(
 
     async def sampler() -> None:
         assert sample is not None
-        while True:
-            try:
-                metrics.publish(await sample())
-            except Exception as exc:  # a failed sample must not stop the daemon
-                log.warning("metrics sample failed: %s", exc)
-            await anyio.sleep(SAMPLE_S)
+
+        async def step() -> None:
+            metrics.publish(await sample())
+
+        # A failed sample must not stop the daemon.
+        await lifecycle.supervised_loop("metrics sample", step, interval=SAMPLE_S, log=log)
 
     try:
         async with anyio.create_task_group() as tg:

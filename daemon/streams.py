@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskGroup
 from redis import exceptions as redis_errors
 
+from daemon import lifecycle
 from hotbed import batching, limits, protocol
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
@@ -176,6 +177,9 @@ class StreamConsumer:
         An entry is acknowledged when its handler returns or fails, not when it is
         cancelled (shutdown): a cancelled entry stays pending for a replica or a restart.
         """
+        # Reading survives like every background loop: Redis restarting, the stream or
+        # its group gone with it, is one log line and a retry with backoff.
+        backoff = lifecycle.Backoff(f"reading {self.stream}", interval=0.25, log=log)
         while not stop.is_set():
             token = object()
             await self.limiter.acquire_on_behalf_of(token)
@@ -194,22 +198,25 @@ class StreamConsumer:
             except redis_errors.ResponseError as exc:
                 self.limiter.release_on_behalf_of(token)
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
-                    raise
+                    await anyio.sleep(backoff.failed(exc))
+                    continue
                 # The stream was deleted under us (a reaper declared this consumer's
-                # owner dead, before or while we blocked on it); recreate it and carry
-                # on rather than crash.
+                # owner dead, before or while we blocked on it; Redis restarted without
+                # its data); recreate it and carry on rather than crash.
                 log.warning("stream %s or its group vanished; recreating it", self.stream)
-                await ensure_group(self.redis, self.stream, self.group)
+                try:
+                    await ensure_group(self.redis, self.stream, self.group)
+                except Exception as again:
+                    await anyio.sleep(backoff.failed(again))
                 continue
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-                # Redis restarting or overloaded: keep the daemon, try again shortly.
+            except Exception as exc:
                 self.limiter.release_on_behalf_of(token)
-                log.warning("reading %s failed, retrying: %s", self.stream, exc)
-                await anyio.sleep(0.5)
+                await anyio.sleep(backoff.failed(exc))
                 continue
             except BaseException:
                 self.limiter.release_on_behalf_of(token)
                 raise
+            backoff.succeeded()
             entries = [e for _s, es in (got or []) for e in es]
             if not entries:
                 self.limiter.release_on_behalf_of(token)
@@ -229,6 +236,10 @@ class StreamConsumer:
         try:
             try:
                 await handle(entry_id, data)
+            except lifecycle.TRANSIENT_ERRORS as exc:
+                # Redis went away mid-request: its reply is lost and its client times
+                # out. A dependency's hiccup, not a bug: one line, no traceback.
+                log.warning("handler failed on entry %s of %s: %s: %s", entry_id, self.stream, type(exc).__name__, exc)
             except Exception:
                 log.exception("handler failed on entry %s of %s", entry_id, self.stream)
             # An entry that cannot be acknowledged now stays pending and is handled again

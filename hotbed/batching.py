@@ -11,8 +11,9 @@ queued meanwhile goes in the next one.
 
 A task's commands stay together and in order within one pipeline (not a transaction:
 use a Lua script where atomicity matters). Lua scripts (:class:`Script`, the one way
-hotbed runs Lua) go as EVALSHA; a script the server does not know yet is loaded and
-its commands re-sent once.
+hotbed runs Lua) go as EVALSHA, loaded (SCRIPT LOAD) ahead of the first batch that uses
+them; a server that lost them since (restarted, flushed) answers NOSCRIPT, and they are
+loaded and their commands re-sent once.
 
 Cancellation: a task cancelled while its commands are queued withdraws them; once they
 are sent, the send finishes under a shield (bounded by the connection's socket
@@ -29,6 +30,13 @@ the whole batch, instead of redis-py's per-pipeline pool checkout, per-reply tim
 context and write-timeout task. A connection that fails or times out is dropped and the
 batch retried by the client's retry policy, as redis-py's own pipelines do. Replies go
 through the client's response callbacks, so they read as redis-py's would.
+
+On a Redis Cluster (hotbed.connection) the same machinery runs per node: every command
+hotbed sends names its key first (a script, its first key; all keys of one script share
+a hash tag), so each goes to the lane (queue + connection) of the primary that owns its
+slot, and scripts are loaded per node on NOSCRIPT. A task's commands that span nodes go
+as consecutive runs, one after the other, so they still apply in order; MOVED, ASK and
+a lost node are followed (see ``AutoPipeline._follow``).
 
 :class:`Coalescer` goes one step further for commands that take many arguments: values
 added by concurrent tasks in one pass of the event loop go to one call (a stream's
@@ -49,7 +57,10 @@ import anyio.lowlevel
 import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+
+from hotbed.connection import COMMAND_TIMEOUT_S, is_cluster
 
 Command = tuple[Any, ...]
 T = TypeVar("T")
@@ -104,21 +115,190 @@ class _Item:
 
 
 class AutoPipeline:
+    """The auto-pipeline of one client: one lane (connection) for a standalone Redis, one
+    lane per node for a Redis Cluster (see the module docstring)."""
+
     def __init__(self, redis: aioredis.Redis, *, max_batch: int = MAX_BATCH_COMMANDS) -> None:
         self.redis = redis
         self.max_batch = max_batch
-        self._queue: deque[_Item] = deque()
-        self._busy = False
-        self._conn: AbstractConnection | None = None
         # Command name (as callers spell it) -> the client's response callback, or None.
         self._callbacks: dict[Any, Any] = {}
         self.round_trips = 0
         self.commands_sent = 0
+        self._cluster: RedisCluster | None = redis if is_cluster(redis) else None  # type: ignore[assignment]
+        self._lane = _Lane(self, self._pool_connection)
+        self._lanes: dict[str, _Lane] = {}
+        self._ready: anyio.Event | None = None
 
     async def execute(self, *commands: Command) -> list[Any]:
         """Send ``commands`` (``("HSET", key, f, v)``, ``script.call(...)``) in order, in
         a pipeline shared with other tasks; return their replies. A command that failed
         gives its exception object in place of a reply (a failed connection raises)."""
+        if self._cluster is None:
+            return await self._lane.execute(commands)
+        return await self._execute_routed(self._cluster, commands)
+
+    async def _pool_connection(self) -> AbstractConnection:
+        # Kept checked out: the client's aclose() disconnects in-use connections too.
+        return await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call,no-any-return]
+
+    # ------------------------------------------------------------ Redis Cluster
+
+    async def _discover(self, cluster: RedisCluster) -> None:
+        """The cluster's topology, read once by the first caller while the others wait
+        (and then start together, so their first commands share round trips)."""
+        if self._ready is None:
+            self._ready = ready = anyio.Event()
+            try:
+                # Shielded: the callers waiting on it must not fail for this one's cancel.
+                with anyio.CancelScope(shield=True), anyio.fail_after(COMMAND_TIMEOUT_S):
+                    await cluster.initialize()
+            except BaseException:
+                self._ready = None
+                ready.set()
+                raise
+            ready.set()
+        else:
+            await self._ready.wait()
+            if self._ready is None:
+                await self._discover(cluster)
+
+    def _node_lane(self, cluster: RedisCluster, name: str) -> _Lane:
+        lane = self._lanes.get(name)
+        if lane is None:
+
+            async def acquire() -> AbstractConnection:
+                return node_connection(cluster, name)
+
+            lane = self._lanes[name] = _Lane(self, acquire)
+        return lane
+
+    async def _execute_routed(self, cluster: RedisCluster, commands: tuple[Command, ...]) -> list[Any]:
+        if self._ready is None or not self._ready.is_set():
+            await self._discover(cluster)
+        try:
+            first = node_of(cluster, commands[0])
+            single = all(node_of(cluster, c) == first for c in commands[1:])
+        except redis_errors.SlotNotCoveredError:
+            single = False
+        if single:
+            # The common case (one key, or one script): straight to the node's lane.
+            try:
+                replies = await self._node_lane(cluster, first).execute(commands)
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+                return await self._follow(cluster, commands, [None] * len(commands), list(range(len(commands))))
+            if not any(isinstance(r, _REDIRECTS) for r in replies):
+                return replies
+            redo, busy = await self._triage(cluster, range(len(commands)), replies, replies, {})
+            if busy:
+                await anyio.sleep(0.05)
+            return await self._follow(cluster, commands, replies, redo, sent=True)
+        return await self._follow(cluster, commands, [None] * len(commands), list(range(len(commands))))
+
+    async def _follow(
+        self, cluster: RedisCluster, commands: tuple[Command, ...], results: list[Any],
+        todo: list[int], *, sent: bool = False,
+    ) -> list[Any]:
+        """Sends ``commands[todo]``: runs of consecutive commands owned by one node go,
+        one run after the other, to that node's lane, so a task's commands apply in
+        order even across shards (a reply pushed after a record write is never seen
+        before it). Redirections (MOVED after a failover or resharding, ASK during a
+        slot migration) and a lost node (topology re-read, then retried until the
+        command deadline) are followed per command. Once a run is sent (``sent``), the
+        rest is shielded from cancellation: a task's commands go whole."""
+        pending = deque(todo)
+        asking: dict[int, str] = {}
+        give_up = anyio.current_time() + COMMAND_TIMEOUT_S
+        pause = 0.05
+
+        def owner(i: int) -> str:
+            return asking.get(i) or node_of(cluster, commands[i])
+
+        with anyio.CancelScope(shield=sent) as scope:
+            while pending:
+                run: list[int] = []
+                try:
+                    node = owner(pending[0])
+                    run.append(pending.popleft())
+                    while pending and owner(pending[0]) == node:
+                        run.append(pending.popleft())
+                    wire: list[Command] = []
+                    for i in run:
+                        if i in asking:
+                            wire.append(("ASKING",))
+                        wire.append(commands[i])
+                    replies = await self._node_lane(cluster, node).execute(tuple(wire))
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError,
+                        redis_errors.SlotNotCoveredError) as exc:
+                    # A node is gone (failover in progress): re-read the topology, retry.
+                    pending.extendleft(reversed(run))
+                    if anyio.current_time() + pause > give_up:
+                        if isinstance(exc, redis_errors.SlotNotCoveredError):
+                            raise redis_errors.ConnectionError(str(exc)) from exc
+                        raise
+                    await refresh_topology(cluster)
+                    await anyio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                scope.shield = True
+                if any(i in asking for i in run):
+                    kept, pos = [], 0
+                    for i in run:
+                        pos += i in asking  # past the ASKING reply
+                        kept.append(replies[pos])
+                        pos += 1
+                    replies = kept
+                redo, busy = await self._triage(cluster, run, replies, results, asking)
+                if redo:
+                    if anyio.current_time() > give_up:
+                        continue  # their redirection errors stand as their replies
+                    if busy:
+                        await anyio.sleep(pause)
+                        pause = min(pause * 2, 1.0)
+                    pending.extendleft(reversed(redo))
+        return results
+
+    @staticmethod
+    async def _triage(
+        cluster: RedisCluster, run: Sequence[int], replies: list[Any], results: list[Any],
+        asking: dict[int, str],
+    ) -> tuple[list[int], bool]:
+        """Files each reply of ``run`` into ``results``; returns the commands to send
+        again (redirected) and whether the cluster asked to wait (TRYAGAIN, CLUSTERDOWN)."""
+        redo: list[int] = []
+        busy = False
+        for i, reply in zip(run, replies, strict=True):
+            results[i] = reply
+            asking.pop(i, None)
+            if isinstance(reply, redis_errors.MovedError):
+                await cluster.nodes_manager.move_slot(reply)
+            elif isinstance(reply, redis_errors.AskError):
+                asking[i] = f"{reply.host}:{reply.port}"
+            elif isinstance(reply, redis_errors.TryAgainError | redis_errors.ClusterDownError):
+                busy = True
+            else:
+                continue
+            redo.append(i)
+        return redo, busy
+
+
+_REDIRECTS = (redis_errors.AskError, redis_errors.TryAgainError, redis_errors.ClusterDownError)
+
+
+class _Lane:
+    """One connection's pipeline: at most one batch in flight; everything queued
+    meanwhile goes in the next one."""
+
+    def __init__(self, owner: AutoPipeline, acquire: Callable[[], Awaitable[AbstractConnection]]) -> None:
+        self.owner = owner
+        self._acquire = acquire
+        self._queue: deque[_Item] = deque()
+        self._busy = False
+        self._conn: AbstractConnection | None = None
+        # Scripts sent through this lane; a server that lost them since answers NOSCRIPT.
+        self._loaded: set[str] = set()
+
+    async def execute(self, commands: tuple[Command, ...]) -> list[Any]:
         item = _Item(commands)
         self._queue.append(item)
         try:
@@ -156,7 +336,8 @@ class AutoPipeline:
         await anyio.lowlevel.checkpoint()
         batch: list[_Item] = []
         n = 0
-        while self._queue and (not batch or n + len(self._queue[0].commands) <= self.max_batch):
+        max_batch = self.owner.max_batch
+        while self._queue and (not batch or n + len(self._queue[0].commands) <= max_batch):
             it = self._queue.popleft()
             batch.append(it)
             n += len(it.commands)
@@ -175,13 +356,22 @@ class AutoPipeline:
 
     async def _send(self, batch: list[_Item]) -> None:
         flat = [c for it in batch for c in it.commands]
+        # A script this lane has not sent before is loaded ahead of the batch, so a
+        # task's commands after it never run before it (NOSCRIPT's re-send would).
+        new = {c[1] for c in flat if c[0] == "EVALSHA" and c[1] not in self._loaded}
+        if new:
+            flat = [("SCRIPT", "LOAD", _SOURCES[sha]) for sha in new] + flat
         results = await self._pipeline(flat)
+        if new:
+            raise_first_error(results[: len(new)])
+            self._loaded |= new
+            flat, results = flat[len(new):], results[len(new):]
         retry = [i for i, r in enumerate(results) if _noscript(r)]
         if retry:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for sha in {flat[i][1] for i in retry}:
-                    pipe.script_load(_SOURCES[sha])
-                await pipe.execute()
+            # Loaded on this lane's server (each node of a cluster has its own cache).
+            raise_first_error(await self._pipeline(
+                [("SCRIPT", "LOAD", _SOURCES[sha]) for sha in {flat[i][1] for i in retry}]
+            ))
             again = await self._pipeline([flat[i] for i in retry])
             for i, r in zip(retry, again, strict=True):
                 results[i] = r
@@ -191,26 +381,74 @@ class AutoPipeline:
             pos += len(it.commands)
 
     async def _pipeline(self, commands: list[Command]) -> list[Any]:
-        self.round_trips += 1
-        self.commands_sent += len(commands)
+        owner = self.owner
+        owner.round_trips += 1
+        owner.commands_sent += len(commands)
         conn = self._conn
         if conn is None:
-            # Kept checked out: the client's aclose() disconnects in-use connections too.
-            conn = self._conn = await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            conn = self._conn = await self._acquire()
         replies = await exchange(conn, commands)
-        callbacks = self._callbacks
+        callbacks = owner._callbacks
         for i, c in enumerate(commands):
             reply = replies[i]
             if isinstance(reply, Exception):
                 continue
             cb = callbacks.get(c[0], _UNKNOWN)
             if cb is _UNKNOWN:
-                cb = callbacks[c[0]] = self.redis.response_callbacks.get(
+                cb = callbacks[c[0]] = owner.redis.response_callbacks.get(
                     c[0].decode() if isinstance(c[0], bytes) else c[0]
                 )
             if cb is not None:
                 replies[i] = cb(reply)
         return replies
+
+
+# ---------------------------------------------------------------- cluster routing
+
+_SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL", b"EVALSHA", b"EVAL"})
+
+
+def key_of(command: Command) -> Any:
+    """The key that routes ``command`` (hotbed names every command's key first, or as a
+    script's first key); None for a command without one."""
+    if command[0] in _SCRIPT_COMMANDS:
+        return command[3] if int(command[2]) > 0 else None
+    return command[1] if len(command) > 1 and command[0] not in ("ASKING", "SCRIPT") else None
+
+
+def node_of(cluster: RedisCluster, command: Command) -> str:
+    """The name (``host:port``) of the primary owning ``command``'s key."""
+    key = key_of(command)
+    if key is None:
+        return cluster.get_default_node().name
+    return node_for_key(cluster, key)
+
+
+def node_for_key(cluster: RedisCluster, key: Any) -> str:
+    slot = cluster.keyslot(key)
+    try:
+        return cluster.nodes_manager.get_node_from_slot(slot).name
+    except KeyError:  # the topology is being re-read
+        raise redis_errors.SlotNotCoveredError(f"slot {slot} has no known node") from None
+
+
+def node_connection(cluster: RedisCluster, name: str) -> AbstractConnection:
+    """A connection to node ``name``, taken out of its pool for good (a lane or a
+    blocking wait keeps it; the client's aclose() disconnects it)."""
+    node = cluster.nodes_manager.get_node(node_name=name)
+    if node is None:
+        raise redis_errors.ConnectionError(f"Redis Cluster node {name} is no longer known")
+    return node.acquire_connection()
+
+
+async def refresh_topology(cluster: RedisCluster) -> None:
+    """Re-read which node owns which slots (after a node failed); a failure to reach any
+    node now is left for the caller's retry to meet."""
+    try:
+        await cluster.nodes_manager.initialize()
+    except redis_errors.RedisError:
+        pass
+
 
 async def exchange(conn: AbstractConnection, commands: list[Command]) -> list[Any]:
     """Send ``commands`` on ``conn`` in one write and return their raw replies (a
@@ -232,6 +470,11 @@ async def _exchange(conn: AbstractConnection, packed: list[bytes]) -> list[Any]:
     timeout = conn.socket_timeout or None
     try:
         with anyio.fail_after(timeout):
+            reader = conn._reader  # noqa: SLF001 - is the kept connection still open?
+            if conn.is_connected and reader is not None and reader.at_eof():
+                # The server closed it while it sat idle (Redis restarted): a new one,
+                # rather than a batch lost on a dead socket.
+                await conn.disconnect(nowait=True)
             if not conn.is_connected:
                 await conn.connect()  # type: ignore[no-untyped-call]
             await conn.check_health()  # type: ignore[no-untyped-call]

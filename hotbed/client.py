@@ -22,12 +22,13 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from hotbed import batching, lua, protocol
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
-from hotbed.connection import MAX_BLOCK_S, connect
+from hotbed.connection import MAX_BLOCK_S, connect, is_cluster
 from hotbed.errors import ConnectionLost, Overloaded, RequestTimeout, SandboxNotFound, WorkerLost
 from hotbed.protocol import Envelope, Message, Reply
 from hotbed.records import SandboxRecord, from_hash
@@ -42,6 +43,16 @@ COMMAND_SLACK_S = 15.0
 REPLY_GRACE_S = 5.0
 DEFAULT_BACKLOG_LIMIT = 100_000
 
+
+
+def _moved_on(error: Exception) -> bool:
+    """Whether a blocking wait on a cluster should follow its key elsewhere: the node
+    failed, handed the slot over (MOVED), or became a replica mid-wait (UNBLOCKED)."""
+    return isinstance(error, (
+        redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+        redis.exceptions.MovedError, redis.exceptions.ClusterDownError,
+        redis.exceptions.TryAgainError,
+    )) or str(error).startswith(("UNBLOCKED", "READONLY"))
 
 
 def new_id() -> str:
@@ -72,7 +83,7 @@ class Client:
         self.backlog_limit = backlog_limit
         self.redis: aioredis.Redis = connect(self.url)
         self._blocking: aioredis.Redis = connect(self.url, blocking=True)
-        self._idle_waits: list[AbstractConnection] = []
+        self._idle_waits: dict[str, list[AbstractConnection]] = {}
         self._closed = False
 
     async def __aenter__(self) -> Client:
@@ -153,28 +164,65 @@ class Client:
 
     async def _wait_reply(self, rid: str, reply_key: str, wait_s: float) -> Reply:
         give_up = anyio.current_time() + wait_s
-        # A connection of the blocking pool, kept on this client's own free list between
-        # waits (no pool checkout per request); a wait cancelled mid-BLPOP drops it
-        # (batching.exchange), so it never hands a stale reply to the next request.
-        conn = self._idle_waits.pop() if self._idle_waits else (
-            await self._blocking.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        )
+        # A connection of the blocking pool (of the node owning the reply key, on a
+        # cluster), kept on this client's own free list between waits (no pool checkout
+        # per request); a wait cancelled mid-BLPOP drops it (batching.exchange), so it
+        # never hands a stale reply to the next request.
+        cluster: RedisCluster | None = self._blocking if is_cluster(self._blocking) else None  # type: ignore[assignment]
+        node, conn = "", None
         try:
             while True:
                 left = give_up - anyio.current_time()
                 if left <= 0:
                     raise RequestTimeout(f"no reply to request {rid} within {wait_s:.1f}s", request_id=rid)
+                if conn is None:
+                    try:
+                        node, conn = await self._wait_connection(cluster, reply_key)
+                    except (redis.exceptions.ConnectionError, redis.exceptions.SlotNotCoveredError):
+                        if cluster is None:
+                            raise
+                        await batching.refresh_topology(cluster)
+                        await anyio.sleep(min(0.1, left))
+                        continue
                 try:
                     (got,) = await batching.exchange(conn, [("BLPOP", reply_key, min(left, MAX_BLOCK_S))])
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+                    if cluster is None:
+                        raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+                    got = exc
                 if isinstance(got, Exception):
-                    raise got
+                    if cluster is None or not _moved_on(got):
+                        raise got
+                    # The key's node failed over or gave up the slot: wait where it is now.
+                    if isinstance(got, redis.exceptions.MovedError):
+                        await cluster.nodes_manager.move_slot(got)
+                    else:
+                        await batching.refresh_topology(cluster)
+                        await anyio.sleep(min(0.1, left))
+                    self._idle_waits.setdefault(node, []).append(conn)
+                    conn = None
+                    continue
                 if got is not None:
                     return protocol.decode_reply(got[1]).body
         finally:
-            if not self._closed:
-                self._idle_waits.append(conn)
+            if conn is not None and not self._closed:
+                self._idle_waits.setdefault(node, []).append(conn)
+
+    async def _wait_connection(
+        self, cluster: RedisCluster | None, key: str
+    ) -> tuple[str, AbstractConnection]:
+        """A blocking connection to where ``key`` lives, and that node's name ("" for a
+        standalone Redis)."""
+        node = ""
+        if cluster is not None:
+            await cluster.initialize()
+            node = batching.node_for_key(cluster, key)
+        idle = self._idle_waits.get(node)
+        if idle:
+            return node, idle.pop()
+        if cluster is not None:
+            return node, batching.node_connection(cluster, node)
+        return node, await self._blocking.connection_pool.get_connection()  # type: ignore[no-untyped-call]
 
     async def read_stream(
         self, key: str, after: str, *, count: int, block_s: float
@@ -188,6 +236,12 @@ class Client:
             )
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+        except redis.exceptions.ResponseError as exc:
+            # A cluster primary that became a replica mid-wait ends the wait; the caller
+            # reads again, and redis-py follows the slot to its new primary.
+            if is_cluster(self._blocking) and _moved_on(exc):
+                return []
+            raise
         return list(got[0][1]) if got else []
 
     async def request(self, body: Message, *, timeout: float) -> Reply:

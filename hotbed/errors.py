@@ -9,7 +9,7 @@ Tree::
     ├── Overloaded                   a request stream's backlog is over its limit; retry later
     ├── InvalidRequest               malformed or out-of-range request (negative timeout, ...)
     │   └── UnsupportedRequest       a peer does not know this message type or version
-    ├── ImageNotFound                the image does not exist on the worker (hotbed never pulls)
+    ├── ImageNotFound                no worker holds the image or could pull it
     ├── TemplateNotFound             no template of that name
     ├── SandboxNotFound              no such sandbox, or it has ended
     ├── SandboxNotRunning            the sandbox exists but cannot serve (paused, dead, ...)
@@ -21,13 +21,20 @@ Tree::
     ├── ProcessNotFound              no background process with that id in the sandbox
     ├── SessionClosed                the shell session has exited (``exit`` in it, killed)
     ├── FileError                    a file operation failed inside the sandbox
-    │   └── FileTooLarge             over the per-message size limit
+    │   ├── FileTooLarge             over the per-message size limit
+    │   ├── FileNotFound (FileNotFoundError)      nothing at that path
+    │   ├── FileExists (FileExistsError)          something already at that path
+    │   ├── IsADirectory (IsADirectoryError)      a directory where a file was needed
+    │   ├── NotADirectory (NotADirectoryError)    a file where a directory was needed
+    │   └── DirectoryNotEmpty        removing a non-empty directory without ``recursive``
     ├── RuntimeFailure               the container runtime failed (docker/runsc error)
     └── SetupFailed                  a template's set-up or readiness check failed
 
 Errors cross the wire as :class:`hotbed.protocol.ErrorReply` (``code`` is the class
 name); :func:`from_reply` turns one back into the matching exception, so a client sees
-the same type the daemon raised. Unknown codes degrade to :class:`HotbedError`.
+the same type the daemon raised. Unknown codes degrade to :class:`HotbedError`. The
+file errors that have a built-in twin also subclass it, so ``except FileNotFoundError``
+catches a missing file in a sandbox as it would a local one.
 """
 
 from __future__ import annotations
@@ -134,6 +141,26 @@ class FileError(HotbedError):
 
 class FileTooLarge(FileError):
     code = "FileTooLarge"
+
+
+class FileNotFound(FileError, FileNotFoundError):
+    code = "FileNotFound"
+
+
+class FileExists(FileError, FileExistsError):
+    code = "FileExists"
+
+
+class IsADirectory(FileError, IsADirectoryError):
+    code = "IsADirectory"
+
+
+class NotADirectory(FileError, NotADirectoryError):
+    code = "NotADirectory"
+
+
+class DirectoryNotEmpty(FileError):
+    code = "DirectoryNotEmpty"
 
 
 class RuntimeFailure(HotbedError):

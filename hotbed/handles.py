@@ -12,7 +12,7 @@ A handle needs only a :class:`SandboxRef` (the sandbox's id, worker and client),
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal, Protocol
 
 import msgspec
@@ -116,10 +116,15 @@ class ExecStream:
         assert isinstance(reply, ExecResult)
         self.result = CommandResult.from_reply(reply)
 
-    async def collect(self) -> CommandResult:
-        """Read it all (stdout and stderr joined per stream) and return the result."""
+    async def collect(
+        self, *, on_chunk: Callable[[OutputChunk], Awaitable[None]] | None = None
+    ) -> CommandResult:
+        """Read it all (stdout and stderr joined per stream) and return the result;
+        ``on_chunk`` sees each chunk first."""
         out, err = bytearray(), bytearray()
         async for chunk in self:
+            if on_chunk is not None:
+                await on_chunk(chunk)
             (out if chunk.stream == "stdout" else err).extend(chunk.data)
         assert self.result is not None
         r = self.result

@@ -19,6 +19,9 @@ key                                    type    meaning
 ``hotbed:{w:ID}:sandboxes``            hash    sandbox id -> its reservation on worker ID,
                                                ``"MILLICPU MIB GPU,GPU..."`` (``"0 0 GPUS"``
                                                while paused); written only by Lua
+``hotbed:{w:ID}:images``               string  msgpack HeldImages: the images worker ID
+                                               holds (bounded); codec hotbed.records,
+                                               rewritten with a TTL by the worker
 ``hotbed:workers``                     zset    worker id -> last heartbeat (unix ms)
 ``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
 ``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
@@ -46,6 +49,12 @@ key                                    type    meaning
                                                hotbed.records.PoolConfig
 ``hotbed:pools``                       set     pool names
 =====================================  ======  ============================================
+
+The registries (``hotbed:workers``, ``hotbed:sandboxes``, ``hotbed:templates``,
+``hotbed:pools``) have no tag of their own kind and no script touches one together with
+another key: on a Redis Cluster they may sit on any shard. A write that pairs a registry
+with a record is two ordered steps (record first when adding, registry first when
+removing), so a race leaves at worst a listed name without a record, which readers skip.
 
 Daemons derive a request's reply and output keys from its id (``reply``, ``output``),
 never from the key names a message carries (``reply_to``, ``stream_to`` only say whether
@@ -98,6 +107,9 @@ class Keys(msgspec.Struct, frozen=True):
 
     def worker_info(self, worker_id: str) -> str:
         return f"{self.prefix}:{{w:{worker_id}}}:info"
+
+    def worker_images(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{w:{worker_id}}}:images"
 
     def worker_sandboxes(self, worker_id: str) -> str:
         return f"{self.prefix}:{{w:{worker_id}}}:sandboxes"

@@ -6,17 +6,20 @@ Entries (``protocol.NetworkPolicy.allow``)::
     10.1.0.0/16         a network (CIDR), every port
     10.1.2.3:443        one port
     10.1.0.0/16:8000-8099   a port range
-    pypi.org            a domain (its addresses when the sandbox starts), every port
+    pypi.org            a domain, every port
     pypi.org:443        a domain, one port
+    *.github.com:443    every name under github.com (not github.com itself), one port
 
-Checked by the scheduler and again by the worker (:func:`problems`); the worker's
-firewall takes the parsed :class:`Allow` rules (:func:`parse`). IPv4 only: sandboxes
-have no IPv6 address. Wildcard domains are refused: the worker pins a domain's
-addresses at start, and ``*.x`` names no addresses.
+A domain entry allows the addresses the node's resolver gives the sandbox for that
+name, as it answers (workers/runtimes/docker/dns.py): the sandbox asks the resolver,
+and only names its list allows are answered. Checked by the scheduler and again by the
+worker (:func:`problems`); the worker's firewall takes the parsed :class:`Allow` rules
+(:func:`parse`). IPv4 only: sandboxes have no IPv6 address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 
@@ -45,6 +48,12 @@ class Allow(msgspec.Struct, frozen=True, kw_only=True):
     def all_ports(self) -> bool:
         return (self.first_port, self.last_port) == (1, 65535)
 
+    def matches(self, name: str) -> bool:
+        """Whether this domain entry allows ``name`` (lower case, no trailing dot)."""
+        if self.domain.startswith("*."):
+            return name.endswith(self.domain[1:])
+        return bool(self.domain) and name == self.domain
+
 
 def _ports(text: str, entry: str) -> tuple[int, int]:
     lo, sep, hi = text.partition("-")
@@ -71,19 +80,21 @@ def parse_entry(entry: str) -> Allow:
         if net.version != 4:
             raise ValueError(f"allow entry {entry!r}: only IPv4 is supported")
         return Allow(network=str(net), first_port=first, last_port=last)
-    if host.startswith("*."):
-        raise ValueError(f"allow entry {entry!r}: wildcard domains are not supported; list each name")
-    if not _DOMAIN.fullmatch(host):
+    name = host[2:] if host.startswith("*.") else host
+    if not _DOMAIN.fullmatch(name) or "." not in name.rstrip("."):
         raise ValueError(f"bad allow entry {entry!r}: not an address, CIDR or domain name")
-    return Allow(domain=host.lower().rstrip("."), first_port=first, last_port=last)
+    prefix = "*." if host.startswith("*.") else ""
+    return Allow(domain=prefix + name.lower().rstrip("."), first_port=first, last_port=last)
 
 
 def parse(policy: NetworkPolicy) -> list[Allow]:
     return [parse_entry(e) for e in policy.allow]
 
 
-def problems(policy: NetworkPolicy) -> list[str]:
+def problems(policy: NetworkPolicy | None) -> list[str]:
     """Everything wrong with a network policy."""
+    if policy is None:
+        return []
     out = []
     if policy.mode not in ("none", "egress", "open"):
         out.append(f"network must be none, egress or open, got {policy.mode!r}")
@@ -97,3 +108,20 @@ def problems(policy: NetworkPolicy) -> list[str]:
         except ValueError as exc:
             out.append(str(exc))
     return out
+
+
+def of(policy: NetworkPolicy | None) -> NetworkPolicy:
+    """A spec's network: None (nothing stated) is no network."""
+    return policy if policy is not None else NetworkPolicy()
+
+
+def pool_key(policy: NetworkPolicy | None) -> str:
+    """The part of a warm pool's name that its claims' network must match: "" when
+    the claim states none (the template's own network), else the mode and a digest of
+    the allow list, so a claim never gets a sandbox with another network."""
+    if policy is None:
+        return ""
+    if not policy.allow:
+        return policy.mode
+    digest = hashlib.sha1("\n".join(sorted(policy.allow)).encode()).hexdigest()[:10]
+    return f"{policy.mode}-{digest}"

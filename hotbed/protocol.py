@@ -71,7 +71,8 @@ NetworkMode = Literal["none", "egress", "open"]
 class NetworkPolicy(Struct):
     mode: NetworkMode = "none"
     # Entries: "10.1.2.0/24", "10.1.2.3:443", "10.1.2.0/24:8000-8099", "pypi.org",
-    # "*.github.com:443" (a domain's addresses are allowed as the sandbox resolves them).
+    # "*.github.com:443" (a domain's addresses are allowed as the node's resolver
+    # answers the sandbox for them; hotbed.network).
     allow: list[str] = []
 
 
@@ -88,7 +89,9 @@ class SandboxSpec(Struct):
     template: str | None = None
     # Placement constraint: only workers carrying all these tags (node pool, zone, ...).
     worker_tags: dict[str, str] = {}
-    network: NetworkPolicy = NetworkPolicy()
+    # None: no network for an image, the template's build network for a template
+    # (the scheduler fills it in); a warm pool is keyed by the network its claims state.
+    network: NetworkPolicy | None = None
 
 
 class ExecSpec(Struct):
@@ -112,6 +115,7 @@ class FileEntry(Struct):
     is_dir: bool
     mode: int = 0
     mtime: float = 0.0
+    is_symlink: bool = False
 
 
 class GpuDevice(Struct):
@@ -133,6 +137,9 @@ class WorkerInfo(Struct):
     started_at: float = 0.0
     # "simulated" for the sim runtime, so nothing measured on it passes for real.
     kind: str = "real"
+    # Registry hosts this worker pulls missing images from (no credentials): placement
+    # sends an image no node holds to a worker that can pull it.
+    registries: list[str] = []
 
 
 class TemplateSpec(Struct):
@@ -152,6 +159,7 @@ class TemplateSpec(Struct):
     workdir: str | None = None
     user: str | None = None
     resources: Resources = Resources()
+    # The network of its set-up (``run``), and of sandboxes made from it that state none.
     network: NetworkPolicy = NetworkPolicy()
 
 
@@ -208,6 +216,41 @@ class ReadFile(Msg):
 class ListFiles(Msg):
     sandbox_id: str
     path: str
+    # 1: the directory's own entries; n: n levels down (entries of subdirectories too).
+    depth: int = 1
+
+
+class RemoveFile(Msg):
+    """Remove a file, a symlink or an empty directory; with ``recursive``, a tree."""
+
+    sandbox_id: str
+    path: str
+    recursive: bool = False
+
+
+class MakeDir(Msg):
+    sandbox_id: str
+    path: str
+    parents: bool = True
+    exist_ok: bool = True
+    mode: int = 0o755
+
+
+class RenameFile(Msg):
+    """Move ``src`` to ``dst`` (replacing a file there, as ``mv`` does)."""
+
+    sandbox_id: str
+    src: str
+    dst: str
+
+
+class StatFile(Msg):
+    """What is at ``path``: FileStat, with no entry when nothing is there and
+    ``missing_ok`` (else FileNotFound)."""
+
+    sandbox_id: str
+    path: str
+    missing_ok: bool = False
 
 
 class Terminate(Msg):
@@ -393,17 +436,71 @@ class ExposePort(Msg):
     port: int
 
 
+class PipeOpen(Msg):
+    """Start ``argv`` with its stdin (``write``) and/or stdout (``read``) moved only on
+    request, by PipeWrite / PipeRead: a transfer of any size in bounded memory, paced by
+    whoever pulls or pushes. The reply's pid names the pipe; it is killed after
+    ``idle_timeout`` seconds without a request, or ``timeout`` in all."""
+
+    sandbox_id: str
+    argv: list[str]
+    read: bool = False
+    write: bool = False
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    timeout: float = 3600.0
+    idle_timeout: float = 120.0
+
+
+class PipeWrite(Msg):
+    """Answered once ``data`` is in the command's stdin pipe; ``eof`` then closes it."""
+
+    sandbox_id: str
+    pipe: int
+    data: bytes = b""
+    eof: bool = False
+
+
+class PipeRead(Msg):
+    """Up to ``max_bytes`` of the command's stdout, as soon as some is there (PipeData)."""
+
+    sandbox_id: str
+    pipe: int
+    max_bytes: int = 8 << 20
+
+
+class PipeClose(Msg):
+    """Wait up to ``timeout`` for the command to exit (``kill``: kill it first) and
+    drop the pipe; ExecResult with its exit code and the tail of its stderr."""
+
+    sandbox_id: str
+    pipe: int
+    kill: bool = False
+    timeout: float = 600.0
+
+
 ExecRequest = (
     SessionRun | SessionInterrupt | SessionClose | ProcessStart | ProcessList | ProcessRead
     | ProcessWait | ProcessSignal | ProcessInput | PtyOpen | PtyInput | PtyResize | Cancel
-    | WatchDir | UploadTar | DownloadTar
+    | WatchDir | UploadTar | DownloadTar | PipeOpen | PipeWrite | PipeRead | PipeClose
 )
+
+FileRequest = RemoveFile | MakeDir | RenameFile | StatFile
+
+
+class UpdateSandbox(Msg):
+    """Client -> worker: change a running sandbox. ``timeout``: its lifetime, in seconds
+    from now (longer or shorter); ``tags``: its tags, replaced whole. None leaves it."""
+
+    sandbox_id: str
+    timeout: float | None = None
+    tags: dict[str, str] | None = None
 
 
 Message = (
     CreateSandbox | StartSandbox | Exec | WriteFile | ReadFile | ListFiles | Terminate
     | BuildTemplate | SnapshotSandbox | PauseSandbox | ResumeSandbox | SandboxClaimed
-    | ExecRequest | ExposePort
+    | ExecRequest | FileRequest | UpdateSandbox | ExposePort
 )
 
 
@@ -462,6 +559,19 @@ class FileWritten(Msg):
 
 class DirListing(Msg):
     entries: list[FileEntry]
+    # Cut at the guest agent's limit on entries per listing (a deep listing of a huge tree).
+    truncated: bool = False
+
+
+class FileStat(Msg):
+    # None: nothing at that path (StatFile with missing_ok).
+    entry: FileEntry | None = None
+
+
+class PipeData(Msg):
+    data: bytes = b""
+    # The command's stdout is at its end: nothing more will come.
+    eof: bool = False
 
 
 class Terminated(Msg):
@@ -543,6 +653,8 @@ Reply = (
     | FileContent
     | FileWritten
     | DirListing
+    | FileStat
+    | PipeData
     | Terminated
     | TemplateReady
     | SandboxState

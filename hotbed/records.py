@@ -11,6 +11,10 @@
 * **Template records** (:class:`TemplateRecord`, ``Keys.template``):
   :func:`template_to_hash` / :func:`template_from_hash`; the ``holders`` list is only
   ever extended by the ``ADD_HOLDER`` script (:func:`add_template_holder`).
+* **Held images** (:class:`HeldImages`, ``Keys.worker_images``): what a worker
+  advertises holding; :func:`images_to_value` / :func:`images_from_value`, with the
+  image-reference helpers both sides match names with (:func:`image_ref`,
+  :func:`image_registry`).
 
 A sandbox record is a hash rather than one encoded blob so that hot fields (``state``,
 ``last_active``) are updated with one HSET and no read-modify-write. Values are
@@ -24,6 +28,9 @@ States and the transition that writes each step::
     running <-> paused                     to_paused / to_resumed
     creating -> pooled -> running          to_restored(pool=...), then to_claimed
     pooled   -> terminated | failed        to_unlisted (before the container goes)
+
+A live sandbox's lifetime and tags may change after create (:func:`with_lifetime`,
+:func:`with_tags`); ``created_at + timeout`` always stays the moment it expires.
 
 An ended record (terminated / failed / lost) is kept for ``ENDED_RECORD_TTL_S`` so
 ``Sandbox.from_id`` can say why a sandbox is gone, then expires.
@@ -40,7 +47,7 @@ import redis.asyncio as aioredis
 
 from hotbed import lua
 from hotbed.batching import Command
-from hotbed.protocol import TemplateSpec, encode
+from hotbed.protocol import NetworkPolicy, TemplateSpec, encode
 
 State = Literal["creating", "pooled", "running", "paused", "terminated", "failed", "lost"]
 ENDED_STATES = frozenset({"terminated", "failed", "lost"})
@@ -71,6 +78,10 @@ class SandboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     # The template snapshot it was restored from ("" = booted): a pooled sandbox whose
     # template has since been rebuilt is replaced, never handed out.
     snapshot: str = ""
+    # Its network mode ("" = none) and allow list (protocol.NetworkPolicy): kept by its
+    # snapshots and by a worker that adopts it after a restart.
+    network: str = ""
+    allow: list[str] = []
 
     @property
     def ended(self) -> bool:
@@ -95,7 +106,7 @@ def to_hash(rec: SandboxRecord) -> dict[str, str]:
         value = getattr(rec, field)
         if field not in ALWAYS_WRITTEN and value == _DEFAULTS.get(field, msgspec.NODEFAULT):
             continue
-        if field in ("tags", "gpu_uuids"):
+        if field in ("tags", "gpu_uuids", "allow"):
             out[field] = orjson.dumps(value).decode()
         else:
             out[field] = str(value)
@@ -114,8 +125,8 @@ def from_hash(raw: Mapping[Any, Any]) -> SandboxRecord | None:
     for k, v in raw.items():
         key = k.decode() if isinstance(k, bytes) else k
         val = v.decode() if isinstance(v, bytes) else v
-        if key in ("tags", "gpu_uuids"):
-            data[key] = orjson.loads(val) if val else ([] if key == "gpu_uuids" else {})
+        if key in ("tags", "gpu_uuids", "allow"):
+            data[key] = orjson.loads(val) if val else ({} if key == "tags" else [])
         elif key in _FLOAT_FIELDS:
             data[key] = float(val or 0)
         elif key == "memory_mb":
@@ -216,6 +227,16 @@ def to_lost(*, worker: str, now: float) -> Fields:
     return to_ended(state="lost", reason=f"worker {worker} stopped heartbeating", now=now)
 
 
+def with_lifetime(*, created_at: float, expires_at: float) -> Fields:
+    """A new end of life: ``timeout`` counts from ``created_at``, as at create."""
+    return {"timeout": repr(max(0.0, expires_at - created_at))}
+
+
+def with_tags(tags: dict[str, str]) -> Fields:
+    """Tags replaced whole (``Sandbox.list(tags=...)`` filters on them)."""
+    return {"tags": orjson.dumps(tags).decode()}
+
+
 def with_gpus(uuids: list[str]) -> Fields:
     """The GPUs a placement reserved (known only once ``RESERVE_DISPATCH`` ran)."""
     return {"gpu_uuids": orjson.dumps(uuids).decode()}
@@ -286,12 +307,15 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     cpu: float = 0.0
     memory_mb: int = 0
     gpu: str = ""
+    # The network its sandboxes get; None: the template's (hotbed.network.pool_key).
+    network: NetworkPolicy | None = None
 
 
 def pool_config_to_hash(conf: PoolConfig) -> Fields:
     return {
         "template": conf.template, "size": str(conf.size), "cpu": f"{conf.cpu:g}",
         "memory_mb": str(conf.memory_mb), "gpu": conf.gpu,
+        "network": msgspec.json.encode(conf.network).decode() if conf.network is not None else "",
     }
 
 
@@ -304,6 +328,7 @@ def pool_config_from_hash(raw: Mapping[Any, Any]) -> PoolConfig | None:
         template=d.get("template", ""), size=int(d.get("size") or 0),
         cpu=float(d.get("cpu") or 0), memory_mb=int(d.get("memory_mb") or 0),
         gpu=d.get("gpu", ""),
+        network=msgspec.json.decode(d["network"], type=NetworkPolicy) if d.get("network") else None,
     )
 
 
@@ -370,3 +395,84 @@ async def add_template_holder(redis: aioredis.Redis, key: str, worker_id: str) -
     """List ``worker_id`` among the holders of the template at ``key`` (one Lua step:
     concurrent holders never overwrite each other). True if it was not listed yet."""
     return bool(await lua.ADD_HOLDER.run(redis, [key], [worker_id]))
+
+
+# ----------------------------------------------------------------- held images
+
+# At most this many names in one worker's advertisement: placement only needs to know
+# the images a node holds, and a node with thousands of tags says "truncated" instead
+# (it may hold anything, as far as placement knows).
+MAX_ADVERTISED_IMAGES = 500
+DOCKER_HUB = "docker.io"
+
+
+class HeldImage(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One name a worker holds: its normalized reference (:func:`image_ref`), image id
+    (``sha256:...``), size in bytes and creation time (unix s)."""
+
+    name: str
+    id: str
+    size: int = 0
+    created: float = 0.0
+
+
+class HeldImages(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's advertisement (``Keys.worker_images``): rewritten with a TTL every
+    image refresh and right after a pull, so a stopped worker's list expires."""
+
+    images: list[HeldImage] = []
+    # More names than MAX_ADVERTISED_IMAGES: the list is a prefix of what it holds.
+    truncated: bool = False
+    at: float = 0.0
+
+    def names(self) -> set[str]:
+        return {i.name for i in self.images} | {i.id for i in self.images}
+
+
+_images_encoder = msgspec.msgpack.Encoder()
+_images_decoder = msgspec.msgpack.Decoder(HeldImages)
+
+
+def images_to_value(held: HeldImages) -> bytes:
+    return _images_encoder.encode(held)
+
+
+def images_from_value(raw: bytes | str | None) -> HeldImages | None:
+    """The advertisement in ``raw`` (GET of ``Keys.worker_images``); None if absent or
+    unreadable (placement then treats the worker as one that may hold anything)."""
+    if not raw:
+        return None
+    try:
+        return _images_decoder.decode(_b(raw))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _split_registry(ref: str) -> tuple[str, str]:
+    first, sep, rest = ref.partition("/")
+    # Docker's rule: the first component names a registry when it looks like a host.
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return DOCKER_HUB, ref
+
+
+def image_registry(ref: str) -> str:
+    """The registry host an image reference pulls from (``docker.io`` when unnamed)."""
+    if ref.startswith("sha256:"):
+        return ""
+    return _split_registry(ref)[0]
+
+
+def image_ref(ref: str) -> str:
+    """``ref`` as dockerd lists it in RepoTags: a tag (``:latest`` when none is given),
+    Docker Hub's ``docker.io/`` and ``library/`` left out. Ids and digests stay as given."""
+    if ref.startswith("sha256:") or "@" in ref:
+        return ref
+    registry, path = _split_registry(ref)
+    if registry in (DOCKER_HUB, "index.docker.io"):
+        registry = ""
+        if path.startswith("library/") and path.count("/") == 1:
+            path = path[len("library/"):]
+    if ":" not in path.rsplit("/", 1)[-1]:
+        path += ":latest"
+    return f"{registry}/{path}" if registry else path

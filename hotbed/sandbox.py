@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import codecs
+import inspect
 import os
 import secrets
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -35,6 +37,7 @@ from hotbed.protocol import (
     ExecSpec,
     FileContent,
     FileEntry,
+    FileStat,
     NetworkMode,
     NetworkPolicy,
     PortExposed,
@@ -55,6 +58,10 @@ _default_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Client] =
     weakref.WeakKeyDictionary()
 )
 _event_decode = msgspec.msgpack.Decoder(list[tuple[str, str, bool]]).decode
+
+# What ``exec(on_stdout=..., on_stderr=...)`` calls with each piece of output (decoded
+# text; a character split across two pieces arrives whole); may be a coroutine function.
+OutputCallback = Callable[[str], Any]
 
 
 def default_client() -> Client:
@@ -77,11 +84,15 @@ class Sandbox:
         client: Client | None = None,
         path: str = "cold",
         startup_s: float = 0.0,
+        record: SandboxRecord | None = None,
     ) -> None:
         self.id = sandbox_id
         self.worker_id = worker_id
         self.path = path
         self.startup_s = startup_s
+        # The record this handle was made from (``Sandbox.list``), as it was then;
+        # ``info()`` reads it afresh.
+        self.record = record
         self._client = client
 
     def __repr__(self) -> str:
@@ -116,7 +127,7 @@ class Sandbox:
         user: str | None = None,
         template: str | None = None,
         worker_tags: dict[str, str] | None = None,
-        network: NetworkMode = "none",
+        network: NetworkMode | None = None,
         allow: builtins.list[str] | None = None,
         client: Client | None = None,
         request_timeout: float = CREATE_TIMEOUT_S,
@@ -127,7 +138,9 @@ class Sandbox:
         ``worker_tags``: only workers carrying all these operator tags (zone, node pool).
         ``network``: ``"none"`` (loopback only), ``"egress"`` (only what ``allow`` lists:
         ``"10.0.0.0/8"``, ``"10.1.2.3:443"``, ``"pypi.org:443"``...) or ``"open"`` (public
-        addresses; the worker may forbid it). A bad entry raises InvalidRequest.
+        addresses; the worker may forbid it); ``allow`` alone means ``"egress"``. Not
+        stated: none, or for a ``template`` the template's network (its warm pool is
+        the one set with no network). A bad entry raises InvalidRequest.
         """
         spec = SandboxSpec(
             image=image,
@@ -140,7 +153,10 @@ class Sandbox:
             user=user,
             template=template,
             worker_tags=dict(worker_tags or {}),
-            network=NetworkPolicy(mode=network, allow=list(allow or [])),
+            network=(
+                None if network is None and not allow
+                else NetworkPolicy(mode=network or "egress", allow=list(allow or []))
+            ),
         )
         c = client or default_client()
         reply: protocol.Reply | None = None
@@ -172,11 +188,43 @@ class Sandbox:
     @classmethod
     async def list(
         cls, *, tags: dict[str, str] | None = None, client: Client | None = None
-    ) -> list[SandboxRecord]:
+    ) -> builtins.list[Sandbox]:
+        """Handles on the live sandboxes (those carrying all of ``tags``), oldest first;
+        each keeps the record it was listed from in :attr:`record`."""
+        return [
+            cls(rec.id, rec.worker, client=client, path=rec.path, record=rec)
+            for rec in await cls.list_records(tags=tags, client=client)
+        ]
+
+    @classmethod
+    async def list_records(
+        cls, *, tags: dict[str, str] | None = None, client: Client | None = None
+    ) -> builtins.list[SandboxRecord]:
+        """The records of the live sandboxes (those carrying all of ``tags``), oldest first."""
         return await (client or default_client()).records(tags=tags)
 
     async def info(self) -> SandboxRecord:
         return await self.client.record(self.id)
+
+    async def set_timeout(self, seconds: float) -> None:
+        """End the sandbox ``seconds`` from now instead of when it would have: longer or
+        shorter than its create-time ``timeout``. Its record's ``timeout`` follows."""
+        if not 0 < seconds <= protocol.MAX_TIMEOUT_S:
+            raise InvalidRequest(
+                f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}] seconds, got {seconds}",
+                sandbox_id=self.id,
+            )
+        await self.client.worker_request(
+            self.worker_id, protocol.UpdateSandbox(sandbox_id=self.id, timeout=float(seconds)),
+            timeout=OP_TIMEOUT_S,
+        )
+
+    async def set_tags(self, tags: dict[str, str]) -> None:
+        """Replace the sandbox's tags (``Sandbox.list(tags=...)`` finds it by them)."""
+        await self.client.worker_request(
+            self.worker_id, protocol.UpdateSandbox(sandbox_id=self.id, tags=dict(tags)),
+            timeout=OP_TIMEOUT_S,
+        )
 
     async def terminate(self) -> None:
         """End the sandbox; a sandbox that has already ended is not an error."""
@@ -200,15 +248,27 @@ class Sandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         idle_timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
     ) -> CommandResult:
         """Run a command: ``exec("python3", "-c", "print(1)")`` or ``exec("a | b", shell=True)``.
 
-        Raises ExecTimeout if it runs past ``timeout`` (the sandbox stays usable).
+        ``on_stdout`` / ``on_stderr`` are called with the output as it is produced (the
+        result still holds it all, up to ``max_output``). Raises ExecTimeout if it runs
+        past ``timeout`` (the sandbox stays usable).
         """
         if not argv:
             raise InvalidRequest("exec needs a command")
         if timeout <= 0:
             raise InvalidRequest(f"timeout must be positive, got {timeout}")
+        if on_stdout is not None or on_stderr is not None:
+            if user is not None:
+                raise InvalidRequest("output callbacks and user= do not go together", sandbox_id=self.id)
+            stream = self.exec_stream(
+                *argv, shell=shell, env=env, cwd=cwd, timeout=timeout, idle_timeout=idle_timeout,
+                max_output=max_output, stdin=stdin,
+            )
+            return await _with_callbacks(stream, on_stdout, on_stderr)
         spec = ExecSpec(
             argv=None if shell else list(argv),
             shell=" ".join(argv) if shell else None,
@@ -236,7 +296,8 @@ class Sandbox:
         payload = data.encode() if isinstance(data, str) else data
         if len(payload) > protocol.MAX_FILE_BYTES:
             raise FileTooLarge(
-                f"{len(payload)} bytes is over the {protocol.MAX_FILE_BYTES}-byte limit of one write",
+                f"{len(payload)} bytes is over the {protocol.MAX_FILE_BYTES}-byte limit of one write "
+                "(upload_file streams a file of any size)",
                 sandbox_id=self.id,
             )
         reply = await self.client.worker_request(
@@ -254,12 +315,50 @@ class Sandbox:
         assert isinstance(reply, FileContent)
         return reply.data
 
-    async def list_files(self, path: str = ".") -> builtins.list[FileEntry]:
+    async def list_files(self, path: str = ".", *, depth: int = 1) -> builtins.list[FileEntry]:
+        """The entries of directory ``path``; with ``depth`` > 1 also those of its
+        subdirectories, that many levels down (sorted by path; ``name`` is the last part)."""
+        if depth < 1:
+            raise InvalidRequest(f"depth must be at least 1, got {depth}", sandbox_id=self.id)
         reply = await self.client.worker_request(
-            self.worker_id, protocol.ListFiles(sandbox_id=self.id, path=path), timeout=OP_TIMEOUT_S
+            self.worker_id, protocol.ListFiles(sandbox_id=self.id, path=path, depth=depth),
+            timeout=OP_TIMEOUT_S,
         )
         assert isinstance(reply, DirListing)
         return reply.entries
+
+    async def stat(self, path: str) -> FileEntry:
+        """What is at ``path`` (a symlink's target, with ``is_symlink`` set); FileNotFound
+        when nothing is."""
+        reply = await self._file_op(protocol.StatFile(sandbox_id=self.id, path=path))
+        assert isinstance(reply, FileStat) and reply.entry is not None
+        return reply.entry
+
+    async def exists(self, path: str) -> bool:
+        reply = await self._file_op(protocol.StatFile(sandbox_id=self.id, path=path, missing_ok=True))
+        assert isinstance(reply, FileStat)
+        return reply.entry is not None
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, a symlink or an empty directory; a whole tree with
+        ``recursive``. FileNotFound when nothing is there, DirectoryNotEmpty for a
+        directory with entries and no ``recursive``."""
+        await self._file_op(protocol.RemoveFile(sandbox_id=self.id, path=path, recursive=recursive))
+
+    async def make_dir(self, path: str, *, parents: bool = True, exist_ok: bool = True,
+                       mode: int = 0o755) -> None:
+        """Make directory ``path`` (and its missing parents unless ``parents=False``);
+        FileExists if something is there (with ``exist_ok``: unless it is a directory)."""
+        await self._file_op(protocol.MakeDir(
+            sandbox_id=self.id, path=path, parents=parents, exist_ok=exist_ok, mode=mode,
+        ))
+
+    async def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst``, replacing a file there."""
+        await self._file_op(protocol.RenameFile(sandbox_id=self.id, src=src, dst=dst))
+
+    async def _file_op(self, body: protocol.Message) -> protocol.Reply:
+        return await self.client.worker_request(self.worker_id, body, timeout=OP_TIMEOUT_S)
 
     # ---------------------------------------------------------------- snapshots
 
@@ -439,13 +538,17 @@ class Sandbox:
 
     # ------------------------------------------------------ copies and watches
 
-    async def upload_dir(self, local: str | os.PathLike[str], remote: str) -> int:
-        """Copy a local directory's contents into ``remote`` (made if missing)."""
-        return await transfer.upload_dir(self, local, remote)
+    async def upload_dir(self, local: str | os.PathLike[str], remote: str, *,
+                         chunk_bytes: int = transfer.CHUNK_BYTES) -> int:
+        """Copy a local directory's contents into ``remote`` (made if missing), streamed
+        as a tar in chunks: any size, in bounded memory. Returns the tar's size."""
+        return await transfer.upload_dir(self, local, remote, chunk_bytes=chunk_bytes)
 
-    async def download_dir(self, remote: str, local: str | os.PathLike[str]) -> int:
-        """Copy ``remote``'s contents into a local directory (streamed as a tar)."""
-        return await transfer.download_dir(self, remote, local)
+    async def download_dir(self, remote: str, local: str | os.PathLike[str], *,
+                           chunk_bytes: int = transfer.CHUNK_BYTES) -> int:
+        """Copy ``remote``'s contents into a local directory, streamed as a tar in
+        chunks: any size, in bounded memory. Returns the tar's size."""
+        return await transfer.download_dir(self, remote, local, chunk_bytes=chunk_bytes)
 
     async def upload_file(self, local: str | os.PathLike[str], remote: str, *,
                           chunk_bytes: int = transfer.CHUNK_BYTES, mode: int = 0o644) -> int:
@@ -473,3 +576,27 @@ class Sandbox:
                     for kind, p, is_dir in _event_decode(value):
                         yield WatchEvent(kind, p, is_dir)  # type: ignore[arg-type]
             streamed.final()
+
+
+async def _with_callbacks(
+    stream: ExecStream, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
+) -> CommandResult:
+    """Run ``stream`` to its end, handing each piece of output to its callback."""
+    decoders = {
+        "stdout": codecs.getincrementaldecoder("utf-8")("replace"),
+        "stderr": codecs.getincrementaldecoder("utf-8")("replace"),
+    }
+    callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+
+    async def deliver(name: str, text: str) -> None:
+        fn = callbacks[name]
+        if fn is not None and text:
+            res = fn(text)
+            if inspect.isawaitable(res):
+                await res
+
+    async with stream:
+        result = await stream.collect(on_chunk=lambda c: deliver(c.stream, decoders[c.stream].decode(c.data)))
+    for name, dec in decoders.items():
+        await deliver(name, dec.decode(b"", final=True))
+    return result

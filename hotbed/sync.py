@@ -9,6 +9,15 @@ One event loop (uvloop) runs in a daemon thread, started on first use and owned 
 anyio BlockingPortal; every call is a ``portal.call`` with the async SDK's own
 deadlines, so a sync call can no more hang than an async one. ``close()`` stops the
 loop and its Redis connections (also run at interpreter exit).
+
+Live output is a plain iterator::
+
+    with sb.exec_stream("make", "test") as out:
+        for chunk in out:
+            print(chunk.text, end="")
+    print(out.result.exit_code)
+
+or callbacks: ``sb.exec("make", on_stdout=print)`` (called on the loop's thread).
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
@@ -26,7 +35,7 @@ from hotbed import handles as _handles
 from hotbed import sandbox as _async
 from hotbed import templates as _templates
 from hotbed.client import Client
-from hotbed.handles import CommandResult
+from hotbed.handles import CommandResult, OutputChunk
 from hotbed.protocol import FileEntry, PortExposed, ProcessInfo, ProcessOutput, TemplateReady
 from hotbed.records import SandboxRecord
 
@@ -97,6 +106,11 @@ class Sandbox:
     def path(self) -> str:
         return self._inner.path
 
+    @property
+    def record(self) -> SandboxRecord | None:
+        """The record this handle was listed from (``Sandbox.list``), if it was."""
+        return self._inner.record
+
     def __repr__(self) -> str:
         return f"hotbed.sync.Sandbox(id={self.id!r})"
 
@@ -118,12 +132,29 @@ class Sandbox:
         return cls(_call(lambda: _async.Sandbox.from_id(sandbox_id, client=client)))
 
     @classmethod
-    def list(cls, *, tags: dict[str, str] | None = None) -> list[SandboxRecord]:
+    def list(cls, *, tags: dict[str, str] | None = None) -> builtins.list[Sandbox]:
+        """Handles on the live sandboxes (each with its :attr:`record`)."""
         client = _default_client()
-        return _call(lambda: _async.Sandbox.list(tags=tags, client=client))
+        return [cls(sb) for sb in _call(lambda: _async.Sandbox.list(tags=tags, client=client))]
+
+    @classmethod
+    def list_records(cls, *, tags: dict[str, str] | None = None) -> builtins.list[SandboxRecord]:
+        client = _default_client()
+        return _call(lambda: _async.Sandbox.list_records(tags=tags, client=client))
+
+    def set_timeout(self, seconds: float) -> None:
+        _call(lambda: self._inner.set_timeout(seconds))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        _call(lambda: self._inner.set_tags(tags))
 
     def exec(self, *argv: str, **kwargs: Any) -> CommandResult:
         return _call(lambda: self._inner.exec(*argv, **kwargs))
+
+    def exec_stream(self, *argv: str, **kwargs: Any) -> ExecStream:
+        """A command's output as it is produced: ``with sb.exec_stream(...) as out:
+        for chunk in out: ...``; then ``out.result``."""
+        return ExecStream(self._inner.exec_stream(*argv, **kwargs))
 
     def run(self, command: str, **kwargs: Any) -> CommandResult:
         return _call(lambda: self._inner.run(command, **kwargs))
@@ -134,8 +165,23 @@ class Sandbox:
     def read_file(self, path: str) -> bytes:
         return _call(lambda: self._inner.read_file(path))
 
-    def list_files(self, path: str = ".") -> builtins.list[FileEntry]:
-        return _call(lambda: self._inner.list_files(path))
+    def list_files(self, path: str = ".", *, depth: int = 1) -> builtins.list[FileEntry]:
+        return _call(lambda: self._inner.list_files(path, depth=depth))
+
+    def stat(self, path: str) -> FileEntry:
+        return _call(lambda: self._inner.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return _call(lambda: self._inner.exists(path))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        _call(lambda: self._inner.remove(path, recursive=recursive))
+
+    def make_dir(self, path: str, **kwargs: Any) -> None:
+        _call(lambda: self._inner.make_dir(path, **kwargs))
+
+    def rename(self, src: str, dst: str) -> None:
+        _call(lambda: self._inner.rename(src, dst))
 
     def info(self) -> SandboxRecord:
         return _call(self._inner.info)
@@ -181,11 +227,11 @@ class Sandbox:
     def processes(self) -> builtins.list[ProcessInfo]:
         return _call(self._inner.processes)
 
-    def upload_dir(self, local: str, remote: str) -> int:
-        return _call(lambda: self._inner.upload_dir(local, remote))
+    def upload_dir(self, local: str, remote: str, **kwargs: Any) -> int:
+        return _call(lambda: self._inner.upload_dir(local, remote, **kwargs))
 
-    def download_dir(self, remote: str, local: str) -> int:
-        return _call(lambda: self._inner.download_dir(remote, local))
+    def download_dir(self, remote: str, local: str, **kwargs: Any) -> int:
+        return _call(lambda: self._inner.download_dir(remote, local, **kwargs))
 
     def upload_file(self, local: str, remote: str, **kwargs: Any) -> int:
         return _call(lambda: self._inner.upload_file(local, remote, **kwargs))
@@ -211,6 +257,43 @@ def delete_template(name: str) -> bool:
     return _call(lambda: _templates.delete_template(name, client=client))
 
 
+class ExecStream:
+    """Blocking twin of :class:`hotbed.handles.ExecStream`: iterate chunks, then
+    :attr:`result`. Leaving the ``with`` block early cancels the command."""
+
+    def __init__(self, inner: _handles.ExecStream) -> None:
+        self._inner = inner
+        self._chunks: AsyncIterator[OutputChunk] | None = None
+
+    @property
+    def result(self) -> CommandResult | None:
+        return self._inner.result
+
+    def __enter__(self) -> ExecStream:
+        _call(self._inner.__aenter__)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        _call(self._inner.aclose)
+
+    def __iter__(self) -> Iterator[OutputChunk]:
+        if self._chunks is None:
+            self._chunks = self._inner.__aiter__()
+        chunks = self._chunks
+        while True:
+            try:
+                yield _call(chunks.__anext__)
+            except StopAsyncIteration:
+                return
+
+    def collect(self) -> CommandResult:
+        """Read it all and return the result."""
+        return _call(self._inner.collect)
+
+
 class Session:
     """Blocking twin of :class:`hotbed.handles.Session`."""
 
@@ -220,6 +303,9 @@ class Session:
 
     def run(self, command: str, **kwargs: Any) -> CommandResult:
         return _call(lambda: self._inner.run(command, **kwargs))
+
+    def stream(self, command: str, **kwargs: Any) -> ExecStream:
+        return ExecStream(self._inner.stream(command, **kwargs))
 
     def interrupt(self) -> None:
         _call(self._inner.interrupt)

@@ -31,6 +31,7 @@ import time
 import msgspec
 
 from hotbed import batching, lua, protocol, records
+from hotbed import network as hotbed_network
 from hotbed.batching import raise_first_error
 from hotbed.client import Client, new_id
 from hotbed.errors import InvalidRequest, TemplateNotFound
@@ -38,6 +39,8 @@ from hotbed.protocol import (
     SPAWN_FIFO,
     BuildTemplate,
     Envelope,
+    NetworkMode,
+    NetworkPolicy,
     Resources,
     SandboxClaimed,
     SandboxCreated,
@@ -81,10 +84,25 @@ def check_name(name: str) -> str:
     return name
 
 
-def pool_name(template: str, resources: Resources) -> str:
-    """The pool of one template and one resource shape."""
+def pool_name(template: str, resources: Resources, network: NetworkPolicy | None = None) -> str:
+    """The pool of one template, one resource shape and one network as claims state it
+    (none stated: the template's own network)."""
     name = f"{template}:{resources.cpu:g}c:{resources.memory_mb}m"
-    return name + (f":{resources.gpu}" if resources.gpu else "")
+    name += f":{resources.gpu}" if resources.gpu else ""
+    net = hotbed_network.pool_key(network)
+    return name + (f":net={net}" if net else "")
+
+
+def _policy(network: NetworkMode | None, allow: list[str] | tuple[str, ...] | None) -> NetworkPolicy | None:
+    """The SDK's ``network=``/``allow=`` as a policy (None: not stated); InvalidRequest
+    for a bad one."""
+    if network is None and not allow:
+        return None
+    policy = NetworkPolicy(mode=network or "egress", allow=list(allow or []))
+    problems = hotbed_network.problems(policy)
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+    return policy
 
 
 class PoolStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +115,8 @@ class PoolStatus(msgspec.Struct, frozen=True, kw_only=True):
     cpu: float
     memory_mb: int
     gpu: str = ""
+    # The network its sandboxes get (None: the template's).
+    network: NetworkPolicy | None = None
 
 
 # ------------------------------------------------------------------ templates
@@ -117,13 +137,18 @@ async def create_template(
     user: str | None = None,
     cpu: float = 1.0,
     memory_mb: int = 512,
+    network: NetworkMode = "none",
+    allow: list[str] | tuple[str, ...] = (),
     client: Client,
     request_timeout: float = BUILD_TIMEOUT_S,
 ) -> TemplateReady:
     """Build template ``name`` on a worker and snapshot it; returns when it is ready.
 
-    Raises SetupFailed (the failing step's output in the message) if set-up fails.
-    Rebuilding an existing name replaces its snapshot; the old one is collected.
+    ``network``/``allow``: the set-up's network (``"egress"`` with ``allow=["pypi.org:443",
+    "*.pythonhosted.org:443"]`` for a ``pip install``), also that of the sandboxes made
+    from it that state none. Raises SetupFailed (the failing step's output in the
+    message) if set-up fails. Rebuilding an existing name replaces its snapshot; the old
+    one is collected.
     """
     spec = TemplateSpec(
         image=image, run=list(run), start=list(start),
@@ -131,6 +156,7 @@ async def create_template(
         ready=ready, ready_timeout=ready_timeout, setup_timeout=setup_timeout,
         env=dict(env or {}), workdir=workdir, user=user,
         resources=Resources(cpu=cpu, memory_mb=memory_mb),
+        network=_policy(network, allow) or NetworkPolicy(),
     )
     reply = await client.request(
         BuildTemplate(name=check_name(name), spec=spec), timeout=request_timeout
@@ -158,11 +184,14 @@ async def list_templates(*, client: Client) -> list[TemplateRecord]:
 
 async def delete_template(name: str, *, client: Client) -> bool:
     """Forget a template; its snapshot is garbage-collected by the workers holding it."""
-    async with client.redis.pipeline(transaction=True) as pipe:
-        pipe.delete(client.keys.template(name))
-        pipe.srem(client.keys.templates, name)
-        res = await pipe.execute()
-    return bool(res[0])
+    # Two keys that a Redis Cluster may keep on different shards, so two ordered steps
+    # rather than a transaction: the name is unlisted first, and then a racing rebuild
+    # (record first, then listed) can leave at worst a listed name without a record,
+    # which listings skip, but never a record that nothing lists.
+    res = raise_first_error(await batching.for_client(client.redis).execute(
+        ("SREM", client.keys.templates, name), ("DEL", client.keys.template(name))
+    ))
+    return bool(res[1])
 
 
 # ---------------------------------------------------------------------- pools
@@ -175,21 +204,30 @@ async def set_pool(
     cpu: float = 1.0,
     memory_mb: int = 512,
     gpu: str | None = None,
+    network: NetworkMode | None = None,
+    allow: list[str] | tuple[str, ...] | None = None,
     client: Client,
 ) -> str:
     """Keep ``size`` warm sandboxes of ``template`` in this shape; returns the pool name.
 
-    ``size=0`` deletes the pool (its warm sandboxes are ended by the pool controller).
+    ``network``/``allow``: the network of its sandboxes, claimed by creates that state
+    the same (``Sandbox.create(template=..., network=..., allow=...)``); None: the
+    template's, claimed by creates that state none. ``size=0`` deletes the pool (its
+    warm sandboxes are ended by the pool controller).
     """
     if size < 0:
         raise InvalidRequest(f"pool size must be >= 0, got {size}")
+    policy = _policy(network, allow)
     await get_template(template, client=client)
-    name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu))
-    conf = records.PoolConfig(template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "")
-    async with client.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(client.keys.pool_conf(name), mapping=records.pool_config_to_hash(conf))
-        pipe.sadd(client.keys.pools, name)
-        await pipe.execute()
+    name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu), policy)
+    conf = records.PoolConfig(
+        template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "", network=policy,
+    )
+    # Configured, then listed (the order delete_template explains; may span shards).
+    raise_first_error(await batching.for_client(client.redis).execute(
+        records.hset(client.keys.pool_conf(name), records.pool_config_to_hash(conf)),
+        ("SADD", client.keys.pools, name),
+    ))
     return name
 
 
@@ -209,7 +247,7 @@ async def pool_status(*, client: Client) -> list[PoolStatus]:
         out.append(PoolStatus(
             name=n, template=conf.template, size=conf.size,
             ready=ready, warming=warming, claiming=claiming, cpu=conf.cpu,
-            memory_mb=conf.memory_mb, gpu=conf.gpu,
+            memory_mb=conf.memory_mb, gpu=conf.gpu, network=conf.network,
         ))
     return out
 
@@ -221,7 +259,7 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
     if not 0 < spec.timeout <= protocol.MAX_TIMEOUT_S:
         raise InvalidRequest(f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}], got {spec.timeout:g}")
     keys = client.keys
-    pool = pool_name(spec.template, spec.resources)
+    pool = pool_name(spec.template, spec.resources, spec.network)
     ready, claims = keys.pool_ready(pool), keys.pool_claims(pool)
     # Each step is auto-pipelined: concurrent claims of this client share round trips.
     ap = batching.for_client(client.redis)

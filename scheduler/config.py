@@ -7,7 +7,10 @@ HOTBED_GPU_WORKERS_FOR_CPU (true: CPU-only sandboxes may land on GPU workers eve
 CPU-only workers have room), HOTBED_SHUTDOWN_GRACE_S, HOTBED_LOG_FORMAT,
 HOTBED_LOG_LEVEL, HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off),
 HOTBED_METRICS_ADDR (default 127.0.0.1), HOTBED_POOL_REFILL_PER_S,
-HOTBED_POOL_MAX_WARMING, HOTBED_POOL_INTERVAL_S (the warm pool controller).
+HOTBED_POOL_MAX_WARMING, HOTBED_POOL_INTERVAL_S (the warm pool controller),
+HOTBED_IMAGE_REFRESH_S (how often the images workers advertise are re-read; placement
+prefers a worker holding the sandbox's image). Registries and their logins are worker
+settings (:mod:`workers.config`): the worker pulls.
 
 Validated at load: unknown keys and bad values are one ConfigError line (exit code 2).
 SIGHUP reloads :data:`RELOADABLE`; other fields need a restart.
@@ -49,6 +52,7 @@ class SchedulerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     pool_refill_per_s: Positive = 20.0
     pool_max_warming: Annotated[int, msgspec.Meta(ge=1)] = 8
     pool_interval_s: Positive = 0.1
+    image_refresh_s: Positive = 2.0
 
     def __post_init__(self) -> None:
         check_common(self.redis_url, self.prefix)

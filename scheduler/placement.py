@@ -7,6 +7,11 @@ says whether any live worker could take it at all, so an impossible request fail
 once (NoMatchingWorker) while a merely busy fleet makes it wait (CapacityExhausted at
 its deadline).
 
+Images: ``image_fit`` splits the workers into those holding the sandbox's image (as
+they advertise, :class:`hotbed.records.HeldImages`), those that could get it (pull it
+from a registry they list, or may hold it: no or a truncated advertisement) and the
+rest; the placer tries holders first and never the rest while anyone could get it.
+
 GPU requests: ``"H100"`` (one), ``"H100:2"``, ``"any"``, ``"any:2"``; models match
 case-insensitively as a substring of the NVML name ("H100" matches "NVIDIA H100 80GB
 HBM3"). CPU-only sandboxes avoid GPU workers while a CPU-only worker has room.
@@ -20,6 +25,7 @@ import msgspec
 
 from hotbed.errors import InvalidRequest
 from hotbed.protocol import SandboxSpec, WorkerInfo
+from hotbed.records import image_ref, image_registry
 
 
 class WorkerView(msgspec.Struct, kw_only=True):
@@ -29,6 +35,9 @@ class WorkerView(msgspec.Struct, kw_only=True):
     gpu_free: list[str] = []
     sandboxes: int = 0
     heartbeat_at: float = 0.0
+    # Image names and ids it advertises holding; None: it advertises none (a runtime
+    # without images, or a list cut short), so it may hold any.
+    images: frozenset[str] | None = None
 
     @property
     def id(self) -> str:
@@ -116,3 +125,21 @@ def rank(
     else:
         out.sort(key=lambda c: sign * c[0].cpu_free)
     return out
+
+
+def image_fit(workers: Sequence[WorkerView], image: str) -> tuple[set[str], set[str] | None]:
+    """(workers holding ``image``, workers that could get it). The second is None when
+    placement need not care: no worker advertises images, or none could get it (only a
+    worker's own check can then say, and it answers ImageNotFound at once)."""
+    if not image or all(w.images is None for w in workers):
+        return set(), None
+    ref, registry = image_ref(image), image_registry(image)
+    holders: set[str] = set()
+    able: set[str] = set()
+    for w in workers:
+        if w.images is not None and (ref in w.images or image in w.images):
+            holders.add(w.id)
+            able.add(w.id)
+        elif w.images is None or registry in w.info.registries:
+            able.add(w.id)
+    return holders, (able or None)

@@ -10,6 +10,12 @@ handed back (HandBack). Requests no live worker could ever take fail at once
 (NoMatchingWorker). A GPU start command names the GPUs the placer picked;
 RESERVE_DISPATCH takes exactly those.
 
+Images: workers that advertise holding the sandbox's image are tried first; while any
+worker could get it (holds it, may hold it, or pulls from its registry) the others are
+not tried at all, so a busy holder makes the request wait rather than land where the
+image cannot be had. The chosen worker pulls a missing image within the request's
+deadline (:mod:`workers.images`); ImageNotFound comes from a worker that tried.
+
 The :class:`Placer` is what intake, the template paths and the pool controller share:
 it needs the Redis client, the key schema, the worker registry, the wait line and the
 placement settings, and nothing of the daemon around it.
@@ -17,7 +23,7 @@ placement settings, and nothing of the daemon around it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from itertools import chain
 
 import anyio
@@ -100,6 +106,8 @@ class Placer:
             timeout=spec.timeout,
             idle_timeout=spec.idle_timeout or 0.0,
             tags=spec.tags,
+            network="" if spec.network is None or spec.network.mode == "none" else spec.network.mode,
+            allow=list(spec.network.allow) if spec.network is not None else [],
         )
         gpu = parse_gpu(spec.resources.gpu)
         ngpu = gpu.count if gpu else 0
@@ -168,12 +176,23 @@ class Placer:
         return False
 
     def _candidates(self, spec: SandboxSpec, prefer: Collection[str]) -> Iterator[tuple[WorkerView, list[str]]]:
-        ranked = self.registry.ranked(
-            spec, node_tags=spec.worker_tags, policy=self.settings.placement,
-            gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
-        )
+        holders, able = self.registry.image_fit(spec.image)
+        ranked: Iterable[tuple[WorkerView, list[str]]]
+        if able is None:
+            ranked = self.registry.ranked(
+                spec, node_tags=spec.worker_tags, policy=self.settings.placement,
+                gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+            )
+        else:
+            # Only workers that could get the image. (The registry's heap expects every
+            # worker it yields to be tried, so this takes the scan instead.)
+            ranked = rank(
+                [w for w in self.registry.live() if w.id in able], spec, node_tags=spec.worker_tags,
+                policy=self.settings.placement, gpu_workers_for_cpu=self.settings.gpu_workers_for_cpu,
+            )
+        prefer = prefer or holders
         if not prefer:
-            return ranked
+            return iter(ranked)
         # The preferred few in policy order, then everyone else as usual; a preferred
         # worker without room is simply not among the first.
         first = rank(

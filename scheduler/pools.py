@@ -32,7 +32,9 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from hotbed import protocol, records
+from daemon import lifecycle
+from hotbed import batching, protocol, records
+from hotbed.batching import raise_first_error
 from hotbed.client import new_id
 from hotbed.errors import HotbedError
 from hotbed.keys import Keys
@@ -80,13 +82,13 @@ class PoolController:
         self.started = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                if await self.lock.hold():
-                    await self.tick()
-            except HotbedError as exc:
-                log.warning("pool controller: %s", exc)
-            await anyio.sleep(self.settings.pool_interval_s)
+        async def step() -> None:
+            if await self.lock.hold():
+                await self.tick()
+
+        await lifecycle.supervised_loop(
+            "pool controller", step, interval=lambda: self.settings.pool_interval_s, log=log,
+        )
 
     def _take_tokens(self, want: int) -> int:
         rate = self.settings.pool_refill_per_s
@@ -142,6 +144,7 @@ class PoolController:
             template=conf.template,
             resources=Resources(cpu=conf.cpu, memory_mb=conf.memory_mb, gpu=conf.gpu or None),
             timeout=protocol.MAX_TIMEOUT_S,
+            network=conf.network,
         )
         try:
             recipe = await templates.resolve(self.redis, self.keys, spec)
@@ -238,9 +241,10 @@ class PoolController:
 
     async def _forget(self, name: str) -> None:
         keys = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.pool_conf(name))
-            pipe.srem(keys.pools, name)
-            await pipe.execute()
+        # Unlisted, then deleted: on a Redis Cluster the two keys may live on different
+        # shards, and this order never leaves a configuration that nothing lists.
+        raise_first_error(await batching.for_client(self.redis).execute(
+            ("SREM", keys.pools, name), ("DEL", keys.pool_conf(name))
+        ))
         self._pruned_at.pop(name, None)
         self._prune_from.pop(name, None)

@@ -9,39 +9,57 @@ next candidate. One refresh costs one ZRANGEBYSCORE plus one pipelined round tri
 no worker tags, ``spread``) is served from a heap of workers keyed by (has GPUs, most
 free CPU) with lazy invalidation, so a placement costs O(log workers) instead of a scan
 and sort of the fleet; anything else goes through :func:`scheduler.placement.rank`.
+
+The images workers advertise (``Keys.worker_images``) are re-read every
+``image_refresh_s``, not every refresh: they change with pulls and builds, not with
+placements, and are the largest thing a worker publishes.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterator
 
 import msgspec
 import redis.asyncio as aioredis
 
 from daemon import lifecycle
-from hotbed import protocol
+from hotbed import protocol, records
 from hotbed.keys import Keys
 from hotbed.protocol import SandboxSpec
 from hotbed.records import capacity_from_hash
-from scheduler.placement import WorkerView, rank
+from scheduler.placement import WorkerView, image_fit, rank
 
 # WorkerView is defined with the placement functions that read it; still importable here.
 __all__ = ["WorkerRegistry", "WorkerView"]
 
 
 class WorkerRegistry:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, *, heartbeat_ttl_s: float) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, *, heartbeat_ttl_s: float, image_refresh_s: float = 2.0,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.image_refresh_s = image_refresh_s
         self.workers: dict[str, WorkerView] = {}
+        # Worker id -> the names and ids it advertises (absent: none advertised).
+        self._images: dict[str, frozenset[str]] = {}
+        self._images_read_at = float("-inf")
         # (has GPUs, -cpu_free, version, id): the spread order, stale entries skipped.
         self._heap: list[tuple[bool, int, int, str]] = []
         self._version: dict[str, int] = {}
 
     def live(self) -> list[WorkerView]:
         return list(self.workers.values())
+
+    def image_fit(self, image: str) -> tuple[set[str], set[str] | None]:
+        """Live workers holding ``image``, and those that could get it
+        (:func:`scheduler.placement.image_fit`)."""
+        if not self._images:
+            return set(), None
+        return image_fit(self.live(), image)
 
     # ------------------------------------------------------------- spread index
 
@@ -107,11 +125,22 @@ class WorkerRegistry:
             self.keys.workers, int((now - self.heartbeat_ttl_s) * 1000), "+inf", withscores=True
         )
         ids = [(m.decode(), score / 1000) for m, score in rows]
+        read_images = time.monotonic() - self._images_read_at >= self.image_refresh_s
         async with self.redis.pipeline(transaction=False) as pipe:
             for wid, _ in ids:
                 pipe.get(self.keys.worker_info(wid))
                 pipe.hgetall(self.keys.worker_cap(wid))
+            if read_images:
+                for wid, _ in ids:
+                    pipe.get(self.keys.worker_images(wid))
             res = await pipe.execute()
+        if read_images:
+            self._images_read_at = time.monotonic()
+            self._images = {}
+            for (wid, _), raw in zip(ids, res[2 * len(ids):], strict=True):
+                held = records.images_from_value(raw)
+                if held is not None and not held.truncated:
+                    self._images[wid] = frozenset(held.names())
         fresh: dict[str, WorkerView] = {}
         for i, (wid, hb) in enumerate(ids):
             raw_info, cap = res[2 * i], res[2 * i + 1]
@@ -129,6 +158,7 @@ class WorkerRegistry:
                 gpu_free=free.gpu_free,
                 sandboxes=free.sandboxes,
                 heartbeat_at=hb,
+                images=self._images.get(wid),
             )
         self.workers = fresh
         self._rebuild()

@@ -95,7 +95,8 @@ class Scheduler:
 
     async def _serve(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         self.registry = WorkerRegistry(
-            self.redis, self.keys, heartbeat_ttl_s=self.settings.heartbeat_ttl_s
+            self.redis, self.keys, heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+            image_refresh_s=self.settings.image_refresh_s,
         )
         self.placer = Placer(
             self.redis, self.keys, self.registry, self.waitline,
@@ -141,26 +142,33 @@ class Scheduler:
     # ------------------------------------------------------------ background
 
     async def _refresh_loop(self) -> None:
-        assert self.registry is not None
-        while True:
-            await anyio.sleep(self.settings.registry_refresh_s)
-            with lifecycle.survive("registry refresh"):
-                await self.registry.refresh()
-                self.waitline.capacity_changed()
+        registry = self.registry
+        assert registry is not None
+
+        async def refresh() -> None:
+            await registry.refresh()
+            self.waitline.capacity_changed()
+
+        await lifecycle.supervised_loop(
+            "registry refresh", refresh, interval=lambda: self.settings.registry_refresh_s,
+            initial_delay=self.settings.registry_refresh_s, log=log,
+        )
 
     async def _reclaim_loop(self, consumer: StreamConsumer, work: anyio.abc.TaskGroup) -> None:
         """Take over requests a dead replica read and never finished."""
-        min_idle_ms = int(self.settings.reclaim_idle_s * 1000)
-        while True:
-            stale: list[tuple[bytes, bytes]] = []
-            with lifecycle.survive("reclaiming stale requests"):
-                stale = await consumer.claim_stale(min_idle_ms)
+
+        async def reclaim() -> None:
+            stale = await consumer.claim_stale(int(self.settings.reclaim_idle_s * 1000))
             for entry_id, data in stale:
                 log.info("reclaimed request %s from a stalled replica", entry_id.decode())
                 token = object()
                 await self._limiter.acquire_on_behalf_of(token)
                 work.start_soon(self._run_reclaimed, consumer, entry_id, data, token)
-            await anyio.sleep(min(self.settings.reclaim_idle_s / 2, 5.0))
+
+        await lifecycle.supervised_loop(
+            "reclaiming stale requests", reclaim,
+            interval=lambda: min(self.settings.reclaim_idle_s / 2, 5.0), log=log,
+        )
 
     async def _run_reclaimed(
         self, consumer: StreamConsumer, entry_id: bytes, data: bytes, token: object
@@ -172,11 +180,11 @@ class Scheduler:
             self._limiter.release_on_behalf_of(token)
 
     async def _reaper_loop(self, lock: LeaderLock) -> None:
-        while True:
-            await anyio.sleep(1.0)
-            with lifecycle.survive("reaper"):
-                if await lock.hold():
-                    await self.reap_dead_workers()
+        async def reap() -> None:
+            if await lock.hold():
+                await self.reap_dead_workers()
+
+        await lifecycle.supervised_loop("reaper", reap, interval=1.0, initial_delay=1.0, log=log)
 
     async def reap_dead_workers(self) -> None:
         cutoff = int((lifecycle.wall() - self.settings.heartbeat_ttl_s) * 1000)

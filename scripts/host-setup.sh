@@ -35,6 +35,8 @@ install_debian_packages() {
   # package does not make systemd PID 1; nothing else changes on the host).
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v openssl >/dev/null || missing+=(openssl)
+  # A registry on loopback, for the tests that pull (tests/test_images.py starts its own).
+  command -v docker-registry >/dev/null || missing+=(docker-registry)
   [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -q '^wget$' || missing+=(busybox-static)
   if [ ${#missing[@]} -gt 0 ]; then
     need_root; apt_update
@@ -43,6 +45,10 @@ install_debian_packages() {
     # The redis-server package starts a system instance; hotbed manages its own.
     if command -v systemctl >/dev/null && systemctl is-active -q redis-server 2>/dev/null; then
       systemctl stop redis-server || true
+    fi
+    # Likewise the docker-registry package's system service: the tests start their own.
+    if command -v systemctl >/dev/null && systemctl is-enabled -q docker-registry 2>/dev/null; then
+      systemctl disable --now docker-registry || true
     fi
   fi
 }
@@ -103,12 +109,15 @@ configure_docker() {
   # `docker start --checkpoint`). "runsc-ptrace" is the wrapper on gVisor's ptrace
   # platform: process creation 2.3x faster than systrap on this kind of VM, syscalls
   # slower (bench/README.md, "exec"); a worker opts in with HOTBED_OCI_RUNTIME.
-  # "runsc-net" is the wrapper with a network, only for sandboxes whose network is
-  # "egress" or "open": the worker puts them in a namespace on its bridge and filters
-  # them on the host (docs/operations.md, "Sandbox network"). It is --network=host
-  # (the kernel's stack inside that namespace) because this runsc's --network=sandbox
-  # refuses to start on kernels that show /proc/sys/net/core/rmem_default in every
-  # namespace (its root-namespace test). Every other runtime keeps --network=none.
+  # "live-restore": sandboxes keep running while dockerd restarts (an upgrade, a
+  # crash); the worker rides out the outage and finds them running after it.
+  # "runsc-net" is the wrapper with gVisor's own network stack, only for sandboxes
+  # whose network is "egress" or "open": the worker puts them in a namespace on its
+  # bridge and filters them on the host (docs/operations.md, "Sandbox network").
+  # gVisor's stack (not the kernel's, --network=host) because runsc can checkpoint it:
+  # pause, snapshots and templates work with a network. --net-disconnect-ok: a
+  # checkpoint drops open TCP connections instead of failing (and ending the sandbox).
+  # Every other runtime keeps --network=none.
   local runsc_bin; runsc_bin=$(command -v runsc)
   local runsc_path=/usr/local/lib/hotbed/runsc-hotbed
   install -D -m 0755 "$ROOT/deploy/runsc/runsc-hotbed" "$runsc_path"
@@ -123,8 +132,9 @@ configure_docker() {
   "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]},
                "runsc-plain": {"path": "$runsc_bin", "runtimeArgs": ["--network=none"]},
                "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]},
-               "runsc-net": {"path": "$runsc_path", "runtimeArgs": ["--network=host"]}$gpu_runtime},
+               "runsc-net": {"path": "$runsc_path", "runtimeArgs": ["--network=sandbox", "--net-disconnect-ok"]}$gpu_runtime},
   "experimental": true,
+  "live-restore": true,
   "bridge": "none",
   "iptables": false,
   "ip-masq": false
@@ -141,8 +151,9 @@ JSON
         # Only the runtimes changed: dockerd reloads those on SIGHUP, and the
         # sandboxes running now keep running (a restart would end them).
         log "reloading dockerd's runtimes"
-        pkill -HUP -x dockerd || true
-        for _ in $(seq 50); do docker info --format '{{json .Runtimes}}' | grep -q runsc-net && break; sleep 0.2; done
+        local pid; pid=$(cat /var/run/docker.pid 2>/dev/null || pgrep -o -x dockerd || true)
+        [ -n "$pid" ] && kill -HUP "$pid" || true
+        for _ in $(seq 50); do docker info --format '{{json .Runtimes}}' | grep -q 'net-disconnect-ok' && break; sleep 0.2; done
       else
         log "restarting dockerd to pick up the runtime"
         stop_dockerd

@@ -1,6 +1,10 @@
 """Shared fixtures: a real Redis per session, a real control plane per test.
 
-``redis_url``: a private redis-server on a free loopback port for the whole session.
+``redis_url``: a private redis-server on a free loopback port for the whole session; with
+``HOTBED_TEST_CLUSTER=1``, the URL of a local 3-primary Redis Cluster instead, so the
+whole suite runs against a cluster.
+``redis_cluster``: that local cluster (3 primaries, 1 replica each), started once per
+session when a test asks for it.
 ``prefix``: a fresh key-space prefix per test, so tests never see each other's keys.
 ``hotbed_stack``: a scheduler and one docker+runsc worker running in the test's event
 loop, with a connected client; on teardown the worker drains, and any container the
@@ -18,6 +22,8 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -28,6 +34,9 @@ from scheduler.config import SchedulerSettings
 from scheduler.service import Scheduler
 from workers.agent import WorkerAgent
 from workers.config import WorkerSettings
+
+if TYPE_CHECKING:
+    from cli.localcluster import LocalCluster
 
 BUSYBOX_IMAGE = os.environ.get("HOTBED_TEST_IMAGE", "hotbed/busybox")
 BASE_IMAGE = os.environ.get("HOTBED_BASE_IMAGE", "hotbed/base")
@@ -45,7 +54,42 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_cluster() -> Iterator[LocalCluster]:
+    from cli import localcluster
+
+    root = Path(tempfile.mkdtemp(prefix="hotbed-cluster-"))
+    try:
+        cluster = localcluster.start(3, root, replicas=1)
+    except localcluster.ClusterStartError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield cluster
+    finally:
+        localcluster.stop(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def sync_redis(url: str) -> Any:
+    """A synchronous client for a test's own checks, standalone or cluster."""
+    import redis
+
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from hotbed.connection import RedisURL
+
+        u = RedisURL(url)
+        return redis.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in u.hosts],
+            username=u.username, password=u.password,
+        )
+    return redis.Redis.from_url(url)
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if os.environ.get("HOTBED_TEST_CLUSTER") == "1":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        yield cluster.url
+        return
     if url := os.environ.get("HOTBED_TEST_REDIS_URL"):
         yield url
         return
@@ -208,8 +252,6 @@ def daemons(redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     import signal
     import sys
 
-    import redis as sync_redis
-
     if not docker_available():
         pytest.fail("dockerd with runsc is not running: run `make test` (it sets them up)")
     monkeypatch.setenv("HOTBED_REDIS_URL", redis_url)
@@ -222,7 +264,7 @@ def daemons(redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     for module in ("scheduler", "workers"):
         log = open(os.path.join(logs, f"{module}.log"), "wb")  # noqa: SIM115
         procs.append(subprocess.Popen([sys.executable, "-m", module], env=env, stdout=log, stderr=log))
-    r = sync_redis.Redis.from_url(redis_url)
+    r = sync_redis(redis_url)
     deadline = time.monotonic() + 30
     while r.zscore(f"{prefix}:workers", f"w-{prefix}") is None:
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):

@@ -48,7 +48,7 @@ async def test_scripts_load_on_first_use_and_errors_stay_per_command(redis_url: 
     ap = batching.for_client(redis)
     assert batching.for_client(redis) is ap
     try:
-        # Unknown to the server until now: NOSCRIPT, loaded, re-sent once.
+        # Unknown to the server until now: loaded ahead of its first use.
         (n,) = await ap.execute(script.call([f"{prefix}:s"], [5]))
         assert n == 5
         got = await ap.execute(("INCR", f"{prefix}:s"), ("HGET", f"{prefix}:s", "f"))

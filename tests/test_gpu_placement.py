@@ -1,7 +1,7 @@
 """GPU detection and GPU placement, without a GPU.
 
-Detection runs against NVML-shaped fakes (and the real binding, which finds no driver
-here). Placement runs the real scheduler and several worker agents against the real
+Detection and usage run against NVML-shaped fakes (and the real binding, which must
+find exactly the host's GPUs: none here). Placement runs the real scheduler and several worker agents against the real
 Redis; the workers declare GPUs in their settings and run a recording test double
 instead of containers, so what is checked is exactly where the scheduler put what.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import msgspec
@@ -24,7 +25,15 @@ from scheduler.config import SchedulerSettings
 from scheduler.service import Scheduler
 from workers.agent import WorkerAgent
 from workers.config import WorkerSettings
-from workers.gpu import NoGpuDetector, NvmlDetector, StaticDetector, detector_for
+from workers.gpu import (
+    NoGpuDetector,
+    NvmlDetector,
+    NvmlUsage,
+    StaticDetector,
+    detector_for,
+    usage_samples,
+)
+from workers.runtimes.runsc.nvidia import gpu_minors
 
 pytestmark = pytest.mark.anyio
 
@@ -47,8 +56,40 @@ def test_nvml_detector_reads_models_memory_and_uuids() -> None:
 def test_no_driver_means_no_gpus_not_an_error() -> None:
     assert NvmlDetector(FakeNvml(None, fail_init=True)).detect() == []
     assert NvmlDetector(FakeNvml([])).detect() == []
-    # The real binding on this GPU-less machine: no library, no driver, no error.
-    assert NvmlDetector().detect() == []
+    # The real binding: on a machine without the driver it finds nothing and raises
+    # nothing; on a GPU host, exactly the GPUs the driver lists.
+    assert {g.uuid for g in NvmlDetector().detect()} == host_gpus()
+
+
+def host_gpus() -> set[str]:
+    """The UUIDs of this host's GPUs as NVML would find them: the driver's list, when
+    the NVML binding is installed."""
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return set()
+    return set(gpu_minors())
+
+
+def test_gpu_usage_per_gpu_and_holding_sandbox() -> None:
+    nvml = FakeNvml([("NVIDIA H200", "GPU-aaaa", 150 << 30), ("NVIDIA H200", "GPU-bbbb", 150 << 30)])
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: SimpleNamespace(used=(h + 1) << 30)  # type: ignore[method-assign]
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: SimpleNamespace(gpu=40 * h, memory=0)  # type: ignore[attr-defined]
+    usage = NvmlUsage(nvml)
+    got = usage.read()
+    assert [(u.uuid, u.memory_used_bytes, u.utilization_pct) for u in got] == [
+        ("GPU-aaaa", 1 << 30, 0), ("GPU-bbbb", 2 << 30, 40),
+    ]
+    samples = usage_samples("w1", got, {"GPU-bbbb": "sb-1"})
+    assert samples["hotbed_gpu_memory_used_bytes"] == {
+        ("w1", "GPU-aaaa", ""): float(1 << 30), ("w1", "GPU-bbbb", "sb-1"): float(2 << 30),
+    }
+    assert samples["hotbed_gpu_utilization_ratio"][("w1", "GPU-bbbb", "sb-1")] == 0.4
+    usage.close()
+    assert nvml.shutdowns == 1
+    # No driver: no samples and no error.
+    broken = FakeNvml(None, fail_init=True)
+    assert NvmlUsage(broken).read() == []
 
 
 def test_detector_choice() -> None:

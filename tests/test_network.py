@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
-from hotbed.errors import InvalidRequest, UnsupportedRequest
+from hotbed.errors import InvalidRequest
 from hotbed.sandbox import Sandbox
 from tests.conftest import BASE_IMAGE, Stack
 from workers.runtimes.docker.network import chain_name
@@ -209,22 +213,177 @@ async def test_open_network_can_be_forbidden(redis_url: str, prefix: str) -> Non
             await Sandbox.create(BASE_IMAGE, client=stack.client, cpu=0.25, memory_mb=256, network="open")
 
 
-async def test_pause_and_snapshot_refused_typed_and_the_network_stays(
-    hotbed_stack: Stack, netns: Namespace
-) -> None:
-    """runsc cannot checkpoint the kernel network stack that networked sandboxes use:
-    pause and snapshot say so (typed) and the sandbox keeps its network and rules."""
+async def _reaches(sb: Sandbox, host: str, port: int) -> bool:
+    got = await _probe(sb, host, port)
+    if not got["ok"]:
+        assert "ConnectionRefused" in str(got["error"]) and float(got["s"]) < 2.0, got  # type: ignore[arg-type]
+    return bool(got["ok"])
+
+
+async def test_pause_resume_and_snapshot_keep_the_network(hotbed_stack: Stack, netns: Namespace) -> None:
+    """gVisor's own network stack is checkpointed with the sandbox: pause/resume and a
+    snapshot keep its network and its rules, and the sandbox goes on serving."""
     netns.serve(netns.ns_ip, 8081)
-    sb = await Sandbox.create(BASE_IMAGE, client=hotbed_stack.client, cpu=0.25, memory_mb=256,
+    netns.serve(netns.ns_ip, 8082)
+    client = hotbed_stack.client
+    sb = await Sandbox.create(BASE_IMAGE, client=client, cpu=0.25, memory_mb=256,
                               network="egress", allow=[f"{netns.ns_ip}:8081"])
     try:
-        with pytest.raises(UnsupportedRequest, match="network"):
-            await sb.pause()
-        with pytest.raises(UnsupportedRequest, match="network"):
-            await sb.snapshot()
+        await sb.exec("sh", "-c", "echo kept > /tmp/state")
+        await sb.pause()
+        await sb.resume()
+        assert (await sb.exec("cat", "/tmp/state")).stdout == "kept\n"
         assert chain_name(sb.id) in _rules()
-        got = await _probe(sb, netns.ns_ip, 8081)
-        assert got["ok"], got
+        assert await _reaches(sb, netns.ns_ip, 8081)
+        assert not await _reaches(sb, netns.ns_ip, 8082)
+        # A snapshot (it keeps running) is a template whose sandboxes get its network.
+        await sb.snapshot("net-snap-" + sb.id[-6:])
+        assert await _reaches(sb, netns.ns_ip, 8081)
+        child = await Sandbox.create(template="net-snap-" + sb.id[-6:], client=client, cpu=0.25, memory_mb=256)
+        try:
+            assert (await child.exec("cat", "/tmp/state")).stdout == "kept\n"
+            assert await _reaches(child, netns.ns_ip, 8081)
+            assert not await _reaches(child, netns.ns_ip, 8082)
+        finally:
+            await child.terminate()
+        # The same snapshot restored into another network: what the create states.
+        bare = await Sandbox.create(template="net-snap-" + sb.id[-6:], client=client, cpu=0.25,
+                                    memory_mb=256, network="none")
+        try:
+            got = await _probe(bare, netns.ns_ip, 8081)
+            assert not got["ok"] and "ConnectionRefused" not in str(got["error"]), got
+        finally:
+            await bare.terminate()
     finally:
         await sb.terminate()
     assert chain_name(sb.id) not in _rules()
+
+
+async def test_templates_and_pools_carry_the_network(hotbed_stack: Stack, netns: Namespace) -> None:
+    """A template's set-up runs with its network; a pool's key includes the network its
+    claims state, so a claim never gets a warm sandbox with another network."""
+    from hotbed import templates
+
+    netns.serve(netns.ns_ip, 8081)
+    client = hotbed_stack.client
+    name = "net-tpl-" + secrets.token_hex(3)
+    allow = [f"{netns.ns_ip}:8081"]
+    # The set-up reaches the allowed server (it fails the build otherwise).
+    fetch = f"python3 -c \"import socket; socket.create_connection(('{netns.ns_ip}', 8081), timeout=5).close()\""
+    await templates.create_template(name, image=BASE_IMAGE, run=[fetch], cpu=0.25, memory_mb=256,
+                                    network="egress", allow=allow, client=client)
+    rec = await templates.get_template(name, client=client)
+    assert rec.spec.network.mode == "egress" and rec.spec.network.allow == allow
+    with pytest.raises(InvalidRequest):
+        await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, network="egress", allow=["nope:0"], client=client)
+    # Two pools of one template and shape: the template's network, and none.
+    default_pool = await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, client=client)
+    bare_pool = await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, network="none", client=client)
+    assert default_pool != bare_pool
+    try:
+        for pool in (default_pool, bare_pool):
+            with anyio.fail_after(60):
+                while not [p for p in await templates.pool_status(client=client) if p.name == pool and p.ready]:
+                    await anyio.sleep(0.1)
+        networked = await Sandbox.create(template=name, client=client, cpu=0.25, memory_mb=256)
+        bare = await Sandbox.create(template=name, client=client, cpu=0.25, memory_mb=256, network="none")
+        try:
+            assert networked.path == "warm" and bare.path == "warm", (networked.path, bare.path)
+            assert await _reaches(networked, netns.ns_ip, 8081)
+            got = await _probe(bare, netns.ns_ip, 8081)
+            assert not got["ok"] and "ConnectionRefused" not in str(got["error"]), got
+            records = {r.id: r for r in await Sandbox.list_records(client=client)}
+            assert records[networked.id].network == "egress" and records[networked.id].allow == allow
+            assert records[networked.id].pool == "" and records[bare.id].network == ""
+        finally:
+            await networked.terminate()
+            await bare.terminate()
+    finally:
+        for pool in (default_pool, bare_pool):
+            await templates.set_pool(name, 0, cpu=0.25, memory_mb=256,
+                                     network="none" if pool == bare_pool else None, client=client)
+        with anyio.fail_after(60):
+            while await templates.pool_status(client=client):
+                await anyio.sleep(0.2)
+
+
+class DnsServer:
+    """An upstream resolver on loopback: A records for ``names``, NXDOMAIN otherwise;
+    remembers every name it was asked."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+        self.asked: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            off, labels = 12, []
+            while data[off]:
+                labels.append(data[off + 1: off + 1 + data[off]].decode())
+                off += 1 + data[off]
+            name, qtype = ".".join(labels).lower(), struct.unpack("!H", data[off + 1: off + 3])[0]
+            self.asked.append(name)
+            question = data[12: off + 5]
+            ip = self.names.get(name)
+            answer = (b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 5, 4) + socket.inet_aton(ip)) if ip and qtype == 1 else b""
+            rcode = 0 if ip else 3
+            head = struct.pack("!6H", struct.unpack("!H", data[:2])[0], 0x8180 | rcode, 1, 1 if answer else 0, 0, 0)
+            self.sock.sendto(head + question + answer, peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+RESOLVE = r"""
+import json, socket, sys, time
+out = {}
+for name in sys.argv[1:]:
+    t = time.monotonic()
+    try:
+        out[name] = socket.gethostbyname(name)
+    except OSError as exc:
+        out[name] = "error: " + str(exc)
+    out[name + " s"] = time.monotonic() - t
+print(json.dumps(out))
+"""
+
+
+async def test_dns_answers_allowed_names_only(redis_url: str, prefix: str, netns: Namespace) -> None:
+    """The node's resolver answers a sandbox only the names its list allows (forwarded
+    upstream), opens the answer's addresses on the entry's ports, and refuses the rest
+    at once without asking upstream."""
+    from tests.conftest import running_stack
+
+    netns.serve(netns.ns_ip, 8081)
+    netns.serve(netns.ns_ip, 8082)
+    upstream = DnsServer({"allowed.test": netns.ns_ip, "a.wild.test": netns.ns_ip, "denied.test": netns.ns_ip})
+    try:
+        async with running_stack(redis_url, prefix,
+                                 worker_overrides={"net_dns_upstream": f"127.0.0.1:{upstream.port}"}) as stack:
+            sb = await Sandbox.create(BASE_IMAGE, client=stack.client, cpu=0.25, memory_mb=256,
+                                      network="egress", allow=["allowed.test:8081", "*.wild.test:8082"])
+            try:
+                res = await sb.exec("python3", "-c", RESOLVE, "allowed.test", "a.wild.test", "denied.test",
+                                    timeout=30)
+                got = json.loads(res.stdout)
+                assert got["allowed.test"] == netns.ns_ip and got["a.wild.test"] == netns.ns_ip, got
+                assert got["denied.test"].startswith("error"), got
+                assert got["denied.test s"] < 1.0, got
+                assert "denied.test" not in upstream.asked
+                # The answers opened their entries' ports, and only those.
+                assert await _reaches(sb, "allowed.test", 8081)
+                assert not await _reaches(sb, "allowed.test", 8082)
+                assert await _reaches(sb, "a.wild.test", 8082)
+            finally:
+                await sb.terminate()
+    finally:
+        upstream.close()

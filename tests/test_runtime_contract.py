@@ -2,7 +2,7 @@
 :class:`~workers.runtimes.base.Runtime`, run against each of them.
 
 :class:`RuntimeContract` holds the behaviour; a subclass per runtime (docker + runsc,
-process, sim, and the test double of ``doubles``) gives the runtime and says
+runsc direct, process, sim, and the test double of ``doubles``) gives the runtime and says
 what it models, and the tests of what it does not model are skipped for it:
 
 * ``runs_commands``: exec runs the command (``echo``, ``exit N``, ``sleep`` past the
@@ -39,6 +39,8 @@ from workers.runtimes.base import Placed
 pytestmark = pytest.mark.anyio
 
 USER = "1000:1000"
+# Unpacked images of the runsc runtime's tests, kept across runs (one export per image).
+RUNSC_IMAGE_CACHE = "/var/lib/hotbed/runsc-test/images"
 WORKER = "w-contract"
 
 
@@ -203,6 +205,33 @@ class TestDockerRuntime(RuntimeContract):
                 for m in await rt.list_managed():
                     if m.prefix == prefix:
                         await rt.destroy(m.sandbox_id)
+                await rt.aclose()
+
+
+class TestRunscRuntime(RuntimeContract):
+    """runsc driven directly, its images from the local Docker engine."""
+
+    guest_agent = True
+    snapshots = "yes"
+    image = BUSYBOX_IMAGE
+
+    @pytest.fixture
+    async def runtime(self, prefix: str, tmp_path: Path) -> AsyncIterator[Any]:
+        if not docker_available() or not image_exists(BUSYBOX_IMAGE):
+            pytest.skip("needs runsc, and dockerd with the test image")
+        from workers.runtimes.runsc import RunscRuntime
+
+        # Image cache shared across tests (one export per image), sandboxes private.
+        rt = RunscRuntime(
+            root="/run/hotbed/runsc-test", state_dir=tmp_path / "runsc", image_cache=RUNSC_IMAGE_CACHE
+        )
+        await rt.open()
+        try:
+            yield rt
+        finally:
+            with anyio.CancelScope(shield=True):
+                for m in await rt.list_managed():
+                    await rt.destroy(m.sandbox_id)
                 await rt.aclose()
 
 

@@ -3,7 +3,9 @@ calls it (deployment start, session, commands, interrupt, files, close, stop).""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -29,6 +31,7 @@ from swerex.runtime.abstract import (  # noqa: E402
 
 from hotbed.integrations.swerex import HotbedDeployment  # noqa: E402
 from tests.conftest import BASE_IMAGE, Stack  # noqa: E402
+from tests.swerex_cases import CASES, make_local, outcome  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -109,3 +112,110 @@ async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> N
         await deployment.stop()
     with pytest.raises(DeploymentNotStartedError):
         await deployment.is_alive()
+
+
+_KEEP_PAST_LOOP: list[object] = []
+
+
+async def _outcomes(rt: Any, local: Path) -> list[tuple[Any, ...]]:
+    got = []
+    for _, request in CASES:
+        try:
+            value = await request(rt, local)
+        except Exception as exc:  # noqa: BLE001 (what it raised is the result)
+            got.append(outcome(exc=exc))
+        else:
+            got.append(outcome(value))
+    return got
+
+
+@pytest.fixture(scope="module")
+def swerex_image() -> str:
+    from bench.common.swerex_ref import ensure_image
+
+    try:
+        return ensure_image(BASE_IMAGE)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot build swe-rex's reference image (wheels need PyPI once): {exc}")
+
+
+@pytest.mark.timeout(300)
+async def test_every_request_matches_swerex_own_runtime(
+    hotbed_stack: Stack, tmp_path: Path, swerex_image: str
+) -> None:
+    """Each request, same order, same image: hotbed's runtime and swe-rex's own
+    (``swerex-remote`` under runsc, through its docker deployment) return equal models
+    and raise the same exception types with the same messages."""
+    from bench.common.swerex_ref import swerex_docker
+
+    make_local(tmp_path)
+    hot = HotbedDeployment(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256)
+    async with swerex_docker(swerex_image) as ref:
+        await ref.start()
+        await hot.start()
+        try:
+            want = await _outcomes(ref.runtime, tmp_path)
+            got = await _outcomes(hot.runtime, tmp_path)
+        finally:
+            await hot.stop()
+    diffs = [
+        f"{name}:\n  swe-rex: {w!r}\n  hotbed:  {g!r}"
+        for (name, _), w, g in zip(CASES, want, got, strict=True) if w != g
+    ]
+    assert not diffs, f"{len(diffs)} of {len(CASES)} requests differ:\n" + "\n".join(diffs)
+
+
+@pytest.mark.timeout(300)
+async def test_swe_agent_remote_deployment_runs_on_hotbed(hotbed_stack: Stack, tmp_path: Path) -> None:
+    """SWE-agent unchanged: its ``remote`` deployment config (host, port, token), built
+    into a deployment by swe-rex's own ``get_deployment``, drives a hotbed sandbox
+    through hotbed's server, and every request answers as hotbed's runtime does."""
+    import socket
+
+    import aiohttp
+    import uvicorn
+    from swerex.deployment.config import RemoteDeploymentConfig, get_deployment
+
+    from hotbed.integrations.swerex_server import HotbedSwerexServer
+
+    make_local(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = HotbedSwerexServer(auth_token="tok", image=BASE_IMAGE, client=hotbed_stack.client,
+                                memory_mb=256)
+    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"))
+    direct = HotbedDeployment(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(web.serve)
+        try:
+            with anyio.fail_after(10):
+                while not web.started:  # noqa: ASYNC110 (uvicorn has no readiness event)
+                    await anyio.sleep(0.01)
+            config = RemoteDeploymentConfig(host="http://127.0.0.1", port=port, auth_token="tok",
+                                            timeout=30)
+            remote = get_deployment(config)
+            # swe-rex's deployments schedule stop() from __del__, and a stopped
+            # RemoteDeployment's stop() raises: keep it until the event loop is gone.
+            _KEEP_PAST_LOOP.append(remote)
+            await remote.start()
+            got = await _outcomes(remote.runtime, tmp_path)
+            assert server._runtime is None  # /close ended the episode's sandbox
+            await direct.start()
+            try:
+                want = await _outcomes(direct.runtime, tmp_path)
+            finally:
+                await direct.stop()
+            await remote.stop()
+            # A wrong token is refused.
+            async with aiohttp.ClientSession() as http, http.post(
+                f"http://127.0.0.1:{port}/close", headers={"X-API-Key": "wrong"}
+            ) as resp:
+                assert resp.status == 401
+        finally:
+            web.should_exit = True
+    diffs = [
+        f"{name}:\n  direct: {w!r}\n  remote: {g!r}"
+        for (name, _), w, g in zip(CASES, want, got, strict=True) if w != g
+    ]
+    assert not diffs, f"{len(diffs)} of {len(CASES)} requests differ:\n" + "\n".join(diffs)

@@ -21,6 +21,7 @@ from hotbed.errors import ConfigError
 from workers import metrics as worker_metrics
 from workers.agent import WorkerAgent
 from workers.config import RELOADABLE, WorkerSettings
+from workers.gpu import NvmlUsage
 from workers.runtimes import make_runtime
 
 log = logging.getLogger("workers")
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url")
     parser.add_argument("--prefix")
     parser.add_argument("--worker-id")
-    parser.add_argument("--runtime", choices=["docker", "sim", "process"])
+    parser.add_argument("--runtime", choices=["docker", "runsc", "sim", "process"])
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         "redis_url": args.redis_url, "prefix": args.prefix,
@@ -66,10 +67,13 @@ def main(argv: list[str] | None = None) -> None:
             agent.info = msgspec.structs.replace(agent.info, tags=dict(agent.settings.tags))
             await agent.redis.set(agent.keys.worker_info(agent.id), protocol.encode(agent.info))
 
+    # GPU memory and utilisation in the metrics, where NVML sees the GPUs.
+    gpu_usage = NvmlUsage() if settings.metrics_port and agent.info.gpus and not settings.gpus else None
+
     async def serve() -> None:
         async with metrics.serve(
             agent.metrics, port=settings.metrics_port, addr=settings.metrics_addr,
-            sample=lambda: worker_metrics.sample(agent.sandboxes, agent.info),
+            sample=lambda: worker_metrics.sample(agent.sandboxes, agent.info, gpu_usage),
         ):
             await lifecycle.run_service(agent.run, agent.stopping, name="worker", reload=reload)
 

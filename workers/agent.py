@@ -53,6 +53,7 @@ from hotbed.batching import raise_first_error
 from hotbed.connection import connect
 from hotbed.errors import (
     HotbedError,
+    ImageNotFound,
     InvalidRequest,
     Overloaded,
     RequestTimeout,
@@ -81,6 +82,7 @@ from hotbed.protocol import (
     StartSandbox,
     Terminate,
     Terminated,
+    UpdateSandbox,
     WatchDir,
     WorkerInfo,
     WriteFile,
@@ -89,8 +91,9 @@ from workers.config import WorkerSettings
 from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
+from workers.images import ImageService
 from workers.ports import PortTunnels, chain
-from workers.runtimes.base import Runtime
+from workers.runtimes.base import NetworkService, Runtime
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshots import SnapshotManager
 
@@ -108,6 +111,8 @@ LONG_LIVED_PER_NODE = 256
 LONG_LIVED_PER_SANDBOX = 16
 # A command allowed to run longer than this is long-lived.
 SHORT_S = 60.0
+# A pull for a request that carries no deadline gives up after this long.
+PULL_WITHOUT_DEADLINE_S = 600.0
 
 
 def long_lived(body: Any) -> bool:
@@ -152,6 +157,7 @@ class WorkerAgent:
             tags=dict(settings.tags),
             started_at=lifecycle.wall(),
             gpus=(gpu_detector or detector_for(settings.gpu_detect, settings.gpus)).detect(),
+            registries=list(settings.registries),
         )
         self._redis: aioredis.Redis | None = None
         self._shared_redis = redis
@@ -176,6 +182,8 @@ class WorkerAgent:
             snapshot_dir=settings.snapshot_dir, snapshot_store=settings.snapshot_store,
             default_user=settings.default_user,
         )
+        # Images held (advertised) and pulled on demand.
+        self.images = ImageService(runtime, settings=settings, worker_id=self.id, keys=self.keys)
         self._handlers = self._handler_table()
 
     @property
@@ -190,6 +198,7 @@ class WorkerAgent:
         self._redis = self._shared_redis or connect(self.settings.redis_url)
         self._blocking = connect(self.settings.redis_url, blocking=True)
         self.sandboxes.bind(self._redis)
+        self.images.bind(self._redis)
         try:
             await self.runtime.open()
             try:
@@ -227,7 +236,10 @@ class WorkerAgent:
             tg.start_soon(self._health_loop)
             await tg.start(self.execution.run)
             await tg.start(self.ports.run)
+            if isinstance(self.runtime, NetworkService):
+                await tg.start(self.runtime.serve_network)
             tg.start_soon(self.snapshots.gc_loop)
+            await tg.start(self.images.run)
             async with anyio.create_task_group() as work:
                 for entry_id, data in await consumer.pending():
                     await self._in_flight.acquire_on_behalf_of(entry_id)
@@ -295,10 +307,10 @@ class WorkerAgent:
     # -------------------------------------------------------------- background
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            with lifecycle.survive("heartbeat"):
-                await self._heartbeat()
-            await anyio.sleep(self.settings.heartbeat_s)
+        await lifecycle.supervised_loop(
+            "heartbeat", self._heartbeat, interval=lambda: self.settings.heartbeat_s,
+            max_backoff=1.0, log=log,
+        )
 
     async def _heartbeat(self) -> None:
         now = lifecycle.wall()
@@ -315,36 +327,37 @@ class WorkerAgent:
             await self.register()
 
     async def _expiry_loop(self) -> None:
-        while True:
-            await anyio.sleep(0.25)
-            now = lifecycle.wall()
-            for s in list(self.sandboxes.values()):
-                if now >= s.expires_at:
-                    await self._end_quietly(s.id, "timeout")
-                elif s.idle_timeout and now - s.last_active >= s.idle_timeout:
-                    await self._end_quietly(s.id, "idle_timeout")
+        await lifecycle.supervised_loop("expiry", self._expire, interval=0.25, log=log)
+
+    async def _expire(self) -> None:
+        now = lifecycle.wall()
+        for s in list(self.sandboxes.values()):
+            if now >= s.expires_at:
+                await self._end_quietly(s.id, "timeout")
+            elif s.idle_timeout and now - s.last_active >= s.idle_timeout:
+                await self._end_quietly(s.id, "idle_timeout")
 
     async def _health_loop(self) -> None:
         """Sandboxes whose container died (out of memory, killed out of band) end here."""
-        while True:
-            await anyio.sleep(self.settings.reconcile_s)
-            # Only sandboxes known before listing: one started (or resumed) while the
-            # list was in flight is not in it, and is not dead.
-            known = {
-                sid: local for sid, local in self.sandboxes.items()
-                if not local.paused and not local.busy
-            }
-            try:
-                running = {
-                    m.sandbox_id for m in await self.runtime.list_managed()
-                    if m.running and m.worker_id == self.id
-                }
-            except HotbedError as exc:
-                log.warning("health check failed: %s", exc)
-                continue
-            for sid, local in known.items():
-                if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
-                    await self._end_quietly(sid, "died", state="failed")
+        await lifecycle.supervised_loop(
+            "health check", self._check_health, interval=lambda: self.settings.reconcile_s,
+            initial_delay=self.settings.reconcile_s, log=log,
+        )
+
+    async def _check_health(self) -> None:
+        # Only sandboxes known before listing: one started (or resumed) while the
+        # list was in flight is not in it, and is not dead.
+        known = {
+            sid: local for sid, local in self.sandboxes.items()
+            if not local.paused and not local.busy
+        }
+        running = {
+            m.sandbox_id for m in await self.runtime.list_managed()
+            if m.running and m.worker_id == self.id
+        }
+        for sid, local in known.items():
+            if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
+                await self._end_quietly(sid, "died", state="failed")
 
     async def _end_quietly(self, sid: str, reason: str, *, state: str = "terminated") -> None:
         try:
@@ -483,6 +496,7 @@ class WorkerAgent:
             ResumeSandbox: self._resume,
             SandboxClaimed: self._claimed,
             ExposePort: self.ports.expose,
+            UpdateSandbox: self._update,
         })
         return table
 
@@ -504,7 +518,7 @@ class WorkerAgent:
                 raise InvalidRequest("; ".join(problems), sandbox_id=body.sandbox_id, worker_id=self.id)
         if body.template is not None or body.snapshot or body.pool:
             return await self.snapshots.start(body)
-        return await self.start_sandbox(body)
+        return await self.start_sandbox(body, deadline=env.deadline)
 
     async def _terminate(self, env: Envelope) -> Reply:
         body: Any = env.body
@@ -513,7 +527,15 @@ class WorkerAgent:
 
     async def _build(self, env: Envelope) -> Reply:
         body: Any = env.body
-        await self._verify_start(body.build_id or f"build-{env.id}", body.spec.resources, None)
+        sid = body.build_id or f"build-{env.id}"
+        await self._verify_start(sid, body.spec.resources, None)
+        try:
+            await self.images.ensure(body.spec.image, deadline=env.deadline or self._pull_deadline(), sandbox_id=sid)
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
+            with anyio.CancelScope(shield=True):
+                await self.sandboxes.end(sid, reason=reason, state="failed")
+            raise
         return await self.snapshots.build(env, body)
 
     async def _snapshot(self, env: Envelope) -> Reply:
@@ -528,13 +550,25 @@ class WorkerAgent:
         body: Any = env.body
         return await self.snapshots.resume(body.sandbox_id)
 
+    async def _update(self, env: Envelope) -> Reply:
+        body: Any = env.body
+        await self.sandboxes.update(body.sandbox_id, timeout=body.timeout, tags=body.tags)
+        return protocol.Ack()
+
     async def _claimed(self, env: Envelope) -> Reply:
         body: Any = env.body
         return self.snapshots.claimed(body)
 
     # --------------------------------------------------------------- sandboxes
 
-    async def start_sandbox(self, cmd: StartSandbox) -> SandboxCreated:
+    @staticmethod
+    def _pull_deadline() -> float:
+        """How long a pull may take for a request without a deadline of its own."""
+        return lifecycle.wall() + PULL_WITHOUT_DEADLINE_S
+
+    async def start_sandbox(self, cmd: StartSandbox, *, deadline: float = 0.0) -> SandboxCreated:
+        """Boot ``cmd``'s sandbox, pulling its image first if it is missing (before
+        ``deadline``, the request's, wall clock; 0: none)."""
         sid, spec = cmd.sandbox_id, cmd.spec
         if sid in self.sandboxes:
             # A redelivered start of a sandbox we already run.
@@ -543,7 +577,14 @@ class WorkerAgent:
         user = spec.user or self.settings.default_user
         spec = msgspec.structs.replace(spec, user=user)
         try:
-            await self.runtime.create(self.sandboxes.placed(sid, cmd.gpu_uuids), spec)
+            placed = self.sandboxes.placed(sid, cmd.gpu_uuids)
+            try:
+                await self.runtime.create(placed, spec)
+            except ImageNotFound:
+                # Pulled here rather than checked first: a start whose image is present
+                # (nearly all) costs no extra Docker call.
+                await self.images.ensure(spec.image, deadline=deadline or self._pull_deadline(), sandbox_id=sid)
+                await self.runtime.create(placed, spec)
             self.execution.prepare(sid)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"

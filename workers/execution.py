@@ -6,7 +6,14 @@ The worker agent hands every command in :data:`HANDLED` to
 persistent channel (:mod:`workers.guest.channel`, attached through
 :meth:`Runtime.attach <workers.runtimes.base.Runtime.attach>`); a sandbox without one
 (an image with no python3, or a runtime with no guest agent) keeps the runtime's own
-exec and file methods, and answers the rest with ``UnsupportedRequest``.
+exec and file methods, and answers the rest with ``UnsupportedRequest``. File
+operations the runtime has no method for (remove, mkdir, rename, stat, deep listings,
+chunked reads and appends) run there as small shell scripts through the runtime's
+exec, on an isolated runtime only: an unisolated one would run them on the host.
+
+Pipes (``PipeOpen`` ... ``PipeClose``) are how a transfer of any size stays in bounded
+memory: the guest agent moves a command's stdin and stdout only when a request asks,
+so each hop (client, Redis, worker, agent) holds at most one chunk.
 
 Streaming: a request with ``stream_to`` gets its output as stream entries on its
 output key (``keys.output`` of its request id: never a key the message names), ``o``
@@ -37,11 +44,16 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from hotbed import keys as keyspace
 from hotbed import limits, protocol
 from hotbed.errors import (
+    DirectoryNotEmpty,
     ExecTimeout,
     FileError,
+    FileExists,
+    FileNotFound,
     FileTooLarge,
     HotbedError,
     InvalidRequest,
+    IsADirectory,
+    NotADirectory,
     Overloaded,
     SandboxNotRunning,
     UnsupportedRequest,
@@ -57,8 +69,15 @@ from hotbed.protocol import (
     ExecSpec,
     FileContent,
     FileEntry,
+    FileStat,
     FileWritten,
     ListFiles,
+    MakeDir,
+    PipeClose,
+    PipeData,
+    PipeOpen,
+    PipeRead,
+    PipeWrite,
     ProcessInfo,
     ProcessInput,
     ProcessList,
@@ -72,11 +91,14 @@ from hotbed.protocol import (
     PtyOpen,
     PtyResize,
     ReadFile,
+    RemoveFile,
+    RenameFile,
     Reply,
     ReplyEnvelope,
     SessionClose,
     SessionInterrupt,
     SessionRun,
+    StatFile,
     UploadTar,
     WatchDir,
     WriteFile,
@@ -90,9 +112,42 @@ log = logging.getLogger(__name__)
 GUEST_ONLY = (
     SessionRun, SessionInterrupt, SessionClose, ProcessStart, ProcessList, ProcessRead,
     ProcessWait, ProcessSignal, ProcessInput, PtyOpen, PtyInput, PtyResize, Cancel,
-    WatchDir, UploadTar, DownloadTar,
+    WatchDir, UploadTar, DownloadTar, PipeOpen, PipeWrite, PipeRead, PipeClose,
 )
-HANDLED = (Exec, ReadFile, WriteFile, ListFiles, *GUEST_ONLY)
+PATH_OPS = (StatFile, RemoveFile, MakeDir, RenameFile)
+HANDLED = (Exec, ReadFile, WriteFile, ListFiles, *PATH_OPS, *GUEST_ONLY)
+# The guest agent version that has the file verbs and pipes (a sandbox restored from an
+# older template runs the agent of its snapshot).
+GUEST_FILE_VERBS = 2
+# How long one pipe request may wait on the command (a slow reader or writer).
+PIPE_CALL_S = 120.0
+# A script's exit code -> the typed error (the shell fallback of the file verbs).
+SCRIPT_ERRORS: dict[int, type[FileError]] = {
+    2: FileNotFound, 3: NotADirectory, 4: IsADirectory, 5: FileExists, 6: DirectoryNotEmpty,
+}
+_MISSING = '[ -e "$1" ] || [ -L "$1" ] || { echo "no such file or directory: $1" >&2; exit 2; }; '
+SCRIPTS = {
+    "stat": _MISSING + 'stat -c "%s|%f|%Y" -- "$1" && { [ ! -L "$1" ] || stat -L -c "%s|%f|%Y" -- "$1" 2>/dev/null || true; }',
+    "remove": _MISSING
+    + 'if [ -d "$1" ] && [ ! -L "$1" ]; then if [ "$2" = 1 ]; then exec rm -rf -- "$1"; fi; '
+    '[ -z "$(ls -A -- "$1")" ] || { echo "directory not empty: $1" >&2; exit 6; }; exec rmdir -- "$1"; fi; '
+    'exec rm -f -- "$1"',
+    "make_dir": 'if [ -e "$1" ] || [ -L "$1" ]; then [ -d "$1" ] && [ "$3" = 1 ] && { echo 0; exit 0; }; '
+    'echo "file exists: $1" >&2; exit 5; fi; '
+    'if [ "$2" = 1 ]; then mkdir -p -m "$4" -- "$1" || exit 1; else '
+    '[ -d "$(dirname -- "$1")" ] || { echo "no such file or directory: $(dirname -- "$1")" >&2; exit 2; }; '
+    'mkdir -m "$4" -- "$1" || exit 1; fi; echo 1',
+    "rename": _MISSING
+    + 'if [ -d "$2" ] && [ ! -L "$2" ]; then if [ -d "$1" ] && [ -z "$(ls -A -- "$2")" ]; then rmdir -- "$2"; '
+    'else echo "is a directory: $2" >&2; exit 4; fi; fi; exec mv -f -- "$1" "$2"',
+    "list": '[ -e "$1" ] || { echo "no such file or directory: $1" >&2; exit 2; }; '
+    '[ -d "$1" ] || { echo "not a directory: $1" >&2; exit 3; }; '
+    'cd "$1" && find . -mindepth 1 -maxdepth "$2" -exec stat -c "%s|%f|%Y|%n" -- {} +',
+    "read": '[ -e "$1" ] || { echo "no such file or directory: $1" >&2; exit 2; }; '
+    '[ ! -d "$1" ] || { echo "is a directory: $1" >&2; exit 4; }; '
+    'stat -L -c %s -- "$1" && tail -c +"$2" -- "$1" | head -c "$3"',
+    "append": '[ "$2" = 1 ] && mkdir -p -- "$(dirname -- "$1")"; cat >> "$1"',
+}
 # Output entries written per Redis round trip, at most.
 BATCH_BYTES = 1 << 20
 # Slack on top of a command's own timeout before the worker stops waiting for the agent.
@@ -332,6 +387,8 @@ class ExecutionService:
             return await self._exec(env, body, user, sink)
         if isinstance(body, (ReadFile, WriteFile, ListFiles)):
             return await self._file(body, user)
+        if isinstance(body, PATH_OPS):
+            return await self._path_op(body, user)
         ch = await self._need_channel(sid, type(body).__name__)
         match body:
             case SessionRun():
@@ -435,6 +492,8 @@ class ExecutionService:
                     "timeout": body.timeout, "max_output": 1 << 62,
                 }
                 return await self._run(env, ch, header, b"", sink, 1 << 16, body.timeout)
+            case PipeOpen() | PipeWrite() | PipeRead() | PipeClose():
+                return await self._pipe(ch, body)
         raise UnsupportedRequest(f"worker does not handle {type(body).__name__}")
 
     # ---------------------------------------------------------------- helpers
@@ -553,6 +612,122 @@ class ExecutionService:
                             pass
         return Ack()
 
+    @staticmethod
+    def _has_file_verbs(ch: GuestChannel | None) -> bool:
+        return ch is not None and int(ch.info.get("version") or 1) >= GUEST_FILE_VERBS
+
+    async def _pipe(self, ch: GuestChannel, body: PipeOpen | PipeWrite | PipeRead | PipeClose) -> Reply:
+        sid = body.sandbox_id
+        if not self._has_file_verbs(ch):
+            raise UnsupportedRequest(
+                f"sandbox {sid}'s guest agent predates pipes (restored from an older template)",
+                sandbox_id=sid,
+            )
+        match body:
+            case PipeOpen():
+                if not body.argv:
+                    raise InvalidRequest("a pipe needs a command", sandbox_id=sid)
+                h, _ = await ch.call({
+                    "t": "pipe_open", "argv": body.argv, "read": body.read, "write": body.write,
+                    "env": body.env, "cwd": body.cwd, "timeout": body.timeout,
+                    "idle_timeout": body.idle_timeout,
+                })
+                return ProcessInfo(pid=int(h["pid"]), argv=body.argv)
+            case PipeWrite():
+                if len(body.data) > protocol.MAX_FILE_BYTES:
+                    raise FileTooLarge(
+                        f"{len(body.data)} bytes is over {protocol.MAX_FILE_BYTES} in one write",
+                        sandbox_id=sid,
+                    )
+                await ch.call(
+                    {"t": "pipe_write", "pipe": body.pipe, "eof": body.eof}, body.data,
+                    timeout=PIPE_CALL_S,
+                )
+                return Ack()
+            case PipeRead():
+                h, p = await ch.call(
+                    {"t": "pipe_read", "pipe": body.pipe,
+                     "max_bytes": max(1, min(body.max_bytes, protocol.MAX_FILE_BYTES))},
+                    timeout=PIPE_CALL_S,
+                )
+                return PipeData(data=p, eof=bool(h.get("eof")))
+            case PipeClose():
+                h, p = await ch.call(
+                    {"t": "pipe_close", "pipe": body.pipe, "kill": body.kill, "timeout": body.timeout},
+                    timeout=body.timeout + GUARD_S,
+                )
+                return ExecResult(exit_code=int(h.get("code") or 0), stderr=p)
+
+    async def _script(self, sid: str, name: str, args: list[str], user: str, *,
+                      stdin: bytes | None = None, max_output: int = 1 << 20) -> bytes:
+        """Run the fallback script ``name`` with ``args`` through the runtime's exec;
+        its stdout, or the typed error its exit code stands for."""
+        if self.runtime.kind != "real":
+            raise UnsupportedRequest(
+                f"this file operation needs the guest agent on a {self.runtime.kind} runtime",
+                sandbox_id=sid,
+            )
+        res = await self.runtime.exec(
+            sid,
+            ExecSpec(argv=["/bin/sh", "-c", SCRIPTS[name], "sh", *args], stdin=stdin,
+                     timeout=120.0, max_output=max_output),
+            default_user=user,
+        )
+        if res.exit_code != 0:
+            message = res.stderr.decode("utf-8", "replace").strip() or f"exit code {res.exit_code}"
+            raise SCRIPT_ERRORS.get(res.exit_code, FileError)(message, sandbox_id=sid)
+        return res.stdout
+
+    async def _path_op(self, body: StatFile | RemoveFile | MakeDir | RenameFile, user: str) -> Reply:
+        sid = body.sandbox_id
+        ch = await self._channel(sid)
+        if self._has_file_verbs(ch):
+            assert ch is not None
+            match body:
+                case StatFile():
+                    h, _ = await ch.call({"t": "stat", "path": body.path, "missing_ok": body.missing_ok})
+                    row = h.get("entry")
+                    return FileStat(entry=None if row is None else _entry(body.path, row, whole=True))
+                case RemoveFile():
+                    await ch.call(
+                        {"t": "remove", "path": body.path, "recursive": body.recursive},
+                        timeout=PIPE_CALL_S,
+                    )
+                case MakeDir():
+                    await ch.call({
+                        "t": "make_dir", "path": body.path, "parents": body.parents,
+                        "exist_ok": body.exist_ok, "mode": body.mode,
+                    })
+                case RenameFile():
+                    await ch.call({"t": "rename", "src": body.src, "dst": body.dst}, timeout=PIPE_CALL_S)
+            return Ack()
+        match body:
+            case StatFile():
+                try:
+                    out = await self._script(sid, "stat", [body.path], user)
+                except FileNotFound:
+                    if body.missing_ok:
+                        return FileStat()
+                    raise
+                lines = out.decode("utf-8", "replace").split("\n")
+                link = _stat_line(lines[0])
+                target = _stat_line(lines[1]) if len(lines) > 1 and lines[1] else None
+                size, mode, mtime = target or link
+                name = body.path.rstrip("/").rsplit("/", 1)[-1] or "/"
+                return FileStat(entry=_entry(
+                    body.path, [name, size, mode, mtime, (link[1] & 0o170000) == 0o120000], whole=True,
+                ))
+            case RemoveFile():
+                await self._script(sid, "remove", [body.path, "1" if body.recursive else "0"], user)
+            case MakeDir():
+                await self._script(sid, "make_dir", [
+                    body.path, "1" if body.parents else "0", "1" if body.exist_ok else "0",
+                    f"{body.mode:o}",
+                ], user)
+            case RenameFile():
+                await self._script(sid, "rename", [body.src, body.dst], user)
+        return Ack()
+
     async def _file(self, body: ReadFile | WriteFile | ListFiles, user: str) -> Reply:
         sid = body.sandbox_id
         runtime = self.runtime
@@ -562,7 +737,11 @@ class ExecutionService:
                 raise FileTooLarge(f"{len(body.data)} bytes is over {protocol.MAX_FILE_BYTES}")
             if ch is None:
                 if body.append:
-                    raise UnsupportedRequest("append needs the guest agent", sandbox_id=sid)
+                    await self._script(
+                        sid, "append", [body.path, "1" if body.make_dirs else "0"], user,
+                        stdin=body.data,
+                    )
+                    return FileWritten(size=len(body.data))
                 n = await runtime.write_file(
                     sid, body.path, body.data, mode=body.mode, make_dirs=body.make_dirs, user=user
                 )
@@ -574,15 +753,22 @@ class ExecutionService:
                     body.data, timeout=120.0,
                 )
             except FileError as exc:
-                raise FileError(f"cannot write {body.path}: {exc.message}", sandbox_id=sid) from None
+                raise type(exc)(f"cannot write {body.path}: {exc.message}", sandbox_id=sid) from None
             return FileWritten(size=len(body.data))
         if isinstance(body, ReadFile):
             limit = limits.clamp(body.max_bytes, protocol.MAX_FILE_BYTES)
             if body.offset < 0:
                 raise InvalidRequest(f"offset must not be negative, got {body.offset}", sandbox_id=sid)
             if ch is None:
-                if body.offset:
-                    raise UnsupportedRequest("offset needs the guest agent", sandbox_id=sid)
+                if body.offset or body.max_bytes < protocol.MAX_FILE_BYTES:
+                    # A chunk of a larger file: where the runtime has no ranged read.
+                    out = await self._script(
+                        sid, "read", [body.path, str(body.offset + 1), str(limit)], user,
+                        max_output=limit + 64,
+                    )
+                    head, _, data = out.partition(b"\n")
+                    size = int(head or -1)
+                    return FileContent(data=data, size=size, truncated=body.offset + len(data) < size)
                 data = await runtime.read_file(sid, body.path, max_bytes=limit, user=user)
                 return FileContent(data=data)
             try:
@@ -591,7 +777,7 @@ class ExecutionService:
                     timeout=120.0, max_payload=limit,
                 )
             except FileError as exc:
-                raise FileError(
+                raise type(exc)(
                     f"cannot read {body.path}: {exc.message}", sandbox_id=sid,
                     detail={"path": body.path},
                 ) from None
@@ -602,21 +788,50 @@ class ExecutionService:
                     f"{body.path} is larger than {limit} bytes; read it in parts", sandbox_id=sid
                 )
             return FileContent(data=p, size=size, truncated=truncated)
-        if ch is None:
-            return DirListing(entries=await runtime.list_files(sid, body.path, user=user))
+        depth = max(1, body.depth)
+        if not self._has_file_verbs(ch) and (ch is None or depth > 1):
+            if depth == 1:
+                return DirListing(entries=await runtime.list_files(sid, body.path, user=user))
+            out = await self._script(sid, "list", [body.path, str(depth)], user, max_output=64 << 20)
+            rows = []
+            for line in out.decode("utf-8", "replace").splitlines():
+                parts = line.split("|", 3)
+                if len(parts) == 4:
+                    size, mode, mtime = _stat_line("|".join(parts[:3]))
+                    rel = parts[3][2:] if parts[3].startswith("./") else parts[3]
+                    rows.append([rel, size, mode, mtime, (mode & 0o170000) == 0o120000])
+            return DirListing(entries=sorted((_entry(body.path, r) for r in rows), key=lambda e: e.path))
+        assert ch is not None
         try:
-            h, _ = await ch.call({"t": "list_files", "path": body.path}, timeout=60.0)
+            h, _ = await ch.call({"t": "list_files", "path": body.path, "depth": depth}, timeout=60.0)
         except FileError as exc:
-            raise FileError(f"cannot list {body.path}: {exc.message}", sandbox_id=sid) from None
-        base = body.path.rstrip("/") or "/"
-        entries = [
-            FileEntry(
-                name=name, path=f"{base}/{name}" if base != "/" else f"/{name}", size=int(size),
-                is_dir=(mode & 0o170000) == 0o040000, mode=mode & 0o7777, mtime=float(mtime),
-            )
-            for name, size, mode, mtime in h.get("entries", [])
-        ]
-        return DirListing(entries=sorted(entries, key=lambda e: e.name))
+            raise type(exc)(f"cannot list {body.path}: {exc.message}", sandbox_id=sid) from None
+        entries = [_entry(body.path, row) for row in h.get("entries", [])]
+        return DirListing(
+            entries=sorted(entries, key=lambda e: e.path), truncated=bool(h.get("truncated")),
+        )
+
+
+def _stat_line(line: str) -> tuple[int, int, float]:
+    """``size|mode in hex|mtime`` (``stat -c "%s|%f|%Y"``)."""
+    size, mode, mtime = line.split("|", 2)
+    return int(size), int(mode, 16), float(mtime)
+
+
+def _entry(base: str, row: list[Any], *, whole: bool = False) -> FileEntry:
+    """A FileEntry from the guest's ``[relative path, size, mode, mtime, is link]`` row:
+    the path is ``base/relative`` (``whole``: ``base`` itself, the row naming it)."""
+    rel, size, mode, mtime = row[0], int(row[1]), int(row[2]), float(row[3])
+    link = bool(row[4]) if len(row) > 4 else (mode & 0o170000) == 0o120000
+    if whole:
+        path = base
+    else:
+        root = base.rstrip("/") or "/"
+        path = f"{root}/{rel}" if root != "/" else f"/{rel}"
+    return FileEntry(
+        name=rel.rsplit("/", 1)[-1], path=path, size=size,
+        is_dir=(mode & 0o170000) == 0o040000, mode=mode & 0o7777, mtime=mtime, is_symlink=link,
+    )
 
 
 def _output_cap(max_output: int, *, streaming: bool) -> int:

@@ -14,12 +14,18 @@
 ``detector_for(settings)`` picks one: declared GPUs win, then ``gpu_detect``
 (``auto`` and ``nvml`` both use NVML; ``nvml`` logs a warning when none is found,
 because the operator said to expect some).
+
+:class:`NvmlUsage` reads each GPU's memory in use and utilisation for the worker's
+metrics; :func:`usage_samples` labels them with the sandbox holding the GPU (a GPU
+belongs to one sandbox at a time, so per GPU is per sandbox).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any, Protocol
+
+import msgspec
 
 from hotbed.protocol import GpuDevice
 
@@ -119,3 +125,89 @@ def detector_for(gpu_detect: str, declared: list[GpuDevice]) -> GpuDetector:
     if gpu_detect == "none":
         return NoGpuDetector()
     return NvmlDetector(expect=gpu_detect == "nvml")
+
+
+# ------------------------------------------------------------------ usage
+
+
+class GpuUsage(msgspec.Struct, frozen=True, kw_only=True):
+    uuid: str
+    memory_used_bytes: int
+    # Percent of the last sample period in which a kernel ran (NVML's "gpu" rate).
+    utilization_pct: int
+
+
+class NvmlUsage:
+    """GPU memory in use and utilisation now, from NVML, kept initialised between
+    reads. ``nvml``: a pynvml-shaped module (default: import it). Blocking calls (a
+    few microseconds each): the metrics sampler runs :meth:`read` in a thread."""
+
+    def __init__(self, nvml: Any | None = None) -> None:
+        self._nvml = nvml
+        self._ready = False
+        self._failed = False
+
+    def _init(self) -> Any | None:
+        if self._ready:
+            return self._nvml
+        if self._failed:
+            return None
+        if self._nvml is None:
+            try:
+                import pynvml
+            except ImportError:
+                self._failed = True
+                return None
+            self._nvml = pynvml
+        error: type[BaseException] = getattr(self._nvml, "NVMLError", Exception)
+        try:
+            self._nvml.nvmlInit()
+        except error as exc:
+            log.info("no GPU metrics: NVML unavailable (%s)", exc)
+            self._failed = True
+            return None
+        self._ready = True
+        return self._nvml
+
+    def read(self) -> list[GpuUsage]:
+        nvml = self._init()
+        if nvml is None:
+            return []
+        error: type[BaseException] = getattr(nvml, "NVMLError", Exception)
+        out = []
+        try:
+            for i in range(int(nvml.nvmlDeviceGetCount())):
+                handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                out.append(GpuUsage(
+                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                    memory_used_bytes=int(nvml.nvmlDeviceGetMemoryInfo(handle).used),
+                    utilization_pct=int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                ))
+        except error as exc:
+            log.warning("GPU metrics: NVML failed (%s)", exc)
+            return []
+        return out
+
+    def close(self) -> None:
+        nvml = self._nvml
+        if self._ready and nvml is not None:
+            self._ready = False
+            error: type[BaseException] = getattr(nvml, "NVMLError", Exception)
+            try:
+                nvml.nvmlShutdown()
+            except error:
+                pass
+
+
+def usage_samples(
+    worker_id: str, usage: list[GpuUsage], holders: dict[str, str]
+) -> dict[str, dict[tuple[str, ...], float]]:
+    """Metric samples of ``usage``, labelled (worker, gpu, sandbox); ``holders`` maps a
+    GPU's UUID to the sandbox holding it ("" for a free GPU)."""
+    memory: dict[tuple[str, ...], float] = {}
+    util: dict[tuple[str, ...], float] = {}
+    for u in usage:
+        key = (worker_id, u.uuid, holders.get(u.uuid, ""))
+        memory[key] = float(u.memory_used_bytes)
+        util[key] = u.utilization_pct / 100.0
+    return {"hotbed_gpu_memory_used_bytes": memory, "hotbed_gpu_utilization_ratio": util}

@@ -6,15 +6,20 @@ come from its ``gpu:<uuid>`` fields) and its heartbeat.
 
 from __future__ import annotations
 
+import anyio
+
 from daemon import lifecycle
 from daemon.metrics import Samples
 from hotbed.protocol import WorkerInfo
 from hotbed.records import capacity_from_hash
+from workers.gpu import NvmlUsage, usage_samples
 from workers.sandboxes import SandboxTable
 
 
-async def sample(table: SandboxTable, info: WorkerInfo) -> Samples:
-    """``table``: the worker's sandboxes; ``info``: what it advertises (its capacity)."""
+async def sample(table: SandboxTable, info: WorkerInfo, gpu_usage: NvmlUsage | None = None) -> Samples:
+    """``table``: the worker's sandboxes; ``info``: what it advertises (its capacity);
+    ``gpu_usage``: NVML, on a node with GPUs (memory and utilisation per GPU, labelled
+    with the sandbox holding it where the runtime says, ``gpu_holders()``)."""
     if not table.bound:  # not started yet
         return {}
     keys, wid = table.keys, table.worker_id
@@ -40,6 +45,10 @@ async def sample(table: SandboxTable, info: WorkerInfo) -> Samples:
             (wid, "memory", "used"): info.memory_mb - mem_free,
         },
     }
+    if gpu_usage is not None and info.gpus:
+        usage = await anyio.to_thread.run_sync(gpu_usage.read)
+        holders: dict[str, str] = getattr(table.runtime, "gpu_holders", dict)()
+        out.update(usage_samples(wid, usage, holders))
     if beat is not None:
         out["hotbed_worker_heartbeat_age_seconds"] = {(wid,): max(0.0, lifecycle.wall() - beat / 1000)}
     return out

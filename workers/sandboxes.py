@@ -7,6 +7,7 @@ worker runs it. The table's verbs follow a sandbox's life on a worker:
 * :meth:`SandboxTable.reconcile` adopts what a restarted worker still holds;
 * :meth:`SandboxTable.started` records a new sandbox (running, or pooled);
 * :meth:`SandboxTable.touch` marks activity (flushed with each heartbeat);
+* :meth:`SandboxTable.update` changes a live sandbox's lifetime or tags;
 * :meth:`SandboxTable.paused` / :meth:`SandboxTable.unpark` / :meth:`SandboxTable.resumed`;
 * :meth:`SandboxTable.end`, the one way a sandbox ends, which releases its reservation
   exactly once (``RELEASE`` is idempotent) and leaves an ended record saying why.
@@ -26,8 +27,9 @@ import redis.asyncio as aioredis
 from daemon import lifecycle
 from hotbed import batching, lua, records
 from hotbed.batching import raise_first_error
-from hotbed.errors import CapacityExhausted, SandboxNotFound, SandboxNotRunning
+from hotbed.errors import CapacityExhausted, InvalidRequest, SandboxNotFound, SandboxNotRunning
 from hotbed.keys import Keys
+from hotbed.protocol import MAX_TIMEOUT_S
 from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, from_hash
 from workers.runtimes.base import Placed, Runtime
 
@@ -134,9 +136,8 @@ class SandboxTable:
     async def record(self, sandbox_id: str) -> SandboxRecord | None:
         return from_hash(await self.redis.hgetall(self.keys.sandbox(sandbox_id)))  # type: ignore[arg-type]
 
-    async def touch(self, sandbox_id: str) -> Local:
-        """The running sandbox a command is for, marked active; else the typed error
-        saying why it cannot run one (unknown, ended, paused, not on this worker)."""
+    async def _held(self, sandbox_id: str) -> Local:
+        """The sandbox this worker holds; else the typed error saying why not."""
         local = self._locals.get(sandbox_id)
         if local is None:
             rec = await self.record(sandbox_id)
@@ -147,6 +148,12 @@ class SandboxTable:
                     f"sandbox {sandbox_id} has ended ({rec.state}: {rec.reason})", sandbox_id=sandbox_id
                 )
             raise SandboxNotRunning(f"sandbox {sandbox_id} is {rec.state}", sandbox_id=sandbox_id)
+        return local
+
+    async def touch(self, sandbox_id: str) -> Local:
+        """The running sandbox a command is for, marked active; else the typed error
+        saying why it cannot run one (unknown, ended, paused, not on this worker)."""
+        local = await self._held(sandbox_id)
         if local.paused:
             raise SandboxNotRunning(
                 f"sandbox {sandbox_id} is paused; resume it first", sandbox_id=sandbox_id
@@ -154,6 +161,34 @@ class SandboxTable:
         local.last_active = lifecycle.wall()
         local.dirty = True
         return local
+
+    async def update(
+        self, sandbox_id: str, *, timeout: float | None = None, tags: dict[str, str] | None = None
+    ) -> None:
+        """Set a live sandbox's lifetime to ``timeout`` seconds from now (the expiry loop
+        enforces :attr:`Local.expires_at`) and/or replace its tags; the record says the
+        same (a restarted worker adopts the new end of life from it). A paused sandbox
+        may change too: its lifetime runs while it is paused."""
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
+            raise InvalidRequest(
+                f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout:g}",
+                sandbox_id=sandbox_id,
+            )
+        local = await self._held(sandbox_id)
+        if local.pool:
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is waiting in a warm pool", sandbox_id=sandbox_id)
+        fields: records.Fields = {}
+        if tags is not None:
+            fields.update(records.with_tags(dict(tags)))
+        if timeout is not None:
+            (created,) = await self.redis.hmget(
+                self.keys.sandbox(sandbox_id), records.field_names("created_at")
+            )
+            expires_at = lifecycle.wall() + timeout
+            fields.update(records.with_lifetime(created_at=float(created or 0), expires_at=expires_at))
+            local.expires_at = expires_at
+        if fields:
+            await self.redis.hset(self.keys.sandbox(sandbox_id), mapping=fields)
 
     def write_activity(self, pipe: Any) -> None:
         """Queue on ``pipe`` the last-activity times not yet written (one per heartbeat)."""

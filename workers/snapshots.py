@@ -28,7 +28,8 @@ import anyio
 import msgspec
 
 from daemon import lifecycle
-from hotbed import limits, lua, protocol, records
+from hotbed import batching, limits, lua, protocol, records
+from hotbed.batching import raise_first_error
 from hotbed.errors import (
     ExecTimeout,
     HotbedError,
@@ -234,12 +235,10 @@ class SnapshotManager:
         return removed
 
     async def gc_loop(self) -> None:
-        while True:
-            await anyio.sleep(GC_INTERVAL_S)
-            try:
-                await self.collect()
-            except (HotbedError, OSError) as exc:
-                log.warning("snapshot collection failed: %s", exc)
+        await lifecycle.supervised_loop(
+            "snapshot collection", self.collect, interval=GC_INTERVAL_S,
+            initial_delay=GC_INTERVAL_S, log=log,
+        )
 
     # ------------------------------------------------------------- set-up
 
@@ -312,10 +311,11 @@ class SnapshotManager:
         fields = template_to_hash(rec)
         if not holders:
             fields.pop("holders", None)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.template(rec.name), mapping=fields)
-            pipe.sadd(keys.templates, rec.name)
-            await pipe.execute()
+        # Recorded, then listed: on a Redis Cluster the two keys may live on different
+        # shards, and this order never lists a name before its record exists.
+        raise_first_error(await batching.for_client(self.redis).execute(
+            records.hset(keys.template(rec.name), fields), ("SADD", keys.templates, rec.name)
+        ))
 
     async def _publish_snapshot(self, rec: TemplateRecord, replaced: str) -> None:
         """Record the template ready; if that replaced an older snapshot, retire what its
@@ -348,6 +348,7 @@ class SnapshotManager:
         await self._write_template(building, holders=False)
         spec = SandboxSpec(
             image=ts.image, resources=ts.resources, env=ts.env, workdir=ts.workdir, user=user,
+            network=ts.network,
         )
         snap = new_snapshot_id()
         try:
@@ -409,6 +410,9 @@ class SnapshotManager:
             resources=protocol.Resources(
                 cpu=(rec.cpu if rec else 0.0) or 1.0, memory_mb=(rec.memory_mb if rec else 0) or 512
             ),
+            # Its sandboxes that state no network get the one this sandbox had.
+            network=protocol.NetworkPolicy(mode=rec.network, allow=list(rec.allow))  # type: ignore[arg-type]
+            if rec and rec.network else protocol.NetworkPolicy(),
         )
         old = template_from_hash(await self.redis.hgetall(table.keys.template(name)))
         await self._publish_snapshot(TemplateRecord(

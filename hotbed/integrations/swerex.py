@@ -23,19 +23,25 @@ BashInterruptAction is harmless).
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 import shlex
+import shutil
 from typing import Any
 
 import anyio
 from swerex.deployment.abstract import AbstractDeployment
 from swerex.deployment.hooks.abstract import CombinedDeploymentHook, DeploymentHook
 from swerex.exceptions import (
+    BashIncorrectSyntaxError,
     CommandTimeoutError,
     DeploymentNotStartedError,
     NonZeroExitCodeError,
     SessionDoesNotExistError,
     SessionExistsError,
+    SwerexException,
 )
 from swerex.runtime.abstract import (
     AbstractRuntime,
@@ -61,9 +67,10 @@ from swerex.runtime.abstract import (
     WriteFileRequest,
     WriteFileResponse,
 )
+from swerex.runtime.local import _split_bash_command
 
 from hotbed.client import Client
-from hotbed.errors import ExecTimeout, HotbedError
+from hotbed.errors import ExecTimeout, FileError, HotbedError
 from hotbed.handles import Session
 from hotbed.sandbox import Sandbox
 
@@ -72,6 +79,9 @@ __all__ = ["HotbedDeployment", "HotbedRuntime"]
 # SWE-ReX's "no timeout" (None) still gets a bound here: every hotbed call has one.
 MAX_COMMAND_S = 24 * 3600.0
 MAX_OUTPUT = 16 << 20
+# A directory upload in one request up to this size; larger ones go through upload_dir.
+MAX_TAR_BYTES = 30 << 20
+UPLOAD_TIMEOUT_S = 600.0
 
 
 class HotbedRuntime(AbstractRuntime):
@@ -84,26 +94,37 @@ class HotbedRuntime(AbstractRuntime):
 
     async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
         try:
-            res = await self.sandbox.exec("true", timeout=timeout or 10.0)
-        except HotbedError as exc:
+            with anyio.fail_after(timeout or 10.0):
+                await self.sandbox.list_files("/")
+        except (HotbedError, TimeoutError) as exc:
             return IsAliveResponse(is_alive=False, message=str(exc))
-        return IsAliveResponse(is_alive=res.exit_code == 0)
+        return IsAliveResponse(is_alive=True)
 
     async def create_session(self, request: CreateSessionRequest) -> CreateSessionResponse:
         if request.session in self._sessions:
-            raise SessionExistsError(f"session {request.session!r} already exists")
+            raise SessionExistsError(f"session {request.session} already exists")
         session = self.sandbox.shell(request.session)
-        output = ""
-        for path in request.startup_source:
-            res = await session.run(
-                f"source {shlex.quote(path)}", timeout=max(request.startup_timeout, 10.0),
-                merge_stderr=True,
-            )
-            output += res.stdout
-        # Make the session exist now, so its start-up cost is not the first command's.
-        await session.run("true", timeout=max(request.startup_timeout, 10.0))
         self._sessions[request.session] = session
-        return CreateBashSessionResponse(output=output)
+        limit = max(request.startup_timeout, 10.0)
+        prompt = ""
+
+        async def first_prompt() -> None:
+            # What SWE-ReX's interactive bash prints before its first command: the
+            # prompt its rc files set (its PS1 takes over only after start-up).
+            nonlocal prompt
+            res = await self.sandbox.exec("bash", "-ic", 'printf %s "${PS1@P}"', timeout=limit)
+            prompt = res.stdout_bytes.decode(errors="backslashreplace")
+
+        output = ""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_prompt)
+            for path in request.startup_source:
+                res = await session.run(f"source {path}", timeout=limit, merge_stderr=True)
+                output += _terminal_output(res.stdout_bytes)
+            # Make the session exist now, so its start-up cost is not the first command's.
+            if not request.startup_source:
+                await session.run("true", timeout=limit)
+        return CreateBashSessionResponse(output=prompt + output)
 
     async def run_in_session(self, action: Action) -> Observation:
         session = self._sessions.get(action.session)
@@ -111,8 +132,21 @@ class HotbedRuntime(AbstractRuntime):
             raise SessionDoesNotExistError(f"session {action.session!r} does not exist")
         if isinstance(action, BashInterruptAction):
             await session.interrupt()
-            return BashObservation(output="", exit_code=0)
+            return BashObservation(output="", exit_code=0, expect_string=_PS1)
         assert isinstance(action, BashAction)
+        # SWE-ReX checks the syntax before it runs anything, and runs the command's
+        # parts joined by " ; " (or, where bashlex cannot split it, with a marker it
+        # waits for): its messages and expect_string say which.
+        try:
+            joined = " ; ".join(_split_bash_command(action.command))
+            expect_string = _PS1
+        except Exception:  # bashlex fails in many ways; SWE-ReX catches them all too
+            joined = action.command + _FALLBACK_SUFFIX
+            expect_string = _UNIQUE
+        if "\n" in action.command.strip():
+            # Bash runs a multi-line script line by line: an error on a later line
+            # must be found before the earlier ones run.
+            await self._check_syntax(action.command)
         timeout = action.timeout if action.timeout is not None else MAX_COMMAND_S
         try:
             res = await session.run(
@@ -120,11 +154,14 @@ class HotbedRuntime(AbstractRuntime):
             )
         except ExecTimeout as exc:
             raise CommandTimeoutError(
-                f"timeout after {action.timeout} seconds while running command {action.command!r}"
+                f"timeout after {action.timeout} seconds while running command {joined!r}"
             ) from exc
-        output = res.stdout
+        if res.exit_code == 2 and _SYNTAX_ERROR.search(res.stdout_bytes):
+            # Bash parses a whole line before it runs any of it: nothing ran.
+            await self._check_syntax(action.command)
+        output = _terminal_output(res.stdout_bytes)
         if action.check == "ignore":
-            return BashObservation(output=output, exit_code=None)
+            return BashObservation(output=output, exit_code=None, expect_string=expect_string)
         if action.check == "raise" and res.exit_code != 0:
             msg = (
                 f"Command {action.command!r} failed with exit code {res.exit_code}. "
@@ -133,7 +170,20 @@ class HotbedRuntime(AbstractRuntime):
             if action.error_msg:
                 msg = f"{action.error_msg}: {msg}"
             raise NonZeroExitCodeError(msg)
-        return BashObservation(output=output, exit_code=res.exit_code)
+        return BashObservation(output=output, exit_code=res.exit_code, expect_string=expect_string)
+
+    async def _check_syntax(self, command: str) -> None:
+        """``bash -n`` on the command, as SWE-ReX runs it (input as its here-document)."""
+        res = await self.sandbox.exec("bash", "-n", stdin=command + "\n", timeout=60.0)
+        if res.exit_code == 0:
+            return
+        stdout = res.stdout_bytes.decode(errors="backslashreplace")
+        stderr = res.stderr_bytes.decode(errors="backslashreplace")
+        raise BashIncorrectSyntaxError(
+            f"Error (exit code {res.exit_code}) while checking bash command \n{command!r}\n"
+            f"---- Stderr ----\n{stderr}\n---- Stdout ----\n{stdout}",
+            extra_info={"bash_stdout": stdout, "bash_stderr": stderr},
+        )
 
     async def close_session(self, request: CloseSessionRequest) -> CloseSessionResponse:
         session = self._sessions.pop(request.session, None)
@@ -143,26 +193,36 @@ class HotbedRuntime(AbstractRuntime):
         return CloseBashSessionResponse()
 
     async def execute(self, command: Command) -> CommandResponse:
-        # As subprocess.run: a string is one program (shell=False) or one script (shell=True).
+        # As subprocess.run: a string is one program (shell=False) or one script
+        # (shell=True, any further list items are the script's $0, $1, ...).
         argv = [command.command] if isinstance(command.command, str) else list(command.command)
+        shell = command.shell
         if command.merge_output_streams:
-            if command.shell:
-                argv = ["/bin/sh", "-c", "{ " + " ".join(argv) + "\n} 2>&1"]
+            if shell:
+                argv = ["/bin/sh", "-c", "exec 2>&1\n" + argv[0], *argv[1:]]
             else:
                 argv = ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
             shell = False
-        else:
-            shell = command.shell
+        elif shell and len(argv) > 1:
+            argv, shell = ["/bin/sh", "-c", *argv], False
+        if command.env is not None:
+            # subprocess.run's env replaces the environment; hotbed's adds to it.
+            argv = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in command.env.items()),
+                    *(["/bin/sh", "-c", argv[0]] if shell else argv)]
+            shell = False
         timeout = command.timeout if command.timeout is not None else MAX_COMMAND_S
         try:
             res = await self.sandbox.exec(
-                *argv, shell=shell, env=command.env, cwd=command.cwd, timeout=timeout,
-                max_output=MAX_OUTPUT,
+                *argv, shell=shell, cwd=command.cwd, timeout=timeout, max_output=MAX_OUTPUT,
             )
         except ExecTimeout as exc:
             raise CommandTimeoutError(
                 f"Timeout ({command.timeout}s) exceeded while running command"
             ) from exc
+        if not command.shell and res.exit_code in (126, 127) and not res.stdout_bytes:
+            # The program could not be started: subprocess.run raises the OSError.
+            if (spawn_error := _spawn_error(res.stderr_bytes)) is not None:
+                raise spawn_error
         r = CommandResponse(
             stdout=res.stdout_bytes.decode(errors="backslashreplace"),
             stderr=res.stderr_bytes.decode(errors="backslashreplace"),
@@ -179,21 +239,52 @@ class HotbedRuntime(AbstractRuntime):
         return r
 
     async def read_file(self, request: ReadFileRequest) -> ReadFileResponse:
-        data = await self.sandbox.read_file(request.path)
-        return ReadFileResponse(
-            content=data.decode(request.encoding or "utf-8", request.errors or "strict")
-        )
+        try:
+            data = await self.sandbox.read_file(request.path)
+        except HotbedError as exc:
+            raise _os_error(exc) from None
+        try:
+            content = data.decode(request.encoding or "utf-8", request.errors or "strict")
+        except (UnicodeError, LookupError) as exc:
+            raise _as_transferred(exc) from None
+        return ReadFileResponse(content=content)
 
     async def write_file(self, request: WriteFileRequest) -> WriteFileResponse:
-        await self.sandbox.write_file(request.path, request.content)
+        try:
+            await self.sandbox.write_file(request.path, request.content)
+        except HotbedError as exc:
+            raise _os_error(exc) from None
         return WriteFileResponse()
 
     async def upload(self, request: UploadRequest) -> UploadResponse:
-        if await anyio.Path(request.source_path).is_dir():
-            await self.sandbox.upload_dir(request.source_path, request.target_path)
+        source = await anyio.Path(request.source_path).resolve()
+        if await source.is_dir():
+            await self._upload_dir(str(source), request.target_path)
+        elif await source.is_file():
+            await self.sandbox.upload_file(source, request.target_path)
         else:
-            await self.sandbox.upload_file(request.source_path, request.target_path)
+            raise ValueError(f"Source path {source} is not a file or directory")
         return UploadResponse()
+
+    async def _upload_dir(self, source: str, target: str) -> None:
+        """A directory as one tar made by the host's tar (in C: a Python tarfile of a
+        few thousand files costs about a second), unpacked as SWE-ReX's unzip leaves
+        files: modification time now, modes under the umask (executable bits kept)."""
+        tar = shutil.which("tar")
+        data = b""
+        if tar is not None:
+            data = (await anyio.run_process([tar, "-C", source, "-cf", "-", "."])).stdout
+        if tar is None or len(data) > MAX_TAR_BYTES:
+            await self.sandbox.upload_dir(source, target)
+            return
+        q = shlex.quote(target)
+        res = await self.sandbox.exec(
+            "/bin/sh", "-c", f"mkdir -p {q} && tar -C {q} -xmf - --no-same-permissions",
+            stdin=data, timeout=UPLOAD_TIMEOUT_S,
+        )
+        if res.exit_code != 0:
+            raise FileError(f"cannot unpack into {target}: {res.stderr.strip()}",
+                            sandbox_id=self.sandbox.id)
 
     async def close(self) -> CloseResponse:
         for name in list(self._sessions):
@@ -202,6 +293,65 @@ class HotbedRuntime(AbstractRuntime):
             except HotbedError as exc:
                 self.logger.warning("closing session %s: %s", name, exc)
         return CloseResponse()
+
+
+# SWE-ReX's session protocol markers, which its observations report as expect_string.
+_PS1 = "SHELLPS1PREFIX"
+_UNIQUE = "UNIQUESTRING29234"
+_FALLBACK_SUFFIX = (
+    f"\n TMPEXITCODE=$? ; sleep 0.1; echo -n '{_UNIQUE}' ; (exit $TMPEXITCODE)"
+)
+# hotbed's guest agent sources each session command from a file, so bash starts its
+# messages with that file and line where SWE-ReX's interactive bash says "bash: ".
+_SOURCED_AT = re.compile(rb"^/tmp/\.hotbed-session-[^/\n]*/cmd\d+\.sh: line \d+: ", re.M)
+_SYNTAX_ERROR = re.compile(
+    rb"^/tmp/\.hotbed-session-[^/\n]*/cmd\d+\.sh: line \d+: "
+    rb"(syntax error|unexpected EOF while looking for matching)", re.M,
+)
+# os.strerror text (as hotbed's errors carry it, lower-cased) back to its errno.
+_ERRNO_BY_TEXT = {
+    os.strerror(n).lower(): n
+    for n in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
+              errno.EEXIST, errno.ENOEXEC, errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS,
+              errno.ENOSPC, errno.ETXTBSY)
+}
+_HOTBED_OS_ERROR = re.compile(r"^cannot \w+ .*?: (?P<text>[^:]+): (?P<path>.*)$", re.S)
+_PY_OS_ERROR = re.compile(r"^\w+: \[Errno (?P<errno>\d+)\] (?P<text>[^:]+): (?P<path>'.*')$", re.S)
+
+
+def _terminal_output(data: bytes) -> str:
+    return _SOURCED_AT.sub(b"bash: ", data).decode(errors="backslashreplace")
+
+
+def _os_error(exc: HotbedError) -> Exception:
+    """The OSError swe-rex's runtime raises where hotbed reports a file error."""
+    message = str(exc)
+    if (m := _PY_OS_ERROR.match(message)) is not None:
+        path = m["path"][1:-1]
+        return OSError(int(m["errno"]), m["text"], path)
+    if (m := _HOTBED_OS_ERROR.match(message)) is not None and m["text"] in _ERRNO_BY_TEXT:
+        n = _ERRNO_BY_TEXT[m["text"]]
+        return OSError(n, os.strerror(n), m["path"])
+    return exc
+
+
+def _spawn_error(stderr: bytes) -> OSError | None:
+    """hotbed reports a program it could not start as ``WHAT: strerror`` on stderr."""
+    what, sep, text = stderr.decode(errors="replace").rstrip("\n").rpartition(": ")
+    n = _ERRNO_BY_TEXT.get(text.lower())
+    if not sep or n is None or "\n" in what:
+        return None
+    return OSError(n, os.strerror(n), what)
+
+
+def _as_transferred(exc: Exception) -> Exception:
+    """An exception as swe-rex's RemoteRuntime re-raises it: rebuilt from its type and
+    message, or SwerexException where the type cannot be built from a message alone
+    (UnicodeDecodeError)."""
+    try:
+        return type(exc)(str(exc))
+    except TypeError:
+        return SwerexException(str(exc))
 
 
 class HotbedDeployment(AbstractDeployment):
@@ -246,6 +396,9 @@ class HotbedDeployment(AbstractDeployment):
             return
         self._hooks.on_custom_step("Starting hotbed sandbox")
         self._sandbox = await Sandbox.create(self.image, client=self.client, **self.create_kwargs)
+        # Started means answering, as SWE-ReX's deployments wait until is_alive: the
+        # guest agent's first answer after create is what takes time.
+        await self._sandbox.list_files("/")
         self._runtime = HotbedRuntime(self._sandbox, logger=self.logger)
         self.logger.info("hotbed sandbox %s on %s", self._sandbox.id, self._sandbox.worker_id)
 

@@ -25,8 +25,10 @@ import json
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -41,7 +43,14 @@ HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
 BG_BUFFER = 8 << 20
 KEEP_EXITED = 256
-VERSION = 1
+# 2: file verbs (remove, make_dir, rename, stat, list_files depth) and pipes.
+VERSION = 2
+# A pipe's stderr kept for its close (the tail, where a failing command says why).
+PIPE_ERR_TAIL = 64 << 10
+# A pipe_read with some data answers this long after the first byte, or when full.
+PIPE_GATHER_S = 0.01
+# Entries one list_files answers with, at most (deeper listings of huge trees).
+MAX_LIST_ENTRIES = 200_000
 
 sel = selectors.DefaultSelector()
 outq = []  # pending bytes to the worker
@@ -53,6 +62,7 @@ by_id = {}  # request id -> Proc (foreground, pty)
 background = {}  # pid -> Proc (background, kept after exit)
 sessions = {}  # name -> Session
 watches = {}  # request id -> Watch
+pipes = {}  # pid -> Pipe
 paused = False
 
 
@@ -805,6 +815,255 @@ class Watch:
         cancel_timer(self.timer)
 
 
+# --------------------------------------------------------------------------- pipes
+
+
+class Pipe:
+    """A command whose stdin and stdout move only when the worker asks: ``pipe_write``
+    is answered once its bytes are in the command's stdin, ``pipe_read`` with what the
+    command has written. A transfer of any size thus holds at most one request's bytes
+    here, and goes at the pace of whoever pushes or pulls. Its stderr's tail is kept for
+    ``pipe_close``. Killed after ``idle_timeout`` without a request, or ``timeout``."""
+
+    def __init__(self, h):
+        env = dict(os.environ)
+        env.update(h.get("env") or {})
+        popen = subprocess.Popen(
+            h["argv"],
+            stdin=subprocess.PIPE if h.get("write") else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if h.get("read") else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, cwd=h.get("cwd") or None, env=env,
+            start_new_session=True, close_fds=True,
+        )
+        popen.returncode = 0  # reaped by reap(), like every child
+        self.pid = popen.pid
+        self.stdin_fd = self._take(popen.stdin)
+        self.stdout_fd = self._take(popen.stdout)
+        self.stderr_fd = self._take(popen.stderr)
+        self.err = bytearray()
+        self.exit_code = None
+        self.signal = None
+        self.out_eof = self.stdout_fd is None
+        self.in_buf = bytearray()
+        self.eof_after_write = False
+        self.writer = None  # request id of the write in progress
+        self.reader = None  # [request id, max bytes, data, gather timer]
+        self.ahead = bytearray()  # read ahead of the next pipe_read
+        self.ahead_max = 0
+        self.closer = None  # [request id, kill timer]
+        self.idle = h.get("idle_timeout") or 120.0
+        self.idle_timer = later(self.idle, self.expire)
+        self.deadline = later(h.get("timeout") or 3600.0, self.expire)
+        _set_events(self.stderr_fd, selectors.EVENT_READ, self.on_stderr)
+        procs[self.pid] = self
+        pipes[self.pid] = self
+
+    @staticmethod
+    def _take(f):
+        if f is None:
+            return None
+        fd = os.dup(f.fileno())
+        f.close()
+        nonblock(fd)
+        grow_pipe(fd)
+        return fd
+
+    def pause(self, _on):
+        pass  # moved only on request: the worker's pace is the backpressure
+
+    def touch(self):
+        cancel_timer(self.idle_timer)
+        self.idle_timer = later(self.idle, self.expire)
+
+    def _close_fd(self, name):
+        fd = getattr(self, name)
+        if fd is not None:
+            _set_events(fd, 0, None)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            setattr(self, name, None)
+
+    def on_stderr(self, fd, _mask):
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_fd("stderr_fd")
+            return
+        self.err += data
+        if len(self.err) > PIPE_ERR_TAIL:
+            del self.err[: len(self.err) - PIPE_ERR_TAIL]
+
+    def _fail(self, rid, message):
+        send({"t": "error", "id": rid, "code": "FileError",
+              "message": message + (": " + self.err.decode("utf-8", "replace").strip() if self.err else "")})
+
+    # ---- stdin
+
+    def write(self, rid, data, eof):
+        if self.writer is not None:
+            raise ValueError(f"pipe {self.pid}: a write is in progress")
+        if self.stdin_fd is None:
+            self._fail(rid, f"pipe {self.pid}: its input is closed")
+            return
+        self.in_buf += data
+        self.eof_after_write = bool(eof)
+        self.writer = rid
+        self.on_writable(self.stdin_fd, 0)
+
+    def on_writable(self, fd, _mask):
+        while self.in_buf:
+            try:
+                n = os.write(fd, self.in_buf[:READ_CHUNK])
+            except BlockingIOError:
+                break
+            except OSError:
+                # EPIPE: the command stopped reading (it failed, or exited early).
+                self.in_buf.clear()
+                self._close_fd("stdin_fd")
+                rid, self.writer = self.writer, None
+                if rid is not None:
+                    self._fail(rid, "the command stopped reading its input")
+                return
+            del self.in_buf[:n]
+        if self.in_buf:
+            _set_events(fd, selectors.EVENT_WRITE, self.on_writable)
+            return
+        _set_events(fd, 0, None)
+        if self.eof_after_write:
+            self._close_fd("stdin_fd")
+        rid, self.writer = self.writer, None
+        if rid is not None:
+            self.touch()
+            send({"t": "result", "id": rid})
+
+    # ---- stdout
+    # Between reads, up to the last read's size is read ahead, so the command keeps
+    # producing while a chunk travels: still one chunk held here, at most.
+
+    def read(self, rid, max_bytes):
+        if self.reader is not None:
+            raise ValueError(f"pipe {self.pid}: a read is in progress")
+        self.reader = [rid, max(1, max_bytes), bytearray(), None]
+        self.ahead_max = self.reader[1]
+        if self.ahead:
+            self.reader[2] += self.ahead[: self.reader[1]]
+            del self.ahead[: self.reader[1]]
+        if self.stdout_fd is None:
+            self.answer_read()
+        else:
+            self.on_readable(self.stdout_fd, 0)
+
+    def on_readable(self, fd, _mask):
+        r = self.reader
+        buf, want = (r[2], r[1]) if r is not None else (self.ahead, self.ahead_max)
+        while len(buf) < want:
+            try:
+                data = os.read(fd, min(READ_CHUNK, want - len(buf)))
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.out_eof = True
+                self._close_fd("stdout_fd")
+                break
+            buf += data
+        if r is None:
+            if self.stdout_fd is not None:
+                _set_events(fd, selectors.EVENT_READ if len(buf) < want else 0, self.on_readable)
+            return
+        if self.out_eof or len(buf) >= want:
+            self.answer_read()
+            return
+        _set_events(fd, selectors.EVENT_READ, self.on_readable)
+        if buf and r[3] is None:
+            r[3] = later(PIPE_GATHER_S, self.answer_read)
+
+    def answer_read(self):
+        r, self.reader = self.reader, None
+        if r is None:
+            return
+        cancel_timer(r[3])
+        self.touch()
+        eof = self.out_eof and not self.ahead
+        send({"t": "result", "id": r[0], "eof": eof}, bytes(r[2]))
+        if self.stdout_fd is not None:
+            self.on_readable(self.stdout_fd, 0)
+
+    # ---- end
+
+    def on_exit(self, status):
+        if os.WIFSIGNALED(status):
+            self.signal = os.WTERMSIG(status)
+            self.exit_code = 128 + self.signal
+        else:
+            self.exit_code = os.WEXITSTATUS(status)
+        procs.pop(self.pid, None)
+        # What it wrote to stderr is in the pipe already (a daemon it left holding the
+        # pipe is not waited for).
+        for _ in range(64):
+            if self.stderr_fd is None:
+                break
+            before = len(self.err)
+            self.on_stderr(self.stderr_fd, 0)
+            if len(self.err) == before:
+                break
+        if self.closer is not None:
+            self.finish()
+
+    def close(self, rid, kill, timeout):
+        if self.closer is not None:
+            raise ValueError(f"pipe {self.pid}: already closing")
+        if kill and self.exit_code is None:
+            kill_group(self.pid, signal.SIGKILL)
+        for pending in (self.writer, self.reader[0] if self.reader else None):
+            if pending is not None:
+                self._fail(pending, f"pipe {self.pid} closed")
+        self.writer = self.reader = None
+        # Closing its stdout ends a command whose output nobody wants (SIGPIPE).
+        self._close_fd("stdin_fd")
+        self._close_fd("stdout_fd")
+        self.closer = [rid, None]
+        if self.exit_code is not None:
+            self.finish()
+        else:
+            self.closer[1] = later(timeout or 600.0, lambda: kill_group(self.pid, signal.SIGKILL))
+
+    def finish(self):
+        rid, timer = self.closer
+        cancel_timer(timer)
+        self.drop()
+        send({"t": "result", "id": rid, "code": self.exit_code, "signal": self.signal},
+             bytes(self.err))
+
+    def expire(self):
+        if pipes.get(self.pid) is not self:
+            return
+        if self.exit_code is None:
+            kill_group(self.pid, signal.SIGKILL)
+        for pending in (self.writer, self.reader[0] if self.reader else None):
+            if pending is not None:
+                self._fail(pending, f"pipe {self.pid} expired")
+        self.writer = self.reader = None
+        if self.closer is not None:
+            self.closer[1] = None  # answered by on_exit once it is killed
+            return
+        self.drop()
+
+    def drop(self):
+        cancel_timer(self.idle_timer)
+        cancel_timer(self.deadline)
+        for name in ("stdin_fd", "stdout_fd", "stderr_fd"):
+            self._close_fd(name)
+        pipes.pop(self.pid, None)
+
+
 # ----------------------------------------------------------------------- requests
 #
 # One handler per request type, ``fn(rid, header, payload)``; each answers with its own
@@ -981,16 +1240,126 @@ def req_write_file(rid, h, payload):
     send({"t": "result", "id": rid, "size": size})
 
 
+def _stat_row(rel, st, is_link=None):
+    """One entry as the worker decodes it: relative path, size, mode, mtime, is a link."""
+    link = stat.S_ISLNK(st.st_mode) if is_link is None else is_link
+    return [rel, st.st_size, st.st_mode, st.st_mtime, link]
+
+
 def req_list_files(rid, h, _payload):
+    # depth 1: the directory's own entries; each level more, their subdirectories' too
+    # (named by their path relative to ``path``). Symlinked directories are not entered.
+    depth = max(1, int(h.get("depth") or 1))
     entries = []
-    with os.scandir(h["path"]) as it:
-        for e in it:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            entries.append([e.name, st.st_size, st.st_mode, st.st_mtime])
-    send({"t": "result", "id": rid, "entries": entries})
+    stack = [("", 1)]
+    truncated = False
+    while stack:
+        rel_dir, level = stack.pop()
+        try:
+            it = os.scandir(os.path.join(h["path"], rel_dir) if rel_dir else h["path"])
+        except OSError:
+            if not rel_dir:
+                raise
+            continue
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+                entries.append(_stat_row(rel, st))
+                if level < depth and stat.S_ISDIR(st.st_mode):
+                    stack.append((rel, level + 1))
+        if len(entries) >= MAX_LIST_ENTRIES:
+            truncated = True
+            break
+    send({"t": "result", "id": rid, "entries": entries, "truncated": truncated})
+
+
+def req_stat(rid, h, _payload):
+    path = h["path"]
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        if not h.get("missing_ok"):
+            raise
+        send({"t": "result", "id": rid, "entry": None})
+        return
+    st = lst
+    if stat.S_ISLNK(lst.st_mode):
+        try:
+            st = os.stat(path)  # what the link points to; a dangling link stays a link
+        except OSError:
+            pass
+    send({"t": "result", "id": rid,
+          "entry": _stat_row(os.path.basename(path.rstrip("/")) or "/", st, stat.S_ISLNK(lst.st_mode))})
+
+
+def req_remove(rid, h, _payload):
+    path = h["path"]
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+    elif h.get("recursive"):
+        shutil.rmtree(path)
+    else:
+        os.rmdir(path)
+    send({"t": "result", "id": rid})
+
+
+def req_make_dir(rid, h, _payload):
+    path = h["path"]
+    mode = h.get("mode", 0o755)
+    created = True
+    try:
+        if h.get("parents", True):
+            os.makedirs(path, mode)
+        else:
+            os.mkdir(path, mode)
+    except FileExistsError:
+        if not h.get("exist_ok", True) or not os.path.isdir(path):
+            raise
+        created = False
+    send({"t": "result", "id": rid, "created": created})
+
+
+def req_rename(rid, h, _payload):
+    src, dst = h["src"], h["dst"]
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Across filesystems (/tmp on its own mount): copy, then remove the source.
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", dst) from None
+        shutil.move(src, dst)
+    send({"t": "result", "id": rid})
+
+
+def _pipe(h):
+    p = pipes.get(h.get("pipe"))
+    if p is None:
+        raise LookupError(f"no pipe {h.get('pipe')}")
+    return p
+
+
+def req_pipe_open(rid, h, _payload):
+    p = Pipe(h)
+    send({"t": "result", "id": rid, "pid": p.pid})
+
+
+def req_pipe_write(rid, h, payload):
+    _pipe(h).write(rid, payload, h.get("eof"))
+
+
+def req_pipe_read(rid, h, _payload):
+    _pipe(h).read(rid, int(h.get("max_bytes") or (8 << 20)))
+
+
+def req_pipe_close(rid, h, _payload):
+    _pipe(h).close(rid, bool(h.get("kill")), h.get("timeout"))
 
 
 def req_watch(rid, h, _payload):
@@ -1187,19 +1556,48 @@ HANDLERS = {
     "read_file": req_read_file,
     "write_file": req_write_file,
     "list_files": req_list_files,
+    "stat": req_stat,
+    "remove": req_remove,
+    "make_dir": req_make_dir,
+    "rename": req_rename,
     "watch": req_watch,
+    "pipe_open": req_pipe_open,
+    "pipe_write": req_pipe_write,
+    "pipe_read": req_pipe_read,
+    "pipe_close": req_pipe_close,
     "hello": req_hello,
     "tunnel": req_tunnel,
     "tunnel_data": req_tunnel_data,
     "tunnel_ack": req_tunnel_ack,
     "tunnel_close": req_tunnel_close,
 }
-# A permission error on these is about a path (FileError); on the others, about a command.
-FILE_REQUESTS = ("read_file", "write_file", "list_files", "watch")
+# Any OSError of these is about a path (a FileError); on the others, about a command.
+FILE_REQUESTS = (
+    "read_file", "write_file", "list_files", "watch", "stat", "remove", "make_dir", "rename",
+)
+# The typed errors (hotbed.errors) of the OSErrors that name what is wrong with a path.
+OS_ERROR_CODES = (
+    (FileNotFoundError, "FileNotFound"),
+    (FileExistsError, "FileExists"),
+    (IsADirectoryError, "IsADirectory"),
+    (NotADirectoryError, "NotADirectory"),
+)
 
 
 def _os_message(exc):
     return f"{(exc.strerror or str(exc)).lower()}: {exc.filename}"
+
+
+def _os_error(t, exc):
+    """The error code and message of an OSError a request ``t`` raised."""
+    if t in FILE_REQUESTS or isinstance(exc, (FileNotFoundError, IsADirectoryError)):
+        for cls, code in OS_ERROR_CODES:
+            if isinstance(exc, cls):
+                return code, _os_message(exc)
+        return ("DirectoryNotEmpty" if exc.errno == errno.ENOTEMPTY else "FileError"), _os_message(exc)
+    if isinstance(exc, PermissionError):
+        return "ExecFailed", _os_message(exc)
+    return "ExecFailed", f"{type(exc).__name__}: {exc}"
 
 
 def handle(h, payload):
@@ -1211,11 +1609,9 @@ def handle(h, payload):
         if fn is None:
             raise ValueError(f"unknown request {t!r}")
         fn(rid, h, payload)
-    except (FileNotFoundError, IsADirectoryError) as exc:
-        send({"t": "error", "id": rid, "code": "FileError", "message": _os_message(exc)})
-    except PermissionError as exc:
-        code = "FileError" if t in FILE_REQUESTS else "ExecFailed"
-        send({"t": "error", "id": rid, "code": code, "message": _os_message(exc)})
+    except OSError as exc:
+        code, message = _os_error(t, exc)
+        send({"t": "error", "id": rid, "code": code, "message": message})
     except LookupError as exc:
         send({"t": "error", "id": rid, "code": "ProcessNotFound", "message": str(exc)})
     except Exception as exc:  # one bad request never ends the agent

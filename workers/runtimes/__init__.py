@@ -16,8 +16,15 @@ def make_runtime(settings: WorkerSettings) -> Runtime:
             cgroup_parent=settings.cgroup_parent,
             networks=SandboxNetworks(
                 oci_runtime=settings.net_oci_runtime, subnet=settings.net_subnet,
-                allow_open=settings.allow_open_network,
+                allow_open=settings.allow_open_network, dns_upstream=settings.net_dns_upstream,
             ),
+        )
+    if settings.runtime == "runsc":
+        from workers.runtimes.runsc import RunscRuntime
+
+        return RunscRuntime(
+            runsc=settings.runsc, root=settings.runsc_root, state_dir=settings.runsc_dir, image_dir=settings.image_dir,
+            cgroup_parent=settings.cgroup_parent,
         )
     if settings.runtime == "sim":
         from workers.runtimes.sim import SimRuntime

@@ -1,5 +1,5 @@
 """The runtime interface a worker drives. Implementations: ``docker`` (gVisor via dockerd,
-the default), ``sim`` (simulated, for control-plane load tests only) and ``process``
+the default), ``runsc`` (gVisor driven directly on OCI bundles, no dockerd), ``sim`` (simulated, for control-plane load tests only) and ``process``
 (UNISOLATED host processes, for development machines without Docker; never a default).
 
 A runtime knows containers, not Redis: the worker agent owns records, capacity and
@@ -10,11 +10,13 @@ at this boundary) and must be safe to cancel.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+import anyio.abc
 import msgspec
 
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+from hotbed.records import HeldImages
 
 # Labels put on every container hotbed makes, so a restarted worker can find its own.
 LABEL_MANAGED = "dev.hotbed.managed"
@@ -112,3 +114,26 @@ class Runtime(Protocol):
         """Restore a paused sandbox in place: same id, files and processes."""
 
     async def is_paused(self, sandbox_id: str) -> bool: ...
+
+
+@runtime_checkable
+class NetworkService(Protocol):
+    """A runtime whose networked sandboxes need a service of the worker's (``docker``:
+    the node's DNS resolver for them), run in the worker's task group."""
+
+    async def serve_network(self, *, task_status: anyio.abc.TaskStatus[None]) -> None: ...
+
+
+@runtime_checkable
+class ImageStore(Protocol):
+    """A runtime that keeps images on the node and can pull them (``docker``). The
+    worker advertises what :meth:`list_images` returns and pulls what a start needs;
+    runtimes without it (``sim``, ``process``) advertise nothing."""
+
+    async def list_images(self) -> HeldImages:
+        """The images held, bounded (``truncated`` set when there are more)."""
+
+    async def has_image(self, ref: str) -> bool: ...
+
+    async def pull_image(self, ref: str, *, login: tuple[str, str] | None = None) -> None:
+        """Pull ``ref``; ImageNotFound when it cannot be had. No deadline of its own."""

@@ -14,6 +14,7 @@ One module per concern:
 * :mod:`.commands` - ``docker exec`` with timeouts that kill the process group;
 * :mod:`.files` - files through exec (gVisor's overlay hides them from the archive API);
 * :mod:`.checkpoints` - checkpoint, restore, pause, resume;
+* :mod:`.images` - the images the node holds, pulls from a registry;
 * :mod:`._aiodocker` - the only place aiodocker's private attributes are used;
 * :mod:`.runtime` - :class:`DockerRuntime`, the Runtime made of the above.
 

@@ -10,9 +10,10 @@ from typing import Any
 import anyio
 from aiodocker.exceptions import DockerError
 
-from hotbed.errors import ImageNotFound, RuntimeFailure
+from hotbed import network as hotbed_network
+from hotbed.errors import ImageNotFound, RuntimeFailure, UnsupportedRequest
 from hotbed.network import Allow
-from hotbed.protocol import SPAWN_FIFO, SandboxSpec
+from hotbed.protocol import SPAWN_FIFO, NetworkPolicy, SandboxSpec
 from workers.guest.channel import guest_command
 from workers.runtimes.base import (
     LABEL_MANAGED,
@@ -40,10 +41,8 @@ IDLE_CMD = [
 
 def container_config(
     engine: Engine, placed: Placed, spec: SandboxSpec, image_id: str, *, cmd: list[str] | None = None,
-    resolved: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """The Engine API body that creates ``placed``'s container. ``resolved``: the
-    addresses of the allowed domains of a networked sandbox (``SandboxNetworks.resolve``)."""
+    """The Engine API body that creates ``placed``'s container."""
     res = spec.resources
     labels = {
         LABEL_MANAGED: "1",
@@ -65,11 +64,17 @@ def container_config(
         # The guest agent's channel is the container's stdout: keep it out of logs.
         "LogConfig": {"Type": "none", "Config": {}},
     }
-    networked = spec.network.mode != "none"
+    net = network_of(spec)
+    networked = net.mode != "none"
     if networked:
         # Filtered on the host (workers/runtimes/docker/network.py).
-        host_config.update(engine.networks.host_config(resolved or {}))
-        labels[LABEL_NETWORK] = engine.networks.label(spec.network)
+        if placed.gpu_uuids:
+            raise UnsupportedRequest(
+                "a GPU sandbox cannot have a network yet (its runsc runtime has none)",
+                sandbox_id=placed.sandbox_id,
+            )
+        host_config.update(engine.networks.host_config())
+        labels[LABEL_NETWORK] = engine.networks.label(net)
     if placed.gpu_uuids:
         if engine.oci_runtime == "runsc":
             if engine.gpu_oci_runtime not in engine.runtimes:
@@ -110,32 +115,42 @@ async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
         if exc.status == 404:
             raise ImageNotFound(
                 f"image {spec.image!r} not found on worker {placed.worker_id} "
-                "(hotbed never pulls; build it with `hotbed image build`)",
+                "(build it with `hotbed image build`, or list its registry in the "
+                "worker's `registries`)",
                 sandbox_id=sid,
                 worker_id=placed.worker_id,
             ) from None
         raise engine.translate(exc, sid) from None
-    allows, resolved = await prepare_network(engine, placed, spec)
-    config = container_config(engine, placed, spec, image["Id"], resolved=resolved)
+    allows = await prepare_network(engine, placed, spec)
+    config = container_config(engine, placed, spec, image["Id"])
     async with removed_on_failure(engine, sid, "start"):
         with anyio.fail_after(API_TIMEOUT_S):
             container = await engine.docker.containers.create(config, name=container_name(sid))
         with anyio.fail_after(API_TIMEOUT_S):
             await container.start()
-        if spec.network.mode != "none":
-            await engine.networks.apply(sid, await engine.show(sid), spec.network, allows, resolved)
+        await apply_network(engine, sid, spec, allows)
 
 
-async def prepare_network(
-    engine: Engine, placed: Placed, spec: SandboxSpec
-) -> tuple[list[Allow], dict[str, list[str]]]:
-    """A networked sandbox's checked allow list and resolved domains (the node's
-    network made on first use); nothing for ``network="none"``."""
-    if spec.network.mode == "none":
-        return [], {}
-    allows = engine.networks.check(spec.network, sandbox_id=placed.sandbox_id)
+def network_of(spec: SandboxSpec) -> NetworkPolicy:
+    return hotbed_network.of(spec.network)
+
+
+async def prepare_network(engine: Engine, placed: Placed, spec: SandboxSpec) -> list[Allow]:
+    """A networked sandbox's checked allow list (the node's network made on first
+    use); nothing for ``network="none"``."""
+    net = network_of(spec)
+    if net.mode == "none":
+        return []
+    allows = engine.networks.check(net, sandbox_id=placed.sandbox_id)
     await engine.networks.ensure(engine.docker, engine.runtimes)
-    return allows, await engine.networks.resolve(allows, sandbox_id=placed.sandbox_id)
+    return allows
+
+
+async def apply_network(engine: Engine, sid: str, spec: SandboxSpec, allows: list[Allow]) -> None:
+    """The started container's rules (none for ``network="none"``)."""
+    net = network_of(spec)
+    if net.mode != "none":
+        await engine.networks.apply(sid, await engine.show(sid), net, allows)
 
 
 @asynccontextmanager
@@ -176,10 +191,14 @@ async def is_alive(engine: Engine, sandbox_id: str) -> bool:
 
 
 async def list_managed(engine: Engine) -> list[Managed]:
-    with anyio.fail_after(API_TIMEOUT_S):
-        found = await engine.docker.containers.list(
-            all=True, filters={"label": [f"{LABEL_MANAGED}=1"]}
-        )
+    try:
+        with anyio.fail_after(API_TIMEOUT_S):
+            found = await engine.docker.containers.list(
+                all=True, filters={"label": [f"{LABEL_MANAGED}=1"]}
+            )
+    except DockerError as exc:
+        # dockerd restarting, say: the health check's caller retries.
+        raise RuntimeFailure(f"docker: listing containers: {exc.message} (HTTP {exc.status})") from None
     out = []
     for c in found:
         labels = c["Labels"] or {}

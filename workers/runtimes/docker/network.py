@@ -2,26 +2,25 @@
 
 A sandbox with ``network="none"`` is exactly as before: runsc ``--network=none``, no
 interface but loopback. One with ``"egress"`` or ``"open"`` runs under the
-``net_oci_runtime`` dockerd runtime (``runsc-net``, scripts/host-setup.sh) on the
-docker network ``hotbed-net`` (bridge ``hb-net0``, made here on first use), and
-everything it sends is filtered on the host, outside the sandbox, where its code
-cannot reach (docs/operations.md, "Sandbox network"):
+``net_oci_runtime`` dockerd runtime (``runsc-net``: gVisor's own network stack,
+scripts/host-setup.sh) on the docker network ``hotbed-net`` (bridge ``hb-net0``, made
+here on first use), and everything it sends is filtered on the host, outside the
+sandbox, where its code cannot reach (docs/operations.md, "Sandbox network"):
 
-* in the sandbox's network namespace (made by dockerd, entered from the host) its
-  only route is the bridge's gateway, so even a neighbour on the bridge is reached
-  through the host's FORWARD chain; and its port of the bridge is isolated
-  (``bridge link ... isolated on``): frames between two sandboxes are not bridged,
-  whatever routes one of them makes;
+* its port of the bridge is isolated (``bridge link ... isolated on``): frames between
+  two sandboxes are not bridged, so a neighbour is reached, if at all, through the
+  host's FORWARD chain; it has no CAP_NET_ADMIN or CAP_NET_RAW, so it cannot take
+  another address (the rules below match on its own);
 * ``HOTBED-FWD`` (FORWARD) and ``HOTBED-IN`` (INPUT, the node itself) let through
   replies, then each sandbox's own chain (``HB-<hash>``: its allow list, as
-  address/port rules), then, for ``"open"``, ``HOTBED-OPEN`` (any address but private,
-  shared, link-local, loopback and multicast ranges: not the node, other sandboxes or
-  metadata services); everything else is rejected at once: a TCP reset (connection
-  refused), an ICMP admin-prohibited for the rest. Nothing opens a connection into a
-  sandbox (its ports are reached through the worker's tunnels);
-* a domain in the allow list is resolved by the worker when the sandbox starts; its
-  addresses are allowed and written to the sandbox's /etc/hosts. The sandbox's DNS
-  server is the gateway, which answers nothing: there is no DNS channel out.
+  address/port rules, and the node's resolver), then, for ``"open"``, ``HOTBED-OPEN``
+  (any address but private, shared, link-local, loopback and multicast ranges: not the
+  node, other sandboxes or metadata services); everything else is rejected at once: a
+  TCP reset (connection refused), an ICMP admin-prohibited for the rest. Nothing opens
+  a connection into a sandbox (its ports are reached through the worker's tunnels);
+* its DNS server is the bridge's gateway, where the node's resolver
+  (:mod:`workers.runtimes.docker.dns`) answers only the names its allow list names and
+  adds each answer's addresses to its chain before the sandbox sees them.
 
 The rules of a sandbox are added once its container has an address and removed
 before the container is destroyed, so an address that dockerd reuses never inherits
@@ -44,7 +43,8 @@ from hotbed import network as policy_rules
 from hotbed.errors import InvalidRequest, RuntimeFailure
 from hotbed.network import Allow
 from hotbed.protocol import NetworkPolicy
-from workers.runtimes.base import LABEL_NETWORK
+from workers.runtimes.base import LABEL_NETWORK, LABEL_SANDBOX
+from workers.runtimes.docker.dns import DnsPolicy, DnsResolver
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,13 @@ BLOCKED = (
     "240.0.0.0/4",
 )
 TOOL_TIMEOUT_S = 30.0
+
+
+def allow_rules(chain: str, dest: str, a: Allow) -> list[str]:
+    """``iptables-restore`` lines that let ``chain``'s sandbox reach ``dest`` on ``a``'s ports."""
+    if a.all_ports:
+        return [f"-A {chain} -d {dest} -j ACCEPT"]
+    return [f"-A {chain} -d {dest} -p {proto} --dport {a.ports} -j ACCEPT" for proto in ("tcp", "udp")]
 
 
 def chain_name(sandbox_id: str) -> str:
@@ -82,7 +89,7 @@ class SandboxNetworks:
 
     def __init__(
         self, *, oci_runtime: str = "runsc-net", subnet: str = "172.29.0.0/16",
-        allow_open: bool = True,
+        allow_open: bool = True, dns_upstream: str = "",
     ) -> None:
         self.oci_runtime = oci_runtime
         self.subnet = ipaddress.ip_network(subnet)
@@ -90,6 +97,10 @@ class SandboxNetworks:
         self.allow_open = allow_open
         self._ready = False
         self._lock = anyio.Lock()
+        # The node's resolver for its sandboxes (served by serve_dns once the bridge exists).
+        self.dns = DnsResolver(gateway=self.gateway, subnet=self.subnet, upstream=dns_upstream, admit=self.admit)
+        self.dns.lookup = self.lookup
+        self._docker: Any = None
         # Whether this node has per-sandbox rules to remove at all (None: not looked).
         self._rules_exist: bool | None = None
 
@@ -108,8 +119,64 @@ class SandboxNetworks:
                     "run scripts/host-setup.sh"
                 )
             await self._ensure_docker_network(docker)
+            self._docker = docker
+            await self._ensure_forwarding()
             await self._ensure_rules()
             self._ready = self._rules_exist = True
+            self.dns.bridge_ready.set()
+
+    async def _ensure_forwarding(self) -> None:
+        """The host routes for its sandboxes (dockerd, with "iptables": false, leaves
+        ip_forward as it is); the rules here decide what it forwards from the bridge.
+        The bridge answers ARP for every address on it (proxy ARP across its isolated
+        ports): a sandbox's packets to a neighbour come to the host, whose rules refuse
+        them at once, instead of an ARP query nobody answers (a 3 s "no route")."""
+        conf = f"/proc/sys/net/ipv4/conf/{BRIDGE}"
+        for path, value in (
+            ("/proc/sys/net/ipv4/ip_forward", "1"), (f"{conf}/proxy_arp", "1"),
+            (f"{conf}/proxy_arp_pvlan", "1"), (f"{conf}/send_redirects", "0"),
+        ):
+            p = anyio.Path(path)
+            try:
+                if (await p.read_text()).strip() != value:
+                    await p.write_text(value + "\n")
+            except OSError as exc:
+                raise RuntimeFailure(f"cannot set {path}: {exc}") from None
+
+    async def lookup(self, ip: str) -> DnsPolicy | None:
+        """The policy of the sandbox at ``ip`` from its container's label (one another
+        worker of this node started, or one adopted after a restart)."""
+        if self._docker is None:
+            return None
+        try:
+            with anyio.fail_after(TOOL_TIMEOUT_S):
+                net = await self._docker.networks.get(DOCKER_NETWORK)
+                for cid, c in ((await net.show()).get("Containers") or {}).items():
+                    if str(c.get("IPv4Address", "")).split("/")[0] == ip:
+                        info = await self._docker.containers.container(cid).show()
+                        break
+                else:
+                    return None
+        except (DockerError, TimeoutError):
+            return None
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        sid = labels.get(LABEL_SANDBOX, "")
+        policy = self.from_labels(labels)
+        if not sid or policy.mode == "none":
+            return None
+        return DnsPolicy(sandbox_id=sid, chain=chain_name(sid), mode=policy.mode, allows=policy_rules.parse(policy))
+
+    async def admit(self, policy: DnsPolicy, name: str, addresses: list[str]) -> None:
+        """Let ``policy``'s sandbox reach what the resolver just told it ``name`` is,
+        on the ports of the entries that allowed the name (before it hears the answer)."""
+        lines = ["*filter"]
+        for a in policy.allows:
+            if a.domain and a.matches(name):
+                for ip in addresses:
+                    lines += allow_rules(policy.chain, f"{ip}/32", a)
+        if len(lines) > 1:
+            lines.append("COMMIT")
+            await _run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(lines).encode() + b"\n")
 
     async def _ensure_docker_network(self, docker: Any) -> None:
         try:
@@ -179,30 +246,16 @@ class SandboxNetworks:
             raise InvalidRequest("; ".join(problems), sandbox_id=sandbox_id)
         return policy_rules.parse(net)
 
-    async def resolve(self, allows: list[Allow], *, sandbox_id: str) -> dict[str, list[str]]:
-        """Each allowed domain's IPv4 addresses, resolved now (pinned for the sandbox)."""
-        out: dict[str, list[str]] = {}
-        for a in allows:
-            if not a.domain or a.domain in out:
-                continue
-            try:
-                with anyio.fail_after(10):
-                    infos = await anyio.getaddrinfo(a.domain, None, family=2)  # AF_INET
-            except (OSError, TimeoutError) as exc:
-                raise InvalidRequest(
-                    f"allowed domain {a.domain!r} does not resolve: {exc}", sandbox_id=sandbox_id
-                ) from None
-            out[a.domain] = sorted({str(i[4][0]) for i in infos})
-        return out
-
-    def host_config(self, resolved: dict[str, list[str]]) -> dict[str, Any]:
+    def host_config(self) -> dict[str, Any]:
         """What a networked sandbox's container gets instead of ``NetworkMode: none``."""
         return {
             "Runtime": self.oci_runtime,
             "NetworkMode": DOCKER_NETWORK,
-            # The gateway answers no DNS (nothing listens): names come from /etc/hosts.
+            # The node's resolver, on the gateway (workers/runtimes/docker/dns.py).
             "Dns": [self.gateway],
-            "ExtraHosts": [f"{name}:{ip}" for name, ips in resolved.items() for ip in ips],
+            # Neither another address (NET_ADMIN) nor forged packets (NET_RAW): the
+            # host's rules know a sandbox by its address.
+            "CapDrop": ["NET_ADMIN", "NET_RAW"],
         }
 
     @staticmethod
@@ -222,41 +275,31 @@ class SandboxNetworks:
             return NetworkPolicy()
 
     async def reapply(self, sandbox_id: str, info: dict[str, Any]) -> None:
-        """Rules for a container started again (resume): its address may be new."""
+        """Rules for a container started again (resume, a snapshot's restart): its
+        address may be new, its policy is in its label."""
         net = self.from_labels((info.get("Config") or {}).get("Labels") or {})
         if net.mode == "none":
             return
-        allows = policy_rules.parse(net)
-        await self.apply(sandbox_id, info, net, allows, await self.resolve(allows, sandbox_id=sandbox_id))
+        await self.apply(sandbox_id, info, net, policy_rules.parse(net))
 
-    async def apply(
-        self, sandbox_id: str, info: dict[str, Any], net: NetworkPolicy,
-        allows: list[Allow], resolved: dict[str, list[str]],
-    ) -> None:
-        """Route the started container through the gateway and install its rules."""
+    async def apply(self, sandbox_id: str, info: dict[str, Any], net: NetworkPolicy, allows: list[Allow]) -> None:
+        """Isolate the started container's port of the bridge and install its rules."""
         settings = info.get("NetworkSettings") or {}
         endpoint = (settings.get("Networks") or {}).get(DOCKER_NETWORK) or {}
         ip = endpoint.get("IPAddress")
         netns = settings.get("SandboxKey")
         if not ip or not netns:
             raise RuntimeFailure(f"sandbox {sandbox_id} has no address on {DOCKER_NETWORK}", sandbox_id=sandbox_id)
-        # Only the gateway is on-link: a neighbour on the bridge is reached through the
-        # host's FORWARD chain (and refused there), not straight across the bridge.
-        prefix = f"{self.subnet.network_address}/{self.subnet.prefixlen}"
-        await _run(["nsenter", f"--net={netns}", "ip", "route", "del", prefix, "dev", "eth0"], check=False)
-        await _run(["nsenter", f"--net={netns}", "ip", "route", "replace", self.gateway, "dev", "eth0", "scope", "link"])
-        await _run(["nsenter", f"--net={netns}", "ip", "route", "replace", "default", "via", self.gateway, "dev", "eth0"])
         await self._isolate(sandbox_id, netns)
         chain = chain_name(sandbox_id)
         lines = ["*filter", f":{chain} - [0:0]"]
+        # Its questions to the node's resolver; a domain's addresses are added as the
+        # resolver answers them (DnsPolicy.admit).
+        for proto in ("udp", "tcp"):
+            lines.append(f"-A {chain} -d {self.gateway}/32 -p {proto} --dport 53 -j ACCEPT")
         for a in allows:
-            nets = [a.network] if a.network else resolved.get(a.domain, [])
-            for dest in nets:
-                if a.all_ports:
-                    lines.append(f"-A {chain} -d {dest} -j ACCEPT")
-                else:
-                    for proto in ("tcp", "udp"):
-                        lines.append(f"-A {chain} -d {dest} -p {proto} --dport {a.ports} -j ACCEPT")
+            if a.network:
+                lines += allow_rules(chain, a.network, a)
         lines.append(f"-A {SB_FWD} -s {ip}/32 -j {chain}")
         lines.append(f"-A {SB_IN} -s {ip}/32 -j {chain}")
         if net.mode == "open":
@@ -264,6 +307,7 @@ class SandboxNetworks:
         lines.append("COMMIT")
         await self.remove(sandbox_id)
         await _run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(lines).encode() + b"\n")
+        self.dns.register(ip, DnsPolicy(sandbox_id=sandbox_id, chain=chain, mode=net.mode, allows=allows))
         log.info("network %s: %s, %d rules", net.mode, ip, len(lines) - 3, extra={"sandbox_id": sandbox_id})
 
     async def _isolate(self, sandbox_id: str, netns: str) -> None:
@@ -291,6 +335,7 @@ class SandboxNetworks:
             self._rules_exist = rc == 0
         if not self._rules_exist:
             return
+        self.dns.forget(sandbox_id)
         chain = chain_name(sandbox_id)
         rc, _ = await _run(["iptables", "-w", "-S", chain], check=False)
         if rc != 0:

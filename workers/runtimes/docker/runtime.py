@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import anyio.abc
 from aiodocker.exceptions import DockerError
 
 from hotbed.errors import SandboxNotRunning
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
+from hotbed.records import HeldImages
 from workers.runtimes.base import Managed, Placed
-from workers.runtimes.docker import _aiodocker, checkpoints, commands, files, lifecycle
+from workers.runtimes.docker import _aiodocker, checkpoints, commands, files, images, lifecycle
 from workers.runtimes.docker.engine import Engine, container_name
 from workers.runtimes.docker.network import SandboxNetworks
 
@@ -42,6 +44,10 @@ class DockerRuntime:
 
     async def aclose(self) -> None:
         await self.engine.aclose()
+
+    async def serve_network(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The node's DNS resolver for networked sandboxes (idle until the first one)."""
+        await self.engine.networks.dns.serve(task_status=task_status)
 
     @property
     def direct_restore(self) -> bool:
@@ -104,3 +110,14 @@ class DockerRuntime:
 
     async def is_paused(self, sandbox_id: str) -> bool:
         return await checkpoints.is_paused(self.engine, sandbox_id)
+
+    # ------------------------------------------------------------------- images
+
+    async def list_images(self) -> HeldImages:
+        return await images.list_images(self.engine)
+
+    async def has_image(self, ref: str) -> bool:
+        return await images.has_image(self.engine, ref)
+
+    async def pull_image(self, ref: str, *, login: tuple[str, str] | None = None) -> None:
+        await images.pull(self.engine, ref, login=login)
