@@ -196,8 +196,8 @@ async def test_egress_allows_only_what_is_listed(hotbed_stack: Stack, netns: Nam
 
 async def test_bad_network_requests_are_refused_typed(hotbed_stack: Stack) -> None:
     client = hotbed_stack.client
-    for allow, mode in ((["10.0.0.0/33"], "egress"), (["host:0"], "egress"), (["*.example.com"], "egress"),
-                        (["10.0.0.1"], "none")):
+    for allow, mode in ((["10.0.0.0/33"], "egress"), (["host.test:0"], "egress"), (["*.com"], "egress"),
+                        (["pypi.org:70000"], "egress"), (["fe80::1"], "egress"), (["10.0.0.1"], "none")):
         with pytest.raises(InvalidRequest):
             await Sandbox.create(BASE_IMAGE, client=client, cpu=0.25, memory_mb=256, network=mode, allow=allow)  # type: ignore[arg-type]
     # Still serving.

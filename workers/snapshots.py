@@ -404,6 +404,11 @@ class SnapshotManager:
             raise
         finally:
             local.busy = False
+        if rec and rec.network:
+            # A sandbox with a network was stopped and started again from the snapshot
+            # (workers/runtimes/docker/checkpoints.py): its guest channel is a new one.
+            self.guests.forget(sid)
+            self.guests.prepare(sid)
         took = anyio.current_time() - started
         ts = TemplateSpec(
             image=rec.image if rec else "", user=local.user,

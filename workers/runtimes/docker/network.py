@@ -58,6 +58,8 @@ BLOCKED = (
     "240.0.0.0/4",
 )
 TOOL_TIMEOUT_S = 30.0
+# What a networked sandbox's /etc/resolv.conf is (read-only): the gateway's resolver.
+RESOLV_CONF = "/run/hotbed/net/resolv.conf"
 
 
 def allow_rules(chain: str, dest: str, a: Allow) -> list[str]:
@@ -121,6 +123,7 @@ class SandboxNetworks:
             await self._ensure_docker_network(docker)
             self._docker = docker
             await self._ensure_forwarding()
+            await self._ensure_resolv_conf()
             await self._ensure_rules()
             self._ready = self._rules_exist = True
             self.dns.bridge_ready.set()
@@ -142,6 +145,16 @@ class SandboxNetworks:
                     await p.write_text(value + "\n")
             except OSError as exc:
                 raise RuntimeFailure(f"cannot set {path}: {exc}") from None
+
+    async def _ensure_resolv_conf(self) -> None:
+        text = f"nameserver {self.gateway}\noptions timeout:2 attempts:2\n"
+        path = anyio.Path(RESOLV_CONF)
+        try:
+            await path.parent.mkdir(parents=True, exist_ok=True)
+            if not await path.exists() or await path.read_text() != text:
+                await path.write_text(text)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot write {RESOLV_CONF}: {exc}") from None
 
     async def lookup(self, ip: str) -> DnsPolicy | None:
         """The policy of the sandbox at ``ip`` from its container's label (one another
@@ -251,8 +264,12 @@ class SandboxNetworks:
         return {
             "Runtime": self.oci_runtime,
             "NetworkMode": DOCKER_NETWORK,
-            # The node's resolver, on the gateway (workers/runtimes/docker/dns.py).
+            # The node's resolver, on the gateway (workers/runtimes/docker/dns.py), named
+            # in a resolv.conf of ours: dockerd's names its embedded resolver
+            # (127.0.0.11), which its rules in the namespace reach only from the
+            # kernel's stack, not from gVisor's.
             "Dns": [self.gateway],
+            "Binds": [f"{RESOLV_CONF}:/etc/resolv.conf:ro"],
             # Neither another address (NET_ADMIN) nor forged packets (NET_RAW): the
             # host's rules know a sandbox by its address.
             "CapDrop": ["NET_ADMIN", "NET_RAW"],
