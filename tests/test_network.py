@@ -387,3 +387,67 @@ async def test_dns_answers_allowed_names_only(redis_url: str, prefix: str, netns
                 await sb.terminate()
     finally:
         upstream.close()
+
+
+def _question(name: str, qtype: int = 1, *, edns: bool = False) -> bytes:
+    head = struct.pack("!6H", 0x4242, 0x0100, 1, 0, 0, 1 if edns else 0)
+    body = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", qtype, 1)
+    return head + body + (b"\0" + struct.pack("!HHIH", 41, 1232, 0, 0) if edns else b"")
+
+
+async def test_resolver_decides_by_the_sandbox_list() -> None:
+    """The resolver's decisions without a network: allowed names go upstream and open
+    their addresses first; others are NXDOMAIN with the reason; strangers are refused."""
+    import ipaddress
+
+    from hotbed.network import parse_entry
+    from workers.runtimes.docker.dns import DnsPolicy, DnsResolver
+
+    upstream = DnsServer({"ok.test": "10.9.8.7", "x.wild.test": "10.9.8.6"})
+    admitted: list[tuple[str, list[str]]] = []
+
+    async def admit(policy: DnsPolicy, name: str, addresses: list[str]) -> None:
+        admitted.append((name, addresses))
+
+    try:
+        r = DnsResolver(gateway="172.29.0.1", subnet=ipaddress.ip_network("172.29.0.0/16"),
+                        upstream=f"127.0.0.1:{upstream.port}", admit=admit)
+        r.register("172.29.0.5", DnsPolicy(sandbox_id="sb", chain="HB-x", mode="egress",
+                                           allows=[parse_entry("ok.test:443"), parse_entry("*.wild.test")]))
+
+        def rcode(reply: bytes | None) -> int:
+            assert reply is not None
+            return reply[3] & 0xF
+
+        assert rcode(await r.answer(_question("OK.test"), "172.29.0.5")) == 0
+        assert rcode(await r.answer(_question("x.wild.test"), "172.29.0.5")) == 0
+        assert admitted == [("ok.test", ["10.9.8.7"]), ("x.wild.test", ["10.9.8.6"])]
+        # Asked again: nothing new to open.
+        assert rcode(await r.answer(_question("ok.test"), "172.29.0.5")) == 0
+        assert len(admitted) == 2
+        denied = await r.answer(_question("evil.test", edns=True), "172.29.0.5")
+        assert rcode(denied) == 3 and b"not in this sandbox's allow list" in (denied or b"")
+        assert rcode(await r.answer(_question("wild.test"), "172.29.0.5")) == 3
+        assert rcode(await r.answer(_question("ok.test"), "172.29.0.9")) == 5  # no sandbox there
+        assert rcode(await r.answer(_question("ok.test", 28), "172.29.0.5")) == 0  # AAAA: empty
+        assert upstream.asked == ["ok.test", "x.wild.test", "ok.test"]
+        assert await r.answer(b"junk", "172.29.0.5") is None
+    finally:
+        upstream.close()
+
+
+def test_pool_names_carry_the_claimed_network() -> None:
+    from hotbed.protocol import NetworkPolicy, Resources
+    from hotbed.templates import pool_name
+
+    shape = Resources(cpu=1, memory_mb=512)
+    names = {
+        pool_name("t", shape),
+        pool_name("t", shape, NetworkPolicy()),
+        pool_name("t", shape, NetworkPolicy(mode="egress", allow=["a.test", "b.test"])),
+        pool_name("t", shape, NetworkPolicy(mode="egress", allow=["a.test"])),
+        pool_name("t", shape, NetworkPolicy(mode="open")),
+    }
+    assert len(names) == 5
+    assert pool_name("t", shape) == "t:1c:512m"
+    assert pool_name("t", shape, NetworkPolicy(mode="egress", allow=["b.test", "a.test"])) in names
