@@ -49,6 +49,7 @@ AREAS = [
     "cli.fleet",
     "cli.shell",
     "cli.tenants",
+    "cli.ports",
 ]
 # Commands that hand everything after their name to another program's parser (the
 # daemons'), so ``hotbed scheduler --config FILE`` and ``--help`` reach it untouched.

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from cli.main import EXIT_FAILURE, add_listing_options, print_listing, with_client
+from cli.ports import port_number, publish
 from hotbed import transfer
 from hotbed.client import Client
 from hotbed.errors import (
@@ -66,6 +67,14 @@ def _add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", "-u", help="user (default 1000:1000)")
     p.add_argument("--template", help="create from this template (warm pool / snapshot)")
     p.add_argument("--on", action="append", metavar="K=V", help="only on workers with this tag (repeatable)")
+    add_network_options(p, "none (default; from a template: the template's), egress (only --allow) or open")
+
+
+def add_network_options(p: argparse.ArgumentParser, network_help: str) -> None:
+    p.add_argument("--network", choices=("none", "egress", "open"), help=network_help)
+    p.add_argument("--allow", action="append", metavar="DEST",
+                   help="with --network egress: CIDR, ADDR[:PORT[-PORT]], DOMAIN[:PORT] or "
+                        "*.DOMAIN[:PORT] (repeatable; alone it means --network egress)")
 
 
 def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +82,7 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu, timeout=args.timeout,
         idle_timeout=args.idle_timeout, auto_pause_after=args.auto_pause_after, tags=_pairs(args.tag, "--tag"), env=_pairs(args.env, "--env"),
         workdir=args.workdir, user=args.user, template=args.template,
-        worker_tags=_pairs(args.on, "--on"),
+        worker_tags=_pairs(args.on, "--on"), network=args.network, allow=args.allow,
     )
 
 
@@ -205,6 +214,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         sb = await Sandbox.create(args.image, client=client, **_create_kwargs(args))
         print(sb.id)
+        sys.stdout.flush()
+        await publish(sb, args.publish)
         return 0
 
     return with_client(go)
@@ -467,6 +478,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("create", help="create a sandbox and print its id")
     p.add_argument("image", nargs="?", default="hotbed/base", help="image (default hotbed/base)")
     _add_create_options(p)
+    p.add_argument("--publish", "-p", action="append", type=port_number, metavar="PORT",
+                   help="expose this TCP port; prints PORT -> HOST:PORT on stderr (repeatable)")
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("exec", help="run a command in a sandbox; exits with its code")

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from cli.main import add_listing_options, print_json, print_listing, with_client
-from cli.sandboxes import _pairs
+from cli.sandboxes import _pairs, add_network_options
 from hotbed import templates
 from hotbed.client import Client
 from hotbed.errors import InvalidRequest, RequestTimeout, TemplateNotFound
@@ -100,6 +100,7 @@ def cmd_template_create(args: argparse.Namespace) -> int:
                 files=files, ready=args.ready, ready_timeout=args.ready_timeout,
                 setup_timeout=args.setup_timeout, env=_pairs(args.env, "--env"),
                 workdir=args.workdir, user=args.user, cpu=args.cpu, memory_mb=args.memory,
+                network=args.network or ("egress" if args.allow else "none"), allow=args.allow or [],
                 client=client, on_progress=None if args.quiet else show,
             )
             tg.cancel_scope.cancel()
@@ -181,7 +182,7 @@ def cmd_pool_set(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         name = await templates.set_pool(
             args.template, args.size, cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu,
-            client=client,
+            network=args.network, allow=args.allow, client=client,
         )
         if args.wait and args.size > 0:
             await wait_pool(name, client, timeout=args.wait_timeout, quiet=args.quiet)
@@ -223,6 +224,8 @@ def register(sub: Any) -> None:
     p.add_argument("--user", "-u", help="user (default 1000:1000)")
     p.add_argument("--cpu", type=float, default=1.0, help="CPUs while building (default 1)")
     p.add_argument("--memory", type=int, default=512, metavar="MiB", help="memory limit in MiB (default 512)")
+    add_network_options(p, "the set-up's network, and that of sandboxes made from it that state none "
+                           "(default none)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines while it builds")
     p.set_defaults(func=cmd_template_create)
     p = tsub.add_parser("list", help="list templates")
@@ -244,6 +247,8 @@ def register(sub: Any) -> None:
     p.add_argument("--cpu", type=float, default=1.0, help="CPUs of each sandbox (default 1)")
     p.add_argument("--memory", type=int, default=512, metavar="MiB", help="memory of each sandbox in MiB (default 512)")
     p.add_argument("--gpu", help='GPUs of each sandbox, e.g. "H100", "H100:2"')
+    add_network_options(p, "its sandboxes' network, claimed by creates that state the same "
+                           "(default: the template's, claimed by creates that state none)")
     p.add_argument("--wait", action="store_true", help="return once the pool is full, printing its progress")
     p.add_argument("--wait-timeout", type=float, default=300.0, metavar="S",
                    help="with --wait: fail (exit 125) if not full after S seconds (default 300)")

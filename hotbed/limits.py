@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from hotbed import network
 from hotbed.errors import InvalidRequest
 from hotbed.protocol import MAX_FILE_BYTES, MAX_TIMEOUT_S, ExecSpec, Resources, SandboxSpec
 
@@ -137,7 +138,7 @@ def spec_problems(spec: SandboxSpec) -> list[str]:
         problems.append(
             f"auto_pause_after must be in [0, {MAX_TIMEOUT_S:g}] seconds, got {spec.auto_pause_after:g}"
         )
-    return problems + resource_problems(spec.resources)
+    return problems + resource_problems(spec.resources) + network.problems(spec.network)
 
 
 def check_exec(spec: ExecSpec, *, background: bool = False) -> None:

@@ -62,6 +62,20 @@ class Resources(Struct):
         return int(round(self.cpu * 1000))
 
 
+# How a sandbox reaches the network (docs/operations.md, "Sandbox network"): "none"
+# (loopback only), "egress" (only what ``NetworkPolicy.allow`` lists) or "open" (any
+# public address; never the node, other sandboxes or private ranges unless listed).
+NetworkMode = Literal["none", "egress", "open"]
+
+
+class NetworkPolicy(Struct):
+    mode: NetworkMode = "none"
+    # Entries: "10.1.2.0/24", "10.1.2.3:443", "10.1.2.0/24:8000-8099", "pypi.org",
+    # "*.github.com:443" (a domain's addresses are allowed as the node's resolver
+    # answers the sandbox for them; hotbed.network).
+    allow: list[str] = []
+
+
 class SandboxSpec(Struct):
     image: str = "hotbed/base"
     resources: Resources = Resources()
@@ -78,6 +92,9 @@ class SandboxSpec(Struct):
     template: str | None = None
     # Placement constraint: only workers carrying all these tags (node pool, zone, ...).
     worker_tags: dict[str, str] = {}
+    # None: no network for an image, the template's build network for a template
+    # (the scheduler fills it in); a warm pool is keyed by the network its claims state.
+    network: NetworkPolicy | None = None
 
 
 class ExecSpec(Struct):
@@ -148,6 +165,8 @@ class TemplateSpec(Struct):
     workdir: str | None = None
     user: str | None = None
     resources: Resources = Resources()
+    # The network of its set-up (``run``), and of sandboxes made from it that state none.
+    network: NetworkPolicy = NetworkPolicy()
 
 
 # ------------------------------------------------------------- client -> scheduler
@@ -436,6 +455,16 @@ class DownloadTar(Msg):
     timeout: float = 600.0
 
 
+class ExposePort(Msg):
+    """Make TCP port ``port`` inside the sandbox reachable at an address on its worker
+    (answered with :class:`PortExposed`); the same port again gets the same address.
+    Works whatever the sandbox's network: connections travel over the guest channel.
+    The address closes when the sandbox ends."""
+
+    sandbox_id: str
+    port: int
+
+
 class PipeOpen(Msg):
     """Start ``argv`` with its stdin (``write``) and/or stdout (``read``) moved only on
     request, by PipeWrite / PipeRead: a transfer of any size in bounded memory, paced by
@@ -500,7 +529,7 @@ class UpdateSandbox(Msg):
 Message = (
     CreateSandbox | StartSandbox | Exec | WriteFile | ReadFile | ListFiles | Terminate
     | BuildTemplate | SnapshotSandbox | PauseSandbox | ResumeSandbox | SandboxClaimed
-    | ExecRequest | FileRequest | UpdateSandbox
+    | ExecRequest | FileRequest | UpdateSandbox | ExposePort
 )
 
 
@@ -628,6 +657,23 @@ class ProcessOutput(Msg):
     stderr_offset: int = 0
 
 
+class PortExposed(Msg):
+    """Where a sandbox's port is reachable: ``host:host_port`` on its worker."""
+
+    sandbox_id: str
+    port: int
+    host: str
+    host_port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.host_port}" if ":" in self.host else f"{self.host}:{self.host_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+
 class ErrorReply(Msg):
     # HotbedError subclass name, e.g. "ImageNotFound".
     code: str
@@ -653,6 +699,7 @@ Reply = (
     | ProcessInfo
     | ProcessListing
     | ProcessOutput
+    | PortExposed
     | ErrorReply
 )
 

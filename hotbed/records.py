@@ -51,7 +51,7 @@ import redis.asyncio as aioredis
 
 from hotbed import lua
 from hotbed.batching import Command
-from hotbed.protocol import TemplateSpec, encode
+from hotbed.protocol import NetworkPolicy, TemplateSpec, encode
 
 State = Literal["creating", "pooled", "running", "paused", "terminated", "failed", "lost"]
 ENDED_STATES = frozenset({"terminated", "failed", "lost"})
@@ -87,6 +87,10 @@ class SandboxRecord(msgspec.Struct, kw_only=True, frozen=True):
     # The template snapshot it was restored from ("" = booted): a pooled sandbox whose
     # template has since been rebuilt is replaced, never handed out.
     snapshot: str = ""
+    # Its network mode ("" = none) and allow list (protocol.NetworkPolicy): kept by its
+    # snapshots and by a worker that adopts it after a restart.
+    network: str = ""
+    allow: list[str] = []
 
     @property
     def ended(self) -> bool:
@@ -111,7 +115,7 @@ def to_hash(rec: SandboxRecord) -> dict[str, str]:
         value = getattr(rec, field)
         if field not in ALWAYS_WRITTEN and value == _DEFAULTS.get(field, msgspec.NODEFAULT):
             continue
-        if field in ("tags", "gpu_uuids"):
+        if field in ("tags", "gpu_uuids", "allow"):
             out[field] = orjson.dumps(value).decode()
         else:
             out[field] = str(value)
@@ -131,8 +135,8 @@ def from_hash(raw: Mapping[Any, Any]) -> SandboxRecord | None:
     for k, v in raw.items():
         key = k.decode() if isinstance(k, bytes) else k
         val = v.decode() if isinstance(v, bytes) else v
-        if key in ("tags", "gpu_uuids"):
-            data[key] = orjson.loads(val) if val else ([] if key == "gpu_uuids" else {})
+        if key in ("tags", "gpu_uuids", "allow"):
+            data[key] = orjson.loads(val) if val else ({} if key == "tags" else [])
         elif key in _FLOAT_FIELDS:
             data[key] = float(val or 0)
         elif key == "auto_pause_after":
@@ -340,12 +344,15 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     cpu: float = 0.0
     memory_mb: int = 0
     gpu: str = ""
+    # The network its sandboxes get; None: the template's (hotbed.network.pool_key).
+    network: NetworkPolicy | None = None
 
 
 def pool_config_to_hash(conf: PoolConfig) -> Fields:
     return {
         "template": conf.template, "size": str(conf.size), "cpu": f"{conf.cpu:g}",
         "memory_mb": str(conf.memory_mb), "gpu": conf.gpu,
+        "network": msgspec.json.encode(conf.network).decode() if conf.network is not None else "",
     }
 
 
@@ -358,6 +365,7 @@ def pool_config_from_hash(raw: Mapping[Any, Any]) -> PoolConfig | None:
         template=d.get("template", ""), size=int(d.get("size") or 0),
         cpu=float(d.get("cpu") or 0), memory_mb=int(d.get("memory_mb") or 0),
         gpu=d.get("gpu", ""),
+        network=msgspec.json.decode(d["network"], type=NetworkPolicy) if d.get("network") else None,
     )
 
 

@@ -38,6 +38,9 @@ from hotbed.protocol import (
     FileContent,
     FileEntry,
     FileStat,
+    NetworkMode,
+    NetworkPolicy,
+    PortExposed,
     ProcessInfo,
     ProcessListing,
     Resources,
@@ -125,6 +128,8 @@ class Sandbox:
         user: str | None = None,
         template: str | None = None,
         worker_tags: dict[str, str] | None = None,
+        network: NetworkMode | None = None,
+        allow: builtins.list[str] | None = None,
         client: Client | None = None,
         request_timeout: float = CREATE_TIMEOUT_S,
     ) -> Sandbox:
@@ -135,6 +140,11 @@ class Sandbox:
         ``auto_pause_after``: after this many seconds without a request the sandbox is
         checkpointed to disk (``paused (auto)``) and the next request, from any client,
         resumes it first; None takes the node's default, 0 never pauses it.
+        ``network``: ``"none"`` (loopback only), ``"egress"`` (only what ``allow`` lists:
+        ``"10.0.0.0/8"``, ``"10.1.2.3:443"``, ``"pypi.org:443"``...) or ``"open"`` (public
+        addresses; the worker may forbid it); ``allow`` alone means ``"egress"``. Not
+        stated: none, or for a ``template`` the template's network (its warm pool is
+        the one set with no network). A bad entry raises InvalidRequest.
         """
         spec = SandboxSpec(
             image=image,
@@ -148,6 +158,10 @@ class Sandbox:
             user=user,
             template=template,
             worker_tags=dict(worker_tags or {}),
+            network=(
+                None if network is None and not allow
+                else NetworkPolicy(mode=network or "egress", allow=list(allow or []))
+            ),
         )
         c = client or default_client()
         reply: protocol.Reply | None = None
@@ -464,6 +478,21 @@ class Sandbox:
             lambda key: protocol.Exec(sandbox_id=self.id, exec=spec, stream_to=key, stdin_open=stdin_open),
             timeout=timeout + COMMAND_SLACK_S,
         ), input_timeout=timeout + COMMAND_SLACK_S)
+
+    # -------------------------------------------------------------------- ports
+
+    async def expose(self, port: int, *, timeout: float = OP_TIMEOUT_S) -> PortExposed:
+        """Make TCP ``port`` inside the sandbox reachable from outside it: returns where
+        on the worker (``.address`` is ``host:port``, ``.url`` its ``http://`` form), for
+        HTTP or any TCP protocol. Works with ``network="none"``; the same port again
+        gets the same address; it closes when the sandbox ends."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise InvalidRequest(f"port must be in 1-65535, got {port!r}", sandbox_id=self.id)
+        reply = await self.client.worker_request(
+            self.worker_id, protocol.ExposePort(sandbox_id=self.id, port=port), timeout=timeout
+        )
+        assert isinstance(reply, PortExposed)
+        return reply
 
     # ----------------------------------------------------------------- sessions
 

@@ -36,7 +36,7 @@ from hotbed import sandbox as _async
 from hotbed import templates as _templates
 from hotbed.client import Client
 from hotbed.handles import CommandResult, OutputChunk
-from hotbed.protocol import FileEntry, ProcessInfo, ProcessOutput, TemplateReady
+from hotbed.protocol import FileEntry, PortExposed, ProcessInfo, ProcessOutput, TemplateReady
 from hotbed.records import SandboxRecord
 
 T = TypeVar("T")
@@ -206,6 +206,11 @@ class Sandbox:
 
     def spawn(self, command: str) -> None:
         _call(lambda: self._inner.spawn(command))
+
+    def expose(self, port: int, **kwargs: Any) -> PortExposed:
+        """Where TCP ``port`` inside the sandbox is reachable (see
+        :meth:`hotbed.sandbox.Sandbox.expose`)."""
+        return _call(lambda: self._inner.expose(port, **kwargs))
 
     # ---------------------------------------------------- agent-grade execution
 

@@ -35,6 +35,7 @@ import anyio
 import msgspec
 
 from hotbed import batching, lua, protocol, records
+from hotbed import network as hotbed_network
 from hotbed.batching import raise_first_error
 from hotbed.client import Client, new_id
 from hotbed.errors import InvalidRequest, TemplateNotFound
@@ -42,6 +43,8 @@ from hotbed.protocol import (
     SPAWN_FIFO,
     BuildTemplate,
     Envelope,
+    NetworkMode,
+    NetworkPolicy,
     Reply,
     Resources,
     SandboxClaimed,
@@ -86,10 +89,25 @@ def check_name(name: str) -> str:
     return name
 
 
-def pool_name(template: str, resources: Resources) -> str:
-    """The pool of one template and one resource shape."""
+def pool_name(template: str, resources: Resources, network: NetworkPolicy | None = None) -> str:
+    """The pool of one template, one resource shape and one network as claims state it
+    (none stated: the template's own network)."""
     name = f"{template}:{resources.cpu:g}c:{resources.memory_mb}m"
-    return name + (f":{resources.gpu}" if resources.gpu else "")
+    name += f":{resources.gpu}" if resources.gpu else ""
+    net = hotbed_network.pool_key(network)
+    return name + (f":net={net}" if net else "")
+
+
+def _policy(network: NetworkMode | None, allow: list[str] | tuple[str, ...] | None) -> NetworkPolicy | None:
+    """The SDK's ``network=``/``allow=`` as a policy (None: not stated); InvalidRequest
+    for a bad one."""
+    if network is None and not allow:
+        return None
+    policy = NetworkPolicy(mode=network or "egress", allow=list(allow or []))
+    problems = hotbed_network.problems(policy)
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+    return policy
 
 
 class PoolStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +120,8 @@ class PoolStatus(msgspec.Struct, frozen=True, kw_only=True):
     cpu: float
     memory_mb: int
     gpu: str = ""
+    # The network its sandboxes get (None: the template's).
+    network: NetworkPolicy | None = None
 
 
 # ------------------------------------------------------------------ templates
@@ -122,14 +142,19 @@ async def create_template(
     user: str | None = None,
     cpu: float = 1.0,
     memory_mb: int = 512,
+    network: NetworkMode = "none",
+    allow: list[str] | tuple[str, ...] = (),
     client: Client,
     request_timeout: float = BUILD_TIMEOUT_S,
     on_progress: Callable[[BuildEvent], object] | None = None,
 ) -> TemplateReady:
     """Build template ``name`` on a worker and snapshot it; returns when it is ready.
 
-    Raises SetupFailed (the failing step's output in the message) if set-up fails.
-    Rebuilding an existing name replaces its snapshot; the old one is collected.
+    ``network``/``allow``: the set-up's network (``"egress"`` with ``allow=["pypi.org:443",
+    "*.pythonhosted.org:443"]`` for a ``pip install``), also that of the sandboxes made
+    from it that state none. Raises SetupFailed (the failing step's output in the
+    message) if set-up fails. Rebuilding an existing name replaces its snapshot; the old
+    one is collected.
     ``on_progress`` (a function or a coroutine function) sees the build as the worker
     reports it: a :class:`BuildEvent` per line of progress (boot, each set-up step and
     its exit, readiness checks, the snapshot) and per step's output, once it ends.
@@ -140,6 +165,7 @@ async def create_template(
         ready=ready, ready_timeout=ready_timeout, setup_timeout=setup_timeout,
         env=dict(env or {}), workdir=workdir, user=user,
         resources=Resources(cpu=cpu, memory_mb=memory_mb),
+        network=_policy(network, allow) or NetworkPolicy(),
     )
     body = BuildTemplate(name=check_name(name), spec=spec)
     if on_progress is None:
@@ -246,17 +272,25 @@ async def set_pool(
     cpu: float = 1.0,
     memory_mb: int = 512,
     gpu: str | None = None,
+    network: NetworkMode | None = None,
+    allow: list[str] | tuple[str, ...] | None = None,
     client: Client,
 ) -> str:
     """Keep ``size`` warm sandboxes of ``template`` in this shape; returns the pool name.
 
-    ``size=0`` deletes the pool (its warm sandboxes are ended by the pool controller).
+    ``network``/``allow``: the network of its sandboxes, claimed by creates that state
+    the same (``Sandbox.create(template=..., network=..., allow=...)``); None: the
+    template's, claimed by creates that state none. ``size=0`` deletes the pool (its
+    warm sandboxes are ended by the pool controller).
     """
     if size < 0:
         raise InvalidRequest(f"pool size must be >= 0, got {size}")
+    policy = _policy(network, allow)
     await get_template(template, client=client)
-    name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu))
-    conf = records.PoolConfig(template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "")
+    name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu), policy)
+    conf = records.PoolConfig(
+        template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "", network=policy,
+    )
     # Configured, then listed (the order delete_template explains; may span shards).
     raise_first_error(await batching.for_client(client.redis).execute(
         records.hset(client.keys.pool_conf(name), records.pool_config_to_hash(conf)),
@@ -281,7 +315,7 @@ async def pool_status(*, client: Client) -> list[PoolStatus]:
         out.append(PoolStatus(
             name=n, template=conf.template, size=conf.size,
             ready=ready, warming=warming, claiming=claiming, cpu=conf.cpu,
-            memory_mb=conf.memory_mb, gpu=conf.gpu,
+            memory_mb=conf.memory_mb, gpu=conf.gpu, network=conf.network,
         ))
     return out
 
@@ -293,7 +327,7 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
     if not 0 < spec.timeout <= protocol.MAX_TIMEOUT_S:
         raise InvalidRequest(f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}], got {spec.timeout:g}")
     keys = client.keys
-    pool = pool_name(spec.template, spec.resources)
+    pool = pool_name(spec.template, spec.resources, spec.network)
     ready, claims = keys.pool_ready(pool), keys.pool_claims(pool)
     # Each step is auto-pipelined: concurrent claims of this client share round trips.
     ap = batching.for_client(client.redis)

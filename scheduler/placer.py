@@ -116,6 +116,8 @@ class Placer:
             idle_timeout=spec.idle_timeout or 0.0,
             auto_pause_after=spec.auto_pause_after,
             tags=spec.tags,
+            network="" if spec.network is None or spec.network.mode == "none" else spec.network.mode,
+            allow=list(spec.network.allow) if spec.network is not None else [],
         )
         gpu = parse_gpu(spec.resources.gpu)
         ngpu = gpu.count if gpu else 0

@@ -152,6 +152,7 @@ class PoolController:
             template=conf.template,
             resources=Resources(cpu=conf.cpu, memory_mb=conf.memory_mb, gpu=conf.gpu or None),
             timeout=protocol.MAX_TIMEOUT_S,
+            network=conf.network,
         )
         try:
             recipe = await templates.resolve(self.redis, self.keys, spec)

@@ -52,7 +52,10 @@ async def resolve(redis: aioredis.Redis, keys: Keys, spec: SandboxSpec) -> Resol
         raise TemplateNotFound(f"no template {name!r}")
     ts = rec.spec
     spec = msgspec.structs.replace(
-        spec, image=ts.image, user=spec.user or ts.user, workdir=spec.workdir or ts.workdir
+        spec, image=ts.image, user=spec.user or ts.user, workdir=spec.workdir or ts.workdir,
+        # Stated by the create (or its pool), else the template's: a snapshot restores
+        # into any network (gVisor's stack takes the new sandbox's interfaces).
+        network=spec.network if spec.network is not None else ts.network,
     )
     # A template being rebuilt keeps serving its previous snapshot.
     return Resolved(
@@ -77,7 +80,9 @@ async def place_from_template(
 async def place_build(placer: Placer, env: Envelope, cmd: BuildTemplate, *, lease: Lease | None = None) -> None:
     check_name(cmd.name)
     ts = cmd.spec
-    spec = SandboxSpec(image=ts.image, resources=ts.resources, timeout=max(ts.setup_timeout, 1.0))
+    spec = SandboxSpec(
+        image=ts.image, resources=ts.resources, timeout=max(ts.setup_timeout, 1.0), network=ts.network,
+    )
     await placer.place(
         env, spec, make_start=lambda sid: msgspec.structs.replace(cmd, build_id=sid), lease=lease
     )

@@ -111,6 +111,13 @@ configure_docker() {
   # slower (bench/README.md, "exec"); a worker opts in with HOTBED_OCI_RUNTIME.
   # "live-restore": sandboxes keep running while dockerd restarts (an upgrade, a
   # crash); the worker rides out the outage and finds them running after it.
+  # "runsc-net" is the wrapper with gVisor's own network stack, only for sandboxes
+  # whose network is "egress" or "open": the worker puts them in a namespace on its
+  # bridge and filters them on the host (docs/operations.md, "Sandbox network").
+  # gVisor's stack (not the kernel's, --network=host) because runsc can checkpoint it:
+  # pause, snapshots and templates work with a network. --net-disconnect-ok: a
+  # checkpoint drops open TCP connections instead of failing (and ending the sandbox).
+  # Every other runtime keeps --network=none.
   local runsc_bin; runsc_bin=$(command -v runsc)
   local runsc_path=/usr/local/lib/hotbed/runsc-hotbed
   install -D -m 0755 "$ROOT/deploy/runsc/runsc-hotbed" "$runsc_path"
@@ -124,7 +131,8 @@ configure_docker() {
 {
   "runtimes": {"runsc": {"path": "$runsc_path", "runtimeArgs": ["--network=none"]},
                "runsc-plain": {"path": "$runsc_bin", "runtimeArgs": ["--network=none"]},
-               "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]}$gpu_runtime},
+               "runsc-ptrace": {"path": "$runsc_path", "runtimeArgs": ["--network=none", "--platform=ptrace"]},
+               "runsc-net": {"path": "$runsc_path", "runtimeArgs": ["--network=sandbox", "--net-disconnect-ok"]}$gpu_runtime},
   "experimental": true,
   "live-restore": true,
   "bridge": "none",
@@ -135,11 +143,21 @@ JSON
 )
   mkdir -p /etc/docker
   if [ ! -f "$want" ] || [ "$(cat "$want")" != "$body" ]; then
+    local before=""; [ -f "$want" ] && before=$(grep -v -e '"runsc' -e '^ *"runtimes"' "$want" || true)
     log "writing $want (runsc registered, no bridge network)"
     printf '%s\n' "$body" >"$want"
     if docker_up; then
-      log "restarting dockerd to pick up the runtime"
-      stop_dockerd
+      if [ -n "$before" ] && [ "$before" = "$(grep -v -e '"runsc' -e '^ *"runtimes"' "$want")" ]; then
+        # Only the runtimes changed: dockerd reloads those on SIGHUP, and the
+        # sandboxes running now keep running (a restart would end them).
+        log "reloading dockerd's runtimes"
+        local pid; pid=$(cat /var/run/docker.pid 2>/dev/null || pgrep -o -x dockerd || true)
+        [ -n "$pid" ] && kill -HUP "$pid" || true
+        for _ in $(seq 50); do docker info --format '{{json .Runtimes}}' | grep -q 'net-disconnect-ok' && break; sleep 0.2; done
+      else
+        log "restarting dockerd to pick up the runtime"
+        stop_dockerd
+      fi
     fi
   fi
 }

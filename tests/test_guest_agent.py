@@ -40,6 +40,7 @@ VERBS = {
     "wait", "session_run", "session_open", "session_interrupt", "session_close", "sessions",
     "read_file", "write_file", "list_files", "watch", "stat", "remove", "make_dir", "rename",
     "pipe_open", "pipe_write", "pipe_read", "pipe_close",
+    "tunnel", "tunnel_data", "tunnel_ack", "tunnel_close",
 }
 
 

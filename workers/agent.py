@@ -80,6 +80,7 @@ from hotbed.protocol import (
     ErrorReply,
     Exec,
     ExecInput,
+    ExposePort,
     ListFiles,
     PauseSandbox,
     ProcessWait,
@@ -108,7 +109,8 @@ from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
 from workers.images import ImageService
-from workers.runtimes.base import ExitReasons, Runtime
+from workers.ports import PortTunnels, chain
+from workers.runtimes.base import ExitReasons, NetworkService, Runtime
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshot_peers import SnapshotPeers
 from workers.snapshots import SnapshotManager
@@ -200,8 +202,13 @@ class WorkerAgent:
         self.long_lived_per_sandbox = LONG_LIVED_PER_SANDBOX
         # Exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
         self.execution = ExecutionService(self.sandboxes, runtime)
-        # A sandbox's guest channel closes when it ends.
-        self.sandboxes.guests = self.execution
+        # Exposed ports: tunnels over the guest channel, one long-lived slot each.
+        self.ports = PortTunnels(
+            self.sandboxes, self.execution, slots=self._long_lived,
+            bind=settings.port_bind, advertise=settings.port_host,
+        )
+        # A sandbox's guest channel and exposed ports close when it ends.
+        self.sandboxes.guests = chain(self.execution, self.ports)
         self.metrics: NullMetrics = NULL
         # This node's snapshot endpoint, and its copies of the other nodes' snapshots.
         self.snapshot_peers = SnapshotPeers(
@@ -283,6 +290,9 @@ class WorkerAgent:
             tg.start_soon(self._health_loop)
             tg.start_soon(self._memory_loop)
             await tg.start(self.execution.run)
+            await tg.start(self.ports.run)
+            if isinstance(self.runtime, NetworkService):
+                await tg.start(self.runtime.serve_network)
             tg.start_soon(self.snapshots.gc_loop)
             await tg.start(self.autopause.run)
             await tg.start(self.images.run)
@@ -602,6 +612,7 @@ class WorkerAgent:
             PauseSandbox: self._pause,
             ResumeSandbox: self._resume,
             SandboxClaimed: self._claimed,
+            ExposePort: self.ports.expose,
             UpdateSandbox: self._update,
         })
         return table

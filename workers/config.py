@@ -18,6 +18,13 @@ HOTBED_SNAPSHOT_SERVE (``HOST:PORT`` this node serves its snapshots to the other
 on; port 0 = any free one; empty: it serves none), HOTBED_SNAPSHOT_URL (the address
 peers reach that endpoint by; default ``http://HOST:PORT``), HOTBED_SNAPSHOT_TOKEN (the
 fleet's shared secret for it; default: one kept in Redis),
+HOTBED_PORT_BIND (the address exposed sandbox ports listen on; default 127.0.0.1),
+HOTBED_PORT_HOST (the host clients are told for them; default: the bind address),
+HOTBED_NET_OCI_RUNTIME (the runsc runtime of sandboxes with a network; default
+runsc-net), HOTBED_NET_SUBNET (their bridge's subnet; default 172.29.0.0/16),
+HOTBED_ALLOW_OPEN_NETWORK (false forbids network="open" on this node),
+HOTBED_NET_DNS_UPSTREAM (where the sandboxes' resolver forwards allowed names,
+``host[:port]``; default the host's first nameserver),
 HOTBED_REGISTRIES (JSON list of registry hosts, ``host[:port]`` as image names spell
 them, ``docker.io`` for Docker Hub, that missing images are pulled from; empty: never
 pull), HOTBED_REGISTRY_AUTH (JSON ``{"HOST": {"username": ..., "password": ...}}``),
@@ -143,6 +150,15 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     image_dir: str = "/var/lib/hotbed/images"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     metrics_addr: str = "127.0.0.1"
+    # Exposed sandbox ports (workers/ports.py): where they listen and the host clients
+    # are told ("" = the bind address, or 127.0.0.1 for a wildcard bind).
+    port_bind: str = "127.0.0.1"
+    port_host: str = ""
+    # Sandboxes with network "egress"/"open" (docs/operations.md, "Sandbox network").
+    net_oci_runtime: str = "runsc-net"
+    net_subnet: str = "172.29.0.0/16"
+    allow_open_network: bool = True
+    net_dns_upstream: str = ""
     # Images: registries missing images are pulled from, their logins, and how often
     # the images this node holds are re-advertised (also right after a pull).
     registries: list[str] = []

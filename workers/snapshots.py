@@ -468,6 +468,7 @@ class SnapshotManager:
         await self._write_template(building, holders=False)
         spec = SandboxSpec(
             image=ts.image, resources=ts.resources, env=ts.env, workdir=ts.workdir, user=user,
+            network=ts.network,
         )
         snap = new_snapshot_id()
         progress = BuildLog(self.redis, table.keys.output(env.id) if cmd.stream_to else None)
@@ -537,12 +538,20 @@ class SnapshotManager:
             raise
         finally:
             local.busy = False
+        if rec and rec.network:
+            # A sandbox with a network was stopped and started again from the snapshot
+            # (workers/runtimes/docker/checkpoints.py): its guest channel is a new one.
+            self.guests.forget(sid)
+            self.guests.prepare(sid)
         took = anyio.current_time() - started
         ts = TemplateSpec(
             image=rec.image if rec else "", user=local.user,
             resources=protocol.Resources(
                 cpu=(rec.cpu if rec else 0.0) or 1.0, memory_mb=(rec.memory_mb if rec else 0) or 512
             ),
+            # Its sandboxes that state no network get the one this sandbox had.
+            network=protocol.NetworkPolicy(mode=rec.network, allow=list(rec.allow))  # type: ignore[arg-type]
+            if rec and rec.network else protocol.NetworkPolicy(),
         )
         old = template_from_hash(await self.redis.hgetall(table.keys.template(name)))
         await self._publish_snapshot(TemplateRecord(

@@ -27,6 +27,7 @@ import re
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -1391,6 +1392,172 @@ def req_hello(rid, _h, _payload):
     send({"t": "result", "id": rid, "version": VERSION, "pid": os.getpid(), "uid": os.getuid()})
 
 
+# ------------------------------------------------------------------------ tunnels
+#
+# A tunnel relays one TCP connection the worker accepted on an exposed port to
+# 127.0.0.1:PORT in here. Both directions are flow-controlled by credit, so neither
+# side buffers more than a window: we send ``out`` frames only while fewer than
+# TUNNEL_FRAMES of them (and TUNNEL_WINDOW bytes) are unacknowledged by the worker's
+# ``tunnel_ack``; we acknowledge each ``tunnel_data`` frame (``ack``) once it is written
+# to the socket, and the worker sends no more than the same window ahead of that.
+# ``eof`` says the server half-closed; ``exit`` ends the tunnel.
+
+TUNNEL_CHUNK = 256 << 10
+TUNNEL_WINDOW = 1 << 20
+TUNNEL_FRAMES = 8
+tunnels = {}  # request id -> Tunnel
+
+
+class Tunnel:
+    def __init__(self, rid, port):
+        self.rid = rid
+        self.port = port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.connected = False
+        self.pending = []  # [bytearray, frame size] from the worker, to the socket
+        self.eof_in = False  # the worker's client half-closed
+        self.shut_wr = False
+        self.eof_out = False  # the server half-closed
+        self.unacked = 0
+        self.unacked_frames = 0
+        self.done = False
+        err = self.sock.connect_ex(("127.0.0.1", port))
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self.sock.close()
+            raise ConnectionRefusedError(err, os.strerror(err))
+        tunnels[rid] = self
+        self.update()
+
+    def update(self):
+        if self.done:
+            return
+        events = 0
+        if not self.connected:
+            events = selectors.EVENT_WRITE
+        else:
+            if not self.eof_out and self.unacked < TUNNEL_WINDOW and self.unacked_frames < TUNNEL_FRAMES:
+                events |= selectors.EVENT_READ
+            if self.pending:
+                events |= selectors.EVENT_WRITE
+        _set_events(self.fd, events, self.on_event)
+
+    def on_event(self, _fd, mask):
+        if not self.connected:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.fail(f"cannot connect to 127.0.0.1:{self.port} in the sandbox: {os.strerror(err)}")
+                return
+            self.connected = True
+            send({"t": "result", "id": self.rid})
+            mask = 0
+        if mask & selectors.EVENT_READ:
+            self.on_readable()
+        if not self.done and mask & selectors.EVENT_WRITE:
+            self.on_writable()
+        self.update()
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(TUNNEL_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.fail(f"connection to port {self.port} broke: {exc.strerror or exc}")
+            return
+        if not data:
+            self.eof_out = True
+            send({"t": "eof", "id": self.rid})
+            self.maybe_finish()
+            return
+        self.unacked += len(data)
+        self.unacked_frames += 1
+        send({"t": "out", "id": self.rid, "fd": 1}, data)
+
+    def on_writable(self):
+        while self.pending:
+            buf, size = self.pending[0]
+            try:
+                n = self.sock.send(buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.fail(f"connection to port {self.port} broke: {exc.strerror or exc}")
+                return
+            del buf[:n]
+            if buf:
+                return
+            self.pending.pop(0)
+            send({"t": "ack", "id": self.rid, "n": size})
+        self.maybe_shutdown()
+
+    def feed(self, data, eof):
+        if data:
+            self.pending.append([bytearray(data), len(data)])
+        self.eof_in = self.eof_in or eof
+        if self.connected:
+            self.on_writable()
+        self.update()
+
+    def maybe_shutdown(self):
+        if self.eof_in and not self.pending and not self.shut_wr and self.connected:
+            self.shut_wr = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self.maybe_finish()
+
+    def maybe_finish(self):
+        if self.eof_out and self.shut_wr:
+            self.close()
+            send({"t": "exit", "id": self.rid, "code": 0})
+
+    def fail(self, message):
+        self.close()
+        send({"t": "error", "id": self.rid, "code": "SandboxNotRunning", "message": message})
+
+    def close(self):
+        if self.done:
+            return
+        self.done = True
+        tunnels.pop(self.rid, None)
+        _set_events(self.fd, 0, None)
+        self.sock.close()
+
+
+def req_tunnel(rid, h, _payload):
+    port = h.get("port")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"bad port {port!r}")
+    try:
+        Tunnel(rid, port)
+    except OSError as exc:
+        send({"t": "error", "id": rid, "code": "SandboxNotRunning",
+              "message": f"cannot connect to 127.0.0.1:{port} in the sandbox: {exc.strerror or exc}"})
+
+
+def req_tunnel_data(_rid, h, payload):
+    t = tunnels.get(h.get("target"))
+    if t is not None:
+        t.feed(payload, bool(h.get("eof")))
+
+
+def req_tunnel_ack(_rid, h, _payload):
+    t = tunnels.get(h.get("target"))
+    if t is not None:
+        t.unacked = max(0, t.unacked - int(h.get("n") or 0))
+        t.unacked_frames = max(0, t.unacked_frames - 1)
+        t.update()
+
+
+def req_tunnel_close(_rid, h, _payload):
+    t = tunnels.get(h.get("target"))
+    if t is not None:
+        t.close()
+
+
 HANDLERS = {
     "run": req_run,
     "start": req_start,
@@ -1420,6 +1587,10 @@ HANDLERS = {
     "pipe_read": req_pipe_read,
     "pipe_close": req_pipe_close,
     "hello": req_hello,
+    "tunnel": req_tunnel,
+    "tunnel_data": req_tunnel_data,
+    "tunnel_ack": req_tunnel_ack,
+    "tunnel_close": req_tunnel_close,
 }
 # Any OSError of these is about a path (a FileError); on the others, about a command.
 FILE_REQUESTS = (

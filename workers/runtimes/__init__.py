@@ -9,10 +9,15 @@ from workers.runtimes.base import Runtime
 def make_runtime(settings: WorkerSettings) -> Runtime:
     if settings.runtime == "docker":
         from workers.runtimes.docker import DockerRuntime
+        from workers.runtimes.docker.network import SandboxNetworks
 
         return DockerRuntime(
             oci_runtime=settings.oci_runtime, gpu_oci_runtime=settings.gpu_oci_runtime,
             cgroup_parent=settings.cgroup_parent,
+            networks=SandboxNetworks(
+                oci_runtime=settings.net_oci_runtime, subnet=settings.net_subnet,
+                allow_open=settings.allow_open_network, dns_upstream=settings.net_dns_upstream,
+            ),
         )
     if settings.runtime == "runsc":
         from workers.runtimes.runsc import RunscRuntime

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import anyio.abc
 import msgspec
 
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
@@ -22,6 +23,8 @@ LABEL_MANAGED = "dev.hotbed.managed"
 LABEL_SANDBOX = "dev.hotbed.sandbox"
 LABEL_WORKER = "dev.hotbed.worker"
 LABEL_PREFIX = "dev.hotbed.prefix"
+# A sandbox's network mode, where it is not "none".
+LABEL_NETWORK = "dev.hotbed.network"
 
 
 class Placed(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,6 +124,13 @@ class ExitReasons(Protocol):
     async def exit_reason(self, sandbox_id: str) -> str | None:
         """Why the stopped sandbox stopped, e.g. ``out of memory (OOMKilled at its own
         128 MiB limit)``; ``None`` if the runtime does not know."""
+
+
+class NetworkService(Protocol):
+    """A runtime whose networked sandboxes need a service of the worker's (``docker``:
+    the node's DNS resolver for them), run in the worker's task group."""
+
+    async def serve_network(self, *, task_status: anyio.abc.TaskStatus[None]) -> None: ...
 
 
 @runtime_checkable

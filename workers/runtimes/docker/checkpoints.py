@@ -23,15 +23,21 @@ import secrets
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 from aiodocker.exceptions import DockerError
 
 from hotbed.errors import RuntimeFailure, SandboxNotFound, SandboxNotRunning
 from hotbed.protocol import SandboxSpec
-from workers.runtimes.base import Placed
+from workers.runtimes.base import LABEL_NETWORK, Placed
 from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
-from workers.runtimes.docker.lifecycle import container_config, removed_on_failure
+from workers.runtimes.docker.lifecycle import (
+    apply_network,
+    container_config,
+    prepare_network,
+    removed_on_failure,
+)
 
 # Checkpoint name a paused sandbox's state is kept under, in its container's folder.
 PAUSED_CHECKPOINT = "hotbed-paused"
@@ -76,13 +82,62 @@ async def checkpoint_post(engine: Engine, container_id: str, name: str, *, exit:
             delay = min(delay * 1.5, 1.5)
 
 
+def networked(info: dict[str, Any]) -> bool:
+    return bool((info.get("Config") or {}).get("Labels", {}).get(LABEL_NETWORK))
+
+
+async def checkpoint_and_stop(engine: Engine, info: dict[str, Any], name: str, *, sandbox_id: str) -> Path:
+    """Checkpoint a sandbox with a network, stopping it; returns the image directory.
+
+    Never with runsc's --leave-running: that restarts the sandbox inside the checkpoint
+    call, where gVisor's network stack cannot be set up again (the namespace's address
+    was handed to the first one, and runsc's own root-namespace test misfires: see
+    deploy/runsc/runsc-hotbed). The caller starts it again from the image (dockerd makes
+    a fresh namespace), as resume does.
+    """
+    made: Path = engine.root / "containers" / str(info["Id"]) / "checkpoints" / name
+    try:
+        await checkpoint_post(engine, info["Id"], name, exit=True, sandbox_id=sandbox_id)
+    except RuntimeFailure:
+        # containerd's "already exists" after runsc wrote the image and stopped the
+        # sandbox: the checkpoint is there (a retry would find nothing running).
+        stopped = not (await engine.show(sandbox_id))["State"]["Running"]
+        if not (stopped and await anyio.Path(made, "checkpoint.img").exists()):
+            raise
+    # Stopped, its address is free: whoever dockerd gives it next must not inherit
+    # these rules. They come back when it starts again.
+    await engine.networks.remove(sandbox_id)
+    return made
+
+
+async def restart_from(engine: Engine, info: dict[str, Any], image: Path, *, sandbox_id: str) -> None:
+    """Start a stopped sandbox again from its checkpoint ``image``, then its rules."""
+    if info["HostConfig"].get("Runtime") in engine.wrapped:
+        await start_restoring(engine, info["Id"], image, sandbox_id=sandbox_id)
+    else:
+        await anyio.to_thread.run_sync(
+            lambda: (image / "hotbed-restore-id").write_text(secrets.token_hex(16))
+        )
+        await engine.post(
+            f"containers/{info['Id']}/start", params={"checkpoint": image.name},
+            sandbox_id=sandbox_id,
+        )
+    if networked(info):
+        # Started again: its address may have changed, its policy has not.
+        await engine.networks.reapply(sandbox_id, await engine.show(sandbox_id))
+
+
 async def checkpoint(engine: Engine, sandbox_id: str, dest: Path, *, leave_running: bool) -> int:
     info = await engine.show(sandbox_id)
     if not info["State"]["Running"]:
         raise SandboxNotRunning(f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id)
     name = f"ck-{secrets.token_hex(6)}"
-    await checkpoint_post(engine, info["Id"], name, exit=not leave_running, sandbox_id=sandbox_id)
-    made = engine.root / "containers" / info["Id"] / "checkpoints" / name
+    restart = leave_running and networked(info)
+    if restart:
+        made = await checkpoint_and_stop(engine, info, name, sandbox_id=sandbox_id)
+    else:
+        await checkpoint_post(engine, info["Id"], name, exit=not leave_running, sandbox_id=sandbox_id)
+        made = engine.root / "containers" / info["Id"] / "checkpoints" / name
     cfg = info["Config"]
     # The image's own env only: what the sandbox was given (API keys) is no part of a
     # snapshot that other sandboxes are restored from.
@@ -107,7 +162,11 @@ async def checkpoint(engine: Engine, sandbox_id: str, dest: Path, *, leave_runni
             out.write(json.dumps(meta))
         return sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
 
-    return await anyio.to_thread.run_sync(store)
+    size = await anyio.to_thread.run_sync(store)
+    if restart:
+        # Open TCP connections were dropped (runsc-net's --net-disconnect-ok).
+        await restart_from(engine, info, dest / "checkpoint", sandbox_id=sandbox_id)
+    return size
 
 
 async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) -> None:
@@ -116,6 +175,7 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
         meta = json.loads(await anyio.Path(src, "container.json").read_text())
     except (OSError, ValueError) as exc:
         raise RuntimeFailure(f"snapshot {src} unreadable: {exc}", sandbox_id=sid) from None
+    allows = await prepare_network(engine, placed, spec)
     config = container_config(engine, placed, spec, meta["Image"], cmd=meta["Cmd"])
     config["User"] = meta["User"]
     config["Env"] = list(meta["Env"]) + [e for e in config["Env"] if e.startswith("NVIDIA_")]
@@ -128,6 +188,7 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
             container = await engine.docker.containers.create(config, name=container_name(sid))
         if config["HostConfig"]["Runtime"] in engine.wrapped:  # not GPU's runsc-nvproxy
             await start_restoring(engine, container.id, src / "checkpoint", sandbox_id=sid)
+            await apply_network(engine, sid, spec, allows)
             return
         target = engine.root / "containers" / container.id / "checkpoints" / "restore"
 
@@ -144,10 +205,14 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
         await engine.post(
             f"containers/{container.id}/start", params={"checkpoint": "restore"}, sandbox_id=sid
         )
+        await apply_network(engine, sid, spec, allows)
 
 
 async def pause(engine: Engine, sandbox_id: str) -> None:
     info = await engine.show(sandbox_id)
+    if networked(info):
+        await checkpoint_and_stop(engine, info, PAUSED_CHECKPOINT, sandbox_id=sandbox_id)
+        return
     # Checkpoint leaving it running, then stop it: a checkpoint with Exit=true that
     # trips containerd's "already exists" has already stopped the container, and a
     # retry would find nothing to checkpoint. What the sandbox does in the few
@@ -167,16 +232,7 @@ async def resume(engine: Engine, sandbox_id: str) -> None:
     if info["State"]["Running"]:
         return
     ck = engine.root / "containers" / info["Id"] / "checkpoints" / PAUSED_CHECKPOINT
-    if info["HostConfig"].get("Runtime") in engine.wrapped:
-        await start_restoring(engine, info["Id"], ck, sandbox_id=sandbox_id)
-    else:
-        await anyio.to_thread.run_sync(
-            lambda: (ck / "hotbed-restore-id").write_text(secrets.token_hex(16))
-        )
-        await engine.post(
-            f"containers/{info['Id']}/start", params={"checkpoint": PAUSED_CHECKPOINT},
-            sandbox_id=sandbox_id,
-        )
+    await restart_from(engine, info, ck, sandbox_id=sandbox_id)
     # runsc has the image open by now: removing the files frees them when it is done.
     await anyio.to_thread.run_sync(lambda: shutil.rmtree(ck, ignore_errors=True))
 

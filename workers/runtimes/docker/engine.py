@@ -16,6 +16,7 @@ from aiodocker.exceptions import DockerError
 
 from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotFound, SandboxNotRunning
 from workers.runtimes.docker import _aiodocker
+from workers.runtimes.docker.network import SandboxNetworks
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,11 @@ class Engine:
         extra_labels: dict[str, str] | None = None,
         gpu_oci_runtime: str = "runsc-nvproxy",
         cgroup_parent: str = "",
+        networks: SandboxNetworks | None = None,
     ) -> None:
         self.oci_runtime = oci_runtime
+        # Sandboxes whose network is not "none" (workers/runtimes/docker/network.py).
+        self.networks = networks or SandboxNetworks()
         self.cgroup_parent = cgroup_parent
         # GPU sandboxes under gVisor need runsc's --nvproxy: a second runtime entry in
         # daemon.json (scripts/host-setup.sh registers it on hosts with an NVIDIA driver).

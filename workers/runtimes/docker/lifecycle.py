@@ -12,11 +12,14 @@ import anyio
 from aiodocker.exceptions import DockerError
 
 from hotbed import limits
-from hotbed.errors import ImageNotFound, RuntimeFailure
-from hotbed.protocol import SPAWN_FIFO, SandboxSpec
+from hotbed import network as hotbed_network
+from hotbed.errors import ImageNotFound, RuntimeFailure, UnsupportedRequest
+from hotbed.network import Allow
+from hotbed.protocol import SPAWN_FIFO, NetworkPolicy, SandboxSpec
 from workers.guest.channel import guest_command
 from workers.runtimes.base import (
     LABEL_MANAGED,
+    LABEL_NETWORK,
     LABEL_PREFIX,
     LABEL_SANDBOX,
     LABEL_WORKER,
@@ -39,7 +42,7 @@ IDLE_CMD = [
 
 
 def container_config(
-    engine: Engine, placed: Placed, spec: SandboxSpec, image_id: str, *, cmd: list[str] | None = None
+    engine: Engine, placed: Placed, spec: SandboxSpec, image_id: str, *, cmd: list[str] | None = None,
 ) -> dict[str, Any]:
     """The Engine API body that creates ``placed``'s container."""
     res = spec.resources
@@ -69,6 +72,17 @@ def container_config(
         # The guest agent's channel is the container's stdout: keep it out of logs.
         "LogConfig": {"Type": "none", "Config": {}},
     }
+    net = network_of(spec)
+    networked = net.mode != "none"
+    if networked:
+        # Filtered on the host (workers/runtimes/docker/network.py).
+        if placed.gpu_uuids:
+            raise UnsupportedRequest(
+                "a GPU sandbox cannot have a network yet (its runsc runtime has none)",
+                sandbox_id=placed.sandbox_id,
+            )
+        host_config.update(engine.networks.host_config())
+        labels[LABEL_NETWORK] = engine.networks.label(net)
     if placed.gpu_uuids:
         if engine.oci_runtime == "runsc":
             if engine.gpu_oci_runtime not in engine.runtimes:
@@ -92,7 +106,7 @@ def container_config(
         "User": spec.user or "",
         "Env": env,
         "Labels": labels,
-        "NetworkDisabled": True,
+        "NetworkDisabled": not networked,
         "HostConfig": host_config,
     }
     if spec.workdir:
@@ -115,12 +129,36 @@ async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
                 worker_id=placed.worker_id,
             ) from None
         raise engine.translate(exc, sid) from None
+    allows = await prepare_network(engine, placed, spec)
     config = container_config(engine, placed, spec, image["Id"])
     async with removed_on_failure(engine, sid, "start"):
         with anyio.fail_after(API_TIMEOUT_S):
             container = await engine.docker.containers.create(config, name=container_name(sid))
         with anyio.fail_after(API_TIMEOUT_S):
             await container.start()
+        await apply_network(engine, sid, spec, allows)
+
+
+def network_of(spec: SandboxSpec) -> NetworkPolicy:
+    return hotbed_network.of(spec.network)
+
+
+async def prepare_network(engine: Engine, placed: Placed, spec: SandboxSpec) -> list[Allow]:
+    """A networked sandbox's checked allow list (the node's network made on first
+    use); nothing for ``network="none"``."""
+    net = network_of(spec)
+    if net.mode == "none":
+        return []
+    allows = engine.networks.check(net, sandbox_id=placed.sandbox_id)
+    await engine.networks.ensure(engine.docker, engine.runtimes)
+    return allows
+
+
+async def apply_network(engine: Engine, sid: str, spec: SandboxSpec, allows: list[Allow]) -> None:
+    """The started container's rules (none for ``network="none"``)."""
+    net = network_of(spec)
+    if net.mode != "none":
+        await engine.networks.apply(sid, await engine.show(sid), net, allows)
 
 
 @asynccontextmanager
@@ -139,6 +177,8 @@ async def removed_on_failure(engine: Engine, sid: str, what: str) -> AsyncIterat
 
 
 async def destroy(engine: Engine, sandbox_id: str) -> None:
+    # Its rules go first: dockerd may give its address to the next sandbox.
+    await engine.networks.remove(sandbox_id)
     try:
         with anyio.fail_after(API_TIMEOUT_S):
             await engine.container(sandbox_id).delete(force=True, v=True)

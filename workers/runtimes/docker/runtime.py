@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import anyio.abc
 from aiodocker.exceptions import DockerError
 
 from hotbed.errors import SandboxNotRunning
@@ -14,6 +15,7 @@ from hotbed.records import HeldImages
 from workers.runtimes.base import Managed, Placed
 from workers.runtimes.docker import _aiodocker, checkpoints, commands, files, images, lifecycle
 from workers.runtimes.docker.engine import Engine, container_name
+from workers.runtimes.docker.network import SandboxNetworks
 
 
 class DockerRuntime:
@@ -28,10 +30,11 @@ class DockerRuntime:
         extra_labels: dict[str, str] | None = None,
         gpu_oci_runtime: str = "runsc-nvproxy",
         cgroup_parent: str = "",
+        networks: SandboxNetworks | None = None,
     ) -> None:
         self.engine = Engine(
             oci_runtime=oci_runtime, docker_url=docker_url, extra_labels=extra_labels,
-            gpu_oci_runtime=gpu_oci_runtime, cgroup_parent=cgroup_parent,
+            gpu_oci_runtime=gpu_oci_runtime, cgroup_parent=cgroup_parent, networks=networks,
         )
 
     async def open(self) -> None:
@@ -41,6 +44,10 @@ class DockerRuntime:
 
     async def aclose(self) -> None:
         await self.engine.aclose()
+
+    async def serve_network(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The node's DNS resolver for networked sandboxes (idle until the first one)."""
+        await self.engine.networks.dns.serve(task_status=task_status)
 
     @property
     def direct_restore(self) -> bool:

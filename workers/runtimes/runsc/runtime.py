@@ -25,6 +25,7 @@ from hotbed.errors import (
     RuntimeFailure,
     SandboxNotFound,
     SandboxNotRunning,
+    UnsupportedRequest,
 )
 from hotbed.protocol import ExecResult, ExecSpec, FileEntry, SandboxSpec
 from workers.guest.channel import guest_command
@@ -152,6 +153,7 @@ class RunscRuntime:
 
     async def create(self, placed: Placed, spec: SandboxSpec) -> None:
         sid = placed.sandbox_id
+        _no_network(spec, sid)
         image = await self.images.get(spec.image, sandbox_id=sid)
         meta = SandboxMeta(
             sandbox_id=sid, worker_id=placed.worker_id, prefix=placed.prefix, image=spec.image,
@@ -168,6 +170,7 @@ class RunscRuntime:
 
     async def restore(self, placed: Placed, spec: SandboxSpec, src: Path) -> None:
         sid = placed.sandbox_id
+        _no_network(spec, sid)
         try:
             old = _meta_decode(await anyio.Path(src, META).read_bytes())
         except (OSError, msgspec.DecodeError) as exc:
@@ -403,3 +406,12 @@ class RunscRuntime:
         if not await anyio.Path(self._dir(sandbox_id), PAUSED).is_dir():
             return False
         return await self._status(meta) != "running"
+
+
+def _no_network(spec: SandboxSpec, sandbox_id: str) -> None:
+    """This runtime's sandboxes have loopback only: a network is the docker runtime's."""
+    if spec.network is not None and spec.network.mode != "none":
+        raise UnsupportedRequest(
+            f'network="{spec.network.mode}" needs the docker runtime; this worker runs runsc directly',
+            sandbox_id=sandbox_id,
+        )
