@@ -38,6 +38,7 @@ from anyio.abc import TaskGroup
 
 from hotbed.errors import HotbedError, InvalidRequest, Overloaded, UnsupportedRequest
 from hotbed.protocol import Envelope, ExposePort, PortExposed, Reply
+from workers import sandboxes
 from workers.guest.channel import GuestChannel, GuestManager
 from workers.sandboxes import SandboxTable
 
@@ -247,21 +248,28 @@ class PortTunnels:
             log.info("port %d: connection refused: %s", exposed.port, exc, extra={"sandbox_id": sid})
 
 
-def chain(*hooks: GuestHooks) -> GuestHooks:
-    """One :class:`GuestHooks` that tells each of ``hooks`` in turn."""
-    return _Chain(hooks)
+def chain(channels: sandboxes.GuestHooks, *others: GuestHooks) -> sandboxes.GuestHooks:
+    """The sandbox table's guest hooks: ``channels`` (the guest channels' keeper, which
+    alone knows when one is ready) and ``others`` told of each start and end too."""
+    return _Chain(channels, others)
 
 
 class _Chain:
-    def __init__(self, hooks: tuple[GuestHooks, ...]) -> None:
-        self.hooks = hooks
+    def __init__(self, channels: sandboxes.GuestHooks, others: tuple[GuestHooks, ...]) -> None:
+        self.channels = channels
+        self.others = others
 
     def prepare(self, sandbox_id: str) -> None:
-        for h in self.hooks:
+        self.channels.prepare(sandbox_id)
+        for h in self.others:
             h.prepare(sandbox_id)
 
+    async def wait_ready(self, sandbox_id: str, *, warm_up: bool = False) -> None:
+        await self.channels.wait_ready(sandbox_id, warm_up=warm_up)
+
     def forget(self, sandbox_id: str) -> None:
-        for h in self.hooks:
+        self.channels.forget(sandbox_id)
+        for h in self.others:
             h.forget(sandbox_id)
 
 

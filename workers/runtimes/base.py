@@ -126,6 +126,7 @@ class ExitReasons(Protocol):
         128 MiB limit)``; ``None`` if the runtime does not know."""
 
 
+@runtime_checkable
 class NetworkService(Protocol):
     """A runtime whose networked sandboxes need a service of the worker's (``docker``:
     the node's DNS resolver for them), run in the worker's task group."""
