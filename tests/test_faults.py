@@ -488,9 +488,8 @@ def test_stale_requests_are_answered_request_timeout_and_not_run(
 def docker_fleet_env(workdir: Path) -> dict[str, str]:
     if not docker_available():
         pytest.fail("dockerd with runsc is not running: run `make test` (it sets them up)")
-    # Capacity as declared (HOTBED_CPU), not overcommitted: the checks count it.
     return {"HOTBED_RUNTIME": "docker", "HOTBED_SNAPSHOT_DIR": str(workdir / "snapshots"),
-            "HOTBED_DRAIN_ON_STOP": "true", "HOTBED_CPU_OVERCOMMIT": "1"}
+            "HOTBED_DRAIN_ON_STOP": "true"}
 
 
 async def busybox(c: Client) -> SandboxCreated:

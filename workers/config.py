@@ -106,8 +106,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # how many may wait, and the density ratios; measured defaults, docs/operations.md.
     max_starts: Annotated[int, msgspec.Meta(ge=1)] | None = None
     start_queue: Annotated[int, msgspec.Meta(ge=1)] = 1024
-    # None: the measured defaults for gVisor sandboxes (docker, runsc), 1 for the
-    # others (simulated and unisolated nodes declare exactly what they offer).
+    # None: the measured defaults for gVisor sandboxes (docker, runsc) on capacity taken
+    # from the host; 1 where ``cpu``/``memory_mb`` are declared, and for the simulated
+    # and unisolated runtimes: declared capacity is offered exactly.
     cpu_overcommit: Annotated[float, msgspec.Meta(ge=1)] | None = None
     memory_overcommit: Annotated[float, msgspec.Meta(ge=1)] | None = None
     memory_headroom_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -204,14 +205,16 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return self.runtime in ("docker", "runsc")
 
     def resolved_cpu_overcommit(self) -> float:
+        """An explicit ratio always applies; the measured default only to capacity
+        taken from the host (a declared ``cpu`` is offered as declared)."""
         if self.cpu_overcommit is not None:
             return self.cpu_overcommit
-        return CPU_OVERCOMMIT if self._measured() else 1.0
+        return CPU_OVERCOMMIT if self._measured() and self.cpu is None else 1.0
 
     def resolved_memory_overcommit(self) -> float:
         if self.memory_overcommit is not None:
             return self.memory_overcommit
-        return MEMORY_OVERCOMMIT if self._measured() else 1.0
+        return MEMORY_OVERCOMMIT if self._measured() and self.memory_mb is None else 1.0
 
     def physical_cpu(self) -> float:
         return self.cpu or float(os.cpu_count() or 1)
