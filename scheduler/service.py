@@ -25,7 +25,7 @@ from daemon import lifecycle
 from daemon.metrics import NULL, NullMetrics
 from daemon.streams import StreamConsumer, ensure_group, reply_to, send_reply
 from hotbed import keys as keyspace
-from hotbed import lua, protocol, records
+from hotbed import limits, lua, protocol, records
 from hotbed.connection import connect
 from hotbed.errors import HotbedError, UnsupportedRequest, WorkerLost
 from hotbed.protocol import BuildTemplate, CreateSandbox, Envelope, ErrorReply, Reply
@@ -243,6 +243,8 @@ class Scheduler:
         lease: once.Lease | None = None
         try:
             if isinstance(env.body, (CreateSandbox, BuildTemplate)):
+                # The id names the request's key and its sandbox: its shape comes first.
+                limits.check_id(env.id, "request id")
                 # One sandbox per request id, however often the request is delivered.
                 lease = await once.acquire(self.redis, self.keys, env)
                 if lease is None:
