@@ -271,6 +271,8 @@ class Scheduler:
         lease: once.Lease | None = None
         try:
             if isinstance(env.body, (CreateSandbox, BuildTemplate)):
+                # The id names the request's key and its sandbox: its shape comes first.
+                limits.check_id(env.id, "request id")
                 # One sandbox per request id, however often the request is delivered.
                 lease = await once.acquire(self.redis, self.keys, env)
                 if lease is None:

@@ -58,12 +58,13 @@ def cpu_stat(cpu: Path, acct: Path) -> tuple[float, int]:
 async def still_serving(stack: Stack, other: Sandbox) -> None:
     with anyio.fail_after(60):
         assert (await other.exec("echo", "fine")).stdout == "fine\n"
-        async with await Sandbox.create(BUSYBOX_IMAGE, client=stack.client) as fresh:
+        # Small, so that it fits beside the sandboxes of the test (a 2-core node).
+        async with await Sandbox.create(BUSYBOX_IMAGE, client=stack.client, cpu=0.25) as fresh:
             assert (await fresh.exec("true")).ok
 
 
 async def test_fork_bomb_stops_at_the_pids_limit(hotbed_stack: Stack) -> None:
-    other = await Sandbox.create(BUSYBOX_IMAGE, client=hotbed_stack.client)
+    other = await Sandbox.create(BUSYBOX_IMAGE, client=hotbed_stack.client, cpu=0.25)
     bomb = await create(hotbed_stack, BUSYBOX_IMAGE, cpu=0.5, memory_mb=256, pids=64)
     try:
         pids = await cgroup_dir(bomb.id, "pids")
@@ -127,8 +128,8 @@ async def test_memory_bomb_is_oom_killed_at_its_own_limit(hotbed_stack: Stack) -
     the sandbox kernel itself is chosen, the whole sandbox, whose record then says
     ``out of memory``. Either way the kill is counted in that cgroup, at its limit."""
     c = hotbed_stack.client
-    other = await Sandbox.create(BUSYBOX_IMAGE, client=c)
-    sb = await Sandbox.create(BASE_IMAGE, client=c, memory_mb=128)
+    other = await Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=0.25)
+    sb = await Sandbox.create(BASE_IMAGE, client=c, memory_mb=128, cpu=0.5)
     try:
         memory = await cgroup_dir(sb.id, "memory")
         limit_file = "memory.limit_in_bytes" if (memory / "memory.limit_in_bytes").exists() else "memory.max"
