@@ -92,20 +92,23 @@ def _acl_config(url: str) -> list[str]:
     return ["--aclfile", str(acl)]
 
 
-def _daemon_env(url: str, worker_id: str) -> tuple[dict[str, str], dict[str, str]]:
+def _daemon_env(url: str, worker: Any, scheduler: Any) -> tuple[dict[str, str], dict[str, str]]:
     """The scheduler's and the worker's environment: their own Redis users' URLs when
     ``url`` is an admin's (it has a password), else ``url`` for both."""
     from hotbed import tenants
     from hotbed.client import Client
     from hotbed.connection import RedisURL
+    from hotbed.keys import Keys
 
     if not RedisURL(url).password:
         return {"HOTBED_REDIS_URL": url}, {"HOTBED_REDIS_URL": url}
 
     async def users() -> tuple[str, str]:
         async with Client(url) as c:
-            s_user, s_pw = await tenants.provision_daemon_user(c.redis, c.keys, role="scheduler")
-            w_user, w_pw = await tenants.provision_daemon_user(c.redis, c.keys, role="worker", worker_id=worker_id)
+            s_user, s_pw = await tenants.provision_daemon_user(c.redis, Keys(scheduler.prefix), role="scheduler")
+            w_user, w_pw = await tenants.provision_daemon_user(
+                c.redis, Keys(worker.prefix), role="worker", worker_id=worker.resolved_id()
+            )
         return tenants.with_credentials(url, s_user, s_pw), tenants.with_credentials(url, w_user, w_pw)
 
     s_url, w_url = run_async(users)
@@ -221,9 +224,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _detach(args)
     from cli import supervise
     from daemon.config import load_settings
+    from hotbed import config as client_config
     from scheduler.config import SchedulerSettings
     from workers.config import WorkerSettings
 
+    # The daemons serve the key space the client config names (unless told otherwise).
+    if not os.environ.get("HOTBED_PREFIX") and (prefix := client_config.load().prefix):
+        os.environ["HOTBED_PREFIX"] = prefix
     # Read here so bad settings fail `hotbed up` at once, not each child in turn.
     wsettings = load_settings(WorkerSettings, args.worker_config, overrides={"redis_url": url, "runtime": args.runtime})
     ssettings = load_settings(SchedulerSettings, args.scheduler_config, overrides={"redis_url": url})
@@ -233,7 +240,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         home(), redis_answers=(lambda: _redis_answers(url, timeout=5.0)) if started_redis else None,
         start_redis=lambda: ensure_redis(url),
     )
-    s_env, w_env = _daemon_env(url, wsettings.resolved_id())
+    s_env, w_env = _daemon_env(url, wsettings, ssettings)
     sup.add("scheduler", "scheduler", [*_config_arg(args.scheduler_config)], env=s_env)
     sup.add("worker", "workers", [
         *_config_arg(args.worker_config), "--runtime", args.runtime,
