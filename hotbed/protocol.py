@@ -278,8 +278,8 @@ class BuildTemplate(Msg):
     # When set, the worker reports the build as it goes on the request's output stream
     # (hotbed.keys.output of its id): ``p`` entries, one progress line each, and ``o``
     # entries with each set-up step's output once it ends. The reply still comes on the
-    # reply key, as for any request.
-    stream_to: str = ""
+    # reply key, as for any request (not ``stream_to``: a build is no sandbox's stream).
+    progress: bool = False
 
 
 class SnapshotSandbox(Msg):

@@ -215,7 +215,7 @@ async def _build_following(
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow)
             reply = await client.request(
-                msgspec.structs.replace(body, stream_to=key), timeout=timeout, request_id=rid
+                msgspec.structs.replace(body, progress=True), timeout=timeout, request_id=rid
             )
             tg.cancel_scope.cancel()
         # The worker wrote its last lines before its reply.

@@ -159,7 +159,7 @@ class LocalStore:
 
 class BuildLog:
     """A template build's progress on its request's output stream, for the client that
-    asked (``BuildTemplate.stream_to``); nothing when none did. A line that cannot be
+    asked (``BuildTemplate.progress``); nothing when none did. A line that cannot be
     written is dropped: progress never fails a build."""
 
     def __init__(self, redis: Any, key: str | None) -> None:
@@ -471,7 +471,7 @@ class SnapshotManager:
             network=ts.network,
         )
         snap = new_snapshot_id()
-        progress = BuildLog(self.redis, table.keys.output(env.id) if cmd.stream_to else None)
+        progress = BuildLog(self.redis, table.keys.output(env.id) if cmd.progress else None)
         try:
             await progress.say(f"booting {ts.image} on {self.worker_id}")
             await self.runtime.create(table.placed(sid), spec)
