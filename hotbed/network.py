@@ -125,3 +125,19 @@ def pool_key(policy: NetworkPolicy | None) -> str:
         return policy.mode
     digest = hashlib.sha1("\n".join(sorted(policy.allow)).encode()).hexdigest()[:10]
     return f"{policy.mode}-{digest}"
+
+
+def restore_problem(template: str, built: NetworkPolicy, stated: NetworkPolicy | None) -> str:
+    """Why a snapshot of ``template`` (taken with network ``built``) cannot be restored
+    into a sandbox with network ``stated``, or "". Across modes with a network (egress,
+    open, any allow list) it can; between none and a network it cannot: gVisor restores
+    a sandbox only with the files it had mounted, and dockerd mounts /etc/hosts and
+    the node's /etc/resolv.conf into networked containers only."""
+    if stated is None or (built.mode == "none") == (stated.mode == "none"):
+        return ""
+    had = "without" if built.mode == "none" else "with"
+    need = "none" if built.mode == "none" else "one"
+    return (
+        f"template {template!r} was snapshotted {had} a network, so its sandboxes must have "
+        f"{need} (got network={stated.mode!r}); build a template with the network they need"
+    )

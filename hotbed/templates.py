@@ -286,7 +286,10 @@ async def set_pool(
     if size < 0:
         raise InvalidRequest(f"pool size must be >= 0, got {size}")
     policy = _policy(network, allow)
-    await get_template(template, client=client)
+    rec = await get_template(template, client=client)
+    problem = hotbed_network.restore_problem(template, rec.spec.network, policy) if rec.snapshot else ""
+    if problem:
+        raise InvalidRequest(problem)
     name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu), policy)
     conf = records.PoolConfig(
         template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "", network=policy,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed.errors import TemplateNotFound
+from hotbed import network as hotbed_network
+from hotbed.errors import InvalidRequest, TemplateNotFound
 from hotbed.keys import Keys
 from hotbed.protocol import (
     BuildTemplate,
@@ -51,6 +52,9 @@ async def resolve(redis: aioredis.Redis, keys: Keys, spec: SandboxSpec) -> Resol
     if rec is None:
         raise TemplateNotFound(f"no template {name!r}")
     ts = rec.spec
+    problem = hotbed_network.restore_problem(name, ts.network, spec.network) if rec.snapshot else ""
+    if problem:
+        raise InvalidRequest(problem)
     spec = msgspec.structs.replace(
         spec, image=ts.image, user=spec.user or ts.user, workdir=spec.workdir or ts.workdir,
         # Stated by the create (or its pool), else the template's: a snapshot restores

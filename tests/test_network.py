@@ -246,14 +246,17 @@ async def test_pause_resume_and_snapshot_keep_the_network(hotbed_stack: Stack, n
             assert not await _reaches(child, netns.ns_ip, 8082)
         finally:
             await child.terminate()
-        # The same snapshot restored into another network: what the create states.
-        bare = await Sandbox.create(template="net-snap-" + sb.id[-6:], client=client, cpu=0.25,
-                                    memory_mb=256, network="none")
+        # Restored into another network: what the create states (any mode with one).
+        wider = await Sandbox.create(template="net-snap-" + sb.id[-6:], client=client, cpu=0.25,
+                                     memory_mb=256, network="egress", allow=[f"{netns.ns_ip}/32"])
         try:
-            got = await _probe(bare, netns.ns_ip, 8081)
-            assert not got["ok"] and "ConnectionRefused" not in str(got["error"]), got
+            assert await _reaches(wider, netns.ns_ip, 8082)
         finally:
-            await bare.terminate()
+            await wider.terminate()
+        # Not into none: gVisor restores only with the mounts the snapshot had. Typed.
+        with pytest.raises(InvalidRequest, match="snapshotted with a network"):
+            await Sandbox.create(template="net-snap-" + sb.id[-6:], client=client, cpu=0.25,
+                                 memory_mb=256, network="none")
     finally:
         await sb.terminate()
     assert chain_name(sb.id) not in _rules()
@@ -276,31 +279,35 @@ async def test_templates_and_pools_carry_the_network(hotbed_stack: Stack, netns:
     assert rec.spec.network.mode == "egress" and rec.spec.network.allow == allow
     with pytest.raises(InvalidRequest):
         await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, network="egress", allow=["nope:0"], client=client)
-    # Two pools of one template and shape: the template's network, and none.
+    with pytest.raises(InvalidRequest, match="snapshotted with a network"):
+        await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, network="none", client=client)
+    # Two pools of one template and shape: the template's network, and a wider list.
+    other = [f"{netns.ns_ip}:8082"]
     default_pool = await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, client=client)
-    bare_pool = await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, network="none", client=client)
-    assert default_pool != bare_pool
+    other_pool = await templates.set_pool(name, 1, cpu=0.25, memory_mb=256, allow=other, client=client)
+    assert default_pool != other_pool
+    netns.serve(netns.ns_ip, 8082)
     try:
-        for pool in (default_pool, bare_pool):
+        for pool in (default_pool, other_pool):
             with anyio.fail_after(60):
                 while not [p for p in await templates.pool_status(client=client) if p.name == pool and p.ready]:
                     await anyio.sleep(0.1)
-        networked = await Sandbox.create(template=name, client=client, cpu=0.25, memory_mb=256)
-        bare = await Sandbox.create(template=name, client=client, cpu=0.25, memory_mb=256, network="none")
+        first = await Sandbox.create(template=name, client=client, cpu=0.25, memory_mb=256)
+        second = await Sandbox.create(template=name, client=client, cpu=0.25, memory_mb=256, allow=other)
         try:
-            assert networked.path == "warm" and bare.path == "warm", (networked.path, bare.path)
-            assert await _reaches(networked, netns.ns_ip, 8081)
-            got = await _probe(bare, netns.ns_ip, 8081)
-            assert not got["ok"] and "ConnectionRefused" not in str(got["error"]), got
-            rec_n, rec_b = await networked.info(), await bare.info()
-            assert rec_n.network == "egress" and rec_n.allow == allow and rec_b.network == ""
+            assert first.path == "warm" and second.path == "warm", (first.path, second.path)
+            assert await _reaches(first, netns.ns_ip, 8081)
+            assert not await _reaches(first, netns.ns_ip, 8082)
+            assert await _reaches(second, netns.ns_ip, 8082)
+            assert not await _reaches(second, netns.ns_ip, 8081)
+            rec1, rec2 = await first.info(), await second.info()
+            assert rec1.network == "egress" and rec1.allow == allow and rec2.allow == other
         finally:
-            await networked.terminate()
-            await bare.terminate()
+            await first.terminate()
+            await second.terminate()
     finally:
-        for pool in (default_pool, bare_pool):
-            await templates.set_pool(name, 0, cpu=0.25, memory_mb=256,
-                                     network="none" if pool == bare_pool else None, client=client)
+        await templates.set_pool(name, 0, cpu=0.25, memory_mb=256, client=client)
+        await templates.set_pool(name, 0, cpu=0.25, memory_mb=256, allow=other, client=client)
         with anyio.fail_after(60):
             while await templates.pool_status(client=client):
                 await anyio.sleep(0.2)

@@ -175,7 +175,9 @@ class DnsResolver:
         self.lookup: Lookup | None = None
         self.bridge_ready = anyio.Event()
         self._by_ip: dict[str, DnsPolicy] = {}
-        self._limiter = anyio.CapacityLimiter(MAX_IN_FLIGHT)
+        # A semaphore, not a limiter: the serving loop takes the slot, the answer's task
+        # gives it back.
+        self._slots = anyio.Semaphore(MAX_IN_FLIGHT)
 
     def register(self, ip: str, policy: DnsPolicy) -> None:
         self._by_ip[ip] = policy
@@ -213,7 +215,7 @@ class DnsResolver:
             log.info("dns: answering sandboxes on %s:%d, upstream %s", self.gateway, PORT, self.upstream)
             async with sock, anyio.create_task_group() as tg:
                 async for data, (ip, port) in sock:
-                    await self._limiter.acquire()
+                    await self._slots.acquire()
                     tg.start_soon(self._answer, sock, data, ip, port)
 
     async def _answer(self, sock: anyio.abc.UDPSocket, data: bytes, ip: str, port: int) -> None:
@@ -224,7 +226,7 @@ class DnsResolver:
         except Exception:  # one bad packet never ends the resolver
             log.exception("dns: answering %s failed", ip)
         finally:
-            self._limiter.release()
+            self._slots.release()
 
     async def answer(self, data: bytes, ip: str) -> bytes | None:
         """The reply to ``data`` from sandbox address ``ip`` (None: ignore it)."""
