@@ -38,6 +38,9 @@ from workers.config import WorkerSettings
 if TYPE_CHECKING:
     from cli.localcluster import LocalCluster
 
+# A developer's own client config (written by `hotbed up`) must not reach the suite:
+# tests name their Redis and prefix themselves. setdefault so a test may point it on purpose.
+os.environ.setdefault("HOTBED_CONFIG", os.path.join(tempfile.mkdtemp(prefix="hotbed-test-config-"), "config"))
 BUSYBOX_IMAGE = os.environ.get("HOTBED_TEST_IMAGE", "hotbed/busybox")
 BASE_IMAGE = os.environ.get("HOTBED_BASE_IMAGE", "hotbed/base")
 
