@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "port", help="expose a TCP port of a sandbox; prints HOST:PORT on its worker"
     )
-    p.add_argument("sandbox")
-    p.add_argument("port", type=port_number)
+    p.add_argument("sandbox", help="sandbox id")
+    p.add_argument("port", type=port_number, help="TCP port inside the sandbox (1-65535)")
     p.add_argument("--url", action="store_true", help="print it as an http:// URL")
     p.set_defaults(func=cmd_port)

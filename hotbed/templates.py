@@ -95,7 +95,7 @@ def pool_name(template: str, resources: Resources, network: NetworkPolicy | None
     name = f"{template}:{resources.cpu:g}c:{resources.memory_mb}m"
     name += f":{resources.gpu}" if resources.gpu else ""
     net = hotbed_network.pool_key(network)
-    return name + (f":net={net}" if net else "")
+    return name + (f":net-{net}" if net else "")
 
 
 def _policy(network: NetworkMode | None, allow: list[str] | tuple[str, ...] | None) -> NetworkPolicy | None:

@@ -352,7 +352,7 @@ async def test_exec_streams_stdin(hotbed_stack: Stack) -> None:
                     assert await p.wait() == 0
                 assert await p.stdout.receive() == b"hello" and sent < 40 << 20
         # `run` streams it the same way.
-        rc, out, err = await _hb(s, "run", BASE_IMAGE, "--memory", "256", "--", "wc", "-c", input=b"x" * 1000)
+        rc, out, err = await _hb(s, "run", "--memory", "256", BASE_IMAGE, "--", "wc", "-c", input=b"x" * 1000)
         assert (rc, out.strip()) == (0, "1000"), err
 
         script = 'read a; echo "got $a"; read b; echo "got $b"; exit 3'

@@ -195,7 +195,7 @@ async def test_cli_port_and_publish(hotbed_stack: Stack) -> None:
         exposed = protocol.PortExposed(sandbox_id=sid, port=9000, host=host, host_port=int(port))
         assert await _echo(exposed, b"via cli") == b"via cli"
         res = await anyio.run_process([*cli, "port", sid, "0"], env=env, check=False)
-        assert res.returncode == 2 and b"1-65535" in res.stderr
+        assert res.returncode == 125 and b"1-65535" in res.stderr
     finally:
         await sb.terminate()
 
