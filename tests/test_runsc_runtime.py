@@ -22,6 +22,7 @@ import anyio
 import pytest
 from conftest import BASE_IMAGE, docker_available, image_exists
 
+from hotbed import limits
 from hotbed.protocol import ExecSpec, Resources, SandboxSpec
 from workers.guest.channel import GuestManager
 from workers.runtimes.base import Placed
@@ -68,7 +69,7 @@ def test_cpu_sandbox_spec_has_the_docker_runtime_limits() -> None:
     assert res["memory"] == {"limit": 256 << 20, "swap": 256 << 20}
     # The sandbox's own processes stop at 64 (RLIMIT_NPROC, which gVisor enforces); the
     # host's pids cgroup, which also counts gVisor's threads, sits above it.
-    assert res["pids"] == {"limit": 2 * 64 + 64}
+    assert res["pids"] == {"limit": limits.host_pids_limit(64)}
     assert {"type": "RLIMIT_NPROC", "soft": 64, "hard": 64} in spec["process"]["rlimits"]
     assert spec["linux"]["cgroupsPath"] == "/hotbed/hotbed-sb-1"
     proc = spec["process"]

@@ -136,7 +136,9 @@ SHORT_S = 60.0
 PULL_WITHOUT_DEADLINE_S = 600.0
 # What a tenant may send a worker, each naming one of its own sandboxes. Starts come
 # from the scheduler; builds, snapshots and pool notices are operators' business.
-TENANT_COMMANDS = frozenset(EXECUTION_COMMANDS) | {Terminate, UpdateSandbox, PauseSandbox, ResumeSandbox}
+# ExposePort too: only the owner of a sandbox (checked below, as for every tenant
+# command) can open a port on it.
+TENANT_COMMANDS = frozenset(EXECUTION_COMMANDS) | {Terminate, UpdateSandbox, PauseSandbox, ResumeSandbox, ExposePort}
 
 
 def long_lived(body: Any) -> bool:
