@@ -58,7 +58,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from daemon.config import check_common
+from daemon.config import check_common, redact_url
 from hotbed.protocol import GpuDevice
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -71,6 +71,9 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 STARTS_PER_CORE = 2
 CPU_OVERCOMMIT = 250.0
 MEMORY_OVERCOMMIT = 12.0
+
+# Fields printed as ``***`` (a registry login masks its own password).
+SECRET_FIELDS = frozenset({"snapshot_token"})
 
 
 class RegistryCredential(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -193,6 +196,19 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         for host in [*self.registries, *self.registry_auth]:
             if not host or "/" in host or " " in host:
                 raise ValueError(f"registry {host!r}: want a host[:port] as image names spell it")
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and error lines; secrets never do.
+        shown = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name == "redis_url":
+                value = redact_url(value)
+            elif name in SECRET_FIELDS and value:
+                shown.append(f"{name}=***")
+                continue
+            shown.append(f"{name}={value!r}")
+        return f"WorkerSettings({', '.join(shown)})"
 
     def resolved_id(self) -> str:
         return self.worker_id or socket.gethostname()
