@@ -73,7 +73,8 @@ def test_logins_come_from_a_docker_config_and_never_print() -> None:
     text = json.dumps({"auths": {"https://reg.example:5000": {"auth": auth}, "other": {}}})
     assert login_from_config(text, "reg.example:5000", source="f") == ("u", "p@ss:word")
     assert login_from_config(text, "elsewhere", source="f") is None
-    s = msgspec.convert({"registry_auth": {"r:1": {"username": "u", "password": PASSWORD}}}, WorkerSettings)
+    s = msgspec.convert({"registry_auth": {"r:1": {"username": "u", "password": PASSWORD}},
+                         "snapshot_token": PASSWORD, "redis_url": f"redis://:{PASSWORD}@h:1/0"}, WorkerSettings)
     assert PASSWORD not in repr(s) and PASSWORD not in str(s)
     with pytest.raises(msgspec.ValidationError, match="registry"):
         msgspec.convert({"registries": ["http://r/x"]}, WorkerSettings)
