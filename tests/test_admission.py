@@ -17,7 +17,7 @@ from daemon import lifecycle
 from hotbed import lua
 from hotbed.records import capacity_from_hash
 from tests.conftest import BUSYBOX_IMAGE, running_stack, sync_redis
-from workers.admission import MemoryReading, MemoryWatch, StartGate
+from workers.admission import MemoryReading, MemoryWatch, NodeMemory, StartGate
 
 pytestmark = pytest.mark.anyio
 
@@ -140,8 +140,8 @@ async def test_pool_refills_wait_behind_client_starts() -> None:
 
 
 async def test_memory_watch_admits_against_real_use() -> None:
-    watch = MemoryWatch(None, "cap", cgroup_parent="", headroom_mb=1000, psi_limit=10.0,  # type: ignore[arg-type]
-                        overcommit=8.0, worker_id="w")
+    node = NodeMemory(headroom_mb=1000, psi_limit=10.0)
+    watch = MemoryWatch(None, "cap", node, overcommit=8.0, worker_id="w")  # type: ignore[arg-type]
     # Sandboxes use 1 MiB per 4 requested: what 3000 free MiB back is 12000 requested.
     busy = MemoryReading(available_mb=4000, sandboxes_mb=1000, psi_some_avg10=0.0)
     assert watch.fitting_mb(busy, reserved_mb=4000) == 12000
@@ -150,6 +150,36 @@ async def test_memory_watch_admits_against_real_use() -> None:
     # Under the headroom, or stalling on memory: nothing.
     assert watch.fitting_mb(MemoryReading(available_mb=900, sandboxes_mb=10, psi_some_avg10=0.0), 0) == 0
     assert watch.fitting_mb(MemoryReading(available_mb=9000, sandboxes_mb=10, psi_some_avg10=25.0), 0) == 0
+
+
+async def test_one_memory_reader_judges_room_and_pressure() -> None:
+    """Admission's room and auto-pause's pressure come from one reader, its one
+    sample, and one set of settings (changed in place, as a reload does)."""
+    now = MemoryReading(available_mb=3000, sandboxes_mb=500, psi_some_avg10=2.0)
+    reads: list[str] = []
+
+    def read(cgroup_parent: str) -> MemoryReading:
+        reads.append(cgroup_parent)
+        return now
+
+    node = NodeMemory(cgroup_parent="/hb", headroom_mb=1000, pressure_mb=500, psi_limit=10.0, read=read)
+    reading = await node.sample()
+    assert reads == ["/hb"] and node.last is reading
+    assert node.room_mb(reading) == 2000 and node.pressure(reading) == ""
+    # Short of memory: admission has no room, auto-pause sees pressure.
+    node.pressure_mb = 4000
+    assert node.short(reading) and "MemAvailable 3000 MiB" in node.pressure(reading)
+    node.headroom_mb = 3500
+    assert node.room_mb(reading) == 0
+    # Stalling on memory: both, by the same PSI limit, and not "short".
+    node.headroom_mb, node.pressure_mb = 0, 0
+    stalled = MemoryReading(available_mb=9000, sandboxes_mb=10, psi_some_avg10=25.0)
+    assert node.room_mb(stalled) == 0 and not node.short(stalled)
+    assert "PSI" in node.pressure(stalled)
+    node.psi_limit = 0  # PSI ignored
+    assert node.room_mb(stalled) == 9000 and node.pressure(stalled) == ""
+    # The real node reads as a node: some memory available.
+    assert (await NodeMemory().sample()).available_mb > 0
 
 
 async def test_withhold_moves_free_memory_aside_and_back(redis_url: str, prefix: str) -> None:
@@ -206,7 +236,7 @@ async def test_memory_pressure_withholds_capacity_until_it_passes(redis_url: str
             while stack.worker.memory is None or stack.worker.memory.last is None:
                 await anyio.sleep(0.05)
         watch = stack.worker.memory
-        watch.headroom_mb = 1 << 30
+        watch.node.headroom_mb = 1 << 30
         cap_key = c.keys.worker_cap(stack.worker.id)
         with anyio.fail_after(10):
             while capacity_from_hash(await c.redis.hgetall(cap_key)).mem_free > 0:
@@ -214,7 +244,7 @@ async def test_memory_pressure_withholds_capacity_until_it_passes(redis_url: str
         assert watch.under_pressure
         with pytest.raises(hotbed.CapacityExhausted):
             await hotbed.Sandbox.create(BUSYBOX_IMAGE, memory_mb=64, client=c, request_timeout=1.5)
-        watch.headroom_mb = 0
+        watch.node.headroom_mb = 0
         sb = await hotbed.Sandbox.create(BUSYBOX_IMAGE, memory_mb=64, client=c, request_timeout=20)
         try:
             assert (await sb.exec("true")).ok

@@ -20,7 +20,7 @@ from hotbed.client import Client
 from hotbed.records import SandboxRecord, capacity_from_hash, from_hash, shown_state
 from hotbed.sandbox import Sandbox
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack, running_stack
-from workers.autopause import ProcMemory
+from workers.admission import NodeMemory
 
 pytestmark = pytest.mark.anyio
 
@@ -138,7 +138,7 @@ async def test_idle_sandbox_paused_then_resumed_by_another_client(
 async def test_memory_pressure_pauses_longest_idle_first(
     redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    assert (await ProcMemory().available_mb() or 0) > 0
+    assert (await NodeMemory().sample()).available_mb > 0
     async with running_stack(redis_url, prefix, worker_overrides=overrides(tmp_path)) as stack:
         c = stack.client
         boxes = [await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) for _ in range(3)]
@@ -154,7 +154,8 @@ async def test_memory_pressure_pauses_longest_idle_first(
                 tg.start_soon(boxes[1].run, "sleep 4")
                 await anyio.sleep(0.5)
                 # Any node is "under pressure" below a threshold over its whole memory.
-                stack.worker.autopause.pressure_mb = 1 << 30
+                assert stack.worker.autopause.memory is stack.worker.node_memory
+                stack.worker.node_memory.pressure_mb = 1 << 30
                 await wait_for(lambda: auto_paused(c, boxes[0].id), "first pressure pause")
                 await wait_for(lambda: auto_paused(c, boxes[2].id), "second pressure pause")
                 assert (await record(c, boxes[1].id)).state == "running"
@@ -165,7 +166,7 @@ async def test_memory_pressure_pauses_longest_idle_first(
             assert (await record(c, never.id)).state == "running"
             assert stack.worker.autopause.statistics()["pressure"] == 3
             # The pressure is gone: a request resumes the first one and it stays up.
-            stack.worker.autopause.pressure_mb = 0
+            stack.worker.node_memory.pressure_mb = 0
             assert (await boxes[0].run("echo back")).stdout == "back\n"
             await anyio.sleep(0.5)
             assert (await record(c, boxes[0].id)).state == "running"

@@ -14,9 +14,10 @@ never queue behind them.
 Memory is admitted against what the sandboxes actually use. The scheduler reserves
 each sandbox's *requested* memory against the node's advertised capacity (its
 memory times ``memory_overcommit``); :class:`MemoryWatch` keeps that honest by
-watching the node itself, each heartbeat: ``MemAvailable`` less a headroom, the
-sandboxes' cgroup (what they use per MiB they requested) and the kernel's memory
-pressure stall (PSI). It withholds from the advertised free memory whatever real
+watching the node itself, each heartbeat, through :class:`NodeMemory` (the one reader
+of the node's memory, which the auto-pauser acts on too): ``MemAvailable`` less a
+headroom, the sandboxes' cgroup (what they use per MiB they requested) and the
+kernel's memory pressure stall (PSI). It withholds from the advertised free memory whatever real
 memory could not back (the ``WITHHOLD`` script), so placement stops before the node
 runs short, and gives it back as memory frees up.
 """
@@ -25,9 +26,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -255,24 +255,75 @@ def read_memory(cgroup_parent: str) -> MemoryReading:
     )
 
 
-class MemoryWatch:
-    """Keeps a worker's advertised free memory within what the node really has.
+class NodeMemory:
+    """The one reader of this node's memory, and the one judge of memory pressure.
 
-    ``headroom_mb``: real memory always left free (the control plane, page cache, a
-    burst). ``psi_limit``: a ``some avg10`` memory stall percentage above which the
-    node admits nothing new. ``overcommit``: requested MiB per real MiB assumed for new
-    sandboxes before any runs here to measure it.
+    Admission (:class:`MemoryWatch`) and the auto-pauser
+    (:class:`workers.autopause.AutoPauser`) both act on its readings and verdicts, so
+    the two never disagree about the node. Its settings are read at each verdict (a
+    test, or an operator's reload, may change them):
+
+    ``headroom_mb``: real memory admission always leaves free (the control plane, page
+    cache, a burst); placement stops short of it. ``pressure_mb``: below this much
+    ``MemAvailable`` the node is *under pressure*: idle sandboxes are paused, longest
+    idle first (0: off). ``psi_limit``: a memory stall (PSI ``some avg10``, percent)
+    above which the node is under pressure too: nothing new is admitted and idle
+    sandboxes are paused (0: PSI ignored).
     """
 
     def __init__(
-        self, redis: aioredis.Redis, cap_key: str, *, cgroup_parent: str, headroom_mb: int,
-        psi_limit: float, overcommit: float, worker_id: str,
+        self, *, cgroup_parent: str = "", headroom_mb: int = 0, pressure_mb: int = 0,
+        psi_limit: float = 0.0, read: Callable[[str], MemoryReading] = read_memory,
+    ) -> None:
+        self.cgroup_parent = cgroup_parent
+        self.headroom_mb = headroom_mb
+        self.pressure_mb = pressure_mb
+        self.psi_limit = psi_limit
+        self._read = read
+        self.last: MemoryReading | None = None
+
+    async def sample(self) -> MemoryReading:
+        """Read the node now (in a thread); kept as :attr:`last`."""
+        self.last = await anyio.to_thread.run_sync(self._read, self.cgroup_parent)
+        return self.last
+
+    def stalled(self, reading: MemoryReading) -> bool:
+        """Tasks stall on memory past the PSI limit."""
+        psi = reading.psi_some_avg10
+        return bool(self.psi_limit) and psi is not None and psi > self.psi_limit
+
+    def room_mb(self, reading: MemoryReading) -> int:
+        """Real memory new sandboxes may still take: none while the node stalls."""
+        if self.stalled(reading):
+            return 0
+        return max(0, reading.available_mb - self.headroom_mb)
+
+    def short(self, reading: MemoryReading) -> bool:
+        """``MemAvailable`` is under the pressure line."""
+        return bool(self.pressure_mb) and reading.available_mb < self.pressure_mb
+
+    def pressure(self, reading: MemoryReading) -> str:
+        """Why the node is under memory pressure ("" when it is not)."""
+        if self.short(reading):
+            return f"MemAvailable {reading.available_mb} MiB under {self.pressure_mb} MiB"
+        if self.stalled(reading):
+            return f"memory PSI some avg10 {reading.psi_some_avg10} over {self.psi_limit}"
+        return ""
+
+
+class MemoryWatch:
+    """Keeps a worker's advertised free memory within what the node really has.
+
+    ``node``: the reader whose room it admits against. ``overcommit``: requested MiB
+    per real MiB assumed for new sandboxes before any runs here to measure it.
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, cap_key: str, node: NodeMemory, *, overcommit: float, worker_id: str,
     ) -> None:
         self.redis = redis
         self.cap_key = cap_key
-        self.cgroup_parent = cgroup_parent
-        self.headroom_mb = headroom_mb
-        self.psi_limit = psi_limit
+        self.node = node
         self.overcommit = overcommit
         self.worker_id = worker_id
         self.last: MemoryReading | None = None
@@ -281,9 +332,7 @@ class MemoryWatch:
 
     def fitting_mb(self, reading: MemoryReading, reserved_mb: int) -> int:
         """Requested MiB that the node's real free memory can still back."""
-        if self.psi_limit and reading.psi_some_avg10 is not None and reading.psi_some_avg10 > self.psi_limit:
-            return 0
-        room = reading.available_mb - self.headroom_mb
+        room = self.node.room_mb(reading)
         if room <= 0:
             return 0
         # Requested MiB per MiB really used, as measured here; the configured
@@ -296,7 +345,7 @@ class MemoryWatch:
     async def check(self, total_mb: int) -> None:
         """One tick: read the node, then withhold what real memory cannot back.
         ``total_mb``: the memory this worker advertises in all."""
-        reading = await anyio.to_thread.run_sync(read_memory, self.cgroup_parent)
+        reading = await self.node.sample()
         self.last = reading
         cap = await self.redis.hmget(self.cap_key, ["mem", "withheld"])
         free = int(cap[0] or 0) + int(cap[1] or 0)
@@ -309,18 +358,9 @@ class MemoryWatch:
                 log.info(
                     "memory: %d MiB available (headroom %d MiB, PSI some avg10 %s): "
                     "withholding %d MiB of advertised capacity that real memory cannot back",
-                    reading.available_mb, self.headroom_mb, reading.psi_some_avg10, withheld,
+                    reading.available_mb, self.node.headroom_mb, reading.psi_some_avg10, withheld,
                     extra={"worker_id": self.worker_id},
                 )
             else:
                 log.info("memory: all advertised capacity backed again", extra={"worker_id": self.worker_id})
         self.withheld_mb = withheld
-
-
-def default_headroom_mb() -> int:
-    """A tenth of the host's memory, at least 1 GiB."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 1024
-    return max(1024, int(total * 0.1) >> 20)

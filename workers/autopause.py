@@ -13,10 +13,11 @@ one is in the air wait for it, each within its own deadline, and never start a s
 resume. Flights belong to this service's task group, not to the request that asked
 (a request that gives up does not cut a restore in half).
 
-Under memory pressure (the node's ``MemAvailable`` under ``memory_pressure_mb``, or
-memory PSI ``some avg10`` over ``memory_pressure_psi``) the longest-idle sandboxes are
-paused one after another until the pressure is gone, instead of leaving the choice to
-the kernel's OOM killer. A resume that finds no room on the node pauses the longest-idle
+Under memory pressure, as the node's one memory reader judges it
+(:meth:`NodeMemory.pressure <workers.admission.NodeMemory.pressure>`: ``MemAvailable``
+under ``memory_pressure_mb``, or memory PSI over ``memory_psi_limit``), the longest-idle
+sandboxes are paused one after another until the pressure is gone, instead of leaving
+the choice to the kernel's OOM killer. A resume that finds no room on the node pauses the longest-idle
 sandboxes that have an idle timer of their own first.
 
 Never paused: a sandbox waiting in a warm pool, one serving a request (``in_use``),
@@ -28,14 +29,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Protocol
 
 import anyio
 import anyio.abc
 
 from daemon import lifecycle
 from hotbed.errors import CapacityExhausted, HotbedError, RequestTimeout, RuntimeFailure
+from workers.admission import NodeMemory
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshots import SnapshotManager
 
@@ -51,48 +51,6 @@ MAX_EVICTIONS = 8
 MAX_PRESSURE_PAUSES = 16
 # After a pause that failed, the sandbox is left alone this long.
 FAILED_PAUSE_BACKOFF_S = 60.0
-
-
-class MemoryProbe(Protocol):
-    """Where the node's memory pressure is read from."""
-
-    async def available_mb(self) -> int | None:
-        """MemAvailable in MiB; None if unknown."""
-
-    async def pressure_pct(self) -> float | None:
-        """Memory PSI ``some avg10`` (percent); None where the kernel has no PSI."""
-
-
-class ProcMemory:
-    """The host's /proc/meminfo and /proc/pressure/memory."""
-
-    def __init__(self, root: Path = Path("/proc")) -> None:
-        self.root = root
-
-    async def available_mb(self) -> int | None:
-        def read() -> int | None:
-            try:
-                for line in (self.root / "meminfo").read_text().splitlines():
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) >> 10
-            except (OSError, ValueError):
-                pass
-            return None
-
-        return await anyio.to_thread.run_sync(read)
-
-    async def pressure_pct(self) -> float | None:
-        def read() -> float | None:
-            try:
-                for line in (self.root / "pressure" / "memory").read_text().splitlines():
-                    if line.startswith("some "):
-                        fields = dict(f.split("=", 1) for f in line.split()[1:])
-                        return float(fields["avg10"])
-            except (OSError, ValueError, KeyError):
-                pass
-            return None
-
-        return await anyio.to_thread.run_sync(read)
 
 
 class Flight:
@@ -113,17 +71,13 @@ class AutoPauser:
         snapshots: SnapshotManager,
         *,
         check_s: float = 1.0,
-        pressure_mb: int = 0,
-        pressure_psi: float = 0.0,
-        probe: MemoryProbe | None = None,
+        memory: NodeMemory | None = None,
     ) -> None:
         self.table = table
         self.snapshots = snapshots
         self.check_s = check_s
-        # Read at each check: a test (or an operator's reload) may change them.
-        self.pressure_mb = pressure_mb
-        self.pressure_psi = pressure_psi
-        self.probe: MemoryProbe = probe or ProcMemory()
+        # The node's memory reader (None: nothing to watch, a simulated node).
+        self.memory = memory
         self._flights: dict[str, Flight] = {}
         self._slots = anyio.Semaphore(PARALLEL_PAUSES)
         self._resume_slots = anyio.Semaphore(PARALLEL_RESUMES)
@@ -297,22 +251,17 @@ class AutoPauser:
         finally:
             self._slots.release()
 
-    async def under_pressure(self) -> bool:
-        if self.pressure_mb > 0:
-            avail = await self.probe.available_mb()
-            if avail is not None and avail < self.pressure_mb:
-                return True
-        if self.pressure_psi > 0:
-            pct = await self.probe.pressure_pct()
-            if pct is not None and pct > self.pressure_psi:
-                return True
-        return False
-
     async def relieve_pressure(self) -> int:
         """Pause the longest-idle sandboxes, one at a time, while the node is under
         memory pressure; returns how many were paused."""
+        if self.memory is None:
+            return 0
         paused = 0
-        while paused < MAX_PRESSURE_PAUSES and await self.under_pressure():
+        while paused < MAX_PRESSURE_PAUSES:
+            reading = await self.memory.sample()
+            why = self.memory.pressure(reading)
+            if not why:
+                break
             async with self._slots:
                 # Chosen once the slot is held, with no await before the pause starts.
                 now = lifecycle.wall()
@@ -320,9 +269,13 @@ class AutoPauser:
                 if not ready:
                     break
                 local = max(ready, key=lambda s: s.idle_for(now))
-                log.warning("memory pressure: pausing the longest-idle sandbox (%.0fs idle)",
-                            local.idle_for(now), extra={"sandbox_id": local.id})
+                log.warning("memory pressure (%s): pausing the longest-idle sandbox (%.0fs idle)",
+                            why, local.idle_for(now), extra={"sandbox_id": local.id})
                 if not await self._pause(local, "pressure"):
                     continue
             paused += 1
+            if not self.memory.short(reading):
+                # Only the stall says so: PSI is a 10 s average that a pause lowers
+                # slowly; one pause per check, not a run of them on a stale figure.
+                break
         return paused

@@ -36,14 +36,14 @@ HOTBED_START_QUEUE (starts that may wait; Overloaded past it), HOTBED_CPU_OVERCO
 (requested memory advertised per MiB of ``memory_mb``, kept within the node's real
 memory by the memory watch), HOTBED_MEMORY_HEADROOM_MB (real memory always left
 free), HOTBED_MEMORY_PSI_LIMIT (memory stall percentage, PSI ``some avg10``, above
-which nothing new is admitted; 0 = ignore PSI). docs/operations.md says how the
-defaults were measured.
+which nothing new is admitted and idle sandboxes are paused; 0 = ignore PSI).
+docs/operations.md says how the defaults were measured.
 HOTBED_AUTO_PAUSE_AFTER (seconds without a request after which a sandbox that did not
 choose is checkpointed to disk; 0 = never), HOTBED_MEMORY_PRESSURE_MB (while the node's
 MemAvailable is below this, the longest-idle sandboxes are paused; default 5 % of the
-host's memory; 0 = off),
-HOTBED_MEMORY_PRESSURE_PSI (the same while ``some avg10`` of /proc/pressure/memory is
-above this percentage; 0 = off), HOTBED_AUTO_PAUSE_CHECK_S (how often both are checked).
+host's memory; 0 = off), HOTBED_MEMORY_PRESSURE_PSI (older name of
+HOTBED_MEMORY_PSI_LIMIT; when set, it wins), HOTBED_AUTO_PAUSE_CHECK_S (how often
+auto-pause checks).
 Credentials are never logged: settings print them as ``***``.
 
 Validated at load (:func:`daemon.config.load_settings`): unknown keys and bad values
@@ -171,11 +171,14 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     image_refresh_s: Positive = 10.0
     # Auto-pause (workers/autopause.py): the idle time after which a sandbox whose create
     # did not say is checkpointed to disk (0 = never); below this much MemAvailable, or
-    # above this memory PSI (some avg10, %), idle sandboxes are paused, longest idle
-    # first, before the kernel's OOM killer has to choose (0 = that watch is off).
+    # above ``memory_psi_limit``, idle sandboxes are paused, longest idle first, before
+    # the kernel's OOM killer has to choose (0 = that line is off). Both lines are judged
+    # by the one memory reader admission uses (workers.admission.NodeMemory).
     auto_pause_after: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     memory_pressure_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    memory_pressure_psi: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    # The older name of ``memory_psi_limit``, from when auto-pause had a PSI line of its
+    # own: when set, it is the one PSI limit.
+    memory_pressure_psi: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
     auto_pause_check_s: Positive = 1.0
 
     def __post_init__(self) -> None:
@@ -250,6 +253,12 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         if self.memory_headroom_mb is not None:
             return self.memory_headroom_mb
         return max(1024, int(self.physical_memory_mb() / 0.8 * 0.1))
+
+    def resolved_memory_psi_limit(self) -> float:
+        if self.memory_pressure_psi is not None:
+            return self.memory_pressure_psi
+        return self.memory_psi_limit
+
     def resolved_memory_pressure_mb(self) -> int:
         """Default: 5 % of the host's memory, within 256 MiB .. 4 GiB."""
         if self.memory_pressure_mb is not None:
