@@ -102,7 +102,7 @@ from hotbed.protocol import (
     WorkerInfo,
     WriteFile,
 )
-from workers.admission import MemoryWatch, StartGate
+from workers.admission import MemoryWatch, NodeMemory, StartGate
 from workers.autopause import AutoPauser
 from workers.config import WorkerSettings
 from workers.execution import HANDLED as EXECUTION_COMMANDS
@@ -224,11 +224,14 @@ class WorkerAgent:
         )
         # Idle sandboxes checkpointed to disk, resumed by their next request.
         self.sandboxes.auto_pause_default = settings.auto_pause_after
+        # The node's memory, read and judged in one place for admission and auto-pause;
+        # a simulated or unisolated node declares exactly what it offers: none.
+        self.node_memory = NodeMemory(
+            cgroup_parent=settings.cgroup_parent, headroom_mb=settings.resolved_memory_headroom_mb(),
+            pressure_mb=settings.resolved_memory_pressure_mb(), psi_limit=settings.resolved_memory_psi_limit(),
+        ) if runtime.kind == "real" else None
         self.autopause = AutoPauser(
-            self.sandboxes, self.snapshots, check_s=settings.auto_pause_check_s,
-            # A simulated sandbox holds no memory: nothing to watch.
-            pressure_mb=settings.resolved_memory_pressure_mb() if runtime.kind == "real" else 0,
-            pressure_psi=settings.memory_pressure_psi if runtime.kind == "real" else 0.0,
+            self.sandboxes, self.snapshots, check_s=settings.auto_pause_check_s, memory=self.node_memory,
         )
         self.sandboxes.waker = self.autopause
         # Images held (advertised) and pulled on demand.
@@ -388,17 +391,16 @@ class WorkerAgent:
         """Advertised memory kept within what the node really has (workers.admission);
         only where sandboxes are real gVisor containers: a simulated or unisolated node
         declares exactly what it offers."""
-        if self.runtime.name not in ("docker", "runsc"):
+        if self.node_memory is None:
             return
         engine = getattr(self.runtime, "engine", None)
+        # The docker runtime resolves its parent cgroup when it opens.
+        self.node_memory.cgroup_parent = (
+            getattr(engine, "cgroup_parent", "") or self.settings.cgroup_parent or "/hotbed"
+        )
         self.memory = MemoryWatch(
-            self.redis, self.keys.worker_cap(self.id),
-            # The docker runtime resolves its parent cgroup when it opens.
-            cgroup_parent=getattr(engine, "cgroup_parent", "") or self.settings.cgroup_parent or "/hotbed",
-            headroom_mb=self.settings.resolved_memory_headroom_mb(),
-            psi_limit=self.settings.memory_psi_limit,
-            overcommit=self.settings.resolved_memory_overcommit(),
-            worker_id=self.id,
+            self.redis, self.keys.worker_cap(self.id), self.node_memory,
+            overcommit=self.settings.resolved_memory_overcommit(), worker_id=self.id,
         )
         memory = self.memory
         await lifecycle.supervised_loop(
