@@ -11,8 +11,9 @@ Restores take one of two roads:
   and containerd never imports the image (0.28 s instead of 0.72 s here).
 * with runsc alone, dockerd only restores from
   ``<root>/containers/<id>/checkpoints/<name>``: the files are hard-linked there, plus
-  a unique file, as containerd refuses two parallel restores of byte-identical
-  checkpoints ("content ... already exists").
+  a unique file (RESTORE_ID), as containerd refuses two parallel restores of
+  byte-identical checkpoints ("content ... already exists"). containerd's own copy of
+  the checkpoint is removed after each such start (:func:`sweep_restore_copies`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,17 @@ from workers.runtimes.docker.lifecycle import (
 
 # Checkpoint name a paused sandbox's state is kept under, in its container's folder.
 PAUSED_CHECKPOINT = "hotbed-paused"
+# A file with a token unique to one restore through dockerd, in the checkpoint it starts
+# from: containerd refuses two parallel restores of byte-identical checkpoints
+# ("content ... already exists"), and the token names containerd's copy of it.
+RESTORE_ID = "hotbed-restore-id"
+# containerd unpacks each checkpoint dockerd restores from into a directory of its own,
+# ``ctrd-checkpoint*`` under its $XDG_RUNTIME_DIR (unset for the system service: the
+# temporary directory), and never removes it: about a megabyte per restore, for good.
+CONTAINERD_COPIES = Path("/tmp")
+# A copy older than this belongs to a restore that has ended, whoever ran it: a restore
+# ends within its API deadline.
+STALE_COPY_S = 600.0
 # Where the worker marks a container for restore by hotbed's runsc wrapper
 # (deploy/runsc/runsc-hotbed reads the same path): <container id> -> image directory.
 RESTORE_MARKS = Path("/run/hotbed/restore")
@@ -57,7 +70,6 @@ def prepare_marks() -> None:
                 mark.unlink()
         except OSError:
             pass
-
 
 
 async def checkpoint_post(engine: Engine, container_id: str, name: str, *, exit: bool, sandbox_id: str) -> None:
@@ -115,13 +127,7 @@ async def restart_from(engine: Engine, info: dict[str, Any], image: Path, *, san
     if info["HostConfig"].get("Runtime") in engine.wrapped:
         await start_restoring(engine, info["Id"], image, sandbox_id=sandbox_id)
     else:
-        await anyio.to_thread.run_sync(
-            lambda: (image / "hotbed-restore-id").write_text(secrets.token_hex(16))
-        )
-        await engine.post(
-            f"containers/{info['Id']}/start", params={"checkpoint": image.name},
-            sandbox_id=sandbox_id,
-        )
+        await start_from_checkpoint(engine, info["Id"], image, sandbox_id=sandbox_id)
     if networked(info):
         # Started again: its address may have changed, its policy has not.
         await engine.networks.reapply(sandbox_id, await engine.show(sandbox_id))
@@ -199,12 +205,9 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
                     os.link(f, target / f.name)
                 except OSError:
                     shutil.copy2(f, target / f.name)
-            (target / "hotbed-restore-id").write_text(secrets.token_hex(16))
 
         await anyio.to_thread.run_sync(link)
-        await engine.post(
-            f"containers/{container.id}/start", params={"checkpoint": "restore"}, sandbox_id=sid
-        )
+        await start_from_checkpoint(engine, container.id, target, sandbox_id=sid)
         await apply_network(engine, sid, spec, allows)
 
 
@@ -266,3 +269,37 @@ async def is_paused(engine: Engine, sandbox_id: str) -> bool:
         return False
     ck = engine.root / "containers" / info["Id"] / "checkpoints" / PAUSED_CHECKPOINT
     return not info["State"]["Running"] and await anyio.Path(ck).is_dir()
+
+
+async def start_from_checkpoint(engine: Engine, container_id: str, image: Path, *, sandbox_id: str) -> None:
+    """``docker start --checkpoint``: dockerd's road, for runsc without the wrapper.
+    ``image`` is the container's checkpoint folder; containerd's copy of it is removed
+    once the start has returned (runsc holds what it still reads open)."""
+    token = secrets.token_hex(16)
+    await anyio.to_thread.run_sync((image / RESTORE_ID).write_text, token)
+    try:
+        await engine.post(
+            f"containers/{container_id}/start", params={"checkpoint": image.name}, sandbox_id=sandbox_id,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(sweep_restore_copies, {token})
+
+
+def sweep_restore_copies(finished: Collection[str] = (), *, root: Path = CONTAINERD_COPIES) -> int:
+    """Remove containerd's copies of the checkpoints hotbed restored from: those of the
+    restores whose token is in ``finished``, and any older than STALE_COPY_S (a worker
+    that died mid-restore left it). Never one without a hotbed token, nor a fresh one
+    of a restore in flight. Returns how many were removed. Blocking: run it in a thread."""
+    old = time.time() - STALE_COPY_S
+    removed = 0
+    for copy in root.glob("ctrd-checkpoint*"):
+        try:
+            token = (copy / RESTORE_ID).read_text().strip()
+            if token not in finished and copy.stat().st_mtime >= old:
+                continue
+        except OSError:
+            continue  # not ours, or gone already
+        shutil.rmtree(copy, ignore_errors=True)
+        removed += 1
+    return removed
