@@ -41,6 +41,8 @@ class DockerRuntime:
         await self.engine.open()
         if self.engine.wrapped:
             await anyio.to_thread.run_sync(checkpoints.prepare_marks)
+        # What restores cut short by a worker's death left behind.
+        await anyio.to_thread.run_sync(checkpoints.sweep_restore_copies)
 
     async def aclose(self) -> None:
         await self.engine.aclose()
