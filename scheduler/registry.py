@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -122,9 +123,10 @@ class WorkerRegistry:
         # Heartbeats are stamped with Redis's clock (HEARTBEAT): so is the cut-off.
         sec, usec = await self.redis.time()
         now = sec + usec / 1e6
-        rows = await self.redis.zrangebyscore(
+        # Our clients return bytes (no decode_responses); redis-py's types allow str too.
+        rows = cast("list[tuple[bytes, float]]", await self.redis.zrangebyscore(
             self.keys.workers, int((now - self.heartbeat_ttl_s) * 1000), "+inf", withscores=True
-        )
+        ))
         ids = [(m.decode(), score / 1000) for m, score in rows]
         read_images = time.monotonic() - self._images_read_at >= self.image_refresh_s
         async with self.redis.pipeline(transaction=False) as pipe:

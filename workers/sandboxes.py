@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, ItemsView, Iterator, ValuesView
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -163,7 +163,7 @@ class SandboxTable:
     # --------------------------------------------------------------- records
 
     async def record(self, sandbox_id: str) -> SandboxRecord | None:
-        return from_hash(await self.redis.hgetall(self.keys.sandbox(sandbox_id)))  # type: ignore[arg-type]
+        return from_hash(await self.redis.hgetall(self.keys.sandbox(sandbox_id)))
 
     async def _held(self, sandbox_id: str) -> Local:
         """The sandbox this worker holds; else the typed error saying why not."""
@@ -270,10 +270,9 @@ class SandboxTable:
 
     async def reconcile(self, default_user: str) -> None:
         """Adopt the sandboxes this worker still holds; remove containers nobody holds."""
-        held = {
-            k.decode(): v
-            for k, v in (await self.redis.hgetall(self.keys.worker_sandboxes(self.worker_id))).items()
-        }
+        # Our clients return bytes (no decode_responses); redis-py's types allow str too.
+        rows = cast("dict[bytes, bytes]", await self.redis.hgetall(self.keys.worker_sandboxes(self.worker_id)))
+        held = {k.decode(): v for k, v in rows.items()}
         managed = [
             m for m in await self.runtime.list_managed()
             if m.worker_id == self.worker_id and m.prefix == self.prefix
