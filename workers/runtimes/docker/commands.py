@@ -1,9 +1,8 @@
 """Commands as ``docker exec``: the road for images without the guest agent (no
 python3) and for the worker's own set-up steps.
 
-Under runsc an exec'd process leads its own process group, so the command is wrapped
-to report its pid first (on stderr, stripped before returning) and a timeout kills
-the whole group with ``kill -s KILL -PID``.
+Commands run under the pid-reporting wrapper of :mod:`workers.runtimes.commands`, so a
+timeout kills the whole process group.
 """
 
 from __future__ import annotations
@@ -15,53 +14,20 @@ from typing import Any
 import anyio
 from aiodocker.exceptions import DockerError
 
-from hotbed.errors import (
-    ExecTimeout,
-    HotbedError,
-    InvalidRequest,
-    RuntimeFailure,
-    SandboxNotRunning,
-)
+from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotRunning
 from hotbed.protocol import ExecResult, ExecSpec
+from workers.runtimes.commands import WrappedOutput, kill_group_argv, wrapped
 from workers.runtimes.docker import _aiodocker, lifecycle
 from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine
 
 log = logging.getLogger(__name__)
 
-PID_MARK = b"HOTBEDPID "
-WRAP = 'echo "HOTBEDPID $$" >&2; exec "$@"'
-SHELL_WRAP = 'echo "HOTBEDPID $$" >&2; exec /bin/sh -c "$1"'
-
-
-class _Output:
-    """Collects one stream up to a cap, counting what it drops."""
-
-    __slots__ = ("buf", "cap", "dropped")
-
-    def __init__(self, cap: int) -> None:
-        self.buf = bytearray()
-        self.cap = cap
-        self.dropped = 0
-
-    def feed(self, data: bytes) -> None:
-        room = self.cap - len(self.buf)
-        if room > 0:
-            self.buf += data[:room]
-        self.dropped += max(0, len(data) - max(room, 0))
-
-
 async def exec_spec(engine: Engine, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
     """Run an exec request (the Runtime's ``exec``)."""
-    if spec.shell is not None:
-        argv = ["/bin/sh", "-c", SHELL_WRAP, "sh", spec.shell]
-    elif spec.argv:
-        argv = ["/bin/sh", "-c", WRAP, "sh", *spec.argv]
-    else:
-        raise InvalidRequest("exec needs argv or shell", sandbox_id=sandbox_id)
     return await run(
         engine,
         sandbox_id,
-        argv,
+        wrapped(spec, sandbox_id),
         user=spec.user or default_user,
         env=spec.env,
         cwd=spec.cwd,
@@ -102,9 +68,7 @@ async def run(
         raise RuntimeFailure(
             f"docker did not create the exec within {API_TIMEOUT_S:g}s", sandbox_id=sandbox_id
         ) from None
-    out, err = _Output(max_output), _Output(max_output)
-    pid: int | None = None
-    pending_err = bytearray()
+    output = WrappedOutput(max_output)
     timed_out = False
     stream = exe.start(detach=False)
     try:
@@ -118,41 +82,18 @@ async def run(
                     if msg is None:
                         break
                     if msg.stream == 1:
-                        out.feed(msg.data)
-                    elif pid is None:
-                        pending_err += msg.data
-                        nl = pending_err.find(b"\n")
-                        if nl >= 0 and pending_err.startswith(PID_MARK):
-                            pid = int(pending_err[len(PID_MARK) : nl])
-                            err.feed(bytes(pending_err[nl + 1 :]))
-                        elif nl >= 0 or len(pending_err) > 64:
-                            pid = -1
-                            err.feed(bytes(pending_err))
+                        output.feed_out(msg.data)
                     else:
-                        err.feed(msg.data)
+                        output.feed_err(msg.data)
         timed_out = scope.cancelled_caught
     except DockerError as exc:
         raise engine.translate(exc, sandbox_id) from None
     if timed_out:
         with anyio.CancelScope(shield=True):
-            await kill_group(engine, sandbox_id, pid, user)
-        raise ExecTimeout(
-            f"command ran past its {timeout:g}s timeout and was killed",
-            sandbox_id=sandbox_id,
-            detail={
-                "stdout": bytes(out.buf[-4096:]).decode("utf-8", "replace"),
-                "stderr": bytes(err.buf[-4096:]).decode("utf-8", "replace"),
-                "timeout": timeout,
-            },
-        )
+            await kill_group(engine, sandbox_id, output.pid, user)
+        raise output.timed_out(timeout, sandbox_id)
     code = await exit_code(engine, exe, sandbox_id)
-    return ExecResult(
-        exit_code=code,
-        stdout=bytes(out.buf),
-        stderr=bytes(err.buf),
-        truncated=bool(out.dropped or err.dropped),
-        duration_s=anyio.current_time() - started,
-    )
+    return output.result(code, anyio.current_time() - started)
 
 
 async def exit_code(engine: Engine, exe: Any, sandbox_id: str) -> int:
@@ -186,7 +127,7 @@ async def kill_group(engine: Engine, sandbox_id: str, pid: int | None, user: str
         await run(
             engine,
             sandbox_id,
-            ["/bin/sh", "-c", f"kill -s KILL -{pid} 2>/dev/null; kill -s KILL {pid} 2>/dev/null; true"],
+            kill_group_argv(pid),
             user=user,
             timeout=10.0,
             max_output=4096,

@@ -2,9 +2,9 @@
 and for file verbs there.
 
 The process is given whole as an OCI ``process`` file (user, groups, env, cwd), so
-nothing in it depends on runsc's flag parsing. As with ``docker exec`` (same wrapper as
-:mod:`workers.runtimes.docker.commands`), the command reports its pid first on stderr
-and a timeout kills its whole process group from inside the sandbox.
+nothing in it depends on runsc's flag parsing. As with ``docker exec`` (the wrapper of
+:mod:`workers.runtimes.commands`), the command reports its pid first on stderr and a
+timeout kills its whole process group from inside the sandbox.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import logging
 import os
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
 import msgspec
 from anyio.abc import ByteReceiveStream
 
-from hotbed.errors import ExecTimeout, HotbedError, InvalidRequest
+from hotbed.errors import HotbedError
 from hotbed.protocol import ExecResult, ExecSpec
-from workers.runtimes.docker.commands import PID_MARK, SHELL_WRAP, WRAP
+from workers.runtimes.commands import WrappedOutput, kill_group_argv, wrapped
 from workers.runtimes.runsc import oci
 from workers.runtimes.runsc.cli import Runsc
 
@@ -41,29 +41,6 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
     env: list[str]
     cwd: str
     flags: list[str]
-
-
-class _Output:
-    __slots__ = ("buf", "cap", "dropped")
-
-    def __init__(self, cap: int) -> None:
-        self.buf = bytearray()
-        self.cap = cap
-        self.dropped = 0
-
-    def feed(self, data: bytes) -> None:
-        room = self.cap - len(self.buf)
-        if room > 0:
-            self.buf += data[:room]
-        self.dropped += max(0, len(data) - max(room, 0))
-
-
-def wrapped(spec: ExecSpec, sandbox_id: str) -> list[str]:
-    if spec.shell is not None:
-        return ["/bin/sh", "-c", SHELL_WRAP, "sh", spec.shell]
-    if spec.argv:
-        return ["/bin/sh", "-c", WRAP, "sh", *spec.argv]
-    raise InvalidRequest("exec needs argv or shell", sandbox_id=sandbox_id)
 
 
 async def run(
@@ -88,30 +65,14 @@ async def run(
     except FileNotFoundError:
         # The state directory is gone: so is the sandbox.
         raise runsc.failure("exec", sid, 1, b"does not exist") from None
-    out, err = _Output(max_output), _Output(max_output)
-    pid: int | None = None
-    pending = bytearray()
+    output = WrappedOutput(max_output)
     started = anyio.current_time()
 
-    def on_err(data: bytes) -> None:
-        nonlocal pid
-        if pid is not None:
-            err.feed(data)
-            return
-        pending.extend(data)
-        nl = pending.find(b"\n")
-        if nl >= 0 and pending.startswith(PID_MARK):
-            pid = int(pending[len(PID_MARK) : nl])
-            err.feed(bytes(pending[nl + 1 :]))
-        elif nl >= 0 or len(pending) > 64:
-            pid = -1
-            err.feed(bytes(pending))
-
-    async def pump(stream: ByteReceiveStream | None, feed: object) -> None:
+    async def pump(stream: ByteReceiveStream | None, feed: Callable[[bytes], None]) -> None:
         if stream is None:
             return
         async for chunk in stream:
-            feed(chunk)  # type: ignore[operator]
+            feed(chunk)
 
     try:
         proc = await anyio.open_process(
@@ -130,8 +91,8 @@ async def run(
                 async def pumps_task() -> None:
                     with pumps:
                         async with anyio.create_task_group() as inner:
-                            inner.start_soon(pump, proc.stdout, out.feed)
-                            inner.start_soon(pump, proc.stderr, on_err)
+                            inner.start_soon(pump, proc.stdout, output.feed_out)
+                            inner.start_soon(pump, proc.stderr, output.feed_err)
 
                 tg.start_soon(pumps_task)
                 if proc.stdin is not None:
@@ -151,24 +112,13 @@ async def run(
             await spec_file.unlink(missing_ok=True)
     if timed_out:
         with anyio.CancelScope(shield=True):
-            await kill_group(runsc, target, pid, ident)
-        raise ExecTimeout(
-            f"command ran past its {timeout:g}s timeout and was killed",
-            sandbox_id=sid,
-            detail={
-                "stdout": bytes(out.buf[-4096:]).decode("utf-8", "replace"),
-                "stderr": bytes(err.buf[-4096:]).decode("utf-8", "replace"),
-                "timeout": timeout,
-            },
-        )
+            await kill_group(runsc, target, output.pid, ident)
+        raise output.timed_out(timeout, sid)
     code = proc.returncode if proc.returncode is not None else -1
-    if pid is None and code != 0:
+    if output.pid is None and code != 0:
         # runsc's own complaint (no such sandbox, not running), not the command's.
-        raise runsc.failure("exec", sid, code, bytes(pending) + bytes(err.buf))
-    return ExecResult(
-        exit_code=code, stdout=bytes(out.buf), stderr=bytes(err.buf),
-        truncated=bool(out.dropped or err.dropped), duration_s=anyio.current_time() - started,
-    )
+        raise runsc.failure("exec", sid, code, bytes(output.pending) + bytes(output.err.buf))
+    return output.result(code, anyio.current_time() - started)
 
 
 async def exec_spec(runsc: Runsc, target: Target, spec: ExecSpec, *, ident: oci.Identity) -> ExecResult:
@@ -186,7 +136,7 @@ async def kill_group(runsc: Runsc, target: Target, pid: int | None, ident: oci.I
     try:
         await run(
             runsc, target,
-            ["/bin/sh", "-c", f"kill -s KILL -{pid} 2>/dev/null; kill -s KILL {pid} 2>/dev/null; true"],
+            kill_group_argv(pid),
             ident=ident, timeout=10.0, max_output=4096,
         )
     except HotbedError as exc:
