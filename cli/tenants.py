@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cli.main import add_listing_options, print_json, with_client
+from cli.main import add_listing_options, print_json, print_listing, with_client
 from hotbed import config as client_config
 from hotbed import protocol, tenants
 from hotbed.client import OP_TIMEOUT_S, Client
@@ -77,21 +78,18 @@ def _prefix() -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    async def go(c: Client) -> list[tenants.TenantInfo]:
-        return await tenants.list_tenants(c.redis, c.keys)
+    async def go(c: Client) -> int:
+        rows = await tenants.list_tenants(c.redis, c.keys)
+        return await print_listing(args, rows, key=lambda t: t.name, table=_tenants_table)
 
-    rows = with_client(go)
-    if args.json:
-        print_json(rows)
-    elif args.quiet:
-        for t in rows:
-            print(t.name)
-    else:
-        print(f"{'TENANT':<20} {'SANDBOXES':>9} {'CPU':>6} {'MEMORY':>8} {'GPUS':>4}  QUOTA")
-        for t in rows:
-            u = t.usage
-            print(f"{t.name:<20} {u.sandboxes:>9} {u.cpu:>6g} {u.memory_mb:>7}M {u.gpus:>4}  {_quota_line(t.quota)}")
-    return 0
+    return with_client(go)
+
+
+def _tenants_table(rows: Sequence[tenants.TenantInfo]) -> None:
+    print(f"{'TENANT':<20} {'SANDBOXES':>9} {'CPU':>6} {'MEMORY':>8} {'GPUS':>4}  QUOTA")
+    for t in rows:
+        u = t.usage
+        print(f"{t.name:<20} {u.sandboxes:>9} {u.cpu:>6g} {u.memory_mb:>7}M {u.gpus:>4}  {_quota_line(t.quota)}")
 
 
 def cmd_quota(args: argparse.Namespace) -> int:
