@@ -9,6 +9,7 @@ session when a test asks for it.
 ``hotbed_stack``: a scheduler and one docker+runsc worker running in the test's event
 loop, with a connected client; on teardown the worker drains, and any container the
 test's prefix left behind fails the test (a leak is a bug, not something to clean).
+``wait_for``: wait for a condition that something else makes true, with a deadline.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -241,6 +242,17 @@ async def running_stack(
                 await stop_stack(stack)
     left = leftover_containers(prefix)
     assert not left, f"test leaked containers: {left}"
+
+
+async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
+    """Look at ``cond`` every 50 ms until it holds; fail the test, naming ``what``,
+    after ``timeout`` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            while not await cond():
+                await anyio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"no {what} within {timeout:g}s")
 
 
 @pytest.fixture

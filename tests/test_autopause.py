@@ -19,16 +19,10 @@ import pytest
 from hotbed.client import Client
 from hotbed.records import SandboxRecord, capacity_from_hash, from_hash, shown_state
 from hotbed.sandbox import Sandbox
-from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack, running_stack
+from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack, running_stack, wait_for
 from workers.admission import NodeMemory
 
 pytestmark = pytest.mark.anyio
-
-
-async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
-    with anyio.fail_after(timeout):
-        while not await cond():
-            await anyio.sleep(0.05)
 
 
 async def record(c: Client, sid: str) -> SandboxRecord:
@@ -46,6 +40,12 @@ async def free(stack: Stack) -> tuple[int, int]:
     c = stack.client
     cap = capacity_from_hash(await c.redis.hgetall(c.keys.worker_cap(stack.worker.id)))
     return cap.cpu_free, cap.mem_free
+
+
+async def still_serves(c: Client) -> None:
+    """A new sandbox starts and answers: the node kept serving."""
+    async with await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) as fresh:
+        assert (await fresh.run("echo fresh")).stdout == "fresh\n"
 
 
 def overrides(tmp_path: Path, **more: object) -> dict[str, object]:
@@ -130,8 +130,7 @@ async def test_idle_sandbox_paused_then_resumed_by_another_client(
                 await sb.terminate()
                 await keep.terminate()
         # The node kept serving, and gave everything back.
-        async with await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) as fresh:
-            assert (await fresh.run("echo fresh")).stdout == "fresh\n"
+        await still_serves(c)
         assert await free(stack) == idle
 
 
@@ -213,8 +212,7 @@ async def test_lifetime_and_idle_timeout_count_while_paused(
             with anyio.CancelScope(shield=True):
                 await short.terminate()
                 await lazy.terminate()
-        async with await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, client=c) as fresh:
-            assert (await fresh.run("echo fresh")).stdout == "fresh\n"
+        await still_serves(c)
 
 
 async def test_resume_on_a_full_node_pauses_the_longest_idle_first(

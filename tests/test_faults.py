@@ -255,6 +255,23 @@ def sandbox_dirs(workdir: Path) -> list[Path]:
     return [p for p in root.glob("*/*/*") if p.is_dir()] if root.exists() else []
 
 
+def home_of(workdir: Path, sandbox_id: str) -> Path:
+    """The home folder of a process-runtime sandbox, seen from the host."""
+    return next(p for p in sandbox_dirs(workdir) if p.name == sandbox_id) / "fs" / "home"
+
+
+async def send(c: Client, wid: str, msg: ExecMsg | WriteFile | Terminate, *, timeout: float = 60) -> str:
+    """Queue ``msg`` on worker ``wid``'s command stream; returns its request id."""
+    return await c.submit(c.keys.worker_cmds(wid), msg, timeout=timeout, worker_id=wid)
+
+
+async def appear(*paths: Path, within: float = 10.0) -> None:
+    """Wait until every one of ``paths`` exists (a command has begun writing)."""
+    with anyio.fail_after(within):
+        while not all(p.exists() for p in paths):
+            await anyio.sleep(0.02)
+
+
 # ------------------------------------------------------------------ Redis restart
 
 
@@ -360,20 +377,16 @@ def test_worker_killed_with_commands_in_flight_never_runs_one_twice(
         async with Client(own_redis.url, prefix=prefix) as c:
             created = await create(c)
             sid = created.sandbox_id
-            home = next(p for p in sandbox_dirs(workdir) if p.name == sid) / "fs" / "home"
-            stream = c.keys.worker_cmds(wid)
+            home = home_of(workdir, sid)
             running = [
-                await c.submit(stream, ExecMsg(sandbox_id=sid, exec=ExecSpec(
-                    shell=f"echo ran >> marker{i}; sleep 3")), timeout=60, worker_id=wid)
+                await send(c, wid, ExecMsg(sandbox_id=sid, exec=ExecSpec(shell=f"echo ran >> marker{i}; sleep 3")))
                 for i in range(2)
             ]
-            with anyio.fail_after(10):
-                while not all((home / f"marker{i}").exists() for i in range(2)):  # noqa: ASYNC110
-                    await anyio.sleep(0.02)
+            await appear(*(home / f"marker{i}" for i in range(2)))
             await anyio.to_thread.run_sync(fleet.kill, worker)
             queued = [
-                await c.submit(stream, WriteFile(sandbox_id=sid, path="/home/later", data=b"x"), timeout=60, worker_id=wid),
-                await c.submit(stream, ExecMsg(sandbox_id=sid, exec=ExecSpec(argv=["cat", "later"])), timeout=60, worker_id=wid),
+                await send(c, wid, WriteFile(sandbox_id=sid, path="/home/later", data=b"x")),
+                await send(c, wid, ExecMsg(sandbox_id=sid, exec=ExecSpec(argv=["cat", "later"]))),
             ]
             worker = await anyio.to_thread.run_sync(lambda: fleet.start("workers"))
             for rid in running:
@@ -410,18 +423,14 @@ def test_reaper_answers_every_command_of_a_dead_worker(
         async with Client(own_redis.url, prefix=prefix) as c:
             created = await create(c)
             sid = created.sandbox_id
-            home = next(p for p in sandbox_dirs(workdir) if p.name == sid) / "fs" / "home"
-            stream = c.keys.worker_cmds(wid)
-            rids = [await c.submit(stream, ExecMsg(sandbox_id=sid, exec=ExecSpec(
-                shell="echo ran >> marker; sleep 2")), timeout=60, worker_id=wid)]
-            with anyio.fail_after(10):
-                while not (home / "marker").exists():  # noqa: ASYNC110
-                    await anyio.sleep(0.02)
+            home = home_of(workdir, sid)
+            rids = [await send(c, wid, ExecMsg(sandbox_id=sid, exec=ExecSpec(shell="echo ran >> marker; sleep 2")))]
+            await appear(home / "marker")
             await anyio.to_thread.run_sync(fleet.kill, worker)
             rids += [
-                await c.submit(stream, ExecMsg(sandbox_id=sid, exec=ExecSpec(shell="echo ran >> marker")), timeout=60, worker_id=wid),
-                await c.submit(stream, WriteFile(sandbox_id=sid, path="/home/never", data=b"x"), timeout=60, worker_id=wid),
-                await c.submit(stream, Terminate(sandbox_id=sid), timeout=60, worker_id=wid),
+                await send(c, wid, ExecMsg(sandbox_id=sid, exec=ExecSpec(shell="echo ran >> marker"))),
+                await send(c, wid, WriteFile(sandbox_id=sid, path="/home/never", data=b"x")),
+                await send(c, wid, Terminate(sandbox_id=sid)),
             ]
             for rid in rids:
                 got = await reply_of(c, rid, within=15)
@@ -464,11 +473,9 @@ def test_stale_requests_are_answered_request_timeout_and_not_run(
             await capacity_restored(c, wid, cpu_millis=8000)
 
             created = await create(c)
-            home = next(p for p in sandbox_dirs(workdir) if p.name == created.sandbox_id) / "fs" / "home"
-            stale_exec = await c.submit(
-                c.keys.worker_cmds(wid),
-                ExecMsg(sandbox_id=created.sandbox_id, exec=ExecSpec(shell="echo ran >> marker")),
-                timeout=-1.0, worker_id=wid,
+            home = home_of(workdir, created.sandbox_id)
+            stale_exec = await send(
+                c, wid, ExecMsg(sandbox_id=created.sandbox_id, exec=ExecSpec(shell="echo ran >> marker")), timeout=-1.0,
             )
             got = await reply_of(c, stale_exec)
             assert isinstance(got, ErrorReply) and got.code == "RequestTimeout", got
