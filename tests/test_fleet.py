@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -138,6 +138,15 @@ class Nodes(msgspec.Struct, kw_only=True):
     def copies(self, node: localfleet.Node) -> int:
         return self.fleet.worker_log(node).count("copied from")
 
+    async def template_built_on(self, builder: localfleet.Node, seed: str, *, then: Sequence[localfleet.Node] = ()) -> str:
+        """A keeper template built while only ``builder`` runs a worker (so it is built
+        there); then workers on ``then``. Returns the template's name."""
+        await self.start_worker(builder)
+        name = await keeper_template_on(self.client, seed)
+        for node in then:
+            await self.start_worker(node)
+        return name
+
 
 @asynccontextmanager
 async def nodes_on_cluster(
@@ -178,14 +187,10 @@ async def test_template_built_on_one_node_restores_on_the_others(
     n1, n2, n3 = fleet.nodes
     async with nodes_on_cluster(fleet, redis_cluster) as nodes:
         c = nodes.client
-        # Only node 1 runs a worker while the template builds: it is built there.
-        await nodes.start_worker(n1)
         seed = secrets.token_hex(8)
-        name = await keeper_template_on(c, seed)
+        name = await nodes.template_built_on(n1, seed, then=[n2, n3])
         rec = await templates.get_template(name, client=c)
         assert rec.holders == [nodes.worker_id(n1)] and len(rec.sha256) == 64
-        await nodes.start_worker(n2)
-        await nodes.start_worker(n3)
         # Node 2: one restore; node 3: three at once, one copy between them.
         on2 = await Sandbox.create(template=name, cpu=0.5, memory_mb=128, worker_tags={"node": n2.name}, client=c)
         on3: list[Sandbox] = []
@@ -230,11 +235,8 @@ async def test_a_killed_node_loses_only_its_own(
     n1, n2, n3 = fleet.nodes
     async with nodes_on_cluster(fleet, redis_cluster) as nodes:
         c = nodes.client
-        await nodes.start_worker(n1)
         seed = secrets.token_hex(8)
-        name = await keeper_template_on(c, seed)
-        await nodes.start_worker(n2)
-        await nodes.start_worker(n3)
+        name = await nodes.template_built_on(n1, seed, then=[n2, n3])
         # A pool spreads over the nodes (each copies the snapshot once).
         pool = await templates.set_pool(name, 3, memory_mb=128, client=c)
 
@@ -293,8 +295,7 @@ async def test_no_holder_alive_is_template_not_found(
     n1, n2, _n3 = fleet.nodes
     async with nodes_on_cluster(fleet, redis_cluster) as nodes:
         c = nodes.client
-        await nodes.start_worker(n1)
-        name = await keeper_template_on(c, secrets.token_hex(4))
+        name = await nodes.template_built_on(n1, secrets.token_hex(4))
         await anyio.to_thread.run_sync(lambda: fleet.stop_worker(n1))
         await nodes.start_worker(n2)
         with pytest.raises(TemplateNotFound, match="on no live node"):
