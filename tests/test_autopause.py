@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from hotbed.records import SandboxRecord, capacity_from_hash, from_hash, shown_s
 from hotbed.sandbox import Sandbox
 from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack, running_stack, wait_for
 from workers.admission import NodeMemory
+from workers.runtimes.docker import checkpoints
 
 pytestmark = pytest.mark.anyio
 
@@ -257,3 +259,58 @@ async def test_resume_on_a_full_node_pauses_the_longest_idle_first(
         finally:
             with anyio.CancelScope(shield=True):
                 await sleeper.terminate()
+
+
+# ------------------------------------------------ containerd's copies of checkpoints
+
+
+def restore_copies() -> set[Path]:
+    """containerd's copies of checkpoints hotbed restored from (they hold its token)."""
+    return {p.parent for p in checkpoints.CONTAINERD_COPIES.glob(f"ctrd-checkpoint*/{checkpoints.RESTORE_ID}")}
+
+
+async def test_resumes_through_dockerd_leave_no_checkpoint_copies(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """runsc without hotbed's wrapper resumes through ``docker start --checkpoint``,
+    for which containerd unpacks the checkpoint into a ctrd-checkpoint* directory and
+    keeps it: the worker removes the copy of each of its restores."""
+    before = restore_copies()
+    settings = overrides(tmp_path, oci_runtime="runsc-plain")
+    async with running_stack(redis_url, prefix, worker_overrides=settings) as stack:
+        c = stack.client
+        sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=0.5, client=c)
+        try:
+            await sb.write_file("/tmp/kept.txt", "kept")
+            for n in range(2):
+                await wait_for(lambda: auto_paused(c, sb.id), f"auto-pause {n + 1}")
+                assert (await sb.run("cat /tmp/kept.txt")).stdout == "kept"
+            assert stack.worker.autopause.statistics()["resumed"] == 2
+            assert restore_copies() - before == set()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sb.terminate()
+
+
+def test_sweep_removes_only_copies_of_finished_restores(tmp_path: Path) -> None:
+    def copy(name: str, token: str | None, age_s: float = 0.0) -> Path:
+        d = tmp_path / f"ctrd-checkpoint{name}"
+        d.mkdir()
+        (d / "checkpoint.img").write_bytes(b"x")
+        if token is not None:
+            (d / checkpoints.RESTORE_ID).write_text(token)
+        if age_s:
+            t = time.time() - age_s
+            os.utime(d, (t, t))
+        return d
+
+    done = copy("1", "done")
+    in_flight = copy("2", "running")
+    stale = copy("3", "lost", age_s=checkpoints.STALE_COPY_S + 60)
+    foreign = copy("4", None, age_s=checkpoints.STALE_COPY_S + 60)
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    (other / checkpoints.RESTORE_ID).write_text("done")
+    assert checkpoints.sweep_restore_copies({"done"}, root=tmp_path) == 2
+    assert not done.exists() and not stale.exists()
+    assert in_flight.exists() and foreign.exists() and other.exists()
