@@ -17,8 +17,8 @@ Under memory pressure, as the node's one memory reader judges it
 (:meth:`NodeMemory.pressure <workers.admission.NodeMemory.pressure>`: ``MemAvailable``
 under ``memory_pressure_mb``, or memory PSI over ``memory_psi_limit``), the longest-idle
 sandboxes are paused one after another until the pressure is gone, instead of leaving
-the choice to the kernel's OOM killer. A resume that finds no room on the node pauses the longest-idle
-sandboxes that have an idle timer of their own first.
+the choice to the kernel's OOM killer. A resume that finds no room on the node pauses
+the longest-idle sandboxes that have an idle timer of their own first.
 
 Never paused: a sandbox waiting in a warm pool, one serving a request (``in_use``),
 one whose create said ``auto_pause_after=0``. Lifetime and idle timeout keep counting
