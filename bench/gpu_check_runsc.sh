@@ -38,22 +38,17 @@ fail() { echo "gpu_check_runsc: $*" >&2; exit 2; }
 
 work=$(mktemp -d -t hotbed-gpu-runsc.XXXXXX)
 pids=()
+# shellcheck source=bench/gpu_check_common.sh
+. "$here/bench/gpu_check_common.sh"
 cleanup() {
   local rc=$?
-  local p
-  for p in "${pids[@]:1}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]:1}" "${pids[0]:-}"; do
-    [ -n "$p" ] || continue
-    [ "$p" = "${pids[0]}" ] && kill -TERM "$p" 2>/dev/null
-    for _ in $(seq 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
+  stop_daemons
   # Whatever a killed worker left: its sandboxes live under this run's own runsc root.
   for id in $("$RUNSC" --root "$work/root" list --quiet 2>/dev/null); do
     "$RUNSC" --root "$work/root" delete --force "$id" >/dev/null 2>&1 || true
   done
   if [ "$rc" != 0 ]; then
-    for f in "$work"/*.log; do echo "--- $f" >&2; tail -25 "$f" >&2 || true; done
+    show_logs 25
   fi
   rm -rf "$work"
   exit "$rc"
@@ -63,25 +58,8 @@ trap cleanup EXIT INT TERM
 mkdir -p "$work/images/gpucheck"
 ln -s "$ROOTFS" "$work/images/gpucheck/rootfs"
 
-port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$REDIS_SERVER" --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
-  >"$work/redis.log" 2>&1 &
-pids+=($!)
-
-export HOTBED_REDIS_URL="redis://127.0.0.1:$port/0" HOTBED_PREFIX="gpucheck" PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-export HOTBED_REGISTRY_REFRESH_S=0.1 HOTBED_HEARTBEAT_S=0.2 HOTBED_LOG_FORMAT=text
-# This run's own snapshot directory: a worker collects unreferenced snapshots in its
-# directory, and this run's Redis references none of the node's.
-export HOTBED_SNAPSHOT_DIR="$work/snapshots"
 export GPU_CHECK_PYTHON="$PYTHON" GPU_CHECK_MEMORY_MB=${GPU_CHECK_MEMORY_MB:-8192}
-
-for _ in $(seq 100); do
-  "$PYTHON" -c "import redis,sys; sys.exit(0 if redis.Redis.from_url('$HOTBED_REDIS_URL').ping() else 1)" 2>/dev/null && break
-  sleep 0.1
-done
-
-"$PYTHON" -m scheduler >"$work/scheduler.log" 2>&1 &
-pids+=($!)
+start_control_plane
 
 gpu_env=(HOTBED_WORKER_ID=gpu-node HOTBED_RUNTIME=runsc HOTBED_RUNSC="$RUNSC"
          HOTBED_RUNSC_DIR="$work/runsc" HOTBED_IMAGE_DIR="$work/images" HOTBED_GPU_DETECT=nvml
