@@ -77,9 +77,12 @@ async def test_fork_bomb_stops_at_the_pids_limit(hotbed_stack: Stack) -> None:
         except HotbedError:
             pass  # the bomb's own exec may not be able to fork either
         # The bomb keeps forking: its processes stay at the sandbox's limit, far from
-        # the host's, and the sandbox itself runs on (systrap). Under ptrace, whose
-        # stubs are host processes, the whole sandbox may be ended instead: contained
-        # either way, and its record must say it failed.
+        # the host's, and the sandbox itself runs on (systrap: ~170 host pids at the
+        # peak). Under ptrace every guest task is a host thread and gVisor keeps the
+        # stubs of ended processes, so the bomb's churn within its 64 guest processes
+        # takes ~3000 host pids: the host backstop (768) ends the whole sandbox (exit
+        # 2, pids.events max, memory far from its limit). Contained either way, and
+        # its record must say it failed.
         peak, ended = 0, False
         for _ in range(20):
             try:
