@@ -66,7 +66,7 @@ from hotbed.templates import (
     template_from_hash,
     template_to_hash,
 )
-from workers.runtimes.base import Runtime
+from workers.runtimes.base import CpuWeights, Runtime
 from workers.sandboxes import GuestHooks, Local, SandboxTable
 from workers.snapshot_peers import SnapshotPeers, manifest
 
@@ -573,7 +573,7 @@ class SnapshotManager:
         started = anyio.current_time()
         ts = cmd.template or TemplateSpec(image=spec.image)
         user = spec.user or ts.user or self.default_user
-        placed = table.placed(sid, cmd.gpu_uuids)
+        placed = msgspec.structs.replace(table.placed(sid, cmd.gpu_uuids), background=bool(cmd.pool))
         try:
             if cmd.snapshot:
                 src = await self.ensure_local(cmd.snapshot, spec.template or "")
@@ -647,6 +647,9 @@ class SnapshotManager:
             cmd.auto_pause_after if ok else None
         )
         local.last_active = lifecycle.wall()
+        # Off the pool's low CPU weight before the claimer's first command runs.
+        if isinstance(self.runtime, CpuWeights):
+            self.runtime.foreground(cmd.sandbox_id)
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
 
     # ---------------------------------------------------------- pause/resume

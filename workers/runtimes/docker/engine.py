@@ -57,6 +57,8 @@ class Engine:
         self.docker_url = docker_url
         self.extra_labels = dict(extra_labels or {})
         self.root = Path("/var/lib/docker")
+        # Background (pooled) sandboxes at the lowest CPU weight: sandbox id -> container id.
+        self.background: dict[str, str] = {}
         self._docker: aiodocker.Docker | None = None
 
     @property
