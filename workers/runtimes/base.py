@@ -34,9 +34,9 @@ class Placed(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     prefix: str
     gpu_uuids: list[str] = []
-    # Nobody waits on it yet (a pool's sandbox): it starts and idles at the lowest CPU
-    # weight, so running sandboxes' commands win the CPU, until :class:`CpuWeights`
-    # ``foreground`` gives it the normal weight (at claim).
+    # Nobody runs commands in it yet (starting, or a pool's): it starts (and a pool's
+    # idles) at the lowest CPU weight, so running sandboxes' commands win the CPU,
+    # until :class:`CpuWeights` ``foreground`` gives it the normal weight.
     background: bool = False
 
 
