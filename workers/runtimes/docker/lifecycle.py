@@ -32,9 +32,10 @@ from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
 log = logging.getLogger(__name__)
 
 # CPU weight (cgroup v1 shares; runsc maps it onto v2's cpu.weight, 1) of a background
-# sandbox: a pool's, restoring or idle, which nobody waits on yet. The lowest there is,
-# so a claimed sandbox's first command and every running one's win the CPU from pool
-# refills; the normal weight comes back at claim (:func:`foreground`).
+# sandbox: one being restored, or a pool's until claimed, which nobody runs commands
+# in yet. The lowest there is, so a claimed sandbox's first command and every running
+# one's win the CPU from restores and pool refills; the normal weight comes back when
+# it is handed out (:func:`foreground`).
 BACKGROUND_CPU_SHARES = 2
 
 # Keeps PID 1 alive and idle; TERM ends it at once. It also runs a spawner: each line
