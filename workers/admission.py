@@ -9,8 +9,11 @@ deadline. A start that cannot begin in time is refused at once with ``Overloaded
 (typed, while its client still waits) instead of joining a line it would leave only
 by timing out. Pool refills wait behind client requests, and hold at most half the
 slots at once, so claimed sandboxes' first commands and client starts keep CPU
-while pools refill (a pool's sandboxes also run at the lowest CPU weight until
-claimed: ``workers.runtimes.docker.lifecycle``). Waiting starts hold no
+while pools refill (a pool's sandboxes also run at a low CPU weight until
+claimed: ``workers.runtimes.docker.lifecycle``). For a second after a claim, new
+starts begin only while a quarter of the slots are taken (``hush``): the claimer's
+first command is due, and the work a start does outside its sandbox (dockerd,
+containerd, runsc) competes with it at full weight. Waiting starts hold no
 intake slot (the agent gives it back first), so exec, terminate and claim notices
 never queue behind them.
 

@@ -31,12 +31,13 @@ from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
 
 log = logging.getLogger(__name__)
 
-# CPU weight (cgroup v1 shares; runsc maps it onto v2's cpu.weight, 1) of a background
+# CPU weight (cgroup v1 shares; runsc maps it onto v2's cpu.weight, 3) of a background
 # sandbox: one being restored, or a pool's until claimed, which nobody runs commands
-# in yet. The lowest there is, so a claimed sandbox's first command and every running
-# one's win the CPU from restores and pool refills; the normal weight comes back when
-# it is handed out (:func:`foreground`).
-BACKGROUND_CPU_SHARES = 2
+# in yet. A sixteenth of the normal weight (1024), so a claimed sandbox's first command
+# and every running one's win the CPU from restores and pool refills, while a restore
+# among CPU-bound sandboxes still moves (the lowest, 2, would all but stop it); the
+# normal weight comes back when it is handed out (:func:`foreground`).
+BACKGROUND_CPU_SHARES = 64
 
 # Keeps PID 1 alive and idle; TERM ends it at once. It also runs a spawner: each line
 # written to SPAWN_FIFO is started as a child of init. Under gVisor, processes that
