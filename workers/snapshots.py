@@ -573,7 +573,7 @@ class SnapshotManager:
         started = anyio.current_time()
         ts = cmd.template or TemplateSpec(image=spec.image)
         user = spec.user or ts.user or self.default_user
-        # Started at the lowest CPU weight, so running sandboxes' commands (a claimed
+        # Started at a low CPU weight, so running sandboxes' commands (a claimed
         # one's first, above all) win the CPU from restores; normal once it is handed
         # out: now for a client's, at claim for a pool's.
         placed = msgspec.structs.replace(table.placed(sid, cmd.gpu_uuids), background=True)

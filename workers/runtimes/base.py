@@ -35,7 +35,7 @@ class Placed(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str
     gpu_uuids: list[str] = []
     # Nobody runs commands in it yet (starting, or a pool's): it starts (and a pool's
-    # idles) at the lowest CPU weight, so running sandboxes' commands win the CPU,
+    # idles) at a low CPU weight, so running sandboxes' commands win the CPU,
     # until :class:`CpuWeights` ``foreground`` gives it the normal weight.
     background: bool = False
 
