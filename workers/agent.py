@@ -715,7 +715,6 @@ class WorkerAgent:
 
     async def _claimed(self, env: Envelope) -> Reply:
         body: Any = env.body
-        self.starts.hush()  # the claimer's first command is next
         return self.snapshots.claimed(body)
 
     # --------------------------------------------------------------- sandboxes
