@@ -10,10 +10,7 @@ deadline. A start that cannot begin in time is refused at once with ``Overloaded
 by timing out. Pool refills wait behind client requests, and hold at most half the
 slots at once, so claimed sandboxes' first commands and client starts keep CPU
 while pools refill (a pool's sandboxes also run at a low CPU weight until
-claimed: ``workers.runtimes.docker.lifecycle``). For a second after a claim, new
-starts begin only while a quarter of the slots are taken (``hush``): the claimer's
-first command is due, and the work a start does outside its sandbox (dockerd,
-containerd, runsc) competes with it at full weight. Waiting starts hold no
+claimed: ``workers.runtimes.docker.lifecycle``). Waiting starts hold no
 intake slot (the agent gives it back first), so exec, terminate and claim notices
 never queue behind them.
 
@@ -55,10 +52,6 @@ EWMA_ALPHA = 0.2
 REPLY_MARGIN_S = 0.5
 # How often a waiting start checks whether it can still make its deadline.
 RECHECK_S = 1.0
-# After a claim, for this long, starts begin only while fewer than a quarter of the
-# slots run: the claimer's first command is due, and the part of a start that dockerd,
-# containerd and runsc do outside the sandbox's cgroup weighs as much as that command.
-HUSH_S = 1.0
 
 
 class GateStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,8 +89,6 @@ class StartGate:
         self.slots = slots
         self.background_slots = max(1, min(slots, background_slots or slots // 2))
         self.background_running = 0
-        self.hushed_slots = max(1, slots // 4)
-        self._hush_until = -math.inf
         self.queue_limit = queue_limit
         self.worker_id = worker_id
         self.running = 0
@@ -105,22 +96,6 @@ class StartGate:
         self.start_s = FIRST_START_S
         self.admitted = 0
         self.refused = 0
-
-    def hush(self) -> None:
-        """A claimed sandbox's first command is due: for ``HUSH_S``, new starts begin
-        only while fewer than ``hushed_slots`` run (those running go on)."""
-        self._hush_until = anyio.current_time() + HUSH_S
-
-    def _limit(self) -> int:
-        return self.hushed_slots if anyio.current_time() < self._hush_until else self.slots
-
-    def _may_take(self, line: deque[_Waiter], waiter: _Waiter, background: bool) -> bool:
-        """Whether a waiter at the head of its line may take a slot freed under a hush."""
-        if self.running >= self._limit() or not line or line[0] is not waiter:
-            return False
-        if background:
-            return not self._lines[0] and self.background_running < self.background_slots
-        return True
 
     @property
     def waiting(self) -> int:
@@ -171,7 +146,7 @@ class StartGate:
             raise self._refuse(f"{self.queue_limit} starts wait already", sandbox_id)
         if self.predicted_wait(background=background) + self.start_s + REPLY_MARGIN_S > left:
             raise self._refuse("this start could not finish before its request's deadline", sandbox_id)
-        if self.running < self._limit() and not self._lines[0] and not (background and (
+        if self.running < self.slots and not self._lines[0] and not (background and (
             self._lines[1] or self.background_running >= self.background_slots
         )):
             self.running += 1
@@ -191,18 +166,7 @@ class StartGate:
                         self.predicted_wait(ahead=self._ahead_of(line, waiter)) + self.start_s > left_now
                     ):
                         break
-                    if self._may_take(line, waiter, background):
-                        # A slot a hush kept free, now that it is over.
-                        line.popleft()
-                        waiter.granted = True
-                        self.running += 1
-                        self.background_running += background
-                        break
-                    wait = min(left_now - self.start_s, RECHECK_S)
-                    hushed = self._hush_until - anyio.current_time()
-                    if hushed > 0:
-                        wait = min(wait, hushed + 0.001)
-                    with anyio.move_on_after(wait):
+                    with anyio.move_on_after(min(left_now - self.start_s, RECHECK_S)):
                         await waiter.event.wait()
             except BaseException:
                 self._leave(line, waiter, background)
@@ -231,10 +195,6 @@ class StartGate:
 
     def _release(self, background: bool) -> None:
         self.background_running -= background
-        if self.running > self._limit():
-            # Hushed: the slot stays free; the line takes it when the hush is over.
-            self.running -= 1
-            return
         clients, refills = self._lines
         if refills and not clients and self.background_running >= self.background_slots:
             refills = deque()  # refills hold their share already: this slot stays free
