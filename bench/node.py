@@ -319,6 +319,7 @@ async def phase_burst(args: argparse.Namespace) -> dict[str, Any]:
         "paths": {p: sum(1 for r in served if r["path"] == p) for p in {r["path"] for r in served}},
         "exec_failures": sum(1 for r in served if not r.get("exec_ok")),
         "first_output_p50_ms": round(pct(firsts, 0.5), 2) if firsts else None,
+        "first_output_p99_ms": round(pct(firsts, 0.99), 2) if firsts else None,
         "first_output_ms_warm": summary_ms([r["first_output_ms"] / 1000 for r in warm if "first_output_ms" in r]),
         "claim_ms_warm": summary_ms([r["claim_ms"] / 1000 for r in warm]),
         "answered_s": summary_ms([r["answered_s"] for r in rows]),
