@@ -7,9 +7,9 @@ together until all of them miss their deadline. :class:`StartGate` lets at most
 ``slots`` run at once; the rest wait in arrival order, each until its request's
 deadline. A start that cannot begin in time is refused at once with ``Overloaded``
 (typed, while its client still waits) instead of joining a line it would leave only
-by timing out. Pool refills wait behind client requests, and hold at most half the
-slots at once, so claimed sandboxes' first commands and client starts keep CPU
-while pools refill (a pool's sandboxes also run at a low CPU weight until
+by timing out. Pool refills wait behind client requests, and leave one slot free
+(they hold at most ``slots - 1``), so a client start never waits for a refill, and
+claimed sandboxes' first commands and client starts keep some CPU while pools refill (a pool's sandboxes also run at a low CPU weight until
 claimed: ``workers.runtimes.docker.lifecycle``). Waiting starts hold no
 intake slot (the agent gives it back first), so exec, terminate and claim notices
 never queue behind them.
@@ -76,8 +76,8 @@ class StartGate:
     """At most ``slots`` starts at once; the rest wait in order, until their deadline.
 
     Two lines: client requests, then background work (pool refills), which runs only
-    when no client start waits, at most ``background_slots`` at once (default: half the
-    slots, at least one). ``queue_limit`` bounds what waits (Overloaded past it).
+    when no client start waits, at most ``background_slots`` at once (default: all but
+    one slot, at least one). ``queue_limit`` bounds what waits (Overloaded past it).
     """
 
     def __init__(
@@ -87,7 +87,7 @@ class StartGate:
         if slots < 1:
             raise ValueError("a start gate needs at least one slot")
         self.slots = slots
-        self.background_slots = max(1, min(slots, background_slots or slots // 2))
+        self.background_slots = max(1, min(slots, background_slots or slots - 1))
         self.background_running = 0
         self.queue_limit = queue_limit
         self.worker_id = worker_id
