@@ -8,9 +8,9 @@ together until all of them miss their deadline. :class:`StartGate` lets at most
 deadline. A start that cannot begin in time is refused at once with ``Overloaded``
 (typed, while its client still waits) instead of joining a line it would leave only
 by timing out. Pool refills wait behind client requests, and leave one slot free
-(they hold at most ``slots - 1``), so a client start never waits for a refill, and
-claimed sandboxes' first commands and client starts keep some CPU while pools refill (a pool's sandboxes also run at a low CPU weight until
-claimed: ``workers.runtimes.docker.lifecycle``). Waiting starts hold no
+(they hold at most ``slots - 1``), so a client start never waits for a refill (a
+pool's sandboxes also run at a low CPU weight until claimed:
+``workers.runtimes.docker.lifecycle``). Waiting starts hold no
 intake slot (the agent gives it back first), so exec, terminate and claim notices
 never queue behind them.
 
