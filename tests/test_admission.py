@@ -139,6 +139,36 @@ async def test_pool_refills_wait_behind_client_starts() -> None:
     assert order == ["holder", "client", "refill"]
 
 
+async def test_pool_refills_hold_at_most_their_share_of_the_slots() -> None:
+    """Refills alone never take every slot: a client start that arrives meanwhile
+    begins at once, and the refills still all run."""
+    gate = StartGate(4)
+    assert gate.background_slots == 3
+    gate.start_s = 0.01
+    peak = 0
+    done = 0
+    hold = anyio.Event()
+
+    async def refill() -> None:
+        nonlocal peak, done
+        async with gate.admitted_start(deadline=lifecycle.wall() + 30, background=True):
+            peak = max(peak, gate.background_running)
+            await hold.wait()
+            done += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(refill)
+        await anyio.sleep(0.02)
+        assert gate.running == 3 and gate.waiting == 3
+        with anyio.fail_after(0.5):
+            async with gate.admitted_start(deadline=lifecycle.wall() + 30):
+                assert gate.running == 4
+        hold.set()
+    assert peak == 3 and done == 6
+    assert gate.running == 0 and gate.waiting == 0 and gate.background_running == 0
+
+
 async def test_memory_watch_admits_against_real_use() -> None:
     node = NodeMemory(headroom_mb=1000, psi_limit=10.0)
     watch = MemoryWatch(None, "cap", node, overcommit=8.0, worker_id="w")  # type: ignore[arg-type]

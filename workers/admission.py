@@ -7,7 +7,10 @@ together until all of them miss their deadline. :class:`StartGate` lets at most
 ``slots`` run at once; the rest wait in arrival order, each until its request's
 deadline. A start that cannot begin in time is refused at once with ``Overloaded``
 (typed, while its client still waits) instead of joining a line it would leave only
-by timing out. Pool refills wait behind client requests. Waiting starts hold no
+by timing out. Pool refills wait behind client requests, and leave one slot free
+(they hold at most ``slots - 1``), so a client start never waits for a refill (a
+pool's sandboxes also run at a low CPU weight until claimed:
+``workers.runtimes.docker.lifecycle``). Waiting starts hold no
 intake slot (the agent gives it back first), so exec, terminate and claim notices
 never queue behind them.
 
@@ -58,6 +61,7 @@ class GateStats(msgspec.Struct, frozen=True, kw_only=True):
     start_s: float
     admitted: int
     refused: int
+    background: int = 0
 
 
 class _Waiter:
@@ -72,13 +76,19 @@ class StartGate:
     """At most ``slots`` starts at once; the rest wait in order, until their deadline.
 
     Two lines: client requests, then background work (pool refills), which runs only
-    when no client start waits. ``queue_limit`` bounds what waits (Overloaded past it).
+    when no client start waits, at most ``background_slots`` at once (default: all but
+    one slot, at least one). ``queue_limit`` bounds what waits (Overloaded past it).
     """
 
-    def __init__(self, slots: int, *, queue_limit: int = 4096, worker_id: str | None = None) -> None:
+    def __init__(
+        self, slots: int, *, queue_limit: int = 4096, worker_id: str | None = None,
+        background_slots: int | None = None,
+    ) -> None:
         if slots < 1:
             raise ValueError("a start gate needs at least one slot")
         self.slots = slots
+        self.background_slots = max(1, min(slots, background_slots or slots - 1))
+        self.background_running = 0
         self.queue_limit = queue_limit
         self.worker_id = worker_id
         self.running = 0
@@ -95,6 +105,7 @@ class StartGate:
         return GateStats(
             slots=self.slots, running=self.running, waiting=self.waiting,
             start_s=round(self.start_s, 4), admitted=self.admitted, refused=self.refused,
+            background=self.background_running,
         )
 
     def predicted_wait(self, *, background: bool = False, ahead: int | None = None) -> float:
@@ -135,8 +146,11 @@ class StartGate:
             raise self._refuse(f"{self.queue_limit} starts wait already", sandbox_id)
         if self.predicted_wait(background=background) + self.start_s + REPLY_MARGIN_S > left:
             raise self._refuse("this start could not finish before its request's deadline", sandbox_id)
-        if self.running < self.slots and not self._lines[0] and not (background and self._lines[1]):
+        if self.running < self.slots and not self._lines[0] and not (background and (
+            self._lines[1] or self.background_running >= self.background_slots
+        )):
             self.running += 1
+            self.background_running += background
         else:
             waiter = _Waiter()
             line = self._lines[1 if background else 0]
@@ -155,10 +169,10 @@ class StartGate:
                     with anyio.move_on_after(min(left_now - self.start_s, RECHECK_S)):
                         await waiter.event.wait()
             except BaseException:
-                self._leave(line, waiter)
+                self._leave(line, waiter, background)
                 raise
             if not waiter.granted:
-                self._leave(line, waiter)
+                self._leave(line, waiter, background)
                 raise self._refuse("no start slot could come free in time for its deadline", sandbox_id)
         self.admitted += 1
         began = anyio.current_time()
@@ -167,24 +181,29 @@ class StartGate:
         finally:
             took = anyio.current_time() - began
             self.start_s += EWMA_ALPHA * (took - self.start_s)
-            self._release()
+            self._release(background)
 
-    def _leave(self, line: deque[_Waiter], waiter: _Waiter) -> None:
+    def _leave(self, line: deque[_Waiter], waiter: _Waiter, background: bool) -> None:
         if waiter.granted:
             # Granted while we were being cancelled: pass the slot on.
-            self._release()
+            self._release(background)
             return
         try:
             line.remove(waiter)
         except ValueError:
             pass
 
-    def _release(self) -> None:
-        for line in self._lines:
+    def _release(self, background: bool) -> None:
+        self.background_running -= background
+        clients, refills = self._lines
+        if refills and not clients and self.background_running >= self.background_slots:
+            refills = deque()  # refills hold their share already: this slot stays free
+        for line in (clients, refills):
             if line:
                 waiter = line.popleft()
                 waiter.granted = True
                 waiter.event.set()
+                self.background_running += line is self._lines[1]
                 return  # the slot passes on; running stays
         self.running -= 1
 

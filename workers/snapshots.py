@@ -66,7 +66,7 @@ from hotbed.templates import (
     template_from_hash,
     template_to_hash,
 )
-from workers.runtimes.base import Runtime
+from workers.runtimes.base import CpuWeights, Runtime
 from workers.sandboxes import GuestHooks, Local, SandboxTable
 from workers.snapshot_peers import SnapshotPeers, manifest
 
@@ -573,7 +573,10 @@ class SnapshotManager:
         started = anyio.current_time()
         ts = cmd.template or TemplateSpec(image=spec.image)
         user = spec.user or ts.user or self.default_user
-        placed = table.placed(sid, cmd.gpu_uuids)
+        # Started at a low CPU weight, so running sandboxes' commands (a claimed
+        # one's first, above all) win the CPU from restores; normal once it is handed
+        # out: now for a client's, at claim for a pool's.
+        placed = msgspec.structs.replace(table.placed(sid, cmd.gpu_uuids), background=True)
         try:
             if cmd.snapshot:
                 src = await self.ensure_local(cmd.snapshot, spec.template or "")
@@ -590,6 +593,8 @@ class SnapshotManager:
             # Ready means serving: the agent answers (a restored one some 0.5 s after
             # runsc returns), and a pooled sandbox has spawned once, off the claimer's clock.
             await self.guests.wait_ready(sid, warm_up=bool(cmd.pool))
+            if not cmd.pool and isinstance(self.runtime, CpuWeights):
+                self.runtime.foreground(sid)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
@@ -647,6 +652,9 @@ class SnapshotManager:
             cmd.auto_pause_after if ok else None
         )
         local.last_active = lifecycle.wall()
+        # Off the pool's low CPU weight before the claimer's first command runs.
+        if isinstance(self.runtime, CpuWeights):
+            self.runtime.foreground(cmd.sandbox_id)
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
 
     # ---------------------------------------------------------- pause/resume

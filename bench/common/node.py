@@ -204,6 +204,33 @@ class NodeStack:
             self.redis_proc.send_signal(signal.SIGTERM)
             self.redis_proc.wait(timeout=30)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_cgroups(self.cgroup_parent)
+
+
+def remove_cgroups(parent: str) -> None:
+    """Remove the (emptied) cgroup ``parent`` and what is left under it, in every
+    hierarchy: dockerd makes a container's parent cgroups and never removes them."""
+    name = parent.strip("/")
+    if not name:
+        return
+    roots = [Path("/sys/fs/cgroup") / name]
+    try:
+        roots += [c / name for c in Path("/sys/fs/cgroup").iterdir() if c.is_dir()]
+    except OSError:
+        pass
+    for root in roots:
+        if not root.is_dir():
+            continue
+        # Deepest first: a cgroup goes only once its children have.
+        for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        try:
+            root.rmdir()
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------ cgroup readings

@@ -34,6 +34,10 @@ class Placed(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     prefix: str
     gpu_uuids: list[str] = []
+    # Nobody runs commands in it yet (starting, or a pool's): it starts (and a pool's
+    # idles) at a low CPU weight, so running sandboxes' commands win the CPU,
+    # until :class:`CpuWeights` ``foreground`` gives it the normal weight.
+    background: bool = False
 
 
 class Managed(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +128,15 @@ class ExitReasons(Protocol):
     async def exit_reason(self, sandbox_id: str) -> str | None:
         """Why the stopped sandbox stopped, e.g. ``out of memory (OOMKilled at its own
         128 MiB limit)``; ``None`` if the runtime does not know."""
+
+
+@runtime_checkable
+class CpuWeights(Protocol):
+    """A runtime that starts ``background`` sandboxes at a low CPU weight (``docker``)."""
+
+    def foreground(self, sandbox_id: str) -> bool:
+        """Give a background sandbox the normal CPU weight, now (no await: the claimer's
+        next command may follow at once). False when it was not a background one."""
 
 
 @runtime_checkable

@@ -37,6 +37,7 @@ from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
 from workers.runtimes.docker.lifecycle import (
     apply_network,
     container_config,
+    created,
     prepare_network,
     removed_on_failure,
 )
@@ -192,6 +193,7 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
     async with removed_on_failure(engine, sid, "restore"):
         with anyio.fail_after(API_TIMEOUT_S):
             container = await engine.docker.containers.create(config, name=container_name(sid))
+        created(engine, placed, container.id)
         if config["HostConfig"]["Runtime"] in engine.wrapped:  # not GPU's runsc-nvproxy
             await start_restoring(engine, container.id, src / "checkpoint", sandbox_id=sid)
             await apply_network(engine, sid, spec, allows)

@@ -57,6 +57,9 @@ class Engine:
         self.docker_url = docker_url
         self.extra_labels = dict(extra_labels or {})
         self.root = Path("/var/lib/docker")
+        # Background sandboxes (starting, or pooled) at a low CPU weight: sandbox id ->
+        # container id, which names its cgroup (lifecycle.foreground).
+        self.background: dict[str, str] = {}
         self._docker: aiodocker.Docker | None = None
 
     @property

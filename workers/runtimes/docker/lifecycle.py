@@ -3,6 +3,7 @@ destroy, is_alive and list_managed."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,16 @@ from workers.runtimes.base import (
     Placed,
 )
 from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
+
+log = logging.getLogger(__name__)
+
+# CPU weight (cgroup v1 shares; runsc maps it onto v2's cpu.weight, 3) of a background
+# sandbox: one being restored, or a pool's until claimed, which nobody runs commands
+# in yet. A sixteenth of the normal weight (1024), so a claimed sandbox's first command
+# and every running one's win the CPU from restores and pool refills, while a restore
+# among CPU-bound sandboxes still moves (the lowest, 2, would all but stop it); the
+# normal weight comes back when it is handed out (:func:`foreground`).
+BACKGROUND_CPU_SHARES = 64
 
 # Keeps PID 1 alive and idle; TERM ends it at once. It also runs a spawner: each line
 # written to SPAWN_FIFO is started as a child of init. Under gVisor, processes that
@@ -69,6 +80,7 @@ def container_config(
             for name, value in limits.sandbox_rlimits(res.pids).items()
         ],
         "SecurityOpt": ["no-new-privileges"],
+        **({"CpuShares": BACKGROUND_CPU_SHARES} if placed.background else {}),
         # The guest agent's channel is the container's stdout: keep it out of logs.
         "LogConfig": {"Type": "none", "Config": {}},
     }
@@ -134,6 +146,7 @@ async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
     async with removed_on_failure(engine, sid, "start"):
         with anyio.fail_after(API_TIMEOUT_S):
             container = await engine.docker.containers.create(config, name=container_name(sid))
+        created(engine, placed, container.id)
         with anyio.fail_after(API_TIMEOUT_S):
             await container.start()
         await apply_network(engine, sid, spec, allows)
@@ -176,7 +189,52 @@ async def removed_on_failure(engine: Engine, sid: str, what: str) -> AsyncIterat
         raise
 
 
+def created(engine: Engine, placed: Placed, container_id: str) -> None:
+    """Note a new container (its cgroup is named by its id) while it is background."""
+    if placed.background:
+        engine.background[placed.sandbox_id] = container_id
+
+
+def foreground(engine: Engine, sandbox_id: str) -> bool:
+    """Give a background sandbox the normal CPU weight.
+
+    A direct write to its cgroup's CPU weight file: dockerd's update goes to the OCI
+    runtime, and runsc has no ``update``. The write is an in-kernel setting, no I/O, so
+    it is done in line: the claimer's first command may be the next one handled, and it
+    must already run at the normal weight.
+    """
+    cid = engine.background.pop(sandbox_id, None)
+    if cid is None:
+        return False
+    for path, value in _weight_files(engine.cgroup_parent, cid):
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError:
+            continue
+        try:
+            os.write(fd, value)
+        except OSError:
+            log.warning("cpu weight of %s not raised (%s)", sandbox_id, path, extra={"sandbox_id": sandbox_id})
+        finally:
+            os.close(fd)
+        return True
+    return True
+
+
+def _weight_files(parent: str, container_id: str) -> list[tuple[str, bytes]]:
+    """Where a container's CPU weight is, with the default value to write back: cgroup
+    v1 ``cpu.shares`` (1024) or v2 ``cpu.weight`` (100), under the cgroupfs driver's
+    ``<parent>/<id>`` or systemd's ``<parent>/docker-<id>.scope``."""
+    name = parent.strip("/")
+    out = []
+    for leaf in (container_id, f"docker-{container_id}.scope"):
+        out.append((f"/sys/fs/cgroup/cpu/{name}/{leaf}/cpu.shares", b"1024"))
+        out.append((f"/sys/fs/cgroup/{name}/{leaf}/cpu.weight", b"100"))
+    return out
+
+
 async def destroy(engine: Engine, sandbox_id: str) -> None:
+    engine.background.pop(sandbox_id, None)
     # Its rules go first: dockerd may give its address to the next sandbox.
     await engine.networks.remove(sandbox_id)
     try:

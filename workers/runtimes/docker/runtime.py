@@ -61,6 +61,9 @@ class DockerRuntime:
     async def create(self, placed: Placed, spec: SandboxSpec) -> None:
         await lifecycle.create(self.engine, placed, spec)
 
+    def foreground(self, sandbox_id: str) -> bool:
+        return lifecycle.foreground(self.engine, sandbox_id)
+
     async def destroy(self, sandbox_id: str) -> None:
         await lifecycle.destroy(self.engine, sandbox_id)
 
