@@ -41,13 +41,17 @@ SANDBOX_NOFILE = 65536
 SANDBOX_CORE = 0
 
 
-def host_pids_limit(pids: int) -> int:
+def host_pids_limit(pids: int, *, ptrace: bool = False) -> int:
     """The host pids cgroup limit of a sandbox whose processes are limited to ``pids``:
-    a backstop for the host, above what gVisor itself uses for that many processes
-    (measured with 64 guest processes: 163 host pids under systrap, 573 under ptrace,
-    whose stubs are host processes with threads of their own). Reaching it kills the
-    whole sandbox, so the guest's own nproc limit must be what stops a fork bomb."""
-    return 10 * pids + 128
+    a backstop for the host, above what gVisor itself uses for that many processes.
+    Reaching it kills the whole sandbox, so the guest's own nproc limit must be what
+    stops a fork bomb. Under systrap 64 guest processes take 163 host pids and a bomb
+    churning inside them ~170. Under ptrace every guest task is a host thread and gVisor
+    keeps the stubs of ended processes: 64 live guest processes take ~740 host pids and
+    a bomb's churn inside its 64 reaches ~3,100 (measured twice: 3,095 and 2,977), so
+    ptrace sandboxes get a backstop above that. scripts/host-setup.sh raises the host's
+    pid_max so that a few such bombs cannot use up the host's pids."""
+    return 64 * pids + 256 if ptrace else 10 * pids + 128
 
 
 def sandbox_rlimits(pids: int) -> dict[str, int]:

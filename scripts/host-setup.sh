@@ -243,7 +243,23 @@ lower_sandbox_cpu_weight() {
   fi
 }
 
+# Under gVisor's ptrace platform (the default runtime) every guest task is a host
+# thread: an idle sandbox holds ~40 host pids and one with a fork bomb up to its
+# backstop (hotbed/limits.py, ~4,000). Without systemd as PID 1 the kernel's default
+# pid_max is 32768, which 500 idle sandboxes nearly use up; systemd's own default is
+# 4194304, set here the same way.
+raise_pid_max() {
+  local want=4194304 now; now=$(cat /proc/sys/kernel/pid_max 2>/dev/null || echo 0)
+  [ "$now" -ge "$want" ] && return 0
+  if echo "$want" >/proc/sys/kernel/pid_max 2>/dev/null; then
+    log "kernel.pid_max $now -> $want"
+  else
+    log "could not raise kernel.pid_max ($now): sandboxes on ptrace may run out of host pids"
+  fi
+}
+
 need_root
+raise_pid_max
 install_debian_packages
 install_runsc
 configure_docker

@@ -69,39 +69,23 @@ async def test_fork_bomb_stops_at_the_pids_limit(hotbed_stack: Stack) -> None:
     try:
         pids = await cgroup_dir(bomb.id, "pids")
         host_limit = int((pids / "pids.max").read_text())
-        assert host_limit == limits.host_pids_limit(64)
+        assert host_limit in (limits.host_pids_limit(64), limits.host_pids_limit(64, ptrace=True))
         try:
             await bomb.exec(
                 "sh", "-c", "(f() { f | f & }; f) >/dev/null 2>&1 </dev/null; sleep 3", timeout=10
             )
         except HotbedError:
             pass  # the bomb's own exec may not be able to fork either
-        # The bomb keeps forking: its processes stay at the sandbox's limit, far from
-        # the host's, and the sandbox itself runs on (systrap: ~170 host pids at the
-        # peak). Under ptrace every guest task is a host thread and gVisor keeps the
-        # stubs of ended processes, so the bomb's churn within its 64 guest processes
-        # takes ~3000 host pids: the host backstop (768) ends the whole sandbox (exit
-        # 2, pids.events max, memory far from its limit). Contained either way, and
-        # its record must say it failed.
-        peak, ended = 0, False
+        # The bomb keeps forking: its processes stay at the sandbox's limit (gVisor's
+        # nproc), below the host's backstop, and the sandbox itself runs on.
+        peak = 0
         for _ in range(20):
-            try:
-                peak = max(peak, int((pids / "pids.current").read_text()))
-            except FileNotFoundError:
-                ended = True
-                break
+            peak = max(peak, int((pids / "pids.current").read_text()))
             await anyio.sleep(0.1)
+        assert 64 <= peak < host_limit, peak
+        assert await inspect(bomb.id, "{{.State.Running}}") == "true"
         rec = await hotbed_stack.client.record(bomb.id)
-        if ended:
-            with anyio.fail_after(30):
-                while rec is not None and rec.state == "running":
-                    await anyio.sleep(0.2)
-                    rec = await hotbed_stack.client.record(bomb.id)
-            assert rec is None or rec.state == "failed", rec
-        else:
-            assert 64 <= peak < host_limit, peak
-            assert await inspect(bomb.id, "{{.State.Running}}") == "true"
-            assert rec is not None and rec.state == "running", rec
+        assert rec is not None and rec.state == "running", rec
         await still_serving(hotbed_stack, other)
     finally:
         await bomb.terminate()

@@ -54,6 +54,8 @@ class Engine:
         self.runtimes: set[str] = set()
         # dockerd runtimes that are hotbed's runsc wrapper: their restores skip containerd.
         self.wrapped: set[str] = set()
+        # Runtimes on gVisor's ptrace platform, whose host pids backstop is higher.
+        self.ptrace: set[str] = set()
         self.docker_url = docker_url
         self.extra_labels = dict(extra_labels or {})
         self.root = Path("/var/lib/docker")
@@ -88,6 +90,10 @@ class Engine:
         self.wrapped = {
             name for name, r in runtimes.items()
             if Path(str((r or {}).get("path") or "")).name == WRAPPER_NAME
+        }
+        self.ptrace = {
+            name for name, r in runtimes.items()
+            if "--platform=ptrace" in ((r or {}).get("runtimeArgs") or [])
         }
 
     async def aclose(self) -> None:

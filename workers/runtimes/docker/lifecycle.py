@@ -74,7 +74,6 @@ def container_config(
         "NanoCpus": int(min(res.cpu, float(os.cpu_count() or 1)) * 1e9),
         "Memory": res.memory_mb << 20,
         "MemorySwap": res.memory_mb << 20,
-        "PidsLimit": limits.host_pids_limit(res.pids),
         "Ulimits": [
             {"Name": name, "Soft": value, "Hard": value}
             for name, value in limits.sandbox_rlimits(res.pids).items()
@@ -108,6 +107,9 @@ def container_config(
             {"Driver": "nvidia", "DeviceIDs": list(placed.gpu_uuids), "Capabilities": [["gpu"]]}
         ]
         env.append("NVIDIA_VISIBLE_DEVICES=" + ",".join(placed.gpu_uuids))
+    host_config["PidsLimit"] = limits.host_pids_limit(
+        res.pids, ptrace=host_config["Runtime"] in engine.ptrace
+    )
     config: dict[str, Any] = {
         "Image": image_id,
         # PID 1 is the guest agent where the image has python3 (else IDLE_CMD): the
