@@ -733,7 +733,8 @@ class WorkerAgent:
             return SandboxCreated(sandbox_id=sid, worker_id=self.id, path=cmd.path)
         started = anyio.current_time()
         user = spec.user or self.settings.default_user
-        spec = msgspec.structs.replace(spec, user=user)
+        # The container gets the image's env only (workers.execution.with_sandbox_env).
+        env, spec = spec.env, msgspec.structs.replace(spec, user=user, env={})
         try:
             placed = self.sandboxes.placed(sid, cmd.gpu_uuids)
             try:
@@ -761,6 +762,7 @@ class WorkerAgent:
                 last_active=now,
                 auto_pause_after=after,
                 pausable=pausable,
+                env=dict(env),
             ),
             records.to_started(now=now, path=cmd.path, worker=self.id),
         )
