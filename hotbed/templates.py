@@ -70,10 +70,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CLAIM_LEASE_MS = 10_000
 BUILD_TIMEOUT_S = 900.0
 # Waits (at most ~20 s) for init to have made the FIFO: the guest agent, when it is
-# PID 1, creates it a moment after the container starts.
+# PID 1, creates it a moment after the container starts. The command gets this exec's
+# env (the sandbox's own, which init never holds), through a file it reads and removes.
 SPAWN_SCRIPT = (
     f'i=0; while [ ! -p {SPAWN_FIFO} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; '
-    f'printf "%s\\n" "$1" > {SPAWN_FIFO}'
+    f'f=$(dirname {SPAWN_FIFO})/env.$$; (umask 077; export -p > "$f") && '
+    f'printf ". %s; rm -f %s; %s\\n" "$f" "$f" "$1" > {SPAWN_FIFO}'
 )
 
 
