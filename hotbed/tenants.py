@@ -6,9 +6,10 @@ daemon knows a request's tenant from the stream it arrived on, never from a fiel
 the message. A tenant's request ids are ``T.<hex>`` and its sandboxes' ids
 ``sb-T.<hex>`` (:func:`owner`); daemons refuse ids outside the tenant of the stream,
 and the tenant's user may read only reply, output and record keys named by its own
-ids. It may read templates and pools (shared, written by operators), and nothing else:
-no other tenant's keys, no worker's or scheduler's state, no Lua (a script that loops
-would stall Redis for everyone), no KEYS or SCAN.
+ids. It lists its live sandboxes from its own index (``Keys.tenant_sandboxes``), never
+the whole one. It may read templates and pools (shared, written by operators), and
+nothing else: no other tenant's keys, no worker's or scheduler's state, no Lua (a script
+that loops would stall Redis for everyone), no KEYS or SCAN.
 
 Roles and their Redis users (``PREFIX`` is the key-space prefix):
 
@@ -51,7 +52,7 @@ from hotbed import batching, lua
 from hotbed.batching import raise_first_error
 from hotbed.connection import is_cluster
 from hotbed.errors import InvalidRequest, QuotaExceeded
-from hotbed.keys import Keys
+from hotbed.keys import Keys, id_tenant
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
 
@@ -147,8 +148,7 @@ def new_request_id(tenant: str) -> str:
 def owner(some_id: str) -> str | None:
     """The tenant a request or sandbox id belongs to (``T.x``, ``sb-T.x``); None for an
     operator's id."""
-    head, sep, _ = some_id.removeprefix("sb-").partition(".")
-    return head if sep and NAME_RE.fullmatch(head) else None
+    return id_tenant(some_id)
 
 
 def user_name(prefix: str, tenant: str) -> str:
@@ -196,7 +196,6 @@ def tenant_rules(keys: Keys, tenant: str) -> list[str]:
         f"~{p}:out:{{{t}.*}}",
         f"%R~{p}:sb:{{sb-{t}.*}}",
         f"%R~{p}:{{w:*}}:cap",
-        f"%R~{_glob(keys.sandboxes)}",
         f"%R~{p}:tpl:*",
         f"%R~{_glob(keys.templates)}",
         f"%R~{_glob(keys.pools)}",
@@ -215,7 +214,7 @@ def worker_rules(keys: Keys, worker_id: str) -> list[str]:
         *DAEMON_CATEGORIES,
         f"~{p}:{{w:{_glob(worker_id)}}}:*",
         f"~{_glob(keys.workers)}",
-        f"~{p}:sb:*", f"~{_glob(keys.sandboxes)}",
+        f"~{p}:sb:*", f"~{_glob(keys.sandboxes)}", f"~{p}:{{t:*}}:sandboxes",
         f"~{p}:reply:*", f"~{p}:out:*",
         # A build ends with the worker writing the template's record and retiring its
         # pools' stale entries; a pool refill is listed by the worker that made it.
@@ -358,7 +357,7 @@ async def remove_tenant(redis: aioredis.Redis, keys: Keys, name: str) -> list[st
     streams = [keys.tenant_requests(name)] + [
         keys.tenant_worker_cmds(_s(w), name) for w in await _r(redis).zrange(keys.workers, 0, -1)
     ]
-    for key in [*streams, keys.tenant_quota(name), keys.tenant_rate(name)]:
+    for key in [*streams, keys.tenant_quota(name), keys.tenant_rate(name), keys.tenant_sandboxes(name)]:
         await _r(redis).delete(key)
     return held
 

@@ -20,7 +20,15 @@ import pytest
 
 from hotbed import templates
 from hotbed.sandbox import Sandbox
-from tests.conftest import BASE_IMAGE, running_stack
+from tests.conftest import (
+    BASE_IMAGE,
+    BUSYBOX_IMAGE,
+    leftover_containers,
+    restart_worker,
+    running_stack,
+    start_stack,
+    stop_stack,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -151,3 +159,27 @@ async def test_env_works_after_auto_pause_and_resume(redis_url: str, prefix: str
         finally:
             with anyio.CancelScope(shield=True):
                 await sb.terminate()
+
+
+async def test_env_survives_a_worker_restart(redis_url: str, prefix: str, tmp_path: Path) -> None:
+    """The container does not hold the env, so a restarted worker adopts a sandbox with
+    the env its predecessor kept for it."""
+    overrides = {"snapshot_dir": str(tmp_path / "snapshots"), "drain_on_stop": False, "cpu": 16}
+    async with anyio.create_task_group() as tg:
+        stack = await start_stack(redis_url, prefix, tg=tg, worker_overrides=overrides)
+        c = stack.client
+        value = "hbkey" + secrets.token_hex(8)
+        sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, env={"API_KEY": value}, client=c)
+        try:
+            assert (await sb.run("echo $API_KEY")).stdout.strip() == value
+            worker = await restart_worker(stack, tg, drain_on_stop=True)
+            assert sb.id in worker.sandboxes
+            assert (await sb.run("echo $API_KEY")).stdout.strip() == value
+            assert value not in (await sb.run("cat /proc/1/environ")).stdout
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sb.terminate()
+                assert await c.redis.exists(c.keys.sandbox_env(sb.id)) == 0
+                await stop_stack(stack)
+    left = leftover_containers(prefix)
+    assert not left, f"test leaked containers: {left}"

@@ -161,6 +161,9 @@ async def test_tenant_b_is_refused_on_tenant_a_and_the_node_keeps_serving(redis_
             t.b.redis.xadd(keys.requests, {"m": b"x"}),
             t.b.redis.keys("*"),
             t.b.redis.scan(0),
+            # Nor which sandboxes A (or anyone) has: the whole index, A's own index.
+            t.b.redis.zrange(keys.sandboxes, 0, -1),
+            t.b.redis.zrange(keys.tenant_sandboxes("alice"), 0, -1),
         ):
             with pytest.raises(NOPERM):
                 await attempt
@@ -213,9 +216,12 @@ async def test_tenant_b_is_refused_on_tenant_a_and_the_node_keeps_serving(redis_
         assert (await t.a.record(sa.id)).state == "running"
         async with await Sandbox.create(BUSYBOX_IMAGE, cpu=0.5, memory_mb=128, client=t.stack.client) as op:
             assert (await op.exec("echo", "operator")).stdout == "operator\n"
+        assert await t.a.redis.zrange(keys.tenant_sandboxes("alice"), 0, -1) == [sa.id.encode()]
         await sa.terminate()
         with pytest.raises(SandboxNotFound):
             await Sandbox.from_id(sa.id, client=t.a)
+        assert await t.a.redis.zrange(keys.tenant_sandboxes("alice"), 0, -1) == []
+        assert await Sandbox.list(client=t.a) == []
 
 
 async def test_quota_exceeded_and_given_back(redis_url: str, prefix: str) -> None:

@@ -630,7 +630,7 @@ class SnapshotManager:
         return SandboxCreated(sandbox_id=sid, worker_id=self.worker_id, path=cmd.path,
                               startup_s=startup, gpu_uuids=list(cmd.gpu_uuids))
 
-    def claimed(self, cmd: SandboxClaimed) -> SandboxState:
+    async def claimed(self, cmd: SandboxClaimed) -> SandboxState:
         """A pooled sandbox was claimed: its lifetime starts now. No awaits before the
         update, so a command the claimer sends next (same stream) already sees it."""
         local = self.table.get(cmd.sandbox_id)
@@ -650,6 +650,7 @@ class SnapshotManager:
             cmd.auto_pause_after if ok else None
         )
         local.last_active = lifecycle.wall()
+        await self.table.keep_env(local)
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
 
     # ---------------------------------------------------------- pause/resume
