@@ -232,7 +232,9 @@ class Scheduler:
                 sid = raw.decode()
                 pipe.hset(self.keys.sandbox(sid), mapping=lost)
                 pipe.expire(self.keys.sandbox(sid), ENDED_RECORD_TTL_S)
-                pipe.zrem(self.keys.sandboxes, sid)
+                pipe.delete(self.keys.sandbox_env(sid))
+                for index in self.keys.sandbox_indexes(sid):
+                    pipe.zrem(index, sid)
             pipe.zrem(self.keys.workers, wid)
             await pipe.execute()
         err = protocol.error_reply(WorkerLost(f"worker {wid} stopped heartbeating", worker_id=wid))

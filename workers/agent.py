@@ -715,7 +715,7 @@ class WorkerAgent:
 
     async def _claimed(self, env: Envelope) -> Reply:
         body: Any = env.body
-        return self.snapshots.claimed(body)
+        return await self.snapshots.claimed(body)
 
     # --------------------------------------------------------------- sandboxes
 
