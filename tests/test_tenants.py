@@ -313,3 +313,55 @@ def test_up_sets_an_admin_password_and_tenants_use_the_cli(tmp_path: Path) -> No
                         conf.read_text().split(":")[2].split("@")[0], "shutdown", "nosave"],
                        capture_output=True, timeout=10)
     assert leftover_containers(prefix) == []
+
+
+async def test_tenant_claims_only_its_own_warm_pool_within_its_quota(redis_url: str, prefix: str) -> None:
+    async with tenanted_stack(redis_url, prefix) as t:
+        c = t.admin
+        keys = c.keys
+        name = f"tpool{os.getpid() % 1000}"
+        await templates.create_template(name, image=BUSYBOX_IMAGE, memory_mb=128, client=c)
+        try:
+            pool = await templates.set_pool(name, 1, cpu=0.5, memory_mb=128, tenant="bob", client=c)
+            assert pool.endswith(":t-bob")
+
+            async def ready() -> list[str]:
+                return [i.decode().split()[0] for i in await c.redis.lrange(keys.pool_ready(pool), 0, -1)]
+
+            with anyio.fail_after(60):
+                while not await ready():
+                    await anyio.sleep(0.05)
+            (warm_id,) = await ready()
+            # Made for bob: its id is bob's, and bob's quota is not taken while it waits.
+            assert tenants.owner(warm_id) == "bob"
+            assert (await tenants.get_tenant(c.redis, keys, "bob")).usage.sandboxes == 0
+
+            # Alice asks for the same template and shape: never bob's pool.
+            sa = await Sandbox.create(template=name, cpu=0.5, memory_mb=128, client=t.a)
+            assert sa.path != "warm" and sa.id.startswith("sb-alice.")
+            assert await ready() == [warm_id]
+            await sa.terminate()
+
+            # Bob's create claims it, its quota taken at the claim; bob runs it as its own.
+            sb = await Sandbox.create(template=name, cpu=0.5, memory_mb=128, env={"K": "v"}, client=t.b)
+            assert sb.path == "warm" and sb.id == warm_id
+            assert (await sb.run("echo $K")).stdout == "v\n"
+            assert (await tenants.get_tenant(c.redis, keys, "bob")).usage.sandboxes == 1
+            assert [s.id for s in await Sandbox.list(client=t.b)] == [sb.id]
+            # Refilled; at its quota (one sandbox), bob's next create takes nothing from it.
+            with anyio.fail_after(60):
+                while not await ready():
+                    await anyio.sleep(0.05)
+            refill = await ready()
+            with pytest.raises(QuotaExceeded):
+                await Sandbox.create(template=name, cpu=0.5, memory_mb=128, client=t.b, request_timeout=20)
+            assert await ready() == refill
+            assert (await c.record(refill[0])).state == "pooled"
+            await sb.terminate()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await templates.set_pool(name, 0, cpu=0.5, memory_mb=128, tenant="bob", client=c)
+                with anyio.move_on_after(30):
+                    while any(s.pool for s in t.stack.worker.sandboxes.values()):
+                        await anyio.sleep(0.05)
+                await templates.delete_template(name, client=c)
