@@ -33,8 +33,9 @@ places a tenant's create (``lua.QUOTA_TAKE``); what each live sandbox holds is i
 ``Keys.tenant_held`` until the scheduler sees it ended (``lua.QUOTA_GIVE``).
 
 ACLs live in each Redis process: on a Redis Cluster every node gets them (this module
-sends ``ACL SETUSER`` to all), and a Redis without an ``aclfile`` forgets them on a
-restart (``ACL SAVE`` is tried after every change).
+sends ``ACL SETUSER`` to all; :func:`copy_users`, ``hotbed tenant sync``, gives a node
+added later what the others have), and a Redis without an ``aclfile`` forgets them on
+a restart (``ACL SAVE`` is tried after every change).
 """
 
 from __future__ import annotations
@@ -257,6 +258,40 @@ async def delete_user(redis: aioredis.Redis, user: str) -> None:
         await _save_acl(redis)
 
 
+async def copy_users(redis: aioredis.Redis, keys: Keys) -> int:
+    """Give every node of a Redis Cluster the hotbed users (tenants', daemons') that
+    some node has and it lacks: a node added after they were made, or one restarted
+    without an ACL file. Rules and password hashes are copied as ``ACL LIST`` shows
+    them, so no password is needed. Returns how many users were set on some node; 0 on
+    a single Redis."""
+    if not is_cluster(redis):
+        return 0
+    cluster = _r(redis)
+    await cluster.initialize()
+    head = f"{keys.prefix}."
+    have: dict[str, dict[str, list[str]]] = {}
+    for node in cluster.get_nodes():
+        users: dict[str, list[str]] = {}
+        for line in await cluster.execute_command("ACL", "LIST", target_nodes=node):
+            _user, name, *rules = _s(line).split()
+            if name.startswith(head):
+                users[name] = rules
+        have[node.name] = users
+    known: dict[str, list[str]] = {}
+    for users in have.values():
+        for name, rules in users.items():
+            known.setdefault(name, rules)
+    copied = 0
+    for node in cluster.get_nodes():
+        for name, rules in known.items():
+            if name not in have[node.name]:
+                await cluster.execute_command("ACL", "SETUSER", name, "reset", *rules, target_nodes=node)
+                copied += 1
+    if copied:
+        await _save_acl(redis)
+    return copied
+
+
 async def provision_daemon_user(
     redis: aioredis.Redis, keys: Keys, *, role: str, worker_id: str = "", password: str | None = None
 ) -> tuple[str, str]:
@@ -390,7 +425,8 @@ async def give(redis: aioredis.Redis, keys: Keys, tenant: str, sandbox_id: str) 
 
 
 __all__ = [
-    "Credentials", "Quota", "TenantInfo", "Usage", "check_name", "create_tenant", "delete_user", "get_tenant",
+    "Credentials", "Quota", "TenantInfo", "Usage", "check_name", "copy_users", "create_tenant", "delete_user",
+    "get_tenant",
     "give", "list_tenants", "new_request_id", "owner", "provision_daemon_user", "remove_tenant",
     "scheduler_rules", "set_quota", "take", "tenant_names", "tenant_of_user", "tenant_rules",
     "user_name", "with_credentials", "worker_rules",
