@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -365,3 +366,33 @@ async def test_tenant_claims_only_its_own_warm_pool_within_its_quota(redis_url: 
                     while any(s.pool for s in t.stack.worker.sandboxes.values()):
                         await anyio.sleep(0.05)
                 await templates.delete_template(name, client=c)
+
+
+async def test_sync_gives_a_new_cluster_node_the_users(redis_cluster: Any) -> None:
+    """A node that lacks the users (added later, or restarted without an ACL file)
+    gets them, password hashes included, from the others."""
+    from hotbed.connection import connect
+
+    prefix = f"hb{os.getpid()}s"
+    keys = keyspace.Keys(prefix)
+    admin = connect(redis_cluster.url)
+    try:
+        creds = await tenants.create_tenant(admin, keys, "carol", url=redis_cluster.url)
+        port = redis_cluster.ports[0]
+        node = redis.Redis(port=port)
+        try:
+            node.execute_command("ACL", "DELUSER", creds.user)
+            assert creds.user.encode() not in node.execute_command("ACL", "USERS")
+            assert await tenants.copy_users(admin, keys) == 1
+            assert await tenants.copy_users(admin, keys) == 0
+            # Its password works on that node and its rules came along.
+            as_carol = redis.Redis(port=port, username=creds.user, password=creds.password)
+            assert as_carol.ping()
+            with pytest.raises(NOPERM):
+                as_carol.get(f"{prefix}:tpl-nope")
+            as_carol.close()
+        finally:
+            node.close()
+            await tenants.remove_tenant(admin, keys, "carol")
+    finally:
+        await admin.aclose()
