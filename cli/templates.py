@@ -182,7 +182,7 @@ def cmd_pool_set(args: argparse.Namespace) -> int:
     async def go(client: Client) -> int:
         name = await templates.set_pool(
             args.template, args.size, cpu=args.cpu, memory_mb=args.memory, gpu=args.gpu,
-            network=args.network, allow=args.allow, client=client,
+            network=args.network, allow=args.allow, tenant=args.tenant or "", client=client,
         )
         if args.wait and args.size > 0:
             await wait_pool(name, client, timeout=args.wait_timeout, quiet=args.quiet)
@@ -249,6 +249,8 @@ def register(sub: Any) -> None:
     p.add_argument("--gpu", help='GPUs of each sandbox, e.g. "H100", "H100:2"')
     add_network_options(p, "its sandboxes' network, claimed by creates that state the same "
                            "(default: the template's, claimed by creates that state none)")
+    p.add_argument("--tenant", metavar="NAME",
+                   help="a pool for this tenant's creates only (each claim takes its quota)")
     p.add_argument("--wait", action="store_true", help="return once the pool is full, printing its progress")
     p.add_argument("--wait-timeout", type=float, default=300.0, metavar="S",
                    help="with --wait: fail (exit 125) if not full after S seconds (default 300)")

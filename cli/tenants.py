@@ -5,7 +5,8 @@ create`` prints the tenant's Redis URL, password included, once: it is stored no
 readable, and a lost one is replaced by ``rm`` and ``create``. ``--write-config FILE``
 also writes it as a client config file (mode 0600) for the tenant's machine, where the
 SDK and CLI find it by themselves (``HOTBED_CONFIG=FILE``, or at the default path).
-``tenant rm`` ends the tenant's sandboxes and closes its connections.
+``tenant rm`` ends the tenant's sandboxes and closes its connections. ``tenant sync``
+copies the tenants' and daemons' users to Redis Cluster nodes that lack them.
 ``daemon-user scheduler|worker ID`` creates the Redis user a scheduler or one worker
 runs as (least privilege, :mod:`hotbed.tenants`) and prints its URL.
 """
@@ -154,6 +155,15 @@ def cmd_daemon_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    async def go(c: Client) -> int:
+        return await tenants.copy_users(c.redis, c.keys)
+
+    n = with_client(go)
+    print(f"hotbed: copied {n} user(s) to nodes that lacked them", file=sys.stderr)
+    return 0
+
+
 def register(sub: Any) -> None:
     tp = sub.add_parser("tenant", help="tenants: Redis users that see only their own sandboxes, with quotas")
     tsub = tp.add_subparsers(dest="tenant_command", metavar="ACTION", required=True)
@@ -174,6 +184,8 @@ def register(sub: Any) -> None:
     p = tsub.add_parser("rm", help="delete a tenant: end its sandboxes, close its connections")
     p.add_argument("name", help="tenant name")
     p.set_defaults(func=cmd_rm)
+    p = tsub.add_parser("sync", help="give every Redis Cluster node the users the others have (a node added later)")
+    p.set_defaults(func=cmd_sync)
     p = sub.add_parser("daemon-user", help="create the Redis user of a scheduler or of one worker")
     p.add_argument("role", choices=("scheduler", "worker"), help="which daemon")
     p.add_argument("worker_id", nargs="?", help="the worker's id (its HOTBED_WORKER_ID)")

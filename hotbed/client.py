@@ -350,9 +350,9 @@ class Client:
 
     async def records(self, *, tags: dict[str, str] | None = None) -> list[SandboxRecord]:
         """Live sandboxes, oldest first, optionally those carrying all of ``tags``."""
-        ids: Any = await self.redis.zrange(self.keys.sandboxes, 0, -1)
-        if self.tenant is not None:
-            ids = [i for i in ids if tenants.owner(i.decode()) == self.tenant]
+        # A tenant may list only its own index (hotbed.tenants).
+        index = self.keys.tenant_sandboxes(self.tenant) if self.tenant else self.keys.sandboxes
+        ids: Any = await self.redis.zrange(index, 0, -1)
         out: list[SandboxRecord] = []
         for start in range(0, len(ids), 500):
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -24,6 +24,10 @@ key                                    type    meaning
                                                rewritten with a TTL by the worker
 ``hotbed:workers``                     zset    worker id -> last heartbeat (unix ms)
 ``hotbed:sb:{SID}``                    hash    sandbox record (hotbed.records.SandboxRecord)
+``hotbed:sb:{SID}:env``                hash    the sandbox's own env, which its container
+                                               never holds (workers.execution): kept by
+                                               its worker for a restart to adopt it with;
+                                               no tenant may read it
 ``hotbed:sandboxes``                   zset    sandbox id -> created_at (unix s), live only
 ``hotbed:req:{RID}``                   string  who handles create RID, so it makes one
                                                sandbox ever: ``lease TOKEN`` while one
@@ -71,6 +75,9 @@ key                                    type    meaning
                                                ``gpu``; written only by Lua
 ``hotbed:{t:T}:rate``                  hash    T's create token bucket (``tokens``, ``at``
                                                in Redis ``TIME`` ms); written only by Lua
+``hotbed:{t:T}:sandboxes``             zset    T's live sandbox ids -> created_at: the part
+                                               of ``hotbed:sandboxes`` T may list (it may
+                                               not read the whole index); written beside it
 ``hotbed:snapshot-token``              string  the fleet's token for copying snapshots between
                                                nodes (workers.snapshot_peers), made once
 =====================================  ======  ============================================
@@ -97,6 +104,8 @@ share a Redis by giving each run its own prefix.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 REQUESTS_GROUP = "schedulers"
@@ -105,6 +114,15 @@ WORKER_GROUP = "worker"
 FIELD = b"m"
 
 REPLY_TTL_S = 120
+
+# A tenant's name (hotbed.tenants.NAME_RE) at the head of its ids: ``T.x``, ``sb-T.x``.
+_OWNED_ID = re.compile(r"(?:sb-)?([a-z0-9][a-z0-9_]{0,31})\.")
+
+
+def id_tenant(some_id: str) -> str | None:
+    """The tenant a request or sandbox id belongs to; None for an operator's id."""
+    m = _OWNED_ID.match(some_id)
+    return m.group(1) if m else None
 
 
 class Keys(msgspec.Struct, frozen=True):
@@ -151,6 +169,9 @@ class Keys(msgspec.Struct, frozen=True):
     # -- sandboxes
     def sandbox(self, sandbox_id: str) -> str:
         return f"{self.prefix}:sb:{{{sandbox_id}}}"
+
+    def sandbox_env(self, sandbox_id: str) -> str:
+        return f"{self.prefix}:sb:{{{sandbox_id}}}:env"
 
     @property
     def sandboxes(self) -> str:
@@ -229,6 +250,16 @@ class Keys(msgspec.Struct, frozen=True):
 
     def tenant_rate(self, tenant: str) -> str:
         return f"{self.prefix}:{{t:{tenant}}}:rate"
+
+    def tenant_sandboxes(self, tenant: str) -> str:
+        return f"{self.prefix}:{{t:{tenant}}}:sandboxes"
+
+    def sandbox_indexes(self, sandbox_id: str) -> list[str]:
+        """The live-sandbox indexes that list ``sandbox_id``: ``sandboxes``, and its
+        tenant's ``tenant_sandboxes`` if it has one. Whoever adds or removes a sandbox
+        writes all of them (separate keys: on a Redis Cluster they may sit apart)."""
+        tenant = id_tenant(sandbox_id)
+        return [self.sandboxes, self.tenant_sandboxes(tenant)] if tenant else [self.sandboxes]
 
     @property
     def snapshot_token(self) -> str:

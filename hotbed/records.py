@@ -346,6 +346,9 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
     gpu: str = ""
     # The network its sandboxes get; None: the template's (hotbed.network.pool_key).
     network: NetworkPolicy | None = None
+    # The tenant whose creates claim from it (its sandboxes get that tenant's ids); "":
+    # the operators'.
+    tenant: str = ""
 
 
 def pool_config_to_hash(conf: PoolConfig) -> Fields:
@@ -353,6 +356,7 @@ def pool_config_to_hash(conf: PoolConfig) -> Fields:
         "template": conf.template, "size": str(conf.size), "cpu": f"{conf.cpu:g}",
         "memory_mb": str(conf.memory_mb), "gpu": conf.gpu,
         "network": msgspec.json.encode(conf.network).decode() if conf.network is not None else "",
+        "tenant": conf.tenant,
     }
 
 
@@ -366,6 +370,7 @@ def pool_config_from_hash(raw: Mapping[Any, Any]) -> PoolConfig | None:
         cpu=float(d.get("cpu") or 0), memory_mb=int(d.get("memory_mb") or 0),
         gpu=d.get("gpu", ""),
         network=msgspec.json.decode(d["network"], type=NetworkPolicy) if d.get("network") else None,
+        tenant=d.get("tenant", ""),
     )
 
 

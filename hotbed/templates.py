@@ -28,17 +28,18 @@ from __future__ import annotations
 import inspect
 import re
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import anyio
 import msgspec
 
-from hotbed import batching, lua, protocol, records
+from hotbed import batching, lua, protocol, records, tenants
 from hotbed import network as hotbed_network
 from hotbed.batching import raise_first_error
 from hotbed.client import Client, new_id
 from hotbed.errors import InvalidRequest, TemplateNotFound
+from hotbed.keys import Keys
 from hotbed.protocol import (
     SPAWN_FIFO,
     BuildTemplate,
@@ -70,10 +71,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CLAIM_LEASE_MS = 10_000
 BUILD_TIMEOUT_S = 900.0
 # Waits (at most ~20 s) for init to have made the FIFO: the guest agent, when it is
-# PID 1, creates it a moment after the container starts.
+# PID 1, creates it a moment after the container starts. The command gets this exec's
+# env (the sandbox's own, which init never holds), through a file it reads and removes.
 SPAWN_SCRIPT = (
     f'i=0; while [ ! -p {SPAWN_FIFO} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; '
-    f'printf "%s\\n" "$1" > {SPAWN_FIFO}'
+    f'f=$(dirname {SPAWN_FIFO})/env.$$; (umask 077; export -p > "$f") && '
+    f'printf ". %s; rm -f %s; %s\\n" "$f" "$f" "$1" > {SPAWN_FIFO}'
 )
 
 
@@ -89,13 +92,16 @@ def check_name(name: str) -> str:
     return name
 
 
-def pool_name(template: str, resources: Resources, network: NetworkPolicy | None = None) -> str:
+def pool_name(
+    template: str, resources: Resources, network: NetworkPolicy | None = None, tenant: str = ""
+) -> str:
     """The pool of one template, one resource shape and one network as claims state it
-    (none stated: the template's own network)."""
+    (none stated: the template's own network), for one tenant's creates or ("") the
+    operators'."""
     name = f"{template}:{resources.cpu:g}c:{resources.memory_mb}m"
     name += f":{resources.gpu}" if resources.gpu else ""
     net = hotbed_network.pool_key(network)
-    return name + (f":net-{net}" if net else "")
+    return name + (f":net-{net}" if net else "") + (f":t-{tenant}" if tenant else "")
 
 
 def _policy(network: NetworkMode | None, allow: list[str] | tuple[str, ...] | None) -> NetworkPolicy | None:
@@ -274,9 +280,13 @@ async def set_pool(
     gpu: str | None = None,
     network: NetworkMode | None = None,
     allow: list[str] | tuple[str, ...] | None = None,
+    tenant: str = "",
     client: Client,
 ) -> str:
     """Keep ``size`` warm sandboxes of ``template`` in this shape; returns the pool name.
+
+    ``tenant``: a pool only that tenant's creates claim from (its sandboxes have the
+    tenant's ids; each claim takes the tenant's quota); "": the operators'.
 
     ``network``/``allow``: the network of its sandboxes, claimed by creates that state
     the same (``Sandbox.create(template=..., network=..., allow=...)``); None: the
@@ -290,9 +300,12 @@ async def set_pool(
     problem = hotbed_network.restore_problem(template, rec.spec.network, policy) if rec.snapshot else ""
     if problem:
         raise InvalidRequest(problem)
-    name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu), policy)
+    if tenant:
+        tenants.check_name(tenant)
+    name = pool_name(template, Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu), policy, tenant)
     conf = records.PoolConfig(
         template=template, size=size, cpu=cpu, memory_mb=memory_mb, gpu=gpu or "", network=policy,
+        tenant=tenant,
     )
     # Configured, then listed (the order delete_template explains; may span shards).
     raise_first_error(await batching.for_client(client.redis).execute(
@@ -327,13 +340,24 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
     """Take a warm sandbox of ``spec.template`` in ``spec``'s shape, or None if none is ready."""
     if not spec.template:
         return None
+    return await claim_from(
+        client.redis, client.keys, pool_name(spec.template, spec.resources, spec.network), spec,
+        client_id=client.client_id,
+    )
+
+
+async def claim_from(
+    redis: Any, keys: Keys, pool: str, spec: SandboxSpec, *, client_id: str,
+    before: Callable[[str], Awaitable[None]] | None = None,
+) -> SandboxCreated | None:
+    """Take a warm sandbox of ``pool`` for ``spec``, or None if none is ready.
+    ``before(sandbox_id)`` runs once one is taken and before it is handed out (a
+    tenant's quota); if it raises, the sandbox goes back to the pool."""
     if not 0 < spec.timeout <= protocol.MAX_TIMEOUT_S:
         raise InvalidRequest(f"timeout must be in (0, {protocol.MAX_TIMEOUT_S:g}], got {spec.timeout:g}")
-    keys = client.keys
-    pool = pool_name(spec.template, spec.resources, spec.network)
     ready, claims = keys.pool_ready(pool), keys.pool_claims(pool)
     # Each step is auto-pipelined: concurrent claims of this client share round trips.
-    ap = batching.for_client(client.redis)
+    ap = batching.for_client(redis)
     while True:
         (got,) = raise_first_error(await ap.execute(lua.POOL_CLAIM.call([ready, claims], [CLAIM_LEASE_MS])))
         if not got:
@@ -341,19 +365,29 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
         item, now_ms = got[0], int(got[1])
         sid, wid = item.decode().split(" ", 1)
         now = now_ms / 1000
+        if before is not None:
+            try:
+                await before(sid)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    async with redis.pipeline(transaction=True) as pipe:
+                        pipe.zrem(claims, item)
+                        pipe.lpush(ready, item)
+                        await pipe.execute()
+                raise
         claim = records.to_claimed(
             now=now, timeout=spec.timeout, idle_timeout=spec.idle_timeout or 0.0,
-            tags=spec.tags, client_id=client.client_id, auto_pause_after=spec.auto_pause_after,
+            tags=spec.tags, client_id=client_id, auto_pause_after=spec.auto_pause_after,
         )
         (ok,) = raise_first_error(await ap.execute(
             lua.CLAIM_RECORD.call([keys.sandbox(sid)], [x for kv in claim.items() for x in kv])
         ))
         if not ok:
             # Died (or was taken back) since it was listed: never hand it out.
-            await client.redis.zrem(claims, item)
+            await redis.zrem(claims, item)
             continue
         notice = Envelope(
-            id=new_id(), reply_to="", deadline=time.time() + 60, client=client.client_id,
+            id=new_id(), reply_to="", deadline=time.time() + 60, client=client_id,
             body=SandboxClaimed(
                 sandbox_id=sid, expires_at=now + spec.timeout, idle_timeout=spec.idle_timeout,
                 env=dict(spec.env), auto_pause_after=spec.auto_pause_after,
@@ -361,7 +395,7 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
         )
         raise_first_error(await ap.execute(
             ("XADD", keys.worker_cmds(wid), "*", "m", protocol.encode(notice)),
-            ("ZADD", keys.sandboxes, now, sid),
+            *(("ZADD", index, now, sid) for index in keys.sandbox_indexes(sid)),
             ("ZREM", claims, item),
         ))
         return SandboxCreated(sandbox_id=sid, worker_id=wid, path="warm")

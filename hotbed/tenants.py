@@ -6,9 +6,10 @@ daemon knows a request's tenant from the stream it arrived on, never from a fiel
 the message. A tenant's request ids are ``T.<hex>`` and its sandboxes' ids
 ``sb-T.<hex>`` (:func:`owner`); daemons refuse ids outside the tenant of the stream,
 and the tenant's user may read only reply, output and record keys named by its own
-ids. It may read templates and pools (shared, written by operators), and nothing else:
-no other tenant's keys, no worker's or scheduler's state, no Lua (a script that loops
-would stall Redis for everyone), no KEYS or SCAN.
+ids. It lists its live sandboxes from its own index (``Keys.tenant_sandboxes``), never
+the whole one. It may read templates and pools (shared, written by operators), and
+nothing else: no other tenant's keys, no worker's or scheduler's state, no Lua (a script
+that loops would stall Redis for everyone), no KEYS or SCAN.
 
 Roles and their Redis users (``PREFIX`` is the key-space prefix):
 
@@ -32,8 +33,9 @@ places a tenant's create (``lua.QUOTA_TAKE``); what each live sandbox holds is i
 ``Keys.tenant_held`` until the scheduler sees it ended (``lua.QUOTA_GIVE``).
 
 ACLs live in each Redis process: on a Redis Cluster every node gets them (this module
-sends ``ACL SETUSER`` to all), and a Redis without an ``aclfile`` forgets them on a
-restart (``ACL SAVE`` is tried after every change).
+sends ``ACL SETUSER`` to all; :func:`copy_users`, ``hotbed tenant sync``, gives a node
+added later what the others have), and a Redis without an ``aclfile`` forgets them on
+a restart (``ACL SAVE`` is tried after every change).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from hotbed import batching, lua
 from hotbed.batching import raise_first_error
 from hotbed.connection import is_cluster
 from hotbed.errors import InvalidRequest, QuotaExceeded
-from hotbed.keys import Keys
+from hotbed.keys import Keys, id_tenant
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
 
@@ -147,8 +149,7 @@ def new_request_id(tenant: str) -> str:
 def owner(some_id: str) -> str | None:
     """The tenant a request or sandbox id belongs to (``T.x``, ``sb-T.x``); None for an
     operator's id."""
-    head, sep, _ = some_id.removeprefix("sb-").partition(".")
-    return head if sep and NAME_RE.fullmatch(head) else None
+    return id_tenant(some_id)
 
 
 def user_name(prefix: str, tenant: str) -> str:
@@ -196,7 +197,6 @@ def tenant_rules(keys: Keys, tenant: str) -> list[str]:
         f"~{p}:out:{{{t}.*}}",
         f"%R~{p}:sb:{{sb-{t}.*}}",
         f"%R~{p}:{{w:*}}:cap",
-        f"%R~{_glob(keys.sandboxes)}",
         f"%R~{p}:tpl:*",
         f"%R~{_glob(keys.templates)}",
         f"%R~{_glob(keys.pools)}",
@@ -215,7 +215,7 @@ def worker_rules(keys: Keys, worker_id: str) -> list[str]:
         *DAEMON_CATEGORIES,
         f"~{p}:{{w:{_glob(worker_id)}}}:*",
         f"~{_glob(keys.workers)}",
-        f"~{p}:sb:*", f"~{_glob(keys.sandboxes)}",
+        f"~{p}:sb:*", f"~{_glob(keys.sandboxes)}", f"~{p}:{{t:*}}:sandboxes",
         f"~{p}:reply:*", f"~{p}:out:*",
         # A build ends with the worker writing the template's record and retiring its
         # pools' stale entries; a pool refill is listed by the worker that made it.
@@ -256,6 +256,40 @@ async def delete_user(redis: aioredis.Redis, user: str) -> None:
         await _every_node(redis, "ACL", "DELUSER", user)
     finally:
         await _save_acl(redis)
+
+
+async def copy_users(redis: aioredis.Redis, keys: Keys) -> int:
+    """Give every node of a Redis Cluster the hotbed users (tenants', daemons') that
+    some node has and it lacks: a node added after they were made, or one restarted
+    without an ACL file. Rules and password hashes are copied as ``ACL LIST`` shows
+    them, so no password is needed. Returns how many users were set on some node; 0 on
+    a single Redis."""
+    if not is_cluster(redis):
+        return 0
+    cluster = _r(redis)
+    await cluster.initialize()
+    head = f"{keys.prefix}."
+    have: dict[str, dict[str, list[str]]] = {}
+    for node in cluster.get_nodes():
+        users: dict[str, list[str]] = {}
+        for line in await cluster.execute_command("ACL", "LIST", target_nodes=node):
+            _user, name, *rules = _s(line).split()
+            if name.startswith(head):
+                users[name] = rules
+        have[node.name] = users
+    known: dict[str, list[str]] = {}
+    for users in have.values():
+        for name, rules in users.items():
+            known.setdefault(name, rules)
+    copied = 0
+    for node in cluster.get_nodes():
+        for name, rules in known.items():
+            if name not in have[node.name]:
+                await cluster.execute_command("ACL", "SETUSER", name, "reset", *rules, target_nodes=node)
+                copied += 1
+    if copied:
+        await _save_acl(redis)
+    return copied
 
 
 async def provision_daemon_user(
@@ -358,7 +392,7 @@ async def remove_tenant(redis: aioredis.Redis, keys: Keys, name: str) -> list[st
     streams = [keys.tenant_requests(name)] + [
         keys.tenant_worker_cmds(_s(w), name) for w in await _r(redis).zrange(keys.workers, 0, -1)
     ]
-    for key in [*streams, keys.tenant_quota(name), keys.tenant_rate(name)]:
+    for key in [*streams, keys.tenant_quota(name), keys.tenant_rate(name), keys.tenant_sandboxes(name)]:
         await _r(redis).delete(key)
     return held
 
@@ -391,7 +425,8 @@ async def give(redis: aioredis.Redis, keys: Keys, tenant: str, sandbox_id: str) 
 
 
 __all__ = [
-    "Credentials", "Quota", "TenantInfo", "Usage", "check_name", "create_tenant", "delete_user", "get_tenant",
+    "Credentials", "Quota", "TenantInfo", "Usage", "check_name", "copy_users", "create_tenant", "delete_user",
+    "get_tenant",
     "give", "list_tenants", "new_request_id", "owner", "provision_daemon_user", "remove_tenant",
     "scheduler_rules", "set_quota", "take", "tenant_names", "tenant_of_user", "tenant_rules",
     "user_name", "with_credentials", "worker_rules",

@@ -35,7 +35,7 @@ import anyio
 import redis.asyncio as aioredis
 
 from daemon import lifecycle
-from hotbed import batching, protocol, records
+from hotbed import batching, protocol, records, tenants
 from hotbed.batching import raise_first_error
 from hotbed.client import new_id
 from hotbed.errors import HotbedError
@@ -160,13 +160,15 @@ class PoolController:
             log.warning("pool %s: %s", name, exc)
             return
         for _ in range(n):
-            if not await self._refill_one(name, recipe):
+            if not await self._refill_one(name, recipe, conf.tenant):
                 # No room on any worker: give the tokens back and try next tick.
                 break
 
-    async def _refill_one(self, name: str, recipe: templates.Resolved) -> bool:
+    async def _refill_one(self, name: str, recipe: templates.Resolved, tenant: str = "") -> bool:
         keys = self.keys
-        rid = new_id()
+        # A tenant's pool holds sandboxes with the tenant's ids: its claims hand them to
+        # the tenant as they are (records, keys and the workers' checks all go by id).
+        rid = tenants.new_request_id(tenant) if tenant else new_id()
         env = Envelope(
             id=rid, reply_to="", deadline=time.time() + WARM_DEADLINE_S,
             body=CreateSandbox(spec=recipe.spec), client="pool-controller",

@@ -40,8 +40,17 @@ from hotbed.errors import (
     UnsupportedRequest,
     WorkerLost,
 )
-from hotbed.protocol import BuildTemplate, CreateSandbox, Envelope, ErrorReply, Reply
+from hotbed.protocol import (
+    BuildTemplate,
+    CreateSandbox,
+    Envelope,
+    ErrorReply,
+    Reply,
+    SandboxCreated,
+    SandboxSpec,
+)
 from hotbed.records import ENDED_RECORD_TTL_S
+from hotbed.templates import claim_from, pool_name
 from scheduler import once, templates
 from scheduler.config import SchedulerSettings
 from scheduler.leader import LeaderLock
@@ -232,7 +241,9 @@ class Scheduler:
                 sid = raw.decode()
                 pipe.hset(self.keys.sandbox(sid), mapping=lost)
                 pipe.expire(self.keys.sandbox(sid), ENDED_RECORD_TTL_S)
-                pipe.zrem(self.keys.sandboxes, sid)
+                pipe.delete(self.keys.sandbox_env(sid))
+                for index in self.keys.sandbox_indexes(sid):
+                    pipe.zrem(index, sid)
             pipe.zrem(self.keys.workers, wid)
             await pipe.execute()
         err = protocol.error_reply(WorkerLost(f"worker {wid} stopped heartbeating", worker_id=wid))
@@ -331,6 +342,10 @@ class Scheduler:
         problems = limits.resource_problems(body.spec.resources)
         if problems:
             raise InvalidRequest("; ".join(problems))
+        if body.spec.template:
+            warm = await self._claim_warm(env, tenant, body.spec)
+            if warm is not None:
+                return warm
         sid = sandbox_id_for(env.id)
         assert tenancy_rules.owner(sid) == tenant
         await self.quotas.take(tenant, sid, body.spec)
@@ -348,3 +363,21 @@ class Scheduler:
             raise
         self.quotas.placed(sid)
         return None  # the worker replies
+
+    async def _claim_warm(self, env: Envelope, tenant: str, spec: SandboxSpec) -> SandboxCreated | None:
+        """A warm sandbox of the tenant's own pool for this template, shape and network
+        (hotbed.templates.set_pool ``tenant``), its quota taken at the claim; None when
+        that pool has none ready. Pools of operators or other tenants are never used:
+        their sandboxes' ids are not this tenant's."""
+        quotas = self.quotas
+        assert quotas is not None
+
+        async def take(sid: str) -> None:
+            assert tenancy_rules.owner(sid) == tenant
+            await quotas.take(tenant, sid, spec)
+
+        pool = pool_name(spec.template or "", spec.resources, spec.network, tenant)
+        got = await claim_from(self.redis, self.keys, pool, spec, client_id=env.client, before=take)
+        if got is not None:
+            quotas.placed(got.sandbox_id)
+        return got

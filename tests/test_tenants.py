@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -161,6 +162,9 @@ async def test_tenant_b_is_refused_on_tenant_a_and_the_node_keeps_serving(redis_
             t.b.redis.xadd(keys.requests, {"m": b"x"}),
             t.b.redis.keys("*"),
             t.b.redis.scan(0),
+            # Nor which sandboxes A (or anyone) has: the whole index, A's own index.
+            t.b.redis.zrange(keys.sandboxes, 0, -1),
+            t.b.redis.zrange(keys.tenant_sandboxes("alice"), 0, -1),
         ):
             with pytest.raises(NOPERM):
                 await attempt
@@ -213,9 +217,12 @@ async def test_tenant_b_is_refused_on_tenant_a_and_the_node_keeps_serving(redis_
         assert (await t.a.record(sa.id)).state == "running"
         async with await Sandbox.create(BUSYBOX_IMAGE, cpu=0.5, memory_mb=128, client=t.stack.client) as op:
             assert (await op.exec("echo", "operator")).stdout == "operator\n"
+        assert await t.a.redis.zrange(keys.tenant_sandboxes("alice"), 0, -1) == [sa.id.encode()]
         await sa.terminate()
         with pytest.raises(SandboxNotFound):
             await Sandbox.from_id(sa.id, client=t.a)
+        assert await t.a.redis.zrange(keys.tenant_sandboxes("alice"), 0, -1) == []
+        assert await Sandbox.list(client=t.a) == []
 
 
 async def test_quota_exceeded_and_given_back(redis_url: str, prefix: str) -> None:
@@ -307,3 +314,85 @@ def test_up_sets_an_admin_password_and_tenants_use_the_cli(tmp_path: Path) -> No
                         conf.read_text().split(":")[2].split("@")[0], "shutdown", "nosave"],
                        capture_output=True, timeout=10)
     assert leftover_containers(prefix) == []
+
+
+async def test_tenant_claims_only_its_own_warm_pool_within_its_quota(redis_url: str, prefix: str) -> None:
+    async with tenanted_stack(redis_url, prefix) as t:
+        c = t.admin
+        keys = c.keys
+        name = f"tpool{os.getpid() % 1000}"
+        await templates.create_template(name, image=BUSYBOX_IMAGE, memory_mb=128, client=c)
+        try:
+            pool = await templates.set_pool(name, 1, cpu=0.5, memory_mb=128, tenant="bob", client=c)
+            assert pool.endswith(":t-bob")
+
+            async def ready() -> list[str]:
+                return [i.decode().split()[0] for i in await c.redis.lrange(keys.pool_ready(pool), 0, -1)]
+
+            with anyio.fail_after(60):
+                while not await ready():
+                    await anyio.sleep(0.05)
+            (warm_id,) = await ready()
+            # Made for bob: its id is bob's, and bob's quota is not taken while it waits.
+            assert tenants.owner(warm_id) == "bob"
+            assert (await tenants.get_tenant(c.redis, keys, "bob")).usage.sandboxes == 0
+
+            # Alice asks for the same template and shape: never bob's pool.
+            sa = await Sandbox.create(template=name, cpu=0.5, memory_mb=128, client=t.a)
+            assert sa.path != "warm" and sa.id.startswith("sb-alice.")
+            assert await ready() == [warm_id]
+            await sa.terminate()
+
+            # Bob's create claims it, its quota taken at the claim; bob runs it as its own.
+            sb = await Sandbox.create(template=name, cpu=0.5, memory_mb=128, env={"K": "v"}, client=t.b)
+            assert sb.path == "warm" and sb.id == warm_id
+            assert (await sb.run("echo $K")).stdout == "v\n"
+            assert (await tenants.get_tenant(c.redis, keys, "bob")).usage.sandboxes == 1
+            assert [s.id for s in await Sandbox.list(client=t.b)] == [sb.id]
+            # Refilled; at its quota (one sandbox), bob's next create takes nothing from it.
+            with anyio.fail_after(60):
+                while not await ready():
+                    await anyio.sleep(0.05)
+            refill = await ready()
+            with pytest.raises(QuotaExceeded):
+                await Sandbox.create(template=name, cpu=0.5, memory_mb=128, client=t.b, request_timeout=20)
+            assert await ready() == refill
+            assert (await c.record(refill[0])).state == "pooled"
+            await sb.terminate()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await templates.set_pool(name, 0, cpu=0.5, memory_mb=128, tenant="bob", client=c)
+                with anyio.move_on_after(30):
+                    while any(s.pool for s in t.stack.worker.sandboxes.values()):
+                        await anyio.sleep(0.05)
+                await templates.delete_template(name, client=c)
+
+
+async def test_sync_gives_a_new_cluster_node_the_users(redis_cluster: Any) -> None:
+    """A node that lacks the users (added later, or restarted without an ACL file)
+    gets them, password hashes included, from the others."""
+    from hotbed.connection import connect
+
+    prefix = f"hb{os.getpid()}s"
+    keys = keyspace.Keys(prefix)
+    admin = connect(redis_cluster.url)
+    try:
+        creds = await tenants.create_tenant(admin, keys, "carol", url=redis_cluster.url)
+        port = redis_cluster.ports[0]
+        node = redis.Redis(port=port)
+        try:
+            node.execute_command("ACL", "DELUSER", creds.user)
+            assert creds.user.encode() not in node.execute_command("ACL", "USERS")
+            assert await tenants.copy_users(admin, keys) == 1
+            assert await tenants.copy_users(admin, keys) == 0
+            # Its password works on that node and its rules came along.
+            as_carol = redis.Redis(port=port, username=creds.user, password=creds.password)
+            assert as_carol.ping()
+            with pytest.raises(NOPERM):
+                as_carol.get(f"{prefix}:tpl-nope")
+            as_carol.close()
+        finally:
+            node.close()
+            await tenants.remove_tenant(admin, keys, "carol")
+    finally:
+        await admin.aclose()

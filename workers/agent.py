@@ -717,7 +717,7 @@ class WorkerAgent:
 
     async def _claimed(self, env: Envelope) -> Reply:
         body: Any = env.body
-        return self.snapshots.claimed(body)
+        return await self.snapshots.claimed(body)
 
     # --------------------------------------------------------------- sandboxes
 
@@ -735,7 +735,8 @@ class WorkerAgent:
             return SandboxCreated(sandbox_id=sid, worker_id=self.id, path=cmd.path)
         started = anyio.current_time()
         user = spec.user or self.settings.default_user
-        spec = msgspec.structs.replace(spec, user=user)
+        # The container gets the image's env only (workers.execution.with_sandbox_env).
+        env, spec = spec.env, msgspec.structs.replace(spec, user=user, env={})
         try:
             placed = self.sandboxes.placed(sid, cmd.gpu_uuids)
             try:
@@ -763,6 +764,7 @@ class WorkerAgent:
                 last_active=now,
                 auto_pause_after=after,
                 pausable=pausable,
+                env=dict(env),
             ),
             records.to_started(now=now, path=cmd.path, worker=self.id),
         )

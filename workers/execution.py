@@ -393,11 +393,8 @@ class ExecutionService:
         try:
             # In use while it runs (never auto-paused); an auto-paused one resumes first.
             async with self.table.serving(body.sandbox_id, deadline=env.deadline) as local:
-                if isinstance(body, Exec) and local.env:
-                    # A claim's or restore's env applies to every command, on any path.
-                    body = msgspec.structs.replace(
-                        body, exec=msgspec.structs.replace(body.exec, env={**local.env, **body.exec.env})
-                    )
+                if local.env:
+                    body = with_sandbox_env(body, local.env)
                     env = msgspec.structs.replace(env, body=body)
                 reply = await self._dispatch(env, body, local.user, sink)
         except HotbedError as exc:
@@ -895,6 +892,24 @@ def _output_cap(max_output: int, *, streaming: bool) -> int:
     """Output collected into one reply is held by the worker, so it is clamped; streamed
     output is bounded by its reader instead (``wait_for_reader``)."""
     return max(0, max_output) if streaming else limits.clamp(max_output, limits.MAX_COLLECTED_OUTPUT)
+
+
+def with_sandbox_env(body: Any, sandbox_env: dict[str, str]) -> Any:
+    """``body`` with the sandbox's own env under the command's.
+
+    A sandbox's env (API keys) is never in its container's config: PID 1 (the guest
+    agent, or the idle shell) would hold it in memory, so every checkpoint of it (a
+    snapshot, a template made from it) would carry it into every restore. The worker
+    keeps it instead and hands it to each command as it starts, on the guest agent's
+    path and on docker exec's alike."""
+    match body:
+        case Exec() | ProcessStart():
+            return msgspec.structs.replace(
+                body, exec=msgspec.structs.replace(body.exec, env={**sandbox_env, **body.exec.env})
+            )
+        case SessionRun() | PtyOpen() | PipeOpen():
+            return msgspec.structs.replace(body, env={**sandbox_env, **body.env})
+    return body
 
 
 def _spec_header(spec: ExecSpec, *, streaming: bool) -> dict[str, Any]:

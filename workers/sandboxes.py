@@ -260,11 +260,26 @@ class SandboxTable:
         self._locals[sid] = local
         commands: list[batching.Command] = [
             records.hset(self.keys.sandbox(sid), fields),
+            *self._env_commands(local),
         ]
         if not records.is_pooled(fields):
-            commands.append(("ZADD", self.keys.sandboxes, float(fields["started_at"]), sid))
+            commands += [("ZADD", k, float(fields["started_at"]), sid) for k in self.keys.sandbox_indexes(sid)]
         # Auto-pipelined: one round trip for all the starts finishing together.
         raise_first_error(await batching.for_client(self.redis).execute(*commands))
+
+    def _env_commands(self, local: Local) -> list[batching.Command]:
+        """Keep ``local``'s env where a restarted worker finds it: its container never
+        has it (workers.execution.with_sandbox_env)."""
+        key = self.keys.sandbox_env(local.id)
+        flat = [x for kv in local.env.items() for x in kv]
+        return [("DEL", key), *([("HSET", key, *flat)] if flat else [])]
+
+    async def keep_env(self, local: Local) -> None:
+        raise_first_error(await batching.for_client(self.redis).execute(*self._env_commands(local)))
+
+    async def _kept_env(self, sid: str) -> dict[str, str]:
+        raw: Any = await self.redis.hgetall(self.keys.sandbox_env(sid))
+        return {k.decode(): v.decode() for k, v in raw.items()}
 
     # ----------------------------------------------------------- adoption
 
@@ -289,6 +304,7 @@ class SandboxTable:
                 # Checkpointed to disk before the restart: still resumable.
                 self._locals[sid] = self._adopted(sid, rec, default_user, paused=True)
                 self._locals[sid].paused_by = rec.paused_by or "client"
+                self._locals[sid].env = await self._kept_env(sid)
                 continue
             if rec is None or rec.ended or sid not in running:
                 if rec is not None and rec.state == "creating" and sid not in running:
@@ -297,6 +313,7 @@ class SandboxTable:
                 await self.end(sid, reason="lost on worker restart", state="failed")
                 continue
             self._locals[sid] = self._adopted(sid, rec, default_user)
+            self._locals[sid].env = await self._kept_env(sid)
         if held or managed:
             log.info("reconciled: adopted %d sandboxes", len(self._locals))
 
@@ -323,7 +340,7 @@ class SandboxTable:
                 ("PERSIST", self.keys.sandbox(sid)),
             ]
             if state != "pooled":
-                commands.append(("ZADD", self.keys.sandboxes, rec.created_at, sid))
+                commands += [("ZADD", k, rec.created_at, sid) for k in self.keys.sandbox_indexes(sid)]
             raise_first_error(await batching.for_client(self.redis).execute(*commands))
         if not args:
             return 0
@@ -415,7 +432,8 @@ class SandboxTable:
             lua.RELEASE.call(self._cap_keys(), [sid]),
             records.hset(record, records.to_ended(state=state, reason=reason, now=lifecycle.wall())),
             ("EXPIRE", record, ENDED_RECORD_TTL_S),
-            ("ZREM", self.keys.sandboxes, sid),
+            ("DEL", self.keys.sandbox_env(sid)),
+            *(("ZREM", k, sid) for k in self.keys.sandbox_indexes(sid)),
         ))
         log.info(
             "sandbox ended: %s (%s)", state, reason,

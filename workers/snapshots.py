@@ -382,7 +382,7 @@ class SnapshotManager:
                 )
         for cmd in ts.start:
             await say.say(f"start: {cmd}")
-            await self.spawn(sid, cmd, user)
+            await self.spawn(sid, cmd, user, ts.env)
         if ts.ready:
             await say.say(f"readiness check: {ts.ready} (retried until it exits 0, up to {ts.ready_timeout:g}s)")
             ready_t0 = anyio.current_time()
@@ -409,13 +409,14 @@ class SnapshotManager:
                     )
                 await anyio.sleep(0.05)
 
-    async def spawn(self, sid: str, command: str, user: str) -> None:
-        """Start ``command`` as a child of the sandbox's init (survives checkpoints)."""
+    async def spawn(self, sid: str, command: str, user: str, env: dict[str, str] | None = None) -> None:
+        """Start ``command`` as a child of the sandbox's init (survives checkpoints),
+        with ``env`` (init has only the image's)."""
         if "\n" in command:
             raise InvalidRequest("a start command is one line (use ';' or a script file)")
         res = await self.runtime.exec(
             sid,
-            ExecSpec(argv=["/bin/sh", "-c", SPAWN_SCRIPT, "sh", command], timeout=30.0),
+            ExecSpec(argv=["/bin/sh", "-c", SPAWN_SCRIPT, "sh", command], env=env or {}, timeout=30.0),
             default_user=user,
         )
         if res.exit_code != 0:
@@ -466,9 +467,10 @@ class SnapshotManager:
             size_bytes=old.size_bytes if old else 0,
         )
         await self._write_template(building, holders=False)
+        # The template's env is given to each set-up command, never to the container:
+        # its PID 1 would keep it in the snapshot's memory.
         spec = SandboxSpec(
-            image=ts.image, resources=ts.resources, env=ts.env, workdir=ts.workdir, user=user,
-            network=ts.network,
+            image=ts.image, resources=ts.resources, workdir=ts.workdir, user=user, network=ts.network,
         )
         snap = new_snapshot_id()
         progress = BuildLog(self.redis, table.keys.output(env.id) if cmd.progress else None)
@@ -578,18 +580,18 @@ class SnapshotManager:
         # out: now for a client's, at claim for a pool's.
         placed = msgspec.structs.replace(table.placed(sid, cmd.gpu_uuids), background=True)
         try:
+            # The container gets the image's env only; the worker hands this to each
+            # command (workers.execution.with_sandbox_env), so no checkpoint holds it.
+            env = {**ts.env, **spec.env}
             if cmd.snapshot:
                 src = await self.ensure_local(cmd.snapshot, spec.template or "")
-                await self.runtime.restore(placed, msgspec.structs.replace(spec, user=user), src)
-                env = dict(spec.env)
+                await self.runtime.restore(placed, msgspec.structs.replace(spec, user=user, env={}), src)
             else:
                 boot = msgspec.structs.replace(
-                    spec, image=ts.image, user=user, env={**ts.env, **spec.env},
-                    workdir=spec.workdir or ts.workdir,
+                    spec, image=ts.image, user=user, env={}, workdir=spec.workdir or ts.workdir,
                 )
                 await self.runtime.create(placed, boot)
                 await self.setup(sid, ts, user)
-                env = {}
             # Ready means serving: the agent answers (a restored one some 0.5 s after
             # runsc returns), and a pooled sandbox has spawned once, off the claimer's clock.
             await self.guests.wait_ready(sid, warm_up=bool(cmd.pool))
@@ -633,7 +635,7 @@ class SnapshotManager:
         return SandboxCreated(sandbox_id=sid, worker_id=self.worker_id, path=cmd.path,
                               startup_s=startup, gpu_uuids=list(cmd.gpu_uuids))
 
-    def claimed(self, cmd: SandboxClaimed) -> SandboxState:
+    async def claimed(self, cmd: SandboxClaimed) -> SandboxState:
         """A pooled sandbox was claimed: its lifetime starts now. No awaits before the
         update, so a command the claimer sends next (same stream) already sees it."""
         local = self.table.get(cmd.sandbox_id)
@@ -646,7 +648,8 @@ class SnapshotManager:
         local.idle_timeout = (
             cmd.idle_timeout if cmd.idle_timeout and 0 < cmd.idle_timeout <= protocol.MAX_TIMEOUT_S else None
         )
-        local.env = dict(cmd.env)
+        # The template's env (from the pool's start) under the claimer's own.
+        local.env = {**local.env, **cmd.env}
         ok = cmd.auto_pause_after is None or 0 <= cmd.auto_pause_after <= protocol.MAX_TIMEOUT_S
         local.auto_pause_after, local.pausable = self.table.pause_policy(
             cmd.auto_pause_after if ok else None
@@ -655,6 +658,7 @@ class SnapshotManager:
         # Off the pool's low CPU weight before the claimer's first command runs.
         if isinstance(self.runtime, CpuWeights):
             self.runtime.foreground(cmd.sandbox_id)
+        await self.table.keep_env(local)
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
 
     # ---------------------------------------------------------- pause/resume

@@ -1637,6 +1637,43 @@ def handle(h, payload):
         send({"t": "error", "id": rid, "code": "ProcessNotFound", "message": str(exc)})
     except Exception as exc:  # one bad request never ends the agent
         send({"t": "error", "id": rid, "code": "ExecFailed", "message": f"{type(exc).__name__}: {exc}"})
+    finally:
+        forget_env(h)
+
+
+def forget_env(h):
+    """Drop the env a request carried once its command started with it. The sandbox's
+    own env (API keys) comes with each command, never at launch: this process is in
+    every memory snapshot of the sandbox, so it keeps no copy and overwrites the strings
+    it decoded (a freed string's bytes stay in the heap until reused)."""
+    env = h.pop("env", None) if isinstance(h, dict) else None
+    if isinstance(env, dict):
+        for v in env.values():
+            wipe(v)
+        env.clear()
+
+
+_ctypes = []  # [module] once imported; [None] where the interpreter has none
+
+
+def wipe(data):
+    """Overwrite ``data``'s bytes in place: a bytearray always; a bytes or an ASCII str
+    through ctypes where CPython has it (their data sits at the end of the object)."""
+    if isinstance(data, bytearray):
+        data[:] = bytes(len(data))
+        return
+    # Length 0 and 1 strings are shared singletons: never touch those.
+    if type(data) not in (str, bytes) or len(data) < 2 or (type(data) is str and not data.isascii()):
+        return
+    if not _ctypes:
+        try:
+            import ctypes
+            _ctypes.append(ctypes if sys.implementation.name == "cpython" else None)
+        except ImportError:
+            _ctypes.append(None)
+    ctypes = _ctypes[0]
+    if ctypes is not None:
+        ctypes.memset(id(data) + sys.getsizeof(data) - len(data) - 1, 0, len(data))
 
 
 def _trim_background():
@@ -1664,6 +1701,8 @@ def on_stdin(fd, _mask):
         later(0.5, lambda: _set_events(0, selectors.EVENT_READ, on_stdin))
         return
     inbuf.extend(data)
+    if b'"env":{"' in data:
+        wipe(data)  # a command's env: see forget_env
     while True:
         i = inbuf.find(MAGIC)
         if i < 0:
@@ -1677,12 +1716,19 @@ def on_stdin(fd, _mask):
         total = HEAD.size + hl + pl
         if len(inbuf) < total:
             return
+        raw = inbuf[HEAD.size : HEAD.size + hl]
         try:
-            header = json.loads(bytes(inbuf[HEAD.size : HEAD.size + hl]))
+            text = raw.decode("utf-8", "surrogatepass")
+            header = json.loads(text)
         except ValueError:
             del inbuf[:4]
             continue
         payload = bytes(inbuf[HEAD.size + hl : total])
+        if isinstance(header, dict) and header.get("env"):
+            # A command's env (the sandbox's API keys): no copy of the frame stays behind.
+            wipe(raw)
+            wipe(text)
+            inbuf[HEAD.size : HEAD.size + hl] = bytes(hl)
         del inbuf[:total]
         handle(header, payload)
 
