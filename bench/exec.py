@@ -363,7 +363,7 @@ def main(argv: list[str]) -> int:
               f"{args.oci_runtime} = {runtime['path']} ({runtime['version']})")
         print_swe_episode(res["swe_episode"])
         if not args.no_save:
-            print(f"wrote {results.write(args.out, res)}")
+            print(f"wrote {results.write(args.out, merge_phase(args.out, res, 'swe_episode'))}")
         return 0
     e, d, s = res["exec_true"], res["docker_exec_true"], res["session_true"]
     print(f"machine: {m['cpus']} CPUs {m['cpu_model']}, load {load_before}, runtime "
@@ -393,6 +393,23 @@ def main(argv: list[str]) -> int:
     if not args.no_save:
         print(f"wrote {results.write(args.out, res)}")
     return 0 if sw["failures"] == 0 else 1
+
+
+def merge_phase(path: str, res: dict[str, Any], phase: str) -> dict[str, Any]:
+    """The results file at ``path`` (a whole run's, digest checked) with ``phase``
+    replaced by this run's, which keeps its own run block, runtime and load beside it;
+    this run's document alone where there is no intact file yet. A one-phase run must
+    not throw away the other phases' results."""
+    try:
+        doc = results.load(path)
+    except (OSError, ValueError):
+        return res
+    section = dict(res[phase])
+    for key in ("oci_runtime", "runtime", "loadavg_before", "loadavg_after"):
+        section[key] = res[key]
+    section["run"] = {**res["run"], "finished": results.utc_now()}
+    doc[phase] = section
+    return doc
 
 
 def print_swe_episode(ep: dict[str, Any]) -> None:
