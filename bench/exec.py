@@ -351,6 +351,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=str(results.RESULTS / "exec.json"), help="results file")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    if args.only_swe_episode and not args.no_save and Path(args.out).exists():
+        # Refused before the run, not after it: see merge_phase.
+        try:
+            results.load(args.out)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{exc}; pass --out NEW_FILE") from None
     run_block = results.new_run("exec", argv)
     runtime = results.container_runtime(args.oci_runtime)
     load_before = loadavg()
@@ -398,12 +404,15 @@ def main(argv: list[str]) -> int:
 def merge_phase(path: str, res: dict[str, Any], phase: str) -> dict[str, Any]:
     """The results file at ``path`` (a whole run's, digest checked) with ``phase``
     replaced by this run's, which keeps its own run block, runtime and load beside it;
-    this run's document alone where there is no intact file yet. A one-phase run must
-    not throw away the other phases' results."""
+    this run's document alone where there is no file yet. A one-phase run must not throw
+    away the other phases' results, so a file that is not one run's (legacy, edited) is
+    refused: name another with ``--out``."""
     try:
         doc = results.load(path)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return res
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"not adding {phase} to {path}: {exc}; pass --out NEW_FILE") from None
     section = dict(res[phase])
     for key in ("oci_runtime", "runtime", "loadavg_before", "loadavg_after"):
         section[key] = res[key]
