@@ -88,7 +88,7 @@ SWE_COMMANDS = [
 
 
 EPISODE_SETUP = "export LANG=C.UTF-8 LC_ALL=C.UTF-8 PIP_PROGRESS_BAR=off PAGER=cat"
-EPISODE_EXECUTES = [
+EPISODE_EXECUTES: list[str | list[str]] = [
     ["python3", "-c", "print(6 * 7)"],
     ["ls", "/tmp/repo/src"],
     ["cat", "/tmp/repo/src/app.py"],
