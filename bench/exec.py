@@ -88,7 +88,7 @@ SWE_COMMANDS = [
 
 
 EPISODE_SETUP = "export LANG=C.UTF-8 LC_ALL=C.UTF-8 PIP_PROGRESS_BAR=off PAGER=cat"
-EPISODE_EXECUTES = [
+EPISODE_EXECUTES: list[str | list[str]] = [
     ["python3", "-c", "print(6 * 7)"],
     ["ls", "/tmp/repo/src"],
     ["cat", "/tmp/repo/src/app.py"],
@@ -351,6 +351,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=str(results.RESULTS / "exec.json"), help="results file")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    if args.only_swe_episode and not args.no_save and Path(args.out).exists():
+        # Refused before the run, not after it: see merge_phase.
+        try:
+            results.load(args.out)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{exc}; pass --out NEW_FILE") from None
     run_block = results.new_run("exec", argv)
     runtime = results.container_runtime(args.oci_runtime)
     load_before = loadavg()
@@ -363,7 +369,7 @@ def main(argv: list[str]) -> int:
               f"{args.oci_runtime} = {runtime['path']} ({runtime['version']})")
         print_swe_episode(res["swe_episode"])
         if not args.no_save:
-            print(f"wrote {results.write(args.out, res)}")
+            print(f"wrote {results.write(args.out, merge_phase(args.out, res, 'swe_episode'))}")
         return 0
     e, d, s = res["exec_true"], res["docker_exec_true"], res["session_true"]
     print(f"machine: {m['cpus']} CPUs {m['cpu_model']}, load {load_before}, runtime "
@@ -393,6 +399,26 @@ def main(argv: list[str]) -> int:
     if not args.no_save:
         print(f"wrote {results.write(args.out, res)}")
     return 0 if sw["failures"] == 0 else 1
+
+
+def merge_phase(path: str, res: dict[str, Any], phase: str) -> dict[str, Any]:
+    """The results file at ``path`` (a whole run's, digest checked) with ``phase``
+    replaced by this run's, which keeps its own run block, runtime and load beside it;
+    this run's document alone where there is no file yet. A one-phase run must not throw
+    away the other phases' results, so a file that is not one run's (legacy, edited) is
+    refused: name another with ``--out``."""
+    try:
+        doc = results.load(path)
+    except FileNotFoundError:
+        return res
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"not adding {phase} to {path}: {exc}; pass --out NEW_FILE") from None
+    section = dict(res[phase])
+    for key in ("oci_runtime", "runtime", "loadavg_before", "loadavg_after"):
+        section[key] = res[key]
+    section["run"] = {**res["run"], "finished": results.utc_now()}
+    doc[phase] = section
+    return doc
 
 
 def print_swe_episode(ep: dict[str, Any]) -> None:

@@ -370,6 +370,7 @@ class Proc:
                 self.stdin_fd = os.dup(popen.stdin.fileno())
                 popen.stdin.close()
                 nonblock(self.stdin_fd)
+                grow_pipe(self.stdin_fd)
         self.pid = popen.pid
         popen.returncode = 0  # we reap it ourselves; keep Popen.__del__ quiet
         procs[self.pid] = self
@@ -415,7 +416,10 @@ class Proc:
     def on_stdin_writable(self, fd, _mask):
         while self.stdin_buf:
             try:
-                n = os.write(fd, self.stdin_buf[:READ_CHUNK])
+                # A view, not a slice: a large stdin (an upload's tar) is written a pipe
+                # buffer at a time, and a slice would copy a whole chunk for each.
+                with memoryview(self.stdin_buf) as view:
+                    n = os.write(fd, view[:READ_CHUNK])
             except BlockingIOError:
                 break
             except OSError:
