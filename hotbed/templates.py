@@ -144,6 +144,7 @@ async def create_template(
     memory_mb: int = 512,
     network: NetworkMode = "none",
     allow: list[str] | tuple[str, ...] = (),
+    allow_unisolated: bool = False,
     client: Client,
     request_timeout: float = BUILD_TIMEOUT_S,
     on_progress: Callable[[BuildEvent], object] | None = None,
@@ -158,6 +159,8 @@ async def create_template(
     ``on_progress`` (a function or a coroutine function) sees the build as the worker
     reports it: a :class:`BuildEvent` per line of progress (boot, each set-up step and
     its exit, readiness checks, the snapshot) and per step's output, once it ends.
+    ``allow_unisolated``: the build, its restores and its warm pools may run on workers
+    that do not isolate sandboxes (``process``, ``sim``); by default only gVisor ones.
     """
     spec = TemplateSpec(
         image=image, run=list(run), start=list(start),
@@ -166,6 +169,7 @@ async def create_template(
         env=dict(env or {}), workdir=workdir, user=user,
         resources=Resources(cpu=cpu, memory_mb=memory_mb),
         network=_policy(network, allow) or NetworkPolicy(),
+        allow_unisolated=allow_unisolated,
     )
     body = BuildTemplate(name=check_name(name), spec=spec)
     if on_progress is None:

@@ -90,6 +90,7 @@ class WorkerRegistry:
             )
             return
         need_cpu, need_mem = spec.resources.millicpu, spec.resources.memory_mb
+        any_worker = spec.allow_unisolated
         heap = self._heap
         examined: list[WorkerView] = []
         try:
@@ -106,8 +107,8 @@ class WorkerRegistry:
                     self._push(w)
                     continue
                 examined.append(w)
-                if w.cpu_free < need_cpu or w.mem_free < need_mem:
-                    heapq.heappop(heap)  # no room now; re-keyed below
+                if w.cpu_free < need_cpu or w.mem_free < need_mem or not (any_worker or w.info.isolated):
+                    heapq.heappop(heap)  # no room now, or not for this request; re-keyed below
                     continue
                 yield w, []
                 # Back here only if the reservation failed: re-key and move on.

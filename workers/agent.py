@@ -179,6 +179,8 @@ class WorkerAgent:
             host=socket.gethostname(),
             runtime=runtime.name,
             kind=runtime.kind,
+            # A runtime that does not say counts as unisolated.
+            isolated=bool(getattr(runtime, "isolated", False)),
             cpu_millis=settings.resolved_cpu_millis(),
             memory_mb=settings.resolved_memory_mb(),
             tags=dict(settings.tags),
@@ -555,11 +557,16 @@ class WorkerAgent:
         ))
         return None if held is None else records.reservation_from_value(held)
 
-    async def _verify_start(self, sid: str, resources: Resources, gpu_uuids: list[str] | None) -> None:
+    async def _verify_start(
+        self, sid: str, resources: Resources, gpu_uuids: list[str] | None, *, allow_unisolated: bool,
+    ) -> None:
         """A start runs only what the scheduler reserved for it: the reservation it wrote
         with the dispatch, the same CPU, memory and GPUs (``None``: a build, whose
-        command names no GPUs), within bounds."""
+        command names no GPUs), within bounds; on an unisolated worker, only a request
+        that opted out of isolation."""
         problems = limits.resource_problems(resources)
+        if not self.info.isolated and not allow_unisolated:
+            problems.append("this worker does not isolate sandboxes and the request did not allow_unisolated")
         if resources.millicpu > self.info.cpu_millis:
             problems.append(f"cpu {resources.cpu:g} is over this worker's {self.info.cpu_millis / 1000:g}")
         if resources.memory_mb > self.info.memory_mb:
@@ -668,7 +675,10 @@ class WorkerAgent:
     async def _start(self, env: Envelope) -> Reply:
         body: Any = env.body
         if body.sandbox_id not in self.sandboxes:
-            await self._verify_start(body.sandbox_id, body.spec.resources, body.gpu_uuids)
+            await self._verify_start(
+                body.sandbox_id, body.spec.resources, body.gpu_uuids,
+                allow_unisolated=body.spec.allow_unisolated,
+            )
             problems = limits.spec_problems(body.spec)
             if problems:
                 raise InvalidRequest("; ".join(problems), sandbox_id=body.sandbox_id, worker_id=self.id)
@@ -684,7 +694,7 @@ class WorkerAgent:
     async def _build(self, env: Envelope) -> Reply:
         body: Any = env.body
         sid = body.build_id or f"build-{env.id}"
-        await self._verify_start(sid, body.spec.resources, None)
+        await self._verify_start(sid, body.spec.resources, None, allow_unisolated=body.spec.allow_unisolated)
         try:
             await self.images.ensure(body.spec.image, deadline=env.deadline or self._pull_deadline(), sandbox_id=sid)
         except BaseException as exc:

@@ -66,6 +66,9 @@ class Runtime(Protocol):
     name: str
     # "real" or "simulated": surfaced in WorkerInfo so simulated numbers are labelled.
     kind: str
+    # Whether sandboxes are isolated from the host (gVisor); placement sends a worker
+    # whose runtime is not only the requests that opt out of isolation.
+    isolated: bool
 
     async def open(self) -> None: ...
 
