@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed import protocol, records
+from hotbed import clock, protocol, records
 from hotbed.keys import Keys
 from hotbed.protocol import SandboxSpec
 from hotbed.records import capacity_from_hash
@@ -120,9 +120,12 @@ class WorkerRegistry:
                     self._push(w)
 
     async def refresh(self) -> None:
-        # Heartbeats are stamped with Redis's clock (HEARTBEAT): so is the cut-off.
+        # Heartbeats are stamped with Redis's clock (HEARTBEAT): so is the cut-off. The
+        # same reading keeps this process's clock (deadlines, records) on Redis's.
+        before = clock.PROCESS.local()
         sec, usec = await self.redis.time()
         now = sec + usec / 1e6
+        clock.PROCESS.observe(now, before=before, after=clock.PROCESS.local())
         rows = await self.redis.zrangebyscore(
             self.keys.workers, int((now - self.heartbeat_ttl_s) * 1000), "+inf", withscores=True
         )

@@ -59,7 +59,7 @@ import redis.asyncio as aioredis
 from daemon import lifecycle, tenancy
 from daemon.metrics import NULL, NullMetrics
 from daemon.streams import StreamConsumer, ensure_group, leave_intake, send_reply, set_arrival
-from hotbed import batching, limits, lua, protocol, records, tenants
+from hotbed import batching, clock, limits, lua, protocol, records, tenants
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
 from hotbed.connection import connect
@@ -357,7 +357,7 @@ class WorkerAgent:
             [self.info.cpu_millis, self.info.memory_mb, *gpu_ids],
         )
         await self.redis.set(self.keys.worker_info(self.id), protocol.encode(self.info))
-        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
+        await self._stamp_heartbeat()
 
     async def reconcile(self) -> None:
         """Adopt the sandboxes we still hold; remove containers nobody holds."""
@@ -371,9 +371,15 @@ class WorkerAgent:
             max_backoff=1.0, log=log,
         )
 
+    async def _stamp_heartbeat(self) -> None:
+        # Stamped with Redis's clock (HEARTBEAT), which the reaper's cut-off uses too;
+        # the stamp it returns keeps this process's clock (deadlines, records) on Redis's.
+        before = clock.PROCESS.local()
+        ms = await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
+        clock.PROCESS.observe(int(ms) / 1000, before=before, after=clock.PROCESS.local())
+
     async def _heartbeat(self) -> None:
-        # Stamped with Redis's clock (HEARTBEAT), which the reaper's cut-off uses too.
-        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
+        await self._stamp_heartbeat()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.keys.worker_cap(self.id))
             self.sandboxes.write_activity(pipe)
