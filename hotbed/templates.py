@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -357,7 +356,8 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
             await client.redis.zrem(claims, item)
             continue
         notice = Envelope(
-            id=new_id(), reply_to="", deadline=time.time() + 60, client=client.client_id,
+            # Redis's clock (the claim's), which the worker compares deadlines on.
+            id=new_id(), reply_to="", deadline=now + 60, client=client.client_id,
             body=SandboxClaimed(
                 sandbox_id=sid, expires_at=now + spec.timeout, idle_timeout=spec.idle_timeout,
                 env=dict(spec.env), auto_pause_after=spec.auto_pause_after,
