@@ -17,7 +17,7 @@ Encoders and decoders are built once at import (:data:`ENCODER`, :func:`decode_e
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -541,12 +541,17 @@ Message = (
 )
 
 
+# Unix seconds on Redis's clock (hotbed.clock); 0: none. Bounded at decode: NaN,
+# infinity or a date centuries away would overflow the millisecond TTLs derived from it.
+Deadline = Annotated[float, msgspec.Meta(ge=0, le=1e10)]
+
+
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     # Redis list the reply is pushed to (hotbed.keys.reply()).
     reply_to: str
-    # Absolute wall-clock deadline (unix seconds): the only clock two hosts share.
-    deadline: float
+    # Absolute deadline, on Redis's clock: the only clock two hosts share.
+    deadline: Deadline
     body: Message
     v: int = PROTOCOL_VERSION
     client: str = ""

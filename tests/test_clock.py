@@ -16,10 +16,20 @@ import msgspec
 import pytest
 from conftest import start_stack, stop_stack
 
-from hotbed.client import Client
+from hotbed import keys as keyspace
+from hotbed import protocol
+from hotbed.client import Client, new_id
 from hotbed.clock import Clock
 from hotbed.connection import connect
-from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec, Terminate
+from hotbed.protocol import (
+    CreateSandbox,
+    Envelope,
+    ErrorReply,
+    Resources,
+    SandboxCreated,
+    SandboxSpec,
+    Terminate,
+)
 from scheduler.config import SchedulerSettings
 from scheduler.service import Scheduler
 from workers.runtimes.process import ProcessRuntime
@@ -61,7 +71,9 @@ SKEWED = (
 CLIENT = """
 import time
 import anyio
-from hotbed.client import Client
+from hotbed import keys as keyspace
+from hotbed import protocol
+from hotbed.client import Client, new_id
 from hotbed.errors import HotbedError
 from hotbed.protocol import CreateSandbox, Resources, SandboxSpec
 
@@ -151,3 +163,29 @@ async def test_worker_with_a_clock_ahead_serves_valid_starts(worker_30s_ahead: s
             assert isinstance(created, SandboxCreated) and created.worker_id == wid
             await c.worker_request(wid, Terminate(sandbox_id=created.sandbox_id), timeout=10)
         scheduler.stopping.set()
+
+
+async def test_hostile_deadlines_get_a_typed_error_not_a_traceback(
+    redis_url: str, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NaN, infinity or a deadline centuries away would overflow the request lease's
+    TTL: refused when the envelope is decoded, answered, nothing logged as a crash."""
+    async with anyio.create_task_group() as tg:
+        stack = await start_stack(
+            redis_url, prefix, tg=tg, runtime=ProcessRuntime(root=tmp_path / "sandboxes"),
+            worker_overrides={"runtime": "process"},
+        )
+        try:
+            c = stack.client
+            for deadline in (float("nan"), float("inf"), float(2**63 - 1), -1.0):
+                rid = new_id()
+                env = Envelope(id=rid, reply_to=c.keys.reply(rid), deadline=deadline, body=CreateSandbox(spec=ONE_CPU))
+                # Encoding does not check the bound; a hostile client need not use ours.
+                await c.redis.xadd(c.keys.requests, {keyspace.FIELD: protocol.encode(env)})
+                got = await c.redis.blpop([c.keys.reply(rid)], timeout=10)
+                assert got is not None, deadline
+                reply = protocol.decode_reply(got[1]).body
+                assert isinstance(reply, ErrorReply) and reply.code == "UnsupportedRequest", (deadline, reply)
+        finally:
+            await stop_stack(stack)
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
