@@ -66,9 +66,11 @@ class Runtime(Protocol):
     name: str
     # "real" or "simulated": surfaced in WorkerInfo so simulated numbers are labelled.
     kind: str
-    # Whether sandboxes are isolated from the host (gVisor); placement sends a worker
-    # whose runtime is not only the requests that opt out of isolation.
-    isolated: bool
+
+    @property
+    def isolated(self) -> bool:
+        """Whether sandboxes are isolated from the host (gVisor); placement sends a
+        worker whose runtime is not only the requests that opt out of isolation."""
 
     async def open(self) -> None: ...
 
