@@ -68,6 +68,13 @@ def _add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="create from this template (warm pool / snapshot)")
     p.add_argument("--on", action="append", metavar="K=V", help="only on workers with this tag (repeatable)")
     add_network_options(p, "none (default; from a template: the template's), egress (only --allow) or open")
+    add_isolation_option(p, "the sandbox")
+
+
+def add_isolation_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--unisolated", action="store_true",
+                   help=f"{what} may run on a worker that does not isolate it (process or sim "
+                        "runtime); by default only gVisor workers take it")
 
 
 def add_network_options(p: argparse.ArgumentParser, network_help: str) -> None:
@@ -83,6 +90,7 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         idle_timeout=args.idle_timeout, auto_pause_after=args.auto_pause_after, tags=_pairs(args.tag, "--tag"), env=_pairs(args.env, "--env"),
         workdir=args.workdir, user=args.user, template=args.template,
         worker_tags=_pairs(args.on, "--on"), network=args.network, allow=args.allow,
+        allow_unisolated=args.unisolated,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from cli.main import add_listing_options, print_json, print_listing, with_client
-from cli.sandboxes import _pairs, add_network_options
+from cli.sandboxes import _pairs, add_isolation_option, add_network_options
 from hotbed import templates
 from hotbed.client import Client
 from hotbed.errors import InvalidRequest, RequestTimeout, TemplateNotFound
@@ -101,7 +101,7 @@ def cmd_template_create(args: argparse.Namespace) -> int:
                 setup_timeout=args.setup_timeout, env=_pairs(args.env, "--env"),
                 workdir=args.workdir, user=args.user, cpu=args.cpu, memory_mb=args.memory,
                 network=args.network or ("egress" if args.allow else "none"), allow=args.allow or [],
-                client=client, on_progress=None if args.quiet else show,
+                allow_unisolated=args.unisolated, client=client, on_progress=None if args.quiet else show,
             )
             tg.cancel_scope.cancel()
         print(f"{r.name}: snapshot {r.snapshot} ({_size(r.size_bytes)}) built in {r.build_s:.2f}s on {r.worker_id}")
@@ -226,6 +226,7 @@ def register(sub: Any) -> None:
     p.add_argument("--memory", type=int, default=512, metavar="MiB", help="memory limit in MiB (default 512)")
     add_network_options(p, "the set-up's network, and that of sandboxes made from it that state none "
                            "(default none)")
+    add_isolation_option(p, "the build, its restores and its warm pools")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines while it builds")
     p.set_defaults(func=cmd_template_create)
     p = tsub.add_parser("list", help="list templates")

@@ -27,6 +27,8 @@ from typing import Any, NoReturn
 import anyio
 import orjson
 
+from hotbed import clock
+
 STANDARD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
     "asctime",
@@ -135,8 +137,9 @@ async def watch_signals(
 
 
 def wall() -> float:
-    """Wall-clock seconds, for records and cross-host deadlines only (never for waits)."""
-    return time.time()
+    """Redis's clock as this process sees it (:mod:`hotbed.clock`), for records and
+    cross-host deadlines only (never for waits)."""
+    return clock.PROCESS.now()
 
 
 def fatal(message: str, code: int = 2) -> None:

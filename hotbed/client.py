@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from typing import Any
 
 import anyio
@@ -33,6 +32,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from hotbed import batching, lua, protocol, tenants
+from hotbed import clock as hotbed_clock
 from hotbed import config as client_config
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
@@ -102,6 +102,8 @@ class Client:
         # The tenant this client acts as (its Redis user's), None for an operator.
         self.tenant = tenant or tenants.tenant_of_user(self.keys.prefix, RedisURL(self.url).username)
         self.client_id = new_id()
+        # This host's offset to Redis's clock, for deadlines (measured on first use).
+        self.clock = hotbed_clock.Clock()
         self.backlog_limit = backlog_limit
         self.redis: aioredis.Redis = connect(self.url)
         self._blocking: aioredis.Redis = connect(self.url, blocking=True)
@@ -124,6 +126,18 @@ class Client:
             await self._blocking.aclose()
 
     # ------------------------------------------------------------------ requests
+
+    async def deadline(self, timeout: float) -> float:
+        """A request's deadline ``timeout`` seconds from now, on Redis's clock (which
+        every host compares deadlines with, :mod:`hotbed.clock`)."""
+        try:
+            await self.clock.ensure(self.redis)
+        except redis.exceptions.NoPermissionError:
+            # Credentials without TIME: the local clock it is (measured again later).
+            self.clock.observe(self.clock.local(), before=self.clock.local(), after=self.clock.local())
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ConnectionLost(f"Redis at {self.url} unreachable: {exc}") from None
+        return self.clock.now() + timeout
 
     def new_request_id(self) -> str:
         """A fresh request id, in this client's tenant's id space."""
@@ -163,7 +177,7 @@ class Client:
         env = Envelope(
             id=rid,
             reply_to=reply_key,
-            deadline=time.time() + timeout,
+            deadline=await self.deadline(timeout),
             body=body,
             client=self.client_id,
         )

@@ -17,7 +17,7 @@ Encoders and decoders are built once at import (:data:`ENCODER`, :func:`decode_e
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -95,6 +95,9 @@ class SandboxSpec(Struct):
     # None: no network for an image, the template's build network for a template
     # (the scheduler fills it in); a warm pool is keyed by the network its claims state.
     network: NetworkPolicy | None = None
+    # Placement goes only to workers that isolate their sandboxes (gVisor) unless the
+    # request opts out here: a ``process`` or ``sim`` worker runs code unisolated.
+    allow_unisolated: bool = False
 
 
 class ExecSpec(Struct):
@@ -146,6 +149,9 @@ class WorkerInfo(Struct):
     # Where other nodes copy this node's snapshots from (workers.snapshot_peers); "" if
     # it serves none.
     snapshot_url: str = ""
+    # Whether its runtime isolates sandboxes from the host (gVisor: runsc, or docker
+    # with a runsc* runtime). Not stated (an older worker): not isolated.
+    isolated: bool = False
 
 
 class TemplateSpec(Struct):
@@ -167,6 +173,8 @@ class TemplateSpec(Struct):
     resources: Resources = Resources()
     # The network of its set-up (``run``), and of sandboxes made from it that state none.
     network: NetworkPolicy = NetworkPolicy()
+    # Its set-up, its restores and its warm pools may run on unisolated workers.
+    allow_unisolated: bool = False
 
 
 # ------------------------------------------------------------- client -> scheduler
@@ -533,12 +541,17 @@ Message = (
 )
 
 
+# Unix seconds on Redis's clock (hotbed.clock); 0: none. Bounded at decode: NaN,
+# infinity or a date centuries away would overflow the millisecond TTLs derived from it.
+Deadline = Annotated[float, msgspec.Meta(ge=0, le=1e10)]
+
+
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     # Redis list the reply is pushed to (hotbed.keys.reply()).
     reply_to: str
-    # Absolute wall-clock deadline (unix seconds): the only clock two hosts share.
-    deadline: float
+    # Absolute deadline, on Redis's clock: the only clock two hosts share.
+    deadline: Deadline
     body: Message
     v: int = PROTOCOL_VERSION
     client: str = ""

@@ -130,6 +130,7 @@ class Sandbox:
         worker_tags: dict[str, str] | None = None,
         network: NetworkMode | None = None,
         allow: builtins.list[str] | None = None,
+        allow_unisolated: bool = False,
         client: Client | None = None,
         request_timeout: float = CREATE_TIMEOUT_S,
     ) -> Sandbox:
@@ -145,6 +146,9 @@ class Sandbox:
         addresses; the worker may forbid it); ``allow`` alone means ``"egress"``. Not
         stated: none, or for a ``template`` the template's network (its warm pool is
         the one set with no network). A bad entry raises InvalidRequest.
+        ``allow_unisolated``: may run on a worker whose runtime does not isolate it
+        (``process``, ``sim``); by default only gVisor workers take it, and with none
+        live the create fails with NoMatchingWorker.
         """
         spec = SandboxSpec(
             image=image,
@@ -162,6 +166,7 @@ class Sandbox:
                 None if network is None and not allow
                 else NetworkPolicy(mode=network or "egress", allow=list(allow or []))
             ),
+            allow_unisolated=allow_unisolated,
         )
         c = client or default_client()
         reply: protocol.Reply | None = None

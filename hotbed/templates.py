@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -150,6 +149,7 @@ async def create_template(
     memory_mb: int = 512,
     network: NetworkMode = "none",
     allow: list[str] | tuple[str, ...] = (),
+    allow_unisolated: bool = False,
     client: Client,
     request_timeout: float = BUILD_TIMEOUT_S,
     on_progress: Callable[[BuildEvent], object] | None = None,
@@ -164,6 +164,8 @@ async def create_template(
     ``on_progress`` (a function or a coroutine function) sees the build as the worker
     reports it: a :class:`BuildEvent` per line of progress (boot, each set-up step and
     its exit, readiness checks, the snapshot) and per step's output, once it ends.
+    ``allow_unisolated``: the build, its restores and its warm pools may run on workers
+    that do not isolate sandboxes (``process``, ``sim``); by default only gVisor ones.
     """
     spec = TemplateSpec(
         image=image, run=list(run), start=list(start),
@@ -172,6 +174,7 @@ async def create_template(
         env=dict(env or {}), workdir=workdir, user=user,
         resources=Resources(cpu=cpu, memory_mb=memory_mb),
         network=_policy(network, allow) or NetworkPolicy(),
+        allow_unisolated=allow_unisolated,
     )
     body = BuildTemplate(name=check_name(name), spec=spec)
     if on_progress is None:
@@ -387,7 +390,8 @@ async def claim_from(
             await redis.zrem(claims, item)
             continue
         notice = Envelope(
-            id=new_id(), reply_to="", deadline=time.time() + 60, client=client_id,
+            # Redis's clock (the claim's), which the worker compares deadlines on.
+            id=new_id(), reply_to="", deadline=now + 60, client=client_id,
             body=SandboxClaimed(
                 sandbox_id=sid, expires_at=now + spec.timeout, idle_timeout=spec.idle_timeout,
                 env=dict(spec.env), auto_pause_after=spec.auto_pause_after,

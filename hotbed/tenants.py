@@ -60,6 +60,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,31}")
 # What a tenant's client sends: connection upkeep, its own streams, waits and reads.
 TENANT_COMMANDS = (
     "ping", "echo", "hello", "auth", "select", "reset", "quit", "acl|whoami",
+    # Deadlines are on Redis's clock: a client measures its offset to it (hotbed.clock).
+    "time",
     "client|setname", "client|id",
     # A Redis Cluster client maps slots and commands, and follows ASK redirections.
     "cluster|slots", "cluster|shards", "cluster|nodes", "command", "asking", "readwrite",

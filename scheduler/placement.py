@@ -7,6 +7,11 @@ says whether any live worker could take it at all, so an impossible request fail
 once (NoMatchingWorker) while a merely busy fleet makes it wait (CapacityExhausted at
 its deadline).
 
+Isolation: a worker advertises whether its runtime isolates sandboxes
+(``WorkerInfo.isolated``: gVisor); a request goes to one that does not only when it
+opted out (``SandboxSpec.allow_unisolated``). Both ``rank`` and ``could_ever`` apply
+it, so a fleet with no isolated worker answers NoMatchingWorker at once.
+
 Images: ``image_fit`` splits the workers into those holding the sandbox's image (as
 they advertise, :class:`hotbed.records.HeldImages`), those that could get it (pull it
 from a registry they list, or may hold it: no or a truncated advertisement) and the
@@ -94,10 +99,18 @@ def _fits_tags(w: WorkerView, node_tags: dict[str, str]) -> bool:
     return all(w.info.tags.get(k) == v for k, v in node_tags.items())
 
 
+def isolation_fits(w: WorkerView, spec: SandboxSpec) -> bool:
+    """Whether ``w`` may run ``spec``: only a request that opted out of isolation goes
+    to a worker whose runtime does not isolate (process, sim, docker with runc)."""
+    return w.info.isolated or spec.allow_unisolated
+
+
 def could_ever(workers: Sequence[WorkerView], spec: SandboxSpec, node_tags: dict[str, str]) -> bool:
     res = spec.resources
     need = parse_gpu(res.gpu)
     for w in workers:
+        if not isolation_fits(w, spec):
+            continue
         if w.info.cpu_millis < res.millicpu or w.info.memory_mb < res.memory_mb:
             continue
         if not _fits_tags(w, node_tags):
@@ -122,6 +135,8 @@ def rank(
     out: list[tuple[WorkerView, list[str]]] = []
     for w in workers:
         if w.cpu_free < res.millicpu or w.mem_free < res.memory_mb:
+            continue
+        if not isolation_fits(w, spec):
             continue
         if node_tags and not _fits_tags(w, node_tags):
             continue

@@ -280,9 +280,17 @@ class Placer:
         if spec.worker_tags:
             asked += f" worker_tags={spec.worker_tags}"
         have = []
-        for w in self.registry.live():
+        live = self.registry.live()
+        for w in live:
             gpus = ",".join(sorted({g.model for g in w.info.gpus})) or "no GPU"
             have.append(
-                f"{w.id} (cpu={w.info.cpu_millis / 1000:g} memory={w.info.memory_mb}MiB {gpus} tags={w.info.tags})"
+                f"{w.id} (cpu={w.info.cpu_millis / 1000:g} memory={w.info.memory_mb}MiB {gpus} tags={w.info.tags}"
+                + ("" if w.info.isolated else f" unisolated runtime={w.info.runtime}") + ")"
             )
-        return f"no live worker could ever run {asked}; live workers: " + ("; ".join(have) or "none")
+        hint = ""
+        if not spec.allow_unisolated and live and not any(w.info.isolated for w in live):
+            hint = (
+                "no live worker isolates its sandboxes (gVisor) and the request requires it; "
+                "opt out with allow_unisolated=True (CLI: --unisolated) to run on an unisolated one; "
+            )
+        return f"{hint}no live worker could ever run {asked}; live workers: " + ("; ".join(have) or "none")

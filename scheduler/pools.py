@@ -28,7 +28,6 @@ it looks at each pool (``Keys.pools``):
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import anyio
@@ -170,7 +169,7 @@ class PoolController:
         # the tenant as they are (records, keys and the workers' checks all go by id).
         rid = tenants.new_request_id(tenant) if tenant else new_id()
         env = Envelope(
-            id=rid, reply_to="", deadline=time.time() + WARM_DEADLINE_S,
+            id=rid, reply_to="", deadline=lifecycle.wall() + WARM_DEADLINE_S,
             body=CreateSandbox(spec=recipe.spec), client="pool-controller",
         )
         sid = sandbox_id_for(rid)
@@ -193,7 +192,7 @@ class PoolController:
     async def _end(self, item: str, reason: str) -> None:
         sid, wid = item.split(" ", 1)
         env = Envelope(
-            id=new_id(), reply_to="", deadline=time.time() + 60,
+            id=new_id(), reply_to="", deadline=lifecycle.wall() + 60,
             body=Terminate(sandbox_id=sid, reason=reason), client="pool-controller",
         )
         await self.redis.xadd(self.keys.worker_cmds(wid), {b"m": protocol.encode(env)})

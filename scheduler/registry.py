@@ -25,7 +25,7 @@ from typing import cast
 import msgspec
 import redis.asyncio as aioredis
 
-from hotbed import protocol, records
+from hotbed import clock, protocol, records
 from hotbed.keys import Keys
 from hotbed.protocol import SandboxSpec
 from hotbed.records import capacity_from_hash
@@ -91,6 +91,7 @@ class WorkerRegistry:
             )
             return
         need_cpu, need_mem = spec.resources.millicpu, spec.resources.memory_mb
+        any_worker = spec.allow_unisolated
         heap = self._heap
         examined: list[WorkerView] = []
         try:
@@ -107,8 +108,8 @@ class WorkerRegistry:
                     self._push(w)
                     continue
                 examined.append(w)
-                if w.cpu_free < need_cpu or w.mem_free < need_mem:
-                    heapq.heappop(heap)  # no room now; re-keyed below
+                if w.cpu_free < need_cpu or w.mem_free < need_mem or not (any_worker or w.info.isolated):
+                    heapq.heappop(heap)  # no room now, or not for this request; re-keyed below
                     continue
                 yield w, []
                 # Back here only if the reservation failed: re-key and move on.
@@ -120,9 +121,12 @@ class WorkerRegistry:
                     self._push(w)
 
     async def refresh(self) -> None:
-        # Heartbeats are stamped with Redis's clock (HEARTBEAT): so is the cut-off.
+        # Heartbeats are stamped with Redis's clock (HEARTBEAT): so is the cut-off. The
+        # same reading keeps this process's clock (deadlines, records) on Redis's.
+        before = clock.PROCESS.local()
         sec, usec = await self.redis.time()
         now = sec + usec / 1e6
+        clock.PROCESS.observe(now, before=before, after=clock.PROCESS.local())
         # Our clients return bytes (no decode_responses); redis-py's types allow str too.
         rows = cast("list[tuple[bytes, float]]", await self.redis.zrangebyscore(
             self.keys.workers, int((now - self.heartbeat_ttl_s) * 1000), "+inf", withscores=True

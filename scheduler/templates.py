@@ -60,6 +60,8 @@ async def resolve(redis: aioredis.Redis, keys: Keys, spec: SandboxSpec) -> Resol
         # Stated by the create (or its pool), else the template's: a snapshot restores
         # into any network (gVisor's stack takes the new sandbox's interfaces).
         network=spec.network if spec.network is not None else ts.network,
+        # A template built where isolation was waived is restored under the same terms.
+        allow_unisolated=spec.allow_unisolated or ts.allow_unisolated,
     )
     # A template being rebuilt keeps serving its previous snapshot.
     return Resolved(
@@ -86,6 +88,7 @@ async def place_build(placer: Placer, env: Envelope, cmd: BuildTemplate, *, leas
     ts = cmd.spec
     spec = SandboxSpec(
         image=ts.image, resources=ts.resources, timeout=max(ts.setup_timeout, 1.0), network=ts.network,
+        allow_unisolated=ts.allow_unisolated,
     )
     await placer.place(
         env, spec, make_start=lambda sid: msgspec.structs.replace(cmd, build_id=sid), lease=lease

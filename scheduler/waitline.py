@@ -1,7 +1,7 @@
 """The line creates wait in when no worker has room: first come, first placed.
 
 A create that finds no capacity joins the line of its *class* (``gpu:<model>`` for a
-GPU request, ``cpu`` otherwise, plus its worker tags) and keeps its place until it is
+GPU request, ``cpu`` otherwise, plus its worker tags and whether it may run unisolated) and keeps its place until it is
 placed or its deadline passes (then CapacityExhausted). Classes do not block each
 other: CPU-only work never waits behind a GPU request.
 
@@ -151,4 +151,7 @@ def wait_class(spec: SandboxSpec) -> str:
     cls = "gpu:" + gpu.partition(":")[0].strip().lower() if gpu else "cpu"
     if spec.worker_tags:
         cls += "|" + ",".join(f"{k}={v}" for k, v in sorted(spec.worker_tags.items()))
+    if spec.allow_unisolated:
+        # It may go where the others may not: never made to wait behind them.
+        cls += "|unisolated"
     return cls

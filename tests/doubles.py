@@ -23,6 +23,8 @@ class RecordingRuntime:
 
     name = "test-double"
     kind = "simulated"
+    # Stands in for a gVisor node's runtime in the placement tests.
+    isolated = True
 
     def __init__(self) -> None:
         self.live: dict[str, Placed] = {}

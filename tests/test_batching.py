@@ -104,7 +104,9 @@ def _views(n: int, seed: int) -> dict[str, WorkerView]:
     out = {}
     for i in range(n):
         out[f"w{i}"] = WorkerView(
-            info=WorkerInfo(id=f"w{i}", host="h", runtime="sim", cpu_millis=16_000, memory_mb=64_000),
+            # Every fourth one unisolated: skipped by both the index and the scan.
+            info=WorkerInfo(id=f"w{i}", host="h", runtime="sim", cpu_millis=16_000, memory_mb=64_000,
+                            isolated=i % 4 != 0),
             cpu_free=rng.randrange(0, 16_000), mem_free=rng.randrange(0, 64_000),
         )
     return out

@@ -228,10 +228,10 @@ def test_metrics_endpoints(spawn, prefix: str, redis_url: str) -> None:  # type:
 
     async def load() -> None:
         async with Client(redis_url, prefix=prefix) as c:
-            reply = await c.request(CreateSandbox(spec=SandboxSpec(resources=Resources(gpu="H100"))), timeout=20)
+            reply = await c.request(CreateSandbox(spec=SandboxSpec(resources=Resources(gpu="H100"), allow_unisolated=True)), timeout=20)
             assert isinstance(reply, SandboxCreated) and len(reply.gpu_uuids) == 1
             with pytest.raises(HotbedError):
-                await c.request(CreateSandbox(spec=SandboxSpec(resources=Resources(gpu="B200"))), timeout=20)
+                await c.request(CreateSandbox(spec=SandboxSpec(resources=Resources(gpu="B200"), allow_unisolated=True)), timeout=20)
 
     anyio.run(load, backend="asyncio", backend_options={"use_uvloop": True})
     deadline = time.monotonic() + 10
@@ -283,7 +283,7 @@ def test_sigterm_during_load_loses_no_request(spawn, prefix: str, redis_url: str
     async def producer(c: Client, stop: anyio.Event) -> None:
         while not stop.is_set():
             try:
-                created = await c.request(CreateSandbox(spec=SandboxSpec(image="none")), timeout=60)
+                created = await c.request(CreateSandbox(spec=SandboxSpec(image="none", allow_unisolated=True)), timeout=60)
                 assert isinstance(created, SandboxCreated)
                 res = await c.worker_request(
                     created.worker_id,

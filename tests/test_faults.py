@@ -221,7 +221,8 @@ def run(main: object) -> None:
 
 
 async def create(c: Client, *, timeout: float = 30.0, cpu: float = 1.0) -> SandboxCreated:
-    spec = SandboxSpec(image="none", resources=Resources(cpu=cpu, memory_mb=256))
+    # The fleet's workers run the unisolated process runtime: the create opts out.
+    spec = SandboxSpec(image="none", resources=Resources(cpu=cpu, memory_mb=256), allow_unisolated=True)
     created = await c.request(CreateSandbox(spec=spec), timeout=timeout)
     assert isinstance(created, SandboxCreated)
     return created
@@ -332,7 +333,7 @@ def test_scheduler_killed_mid_placement_is_reclaimed_and_placed_once(
     sched = fleet.start("scheduler")
     worker = fleet.start("workers", HOTBED_CPU="4")
     wid = f"w-{prefix}"
-    half = SandboxSpec(image="none", resources=Resources(cpu=0.5, memory_mb=64))
+    half = SandboxSpec(image="none", resources=Resources(cpu=0.5, memory_mb=64), allow_unisolated=True)
 
     async def main() -> None:
         nonlocal sched
@@ -462,7 +463,7 @@ def test_stale_requests_are_answered_request_timeout_and_not_run(
 
     async def main() -> None:
         async with Client(own_redis.url, prefix=prefix) as c:
-            stale_create = await c.submit(c.keys.requests, CreateSandbox(spec=SandboxSpec(image="none")), timeout=0.5)
+            stale_create = await c.submit(c.keys.requests, CreateSandbox(spec=SandboxSpec(image="none", allow_unisolated=True)), timeout=0.5)
             await anyio.sleep(1.0)
             sched = await anyio.to_thread.run_sync(lambda: fleet.start("scheduler"))
             got = await reply_of(c, stale_create)
@@ -650,7 +651,7 @@ def test_up_restarts_what_dies_and_status_says_so(workdir: Path, prefix: str) ->
             time.sleep(0.1)
 
     def serves() -> None:
-        run = cli("run", "none", "--", "echo", "served")
+        run = cli("run", "--unisolated", "none", "--", "echo", "served")
         assert (run.returncode, run.stdout) == (0, "served\n"), run.stderr
 
     r = sync_redis.Redis(host="127.0.0.1", port=port)

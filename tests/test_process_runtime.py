@@ -42,7 +42,7 @@ async def test_process_runtime_end_to_end(
             c, wid = stack.client, stack.worker.id
             assert stack.worker.info.kind == "unisolated"
             created = await c.request(
-                CreateSandbox(spec=SandboxSpec(image="none", env={"GREETING": "hi"},
+                CreateSandbox(spec=SandboxSpec(image="none", env={"GREETING": "hi"}, allow_unisolated=True,
                                                resources=Resources(gpu="L4"))), timeout=20)
             assert isinstance(created, SandboxCreated) and created.gpu_uuids == ["GPU-p1"]
             sid = created.sandbox_id

@@ -29,7 +29,8 @@ from workers.simfleet import SimFleet
 
 pytestmark = pytest.mark.anyio
 
-SPEC = SandboxSpec(image="sim", resources=Resources(cpu=0.1, memory_mb=64), timeout=600)
+# Simulated workers isolate nothing: the creates opt out.
+SPEC = SandboxSpec(image="sim", resources=Resources(cpu=0.1, memory_mb=64), timeout=600, allow_unisolated=True)
 
 
 def fleet_for(redis_url: str, prefix: str, *, workers: int, params: SimParams) -> SimFleet:
@@ -172,7 +173,7 @@ async def test_sim_runtime_serves_the_sdk(redis_url: str, prefix: str) -> None:
         assert scheduler.registry is not None
         assert [w.info.kind for w in scheduler.registry.live()] == ["simulated"]
         async with Client(redis_url, prefix=prefix) as client:
-            sb = await Sandbox.create("sim", cpu=0.5, memory_mb=64, client=client)
+            sb = await Sandbox.create("sim", cpu=0.5, memory_mb=64, allow_unisolated=True, client=client)
             assert (await sb.exec("echo", "hi")).stdout == "hi\n"
             assert (await sb.exec("exit 3", shell=True)).exit_code == 3
             await sb.write_file("/tmp/a.txt", b"data")

@@ -59,7 +59,7 @@ import redis.asyncio as aioredis
 from daemon import lifecycle, tenancy
 from daemon.metrics import NULL, NullMetrics
 from daemon.streams import StreamConsumer, ensure_group, leave_intake, send_reply, set_arrival
-from hotbed import batching, limits, lua, protocol, records, tenants
+from hotbed import batching, clock, limits, lua, protocol, records, tenants
 from hotbed import keys as keyspace
 from hotbed.batching import raise_first_error
 from hotbed.connection import connect
@@ -179,6 +179,8 @@ class WorkerAgent:
             host=socket.gethostname(),
             runtime=runtime.name,
             kind=runtime.kind,
+            # A runtime that does not say counts as unisolated.
+            isolated=bool(getattr(runtime, "isolated", False)),
             cpu_millis=settings.resolved_cpu_millis(),
             memory_mb=settings.resolved_memory_mb(),
             tags=dict(settings.tags),
@@ -358,7 +360,7 @@ class WorkerAgent:
             [self.info.cpu_millis, self.info.memory_mb, *gpu_ids],
         )
         await self.redis.set(self.keys.worker_info(self.id), protocol.encode(self.info))
-        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
+        await self._stamp_heartbeat()
 
     async def reconcile(self) -> None:
         """Adopt the sandboxes we still hold; remove containers nobody holds."""
@@ -372,9 +374,15 @@ class WorkerAgent:
             max_backoff=1.0, log=log,
         )
 
+    async def _stamp_heartbeat(self) -> None:
+        # Stamped with Redis's clock (HEARTBEAT), which the reaper's cut-off uses too;
+        # the stamp it returns keeps this process's clock (deadlines, records) on Redis's.
+        before = clock.PROCESS.local()
+        ms = await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
+        clock.PROCESS.observe(int(ms) / 1000, before=before, after=clock.PROCESS.local())
+
     async def _heartbeat(self) -> None:
-        # Stamped with Redis's clock (HEARTBEAT), which the reaper's cut-off uses too.
-        await lua.HEARTBEAT.run(self.redis, [self.keys.workers], [self.id])
+        await self._stamp_heartbeat()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.keys.worker_cap(self.id))
             self.sandboxes.write_activity(pipe)
@@ -557,11 +565,16 @@ class WorkerAgent:
         ))
         return None if held is None else records.reservation_from_value(held)
 
-    async def _verify_start(self, sid: str, resources: Resources, gpu_uuids: list[str] | None) -> None:
+    async def _verify_start(
+        self, sid: str, resources: Resources, gpu_uuids: list[str] | None, *, allow_unisolated: bool,
+    ) -> None:
         """A start runs only what the scheduler reserved for it: the reservation it wrote
         with the dispatch, the same CPU, memory and GPUs (``None``: a build, whose
-        command names no GPUs), within bounds."""
+        command names no GPUs), within bounds; on an unisolated worker, only a request
+        that opted out of isolation."""
         problems = limits.resource_problems(resources)
+        if not self.info.isolated and not allow_unisolated:
+            problems.append("this worker does not isolate sandboxes and the request did not allow_unisolated")
         if resources.millicpu > self.info.cpu_millis:
             problems.append(f"cpu {resources.cpu:g} is over this worker's {self.info.cpu_millis / 1000:g}")
         if resources.memory_mb > self.info.memory_mb:
@@ -670,7 +683,10 @@ class WorkerAgent:
     async def _start(self, env: Envelope) -> Reply:
         body: Any = env.body
         if body.sandbox_id not in self.sandboxes:
-            await self._verify_start(body.sandbox_id, body.spec.resources, body.gpu_uuids)
+            await self._verify_start(
+                body.sandbox_id, body.spec.resources, body.gpu_uuids,
+                allow_unisolated=body.spec.allow_unisolated,
+            )
             problems = limits.spec_problems(body.spec)
             if problems:
                 raise InvalidRequest("; ".join(problems), sandbox_id=body.sandbox_id, worker_id=self.id)
@@ -686,7 +702,7 @@ class WorkerAgent:
     async def _build(self, env: Envelope) -> Reply:
         body: Any = env.body
         sid = body.build_id or f"build-{env.id}"
-        await self._verify_start(sid, body.spec.resources, None)
+        await self._verify_start(sid, body.spec.resources, None, allow_unisolated=body.spec.allow_unisolated)
         try:
             await self.images.ensure(body.spec.image, deadline=env.deadline or self._pull_deadline(), sandbox_id=sid)
         except BaseException as exc:

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import logging
 import shlex
-import time
 from typing import Any
 
 import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from daemon import lifecycle
 from hotbed import keys as keyspace
 from hotbed import limits, protocol
 from hotbed.errors import (
@@ -486,7 +486,7 @@ class ExecutionService:
                 if active is None:
                     return StdinState(closed=True)
                 tch, gid = active
-                wait = env.deadline - time.time() if env.deadline else PIPE_CALL_S
+                wait = env.deadline - lifecycle.wall() if env.deadline else PIPE_CALL_S
                 h, _ = await tch.call(
                     {"t": "input", "target": gid, "eof": body.eof, "paced": True}, body.data,
                     timeout=max(1.0, wait),

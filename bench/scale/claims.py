@@ -34,7 +34,7 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
                  cluster_replicas=getattr(args, "cluster_replicas", 0), scheduler_env=env) as cluster:
         async with Client(cluster.url, prefix=cluster.prefix) as client:
             await templates.create_template(
-                "simtpl", image="sim", run=["true"], cpu=0.25, memory_mb=256, client=client,
+                "simtpl", image="sim", run=["true"], cpu=0.25, memory_mb=256, allow_unisolated=True, client=client,
                 request_timeout=60,
             )
             pool = await templates.set_pool("simtpl", size, cpu=0.25, memory_mb=256, client=client)

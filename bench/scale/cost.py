@@ -68,7 +68,7 @@ async def phase_cost(args: argparse.Namespace) -> dict[str, Any]:
                 from hotbed import templates
 
                 await templates.create_template("costtpl", image="sim", run=["true"], cpu=0.25,
-                                                memory_mb=256, client=client, request_timeout=60)
+                                                memory_mb=256, allow_unisolated=True, client=client, request_timeout=60)
                 pool = await templates.set_pool("costtpl", n + 500, cpu=0.25, memory_mb=256, client=client)
                 with anyio.move_on_after(args.fill_max_s):
                     while True:

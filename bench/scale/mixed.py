@@ -38,7 +38,9 @@ async def phase_mixed(args: argparse.Namespace) -> dict[str, Any]:
                 await anyio.sleep(rng.uniform(0, args.ramp_s))
                 try:
                     s = now()
-                    sb = await Sandbox.create("sim", cpu=0.25, memory_mb=256, client=client, timeout=600)
+                    sb = await Sandbox.create(
+                        "sim", cpu=0.25, memory_mb=256, allow_unisolated=True, client=client, timeout=600,
+                    )
                     create_lat.append(now() - s - sb.startup_s)
                     for k in range(rng.randint(20, 50)):
                         await anyio.sleep(rng.uniform(*args.think_s))

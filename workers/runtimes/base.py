@@ -71,6 +71,11 @@ class Runtime(Protocol):
     # "real" or "simulated": surfaced in WorkerInfo so simulated numbers are labelled.
     kind: str
 
+    @property
+    def isolated(self) -> bool:
+        """Whether sandboxes are isolated from the host (gVisor); placement sends a
+        worker whose runtime is not only the requests that opt out of isolation."""
+
     async def open(self) -> None: ...
 
     async def aclose(self) -> None: ...

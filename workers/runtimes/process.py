@@ -65,6 +65,8 @@ _meta_decoder = msgspec.json.Decoder(_Meta)
 class ProcessRuntime:
     name = "process"
     kind = "unisolated"
+    # Placement sends it only requests that opt out of isolation.
+    isolated = False
 
     def __init__(self, *, root: str | os.PathLike[str] = "/var/lib/hotbed/process") -> None:
         self.root = Path(root)

@@ -82,6 +82,8 @@ class _SimSandbox:
 class SimRuntime:
     name = "sim"
     kind = "simulated"
+    # Nothing runs, but the worker must not pass for one that isolates real code.
+    isolated = False
 
     def __init__(self, params: SimParams | None = None, *, seed: int | None = None) -> None:
         self.params = params or SimParams()

@@ -52,6 +52,12 @@ class DockerRuntime:
         await self.engine.networks.dns.serve(task_status=task_status)
 
     @property
+    def isolated(self) -> bool:
+        """Whether every dockerd runtime its sandboxes may get is gVisor (runsc*)."""
+        e = self.engine
+        return all(r.startswith("runsc") for r in (e.oci_runtime, e.gpu_oci_runtime, e.networks.oci_runtime))
+
+    @property
     def direct_restore(self) -> bool:
         """Whether this worker's (non-GPU) sandboxes restore through the wrapper."""
         return self.engine.oci_runtime in self.engine.wrapped

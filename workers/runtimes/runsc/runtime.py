@@ -73,6 +73,7 @@ _meta_decode = msgspec.json.Decoder(SandboxMeta).decode
 class RunscRuntime:
     name = "runsc"
     kind = "real"
+    isolated = True
 
     def __init__(
         self,
