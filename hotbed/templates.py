@@ -359,9 +359,11 @@ async def claim_nowait(spec: SandboxSpec, *, client: Client) -> SandboxCreated |
                 env=dict(spec.env), auto_pause_after=spec.auto_pause_after,
             ),
         )
-        raise_first_error(await ap.execute(
-            ("XADD", keys.worker_cmds(wid), "*", "m", protocol.encode(notice)),
-            ("ZADD", keys.sandboxes, now, sid),
-            ("ZREM", claims, item),
+        # The claim's lease goes only once the worker's notice and the listing are in
+        # (on a Redis Cluster those two go to their nodes at once).
+        raise_first_error(await ap.execute_stages(
+            (("XADD", keys.worker_cmds(wid), "*", "m", protocol.encode(notice)),
+             ("ZADD", keys.sandboxes, now, sid)),
+            (("ZREM", claims, item),),
         ))
         return SandboxCreated(sandbox_id=sid, worker_id=wid, path="warm")
