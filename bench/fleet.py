@@ -153,6 +153,8 @@ class FleetRun:
             node, self.cluster.url, self.prefix, HOTBED_TAGS=json.dumps({"node": node.name}),
             HOTBED_DRAIN_ON_STOP="true", HOTBED_HEARTBEAT_S="0.5", HOTBED_CPU="8",
             HOTBED_MEMORY_MB="8192", HOTBED_LOG_LEVEL="INFO",
+            # No spare copies: the first restore on each other node is the copy timed.
+            HOTBED_SNAPSHOT_COPIES="1",
         )
 
     def __exit__(self, *exc: object) -> None:

@@ -280,6 +280,42 @@ async def test_a_killed_node_loses_only_its_own(
             await fleet_restart(fleet, n1)
 
 
+async def test_a_spare_copy_outlives_the_builder(
+    fleet: localfleet.Fleet, redis_cluster: localcluster.LocalCluster
+) -> None:
+    """Built on node 1 while node 2 runs: node 2 copies the snapshot in the background
+    (no restore asked for it), so node 1 dying right after loses no template, and node
+    2 restores from its own copy."""
+    n1, n2, _n3 = fleet.nodes
+    async with nodes_on_cluster(fleet, redis_cluster) as nodes:
+        c = nodes.client
+        await nodes.start_worker(n1)
+        await nodes.start_worker(n2)
+        seed = secrets.token_hex(8)
+        name = await keeper_template_on(c, seed)
+        both = sorted(nodes.worker_id(n) for n in (n1, n2))
+
+        async def copied() -> bool:
+            return sorted((await templates.get_template(name, client=c)).holders) == both
+
+        try:
+            await wait_for(copied, "node 2 holding a spare copy", timeout=30)
+            rec = await templates.get_template(name, client=c)
+            assert (Path(n2.snapshot_dir) / rec.snapshot).is_dir()
+            assert nodes.copies(n2) == 1 and "spare copy" in fleet.worker_log(n2)
+            await anyio.to_thread.run_sync(lambda: fleet.kill(n1))
+            sb = await Sandbox.create(template=name, cpu=0.5, memory_mb=128,
+                                      worker_tags={"node": n2.name}, client=c)
+            try:
+                assert sb.path == "restore" and await ask(sb) == seed
+                # Restored from the copy already there: nothing fetched again.
+                assert nodes.copies(n2) == 1
+            finally:
+                await sb.terminate()
+        finally:
+            await fleet_restart(fleet, n1)
+
+
 async def fleet_restart(fleet: localfleet.Fleet, node: localfleet.Node) -> None:
     """Bring a killed node's engine back for the next test (its containers are gone)."""
     if not node.dockerd_pid:
