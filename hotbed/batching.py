@@ -244,11 +244,11 @@ class AutoPipeline:
                         raise item.error
                     redo += idx
                     continue
-                again, busy = await self._triage(cluster, idx, item.results, results, {})
+                again, _busy = await self._triage(cluster, idx, item.results, results, {})
                 redo += again
-            if not redo:
-                return results
-            return await self._follow(cluster, commands, results, sorted(redo), sent=True)
+            if redo:
+                results = await self._follow(cluster, commands, results, sorted(redo), sent=True)
+        return results
 
     async def _follow(
         self, cluster: RedisCluster, commands: tuple[Command, ...], results: list[Any],
@@ -533,7 +533,7 @@ def node_for_key(cluster: RedisCluster, key: Any) -> str:
     # redis-py's crc16 of the hash tag, without the client's encoder (every command of
     # every claim and placement is routed here; hotbed's keys are str or bytes).
     slot = key_slot(key if isinstance(key, bytes) else key.encode() if isinstance(key, str)
-                    else cluster.encoder.encode(key))
+                    else cluster.encoder.encode(key))  # type: ignore[no-untyped-call]
     try:
         return cluster.nodes_manager.get_node_from_slot(slot).name
     except KeyError:  # the topology is being re-read
