@@ -104,7 +104,10 @@ async def phase_ratio(args: argparse.Namespace) -> dict[str, Any]:
         creates = await phase_throughput(_scale_args(args, cluster=kind == "cluster"))
         out[kind] = {
             "claims_per_s": _best_ok_rate(claims["steps"]),
-            "claim_steps": [{k: s[k] for k in ("offered_rate", "achieved_rate", "errors", "latency")}
+            # With where the CPU went: on this box the cores are the shared bottleneck.
+            "claim_steps": [{k: s[k] for k in ("offered_rate", "achieved_rate", "errors", "latency",
+                                                "cpu_ms_per_op", "loadgen_cpu_pct", "scheduler_cpu_pct",
+                                                "fleet_cpu_pct", "redis_cpu_pct") if k in s}
                             for s in claims["steps"]],
             "create_steps": [{k: s[k] for k in ("offered_rate", "achieved_rate", "errors", "latency",
                                                  "control_plane_latency")} for s in creates["steps"]],
