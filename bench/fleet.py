@@ -61,6 +61,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--claim-step-s", type=float, default=2.0)
     p.add_argument("--create-rates", default="250,500")
     p.add_argument("--create-step-s", type=float, default=3.0)
+    p.add_argument("--cluster-replicas", type=int, default=1,
+                   help="ratio phase: replicas per primary of its cluster (0: the cluster's "
+                        "redis-server processes then match the standalone run's busy ones)")
     p.add_argument("--restores", type=int, default=3, help="local restores timed on node 1")
     p.add_argument("--lanes", type=int, default=3, help="exec lanes in the failover stream")
     p.add_argument("--failover-after-s", type=float, default=5.0)
@@ -81,7 +84,7 @@ def _scale_args(args: argparse.Namespace, *, cluster: bool) -> argparse.Namespac
         claim_rates=args.claim_rates, claim_step_s=args.claim_step_s, pool_refill=3000.0,
         fill_max_s=60.0, claim_refill=100.0, rates=args.create_rates, step_s=args.create_step_s,
         fleets=2, workers_per_fleet=25, latency_scale=1.0, loadgen_procs=2,
-        cluster=cluster, cluster_replicas=1 if cluster else 0,
+        cluster=cluster, cluster_replicas=args.cluster_replicas if cluster else 0,
     )
 
 
@@ -101,7 +104,10 @@ async def phase_ratio(args: argparse.Namespace) -> dict[str, Any]:
         creates = await phase_throughput(_scale_args(args, cluster=kind == "cluster"))
         out[kind] = {
             "claims_per_s": _best_ok_rate(claims["steps"]),
-            "claim_steps": [{k: s[k] for k in ("offered_rate", "achieved_rate", "errors", "latency")}
+            # With where the CPU went: on this box the cores are the shared bottleneck.
+            "claim_steps": [{k: s[k] for k in ("offered_rate", "achieved_rate", "errors", "latency",
+                                                "cpu_ms_per_op", "loadgen_cpu_pct", "scheduler_cpu_pct",
+                                                "fleet_cpu_pct", "redis_cpu_pct") if k in s}
                             for s in claims["steps"]],
             "create_steps": [{k: s[k] for k in ("offered_rate", "achieved_rate", "errors", "latency",
                                                  "control_plane_latency")} for s in creates["steps"]],
@@ -111,6 +117,7 @@ async def phase_ratio(args: argparse.Namespace) -> dict[str, Any]:
     first = [(a["control_plane_latency"]["p50_ms"], b["control_plane_latency"]["p50_ms"])
              for a, b in zip(std["create_steps"], clu["create_steps"], strict=False)]
     out["create_p50_ms"] = [{"standalone": a, "cluster": b} for a, b in first]
+    out["cluster_replicas"] = args.cluster_replicas
     say(f"claims/s: standalone {std['claims_per_s']:.0f}, cluster {clu['claims_per_s']:.0f} "
         f"(ratio {out['ratio']}); create p50 (control plane) {out['create_p50_ms']}")
     return out
@@ -153,6 +160,8 @@ class FleetRun:
             node, self.cluster.url, self.prefix, HOTBED_TAGS=json.dumps({"node": node.name}),
             HOTBED_DRAIN_ON_STOP="true", HOTBED_HEARTBEAT_S="0.5", HOTBED_CPU="8",
             HOTBED_MEMORY_MB="8192", HOTBED_LOG_LEVEL="INFO",
+            # No spare copies: the first restore on each other node is the copy timed.
+            HOTBED_SNAPSHOT_COPIES="1",
         )
 
     def __exit__(self, *exc: object) -> None:

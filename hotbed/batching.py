@@ -59,6 +59,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 
 from hotbed.connection import COMMAND_TIMEOUT_S, is_cluster
 
@@ -138,6 +139,19 @@ class AutoPipeline:
             return await self._lane.execute(commands)
         return await self._execute_routed(self._cluster, commands)
 
+    async def execute_stages(self, *stages: Sequence[Command]) -> list[Any]:
+        """Like :meth:`execute` of all the stages' commands, where only the stages need
+        to apply in order: the commands of one stage may apply in any order among
+        themselves. On a Redis Cluster each stage's commands go to their nodes at once
+        (one round trip for the stage, not one per node); on one Redis it is one
+        pipeline, as :meth:`execute`."""
+        if self._cluster is None:
+            return await self._lane.execute(tuple(c for stage in stages for c in stage))
+        out: list[Any] = []
+        for stage in stages:
+            out += await self._execute_spread(self._cluster, tuple(stage))
+        return out
+
     async def _pool_connection(self) -> AbstractConnection:
         # Kept checked out: the client's aclose() disconnects in-use connections too.
         return await self.redis.connection_pool.get_connection()  # type: ignore[no-untyped-call,no-any-return]
@@ -178,9 +192,14 @@ class AutoPipeline:
             await self._discover(cluster)
         try:
             first = node_of(cluster, commands[0])
-            single = all(node_of(cluster, c) == first for c in commands[1:])
+            nodes = [first]
+            single = True
+            for c in commands[1:]:
+                node = node_of(cluster, c)
+                nodes.append(node)
+                single = single and node == first
         except redis_errors.SlotNotCoveredError:
-            single = False
+            single, nodes = False, []
         if single:
             # The common case (one key, or one script): straight to the node's lane.
             try:
@@ -193,11 +212,47 @@ class AutoPipeline:
             if busy:
                 await anyio.sleep(0.05)
             return await self._follow(cluster, commands, replies, redo, sent=True)
-        return await self._follow(cluster, commands, [None] * len(commands), list(range(len(commands))))
+        return await self._follow(
+            cluster, commands, [None] * len(commands), list(range(len(commands))), nodes=nodes,
+        )
+
+    async def _execute_spread(self, cluster: RedisCluster, commands: tuple[Command, ...]) -> list[Any]:
+        """``commands`` in any order: each node's share is queued on its lane at once and
+        this task waits for (or leads) them together. What a lost node or a redirection
+        left unanswered is sent again as :meth:`_follow` does."""
+        if self._ready is None or not self._ready.is_set():
+            await self._discover(cluster)
+        by_node: dict[str, list[int]] = {}
+        try:
+            for i, c in enumerate(commands):
+                by_node.setdefault(node_of(cluster, c), []).append(i)
+        except redis_errors.SlotNotCoveredError:
+            return await self._follow(cluster, commands, [None] * len(commands), list(range(len(commands))))
+        if len(by_node) == 1:
+            return await self._execute_routed(cluster, commands)
+        parts = [(self._node_lane(cluster, node), idx, _Item(tuple(commands[i] for i in idx)))
+                 for node, idx in by_node.items()]
+        # Shielded like a run of _follow once sent: every lane's wait is bounded by its
+        # connection's socket timeout, and the commands go whole.
+        with anyio.CancelScope(shield=True):
+            await _together([(lane, item) for lane, _, item in parts])
+            results: list[Any] = [None] * len(commands)
+            redo: list[int] = []
+            for _, idx, item in parts:
+                if item.error is not None:
+                    if not isinstance(item.error, redis_errors.ConnectionError | redis_errors.TimeoutError):
+                        raise item.error
+                    redo += idx
+                    continue
+                again, _busy = await self._triage(cluster, idx, item.results, results, {})
+                redo += again
+            if redo:
+                results = await self._follow(cluster, commands, results, sorted(redo), sent=True)
+        return results
 
     async def _follow(
         self, cluster: RedisCluster, commands: tuple[Command, ...], results: list[Any],
-        todo: list[int], *, sent: bool = False,
+        todo: list[int], *, sent: bool = False, nodes: list[str] | None = None,
     ) -> list[Any]:
         """Sends ``commands[todo]``: runs of consecutive commands owned by one node go,
         one run after the other, to that node's lane, so a task's commands apply in
@@ -205,14 +260,20 @@ class AutoPipeline:
         before it). Redirections (MOVED after a failover or resharding, ASK during a
         slot migration) and a lost node (topology re-read, then retried until the
         command deadline) are followed per command. Once a run is sent (``sent``), the
-        rest is shielded from cancellation: a task's commands go whole."""
+        rest is shielded from cancellation: a task's commands go whole. ``nodes``: each
+        command's node as routed a moment ago (read afresh once anything is redirected
+        or the topology re-read)."""
         pending = deque(todo)
         asking: dict[int, str] = {}
+        known: dict[int, str] = dict(enumerate(nodes)) if nodes else {}
         give_up = anyio.current_time() + COMMAND_TIMEOUT_S
         pause = 0.05
 
         def owner(i: int) -> str:
-            return asking.get(i) or node_of(cluster, commands[i])
+            node = asking.get(i) or known.get(i)
+            if node is None:
+                node = known[i] = node_of(cluster, commands[i])
+            return node
 
         with anyio.CancelScope(shield=sent) as scope:
             while pending:
@@ -232,6 +293,7 @@ class AutoPipeline:
                         redis_errors.SlotNotCoveredError) as exc:
                     # A node is gone (failover in progress): re-read the topology, retry.
                     pending.extendleft(reversed(run))
+                    known.clear()
                     if anyio.current_time() + pause > give_up:
                         if isinstance(exc, redis_errors.SlotNotCoveredError):
                             raise redis_errors.ConnectionError(str(exc)) from exc
@@ -250,6 +312,7 @@ class AutoPipeline:
                     replies = kept
                 redo, busy = await self._triage(cluster, run, replies, results, asking)
                 if redo:
+                    known.clear()
                     if anyio.current_time() > give_up:
                         continue  # their redirection errors stand as their replies
                     if busy:
@@ -304,12 +367,7 @@ class _Lane:
         try:
             while not item.done:
                 if not self._busy:
-                    self._busy = True
-                    try:
-                        await self._flush()
-                    finally:
-                        self._busy = False
-                        self._wake_next()
+                    await self._lead()
                 else:
                     item.event = anyio.Event()
                     await item.event.wait()
@@ -327,9 +385,21 @@ class _Lane:
             raise item.error
         return item.results
 
+    async def _lead(self) -> None:
+        self._busy = True
+        try:
+            await self._flush()
+        finally:
+            self._busy = False
+            self._wake_next()
+
     def _wake_next(self) -> None:
-        if self._queue and self._queue[0].event is not None:
-            self._queue[0].event.set()
+        # The first waiting task leads next. An item without an event belongs to a task
+        # busy leading another lane (_together): it is swept into this lane's next batch.
+        for it in self._queue:
+            if it.event is not None:
+                it.event.set()
+                return
 
     async def _flush(self) -> None:
         # One pass of the event loop: tasks made ready together queue together.
@@ -403,6 +473,41 @@ class _Lane:
         return replies
 
 
+async def _together(parts: list[tuple[_Lane, _Item]]) -> None:
+    """Queues each item on its lane and returns once all are done: this task leads any
+    of those lanes that is idle, one after the other, and otherwise waits until one of
+    its items is done or a lane hands it the lead."""
+    for lane, item in parts:
+        lane._queue.append(item)  # noqa: SLF001 - the lanes' own protocol
+    try:
+        while True:
+            waiting = [(lane, item) for lane, item in parts if not item.done]
+            if not waiting:
+                return
+            idle = next((lane for lane, _ in waiting if not lane._busy), None)  # noqa: SLF001
+            if idle is not None:
+                await idle._lead()  # noqa: SLF001
+                continue
+            event = anyio.Event()
+            for _, item in waiting:
+                item.event = event
+            try:
+                await event.wait()
+            finally:
+                for _, item in waiting:
+                    item.event = None
+    except BaseException:
+        for lane, item in parts:
+            if not item.done:
+                try:
+                    lane._queue.remove(item)  # noqa: SLF001
+                except ValueError:
+                    pass
+                if not lane._busy:  # noqa: SLF001
+                    lane._wake_next()  # noqa: SLF001
+        raise
+
+
 # ---------------------------------------------------------------- cluster routing
 
 _SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL", b"EVALSHA", b"EVAL"})
@@ -425,7 +530,10 @@ def node_of(cluster: RedisCluster, command: Command) -> str:
 
 
 def node_for_key(cluster: RedisCluster, key: Any) -> str:
-    slot = cluster.keyslot(key)
+    # redis-py's crc16 of the hash tag, without the client's encoder (every command of
+    # every claim and placement is routed here; hotbed's keys are str or bytes).
+    slot = key_slot(key if isinstance(key, bytes) else key.encode() if isinstance(key, str)
+                    else cluster.encoder.encode(key))  # type: ignore[no-untyped-call]
     try:
         return cluster.nodes_manager.get_node_from_slot(slot).name
     except KeyError:  # the topology is being re-read

@@ -397,9 +397,11 @@ async def claim_from(
                 env=dict(spec.env), auto_pause_after=spec.auto_pause_after,
             ),
         )
-        raise_first_error(await ap.execute(
-            ("XADD", keys.worker_cmds(wid), "*", "m", protocol.encode(notice)),
-            *(("ZADD", index, now, sid) for index in keys.sandbox_indexes(sid)),
-            ("ZREM", claims, item),
+        # The claim's lease goes only once the worker's notice and the listings are in
+        # (on a Redis Cluster those go to their nodes at once).
+        raise_first_error(await ap.execute_stages(
+            (("XADD", keys.worker_cmds(wid), "*", "m", protocol.encode(notice)),
+             *(("ZADD", index, now, sid) for index in keys.sandbox_indexes(sid))),
+            (("ZREM", claims, item),),
         ))
         return SandboxCreated(sandbox_id=sid, worker_id=wid, path="warm")

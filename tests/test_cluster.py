@@ -101,6 +101,25 @@ async def test_scripts_and_pipelines_run_per_node(redis_cluster: localcluster.Lo
         # A task's commands spanning shards apply in order.
         res = await ap.execute(*(("SET", f"{t}:o", "x") for t in tags), *(("GET", f"{t}:o") for t in tags))
         assert res == [True] * 30 + [b"x"] * 30
+        # Stages: each stage's commands go to their nodes at once, stage after stage;
+        # replies come back in the order asked, from many tasks at once.
+        rounds = ap.round_trips
+
+        async def staged(i: int) -> None:
+            t, u = tags[i % 30], tags[(i * 7 + 3) % 30]
+            got = await ap.execute_stages(
+                (("INCR", f"{t}:s{i}"), ("INCR", f"{u}:s{i}"), ("SET", f"{t}:v", "y")),
+                (("GET", f"{t}:s{i}"), ("GET", f"{u}:s{i}")),
+            )
+            assert got[:2] == [1, 1 if t != u else 2] and got[3:] == [b"1" if t != u else b"2"] * 2
+
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(staged, i)
+        # Shared round trips: far fewer than one per node per stage per task.
+        assert ap.round_trips - rounds < 300, ap.round_trips - rounds
+        await redis.delete(*(f"{tags[i % 30]}:s{i}" for i in range(300)),
+                           *(f"{tags[(i * 7 + 3) % 30]}:s{i}" for i in range(300)))
     finally:
         await redis.delete(*(f"{t}:{s}" for t in tags for s in "nvo"))
         await redis.aclose()

@@ -282,6 +282,110 @@ async def test_a_killed_node_loses_only_its_own(
             await fleet_restart(fleet, n1)
 
 
+async def test_a_spare_copy_outlives_the_builder(
+    fleet: localfleet.Fleet, redis_cluster: localcluster.LocalCluster
+) -> None:
+    """Built on node 1 while node 2 runs: node 2 copies the snapshot in the background
+    (no restore asked for it), so node 1 dying right after loses no template, and node
+    2 restores from its own copy."""
+    n1, n2, _n3 = fleet.nodes
+    async with nodes_on_cluster(fleet, redis_cluster) as nodes:
+        c = nodes.client
+        # The node's log runs on from the module's earlier tests: only what follows counts.
+        log_from = len(fleet.worker_log(n2))
+
+        def copies2() -> int:
+            return fleet.worker_log(n2)[log_from:].count("copied from")
+
+        await nodes.start_worker(n1)
+        await nodes.start_worker(n2)
+        seed = secrets.token_hex(8)
+        name = await keeper_template_on(c, seed)
+        both = sorted(nodes.worker_id(n) for n in (n1, n2))
+
+        async def copied() -> bool:
+            return sorted((await templates.get_template(name, client=c)).holders) == both
+
+        try:
+            await wait_for(copied, "node 2 holding a spare copy", timeout=30)
+            rec = await templates.get_template(name, client=c)
+            assert (Path(n2.snapshot_dir) / rec.snapshot).is_dir()
+            assert copies2() == 1 and "spare copy" in fleet.worker_log(n2)[log_from:]
+            await anyio.to_thread.run_sync(lambda: fleet.kill(n1))
+            sb = await Sandbox.create(template=name, cpu=0.5, memory_mb=128,
+                                      worker_tags={"node": n2.name}, client=c)
+            try:
+                assert sb.path == "restore" and await ask(sb) == seed
+                # Restored from the copy already there: nothing fetched again.
+                assert copies2() == 1
+            finally:
+                await sb.terminate()
+        finally:
+            await fleet_restart(fleet, n1)
+
+
+async def test_primary_failover_under_the_fleet(fleet: localfleet.Fleet, tmp_path: Path) -> None:
+    """Nodes 2 and 3 serve creates and execs on a cluster of the test's own; mid-stream
+    the primary of the request stream's shard hands over to its replica: every request
+    gets its right answer, and no sandbox is made twice or left behind."""
+    from tests.test_cluster import _failover, _node_of
+
+    _n1, n2, n3 = fleet.nodes
+    cluster = await anyio.to_thread.run_sync(lambda: localcluster.start(3, tmp_path / "cluster", replicas=1))
+    try:
+        async with nodes_on_cluster(fleet, cluster) as nodes:
+            c = nodes.client
+            await nodes.start_worker(n2)
+            await nodes.start_worker(n3)
+            primary, replica = await anyio.to_thread.run_sync(_node_of, cluster, c.keys.requests)
+            long_lived = [await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, worker_tags={"node": n.name},
+                                               client=c) for n in (n2, n3)]
+            done: list[int] = []
+            created: list[str] = []
+            failed_over = anyio.Event()
+
+            async def execs(lane: int) -> None:
+                sb = long_lived[lane % 2]
+                i = after = 0
+                while after < 6:
+                    after += failed_over.is_set()
+                    res = await sb.exec("echo", f"{lane}-{i}", timeout=30)
+                    assert res.stdout == f"{lane}-{i}\n"
+                    done.append(lane)
+                    i += 1
+
+            async def creates(node: localfleet.Node) -> None:
+                after = 0
+                while after < 2:
+                    after += failed_over.is_set()
+                    sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, worker_tags={"node": node.name},
+                                              client=c)
+                    created.append(sb.id)
+                    await sb.terminate()
+
+            try:
+                with anyio.fail_after(120):
+                    async with anyio.create_task_group() as tg:
+                        for lane in range(4):
+                            tg.start_soon(execs, lane)
+                        tg.start_soon(creates, n2)
+                        tg.start_soon(creates, n3)
+                        while len(done) < 12:
+                            await anyio.sleep(0.05)
+                        await anyio.to_thread.run_sync(_failover, replica, primary)
+                        failed_over.set()
+            finally:
+                for sb in long_lived:
+                    await sb.terminate()
+            assert (await anyio.to_thread.run_sync(_node_of, cluster, c.keys.requests))[0] == replica
+            assert len(set(created)) == len(created) >= 4
+            # Nothing made twice: no sandbox is recorded live once all asked for ended
+            # (and nodes_on_cluster finds no container left on any node).
+            assert await c.redis.zrange(c.keys.sandboxes, 0, -1) == []
+    finally:
+        await anyio.to_thread.run_sync(lambda: localcluster.stop(tmp_path / "cluster"))
+
+
 async def fleet_restart(fleet: localfleet.Fleet, node: localfleet.Node) -> None:
     """Bring a killed node's engine back for the next test (its containers are gone)."""
     if not node.dockerd_pid:

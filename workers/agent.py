@@ -45,6 +45,7 @@ they must survive a worker restart; waits inside one process use the monotonic c
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -112,7 +113,7 @@ from workers.images import ImageService
 from workers.ports import PortTunnels, chain
 from workers.runtimes.base import ExitReasons, NetworkService, Runtime
 from workers.sandboxes import Local, SandboxTable
-from workers.snapshot_peers import SnapshotPeers
+from workers.snapshot_peers import SnapshotPeers, replicate_loop
 from workers.snapshots import SnapshotManager
 
 __all__ = ["Local", "WorkerAgent"]
@@ -301,6 +302,10 @@ class WorkerAgent:
             if isinstance(self.runtime, NetworkService):
                 await tg.start(self.runtime.serve_network)
             tg.start_soon(self.snapshots.gc_loop)
+            tg.start_soon(functools.partial(
+                replicate_loop, self.snapshot_peers, self.snapshots.ensure_local,
+                copies=self.settings.snapshot_copies,
+            ))
             await tg.start(self.autopause.run)
             await tg.start(self.images.run)
             async with anyio.create_task_group() as work:

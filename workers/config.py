@@ -17,7 +17,9 @@ HOTBED_SNAPSHOT_STORE (where missing snapshots are copied from; default: the sam
 HOTBED_SNAPSHOT_SERVE (``HOST:PORT`` this node serves its snapshots to the other nodes
 on; port 0 = any free one; empty: it serves none), HOTBED_SNAPSHOT_URL (the address
 peers reach that endpoint by; default ``http://HOST:PORT``), HOTBED_SNAPSHOT_TOKEN (the
-fleet's shared secret for it; default: one kept in Redis),
+fleet's shared secret for it; default: one kept in Redis), HOTBED_SNAPSHOT_COPIES (live
+nodes that should hold each template's snapshot: spare copies are made in the
+background; default 2, 1 = none),
 HOTBED_PORT_BIND (the address exposed sandbox ports listen on; default 127.0.0.1),
 HOTBED_PORT_HOST (the host clients are told for them; default: the bind address),
 HOTBED_NET_OCI_RUNTIME (the runsc runtime of sandboxes with a network; default
@@ -140,6 +142,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     snapshot_serve: str = ""
     snapshot_url: str = ""
     snapshot_token: str = ""
+    # Live nodes that should hold each template's snapshot (spare copies made in the
+    # background; 1: none).
+    snapshot_copies: Annotated[int, msgspec.Meta(ge=1)] = 2
     # Fleet operation: logging, GPUs, the process runtime's root, metrics.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     gpu_detect: Literal["auto", "nvml", "none"] = "auto"

@@ -22,6 +22,13 @@ the first worker that serves); anyone who can reach Redis can run sandboxes anyw
 **Copy.** :meth:`SnapshotPeers.fetch` tries the live holders of a snapshot in random
 order: the manifest must hash to the recorded digest, each file is hashed as it
 arrives, and a copy that fails either check is thrown away and the next holder tried.
+
+**Spare copies.** A template whose snapshot only one live node holds is lost with that
+node. :meth:`SnapshotPeers.replicate_loop` (on every serving node) looks at the ready
+templates every ``REPLICATE_EVERY_S``; one held by fewer than ``copies`` live nodes, and
+not by this one, is copied here by whichever node takes its short lock first
+(``Keys.lock("copy:SNAPSHOT")``): one copy at a time per node, one node at a time per
+snapshot, through the same checked, single-flight copy a restore uses.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import random
 import secrets
 import shutil
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,7 +51,9 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from hotbed import limits, protocol
+from daemon import lifecycle
+from hotbed import limits, protocol, records
+from hotbed.errors import HotbedError
 from hotbed.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,11 @@ CONNECT_TIMEOUT_S = 3.0
 PARALLEL_FILES = 4
 # Manifests kept in memory by a serving node (one per snapshot; small).
 MANIFEST_CACHE = 256
+# How often a node looks for templates held by too few live nodes, how many it reads
+# per look, and how long one node may hold a snapshot's copy lock.
+REPLICATE_EVERY_S = 1.0
+REPLICATE_SCAN = 500
+REPLICATE_LOCK_MS = 300_000
 
 
 class Manifest(msgspec.Struct, frozen=True):
@@ -320,3 +334,66 @@ class SnapshotPeers:
                 await f.aclose()
         if got != size or h.hexdigest() != sha:
             raise SnapshotCopyError(f"{target.name}: content does not match its manifest entry")
+
+
+# ------------------------------------------------------------------ spare copies
+
+# Copies this node into place (workers.snapshots.SnapshotManager.ensure_local): the
+# checked, single-flight copy a restore uses, which lists this node among the holders.
+EnsureLocal = Callable[[str, str], Awaitable[Path]]
+
+
+async def replicate_once(peers: SnapshotPeers, ensure_local: EnsureLocal, *, copies: int) -> list[str]:
+    """One look: copies here the snapshots of ready templates that fewer than ``copies``
+    live nodes hold (this one not among them), each under its copy lock. Returns the
+    templates copied."""
+    redis, keys = peers.redis, peers.keys
+    names = [n.decode() if isinstance(n, bytes) else n
+             for n in await redis.srandmember(keys.templates, REPLICATE_SCAN) or []]
+    if not names:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(keys.template(name))
+        raws = await pipe.execute()
+    done: list[str] = []
+    for name, raw in zip(names, raws, strict=True):
+        rec = records.template_from_hash(raw)
+        if rec is None or rec.state != "ready" or not rec.snapshot or peers.worker_id in rec.holders:
+            continue
+        live = await peers.holder_urls(rec.holders)
+        if not live or len(live) >= copies:
+            # Nobody to copy from, or enough copies already.
+            continue
+        lock = keys.lock(f"copy:{rec.snapshot}")
+        if not await redis.set(lock, peers.worker_id, nx=True, px=REPLICATE_LOCK_MS):
+            continue
+        try:
+            await ensure_local(rec.snapshot, name)
+        except (HotbedError, *COPY_ERRORS) as exc:
+            log.warning("spare copy of template %s failed: %s", name, exc,
+                        extra={"worker_id": peers.worker_id})
+            continue
+        finally:
+            with anyio.CancelScope(shield=True):
+                if await redis.get(lock) == peers.worker_id.encode():
+                    await redis.delete(lock)
+        log.info("template %s: spare copy of snapshot %s made here", name, rec.snapshot,
+                 extra={"worker_id": peers.worker_id})
+        done.append(name)
+    return done
+
+
+async def replicate_loop(peers: SnapshotPeers, ensure_local: EnsureLocal, *, copies: int) -> None:
+    """:func:`replicate_once` every ``REPLICATE_EVERY_S`` under the survive policy, while
+    this node serves its snapshots (``copies`` <= 1, or no endpoint: nothing to do)."""
+    if copies <= 1 or not peers.listen:
+        return
+
+    async def step() -> None:
+        with anyio.fail_after(REPLICATE_LOCK_MS / 1000):
+            await replicate_once(peers, ensure_local, copies=copies)
+
+    await lifecycle.supervised_loop(
+        "spare snapshot copies", step, interval=REPLICATE_EVERY_S, initial_delay=REPLICATE_EVERY_S, log=log,
+    )
