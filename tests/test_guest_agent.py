@@ -213,6 +213,38 @@ async def test_agent_errors_are_typed(tmp_path: Path) -> None:
         assert h["version"] == agent.VERSION
 
 
+async def test_a_closed_session_never_closes_a_later_commands_pipes(tmp_path: Path) -> None:
+    """Closing a session kills its shell, and reaping that shell ends the session again.
+    A command started in between takes the freed fd numbers: the second ending must not
+    close them (the command's output was lost and the agent's loop failed on EBADF)."""
+    async with started(tmp_path) as proc:
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None
+        parser = FrameParser()
+        out = bytearray()
+
+        async def last_frame(rid: int) -> dict[str, object]:
+            with anyio.fail_after(20):
+                while True:
+                    for h, p in parser.feed(await stdout.receive()):
+                        if h.get("id") == rid and h["t"] == "out":
+                            out.extend(p)
+                        elif h.get("id") == rid and h["t"] in ("exit", "result", "error"):
+                            return h
+
+        await stdin.send(encode_frame({"t": "session_open", "id": 1, "session": "s"}))
+        assert (await last_frame(1))["t"] == "result"
+        # One write: the agent handles both frames before its next reap.
+        await stdin.send(
+            encode_frame({"t": "session_close", "id": 2, "session": "s"})
+            + encode_frame({"t": "run", "id": 3, "argv": ["/bin/sh", "-c", "sleep 1; echo ok"]})
+        )
+        h = await last_frame(3)
+        assert (bytes(out), h["t"], h.get("code")) == (b"ok\n", "exit", 0)
+        await stdin.send(encode_frame({"t": "hello", "id": 4}))
+        assert (await last_frame(4))["t"] == "result"
+
+
 async def test_agent_reexecs_and_serves_the_spawner_fifo_it_was_given(tmp_path: Path) -> None:
     async with agent_channel(tmp_path) as (ch, proc):
         fifo = tmp_path / "hb" / "spawn"

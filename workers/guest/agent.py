@@ -726,6 +726,11 @@ class Session:
         self.close()
 
     def close(self):
+        # Called twice for a closed session: by the close request, then by on_exit when
+        # the killed shell is reaped. A second os.close of the status fd would close
+        # whatever fd took its number since (another command's pipe).
+        if self.status is None:
+            return
         self.dead = True
         for fd in list(self.out) + [self.status]:
             _set_events(fd, 0, None)
@@ -738,6 +743,7 @@ class Session:
             os.close(self.status)
         except OSError:
             pass
+        self.status = None
         self.out = {}
         if procs.get(self.pid) is self:
             kill_group(self.pid, signal.SIGKILL)
