@@ -71,6 +71,10 @@ def _sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
+def _try(*argv: str) -> None:
+    subprocess.run(argv, capture_output=True)
+
+
 class Namespace:
     """A network namespace with a veth to the host: host ``.1``, namespace ``.2``."""
 
@@ -192,6 +196,39 @@ async def test_egress_allows_only_what_is_listed(hotbed_stack: Stack, netns: Nam
     rules = _rules()
     for sb in (allowed, other, opened):
         assert chain_name(sb.id) not in rules
+
+
+async def test_a_new_sandbox_drops_rules_left_on_its_address() -> None:
+    """Rules a sandbox left behind (its worker was killed, its container removed behind
+    hotbed's back) are dropped when dockerd gives its address to a new sandbox, so
+    they open nothing to it; rules of other addresses stay."""
+    from workers.runtimes.docker.network import SB_FWD, SB_IN, SandboxNetworks
+
+    stale, other = chain_name(f"sb-gone-{secrets.token_hex(4)}"), chain_name(f"sb-kept-{secrets.token_hex(4)}")
+    address, other_address = "172.29.254.250", "172.29.254.251"
+    for parent in (SB_FWD, SB_IN):
+        _try("iptables", "-w", "-N", parent)
+    try:
+        for chain, ip in ((stale, address), (other, other_address)):
+            _sh("iptables", "-w", "-N", chain)
+            _sh("iptables", "-w", "-A", chain, "-d", "10.251.0.2/32", "-j", "ACCEPT")
+            for parent in (SB_FWD, SB_IN):
+                _sh("iptables", "-w", "-A", parent, "-s", f"{ip}/32", "-j", chain)
+        _sh("iptables", "-w", "-A", SB_FWD, "-s", f"{address}/32", "-m", "comment", "--comment", stale, "-j", "ACCEPT")
+
+        await SandboxNetworks().remove(f"sb-new-{secrets.token_hex(4)}", address=address)
+
+        rules = _rules()
+        assert stale not in rules and f"{address}/32" not in rules, rules
+        assert f"-A {SB_FWD} -s {other_address}/32 -j {other}" in rules
+        assert f"-A {SB_IN} -s {other_address}/32 -j {other}" in rules
+    finally:
+        for chain, ip in ((stale, address), (other, other_address)):
+            for parent in (SB_FWD, SB_IN):
+                _try("iptables", "-w", "-D", parent, "-s", f"{ip}/32", "-j", chain)
+            _try("iptables", "-w", "-D", SB_FWD, "-s", f"{ip}/32", "-m", "comment", "--comment", chain, "-j", "ACCEPT")
+            _try("iptables", "-w", "-F", chain)
+            _try("iptables", "-w", "-X", chain)
 
 
 async def test_bad_network_requests_are_refused_typed(hotbed_stack: Stack) -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 DOCKER_NETWORK = "hotbed-net"
 BRIDGE = "hb-net0"
 FWD, INP, OPEN, SB_FWD, SB_IN = "HOTBED-FWD", "HOTBED-IN", "HOTBED-OPEN", "HOTBED-SB", "HOTBED-SBIN"
+CHAIN_PREFIX = "HB-"
 # Never reached in "open" mode unless listed (RFC 6890 special-purpose ranges).
 BLOCKED = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
@@ -71,7 +72,7 @@ def allow_rules(chain: str, dest: str, a: Allow) -> list[str]:
 
 def chain_name(sandbox_id: str) -> str:
     """The sandbox's own chain (iptables allows 28 characters)."""
-    return "HB-" + hashlib.sha1(sandbox_id.encode()).hexdigest()[:20]
+    return CHAIN_PREFIX + hashlib.sha1(sandbox_id.encode()).hexdigest()[:20]
 
 
 async def _run(argv: list[str], *, input: bytes | None = None, check: bool = True) -> tuple[int, str]:
@@ -322,7 +323,7 @@ class SandboxNetworks:
         if net.mode == "open":
             lines.append(f"-A {SB_FWD} -s {ip}/32 -m comment --comment {chain} -j {OPEN}")
         lines.append("COMMIT")
-        await self.remove(sandbox_id)
+        await self.remove(sandbox_id, address=ip)
         await _run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(lines).encode() + b"\n")
         self.dns.register(ip, DnsPolicy(sandbox_id=sandbox_id, chain=chain, mode=net.mode, allows=allows))
         log.info("network %s: %s, %d rules", net.mode, ip, len(lines) - 3, extra={"sandbox_id": sandbox_id})
@@ -344,24 +345,37 @@ class SandboxNetworks:
             raise RuntimeFailure(f"cannot find sandbox {sandbox_id}'s port on {BRIDGE}", sandbox_id=sandbox_id)
         await _run(["bridge", "link", "set", "dev", port, "isolated", "on"])
 
-    async def remove(self, sandbox_id: str) -> None:
-        """Drop the sandbox's rules (none: nothing to do). A node that never had a
-        networked sandbox learns so once, and runs nothing per sandbox after that."""
+    async def remove(self, sandbox_id: str, *, address: str | None = None) -> None:
+        """Drop the sandbox's rules (none: nothing to do), and with ``address`` every
+        other chain still hooked to that address: rules left by a sandbox that ended
+        without this (its worker killed, its container removed behind hotbed's back)
+        must not open anything to the next sandbox dockerd gives the address. A node
+        that never had a networked sandbox learns so once, and runs nothing per
+        sandbox after that."""
         if self._rules_exist is None:
             rc, _ = await _run(["iptables", "-w", "-S", SB_FWD], check=False)
             self._rules_exist = rc == 0
         if not self._rules_exist:
             return
         self.dns.forget(sandbox_id)
-        chain = chain_name(sandbox_id)
-        rc, _ = await _run(["iptables", "-w", "-S", chain], check=False)
-        if rc != 0:
-            return
-        lines = ["*filter"]
+        own = chain_name(sandbox_id)
+        if address is None and (await _run(["iptables", "-w", "-S", own], check=False))[0] != 0:
+            return  # a sandbox without a network: one call
+        chains = {own}
+        rules = []
         for parent in (SB_FWD, SB_IN):
             _, out = await _run(["iptables", "-w", "-S", parent], check=False)
-            for line in out.splitlines():
-                if line.startswith(f"-A {parent} ") and chain in line.split():
-                    lines.append("-D" + line[2:])
-        lines += [f"-F {chain}", f"-X {chain}", "COMMIT"]
+            rules += [line.split() for line in out.splitlines() if line.startswith(f"-A {parent} ")]
+        if address is not None:
+            for words in rules:
+                if f"{address}/32" in words:
+                    chains.update(w for w in words if w.startswith(CHAIN_PREFIX))
+        lines = ["*filter", *(" ".join(["-D", *words[1:]]) for words in rules if chains.intersection(words))]
+        for chain in sorted(chains):
+            rc, _ = await _run(["iptables", "-w", "-S", chain], check=False)
+            if rc == 0:
+                lines += [f"-F {chain}", f"-X {chain}"]
+        if len(lines) == 1:
+            return
+        lines.append("COMMIT")
         await _run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(lines).encode() + b"\n")
