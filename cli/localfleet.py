@@ -206,9 +206,15 @@ class Fleet:
             if proc is not None and proc.poll() is not None:
                 tail = (Path(node.root) / "dockerd.log").read_text(errors="replace")[-1500:]
                 raise FleetError(f"dockerd of node {node.name} exited: {tail}")
-            if Path(node.socket).exists() and node.docker("version", "--format", "{{.Server.Version}}",
-                                                          timeout=10, check=False).returncode == 0:
-                return
+            if Path(node.socket).exists():
+                try:
+                    if node.docker("version", "--format", "{{.Server.Version}}", timeout=10,
+                                   check=False).returncode == 0:
+                        return
+                except FleetError:
+                    # A dockerd restarted after a kill may hold requests while it cleans up
+                    # what the kill left: slow, not dead; ask again until the deadline.
+                    pass
             time.sleep(0.1)
         raise FleetError(f"dockerd of node {node.name} did not answer within {START_TIMEOUT_S:.0f}s")
 
