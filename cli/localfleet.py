@@ -180,6 +180,16 @@ class Fleet:
         for d in ("data", "exec", "snapshots"):
             (root / d).mkdir(parents=True, exist_ok=True)
         Path(node.socket).unlink(missing_ok=True)
+        # dockerd reuses a containerd whose pidfile names a live pid, and kill(0) says a
+        # zombie lives: a killed node's containerd, re-parented to an init that has not
+        # reaped it yet, would leave dockerd waiting for a socket nobody serves.
+        pidfile = root / "exec" / "containerd" / "containerd.pid"
+        try:
+            old = int(pidfile.read_text())
+        except (OSError, ValueError):
+            old = 0
+        if old and not _alive(old):
+            pidfile.unlink(missing_ok=True)
         (root / "daemon.json").write_text(json.dumps(node_config()))
         cmd = [
             "dockerd", "--config-file", str(root / "daemon.json"),

@@ -145,7 +145,7 @@ class Nodes(msgspec.Struct, kw_only=True):
         """A keeper template built while only ``builder`` runs a worker (so it is built
         there); then workers on ``then``. Returns the template's name."""
         await self.start_worker(builder)
-        name = await keeper_template_on(self.client, seed)
+        name = (await keeper_template(self.client, seed)).name
         for node in then:
             await self.start_worker(node)
         return name
@@ -222,14 +222,12 @@ async def test_template_built_on_one_node_restores_on_the_others(
                 await sb.terminate()
 
 
-async def keeper_template_on(client: Client, seed: str) -> str:
+async def keeper_template(client: Client, seed: str) -> protocol.TemplateReady:
     """test_templates' keeper: its value lives only in a process's memory."""
-    name = f"keep-{secrets.token_hex(3)}"
-    await templates.create_template(
-        name, image=BUSYBOX_IMAGE, files={"/tmp/seed": seed}, start=[KEEPER],
+    return await templates.create_template(
+        f"keep-{secrets.token_hex(3)}", image=BUSYBOX_IMAGE, files={"/tmp/seed": seed}, start=[KEEPER],
         ready="test ! -e /tmp/seed", client=client, memory_mb=128,
     )
-    return name
 
 
 async def test_a_killed_node_loses_only_its_own(
@@ -288,44 +286,47 @@ async def test_a_killed_node_loses_only_its_own(
 async def test_a_spare_copy_outlives_the_builder(
     fleet: localfleet.Fleet, redis_cluster: localcluster.LocalCluster
 ) -> None:
-    """Built on node 1 while node 2 runs: node 2 copies the snapshot in the background
-    (no restore asked for it), so node 1 dying right after loses no template, and node
-    2 restores from its own copy."""
+    """Built while two nodes run: the other node copies the snapshot in the background
+    (no restore asked for it), so the builder dying right after loses no template, and
+    the other node restores from its own copy."""
     n1, n2, _n3 = fleet.nodes
     async with nodes_on_cluster(fleet, redis_cluster) as nodes:
         c = nodes.client
-        # The node's log runs on from the module's earlier tests: only what follows counts.
-        log_from = len(fleet.worker_log(n2))
-
-        def copies2() -> int:
-            return fleet.worker_log(n2)[log_from:].count("copied from")
-
+        # The nodes' logs run on from the module's earlier tests: only what follows counts.
+        log_from = {n.name: len(fleet.worker_log(n)) for n in (n1, n2)}
         nodes.snapshot_copies = 2
         await nodes.start_worker(n1)
         await nodes.start_worker(n2)
         seed = secrets.token_hex(8)
-        name = await keeper_template_on(c, seed)
+        ready = await keeper_template(c, seed)
+        name = ready.name
+        builder, spare = (n1, n2) if ready.worker_id == nodes.worker_id(n1) else (n2, n1)
+        assert ready.worker_id == nodes.worker_id(builder)
+
+        def copies() -> int:
+            return fleet.worker_log(spare)[log_from[spare.name]:].count("copied from")
+
         both = sorted(nodes.worker_id(n) for n in (n1, n2))
 
         async def copied() -> bool:
             return sorted((await templates.get_template(name, client=c)).holders) == both
 
         try:
-            await wait_for(copied, "node 2 holding a spare copy", timeout=30)
+            await wait_for(copied, "the other node holding a spare copy", timeout=30)
             rec = await templates.get_template(name, client=c)
-            assert (Path(n2.snapshot_dir) / rec.snapshot).is_dir()
-            assert copies2() == 1 and "spare copy" in fleet.worker_log(n2)[log_from:]
-            await anyio.to_thread.run_sync(lambda: fleet.kill(n1))
+            assert (Path(spare.snapshot_dir) / rec.snapshot).is_dir()
+            assert copies() == 1 and "spare copy" in fleet.worker_log(spare)[log_from[spare.name]:]
+            await anyio.to_thread.run_sync(lambda: fleet.kill(builder))
             sb = await Sandbox.create(template=name, cpu=0.5, memory_mb=128,
-                                      worker_tags={"node": n2.name}, client=c)
+                                      worker_tags={"node": spare.name}, client=c)
             try:
                 assert sb.path == "restore" and await ask(sb) == seed
                 # Restored from the copy already there: nothing fetched again.
-                assert copies2() == 1
+                assert copies() == 1
             finally:
                 await sb.terminate()
         finally:
-            await fleet_restart(fleet, n1)
+            await fleet_restart(fleet, builder)
 
 
 async def test_primary_failover_under_the_fleet(fleet: localfleet.Fleet, tmp_path: Path) -> None:
