@@ -93,8 +93,10 @@ bench-exec-ptrace: images
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench exec --oci-runtime runsc-ptrace \
 		--out bench/results/exec-ptrace.json $(BENCH_ARGS)
 
-# A real node (runsc, every role on this box): bench/node.py's phases, then the sessions
-# phase (auto-pause), which adds its section to the same bench/results/node.json.
+# A real node (runsc, every role on this box): bench/node.py's phases (burst, density,
+# throughput, faults; BENCH_ARGS='--phase density --density-max 200' runs one phase,
+# smaller), then the sessions phase (auto-pause), which adds its section to the same
+# bench/results/node.json. The results file keeps the sections of phases not run.
 bench-node: images
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench node $(BENCH_ARGS)
 	BENCH_MAKE_TARGET=$@ $(PY) -m bench node_sessions $(SESSIONS_ARGS)
@@ -116,9 +118,3 @@ install-service: venv
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
-
-# One real node (every role on this box, dockerd + runsc): burst, density, throughput,
-# faults; BENCH_ARGS='--phase density --density-max 200' runs one phase, smaller. The
-# results file keeps the sections of phases not run (bench/node_sessions.py adds its own).
-bench-node: images
-	BENCH_MAKE_TARGET=$@ $(PY) -m bench node $(BENCH_ARGS)

@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,9 @@ def make_repo(root: Path, files: int) -> Path:
     return repo
 
 
-async def episode(deployment: Any, repo: Path, *, commands: int) -> tuple[float, dict[str, list[float]]]:
+async def episode(
+    deployment: Any, repo: Path, *, commands: int, on_start: Callable[[Any], object] | None = None,
+) -> tuple[float, dict[str, list[float]]]:
     """One SWE-agent episode through a SWE-ReX deployment: start, session set-up,
     upload of the repository, ``commands`` session commands, 5 executes, 10 file
     writes and 10 reads, stop. Returns its wall time and each call's durations."""
@@ -134,6 +137,8 @@ async def episode(deployment: Any, repo: Path, *, commands: int) -> tuple[float,
 
     t0 = time.perf_counter()
     await timed("start", deployment.start())
+    if on_start is not None:
+        on_start(deployment)
     try:
         rt = deployment.runtime
         await timed("create_session", rt.create_session(
@@ -162,46 +167,93 @@ async def swe_episode(args: argparse.Namespace, client: Any) -> dict[str, Any]:
     ``args.oci_runtime``, alternating, on the same image (hotbed/base plus swe-rex,
     which SWE-ReX's server needs), in the same run. SWE-ReX's server is reached through
     a stdio relay over one ``docker exec`` (gVisor's network is not reachable from the
-    host here): see bench.common.swerex_ref."""
+    host here): see bench.common.swerex_ref.
+
+    hotbed runs each episode twice: from a cold create (the headline, as SWE-ReX's
+    deployment boots a container), and with ``--swe-episode-pool`` > 0 also from a
+    warm pool of a template made from the same image with no set-up (``pool``: what a
+    user who keeps a pool for their agents waits for)."""
     import tempfile
 
     from bench.common.swerex_ref import ensure_image, swerex_docker
+    from hotbed import templates
     from hotbed.integrations.swerex import HotbedDeployment
 
     image = await anyio.to_thread.run_sync(ensure_image)
-    walls: dict[str, list[float]] = {"hotbed": [], "swerex": []}
-    calls: dict[str, dict[str, list[float]]] = {"hotbed": {}, "swerex": {}}
-    with tempfile.TemporaryDirectory(prefix="bench-swe-") as tmp:
-        repo = await anyio.to_thread.run_sync(make_repo, Path(tmp), args.swe_episode_files)
-        for _ in range(args.swe_episodes):
-            for side in ("hotbed", "swerex"):
-                if side == "hotbed":
-                    wall, got = await episode(
-                        HotbedDeployment(image, client=client, cpu=args.swe_episode_cpu,
-                                         memory_mb=512, timeout=600),
-                        repo, commands=args.swe_episode_commands)
-                else:
-                    async with swerex_docker(image, oci_runtime=args.oci_runtime) as dep:
-                        wall, got = await episode(dep, repo, commands=args.swe_episode_commands)
-                walls[side].append(wall)
-                for kind, xs in got.items():
-                    calls[side].setdefault(kind, []).extend(xs)
-    per_call = {
-        kind: {"hotbed": summary_ms(calls["hotbed"].get(kind, [])),
-               "swerex": summary_ms(calls["swerex"].get(kind, []))}
-        for kind in calls["swerex"]
-    }
-    hotbed_s, swerex_s = pct(walls["hotbed"], 0.5), pct(walls["swerex"], 0.5)
-    return {
-        "hotbed_s": round(hotbed_s, 3), "swerex_s": round(swerex_s, 3),
-        "ratio": round(swerex_s / hotbed_s, 2),
-        "slower_calls": sorted(k for k, v in per_call.items()
-                               if v["hotbed"]["p50_ms"] > v["swerex"]["p50_ms"]),
-        "calls": per_call, "episodes": args.swe_episodes, "image": image,
-        "files_uploaded": args.swe_episode_files, "hotbed_cpu": args.swe_episode_cpu, "session_commands": args.swe_episode_commands,
+    shape = {"cpu": args.swe_episode_cpu, "memory_mb": 512}
+    sides = ["hotbed", "swerex"]
+    pool = template = ""
+    if args.swe_episode_pool > 0:
+        template = f"swe-episode-{secrets.token_hex(3)}"
+        await templates.create_template(template, image=image, client=client, **shape)
+        pool = await templates.set_pool(template, args.swe_episode_pool, client=client, **shape)
+        sides.insert(1, "hotbed_pool")
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    calls: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    paths: list[str] = []
+
+    async def pool_ready() -> None:
+        # A claim, not a cold fallback, is what this side measures: the pool refills
+        # while the other sides run, and is waited for only if it has not.
+        with anyio.fail_after(120):
+            while not await client.redis.llen(client.keys.pool_ready(pool)):
+                await anyio.sleep(0.05)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-swe-") as tmp:
+            repo = await anyio.to_thread.run_sync(make_repo, Path(tmp), args.swe_episode_files)
+            for _ in range(args.swe_episodes):
+                for side in sides:
+                    if side == "swerex":
+                        async with swerex_docker(image, oci_runtime=args.oci_runtime) as dep:
+                            wall, got = await episode(dep, repo, commands=args.swe_episode_commands)
+                    else:
+                        pooled = side == "hotbed_pool"
+                        if pooled:
+                            await pool_ready()
+                        hot = HotbedDeployment(image, client=client, timeout=600, **shape,
+                                               **({"template": template} if pooled else {}))
+                        wall, got = await episode(
+                            hot, repo, commands=args.swe_episode_commands,
+                            on_start=(lambda d: paths.append(d.sandbox.path)) if pooled else None,
+                        )
+                    walls[side].append(wall)
+                    for kind, xs in got.items():
+                        calls[side].setdefault(kind, []).extend(xs)
+    finally:
+        if template:
+            with anyio.CancelScope(shield=True):
+                await templates.set_pool(template, 0, client=client, **shape)
+                await templates.delete_template(template, client=client)
+
+    def compare(side: str) -> dict[str, Any]:
+        per_call = {
+            kind: {"hotbed": summary_ms(calls[side].get(kind, [])),
+                   "swerex": summary_ms(calls["swerex"].get(kind, []))}
+            for kind in calls["swerex"]
+        }
+        hotbed_s, swerex_s = pct(walls[side], 0.5), pct(walls["swerex"], 0.5)
+        return {
+            "hotbed_s": round(hotbed_s, 3), "swerex_s": round(swerex_s, 3),
+            "ratio": round(swerex_s / hotbed_s, 2),
+            "slower_calls": sorted(k for k, v in per_call.items()
+                                   if v["hotbed"]["p50_ms"] > v["swerex"]["p50_ms"]),
+            "calls": per_call,
+        }
+
+    out = {
+        **compare("hotbed"), "hotbed_start": "cold create",
+        "episodes": args.swe_episodes, "image": image,
+        "files_uploaded": args.swe_episode_files, "hotbed_cpu": args.swe_episode_cpu,
+        "session_commands": args.swe_episode_commands,
         "swerex_transport": "stdio relay over one docker exec into the runsc container "
                             "(--network=none); RemoteRuntime opens one connection per request",
     }
+    if pool:
+        out["pool"] = {**compare("hotbed_pool"), "hotbed_start": "warm pool claim",
+                       "pool_size": args.swe_episode_pool,
+                       "paths": {p: paths.count(p) for p in sorted(set(paths))}}
+    return out
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -342,6 +394,8 @@ def main(argv: list[str]) -> int:
                    help="SWE-agent episodes per side (0: skip the phase)")
     p.add_argument("--swe-episode-files", type=int, default=5000, help="files in the uploaded repository")
     p.add_argument("--swe-episode-commands", type=int, default=50, help="session commands per episode")
+    p.add_argument("--swe-episode-pool", type=int, default=2,
+                   help="also run hotbed's episodes from a warm pool of this size (0: cold creates only)")
     p.add_argument("--swe-episode-cpu", type=float, default=float(os.cpu_count() or 1),
                    help="CPUs of hotbed's episode sandbox (default: the host's, as SWE-ReX's "
                         "container has no CPU limit)")
@@ -431,6 +485,11 @@ def print_swe_episode(ep: dict[str, Any]) -> None:
         print(f"{kind:<16} {h['p50_ms']:>10} {h['p99_ms']:>8} {r['p50_ms']:>12} {r['p99_ms']:>8}")
     print(f"episode wall: hotbed {ep['hotbed_s']} s, SWE-ReX {ep['swerex_s']} s = {ep['ratio']}x; "
           f"hotbed slower on: {', '.join(ep['slower_calls']) or 'nothing'}")
+    if "pool" in ep:
+        p = ep["pool"]
+        print(f"from a warm pool of {p['pool_size']} (starts: {p['paths']}): hotbed {p['hotbed_s']} s = "
+              f"{p['ratio']}x; start p50 {p['calls']['start']['hotbed']['p50_ms']} ms; "
+              f"hotbed slower on: {', '.join(p['slower_calls']) or 'nothing'}")
 
 
 if __name__ == "__main__":

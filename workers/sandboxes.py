@@ -372,11 +372,12 @@ class SandboxTable:
         await lua.PARK.run(self.redis, self._cap_keys(), [sandbox_id])
 
     async def paused(self, sandbox_id: str, *, by: records.PausedBy = "client") -> None:
-        """Record a sandbox paused (by a client, or ``"auto"``) and free its CPU and memory."""
+        """Free a paused sandbox's CPU and memory, then record it paused (by a client,
+        or ``"auto"``): whoever reads "paused" sees its capacity back already."""
+        await self.park(sandbox_id)
         await self.redis.hset(
             self.keys.sandbox(sandbox_id), mapping=records.to_paused(by=by, now=lifecycle.wall())
         )
-        await self.park(sandbox_id)
 
     async def unpark(self, sandbox_id: str) -> None:
         """Reserve a paused sandbox's CPU and memory again, or CapacityExhausted."""
