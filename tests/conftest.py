@@ -262,6 +262,18 @@ async def hotbed_stack(redis_url: str, prefix: str) -> AsyncIterator[Stack]:
 
 
 @pytest.fixture
+async def stack(redis_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    """A stack for pool and template tests: its own snapshot folder, room for 16
+    one-CPU sandboxes, pools refilled at once (a module may define its own)."""
+    async with running_stack(
+        redis_url, prefix,
+        worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "cpu": 16},
+        scheduler_overrides={"pool_interval_s": 0.05, "pool_refill_per_s": 50.0},
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture
 def daemons(redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """A scheduler and a worker as real subprocesses (`python -m scheduler|workers`)."""
     import signal

@@ -4,27 +4,15 @@ pool) only once its guest agent answers, so its first command does not wait for 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import pytest
 
 from hotbed import templates
 from hotbed.sandbox import Sandbox
-from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack, running_stack
+from tests.conftest import BASE_IMAGE, BUSYBOX_IMAGE, Stack
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def stack(redis_url: str, prefix: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(
-        redis_url, prefix,
-        worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "cpu": 16},
-        scheduler_overrides={"pool_interval_s": 0.05, "pool_refill_per_s": 50.0},
-    ) as stack:
-        yield stack
 
 
 def serving(stack: Stack, sandbox_id: str) -> bool:
