@@ -173,6 +173,52 @@ async def test_a_disk_quota_is_refused_not_ignored(hotbed_stack: Stack) -> None:
         assert (await sb.exec("true")).ok
 
 
+def test_disk_usage_counts_what_was_written(tmp_path: Path) -> None:
+    """A sandbox's file store is sparse (gVisor sizes it at 1 GiB at once): what counts
+    is the blocks written, in the layer's files and folders."""
+    from workers.runtimes.docker.lifecycle import allocated_bytes
+
+    with open(tmp_path / "store", "wb") as f:
+        f.truncate(1 << 30)
+        f.write(b"x" * (1 << 20))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"y" * (1 << 20))
+    used = allocated_bytes(str(tmp_path))
+    assert used is not None and 2 << 20 <= used < 3 << 20, used
+    assert allocated_bytes(str(tmp_path / "gone")) is None
+
+
+async def test_a_sandbox_filling_the_disk_is_ended(redis_url: str, prefix: str) -> None:
+    """gVisor keeps a sandbox's writes in one file on the host's disk, which Redis,
+    dockerd and the snapshots share, and its memory limit does not bound them: a ``dd``
+    past the node's per-sandbox disk limit ends that sandbox (its writes go with it);
+    a neighbour writing under the limit runs on, and the node serves the next create."""
+    async with running_stack(redis_url, prefix,
+                             worker_overrides={"sandbox_disk_mb": 48, "disk_check_s": 0.2}) as stack:
+        c = stack.client
+        other = await Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=0.25, memory_mb=128)
+        sb = await Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=0.25, memory_mb=128)
+        try:
+            assert (await other.exec("dd", "if=/dev/zero", "of=/kept", "bs=1M", "count=16")).ok
+            try:
+                # 400 MiB, three times the sandbox's memory: the memory limit is not what stops it.
+                await sb.exec("dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=400", timeout=60)
+            except HotbedError:
+                pass  # ended mid-write
+            with anyio.fail_after(20):
+                while not (rec := await c.record(sb.id)).ended:
+                    await anyio.sleep(0.1)
+            assert rec.state == "failed" and rec.reason.startswith("disk full"), rec
+            held = await c.redis.hexists(c.keys.worker_sandboxes(sb.worker_id), sb.id)
+            assert not held, "the ended sandbox still holds its reservation"
+            assert (await other.exec("ls", "-l", "/kept")).ok
+            assert (await c.record(other.id)).state == "running"
+            await still_serving(stack, other)
+        finally:
+            await sb.terminate()
+            await other.terminate()
+
+
 async def test_a_snapshot_keeps_no_env_secret_and_is_private(redis_url: str, prefix: str, tmp_path: Path) -> None:
     secret = f"secret-{prefix}"
     async with running_stack(redis_url, prefix, worker_overrides={"snapshot_dir": str(tmp_path)}) as stack:

@@ -111,7 +111,7 @@ from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
 from workers.images import ImageService
 from workers.ports import PortTunnels, chain
-from workers.runtimes.base import ExitReasons, NetworkService, Runtime
+from workers.runtimes.base import DiskUsage, ExitReasons, NetworkService, Runtime
 from workers.sandboxes import Local, SandboxTable
 from workers.snapshot_peers import SnapshotPeers, replicate_loop
 from workers.snapshots import SnapshotManager
@@ -296,6 +296,8 @@ class WorkerAgent:
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._expiry_loop)
             tg.start_soon(self._health_loop)
+            if isinstance(self.runtime, DiskUsage):
+                tg.start_soon(self._disk_loop, self.runtime)
             tg.start_soon(self._memory_loop)
             await tg.start(self.execution.run)
             await tg.start(self.ports.run)
@@ -467,6 +469,28 @@ class WorkerAgent:
                     await self.runtime.destroy(sid)
                 except lifecycle.TRANSIENT_ERRORS as exc:
                     log.warning("could not remove it: %s", exc, extra={"sandbox_id": sid})
+
+    async def _disk_loop(self, runtime: DiskUsage) -> None:
+        """Sandboxes whose writes hold more of the host's disk than a sandbox may end here."""
+        await lifecycle.supervised_loop(
+            "disk check", lambda: self._check_disk(runtime), interval=lambda: self.settings.disk_check_s,
+            initial_delay=self.settings.disk_check_s, log=log,
+        )
+
+    async def _check_disk(self, runtime: DiskUsage) -> None:
+        limit_mb = self.settings.sandbox_disk_mb
+        if not limit_mb:
+            return
+        # Not one in a checkpoint or restore: the next tick looks at it.
+        known = {sid: local for sid, local in self.sandboxes.items() if not (local.paused or local.busy)}
+        for sid, used in (await runtime.disk_usage(list(known))).items():
+            if used > limit_mb << 20 and self.sandboxes.get(sid) is known[sid]:
+                log.warning("sandbox wrote %d MiB to the host's disk, past its %d MiB", used >> 20, limit_mb,
+                            extra={"sandbox_id": sid, "worker_id": self.id})
+                await self._end_quietly(
+                    sid, f"disk full: its writes held {used >> 20} MiB, past this node's {limit_mb} MiB "
+                         "per sandbox", state="failed",
+                )
 
     async def _death_reason(self, sid: str) -> str:
         """``died``, with the runtime's reason when it is one worth telling (out of memory)."""

@@ -3,7 +3,8 @@
 Variables: HOTBED_REDIS_URL, HOTBED_PREFIX, HOTBED_WORKER_ID, HOTBED_RUNTIME
 (docker | runsc | sim | process), HOTBED_CPU, HOTBED_MEMORY_MB, HOTBED_MAX_CONCURRENCY,
 HOTBED_OCI_RUNTIME, HOTBED_DEFAULT_USER, HOTBED_TAGS (JSON), HOTBED_HEARTBEAT_S,
-HOTBED_RECONCILE_S, HOTBED_SHUTDOWN_GRACE_S, HOTBED_DRAIN_ON_STOP, HOTBED_LOG_FORMAT,
+HOTBED_RECONCILE_S, HOTBED_SANDBOX_DISK_MB (host disk a sandbox's writes may hold; 0: no limit), HOTBED_DISK_CHECK_S,
+HOTBED_SHUTDOWN_GRACE_S, HOTBED_DRAIN_ON_STOP, HOTBED_LOG_FORMAT,
 HOTBED_LOG_LEVEL, HOTBED_GPU_DETECT (auto | nvml | none), HOTBED_GPUS (JSON list of
 ``{uuid, model, memory_mb}``: declared GPUs instead of detection, for simulated fleets),
 HOTBED_GPU_OCI_RUNTIME (the runsc runtime registered with ``--nvproxy``, used for GPU
@@ -130,6 +131,11 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     tags: dict[str, str] = {}
     heartbeat_s: Positive = 1.0
     reconcile_s: Positive = 5.0
+    # Host disk a sandbox's own writes may hold before it is ended (0: no limit): its
+    # writes share the disk of Redis, dockerd and the snapshots. Checked every
+    # disk_check_s, so a fast writer may pass it by what it writes in that time.
+    sandbox_disk_mb: Annotated[int, msgspec.Meta(ge=0)] = 10240
+    disk_check_s: Positive = 1.0
     shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     # On SIGTERM: False leaves sandboxes running, to be adopted when the worker returns.
     drain_on_stop: bool = False
@@ -272,4 +278,4 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 # Settings a running worker takes from a SIGHUP reload (tags are re-advertised).
-RELOADABLE = ("tags", "heartbeat_s", "reconcile_s", "shutdown_grace_s", "drain_on_stop", "log_format", "log_level")
+RELOADABLE = ("tags", "heartbeat_s", "reconcile_s", "sandbox_disk_mb", "disk_check_s", "shutdown_grace_s", "drain_on_stop", "log_format", "log_level")

@@ -136,6 +136,17 @@ class ExitReasons(Protocol):
 
 
 @runtime_checkable
+class DiskUsage(Protocol):
+    """A runtime that can say how much of the host's disk a sandbox's own writes hold
+    (``docker``: gVisor keeps a sandbox's root file system writes in one file of its
+    container's layer, on the disk Redis, dockerd and the snapshots share)."""
+
+    async def disk_usage(self, sandbox_ids: list[str]) -> dict[str, int]:
+        """Bytes each sandbox's writes hold on the host; those it cannot tell (gone, or a
+        storage driver without a layer directory) are left out."""
+
+
+@runtime_checkable
 class CpuWeights(Protocol):
     """A runtime that starts ``background`` sandboxes at a low CPU weight (``docker``)."""
 

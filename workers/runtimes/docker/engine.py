@@ -62,6 +62,9 @@ class Engine:
         # Background sandboxes (starting, or pooled) at a low CPU weight: sandbox id ->
         # container id, which names its cgroup (lifecycle.foreground).
         self.background: dict[str, str] = {}
+        # Where each sandbox's writes land on the host (its container layer's upper
+        # directory), looked up once: lifecycle.disk_usage.
+        self.upper_dirs: dict[str, str] = {}
         self._docker: aiodocker.Docker | None = None
 
     @property

@@ -82,6 +82,9 @@ class DockerRuntime:
     async def exit_reason(self, sandbox_id: str) -> str | None:
         return await lifecycle.exit_reason(self.engine, sandbox_id)
 
+    async def disk_usage(self, sandbox_ids: list[str]) -> dict[str, int]:
+        return await lifecycle.disk_usage(self.engine, sandbox_ids)
+
     async def attach(self, sandbox_id: str) -> _aiodocker.AttachedContainer:
         try:
             return await _aiodocker.attach(self.engine.docker, container_name(sandbox_id), sandbox_id)
