@@ -199,10 +199,10 @@ async def test_a_sandbox_filling_the_disk_is_ended(redis_url: str, prefix: str) 
         other = await Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=0.25, memory_mb=128)
         sb = await Sandbox.create(BUSYBOX_IMAGE, client=c, cpu=0.25, memory_mb=128)
         try:
-            assert (await other.exec("dd", "if=/dev/zero", "of=/kept", "bs=1M", "count=16")).ok
+            assert (await other.exec("dd", "if=/dev/zero", "of=/home/user/kept", "bs=1M", "count=16")).ok
             try:
                 # 400 MiB, three times the sandbox's memory: the memory limit is not what stops it.
-                await sb.exec("dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=400", timeout=60)
+                await sb.exec("dd", "if=/dev/zero", "of=/home/user/fill", "bs=1M", "count=400", timeout=60)
             except HotbedError:
                 pass  # ended mid-write
             with anyio.fail_after(20):
@@ -211,7 +211,7 @@ async def test_a_sandbox_filling_the_disk_is_ended(redis_url: str, prefix: str) 
             assert rec.state == "failed" and rec.reason.startswith("disk full"), rec
             held = await c.redis.hexists(c.keys.worker_sandboxes(sb.worker_id), sb.id)
             assert not held, "the ended sandbox still holds its reservation"
-            assert (await other.exec("ls", "-l", "/kept")).ok
+            assert (await other.exec("ls", "-l", "/home/user/kept")).ok
             assert (await c.record(other.id)).state == "running"
             await still_serving(stack, other)
         finally:

@@ -126,6 +126,11 @@ GUEST_FILE_VERBS = 2
 GUEST_PACED_INPUT = 3
 # How long one pipe request may wait on the command (a slow reader or writer).
 PIPE_CALL_S = 120.0
+# Keys and resizes for a terminal travel apart from its PtyOpen and can overtake it:
+# they wait this long (at most) for it to start rather than be dropped.
+ARRIVAL_WAIT_S = 5.0
+# Requests ended recently, kept so that input for one that has ended is not waited for.
+ENDED_KEPT = 1024
 # A script's exit code -> the typed error (the shell fallback of the file verbs).
 SCRIPT_ERRORS: dict[int, type[FileError]] = {
     2: FileNotFound, 3: NotADirectory, 4: IsADirectory, 5: FileExists, 6: DirectoryNotEmpty,
@@ -315,6 +320,32 @@ class ExecutionService:
         # (sandbox id, client request id) -> (channel, guest request id), for Cancel,
         # PtyInput and PtyResize naming a running request.
         self._active: dict[tuple[str, str], tuple[GuestChannel, int]] = {}
+        self._arrivals: dict[tuple[str, str], anyio.Event] = {}
+        self._ended: dict[tuple[str, str], None] = {}
+
+    def _began(self, key: tuple[str, str], ch: GuestChannel, gid: int) -> None:
+        self._active[key] = (ch, gid)
+        arrived = self._arrivals.pop(key, None)
+        if arrived is not None:
+            arrived.set()
+
+    def _done(self, key: tuple[str, str]) -> None:
+        self._active.pop(key, None)
+        self._ended[key] = None
+        if len(self._ended) > ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
+
+    async def _arrival(self, key: tuple[str, str], wait: float) -> tuple[GuestChannel, int] | None:
+        """The running request ``key`` names, waiting up to ``wait`` for one that has not
+        started yet; None for one that ended, or never came."""
+        if key in self._ended:
+            return None
+        arrived = self._arrivals.setdefault(key, anyio.Event())
+        with anyio.move_on_after(max(0.0, wait)):
+            await arrived.wait()
+        if not arrived.is_set() and self._arrivals.get(key) is arrived:
+            del self._arrivals[key]
+        return self._active.get(key)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self.guests = GuestManager(self._attach, on_violation=self._violated)
@@ -495,6 +526,9 @@ class ExecutionService:
             case PtyInput() | PtyResize() | Cancel():
                 target = body.target if isinstance(body, Cancel) else body.pty
                 active = self._active.get((sid, target))
+                if active is None and not isinstance(body, Cancel):
+                    wait = env.deadline - lifecycle.wall() if env.deadline else ARRIVAL_WAIT_S
+                    active = await self._arrival((sid, target), min(ARRIVAL_WAIT_S, wait))
                 if active is None:
                     return Ack()
                 tch, gid = active
@@ -552,7 +586,7 @@ class ExecutionService:
         collect = None if sink is not None else Collector(max_output)
         finished = False
         async with ch.open(header, payload) as (gid, frames):
-            self._active[(sid, env.id)] = (ch, gid)
+            self._began((sid, env.id), ch, gid)
             try:
                 if header.get("stdin_open") and sink is not None:
                     # The reader may send input from now on (ExecInput finds it active).
@@ -572,7 +606,7 @@ class ExecutionService:
                     f"sandbox {sid}: the guest agent did not end the command", sandbox_id=sid
                 ) from None
             finally:
-                self._active.pop((sid, env.id), None)
+                self._done((sid, env.id))
                 if not finished and not ch.closed:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                         try:
@@ -646,7 +680,7 @@ class ExecutionService:
     ) -> Reply:
         sid = ch.sandbox_id
         async with ch.open(header) as (gid, frames):
-            self._active[(sid, env.id)] = (ch, gid)
+            self._began((sid, env.id), ch, gid)
             try:
                 with anyio.move_on_after(timeout):
                     while True:
@@ -657,7 +691,7 @@ class ExecutionService:
                         if end.get("t") == "exit":
                             break
             finally:
-                self._active.pop((sid, env.id), None)
+                self._done((sid, env.id))
                 if not ch.closed:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                         try:
