@@ -274,11 +274,6 @@ def with_tags(tags: dict[str, str]) -> Fields:
     return {"tags": orjson.dumps(tags).decode()}
 
 
-def with_gpus(uuids: list[str]) -> Fields:
-    """The GPUs a placement reserved (known only once ``RESERVE_DISPATCH`` ran)."""
-    return {"gpu_uuids": orjson.dumps(uuids).decode()}
-
-
 # ------------------------------------------------------------------ capacity
 
 

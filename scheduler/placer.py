@@ -237,7 +237,9 @@ class Placer:
         self, wid: str, sid: str, spec: SandboxSpec, record: SandboxRecord,
         payload: bytes, gpus: list[str], ngpu: int, lease: Lease | None = None,
     ) -> list[str] | None:
-        rec = msgspec.structs.replace(record, worker=wid)
+        # The GPUs go into the record now: RESERVE_DISPATCH takes exactly ``gpus`` or
+        # nothing, and the worker's reply can reach the client before a later write would.
+        rec = msgspec.structs.replace(record, worker=wid, gpu_uuids=list(gpus) if ngpu else [])
         keys = [self.keys.worker_cap(wid), self.keys.worker_sandboxes(wid), self.keys.worker_cmds(wid)]
         fence = placed = ""
         keep_ms = 0
@@ -269,10 +271,7 @@ class Placer:
         if two_steps:
             assert lease is not None
             await lease.settle(placed)
-        uuids = [g.decode() if isinstance(g, bytes) else g for g in got]
-        if uuids:
-            await self.redis.hset(self.keys.sandbox(sid), mapping=records.with_gpus(uuids))
-        return uuids
+        return [g.decode() if isinstance(g, bytes) else g for g in got]
 
     def _no_match_message(self, spec: SandboxSpec) -> str:
         r = spec.resources
