@@ -129,7 +129,7 @@ PIPE_CALL_S = 120.0
 # Keys and resizes for a terminal travel apart from its PtyOpen and can overtake it:
 # they wait this long (at most) for it to start rather than be dropped.
 ARRIVAL_WAIT_S = 5.0
-# Requests ended recently, kept so that input for one that has ended is not waited for.
+# Terminals ended recently, kept so that input for one that has ended is not waited for.
 ENDED_KEPT = 1024
 # A script's exit code -> the typed error (the shell fallback of the file verbs).
 SCRIPT_ERRORS: dict[int, type[FileError]] = {
@@ -329,11 +329,13 @@ class ExecutionService:
         if arrived is not None:
             arrived.set()
 
-    def _done(self, key: tuple[str, str]) -> None:
+    def _done(self, key: tuple[str, str], *, terminal: bool = False) -> None:
         self._active.pop(key, None)
-        self._ended[key] = None
-        if len(self._ended) > ENDED_KEPT:
-            del self._ended[next(iter(self._ended))]
+        if terminal:
+            # Only terminals get keys and resizes after they end; an exec need not pay.
+            self._ended[key] = None
+            if len(self._ended) > ENDED_KEPT:
+                del self._ended[next(iter(self._ended))]
 
     async def _arrival(self, key: tuple[str, str], wait: float) -> tuple[GuestChannel, int] | None:
         """The running request ``key`` names, waiting up to ``wait`` for one that has not
@@ -606,7 +608,7 @@ class ExecutionService:
                     f"sandbox {sid}: the guest agent did not end the command", sandbox_id=sid
                 ) from None
             finally:
-                self._done((sid, env.id))
+                self._done((sid, env.id), terminal=header.get("t") == "pty")
                 if not finished and not ch.closed:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                         try:
