@@ -432,3 +432,32 @@ def test_cli_snapshot_fork_pause_resume(daemons: tuple[str, str]) -> None:
         assert cli("exec", k, "--", "cat", "/tmp/who").stdout == b"parent\n"
     cli("template", "delete", name)
     cli("rm", sid, *kids)
+
+
+async def test_a_start_cancelled_at_any_moment_leaves_no_container(prefix: str) -> None:
+    """A worker that stops while starts are in flight cancels them; whichever step each
+    was at (the create request still with dockerd, above all), none leaves a container."""
+    from hotbed.protocol import Resources, SandboxSpec
+    from tests.conftest import docker_available, leftover_containers
+    from workers.runtimes.base import Placed
+    from workers.runtimes.docker import DockerRuntime
+
+    if not docker_available():
+        pytest.fail("dockerd with runsc is not running: run `make test` (it sets them up)")
+    rt = DockerRuntime()
+    await rt.open()
+    spec = SandboxSpec(image=BUSYBOX_IMAGE, resources=Resources(cpu=0.5, memory_mb=64))
+    try:
+        for n, delay in enumerate(i * 0.02 for i in range(16)):
+            placed = Placed(sandbox_id=f"{prefix}-c{n}", worker_id="w", prefix=prefix)
+            with anyio.move_on_after(delay):
+                await rt.create(placed, spec)
+        # dockerd may finish an abandoned create after its caller has gone.
+        await anyio.sleep(2)
+        left = leftover_containers(prefix)
+    finally:
+        for m in await rt.list_managed():
+            if m.prefix == prefix:
+                await rt.destroy(m.sandbox_id)
+        await rt.aclose()
+    assert left == []

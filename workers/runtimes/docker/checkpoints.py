@@ -33,10 +33,11 @@ from aiodocker.exceptions import DockerError
 from hotbed.errors import RuntimeFailure, SandboxNotFound, SandboxNotRunning
 from hotbed.protocol import SandboxSpec
 from workers.runtimes.base import LABEL_NETWORK, Placed
-from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine, container_name
+from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine
 from workers.runtimes.docker.lifecycle import (
     apply_network,
     container_config,
+    create_container,
     created,
     prepare_network,
     removed_on_failure,
@@ -191,8 +192,7 @@ async def restore(engine: Engine, placed: Placed, spec: SandboxSpec, src: Path) 
     else:
         config.pop("WorkingDir", None)
     async with removed_on_failure(engine, sid, "restore"):
-        with anyio.fail_after(API_TIMEOUT_S):
-            container = await engine.docker.containers.create(config, name=container_name(sid))
+        container = await create_container(engine, config, sid)
         created(engine, placed, container.id)
         if config["HostConfig"]["Runtime"] in engine.wrapped:  # not GPU's runsc-nvproxy
             await start_restoring(engine, container.id, src / "checkpoint", sandbox_id=sid)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
 from hotbed import limits
@@ -146,8 +147,7 @@ async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
     allows = await prepare_network(engine, placed, spec)
     config = container_config(engine, placed, spec, image["Id"])
     async with removed_on_failure(engine, sid, "start"):
-        with anyio.fail_after(API_TIMEOUT_S):
-            container = await engine.docker.containers.create(config, name=container_name(sid))
+        container = await create_container(engine, config, sid)
         created(engine, placed, container.id)
         with anyio.fail_after(API_TIMEOUT_S):
             await container.start()
@@ -189,6 +189,16 @@ async def removed_on_failure(engine: Engine, sid: str, what: str) -> AsyncIterat
         if isinstance(exc, TimeoutError):
             raise RuntimeFailure(f"docker did not {what} {sid} in time", sandbox_id=sid) from None
         raise
+
+
+async def create_container(engine: Engine, config: dict[str, Any], sid: str) -> DockerContainer:
+    """``docker create``, never abandoned half-way: dockerd finishes a create whose
+    caller went away, and a delete sent before it registered the name finds nothing,
+    so a cancelled start would leave the container behind. Cancellation waits for the
+    answer (bounded by the API timeout) and :func:`removed_on_failure` then removes it."""
+    with anyio.CancelScope(shield=True), anyio.fail_after(API_TIMEOUT_S):
+        container = await engine.docker.containers.create(config, name=container_name(sid))
+    return container
 
 
 def created(engine: Engine, placed: Placed, container_id: str) -> None:
