@@ -275,6 +275,17 @@ async def test_busybox_keeps_docker_exec_path(hotbed_stack: Stack) -> None:
             await sb.shell().run("true")
 
 
+async def test_an_exec_the_runtime_cannot_start_is_an_error_not_output(hotbed_stack: Stack) -> None:
+    """When runsc fails to start an exec, dockerd writes its complaint into the output
+    stream: that is a typed error (after a few tries, since nothing ran), never stdout."""
+    async with await Sandbox.create("hotbed/busybox", client=hotbed_stack.client) as sb:
+        assert (await sb.exec("rm", "/bin/sh", user="root")).exit_code == 0
+        with pytest.raises(hotbed.errors.RuntimeFailure) as err:
+            await sb.exec("echo", "hi")
+        assert "did not start the command" in err.value.message
+        assert "OCI runtime exec failed" in err.value.message
+
+
 async def test_session_survives_snapshot_and_restore(hotbed_stack: Stack) -> None:
     from hotbed.templates import delete_template
 

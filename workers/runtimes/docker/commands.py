@@ -21,6 +21,8 @@ from workers.runtimes.docker import _aiodocker, lifecycle
 from workers.runtimes.docker.engine import API_TIMEOUT_S, Engine
 
 log = logging.getLogger(__name__)
+# Tries of an exec whose command the OCI runtime did not start.
+EXEC_START_TRIES = 3
 
 async def exec_spec(engine: Engine, sandbox_id: str, spec: ExecSpec, *, default_user: str) -> ExecResult:
     """Run an exec request (the Runtime's ``exec``)."""
@@ -49,6 +51,41 @@ async def run(
     timeout: float,
     max_output: int,
 ) -> ExecResult:
+    """Run ``argv`` (wrapped), retrying an exec the OCI runtime failed to start.
+
+    Under load ``runsc exec`` now and then fails before the command exists ("OCI
+    runtime exec failed"), and dockerd writes its complaint into the output stream. The
+    wrapper's pid line is what shows the command ran: with nothing at all on stderr,
+    nothing ran, so trying again cannot run it twice, and what dockerd said is an error,
+    never the output."""
+    for attempt in range(EXEC_START_TRIES):
+        output, code, took = await run_once(
+            engine, sandbox_id, argv, user=user, env=env, cwd=cwd, stdin=stdin,
+            timeout=timeout, max_output=max_output,
+        )
+        if output.pid is not None or code == 0:
+            return output.result(code, took)
+        complaint = (bytes(output.out.buf) + bytes(output.pending)).decode("utf-8", "replace").strip()
+        log.warning("exec did not start (try %d): %s", attempt + 1, complaint, extra={"sandbox_id": sandbox_id})
+        if not await lifecycle.is_alive(engine, sandbox_id):
+            raise SandboxNotRunning(f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id)
+        await anyio.sleep(0.05 * 2**attempt)
+    raise RuntimeFailure(f"docker exec did not start the command: {complaint}", sandbox_id=sandbox_id)
+
+
+async def run_once(
+    engine: Engine,
+    sandbox_id: str,
+    argv: Sequence[str],
+    *,
+    user: str,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    stdin: bytes | None,
+    timeout: float,
+    max_output: int,
+) -> tuple[WrappedOutput, int, float]:
+    """One ``docker exec``: its output, exit code and duration."""
     container = engine.container(sandbox_id)
     started = anyio.current_time()
     try:
@@ -93,7 +130,7 @@ async def run(
             await kill_group(engine, sandbox_id, output.pid, user)
         raise output.timed_out(timeout, sandbox_id)
     code = await exit_code(engine, exe, sandbox_id)
-    return output.result(code, anyio.current_time() - started)
+    return output, code, anyio.current_time() - started
 
 
 async def exit_code(engine: Engine, exe: Any, sandbox_id: str) -> int:
