@@ -6,13 +6,14 @@ sandbox's first command wins the CPU from pool refills and restores."""
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 import anyio
 import pytest
 
 from hotbed import templates
 from hotbed.sandbox import Sandbox
-from tests.conftest import BUSYBOX_IMAGE, Stack
+from tests.conftest import BUSYBOX_IMAGE, Stack, restart_worker, running_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -60,3 +61,41 @@ async def test_pooled_sandboxes_idle_at_a_low_weight_until_claimed(stack: Stack)
             await warm.terminate()
     finally:
         await templates.set_pool(name, 0, memory_mb=64, client=c)
+
+
+@pytest.mark.timeout(300)
+async def test_a_pooled_sandbox_taken_back_by_a_restarted_worker_is_raised_at_claim(
+    redis_url: str, prefix: str, tmp_path: Path,
+) -> None:
+    """The low weight is in the container's cgroup, which outlives the worker; the
+    worker that takes the pool back must still raise it when the sandbox is claimed."""
+    async with running_stack(
+        redis_url, prefix,
+        worker_overrides={"snapshot_dir": str(tmp_path / "snapshots"), "cpu": 16, "drain_on_stop": False},
+        scheduler_overrides={"pool_interval_s": 0.05, "pool_refill_per_s": 50.0},
+    ) as stack:
+        c = stack.client
+        name = f"cw-{secrets.token_hex(3)}"
+        await templates.create_template(name, image=BUSYBOX_IMAGE, memory_mb=64, client=c)
+        pool = await templates.set_pool(name, 1, memory_mb=64, client=c)
+        try:
+            with anyio.fail_after(120):
+                while await c.redis.llen(c.keys.pool_ready(pool)) < 1:
+                    await anyio.sleep(0.05)
+            async with anyio.create_task_group() as tg:
+                await restart_worker(stack, tg, drain_on_stop=True)
+                (item,) = await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)
+                pooled = (item.decode() if isinstance(item, bytes) else str(item)).split()[0]
+                assert pooled in stack.worker.sandboxes
+                assert await cpu_weight(stack, pooled) <= 1 / 16
+                warm = await Sandbox.create(template=name, memory_mb=64, client=c)
+                try:
+                    assert warm.path == "warm" and warm.id == pooled
+                    assert (await warm.exec("echo", "hi")).stdout == "hi\n"
+                    assert await cpu_weight(stack, warm.id) == 1
+                finally:
+                    await warm.terminate()
+                    await templates.set_pool(name, 0, memory_mb=64, client=c)
+                    stack.worker.stopping.set()
+        finally:
+            await templates.set_pool(name, 0, memory_mb=64, client=c)

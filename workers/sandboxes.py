@@ -34,7 +34,7 @@ from hotbed.errors import CapacityExhausted, InvalidRequest, SandboxNotFound, Sa
 from hotbed.keys import Keys
 from hotbed.protocol import MAX_TIMEOUT_S
 from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, from_hash
-from workers.runtimes.base import Placed, Runtime
+from workers.runtimes.base import CpuWeights, Placed, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -297,10 +297,10 @@ class SandboxTable:
             if m.sandbox_id not in held:
                 log.info("removing orphan container", extra={"sandbox_id": m.sandbox_id})
                 await self.runtime.destroy(m.sandbox_id)
-        present = {m.sandbox_id for m in managed}
+        found = {m.sandbox_id: m for m in managed}
         for sid in held:
             rec = await self.record(sid)
-            if rec is not None and rec.state == "paused" and sid in present:
+            if rec is not None and rec.state == "paused" and sid in found:
                 # Checkpointed to disk before the restart: still resumable.
                 self._locals[sid] = self._adopted(sid, rec, default_user, paused=True)
                 self._locals[sid].paused_by = rec.paused_by or "client"
@@ -314,6 +314,8 @@ class SandboxTable:
                 continue
             self._locals[sid] = self._adopted(sid, rec, default_user)
             self._locals[sid].env = await self._kept_env(sid)
+            if self._locals[sid].pool and isinstance(self.runtime, CpuWeights):
+                self.runtime.adopt_background(found[sid])
         if held or managed:
             log.info("reconciled: adopted %d sandboxes", len(self._locals))
 

@@ -47,6 +47,8 @@ class Managed(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     prefix: str
     running: bool
+    # The runtime's own name for it, where it has one (docker: the container id).
+    ref: str = ""
 
 
 class AttachedStdio(Protocol):
@@ -153,6 +155,11 @@ class CpuWeights(Protocol):
     def foreground(self, sandbox_id: str) -> bool:
         """Give a background sandbox the normal CPU weight, now (no await: the claimer's
         next command may follow at once). False when it was not a background one."""
+
+    def adopt_background(self, found: Managed) -> None:
+        """``found`` (from :meth:`Runtime.list_managed`) still runs at the low weight it
+        was started at: a pooled sandbox a restarted worker takes back, which
+        :meth:`foreground` must still find at its claim."""
 
 
 @runtime_checkable

@@ -355,6 +355,7 @@ async def list_managed(engine: Engine) -> list[Managed]:
                 worker_id=labels.get(LABEL_WORKER, ""),
                 prefix=labels.get(LABEL_PREFIX, ""),
                 running=c["State"] == "running",
+                ref=c["Id"],
             )
         )
     return out

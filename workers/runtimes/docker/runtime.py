@@ -70,6 +70,10 @@ class DockerRuntime:
     def foreground(self, sandbox_id: str) -> bool:
         return lifecycle.foreground(self.engine, sandbox_id)
 
+    def adopt_background(self, found: Managed) -> None:
+        if found.ref:
+            self.engine.background[found.sandbox_id] = found.ref
+
     async def destroy(self, sandbox_id: str) -> None:
         await lifecycle.destroy(self.engine, sandbox_id)
 
