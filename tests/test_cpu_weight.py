@@ -31,6 +31,34 @@ async def cpu_weight(stack: Stack, sandbox_id: str) -> float:
     pytest.skip("no cgroupfs CPU weight file for the container (systemd driver?)")
 
 
+async def pool_filled(stack: Stack, pool: str) -> None:
+    c = stack.client
+    with anyio.fail_after(120):
+        while await c.redis.llen(c.keys.pool_ready(pool)) < 1:
+            await anyio.sleep(0.05)
+
+
+async def the_pooled(stack: Stack, pool: str) -> str:
+    """The one ready sandbox of ``pool``, checked to idle at the low weight."""
+    c = stack.client
+    (item,) = await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)
+    pooled = (item.decode() if isinstance(item, bytes) else str(item)).split()[0]
+    assert await cpu_weight(stack, pooled) <= 1 / 16
+    return pooled
+
+
+async def claim_is_raised(stack: Stack, template: str, pooled: str) -> None:
+    """Claim ``pooled``: its first command finds it at the normal weight."""
+    warm = await Sandbox.create(template=template, memory_mb=64, client=stack.client)
+    try:
+        assert warm.path == "warm" and warm.id == pooled
+        # The claim notice is handled before the first command on the same stream.
+        assert (await warm.exec("echo", "hi")).stdout == "hi\n"
+        assert await cpu_weight(stack, warm.id) == 1
+    finally:
+        await warm.terminate()
+
+
 @pytest.mark.timeout(300)
 async def test_pooled_sandboxes_idle_at_a_low_weight_until_claimed(stack: Stack) -> None:
     c = stack.client
@@ -45,20 +73,8 @@ async def test_pooled_sandboxes_idle_at_a_low_weight_until_claimed(stack: Stack)
 
     pool = await templates.set_pool(name, 1, memory_mb=64, client=c)
     try:
-        with anyio.fail_after(120):
-            while await c.redis.llen(c.keys.pool_ready(pool)) < 1:
-                await anyio.sleep(0.05)
-        (item,) = await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)
-        pooled = (item.decode() if isinstance(item, bytes) else str(item)).split()[0]
-        assert await cpu_weight(stack, pooled) <= 1 / 16
-        warm = await Sandbox.create(template=name, memory_mb=64, client=c)
-        try:
-            assert warm.path == "warm" and warm.id == pooled
-            # The claim notice is handled before the first command on the same stream.
-            assert (await warm.exec("echo", "hi")).stdout == "hi\n"
-            assert await cpu_weight(stack, warm.id) == 1
-        finally:
-            await warm.terminate()
+        await pool_filled(stack, pool)
+        await claim_is_raised(stack, name, await the_pooled(stack, pool))
     finally:
         await templates.set_pool(name, 0, memory_mb=64, client=c)
 
@@ -79,22 +95,14 @@ async def test_a_pooled_sandbox_taken_back_by_a_restarted_worker_is_raised_at_cl
         await templates.create_template(name, image=BUSYBOX_IMAGE, memory_mb=64, client=c)
         pool = await templates.set_pool(name, 1, memory_mb=64, client=c)
         try:
-            with anyio.fail_after(120):
-                while await c.redis.llen(c.keys.pool_ready(pool)) < 1:
-                    await anyio.sleep(0.05)
+            await pool_filled(stack, pool)
             async with anyio.create_task_group() as tg:
                 await restart_worker(stack, tg, drain_on_stop=True)
-                (item,) = await c.redis.lrange(c.keys.pool_ready(pool), 0, -1)
-                pooled = (item.decode() if isinstance(item, bytes) else str(item)).split()[0]
-                assert pooled in stack.worker.sandboxes
-                assert await cpu_weight(stack, pooled) <= 1 / 16
-                warm = await Sandbox.create(template=name, memory_mb=64, client=c)
                 try:
-                    assert warm.path == "warm" and warm.id == pooled
-                    assert (await warm.exec("echo", "hi")).stdout == "hi\n"
-                    assert await cpu_weight(stack, warm.id) == 1
+                    pooled = await the_pooled(stack, pool)
+                    assert pooled in stack.worker.sandboxes
+                    await claim_is_raised(stack, name, pooled)
                 finally:
-                    await warm.terminate()
                     await templates.set_pool(name, 0, memory_mb=64, client=c)
                     stack.worker.stopping.set()
         finally:

@@ -84,6 +84,15 @@ class WrappedOutput:
             self.pid = -1
             self.err.feed(bytes(self.pending))
 
+    def never_ran(self, exit_code: int) -> bool:
+        """Nothing at all on stderr and a failure: the wrapper never printed its pid, so
+        the command never started (the runtime failed the exec)."""
+        return self.pid is None and exit_code != 0
+
+    def complaint(self) -> bytes:
+        """What the runtime said when :meth:`never_ran`: whatever came on either stream."""
+        return bytes(self.out.buf) + bytes(self.pending)
+
     def result(self, exit_code: int, duration_s: float) -> ExecResult:
         return ExecResult(
             exit_code=exit_code, stdout=bytes(self.out.buf), stderr=bytes(self.err.buf),

@@ -63,9 +63,9 @@ async def run(
             engine, sandbox_id, argv, user=user, env=env, cwd=cwd, stdin=stdin,
             timeout=timeout, max_output=max_output,
         )
-        if output.pid is not None or code == 0:
+        if not output.never_ran(code):
             return output.result(code, took)
-        complaint = (bytes(output.out.buf) + bytes(output.pending)).decode("utf-8", "replace").strip()
+        complaint = output.complaint().decode("utf-8", "replace").strip()
         log.warning("exec did not start (try %d): %s", attempt + 1, complaint, extra={"sandbox_id": sandbox_id})
         if not await lifecycle.is_alive(engine, sandbox_id):
             raise SandboxNotRunning(f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id)

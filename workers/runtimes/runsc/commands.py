@@ -115,9 +115,9 @@ async def run(
             await kill_group(runsc, target, output.pid, ident)
         raise output.timed_out(timeout, sid)
     code = proc.returncode if proc.returncode is not None else -1
-    if output.pid is None and code != 0:
+    if output.never_ran(code):
         # runsc's own complaint (no such sandbox, not running), not the command's.
-        raise runsc.failure("exec", sid, code, bytes(output.pending) + bytes(output.err.buf))
+        raise runsc.failure("exec", sid, code, output.complaint())
     return output.result(code, anyio.current_time() - started)
 
 
