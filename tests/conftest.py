@@ -151,6 +151,15 @@ def leftover_containers(prefix: str) -> list[str]:
     return out.stdout.split()
 
 
+def orphan_shims() -> set[str]:
+    """Container ids that a containerd shim still serves but dockerd no longer lists:
+    a task that outlived its container's removal (its shim then lives on for good)."""
+    shims = subprocess.run(["pgrep", "-a", "containerd-shim"], capture_output=True, text=True).stdout
+    served = {line.split(" -id ", 1)[1].split()[0] for line in shims.splitlines() if " -id " in line}
+    known = subprocess.run(["docker", "ps", "-aq", "--no-trunc"], capture_output=True, text=True).stdout
+    return served - set(known.split())
+
+
 class Stack(msgspec.Struct, kw_only=True):
     client: Client
     scheduler: Scheduler

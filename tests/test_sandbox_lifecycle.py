@@ -10,8 +10,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 import hotbed
@@ -434,25 +438,32 @@ def test_cli_snapshot_fork_pause_resume(daemons: tuple[str, str]) -> None:
     cli("rm", sid, *kids)
 
 
-async def test_a_start_cancelled_at_any_moment_leaves_no_container(prefix: str) -> None:
-    """A worker that stops while starts are in flight cancels them; whichever step each
-    was at (the create request still with dockerd, above all), none leaves a container."""
-    from hotbed.protocol import Resources, SandboxSpec
-    from tests.conftest import docker_available, leftover_containers
+async def cancelled_at_any_moment(
+    prefix: str, start: Callable[[Any, Any], Awaitable[None]], delays: Iterable[float],
+    *, prepare: Callable[[Any], Awaitable[None]] | None = None,
+) -> None:
+    """``start(runtime, placed)`` cancelled after each of ``delays`` (a worker stopping
+    with starts in flight cancels them): whichever step each was at, none leaves a
+    container, nor a containerd task whose shim outlives it."""
+    from tests.conftest import docker_available, leftover_containers, orphan_shims
     from workers.runtimes.base import Placed
     from workers.runtimes.docker import DockerRuntime
 
     if not docker_available():
         pytest.fail("dockerd with runsc is not running: run `make test` (it sets them up)")
+    orphans = orphan_shims()
     rt = DockerRuntime()
     await rt.open()
-    spec = SandboxSpec(image=BUSYBOX_IMAGE, resources=Resources(cpu=0.5, memory_mb=64))
     try:
-        for n, delay in enumerate(i * 0.02 for i in range(16)):
+        if prepare is not None:
+            await prepare(rt)
+        for n, delay in enumerate(delays):
             placed = Placed(sandbox_id=f"{prefix}-c{n}", worker_id="w", prefix=prefix)
-            with anyio.move_on_after(delay):
-                await rt.create(placed, spec)
-        # dockerd may finish an abandoned create after its caller has gone.
+            with anyio.move_on_after(delay) as scope:
+                await start(rt, placed)
+            if not scope.cancel_called:
+                await rt.destroy(placed.sandbox_id)  # done before its deadline
+        # dockerd may finish an abandoned request after its caller has gone.
         await anyio.sleep(2)
         left = leftover_containers(prefix)
     finally:
@@ -461,3 +472,40 @@ async def test_a_start_cancelled_at_any_moment_leaves_no_container(prefix: str) 
                 await rt.destroy(m.sandbox_id)
         await rt.aclose()
     assert left == []
+    with anyio.move_on_after(10):
+        while orphan_shims() - orphans:
+            await anyio.sleep(0.5)
+    assert orphan_shims() - orphans == set(), "a removed container's task outlived it"
+
+
+SPEC_64 = {"image": BUSYBOX_IMAGE, "resources": {"cpu": 0.5, "memory_mb": 64}}
+
+
+async def test_a_start_cancelled_at_any_moment_leaves_no_container(prefix: str) -> None:
+    from hotbed.protocol import SandboxSpec
+
+    spec = msgspec.convert(SPEC_64, SandboxSpec)
+    await cancelled_at_any_moment(
+        prefix, lambda rt, placed: rt.create(placed, spec), (i * 0.02 for i in range(16)),
+    )
+
+
+async def test_a_restore_cancelled_at_any_moment_leaves_no_container(prefix: str, tmp_path: Path) -> None:
+    """A restore's ``docker start`` runs runsc restore through hotbed's wrapper; removing
+    the container while dockerd is still starting it left its task and shim behind."""
+    from hotbed.protocol import SandboxSpec
+    from workers.runtimes.base import Placed
+
+    spec = msgspec.convert(SPEC_64, SandboxSpec)
+    snapshot = tmp_path / "snapshot"
+
+    async def snapshot_made(rt: Any) -> None:
+        src = Placed(sandbox_id=f"{prefix}-src", worker_id="w", prefix=prefix)
+        await rt.create(src, spec)
+        await rt.checkpoint(src.sandbox_id, snapshot, leave_running=False)
+        await rt.destroy(src.sandbox_id)
+
+    await cancelled_at_any_moment(
+        prefix, lambda rt, placed: rt.restore(placed, spec, snapshot), (i * 0.05 for i in range(1, 15)),
+        prepare=snapshot_made,
+    )

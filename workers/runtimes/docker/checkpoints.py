@@ -256,7 +256,7 @@ async def start_restoring(engine: Engine, container_id: str, image: Path, *, san
 
     await anyio.to_thread.run_sync(put)
     try:
-        await engine.post(f"containers/{container_id}/start", sandbox_id=sandbox_id)
+        await engine.start(container_id, sandbox_id=sandbox_id)
     except BaseException:
         # A failed restore leaves its mark: the next plain start must not restore.
         with anyio.CancelScope(shield=True):
@@ -280,9 +280,7 @@ async def start_from_checkpoint(engine: Engine, container_id: str, image: Path, 
     token = secrets.token_hex(16)
     await anyio.to_thread.run_sync((image / RESTORE_ID).write_text, token)
     try:
-        await engine.post(
-            f"containers/{container_id}/start", params={"checkpoint": image.name}, sandbox_id=sandbox_id,
-        )
+        await engine.start(container_id, params={"checkpoint": image.name}, sandbox_id=sandbox_id)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(sweep_restore_copies, {token})

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiodocker
 import anyio
+import anyio.lowlevel
 from aiodocker.exceptions import DockerError
 
 from hotbed.errors import HotbedError, RuntimeFailure, SandboxNotFound, SandboxNotRunning
@@ -129,6 +130,19 @@ class Engine:
             raise self.translate(exc, sandbox_id) from None
         except TimeoutError:
             raise RuntimeFailure(f"docker: {path} timed out", sandbox_id=sandbox_id) from None
+
+    async def start(self, container_id: str, *, sandbox_id: str, params: dict[str, Any] | None = None) -> None:
+        """``docker start``, never abandoned half-way. dockerd goes on starting a
+        container whose caller went away, and a removal sent meanwhile races that
+        start: cancelled runsc restores left their containerd task and its shim running
+        for good once dockerd had dropped the container ("cannot delete running task"
+        in its log). Cancellation waits for dockerd's answer (bounded by the API
+        timeout), so the removal that follows finds a container started or failed."""
+        with anyio.CancelScope(shield=True):
+            await self.post(f"containers/{container_id}/start", params=params, sandbox_id=sandbox_id)
+        # A caller cancelled meanwhile learns it here, so its clean-up removes the
+        # container, rather than going on as if the start had been wanted.
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     def translate(self, exc: DockerError, sandbox_id: str) -> HotbedError:
         msg = exc.message if isinstance(exc.message, str) else str(exc.message)

@@ -149,8 +149,7 @@ async def create(engine: Engine, placed: Placed, spec: SandboxSpec) -> None:
     async with removed_on_failure(engine, sid, "start"):
         container = await create_container(engine, config, sid)
         created(engine, placed, container.id)
-        with anyio.fail_after(API_TIMEOUT_S):
-            await container.start()
+        await engine.start(container.id, sandbox_id=sid)
         await apply_network(engine, sid, spec, allows)
 
 
