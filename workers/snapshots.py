@@ -649,7 +649,10 @@ class SnapshotManager:
             cmd.idle_timeout if cmd.idle_timeout and 0 < cmd.idle_timeout <= protocol.MAX_TIMEOUT_S else None
         )
         # The template's env (from the pool's start) under the claimer's own.
-        local.env = {**local.env, **cmd.env}
+        env = {**local.env, **cmd.env}
+        # Kept in Redis at the pool's start already: written again only if the claim
+        # changed it (most claims bring no env, and this is one write less per claim).
+        changed, local.env = env != local.env, env
         ok = cmd.auto_pause_after is None or 0 <= cmd.auto_pause_after <= protocol.MAX_TIMEOUT_S
         local.auto_pause_after, local.pausable = self.table.pause_policy(
             cmd.auto_pause_after if ok else None
@@ -658,7 +661,8 @@ class SnapshotManager:
         # Off the pool's low CPU weight before the claimer's first command runs.
         if isinstance(self.runtime, CpuWeights):
             self.runtime.foreground(cmd.sandbox_id)
-        await self.table.keep_env(local)
+        if changed:
+            await self.table.keep_env(local)
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
 
     # ---------------------------------------------------------- pause/resume
