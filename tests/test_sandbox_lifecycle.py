@@ -440,11 +440,13 @@ def test_cli_snapshot_fork_pause_resume(daemons: tuple[str, str]) -> None:
 
 async def cancelled_at_any_moment(
     prefix: str, start: Callable[[Any, Any], Awaitable[None]], delays: Iterable[float],
-    *, prepare: Callable[[Any], Awaitable[None]] | None = None,
+    *, prepare: Callable[[Any], Awaitable[None]] | None = None, then_remove: bool = False,
 ) -> None:
     """``start(runtime, placed)`` cancelled after each of ``delays`` (a worker stopping
-    with starts in flight cancels them): whichever step each was at, none leaves a
-    container, nor a containerd task whose shim outlives it."""
+    with starts in flight cancels them; the n-th is sandbox ``{prefix}-c{n}``):
+    whichever step each was at, none leaves a container, nor a containerd task whose
+    shim outlives it. ``then_remove``: each is removed right after, cancelled or not,
+    and that removal must work."""
     from tests.conftest import docker_available, leftover_containers, orphan_shims
     from workers.runtimes.base import Placed
     from workers.runtimes.docker import DockerRuntime
@@ -461,8 +463,8 @@ async def cancelled_at_any_moment(
             placed = Placed(sandbox_id=f"{prefix}-c{n}", worker_id="w", prefix=prefix)
             with anyio.move_on_after(delay) as scope:
                 await start(rt, placed)
-            if not scope.cancel_called:
-                await rt.destroy(placed.sandbox_id)  # done before its deadline
+            if then_remove or not scope.cancel_called:
+                await rt.destroy(placed.sandbox_id)
         # dockerd may finish an abandoned request after its caller has gone.
         await anyio.sleep(2)
         left = leftover_containers(prefix)
@@ -508,4 +510,24 @@ async def test_a_restore_cancelled_at_any_moment_leaves_no_container(prefix: str
     await cancelled_at_any_moment(
         prefix, lambda rt, placed: rt.restore(placed, spec, snapshot), (i * 0.05 for i in range(1, 15)),
         prepare=snapshot_made,
+    )
+
+
+async def test_a_sandbox_whose_pause_was_cancelled_is_still_removed(prefix: str) -> None:
+    """A pause is a checkpoint through dockerd; removing the sandbox while dockerd was
+    still checkpointing it failed ("is zombie and can not be killed")."""
+    from hotbed.protocol import SandboxSpec
+    from workers.runtimes.base import Placed
+
+    spec = msgspec.convert(SPEC_64, SandboxSpec)
+    delays = [i * 0.03 for i in range(1, 13)]
+
+    async def running(rt: Any) -> None:
+        # All made first: a pause of a sandbox that has run a while (it met the
+        # failure more often than one paused as soon as it started).
+        for n in range(len(delays)):
+            await rt.create(Placed(sandbox_id=f"{prefix}-c{n}", worker_id="w", prefix=prefix), spec)
+
+    await cancelled_at_any_moment(
+        prefix, lambda rt, placed: rt.pause(placed.sandbox_id), delays, prepare=running, then_remove=True,
     )

@@ -123,26 +123,26 @@ class Engine:
         self, path: str, *, params: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None, sandbox_id: str,
     ) -> None:
+        """A POST that changes a container (a start, a checkpoint), never abandoned
+        half-way. dockerd carries on with a request whose caller went away, and a
+        removal sent meanwhile races it: cancelled runsc restores left their
+        containerd task and shim running for good once dockerd had dropped the
+        container ("cannot delete running task" in its log), and a removal during a
+        cancelled checkpoint failed ("is zombie and can not be killed"). Cancellation
+        waits for dockerd's answer (bounded by the API timeout), then reaches the
+        caller, whose clean-up finds the container done with."""
         try:
-            with anyio.fail_after(API_TIMEOUT_S):
+            with anyio.CancelScope(shield=True), anyio.fail_after(API_TIMEOUT_S):
                 await _aiodocker.post(self.docker, path, params=params, body=body)
         except DockerError as exc:
             raise self.translate(exc, sandbox_id) from None
         except TimeoutError:
             raise RuntimeFailure(f"docker: {path} timed out", sandbox_id=sandbox_id) from None
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def start(self, container_id: str, *, sandbox_id: str, params: dict[str, Any] | None = None) -> None:
-        """``docker start``, never abandoned half-way. dockerd goes on starting a
-        container whose caller went away, and a removal sent meanwhile races that
-        start: cancelled runsc restores left their containerd task and its shim running
-        for good once dockerd had dropped the container ("cannot delete running task"
-        in its log). Cancellation waits for dockerd's answer (bounded by the API
-        timeout), so the removal that follows finds a container started or failed."""
-        with anyio.CancelScope(shield=True):
-            await self.post(f"containers/{container_id}/start", params=params, sandbox_id=sandbox_id)
-        # A caller cancelled meanwhile learns it here, so its clean-up removes the
-        # container, rather than going on as if the start had been wanted.
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        """``docker start`` (``params``: a checkpoint to start from), as :meth:`post`."""
+        await self.post(f"containers/{container_id}/start", params=params, sandbox_id=sandbox_id)
 
     def translate(self, exc: DockerError, sandbox_id: str) -> HotbedError:
         msg = exc.message if isinstance(exc.message, str) else str(exc.message)
