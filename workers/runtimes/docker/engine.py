@@ -7,8 +7,9 @@ Every Docker call sits under a deadline (aiodocker has none of its own).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiodocker
 import anyio
@@ -22,6 +23,9 @@ from workers.runtimes.docker.network import SandboxNetworks
 log = logging.getLogger(__name__)
 
 API_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
 # The file name of hotbed's runsc wrapper (deploy/runsc/runsc-hotbed): a dockerd runtime
 # whose binary has this name restores without containerd (see snapshots.py).
 WRAPPER_NAME = "runsc-hotbed"
@@ -119,26 +123,33 @@ class Engine:
             raise self.translate(exc, sandbox_id) from None
         return info
 
+    async def whole(self, request: Callable[[], Awaitable[T]]) -> T:
+        """``request()`` to dockerd, for one that makes or changes a container (a
+        create, a start, a checkpoint), never abandoned half-way. dockerd carries on
+        with a request whose caller went away, and a removal sent meanwhile races it: a
+        create registered after its delete left the container; cancelled runsc
+        restores left their containerd task and shim running for good once dockerd had
+        dropped the container ("cannot delete running task" in its log); a removal
+        during a cancelled checkpoint failed ("is zombie and can not be killed").
+        Cancellation waits for dockerd's answer (bounded by the API timeout: then
+        TimeoutError), then reaches the caller, whose clean-up finds the container done
+        with, before it takes any further step."""
+        with anyio.CancelScope(shield=True), anyio.fail_after(API_TIMEOUT_S):
+            result = await request()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return result
+
     async def post(
         self, path: str, *, params: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None, sandbox_id: str,
     ) -> None:
-        """A POST that changes a container (a start, a checkpoint), never abandoned
-        half-way. dockerd carries on with a request whose caller went away, and a
-        removal sent meanwhile races it: cancelled runsc restores left their
-        containerd task and shim running for good once dockerd had dropped the
-        container ("cannot delete running task" in its log), and a removal during a
-        cancelled checkpoint failed ("is zombie and can not be killed"). Cancellation
-        waits for dockerd's answer (bounded by the API timeout), then reaches the
-        caller, whose clean-up finds the container done with."""
+        """A POST that changes a container, as :meth:`whole`."""
         try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(API_TIMEOUT_S):
-                await _aiodocker.post(self.docker, path, params=params, body=body)
+            await self.whole(lambda: _aiodocker.post(self.docker, path, params=params, body=body))
         except DockerError as exc:
             raise self.translate(exc, sandbox_id) from None
         except TimeoutError:
             raise RuntimeFailure(f"docker: {path} timed out", sandbox_id=sandbox_id) from None
-        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def start(self, container_id: str, *, sandbox_id: str, params: dict[str, Any] | None = None) -> None:
         """``docker start`` (``params``: a checkpoint to start from), as :meth:`post`."""

@@ -191,12 +191,11 @@ async def removed_on_failure(engine: Engine, sid: str, what: str) -> AsyncIterat
 
 
 async def create_container(engine: Engine, config: dict[str, Any], sid: str) -> DockerContainer:
-    """``docker create``, never abandoned half-way: dockerd finishes a create whose
-    caller went away, and a delete sent before it registered the name finds nothing,
-    so a cancelled start would leave the container behind. Cancellation waits for the
-    answer (bounded by the API timeout) and :func:`removed_on_failure` then removes it."""
-    with anyio.CancelScope(shield=True), anyio.fail_after(API_TIMEOUT_S):
-        container = await engine.docker.containers.create(config, name=container_name(sid))
+    """``docker create``, never abandoned half-way (:meth:`Engine.whole`); a cancelled
+    one is then removed by :func:`removed_on_failure`, never started."""
+    container: DockerContainer = await engine.whole(
+        lambda: engine.docker.containers.create(config, name=container_name(sid)),
+    )
     return container
 
 
