@@ -253,6 +253,26 @@ async def running_stack(
     assert not left, f"test leaked containers: {left}"
 
 
+@asynccontextmanager
+async def process_stack(
+    redis_url: str, prefix: str, root: Path, *, worker_overrides: dict[str, object] | None = None,
+) -> AsyncIterator[Stack]:
+    """A stack whose worker runs sandboxes as plain processes under ``root`` (no
+    isolation, no dockerd): for tests of the control plane itself."""
+    from workers.runtimes.process import ProcessRuntime
+
+    async with anyio.create_task_group() as tg:
+        stack = await start_stack(
+            redis_url, prefix, tg=tg, runtime=ProcessRuntime(root=root),
+            worker_overrides={"runtime": "process", **(worker_overrides or {})},
+        )
+        try:
+            yield stack
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stop_stack(stack)
+
+
 async def wait_for(cond: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0) -> None:
     """Look at ``cond`` every 50 ms until it holds; fail the test, naming ``what``,
     after ``timeout`` seconds."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-from conftest import start_stack, stop_stack
+from conftest import process_stack
 
 from hotbed import keys as keyspace
 from hotbed import protocol
@@ -32,7 +32,6 @@ from hotbed.protocol import (
 )
 from scheduler.config import SchedulerSettings
 from scheduler.service import Scheduler
-from workers.runtimes.process import ProcessRuntime
 
 pytestmark = pytest.mark.anyio
 
@@ -101,24 +100,17 @@ async def _create_from_skewed_host(skew: float, url: str, prefix: str, timeout: 
 async def test_skewed_clients_get_placed_and_their_deadlines_held(
     redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    async with anyio.create_task_group() as tg:
-        stack = await start_stack(
-            redis_url, prefix, tg=tg, runtime=ProcessRuntime(root=tmp_path / "sandboxes"),
-            worker_overrides={"runtime": "process", "cpu": 1.0},
-        )
-        try:
-            # An hour behind: its deadline would have passed long ago on anyone's clock.
-            got = await _create_from_skewed_host(-HOUR, redis_url, prefix, 20)
-            assert got[0] == "created", got
-            sid = got[1]
-            # An hour ahead, on a full node: the scheduler answers at the request's real
-            # deadline (CapacityExhausted), not an hour later (the client would give up
-            # first, with RequestTimeout, after its own wait).
-            got = await _create_from_skewed_host(HOUR, redis_url, prefix, 2)
-            assert got[:2] == ["error", "CapacityExhausted"] and float(got[2]) < 5, got
-            await stack.client.worker_request(stack.worker.id, Terminate(sandbox_id=sid), timeout=10)
-        finally:
-            await stop_stack(stack)
+    async with process_stack(redis_url, prefix, tmp_path / "sandboxes", worker_overrides={"cpu": 1.0}) as stack:
+        # An hour behind: its deadline would have passed long ago on anyone's clock.
+        got = await _create_from_skewed_host(-HOUR, redis_url, prefix, 20)
+        assert got[0] == "created", got
+        sid = got[1]
+        # An hour ahead, on a full node: the scheduler answers at the request's real
+        # deadline (CapacityExhausted), not an hour later (the client would give up
+        # first, with RequestTimeout, after its own wait).
+        got = await _create_from_skewed_host(HOUR, redis_url, prefix, 2)
+        assert got[:2] == ["error", "CapacityExhausted"] and float(got[2]) < 5, got
+        await stack.client.worker_request(stack.worker.id, Terminate(sandbox_id=sid), timeout=10)
 
 
 @pytest.fixture
@@ -170,22 +162,15 @@ async def test_hostile_deadlines_get_a_typed_error_not_a_traceback(
 ) -> None:
     """NaN, infinity or a deadline centuries away would overflow the request lease's
     TTL: refused when the envelope is decoded, answered, nothing logged as a crash."""
-    async with anyio.create_task_group() as tg:
-        stack = await start_stack(
-            redis_url, prefix, tg=tg, runtime=ProcessRuntime(root=tmp_path / "sandboxes"),
-            worker_overrides={"runtime": "process"},
-        )
-        try:
-            c = stack.client
-            for deadline in (float("nan"), float("inf"), float(2**63 - 1), -1.0):
-                rid = new_id()
-                env = Envelope(id=rid, reply_to=c.keys.reply(rid), deadline=deadline, body=CreateSandbox(spec=ONE_CPU))
-                # Encoding does not check the bound; a hostile client need not use ours.
-                await c.redis.xadd(c.keys.requests, {keyspace.FIELD: protocol.encode(env)})
-                got = await c.redis.blpop([c.keys.reply(rid)], timeout=10)
-                assert got is not None, deadline
-                reply = protocol.decode_reply(got[1]).body
-                assert isinstance(reply, ErrorReply) and reply.code == "UnsupportedRequest", (deadline, reply)
-        finally:
-            await stop_stack(stack)
+    async with process_stack(redis_url, prefix, tmp_path / "sandboxes") as stack:
+        c = stack.client
+        for deadline in (float("nan"), float("inf"), float(2**63 - 1), -1.0):
+            rid = new_id()
+            env = Envelope(id=rid, reply_to=c.keys.reply(rid), deadline=deadline, body=CreateSandbox(spec=ONE_CPU))
+            # Encoding does not check the bound; a hostile client need not use ours.
+            await c.redis.xadd(c.keys.requests, {keyspace.FIELD: protocol.encode(env)})
+            got = await c.redis.blpop([c.keys.reply(rid)], timeout=10)
+            assert got is not None, deadline
+            reply = protocol.decode_reply(got[1]).body
+            assert isinstance(reply, ErrorReply) and reply.code == "UnsupportedRequest", (deadline, reply)
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-from conftest import BUSYBOX_IMAGE, running_stack, start_stack, stop_stack
+from conftest import BUSYBOX_IMAGE, process_stack, running_stack
 
 from hotbed import protocol
 from hotbed.errors import InvalidRequest, NoMatchingWorker
@@ -84,35 +84,28 @@ def test_rank_and_index_skip_unisolated_workers_unless_opted_out() -> None:
 async def test_unisolated_worker_gets_only_requests_that_opt_out(
     redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    async with anyio.create_task_group() as tg:
-        stack = await start_stack(
-            redis_url, prefix, tg=tg, runtime=ProcessRuntime(root=tmp_path / "sandboxes"),
-            worker_overrides={"runtime": "process"},
-        )
-        try:
-            c = stack.client
-            assert stack.worker.info.isolated is False
-            # The default request is refused at once, saying why and how to opt out.
-            with anyio.fail_after(10), pytest.raises(NoMatchingWorker, match="allow_unisolated"):
-                await c.request(CreateSandbox(spec=DEFAULT), timeout=30)
-            with anyio.fail_after(10), pytest.raises(NoMatchingWorker, match="isolates"):
-                await Sandbox.create("none", cpu=0.5, memory_mb=64, client=c)
-            # Nothing was placed: the worker holds nothing.
-            assert await c.redis.hlen(c.keys.worker_sandboxes(stack.worker.id)) == 0
-            # Opting out places it there.
-            created = await c.request(CreateSandbox(spec=msgspec.structs.replace(OPTED_OUT, image="none")), timeout=30)
-            assert isinstance(created, SandboxCreated) and created.worker_id == stack.worker.id
-            await c.worker_request(created.worker_id, Terminate(sandbox_id=created.sandbox_id), timeout=10)
-            sb = await Sandbox.create("none", cpu=0.5, memory_mb=64, allow_unisolated=True, client=c)
-            await sb.terminate()
-            # A start written straight to the worker's stream that did not opt out is
-            # refused by the worker itself (a scheduler that does not check, or a forger).
-            with pytest.raises(InvalidRequest, match="does not isolate"):
-                await c.worker_request(
-                    stack.worker.id, StartSandbox(sandbox_id="sb-forged1", spec=DEFAULT), timeout=10
-                )
-        finally:
-            await stop_stack(stack)
+    async with process_stack(redis_url, prefix, tmp_path / "sandboxes") as stack:
+        c = stack.client
+        assert stack.worker.info.isolated is False
+        # The default request is refused at once, saying why and how to opt out.
+        with anyio.fail_after(10), pytest.raises(NoMatchingWorker, match="allow_unisolated"):
+            await c.request(CreateSandbox(spec=DEFAULT), timeout=30)
+        with anyio.fail_after(10), pytest.raises(NoMatchingWorker, match="isolates"):
+            await Sandbox.create("none", cpu=0.5, memory_mb=64, client=c)
+        # Nothing was placed: the worker holds nothing.
+        assert await c.redis.hlen(c.keys.worker_sandboxes(stack.worker.id)) == 0
+        # Opting out places it there.
+        created = await c.request(CreateSandbox(spec=msgspec.structs.replace(OPTED_OUT, image="none")), timeout=30)
+        assert isinstance(created, SandboxCreated) and created.worker_id == stack.worker.id
+        await c.worker_request(created.worker_id, Terminate(sandbox_id=created.sandbox_id), timeout=10)
+        sb = await Sandbox.create("none", cpu=0.5, memory_mb=64, allow_unisolated=True, client=c)
+        await sb.terminate()
+        # A start written straight to the worker's stream that did not opt out is
+        # refused by the worker itself (a scheduler that does not check, or a forger).
+        with pytest.raises(InvalidRequest, match="does not isolate"):
+            await c.worker_request(
+                stack.worker.id, StartSandbox(sandbox_id="sb-forged1", spec=DEFAULT), timeout=10
+            )
 
 
 async def test_isolated_docker_worker_takes_the_default_request(redis_url: str, prefix: str) -> None:
