@@ -104,7 +104,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             env=cluster.env(
                 HOTBED_RUNSC_ROOT=f"/run/hotbed/runsc-{prefix}", HOTBED_RUNSC_DIR=str(snapdir / "runsc"),
                 HOTBED_DRAIN_ON_STOP="true", HOTBED_SHUTDOWN_GRACE_S="2",
-                HOTBED_OCI_RUNTIME=args.oci_runtime, HOTBED_AUTO_PAUSE_AFTER=str(args.pause_after),
+                HOTBED_OCI_RUNTIME=args.oci_runtime, HOTBED_RUNSC_PLATFORM=args.runsc_platform,
+                HOTBED_AUTO_PAUSE_AFTER=str(args.pause_after),
                 HOTBED_AUTO_PAUSE_CHECK_S="0.5", HOTBED_SNAPSHOT_DIR=str(snapdir),
                 # Declared capacity is not what this measures: sessions are admitted by
                 # it, and paused ones hold none.
@@ -292,6 +293,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runtime", choices=["docker", "runsc"], default="docker",
                    help="the worker's runtime: dockerd + runsc, or runsc driven directly")
     p.add_argument("--oci-runtime", default="runsc", help="dockerd's runtime (--runtime docker)")
+    p.add_argument("--runsc-platform", choices=["systrap", "ptrace"], default="ptrace",
+                   help="gVisor's platform (--runtime runsc)")
     p.add_argument("--out", default=str(results.RESULTS / "node.json"), help="results file")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)

@@ -252,6 +252,44 @@ async def test_guest_agent_over_the_pipes_survives_a_new_attach(base_rootfs_runt
     assert res.stdout.split() == [b"1000", b"/home/user"]
 
 
+@pytest.mark.anyio
+async def test_resume_clears_a_container_left_by_a_dead_worker(base_rootfs_runtime: Any) -> None:
+    """A resume restores without asking runsc first; when a worker died between the
+    checkpoint and the delete, the stopped container left behind is cleared and the
+    restore tried again. A sandbox that is gone cannot be attached."""
+    from hotbed.errors import SandboxNotRunning
+
+    rt = base_rootfs_runtime
+    sid = f"sb-{secrets.token_hex(4)}"
+    placed = Placed(sandbox_id=sid, worker_id="w-runsc", prefix="t-runsc")
+    await rt.create(placed, SandboxSpec(image="nodebase", resources=Resources(cpu=0.5, memory_mb=256)))
+    await rt.exec(sid, ExecSpec(shell="echo kept > /tmp/mark"), default_user="0")
+    # The pause's checkpoint, without the delete that follows it.
+    paused = rt._dir(sid) / "paused"
+    await rt.runsc.call(["checkpoint", "--image-path", os.fspath(paused), "--compression=none", sid])
+    await wait_stopped(rt, sid)
+    assert (await rt.runsc.state(sid) or {}).get("status") == "stopped"
+    assert await rt.is_paused(sid)
+    with pytest.raises(SandboxNotRunning):
+        await rt.attach(sid)
+    await rt.resume(sid)
+    assert not paused.exists()
+    res = await rt.exec(sid, ExecSpec(shell="cat /tmp/mark"), default_user="0")
+    assert res.stdout == b"kept\n"
+    (await rt.attach(sid)).abort()
+    await rt.resume(sid)  # running: nothing to do
+    await rt.runsc.call(["kill", sid, "KILL"])
+    await wait_stopped(rt, sid)
+    with pytest.raises(SandboxNotRunning):
+        await rt.attach(sid)
+
+
+async def wait_stopped(rt: Any, sid: str) -> None:
+    with anyio.fail_after(10):
+        while (await rt.runsc.state(sid) or {}).get("status") == "running":
+            await anyio.sleep(0.05)
+
+
 # ------------------------------------------------------- bench/gpu_check_runsc.sh
 
 ROOT = Path(__file__).resolve().parents[1]

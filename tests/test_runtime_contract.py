@@ -33,6 +33,7 @@ from hotbed.errors import (
     UnsupportedRequest,
 )
 from hotbed.protocol import ExecResult, ExecSpec, Resources, SandboxSpec
+from workers.config import WorkerSettings
 from workers.guest.channel import NOAGENT
 from workers.runtimes.base import Placed
 
@@ -221,9 +222,11 @@ class TestRunscRuntime(RuntimeContract):
             pytest.skip("needs runsc, and dockerd with the test image")
         from workers.runtimes.runsc import RunscRuntime
 
-        # Image cache shared across tests (one export per image), sandboxes private.
+        # Image cache shared across tests (one export per image), sandboxes private;
+        # the platform a worker gives it by default.
         rt = RunscRuntime(
-            root="/run/hotbed/runsc-test", state_dir=tmp_path / "runsc", image_cache=RUNSC_IMAGE_CACHE
+            root="/run/hotbed/runsc-test", state_dir=tmp_path / "runsc", image_cache=RUNSC_IMAGE_CACHE,
+            flags=[f"--platform={WorkerSettings().runsc_platform}"],
         )
         await rt.open()
         try:

@@ -10,7 +10,7 @@ HOTBED_LOG_LEVEL, HOTBED_GPU_DETECT (auto | nvml | none), HOTBED_GPUS (JSON list
 HOTBED_GPU_OCI_RUNTIME (the runsc runtime registered with ``--nvproxy``, used for GPU
 sandboxes), HOTBED_PROCESS_ROOT (state directory of the unisolated ``process``
 runtime), HOTBED_RUNSC (the runsc binary of the ``runsc`` runtime), HOTBED_RUNSC_ROOT
-(its ``runsc --root``), HOTBED_RUNSC_DIR (its bundles, unpacked images and paused
+(its ``runsc --root``), HOTBED_RUNSC_PLATFORM (its gVisor platform: systrap or ptrace), HOTBED_RUNSC_DIR (its bundles, unpacked images and paused
 sandboxes), HOTBED_IMAGE_DIR (image directories and tarballs it runs where no Docker
 engine is), HOTBED_METRICS_PORT (Prometheus endpoint; 0 = off), HOTBED_METRICS_ADDR
 (default 127.0.0.1), HOTBED_SNAPSHOT_DIR (memory snapshots kept on this node),
@@ -162,6 +162,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     runsc: str = "runsc"
     runsc_root: str = "/run/hotbed/runsc"
     runsc_dir: str = "/var/lib/hotbed/runsc"
+    # Its gVisor platform (KVM is never used): the same trade-off as ``oci_runtime``'s
+    # runsc-ptrace and runsc, with the same default, for density and faster resumes
+    # (docs/operations.md). GPU sandboxes always run on systrap.
+    runsc_platform: Literal["ptrace", "systrap"] = "ptrace"
     image_dir: str = "/var/lib/hotbed/images"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     metrics_addr: str = "127.0.0.1"

@@ -24,7 +24,7 @@ def make_runtime(settings: WorkerSettings) -> Runtime:
 
         return RunscRuntime(
             runsc=settings.runsc, root=settings.runsc_root, state_dir=settings.runsc_dir, image_dir=settings.image_dir,
-            cgroup_parent=settings.cgroup_parent,
+            cgroup_parent=settings.cgroup_parent, flags=[f"--platform={settings.runsc_platform}"],
         )
     if settings.runtime == "sim":
         from workers.runtimes.sim import SimRuntime

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 META = "sandbox.json"
 PAUSED = "paused"
-GPU_FLAGS = ["--nvproxy"]
+# GPU sandboxes stay on systrap whatever the node's platform: nvproxy has been
+# checked on GPU machines there, not under ptrace (a later flag wins in runsc).
+GPU_FLAGS = ["--nvproxy", "--platform=systrap"]
 
 
 class SandboxMeta(msgspec.Struct, frozen=True, kw_only=True):
@@ -262,17 +264,16 @@ class RunscRuntime:
         return await self._status(meta) == "running"
 
     async def attach(self, sandbox_id: str) -> stdio.FifoStdio:
+        # No `runsc state` first (a process start, 15-40 ms, on the path of the first
+        # command after every resume): the pipes answer the same question, since only
+        # a live sandbox holds their other ends.
         try:
-            meta = await self._meta(sandbox_id)
-            running = await self._status(meta) == "running"
-        except HotbedError:
-            running = False
-        if running:
-            try:
-                return stdio.FifoStdio(self._dir(sandbox_id))
-            except OSError:
-                pass
-        raise SandboxNotRunning(f"sandbox {sandbox_id}: cannot attach: not running", sandbox_id=sandbox_id)
+            await self._meta(sandbox_id)
+            return stdio.FifoStdio(self._dir(sandbox_id))
+        except (HotbedError, OSError):
+            raise SandboxNotRunning(
+                f"sandbox {sandbox_id}: cannot attach: not running", sandbox_id=sandbox_id
+            ) from None
 
     async def list_managed(self) -> list[Managed]:
         def scan() -> list[SandboxMeta]:
@@ -363,10 +364,16 @@ class RunscRuntime:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(paused, ignore_errors=True))
         # Without --leave-running the sandbox stops as its image is written: nothing
         # it does after the checkpoint is lost.
-        await self.runsc.call(
-            ["checkpoint", "--image-path", os.fspath(paused), "--compression=none", sandbox_id],
-            sandbox_id=sandbox_id, flags=meta.flags, timeout=120.0,
-        )
+        try:
+            await self.runsc.call(
+                ["checkpoint", "--image-path", os.fspath(paused), "--compression=none", sandbox_id],
+                sandbox_id=sandbox_id, flags=meta.flags, timeout=120.0,
+            )
+        except BaseException:
+            # A half-written image must not pass for a paused sandbox (resume trusts it).
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(paused, ignore_errors=True))
+            raise
         try:
             await self.runsc.call(["delete", "--force", sandbox_id], sandbox_id=sandbox_id, flags=meta.flags)
         except SandboxNotFound:
@@ -374,15 +381,28 @@ class RunscRuntime:
 
     async def resume(self, sandbox_id: str) -> None:
         meta = await self._meta(sandbox_id)
-        if await self._status(meta) == "running":
-            return
         d = self._dir(sandbox_id)
         paused = d / PAUSED
         if not await anyio.Path(paused).is_dir():
+            if await self._status(meta) == "running":
+                return
             raise SandboxNotRunning(f"sandbox {sandbox_id} is stopped and not paused", sandbox_id=sandbox_id)
-        if await self.runsc.state(sandbox_id, flags=meta.flags) is not None:
+        # The image is removed once a restore has read it, so its presence says the
+        # sandbox is not running: restore without asking `runsc state` first (a process
+        # start, 15-40 ms). Only a restore that fails asks, and clears what is left of
+        # the container (a worker that died between checkpoint and delete, or between
+        # restore and removing the image) before one more try.
+        try:
+            await self._restore_paused(sandbox_id, meta, d)
+        except RuntimeFailure:
+            if await self.runsc.state(sandbox_id, flags=meta.flags) is None:
+                raise
             await self.runsc.call(["delete", "--force", sandbox_id], sandbox_id=sandbox_id, flags=meta.flags)
+            await self._restore_paused(sandbox_id, meta, d)
+        # runsc has read the image by now.
+        await anyio.to_thread.run_sync(lambda: shutil.rmtree(paused, ignore_errors=True))
 
+    async def _restore_paused(self, sandbox_id: str, meta: SandboxMeta, d: Path) -> None:
         def reopen() -> tuple[int, int]:
             stdio.make_fifos(d)
             return stdio.sandbox_ends(d)
@@ -390,14 +410,12 @@ class RunscRuntime:
         ends = await anyio.to_thread.run_sync(reopen)
         try:
             await self.runsc.launch(
-                ["restore", "--detach", "--image-path", os.fspath(paused), "--bundle", os.fspath(d), sandbox_id],
+                ["restore", "--detach", "--image-path", os.fspath(d / PAUSED), "--bundle", os.fspath(d), sandbox_id],
                 sandbox_id=sandbox_id, flags=meta.flags, stdio=ends, log_path=d / "runsc.log",
             )
         finally:
             for fd in ends:
                 os.close(fd)
-        # runsc has read the image by now.
-        await anyio.to_thread.run_sync(lambda: shutil.rmtree(paused, ignore_errors=True))
 
     async def is_paused(self, sandbox_id: str) -> bool:
         try:
