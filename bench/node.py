@@ -65,6 +65,8 @@ def log(msg: str) -> None:
 def runtime_env(args: argparse.Namespace) -> dict[str, str]:
     """The worker's environment: its runtime and any ``--worker-env KEY=VALUE``."""
     env = {"HOTBED_OCI_RUNTIME": args.oci_runtime} if args.oci_runtime else {}
+    if args.runtime == "runsc":
+        env["HOTBED_RUNTIME"] = "runsc"
     for item in args.worker_env:
         key, _, value = item.partition("=")
         env[key] = value
@@ -656,6 +658,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--phase", action="append", choices=[*PHASES, *EXTRA_PHASES],
                    help="run only this phase (repeatable); default: " + ", ".join(PHASES))
     p.add_argument("--out", default=str(results.RESULTS / "node.json"))
+    p.add_argument("--runtime", choices=["docker", "runsc"], default="docker",
+                   help="the worker's runtime: dockerd + runsc, or runsc driven directly (the "
+                        "docker run baseline stays on dockerd)")
     p.add_argument("--oci-runtime", default="", help="dockerd runtime of the worker (default: the worker's)")
     p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                    help="worker setting for the run, e.g. HOTBED_CPU_OVERCOMMIT=300 (repeatable)")
@@ -700,9 +705,13 @@ def main(argv: list[str]) -> int:
 
     args = parse(argv)
     phases = args.phase or list(PHASES)
+    if args.runtime == "runsc" and {"faults", "idle"} & set(phases):
+        # Both are about dockerd: its restarts, and its OCI runtimes' idle cost.
+        raise SystemExit("--runtime runsc: the faults and idle phases need the docker runtime")
     out = Path(args.out)
     run = results.new_run("node", argv)
     run["container_runtime"] = results.container_runtime(worker_runtime(args))
+    run["worker_runtime"] = args.runtime
     code = 0
     for phase in phases:
         left = containers_of_prefix_count()

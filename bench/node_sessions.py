@@ -8,7 +8,8 @@ runsc driven directly, no dockerd on the sandbox path), then:
 1. opens ``--sessions`` sessions: each a ``hotbed/base`` sandbox in which a file is
    written and a shell variable set in a persistent session, left idle so the worker
    checkpoints it to disk (``paused (auto)``); at most ``--parallel`` are being made at
-   once, and making stops early (the figure says how many were reached) when a create
+   once, and none while ``--max-running`` are open and not yet paused (the opening is
+   paced by the worker's pausing, as sessions arriving over time would be); making stops early (the figure says how many were reached) when a create
    is refused or ``--max-minutes`` pass;
 2. measures what a paused session costs the node: its checkpoint's bytes on disk, and
    the node's memory (MemAvailable, the worker's RSS, Redis's ``used_memory``) per
@@ -45,6 +46,7 @@ import anyio
 
 from bench.common import results
 from bench.common.cluster import ROOT, Cluster, loadavg, proc_rss_mib
+from bench.common.node import remove_runsc
 from bench.common.stats import summary_ms
 
 IMAGE = "hotbed/base"
@@ -131,10 +133,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 marks: dict[str, int] = {}
                 todo = iter(range(args.sessions))
 
+                # Sessions opened and auto-paused so far (read from Redis every 0.5 s)
+                # and those being opened now.
+                paused_now = [0]
+                opening = [0]
+
+                def unpaused() -> int:
+                    return opening[0] + len(ids) - paused_now[0]
+
                 async def opener() -> None:
                     for i in todo:
+                        # Paced by the worker's pausing: a node pauses about as fast as
+                        # it opens, and sessions waiting for their pause hold CPU.
+                        while unpaused() >= args.max_running and not refused:
+                            await anyio.sleep(0.1)
                         if refused or time.perf_counter() > give_up:
                             return
+                        opening[0] += 1
                         t = time.perf_counter()
                         try:
                             sb = await Sandbox.create(
@@ -144,18 +159,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         except HotbedError as exc:
                             refused.append(f"{type(exc).__name__}: {exc}")
                             return
+                        finally:
+                            opening[0] -= 1
                         async with lock:
                             ids.append(sb.id)
                             marks[sb.id] = i
                         await sb.shell("s").run(f"export MARK=m{i}; echo f{i} > /tmp/mark")
                         made_s.append(time.perf_counter() - t)
                         if len(made_s) % 50 == 0:
-                            print(f"  {len(made_s)} sessions open ({time.perf_counter() - t0:.0f} s)",
-                                  flush=True)
+                            print(f"  {len(made_s)} sessions open ({time.perf_counter() - t0:.0f} s, "
+                                  f"{unpaused()} not yet paused)", flush=True)
+
+                async def count_paused() -> None:
+                    while True:
+                        made = list(ids)
+                        async with client.redis.pipeline(transaction=False) as pipe:
+                            for sid in made:
+                                pipe.hget(client.keys.sandbox(sid), "state")
+                            paused_now[0] = sum(1 for st in await pipe.execute() if st == b"paused")
+                        await anyio.sleep(0.5)
 
                 async with anyio.create_task_group() as tg:
-                    for _ in range(args.parallel):
-                        tg.start_soon(opener)
+                    tg.start_soon(count_paused)
+                    async with anyio.create_task_group() as openers:
+                        for _ in range(args.parallel):
+                            openers.start_soon(opener)
+                    tg.cancel_scope.cancel()
                 out["open_s"] = round(time.perf_counter() - t0, 1)
                 out["create_and_first_command"] = summary_ms(made_s)
                 out["stopped_by"] = refused[0] if refused else (
@@ -266,14 +295,9 @@ def clean_up(prefix: str, snapdir: str) -> int:
     left = containers(prefix)
     for cid in left.values():
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True, check=False)
-    root = f"/run/hotbed/runsc-{prefix}"
-    direct = subprocess.run(["runsc", "--root", root, "list", "-quiet"], capture_output=True,
-                            text=True, check=False).stdout.split()
-    for sid in direct:
-        subprocess.run(["runsc", "--root", root, "delete", "--force", sid], capture_output=True, check=False)
-    shutil.rmtree(root, ignore_errors=True)
+    direct = remove_runsc(f"/run/hotbed/runsc-{prefix}")
     shutil.rmtree(snapdir, ignore_errors=True)
-    return len(left) + len(direct)
+    return len(left) + direct
 
 
 def main(argv: list[str]) -> int:
@@ -282,6 +306,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--parallel", type=int, default=4, help="sessions being opened at once")
     p.add_argument("--max-minutes", type=float, default=90.0, help="stop opening sessions after this")
     p.add_argument("--pause-after", type=float, default=2.0, help="auto_pause_after of each session (s)")
+    p.add_argument("--max-running", type=int, default=32,
+                   help="open no more while this many sessions are open or opening and not yet paused")
     p.add_argument("--resumes", type=int, default=100, help="paused sessions resumed by a request")
     p.add_argument("--disk-sample", type=int, default=50, help="checkpoints whose size is measured")
     p.add_argument("--cpu", type=float, default=1.0, help="CPU of each session (the SDK default)")

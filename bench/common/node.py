@@ -43,8 +43,23 @@ def containers_of(prefix: str, *, host: str | None = None) -> list[str]:
     return docker("ps", "-aq", "--filter", f"label={LABEL_PREFIX}={prefix}", host=host).split()
 
 
+def remove_runsc(root: str) -> int:
+    """Remove every container under a runsc ``--root`` (the runsc runtime's sandboxes)
+    and the root itself; how many there were."""
+    if not Path(root).is_dir() or shutil.which("runsc") is None:
+        return 0
+    left = subprocess.run(["runsc", "--root", root, "list", "-quiet"], capture_output=True, text=True,
+                          check=False, timeout=60).stdout.split()
+    for sid in left:
+        subprocess.run(["runsc", "--root", root, "delete", "--force", sid], capture_output=True, check=False,
+                       timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+    return len(left)
+
+
 class NodeStack:
-    """Redis + ``schedulers`` scheduler processes + one worker (docker + runsc)."""
+    """Redis + ``schedulers`` scheduler processes + one worker (docker + runsc, or
+    runsc alone with ``HOTBED_RUNTIME=runsc`` in ``worker_env``)."""
 
     def __init__(
         self,
@@ -64,6 +79,8 @@ class NodeStack:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = Path(tempfile.mkdtemp(prefix=f"hotbed-{self.prefix}-"))
         self.cgroup_parent = f"/hotbed/{self.prefix}"
+        # The runsc runtime's own state (a worker on the docker runtime leaves it empty).
+        self.runsc_root = f"/run/hotbed/runsc-{self.prefix}"
         self.worker_id = f"w-{self.prefix}"
         self.redis_proc: subprocess.Popen[bytes] | None = None
         self.schedulers: list[subprocess.Popen[bytes]] = []
@@ -125,7 +142,8 @@ class NodeStack:
         env = self.env(
             HOTBED_WORKER_ID=self.worker_id, HOTBED_SNAPSHOT_DIR=str(self.workdir / "snapshots"),
             HOTBED_CGROUP_PARENT=self.cgroup_parent, HOTBED_DRAIN_ON_STOP="true",
-            HOTBED_HEARTBEAT_S="0.5", **self.worker_env,
+            HOTBED_HEARTBEAT_S="0.5", HOTBED_RUNSC_ROOT=self.runsc_root,
+            HOTBED_RUNSC_DIR=str(self.workdir / "runsc"), **self.worker_env,
         )
         self.worker = subprocess.Popen([sys.executable, "-m", "workers"], env=env, cwd=ROOT,
                                        stdout=self._log("worker"), stderr=subprocess.STDOUT, close_fds=True)
@@ -197,9 +215,9 @@ class NodeStack:
                 p.kill()
                 p.wait()
         left = containers_of(self.prefix, host=self.docker_host)
-        self.leaked = len(left)
         if left:
             docker("rm", "-f", *left, host=self.docker_host, timeout=300)
+        self.leaked = len(left) + remove_runsc(self.runsc_root)
         if self.redis_proc is not None and self.redis_proc.poll() is None:
             self.redis_proc.send_signal(signal.SIGTERM)
             self.redis_proc.wait(timeout=30)
