@@ -83,6 +83,24 @@ def test_cpu_sandbox_spec_has_the_docker_runtime_limits() -> None:
     assert not [m for m in spec["mounts"] if m["type"] == "bind"]
 
 
+def test_node_platform_is_passed_and_gpu_sandboxes_keep_systrap() -> None:
+    """The worker's ``runsc_platform`` reaches every runsc call; a GPU sandbox's own
+    flags come after it, so it runs on systrap (the later flag wins in runsc)."""
+    from workers.config import WorkerSettings
+    from workers.runtimes import make_runtime
+    from workers.runtimes.runsc.runtime import GPU_FLAGS, RunscRuntime
+
+    rt = make_runtime(WorkerSettings(runtime="runsc"))
+    assert isinstance(rt, RunscRuntime)
+    assert "--platform=ptrace" in rt.runsc.argv(["state", "sb-1"])
+    gpu = rt.runsc.argv(["state", "sb-1"], GPU_FLAGS)
+    platforms = [a for a in gpu if a.startswith("--platform=")]
+    assert platforms[-1] == "--platform=systrap" and gpu.index("--nvproxy") < gpu.index("state")
+    systrap = make_runtime(WorkerSettings(runtime="runsc", runsc_platform="systrap"))
+    assert isinstance(systrap, RunscRuntime)
+    assert "--platform=systrap" in systrap.runsc.argv(["list"])
+
+
 def test_gpu_sandbox_spec_shows_exactly_the_assigned_gpu(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     lib.mkdir()
