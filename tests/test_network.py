@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import anyio
 import pytest
@@ -227,6 +228,33 @@ async def test_a_new_sandbox_drops_rules_left_on_its_address() -> None:
             for parent in (SB_FWD, SB_IN):
                 _try("iptables", "-w", "-D", parent, "-s", f"{ip}/32", "-j", chain)
             _try("iptables", "-w", "-D", SB_FWD, "-s", f"{ip}/32", "-m", "comment", "--comment", chain, "-j", "ACCEPT")
+            _try("iptables", "-w", "-F", chain)
+            _try("iptables", "-w", "-X", chain)
+
+
+async def test_two_removals_of_one_sandbox_at_once_both_succeed() -> None:
+    """A terminate and the health check may remove one sandbox's rules at the same
+    time: the one whose batch finds the chain already gone still succeeds."""
+    from workers.runtimes.docker.network import SB_FWD, SB_IN, SandboxNetworks
+
+    for parent in (SB_FWD, SB_IN):
+        _try("iptables", "-w", "-N", parent)
+    for round_ in range(6):
+        sid = f"sb-race-{secrets.token_hex(4)}"
+        chain, address = chain_name(sid), f"172.29.254.{240 + round_}"
+        try:
+            _sh("iptables", "-w", "-N", chain)
+            _sh("iptables", "-w", "-A", chain, "-d", "10.251.0.2/32", "-j", "ACCEPT")
+            for parent in (SB_FWD, SB_IN):
+                _sh("iptables", "-w", "-A", parent, "-s", f"{address}/32", "-j", chain)
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(partial(SandboxNetworks().remove, sid, address=address))
+            rules = _rules()
+            assert chain not in rules and f"{address}/32" not in rules, rules
+        finally:
+            for parent in (SB_FWD, SB_IN):
+                _try("iptables", "-w", "-D", parent, "-s", f"{address}/32", "-j", chain)
             _try("iptables", "-w", "-F", chain)
             _try("iptables", "-w", "-X", chain)
 

@@ -361,6 +361,15 @@ class SandboxNetworks:
         own = chain_name(sandbox_id)
         if address is None and (await _run(["iptables", "-w", "-S", own], check=False))[0] != 0:
             return  # a sandbox without a network: one call
+        # Two removals of one sandbox may race (a terminate, and the health check
+        # removing a container it found nobody holding): the batch that lost finds a
+        # chain gone under it. Read the rules again and finish what is left.
+        try:
+            await self._remove_rules(own, address)
+        except RuntimeFailure:
+            await self._remove_rules(own, address)
+
+    async def _remove_rules(self, own: str, address: str | None) -> None:
         chains = {own}
         rules = []
         for parent in (SB_FWD, SB_IN):
