@@ -46,6 +46,13 @@ def make_local(root: Path) -> None:
     (root / "repo" / "pkg" / "m.py").write_text("M = 1\n")
     (root / "repo" / "pkg" / "sub" / "data.txt").write_text("data\n" * 3)
     (root / "repo" / "README").write_text("read me\n")
+    (root / "repo" / "run.sh").write_text("#!/bin/sh\n")
+    (root / "repo" / "run.sh").chmod(0o755)
+    (root / "repo" / "pkg" / "sub").chmod(0o700)
+    (root / "repo" / "secret").write_text("s\n")
+    (root / "repo" / "secret").chmod(0o600)
+    (root / "repo" / "m-link.py").symlink_to("pkg/m.py")
+    (root / "repo" / "sub-link").symlink_to("pkg/sub")
     (root / "one.txt").write_text("one\n")
 
 
@@ -121,6 +128,9 @@ CASES: list[tuple[str, Request]] = [
     ("write under a file", lambda rt, _: rt.write_file(WriteFileRequest(path="/etc/hostname/x", content="x"))),
     ("upload dir", lambda rt, d: rt.upload(UploadRequest(source_path=str(d / "repo"), target_path="/tmp/up/repo"))),
     ("uploaded tree", _sh("cd /tmp/up/repo && find . | sort && cat pkg/m.py pkg/sub/data.txt")),
+    ("uploaded owners and modes", _sh(
+        "cd /tmp/up/repo && stat -c '%U %G %a %F %n' . pkg pkg/sub pkg/m.py run.sh secret m-link.py "
+        "sub-link && cat m-link.py && ls -A sub-link")),
     ("upload file", lambda rt, d: rt.upload(UploadRequest(source_path=str(d / "one.txt"), target_path="/tmp/up/new/one.txt"))),
     ("uploaded file", _sh("cat /tmp/up/new/one.txt")),
     ("upload missing source", lambda rt, d: rt.upload(UploadRequest(source_path=str(d / "nope"), target_path="/tmp/x"))),

@@ -24,6 +24,7 @@ from hotbed.errors import ExecFailed, FileError, ProcessNotFound, SandboxNotRunn
 from hotbed.protocol import SPAWN_FIFO
 from workers.guest import agent
 from workers.guest.channel import (
+    GUEST_BOOT,
     NOAGENT,
     FrameParser,
     GuestChannel,
@@ -143,16 +144,6 @@ def test_every_request_type_has_a_handler() -> None:
     assert set(agent.FILE_REQUESTS) <= VERBS
 
 
-def test_launch_args_survive_the_memfd_reexec() -> None:
-    # Before the re-exec (``python3 -c SOURCE SOURCE FIFO``), after it, and as a script.
-    assert agent.launch_args(["-c", "SRC", "/x/spawn"]) == ["/x/spawn"]
-    assert agent.launch_args(["/proc/self/fd/4", "hotbed-guest-agent", "4", "/x/spawn"]) == [
-        "/x/spawn"
-    ]
-    assert agent.launch_args(["agent.py", "/x/spawn"]) == ["/x/spawn"]
-    assert agent.launch_args(["-c", "SRC"]) == []
-
-
 # ---------------------------------------------------------------- the agent, end to end
 
 
@@ -245,13 +236,14 @@ async def test_a_closed_session_never_closes_a_later_commands_pipes(tmp_path: Pa
         assert (await last_frame(4))["t"] == "result"
 
 
-async def test_agent_reexecs_and_serves_the_spawner_fifo_it_was_given(tmp_path: Path) -> None:
+async def test_agent_hides_its_source_and_serves_the_spawner_fifo_it_was_given(tmp_path: Path) -> None:
     async with agent_channel(tmp_path) as (ch, proc):
         fifo = tmp_path / "hb" / "spawn"
         cmdline = await anyio.Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         argv = cmdline.split(b"\0")
-        # ``ps`` shows the re-exec'd agent with the worker's argument, not the source.
-        assert argv[3] == b"hotbed-guest-agent" and argv[5] == str(fifo).encode()
+        # ``ps`` shows the one-line loader and the worker's argument, not the source.
+        assert argv[:4] == [b"python3", b"-I", b"-c", GUEST_BOOT.encode()]
+        assert argv[4] == str(fifo).encode()
         assert all(len(a) < 200 for a in argv)
 
         marker = anyio.Path(tmp_path / "spawned")

@@ -114,6 +114,30 @@ async def test_swe_agent_call_sequence(hotbed_stack: Stack, tmp_path: Path) -> N
         await deployment.is_alive()
 
 
+async def test_upload_without_gzip_in_the_sandbox(hotbed_stack: Stack, tmp_path: Path) -> None:
+    """The directory upload gzips its tar where the sandbox has gzip; a sandbox whose
+    PATH has tar but no gzip gets the plain tar, with the same result."""
+    deployment = HotbedDeployment(BASE_IMAGE, client=hotbed_stack.client, memory_mb=256,
+                                  env={"PATH": "/tmp/bin"})
+    await deployment.start()
+    try:
+        rt = deployment.runtime
+        res = await rt.execute(Command(command=[
+            "/bin/sh", "-c",
+            "/bin/mkdir /tmp/bin && /bin/ln -s /bin/tar /bin/mkdir /bin/cat /tmp/bin/",
+        ]))
+        assert res.exit_code == 0, res
+        res = await rt.execute(Command(command=["/bin/sh", "-c", "command -v tar; command -v gzip"]))
+        assert res.stdout == "/tmp/bin/tar\n" and res.exit_code != 0, res
+        (tmp_path / "up" / "pkg").mkdir(parents=True)
+        (tmp_path / "up" / "pkg" / "m.py").write_text("M = 1\n" * 1000)
+        await rt.upload(UploadRequest(source_path=str(tmp_path / "up"), target_path="/tmp/repo/up"))
+        res = await rt.execute(Command(command=["cat", "/tmp/repo/up/pkg/m.py"]))
+        assert res.stdout == "M = 1\n" * 1000
+    finally:
+        await deployment.stop()
+
+
 _KEEP_PAST_LOOP: list[object] = []
 
 

@@ -1,10 +1,10 @@
 # mypy: ignore-errors
 # (Runs inside sandboxes on the image's own python3, standard library only; kept plain.)
 """hotbed guest agent: the process hotbed runs as PID 1 of every sandbox whose image has
-python3. Standard library only; the worker passes this file as ``python3 -c SOURCE``
-(which re-execs from a memfd so ``ps`` stays readable), so nothing is installed into the
-image and it is part of every memory snapshot. The one argument after the source is the
-path of the spawner's FIFO (``hotbed.protocol.SPAWN_FIFO``, which this file cannot import).
+python3. Standard library only; the worker hands this file to ``python3`` on a pipe at
+launch (``workers.guest.channel.guest_command``), so nothing is installed into the image
+and it is part of every memory snapshot. Its one argument is the path of the spawner's
+FIFO (``hotbed.protocol.SPAWN_FIFO``, which this file cannot import).
 
 It talks to the worker over its own stdin/stdout (the container's attached stdio) in
 frames (docs/protocol.md, "Guest agent protocol")::
@@ -1817,7 +1817,7 @@ def undumpable():
 
 
 def main(args):
-    """``args``: what the worker passed at launch, after the source: the spawner's FIFO."""
+    """``args``: what the worker passed at launch: the spawner's FIFO."""
     undumpable()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
@@ -1872,49 +1872,11 @@ def guarded(fn, *args):
         sys.stderr.write(f"hotbed guest agent: {type(exc).__name__}: {exc}\n")
 
 
-def reexec_from_memfd():
-    """Started as ``python3 -c SOURCE SOURCE ARGS...``: every ``ps`` would show the whole
-    source as our command line. Re-exec from an in-memory file instead (part of snapshots
-    like any memory); ``ps`` then shows ``python3 -I /proc/self/fd/N hotbed-guest-agent N
-    ARGS...``. ARGS travel along unchanged: see :func:`launch_args`."""
-    if sys.argv[:1] != ["-c"] or len(sys.argv) < 2:
-        return
-    try:
-        fd = os.memfd_create("hotbed-guest-agent", 0)
-        data = sys.argv[1].encode()
-        while data:
-            data = data[os.write(fd, data):]
-        os.execv(sys.executable or "/usr/bin/python3",
-                 ["python3", "-I", f"/proc/self/fd/{fd}", "hotbed-guest-agent", str(fd),
-                  *sys.argv[2:]])
-    except (OSError, AttributeError):
-        return  # keep running as we are
-
-
-def close_source_fd():
-    if len(sys.argv) > 2 and sys.argv[1] == "hotbed-guest-agent":
-        try:
-            os.close(int(sys.argv[2]))
-        except (OSError, ValueError):
-            pass
-
-
-def launch_args(argv):
-    """The worker's arguments, after whatever carries the source: ``-c SOURCE`` when the
-    re-exec did not happen, ``hotbed-guest-agent N`` after it; as a plain script (tests),
-    everything after its path."""
-    if argv[:1] == ["-c"]:
-        return argv[2:]
-    if argv[1:2] == ["hotbed-guest-agent"]:
-        return argv[3:]
-    return argv[1:]
-
-
 if __name__ == "__main__":
-    reexec_from_memfd()
-    close_source_fd()
     try:
-        main(launch_args(sys.argv))
+        # As the worker launches it (see workers.guest.channel.guest_command), or as a
+        # plain script: either way the arguments follow the program's name.
+        main(sys.argv[1:])
     except SystemExit:
         raise
     except BaseException as exc:  # leave a trace for `docker logs`, then end

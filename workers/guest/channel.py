@@ -67,22 +67,32 @@ def guest_command(idle_cmd: list[str]) -> list[str]:
     """PID 1 of a docker sandbox: the guest agent where the image has python3; else the
     runtime's idle shell (``idle_cmd``, a ``sh -c`` script), plus a reader that answers
     every line written to stdin with ``HOTBED-NOAGENT`` (so the worker knows at once).
-    Either way PID 1 re-execs so that ``ps`` does not show the agent's source.
 
-    The agent gets its source twice (``python3 -c`` keeps no copy in ``sys.argv``, and it
-    re-execs from it) and then the spawner's FIFO path, which it cannot import."""
+    The agent's source is a here-document on fd 3 of one ``python3 -I -c BOOT FIFO``:
+    BOOT reads and runs it, so ``ps`` shows BOOT and the spawner's FIFO path (which the
+    agent cannot import), never the source, and Python starts once. (Passing the source
+    as ``-c SOURCE`` hid it only by a re-exec from a memfd: a second interpreter start and
+    compile, 0.2-0.5 s of every cold start under gVisor.) The here-document is the shell
+    script's own text, gone from PID 1 with the ``exec``; the fallback re-execs as
+    ``sh -c <idle script>``."""
     fallback = (
         f"exec 3<&0; (while read -r _l <&3; do echo {NOAGENT.decode()}; done) & " + idle_cmd[-1]
     )
-    return [
-        "/bin/sh",
-        "-c",
-        'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0" "$0" "$2"; fi; '
-        'exec /bin/sh -c "$1"',
-        GUEST_SOURCE,
-        fallback,
-        SPAWN_FIFO,
-    ]
+    return ["/bin/sh", "-c", _AGENT_SCRIPT, GUEST_BOOT, fallback, SPAWN_FIFO]
+
+
+# The agent's entry point, as ``ps`` shows it: the source from fd 3, run as __main__
+# with ``sys.argv`` = ["hotbed-guest-agent", FIFO].
+GUEST_BOOT = (
+    "import os,sys;f=os.fdopen(3,'rb');s=f.read();f.close();"
+    "sys.argv[:]=['hotbed-guest-agent',*sys.argv[1:]];exec(compile(s,'hotbed-guest-agent','exec'))"
+)
+_HEREDOC_END = "HOTBED_GUEST_AGENT_SOURCE_END"
+assert _HEREDOC_END not in GUEST_SOURCE
+_AGENT_SCRIPT = (
+    f'if command -v python3 >/dev/null 2>&1; then exec python3 -I -c "$0" "$2" 3<<\'{_HEREDOC_END}\'\n'
+    + GUEST_SOURCE.rstrip("\n") + f"\n{_HEREDOC_END}\nfi; exec /bin/sh -c \"$1\""
+)
 
 
 _json_encode = msgspec.json.Encoder().encode
