@@ -29,7 +29,6 @@ import os
 import re
 import shlex
 import shutil
-from subprocess import CompletedProcess
 from typing import Any
 
 import anyio
@@ -283,10 +282,10 @@ class HotbedRuntime(AbstractRuntime):
         tar = shutil.which("tar")
         res = None
         if tar is not None:
-            folders, files = await anyio.to_thread.run_sync(_tree, source)
-            res = await self._unpack(tar, source, folders, files, target, gzip=True)
+            names = await anyio.to_thread.run_sync(_tree, source)
+            res = await self._unpack(tar, source, names, target, gzip=True)
             if res is not None and res.exit_code == _NO_GZIP:
-                res = await self._unpack(tar, source, folders, files, target, gzip=False)
+                res = await self._unpack(tar, source, names, target, gzip=False)
         if res is None:
             await self.sandbox.upload_dir(source, target)
             return
@@ -298,37 +297,27 @@ class HotbedRuntime(AbstractRuntime):
             raise FileError(f"cannot unpack into {target}: {res.stderr.strip()}",
                             sandbox_id=self.sandbox.id)
 
-    async def _unpack(
-        self, tar: str, source: str, folders: bytes, files: bytes, target: str, *, gzip: bool,
-    ) -> CommandResult | None:
-        """The host's tar of ``source`` unpacked into ``target`` in one exec; None where
-        the tar is too large for one request. Two archives, one after the other (``tar
-        -i`` reads on past the first one's end), because tar sets one mode for all the
-        members of an archive."""
-        parts: dict[str, CompletedProcess[bytes]] = {}
-
-        async def archive(mode: str, names: bytes) -> None:
-            parts[mode] = (await anyio.run_process(
-                [tar, "-C", source, "--no-recursion", "--null", "--dereference", f"--mode={mode}",
-                 "-czf" if gzip else "-cf", "-", "-T", "-"], input=names, check=False,
-            ))
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(archive, "0777", folders)
-            tg.start_soon(archive, "0666", files)
-        for done in parts.values():
-            if done.returncode != 0:  # a link to nowhere, a file it may not read
-                raise FileError(f"cannot pack {source}: {done.stderr.decode(errors='replace').strip()}",
-                                sandbox_id=self.sandbox.id)
-        data = parts["0777"].stdout + parts["0666"].stdout  # the folders before their files
-        if len(data) > MAX_TAR_BYTES:
+    async def _unpack(self, tar: str, source: str, names: bytes, target: str, *, gzip: bool) -> CommandResult | None:
+        """``names`` under ``source`` as one tar, unpacked into ``target`` in one exec;
+        None where the tar is too large for one request."""
+        # Not recursive: ``names`` already lists what the zip would hold. Followed links,
+        # and zipfile's modes: folders a+rwx, files a+rw (X adds search to folders only,
+        # once a-x has taken every executable bit away).
+        done = await anyio.run_process(
+            [tar, "-C", source, "--no-recursion", "--null", "--dereference", "--mode=a+rw,a-x,a+X",
+             "-czf" if gzip else "-cf", "-", "-T", "-"], input=names, check=False,
+        )
+        if done.returncode != 0:  # a link to nowhere, a file it may not read
+            raise FileError(f"cannot pack {source}: {done.stderr.decode(errors='replace').strip()}",
+                            sandbox_id=self.sandbox.id)
+        if len(done.stdout) > MAX_TAR_BYTES:
             return None
         q = shlex.quote(target)
         script = (
             (f"command -v gzip >/dev/null || exit {_NO_GZIP}; " if gzip else "")
-            + f"mkdir -p {q} && tar -C {q} -xi{'z' if gzip else ''}mf - --no-same-owner --no-same-permissions"
+            + f"mkdir -p {q} && tar -C {q} -x{'z' if gzip else ''}mf - --no-same-owner --no-same-permissions"
         )
-        return await self.sandbox.exec("/bin/sh", "-c", script, stdin=data, timeout=UPLOAD_TIMEOUT_S)
+        return await self.sandbox.exec("/bin/sh", "-c", script, stdin=done.stdout, timeout=UPLOAD_TIMEOUT_S)
 
     async def close(self) -> CloseResponse:
         for name in list(self._sessions):
@@ -364,17 +353,15 @@ _MKDIR_FAILED = re.compile(r"^mkdir: cannot create directory ‘(?P<path>.*)’:
 _PY_OS_ERROR = re.compile(r"^\w+: \[Errno (?P<errno>\d+)\] (?P<text>[^:]+): (?P<path>'.*')$", re.S)
 
 
-def _tree(root: str) -> tuple[bytes, bytes]:
-    """The folders under ``root`` (itself and links to folders included, not followed)
-    and everything else, as NUL-separated paths relative to it, as ``tar -T`` reads them
-    with ``--null``: what shutil.make_archive puts in SWE-ReX's zip."""
-    folders: list[bytes] = [b"."]
-    files: list[bytes] = []
+def _tree(root: str) -> bytes:
+    """What shutil.make_archive puts in SWE-ReX's zip: every path under ``root``, each
+    folder before what it holds, links to folders listed but not followed; NUL-separated
+    and relative to ``root``, as ``tar --null -T`` reads them."""
+    names = [b"."]
     for at, dirnames, filenames in os.walk(os.fsencode(root)):
         rel = os.path.relpath(at, os.fsencode(root))
-        folders.extend(os.path.join(rel, name) for name in dirnames)
-        files.extend(os.path.join(rel, name) for name in filenames)
-    return b"\0".join(folders), b"\0".join(files)
+        names.extend(os.path.join(rel, name) for name in dirnames + filenames)
+    return b"\0".join(names)
 
 
 def _terminal_output(data: bytes) -> str:
