@@ -83,9 +83,11 @@ def guest_command(idle_cmd: list[str]) -> list[str]:
 
 # The agent's entry point, as ``ps`` shows it: the source from fd 3, run as __main__
 # with ``sys.argv`` = ["hotbed-guest-agent", FIFO].
+# Nothing of the loader stays behind: the file object (and with it fd 3) and the source
+# are dropped as soon as compile() has them.
 GUEST_BOOT = (
-    "import os,sys;f=os.fdopen(3,'rb');s=f.read();f.close();"
-    "sys.argv[:]=['hotbed-guest-agent',*sys.argv[1:]];exec(compile(s,'hotbed-guest-agent','exec'))"
+    "import os,sys;sys.argv[:]=['hotbed-guest-agent',*sys.argv[1:]];"
+    "exec(compile(os.fdopen(3,'rb').read(),'hotbed-guest-agent','exec'))"
 )
 _HEREDOC_END = "HOTBED_GUEST_AGENT_SOURCE_END"
 assert _HEREDOC_END not in GUEST_SOURCE
