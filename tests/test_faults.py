@@ -618,6 +618,27 @@ async def test_dead_container_fails_its_sandbox_and_frees_capacity(redis_url: st
         await terminate(c, fresh)
 
 
+@pytest.mark.anyio
+async def test_health_check_leaves_a_sandbox_being_ended_to_its_end(
+    redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A terminate removes its container after the sandbox has left the worker's table:
+    a health check that lists containers meanwhile must not take that container for one
+    nobody holds (and remove it a second time)."""
+    caplog.set_level(logging.WARNING, logger="workers.agent")
+    async with running_stack(redis_url, prefix, worker_overrides={"reconcile_s": 0.02}) as stack:
+        c = stack.client
+        for _ in range(4):
+            created = await busybox(c)
+            await echo(c, created, "up")
+            await terminate(c, created)
+        fresh = await busybox(c)
+        await echo(c, fresh, "serving")
+        await terminate(c, fresh)
+    nobodys = [r.getMessage() for r in caplog.records if "nobody holds" in r.getMessage()]
+    assert nobodys == []
+
+
 # ------------------------------------------------------------------ hotbed up supervises
 
 

@@ -451,6 +451,7 @@ class WorkerAgent:
             if not local.paused and not local.busy
         }
         starting = set(self._starting)
+        held = self.sandboxes.held()
         managed = [
             m for m in await self.runtime.list_managed()
             if m.worker_id == self.id and m.prefix == self.settings.prefix
@@ -460,10 +461,13 @@ class WorkerAgent:
             if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
                 await self._end_quietly(sid, await self._death_reason(sid), state="failed")
         # A container nobody holds: a start whose clean-up failed (dockerd restarting
-        # under it) left it. Not one being started (listed before it joined the table).
+        # under it) left it. Not one being started (listed before it joined the table),
+        # nor one held when listed or since (an end removes the container after the
+        # sandbox has left the table).
         for m in managed:
             sid = m.sandbox_id
-            if sid and sid not in self.sandboxes and sid not in starting and sid not in self._starting:
+            if (sid and sid not in held and not self.sandboxes.holds(sid)
+                    and sid not in starting and sid not in self._starting):
                 log.warning("removing a container nobody holds", extra={"sandbox_id": sid, "worker_id": self.id})
                 try:
                     await self.runtime.destroy(sid)

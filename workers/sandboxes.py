@@ -106,6 +106,9 @@ class SandboxTable:
         self.auto_pause_default = 0.0
         self._redis: aioredis.Redis | None = None
         self._locals: dict[str, Local] = {}
+        # Sandboxes being ended (how many ends of each are under way): out of the table
+        # already, their containers not yet removed.
+        self._ending: dict[str, int] = {}
 
     # --------------------------------------------------------------- plumbing
 
@@ -152,6 +155,15 @@ class SandboxTable:
 
     def values(self) -> ValuesView[Local]:
         return self._locals.values()
+
+    def held(self) -> set[str]:
+        """This worker's sandboxes: those in the table and those being ended, whose
+        containers outlive their place in the table by the removal's time."""
+        return set(self._locals) | set(self._ending)
+
+    def holds(self, sandbox_id: str) -> bool:
+        """Whether ``sandbox_id`` is in :meth:`held`."""
+        return sandbox_id in self._locals or sandbox_id in self._ending
 
     def items(self) -> ItemsView[str, Local]:
         return self._locals.items()
@@ -412,6 +424,15 @@ class SandboxTable:
         """Destroy, release, record why. Safe to call twice and for unknown ids.
         ``made=False``: no container was ever made (a start refused before it began)."""
         sid = sandbox_id
+        self._ending[sid] = self._ending.get(sid, 0) + 1
+        try:
+            await self._end(sid, reason=reason, state=state, must_exist=must_exist, made=made)
+        finally:
+            left = self._ending.pop(sid) - 1
+            if left:
+                self._ending[sid] = left
+
+    async def _end(self, sid: str, *, reason: str, state: str, must_exist: bool, made: bool) -> None:
         local = self._locals.pop(sid, None)
         if self.guests is not None:
             self.guests.forget(sid)
