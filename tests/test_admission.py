@@ -350,3 +350,20 @@ async def test_burst_beyond_capacity_is_answered_typed_and_the_node_keeps_servin
             while (cap := capacity_from_hash(await c.redis.hgetall(cap_key))).sandboxes:
                 await anyio.sleep(0.05)
         assert cap.cpu_free == stack.worker.info.cpu_millis
+
+
+def test_inflight_counts_each_id_until_its_last_operation_ends() -> None:
+    from workers.inflight import InFlight
+
+    ops = InFlight()
+    with ops.holding("a"):
+        with ops.holding("a"), ops.holding("b"):
+            assert (ops.count("a"), ops.total(), ops.ids()) == (2, 3, {"a", "b"})
+        assert "a" in ops and "b" not in ops
+        try:
+            with ops.holding("c"):
+                raise RuntimeError("an operation that fails still ends")
+        except RuntimeError:
+            pass
+        assert ops.ids() == {"a"}
+    assert not ops and ops.total() == 0

@@ -110,6 +110,7 @@ from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
 from workers.images import ImageService
+from workers.inflight import InFlight
 from workers.ports import PortTunnels, chain
 from workers.runtimes.base import DiskUsage, ExitReasons, NetworkService, Runtime
 from workers.sandboxes import Local, SandboxTable
@@ -200,9 +201,9 @@ class WorkerAgent:
         self.memory: MemoryWatch | None = None
         # Sandboxes (and builds) being started now: the health check leaves their
         # containers alone until they are in the table.
-        self._starting: dict[str, int] = {}
+        self._starting = InFlight()
         # Long-lived requests running, per sandbox; and their limits.
-        self._long: dict[str, int] = {}
+        self._long = InFlight()
         self.long_lived_per_node = LONG_LIVED_PER_NODE
         self.long_lived_per_sandbox = LONG_LIVED_PER_SANDBOX
         # Exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
@@ -323,7 +324,7 @@ class WorkerAgent:
                 if grace.cancelled_caught:
                     log.warning(
                         "%d commands still running after %.0fs; cancelling (they stay pending)",
-                        self._in_flight.borrowed_tokens + sum(self._long.values()),
+                        self._in_flight.borrowed_tokens + self._long.total(),
                         self.settings.shutdown_grace_s,
                     )
                     work.cancel_scope.cancel()
@@ -450,7 +451,7 @@ class WorkerAgent:
             sid: local for sid, local in self.sandboxes.items()
             if not local.paused and not local.busy
         }
-        starting = set(self._starting)
+        starting = self._starting.ids()
         held = self.sandboxes.held()
         managed = [
             m for m in await self.runtime.list_managed()
@@ -630,26 +631,19 @@ class WorkerAgent:
     @contextmanager
     def _long_lived(self, sid: str) -> Iterator[None]:
         """A slot for a long-lived request, instead of its intake slot."""
-        if sum(self._long.values()) >= self.long_lived_per_node:
+        if self._long.total() >= self.long_lived_per_node:
             raise Overloaded(
                 f"this worker runs {self.long_lived_per_node} long-lived requests already",
                 sandbox_id=sid, worker_id=self.id,
             )
-        if self._long.get(sid, 0) >= self.long_lived_per_sandbox:
+        if self._long.count(sid) >= self.long_lived_per_sandbox:
             raise Overloaded(
                 f"sandbox {sid} has {self.long_lived_per_sandbox} long-lived requests open already",
                 sandbox_id=sid, worker_id=self.id,
             )
-        self._long[sid] = self._long.get(sid, 0) + 1
-        try:
+        with self._long.holding(sid):
             leave_intake()
             yield
-        finally:
-            left = self._long[sid] - 1
-            if left:
-                self._long[sid] = left
-            else:
-                del self._long[sid]
 
     def _handler_table(self) -> dict[type, Handler]:
         """Message type -> handler. Every command a worker takes is in it."""
@@ -690,22 +684,18 @@ class WorkerAgent:
             return await handler(env)  # a redelivered start of one we run: nothing to do
         leave_intake()
         entered = False
-        self._starting[sid] = self._starting.get(sid, 0) + 1
-        try:
-            async with self.starts.admitted_start(
-                deadline=env.deadline, sandbox_id=sid, background=bool(pool) and not env.reply_to,
-            ):
-                entered = True
-                return await handler(env)
-        except Overloaded as exc:
-            if not entered and not isinstance(body, ResumeSandbox):
-                with anyio.CancelScope(shield=True):
-                    await self._refused_start(sid, pool, exc.message)
-            raise
-        finally:
-            left = self._starting.pop(sid) - 1
-            if left:
-                self._starting[sid] = left
+        with self._starting.holding(sid):
+            try:
+                async with self.starts.admitted_start(
+                    deadline=env.deadline, sandbox_id=sid, background=bool(pool) and not env.reply_to,
+                ):
+                    entered = True
+                    return await handler(env)
+            except Overloaded as exc:
+                if not entered and not isinstance(body, ResumeSandbox):
+                    with anyio.CancelScope(shield=True):
+                        await self._refused_start(sid, pool, exc.message)
+                raise
 
     async def _refused_start(self, sid: str, pool: str, reason: str) -> None:
         if await self._reserved(sid) is not None:

@@ -34,6 +34,7 @@ from hotbed.errors import CapacityExhausted, InvalidRequest, SandboxNotFound, Sa
 from hotbed.keys import Keys
 from hotbed.protocol import MAX_TIMEOUT_S
 from hotbed.records import ENDED_RECORD_TTL_S, SandboxRecord, from_hash
+from workers.inflight import InFlight
 from workers.runtimes.base import CpuWeights, Placed, Runtime
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class SandboxTable:
         self._locals: dict[str, Local] = {}
         # Sandboxes being ended (how many ends of each are under way): out of the table
         # already, their containers not yet removed.
-        self._ending: dict[str, int] = {}
+        self._ending = InFlight()
 
     # --------------------------------------------------------------- plumbing
 
@@ -159,7 +160,7 @@ class SandboxTable:
     def held(self) -> set[str]:
         """This worker's sandboxes: those in the table and those being ended, whose
         containers outlive their place in the table by the removal's time."""
-        return set(self._locals) | set(self._ending)
+        return set(self._locals) | self._ending.ids()
 
     def holds(self, sandbox_id: str) -> bool:
         """Whether ``sandbox_id`` is in :meth:`held`."""
@@ -423,14 +424,8 @@ class SandboxTable:
     ) -> None:
         """Destroy, release, record why. Safe to call twice and for unknown ids.
         ``made=False``: no container was ever made (a start refused before it began)."""
-        sid = sandbox_id
-        self._ending[sid] = self._ending.get(sid, 0) + 1
-        try:
-            await self._end(sid, reason=reason, state=state, must_exist=must_exist, made=made)
-        finally:
-            left = self._ending.pop(sid) - 1
-            if left:
-                self._ending[sid] = left
+        with self._ending.holding(sandbox_id):
+            await self._end(sandbox_id, reason=reason, state=state, must_exist=must_exist, made=made)
 
     async def _end(self, sid: str, *, reason: str, state: str, must_exist: bool, made: bool) -> None:
         local = self._locals.pop(sid, None)
