@@ -365,7 +365,9 @@ async def phase_density(args: argparse.Namespace) -> dict[str, Any]:
                 return sb
 
             await add()
-            await anyio.sleep(2)
+            # As long to settle as every step gets: the bar is 3x this p99, and a box
+            # still busy from what ran before would set it high.
+            await anyio.sleep(args.density_settle_s)
             base = await exec_p99(live, args.density_execs)
             out["empty_exec_ms"] = base
             limit = base["p99_ms"] * args.density_factor

@@ -619,6 +619,46 @@ async def test_dead_container_fails_its_sandbox_and_frees_capacity(redis_url: st
 
 
 @pytest.mark.anyio
+async def test_a_sandbox_whose_container_dies_ends_before_the_next_full_look(redis_url: str, prefix: str) -> None:
+    """A container that dies takes its guest channel with it: the worker looks at that
+    sandbox at once, not at the next listing of the whole node (a minute away here)."""
+    async with running_stack(redis_url, prefix, worker_overrides={"reconcile_s": 60.0}) as stack:
+        c = stack.client
+        created = await busybox(c)
+        await echo(c, created, "up")
+        await anyio.run_process(["docker", "kill", container_name(created.sandbox_id)])
+        with anyio.fail_after(10):
+            while (rec := await c.record(created.sandbox_id)).state != "failed":
+                await anyio.sleep(0.1)
+        assert rec.reason == "died", rec
+        fresh = await busybox(c)
+        await echo(c, fresh, "serving")
+        await terminate(c, fresh)
+
+
+@pytest.mark.anyio
+async def test_health_schedule_looks_at_suspects_at_once_and_at_the_node_when_due() -> None:
+    from workers.health import HealthSchedule, full_check_interval
+
+    assert full_check_interval(5.0, 10) == 5.0
+    assert full_check_interval(5.0, 450) == 45.0
+    schedule = HealthSchedule()
+    schedule.full_done(30.0)
+    schedule.suspect("sb-a")
+    schedule.suspect("sb-b")
+    with anyio.fail_after(1):
+        assert await schedule.wait() == {"sb-a", "sb-b"}
+    with anyio.move_on_after(0.2) as idle:
+        await schedule.wait()
+    assert idle.cancelled_caught, "nothing suspected, no full look due: it waits"
+    schedule.full_done(0.05)
+    schedule.suspect("sb-c")
+    await anyio.sleep(0.1)
+    with anyio.fail_after(1):
+        assert await schedule.wait() is None, "a full look due covers the suspects"
+
+
+@pytest.mark.anyio
 async def test_health_check_leaves_a_sandbox_being_ended_to_its_end(
     redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:

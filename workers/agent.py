@@ -109,6 +109,7 @@ from workers.config import WorkerSettings
 from workers.execution import HANDLED as EXECUTION_COMMANDS
 from workers.execution import ExecutionService
 from workers.gpu import GpuDetector, detector_for
+from workers.health import HealthSchedule, full_check_interval
 from workers.images import ImageService
 from workers.inflight import InFlight
 from workers.ports import PortTunnels, chain
@@ -134,6 +135,8 @@ LONG_LIVED_PER_NODE = 256
 LONG_LIVED_PER_SANDBOX = 16
 # A command allowed to run longer than this is long-lived.
 SHORT_S = 60.0
+# A health check that failed (dockerd restarting) is retried after this, backing off.
+HEALTH_RETRY_S = 0.5
 # A pull for a request that carries no deadline gives up after this long.
 PULL_WITHOUT_DEADLINE_S = 600.0
 # What a tenant may send a worker, each naming one of its own sandboxes. Starts come
@@ -206,8 +209,11 @@ class WorkerAgent:
         self._long = InFlight()
         self.long_lived_per_node = LONG_LIVED_PER_NODE
         self.long_lived_per_sandbox = LONG_LIVED_PER_SANDBOX
+        # When to look for dead sandboxes: a sandbox whose guest channel ends unasked
+        # is looked at at once, the whole node at an interval that grows with it.
+        self.health = HealthSchedule()
         # Exec, sessions, processes, PTYs, files via the in-sandbox guest agent.
-        self.execution = ExecutionService(self.sandboxes, runtime)
+        self.execution = ExecutionService(self.sandboxes, runtime, on_channel_lost=self.health.suspect)
         # Exposed ports: tunnels over the guest channel, one long-lived slot each.
         self.ports = PortTunnels(
             self.sandboxes, self.execution, slots=self._long_lived,
@@ -439,10 +445,32 @@ class WorkerAgent:
 
     async def _health_loop(self) -> None:
         """Sandboxes whose container died (out of memory, killed out of band) end here."""
+        self.health.full_done(self.settings.reconcile_s)
+        # The schedule does the waiting; the loop's own interval only paces retries.
         await lifecycle.supervised_loop(
-            "health check", self._check_health, interval=lambda: self.settings.reconcile_s,
-            initial_delay=self.settings.reconcile_s, log=log,
+            "health check", self._health_step,
+            interval=lambda: min(HEALTH_RETRY_S, self.settings.reconcile_s), log=log,
         )
+
+    async def _health_step(self) -> None:
+        suspects = await self.health.wait()
+        if suspects is None:
+            await self._check_health()
+            self.health.full_done(full_check_interval(self.settings.reconcile_s, len(self.sandboxes)))
+            return
+        for sid in suspects:
+            local = self.sandboxes.get(sid)
+            if local is None or local.paused or local.busy:
+                continue  # ended, or mid-checkpoint or restore (which drops the channel)
+            try:
+                alive = await self.runtime.is_alive(sid)
+            except lifecycle.TRANSIENT_ERRORS as exc:
+                # dockerd restarting breaks every channel at once: the rest wait for
+                # the next full look rather than each failing the same way.
+                log.info("could not look at suspected sandboxes: %s", exc, extra={"sandbox_id": sid})
+                return
+            if not alive and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
+                await self._end_quietly(sid, await self._death_reason(sid), state="failed")
 
     async def _check_health(self) -> None:
         # Only sandboxes known before listing: one started (or resumed) while the

@@ -130,6 +130,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     default_user: str = "1000:1000"
     tags: dict[str, str] = {}
     heartbeat_s: Positive = 1.0
+    # The health check lists the node's containers every reconcile_s, or every
+    # running/10 s where more run (workers.health); a sandbox whose guest channel
+    # ends unasked is looked at at once.
     reconcile_s: Positive = 5.0
     # Host disk a sandbox's own writes may hold before it is ended (0: no limit): its
     # writes share the disk of Redis, dockerd and the snapshots. Checked every

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -312,9 +313,12 @@ def _info(d: dict[str, Any]) -> ProcessInfo:
 class ExecutionService:
     """Serves the commands in :data:`HANDLED` for one worker's sandboxes."""
 
-    def __init__(self, table: SandboxTable, runtime: Runtime) -> None:
+    def __init__(
+        self, table: SandboxTable, runtime: Runtime, *, on_channel_lost: Callable[[str], None] | None = None,
+    ) -> None:
         self.table = table
         self.runtime = runtime
+        self._on_channel_lost = on_channel_lost
         self.guests: GuestManager | None = None
         self._guestless = False
         # (sandbox id, client request id) -> (channel, guest request id), for Cancel,
@@ -350,7 +354,7 @@ class ExecutionService:
         return self._active.get(key)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.guests = GuestManager(self._attach, on_violation=self._violated)
+        self.guests = GuestManager(self._attach, on_violation=self._violated, on_lost=self._on_channel_lost)
         try:
             await self.guests.run(task_status=task_status)
         finally:

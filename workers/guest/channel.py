@@ -381,9 +381,15 @@ class GuestManager:
     ``attach`` is the runtime's :meth:`~workers.runtimes.base.Runtime.attach`: all this
     needs of a runtime, so it never sees how the stdio is reached."""
 
-    def __init__(self, attach: Attach, *, on_violation: Violation | None = None) -> None:
+    def __init__(
+        self, attach: Attach, *, on_violation: Violation | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
         self._attach_stdio = attach
         self._on_violation = on_violation
+        # Told of a channel that ended while still this manager's: its sandbox may be
+        # dead (a container that dies takes its attach with it), or only the attach.
+        self._on_lost = on_lost
         self._channels: dict[str, GuestChannel] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._tg: TaskGroup | None = None
@@ -451,6 +457,13 @@ class GuestManager:
                 )
             return ch if ch.has_agent else None
 
+    async def _read(self, ch: GuestChannel) -> None:
+        await ch.read_loop()
+        # Still ours: nobody forgot it (an end, a pause) or replaced it, so it ended
+        # from the other side.
+        if self._channels.get(ch.sandbox_id) is ch and self._on_lost is not None:
+            self._on_lost(ch.sandbox_id)
+
     async def _attach(self, sandbox_id: str) -> GuestChannel | None:
         if self._tg is None:
             raise RuntimeFailure("guest manager is not running", sandbox_id=sandbox_id)
@@ -461,6 +474,6 @@ class GuestManager:
             return None
         ch = GuestChannel(sandbox_id, stdio, on_violation=self._violated)
         self._channels[sandbox_id] = ch
-        self._tg.start_soon(ch.read_loop)
+        self._tg.start_soon(self._read, ch)
         await ch.greet(self._tg)
         return ch
