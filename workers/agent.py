@@ -469,8 +469,14 @@ class WorkerAgent:
                 # the next full look rather than each failing the same way.
                 log.info("could not look at suspected sandboxes: %s", exc, extra={"sandbox_id": sid})
                 return
-            if not alive and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
-                await self._end_quietly(sid, await self._death_reason(sid), state="failed")
+            if not alive:
+                await self._end_dead(sid, local)
+
+    async def _end_dead(self, sid: str, local: Local) -> None:
+        """End a sandbox found dead, unless it changed while it was looked at (ended,
+        replaced, or a pause or restore took its container away on purpose)."""
+        if self.sandboxes.get(sid) is local and not (local.paused or local.busy):
+            await self._end_quietly(sid, await self._death_reason(sid), state="failed")
 
     async def _check_health(self) -> None:
         # Only sandboxes known before listing: one started (or resumed) while the
@@ -487,8 +493,8 @@ class WorkerAgent:
         ]
         running = {m.sandbox_id for m in managed if m.running}
         for sid, local in known.items():
-            if sid not in running and self.sandboxes.get(sid) is local and not (local.paused or local.busy):
-                await self._end_quietly(sid, await self._death_reason(sid), state="failed")
+            if sid not in running:
+                await self._end_dead(sid, local)
         # A container nobody holds: a start whose clean-up failed (dockerd restarting
         # under it) left it. Not one being started (listed before it joined the table),
         # nor one held when listed or since (an end removes the container after the
