@@ -82,6 +82,12 @@ key                                    type    meaning
                                                nodes (workers.snapshot_peers), made once
 =====================================  ======  ============================================
 
+A pooled sandbox's record shares its pool's slot: the pool controller draws the refill's
+request id with three more characters chosen so that ``sb-RID`` hashes to the slot of
+``{pool:NAME}`` (:meth:`Keys.pooled_request_id`). So the claim's take and its record's
+flip are one script on one shard, and the record's key keeps its plain form (readers,
+tenants' ACL patterns and workers still derive it from the id alone).
+
 Tenants: a tenant's request ids start with ``T.`` and its sandboxes' ids with ``sb-T.``
 (tenant names hold no ``.``), so its reply, output and sandbox record keys fall under
 patterns its Redis user is granted and no other tenant's is (hotbed.tenants). Daemons
@@ -104,9 +110,13 @@ share a Redis by giving each run its own prefix.
 
 from __future__ import annotations
 
+import binascii
+import functools
 import re
+from collections.abc import Callable
 
 import msgspec
+from redis.crc import key_slot
 
 REQUESTS_GROUP = "schedulers"
 WORKER_GROUP = "worker"
@@ -123,6 +133,45 @@ def id_tenant(some_id: str) -> str | None:
     """The tenant a request or sandbox id belongs to; None for an operator's id."""
     m = _OWNED_ID.match(some_id)
     return m.group(1) if m else None
+
+
+def sandbox_id_for(request_id: str) -> str:
+    """The sandbox a create makes: derived from the request id, so a redelivered request
+    names the same sandbox."""
+    return f"sb-{request_id}"
+
+
+# Redis Cluster's slot of a hash tag is CRC16/XMODEM of it, mod 16384. That CRC is linear
+# with a zero start, so crc(P + S) = crc(P + zeros) ^ crc(S) for a suffix S of a fixed
+# length: a table of one 3-character suffix per low-14-bit CRC value lets an id be
+# steered to any slot without a search. 36^3 suffixes cover 99.4 % of the values; an id
+# whose needed value has none is drawn again.
+_SUFFIX_CHARS = b"0123456789abcdefghijklmnopqrstuvwxyz"
+_SLOTS = 16384
+
+
+@functools.cache
+def _slot_suffixes() -> dict[int, bytes]:
+    table: dict[int, bytes] = {}
+    for a in _SUFFIX_CHARS:
+        for b in _SUFFIX_CHARS:
+            for c in _SUFFIX_CHARS:
+                suffix = bytes((a, b, c))
+                table.setdefault(binascii.crc_hqx(suffix, 0) % _SLOTS, suffix)
+    return table
+
+
+def prepare_slot_steering() -> None:
+    """Builds the suffix table now (tens of ms: a daemon runs it off its event loop)."""
+    _slot_suffixes()
+
+
+def _steered(tag_head: str, slot: int) -> str | None:
+    """Three characters that put the hash tag ``tag_head + them`` in ``slot``; None if
+    no suffix fits this head."""
+    head = binascii.crc_hqx(tag_head.encode() + b"\0\0\0", 0) % _SLOTS
+    suffix = _slot_suffixes().get(head ^ slot)
+    return None if suffix is None else suffix.decode()
 
 
 class Keys(msgspec.Struct, frozen=True):
@@ -168,7 +217,13 @@ class Keys(msgspec.Struct, frozen=True):
 
     # -- sandboxes
     def sandbox(self, sandbox_id: str) -> str:
-        return f"{self.prefix}:sb:{{{sandbox_id}}}"
+        return f"{self.sandbox_head}{sandbox_id}}}"
+
+    @property
+    def sandbox_head(self) -> str:
+        """What precedes the id in a sandbox record's key, for a script that learns the
+        id itself (lua.POOL_CLAIM)."""
+        return f"{self.prefix}:sb:{{"
 
     def sandbox_env(self, sandbox_id: str) -> str:
         return f"{self.prefix}:sb:{{{sandbox_id}}}:env"
@@ -213,6 +268,17 @@ class Keys(msgspec.Struct, frozen=True):
     @property
     def pools(self) -> str:
         return f"{self.prefix}:pools"
+
+    def pooled_request_id(self, pool: str, draw: Callable[[], str]) -> str:
+        """A request id for a refill of ``pool``: ``draw()`` and three characters that
+        put its sandbox's record (``sandbox(sandbox_id_for(id))``) in the pool's slot,
+        where the claim script reads and flips it."""
+        slot = key_slot(self.pool_ready(pool).encode())
+        while True:
+            base = draw()
+            suffix = _steered(sandbox_id_for(base), slot)
+            if suffix is not None:
+                return base + suffix
 
     # -- tenants
     @property

@@ -293,26 +293,56 @@ return 0
 
 # KEYS[1] = hotbed:{pool:NAME}:ready, KEYS[2] = hotbed:{pool:NAME}:claims
 # ARGV[1] = claim lease (ms)
+# Optional, to flip the record in the same step: ARGV[2] = the head of a sandbox record's
+# key ("hotbed:sb:{"), ARGV[3] = the names of the claim's clock fields (space-separated),
+# ARGV[4..] = field, value, ... of the rest of the claim (hotbed.records.to_claimed).
 # Takes one warm sandbox off a pool: no entry is ever handed to two callers (LPOP), and
 # none is lost between this claim and the caller's reply: it sits in the claims zset
 # under a lease until the caller finishes (ZREM) or the pool controller takes it back.
-# Returns false when the pool is empty, else {"SID WORKER", now_ms} (Redis clock).
+# With the claim given, the record flips pooled -> running here too, with the clock
+# fields at Redis's time: the pool controller names a pooled sandbox so that its record
+# shares the pool's slot (hotbed.keys), which is why this script may touch a key it was
+# not given. An entry whose record is no longer pooled (its container died since it was
+# listed) is dropped and the next one tried, up to 100 (the pool controller prunes the
+# rest). Returns false when none is left, else {"SID WORKER", now_ms} (Redis clock).
 POOL_CLAIM = Script("""
-local item = redis.call('LPOP', KEYS[1])
-if not item then
-  return false
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), item)
-return {item, tostring(now)}
+for _ = 1, 100 do
+  local item = redis.call('LPOP', KEYS[1])
+  if not item then
+    return false
+  end
+  local ok = #ARGV < 2
+  if not ok then
+    local record = ARGV[2] .. string.match(item, '^(%S+)') .. '}'
+    if redis.call('HGET', record, 'state') == 'pooled' then
+      local fields = {unpack(ARGV, 4)}
+      local clock = string.format('%d.%03d', math.floor(now / 1000), now % 1000)
+      for name in string.gmatch(ARGV[3], '%S+') do
+        fields[#fields + 1] = name
+        fields[#fields + 1] = clock
+      end
+      redis.call('HSET', record, unpack(fields))
+      ok = true
+    end
+  end
+  if ok then
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[1]), item)
+    return {item, tostring(now)}
+  end
+end
+return false
 """)
+
 
 # KEYS[1] = hotbed:sb:{SID}
 # ARGV = field, value, ... of the claim (hotbed.records.claimed: state running, path
 # warm, the claim's clock, timeout, idle timeout, tags and claimer)
-# Second step of a warm claim: the record flips pooled -> running only if it is still
-# pooled (its container may have died since it was listed). Returns 1 or 0.
+# Second step of a warm claim that runs something between the take and the flip (a
+# tenant's quota; POOL_CLAIM flips the record itself otherwise): the record flips
+# pooled -> running only if it is still pooled (its container may have died since it
+# was listed). Returns 1 or 0.
 CLAIM_RECORD = Script("""
 if redis.call('HGET', KEYS[1], 'state') ~= 'pooled' then
   return 0

@@ -192,20 +192,28 @@ def to_restored(
     }
 
 
+# The claim's clock: set from Redis's time, by whoever flips the record.
+CLAIM_CLOCK = ("created_at", "started_at", "last_active")
+
+
 def to_claimed(
-    *, now: float, timeout: float, idle_timeout: float, tags: dict[str, str], client_id: str,
+    *, now: float | None, timeout: float, idle_timeout: float, tags: dict[str, str], client_id: str,
     auto_pause_after: float | None = None,
 ) -> Fields:
     """pooled -> running: a client claimed a warm sandbox; its clock starts now. Sent
-    as ARGV to ``lua.CLAIM_RECORD``, which writes it only if the record is still pooled.
-    ``claimed_by`` is for operators reading the hash (the record does not decode it)."""
-    return {
-        "state": "running", "path": "warm", "created_at": repr(now), "started_at": repr(now),
-        "last_active": repr(now), "timeout": repr(timeout), "idle_timeout": repr(idle_timeout),
+    as ARGV to ``lua.CLAIM_RECORD`` or ``lua.POOL_CLAIM``, which write it only if the
+    record is still pooled; ``now`` None leaves out the :data:`CLAIM_CLOCK` fields, for
+    ``POOL_CLAIM`` to set. ``claimed_by`` is for operators reading the hash (the record
+    does not decode it)."""
+    fields = {
+        "state": "running", "path": "warm", "timeout": repr(timeout), "idle_timeout": repr(idle_timeout),
         "tags": orjson.dumps(tags).decode(), "claimed_by": client_id,
         # "" reads back as None: the node's default.
         "auto_pause_after": "" if auto_pause_after is None else repr(auto_pause_after),
     }
+    if now is not None:
+        fields.update(dict.fromkeys(CLAIM_CLOCK, repr(now)))
+    return fields
 
 
 def is_pooled(fields: Fields) -> bool:

@@ -8,16 +8,20 @@ snapshot instead of booted. Its record is the hash ``Keys.template(NAME)``
 
 A **pool** keeps ``size`` sandboxes of one template and one resource shape ready on
 workers (the scheduler's pool controller fills it, :mod:`scheduler.pools`). Creating a
-sandbox from a template first tries :func:`claim_nowait`: two Lua steps and one
-pipeline straight against Redis, no scheduler or worker round trip:
+sandbox from a template first tries :func:`claim_nowait`: one Lua step and two
+pipelined ones straight against Redis, no scheduler or worker round trip:
 
-1. ``POOL_CLAIM`` pops one ``"SID WORKER"`` off the pool's ready list and parks it in the
+1. ``POOL_CLAIM`` pops one ``"SID WORKER"`` off the pool's ready list, parks it in the
    pool's claims zset under a lease (never handed out twice, never lost: an expired
-   lease is taken back by the pool controller);
-2. ``CLAIM_RECORD`` flips the sandbox's record ``pooled -> running`` with the claim's
-   timeout and tags (only if still pooled: a sandbox found dead is skipped);
-3. one pipeline: the :class:`~hotbed.protocol.SandboxClaimed` notice onto the worker's
-   stream (its lifetime clock and env start now), the live-sandbox index, lease done.
+   lease is taken back by the pool controller) and flips the sandbox's record
+   ``pooled -> running`` with the claim's timeout and tags (only if still pooled: a
+   sandbox found dead is skipped). The record shares the pool's Redis Cluster slot
+   (the pool controller names pooled sandboxes so, :meth:`Keys.pooled_request_id`), so
+   this is one script on one shard. A tenant's claim takes its quota between the take
+   and the flip, which is then a second script (``CLAIM_RECORD``);
+2. the :class:`~hotbed.protocol.SandboxClaimed` notice onto the worker's stream (its
+   lifetime clock and env start now) and the live-sandbox index;
+3. the lease done.
 
 Only an empty pool falls back to the scheduler (restore on demand; a template without
 a snapshot boots cold and runs its set-up).
@@ -361,8 +365,16 @@ async def claim_from(
     ready, claims = keys.pool_ready(pool), keys.pool_claims(pool)
     # Each step is auto-pipelined: concurrent claims of this client share round trips.
     ap = batching.for_client(redis)
+    claim = records.to_claimed(
+        now=None, timeout=spec.timeout, idle_timeout=spec.idle_timeout or 0.0,
+        tags=spec.tags, client_id=client_id, auto_pause_after=spec.auto_pause_after,
+    )
+    claim_args = [x for kv in claim.items() for x in kv]
+    # With nothing to run between the take and the flip, both are one step on the pool's
+    # shard (a pooled sandbox's record shares its pool's slot, hotbed.keys).
+    flip = [] if before else [keys.sandbox_head, " ".join(records.CLAIM_CLOCK), *claim_args]
     while True:
-        (got,) = raise_first_error(await ap.execute(lua.POOL_CLAIM.call([ready, claims], [CLAIM_LEASE_MS])))
+        (got,) = raise_first_error(await ap.execute(lua.POOL_CLAIM.call([ready, claims], [CLAIM_LEASE_MS, *flip])))
         if not got:
             return None
         item, now_ms = got[0], int(got[1])
@@ -378,17 +390,14 @@ async def claim_from(
                         pipe.lpush(ready, item)
                         await pipe.execute()
                 raise
-        claim = records.to_claimed(
-            now=now, timeout=spec.timeout, idle_timeout=spec.idle_timeout or 0.0,
-            tags=spec.tags, client_id=client_id, auto_pause_after=spec.auto_pause_after,
-        )
-        (ok,) = raise_first_error(await ap.execute(
-            lua.CLAIM_RECORD.call([keys.sandbox(sid)], [x for kv in claim.items() for x in kv])
-        ))
-        if not ok:
-            # Died (or was taken back) since it was listed: never hand it out.
-            await redis.zrem(claims, item)
-            continue
+            clock = [x for name in records.CLAIM_CLOCK for x in (name, repr(now))]
+            (ok,) = raise_first_error(await ap.execute(
+                lua.CLAIM_RECORD.call([keys.sandbox(sid)], [*claim_args, *clock])
+            ))
+            if not ok:
+                # Died (or was taken back) since it was listed: never hand it out.
+                await redis.zrem(claims, item)
+                continue
         notice = Envelope(
             # Redis's clock (the claim's), which the worker compares deadlines on.
             id=new_id(), reply_to="", deadline=now + 60, client=client_id,

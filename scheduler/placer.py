@@ -38,7 +38,7 @@ from hotbed import batching, limits, lua, protocol, records
 from hotbed.batching import raise_first_error
 from hotbed.connection import is_cluster
 from hotbed.errors import CapacityExhausted, InvalidRequest, NoMatchingWorker
-from hotbed.keys import Keys
+from hotbed.keys import Keys, sandbox_id_for
 from hotbed.protocol import Envelope, Message, SandboxSpec, StartSandbox
 from hotbed.records import SandboxRecord
 from scheduler.config import SchedulerSettings
@@ -54,11 +54,6 @@ def validate(spec: SandboxSpec) -> None:
     parse_gpu(spec.resources.gpu)
     if problems:
         raise InvalidRequest("; ".join(problems))
-
-
-def sandbox_id_for(request_id: str) -> str:
-    # Derived from the request id so a redelivered request names the same sandbox.
-    return f"sb-{request_id}"
 
 
 class Placer:

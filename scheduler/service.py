@@ -40,6 +40,7 @@ from hotbed.errors import (
     UnsupportedRequest,
     WorkerLost,
 )
+from hotbed.keys import sandbox_id_for
 from hotbed.protocol import (
     BuildTemplate,
     CreateSandbox,
@@ -54,7 +55,7 @@ from hotbed.templates import claim_from, pool_name
 from scheduler import once, templates
 from scheduler.config import SchedulerSettings
 from scheduler.leader import LeaderLock
-from scheduler.placer import Placer, sandbox_id_for, validate
+from scheduler.placer import Placer, validate
 from scheduler.pools import PoolController
 from scheduler.quotas import TenantQuotas
 from scheduler.registry import WorkerRegistry

@@ -125,6 +125,52 @@ async def test_scripts_and_pipelines_run_per_node(redis_cluster: localcluster.Lo
         await redis.aclose()
 
 
+async def test_a_warm_claim_is_one_script_on_the_pools_shard(redis_cluster: localcluster.LocalCluster) -> None:
+    """Pooled sandboxes are named so that their records share their pool's slot; the
+    claim script then takes an entry and flips its record on that one shard, skipping
+    an entry whose record is no longer pooled."""
+    from redis.crc import key_slot
+
+    from hotbed import lua, records
+    from hotbed.client import new_id
+    from hotbed.keys import Keys, sandbox_id_for
+    from hotbed.records import SandboxRecord
+    from hotbed.tenants import new_request_id
+
+    keys = Keys(prefix=f"t{secrets.token_hex(4)}")
+    redis = connect(redis_cluster.url)
+    pools = [f"tpl-{i}" for i in range(20)]
+    dead, live = (sandbox_id_for(keys.pooled_request_id(pools[0], new_id)) for _ in range(2))
+    try:
+        for pool in pools:
+            slot = key_slot(keys.pool_ready(pool).encode())
+            for draw in (new_id, lambda: new_request_id("acme")):
+                sid = sandbox_id_for(keys.pooled_request_id(pool, draw))
+                assert key_slot(keys.sandbox(sid).encode()) == slot and sid.startswith("sb-")
+        assert sandbox_id_for(keys.pooled_request_id(pools[0], lambda: new_request_id("acme"))).startswith("sb-acme.")
+        # Dead first, then live: the script drops the dead entry and claims the live one.
+        pool = pools[0]
+        ready, claims = keys.pool_ready(pool), keys.pool_claims(pool)
+        await redis.hset(keys.sandbox(dead), mapping=records.to_hash(SandboxRecord(id=dead, state="failed")))
+        await redis.hset(keys.sandbox(live), mapping=records.to_hash(SandboxRecord(id=live, state="pooled")))
+        await redis.rpush(ready, f"{dead} w1", f"{live} w1")
+        claim = records.to_claimed(now=None, timeout=30.0, idle_timeout=0.0, tags={"k": "v"}, client_id="c")
+        flip = [keys.sandbox_head, " ".join(records.CLAIM_CLOCK), *(x for kv in claim.items() for x in kv)]
+        item, now_ms = await lua.POOL_CLAIM.run(redis, [ready, claims], [10_000, *flip])
+        assert item == f"{live} w1".encode()
+        rec = records.from_hash(await redis.hgetall(keys.sandbox(live)))
+        assert rec is not None and (rec.state, rec.path, rec.tags, rec.timeout) == ("running", "warm", {"k": "v"}, 30.0)
+        assert rec.created_at == rec.started_at == int(now_ms) / 1000
+        assert await redis.zscore(claims, item) == int(now_ms) + 10_000
+        assert await redis.llen(ready) == 0
+        assert (await redis.hget(keys.sandbox(dead), "state")) == b"failed"
+        assert await lua.POOL_CLAIM.run(redis, [ready, claims], [10_000, *flip]) is None
+    finally:
+        await redis.delete(keys.pool_ready(pools[0]), keys.pool_claims(pools[0]))
+        await redis.delete(*(keys.sandbox(s) for s in (dead, live)))
+        await redis.aclose()
+
+
 async def test_spine_through_the_cluster(redis_cluster: localcluster.LocalCluster) -> None:
     prefix = f"t{secrets.token_hex(4)}"
     async with running_stack(redis_cluster.url, prefix) as stack:
