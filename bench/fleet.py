@@ -8,7 +8,8 @@ Three phases, one results file (``bench/results/fleet.json``, ``--out``):
   and once through a local Redis Cluster of 3 primaries x 1 replica, back to back.
   ``cluster_vs_standalone_ratio`` = the best error-free claim rate through the cluster
   / through the standalone Redis (target >= 0.8); the create latencies are recorded
-  beside it.
+  beside it. ``--ratio-rounds N`` runs the pair N times, back to back, and the ratio is
+  the median of the rounds' own ratios (one short step's best rate is noisy).
 * ``restore`` (real runsc): 3 nodes (cli.localfleet: a dockerd each, own snapshot
   directory, own worker process) on a Redis Cluster of 3 primaries x 1 replica and a
   scheduler process. bench start's ``heavy`` template is built on node 1 while only
@@ -64,6 +65,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cluster-replicas", type=int, default=1,
                    help="ratio phase: replicas per primary of its cluster (0: the cluster's "
                         "redis-server processes then match the standalone run's busy ones)")
+    p.add_argument("--ratio-rounds", type=int, default=1,
+                   help="ratio phase: standalone/cluster pairs to run; the ratio is their median")
     p.add_argument("--restores", type=int, default=3, help="local restores timed on node 1")
     p.add_argument("--lanes", type=int, default=3, help="exec lanes in the failover stream")
     p.add_argument("--failover-after-s", type=float, default=5.0)
@@ -92,7 +95,7 @@ def _best_ok_rate(steps: list[dict[str, Any]]) -> float:
     return max((s["achieved_rate"] for s in steps if not s["errors"]), default=0.0)
 
 
-async def phase_ratio(args: argparse.Namespace) -> dict[str, Any]:
+async def _ratio_round(args: argparse.Namespace) -> dict[str, Any]:
     from bench.scale.claims import phase_claims
     from bench.scale.throughput import phase_throughput
 
@@ -114,12 +117,31 @@ async def phase_ratio(args: argparse.Namespace) -> dict[str, Any]:
         }
     std, clu = out["standalone"], out["cluster"]
     out["ratio"] = round(clu["claims_per_s"] / std["claims_per_s"], 3) if std["claims_per_s"] else None
+    say(f"round: claims/s standalone {std['claims_per_s']:.0f}, cluster {clu['claims_per_s']:.0f} "
+        f"(ratio {out['ratio']})")
+    return out
+
+
+async def phase_ratio(args: argparse.Namespace) -> dict[str, Any]:
+    # The best rate of one short step moves by 10-20 % between runs on a shared 2-core
+    # box: --ratio-rounds repeats the pair, standalone then cluster, and the ratio is
+    # the median of the rounds' own ratios (each pair measured back to back).
+    rounds = [await _ratio_round(args) for _ in range(max(1, args.ratio_rounds))]
+    # Each round's steps in full for the median one (the lower of the middle two).
+    out = dict(sorted(rounds, key=lambda r: r["ratio"] or 0.0)[(len(rounds) - 1) // 2])
+    if len(rounds) > 1:
+        out["rounds"] = [{"standalone_claims_per_s": r["standalone"]["claims_per_s"],
+                          "cluster_claims_per_s": r["cluster"]["claims_per_s"], "ratio": r["ratio"]}
+                         for r in rounds]
+        ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
+        out["ratio"] = round(statistics.median(ratios), 3) if ratios else None
+    std, clu = out["standalone"], out["cluster"]
     first = [(a["control_plane_latency"]["p50_ms"], b["control_plane_latency"]["p50_ms"])
              for a, b in zip(std["create_steps"], clu["create_steps"], strict=False)]
     out["create_p50_ms"] = [{"standalone": a, "cluster": b} for a, b in first]
     out["cluster_replicas"] = args.cluster_replicas
-    say(f"claims/s: standalone {std['claims_per_s']:.0f}, cluster {clu['claims_per_s']:.0f} "
-        f"(ratio {out['ratio']}); create p50 (control plane) {out['create_p50_ms']}")
+    say(f"claims/s (median round): standalone {std['claims_per_s']:.0f}, cluster {clu['claims_per_s']:.0f}; "
+        f"ratio {out['ratio']} over {len(rounds)} round(s); create p50 (control plane) {out['create_p50_ms']}")
     return out
 
 
