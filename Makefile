@@ -51,7 +51,8 @@ test: images
 # The same tests against a local 3-primary Redis Cluster (tests/conftest.py starts it);
 # CLUSTER_TESTS=tests runs the whole suite that way.
 CLUSTER_TESTS ?= tests/test_sandbox_lifecycle.py tests/test_templates.py tests/test_exec.py \
-	tests/test_batching.py tests/test_records.py
+	tests/test_batching.py tests/test_records.py tests/test_tenants.py \
+	tests/test_operations.py::test_redis_acl_user_confined_to_its_prefix
 test-cluster: images
 	HOTBED_TEST_CLUSTER=1 $(PY) -m pytest $(CLUSTER_TESTS) $(PYTEST_ARGS)
 

@@ -187,7 +187,7 @@ def describe(exc: BaseException) -> str | None:
         return f"cannot reach Redis at {url} ({cause.strip() or type(exc).__name__}); is hotbed up? (hotbed up -d)"
     if isinstance(exc, HotbedError):
         return str(exc)
-    if isinstance(exc, redis.exceptions.RedisError):
+    if isinstance(exc, redis.exceptions.RedisError | redis.exceptions.RedisClusterException):
         return f"Redis at {url}: {exc}"
     if isinstance(exc, OSError):
         return str(exc)

@@ -228,7 +228,9 @@ def run_daemon(main: Callable[[], Awaitable[None]], *, redis_url: str) -> None:
         leaf = _leaf(exc)
         if isinstance(leaf, HotbedError):
             fatal(str(leaf), code=1)
-        if isinstance(leaf, redis.exceptions.RedisError):
+        # A Redis Cluster none of whose seeds takes the connection (down, or refusing the
+        # credentials) says so as RedisClusterException, which is no RedisError.
+        if isinstance(leaf, redis.exceptions.RedisError | redis.exceptions.RedisClusterException):
             fatal(f"Redis at {redact_url(redis_url)}: {leaf}", code=1)
         raise
 
@@ -239,8 +241,10 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     from hotbed.errors import HotbedError
 
     # OSError covers TimeoutError (every fail_after), a refused or reset socket, and
-    # aiohttp's client errors reaching Docker.
-    return (redis_errors.ConnectionError, redis_errors.TimeoutError, HotbedError, OSError)
+    # aiohttp's client errors reaching Docker. RedisClusterException: no node of a
+    # Redis Cluster could be reached (all restarting, say).
+    return (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.RedisClusterException,
+            HotbedError, OSError)
 
 
 TRANSIENT_ERRORS = _transient_errors()

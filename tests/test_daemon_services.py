@@ -181,10 +181,9 @@ def test_ready_watchdog_stopping_on_a_real_notify_socket(spawn, prefix: str) -> 
 
 
 def test_sighup_reloads_what_it_can(spawn, workdir: Path, redis_url: str, prefix: str) -> None:  # type: ignore[no-untyped-def]
-    import redis as sync_redis
-
     from hotbed.keys import Keys
     from hotbed.protocol import decode_worker_info
+    from tests.conftest import sync_redis
 
     wconf = workdir / "worker.toml"
     wconf.write_text('[tags]\nzone = "a"\n')
@@ -201,7 +200,7 @@ def test_sighup_reloads_what_it_can(spawn, workdir: Path, redis_url: str, prefix
     for d in (worker, sched):
         d.expect("RELOADING=1")
         d.expect("READY=1", n=2)
-    r = sync_redis.Redis.from_url(redis_url)
+    r = sync_redis(redis_url)
     try:
         info = decode_worker_info(r.get(Keys(prefix).worker_info(f"w-{prefix}")))
     finally:

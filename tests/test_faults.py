@@ -385,16 +385,20 @@ def test_worker_killed_with_commands_in_flight_never_runs_one_twice(
             ]
             await appear(*(home / f"marker{i}" for i in range(2)))
             await anyio.to_thread.run_sync(fleet.kill, worker)
+            # Two independent commands: the restarted worker serves one read's worth of
+            # commands concurrently, so neither may depend on the other.
             queued = [
                 await send(c, wid, WriteFile(sandbox_id=sid, path="/home/later", data=b"x")),
-                await send(c, wid, ExecMsg(sandbox_id=sid, exec=ExecSpec(argv=["cat", "later"]))),
+                await send(c, wid, ExecMsg(sandbox_id=sid, exec=ExecSpec(argv=["echo", "queued"]))),
             ]
             worker = await anyio.to_thread.run_sync(lambda: fleet.start("workers"))
             for rid in running:
                 got = await reply_of(c, rid)
                 assert isinstance(got, ErrorReply) and got.code == "WorkerLost", got
-            wrote, cat = [await reply_of(c, rid) for rid in queued]
+            wrote, echoed = [await reply_of(c, rid) for rid in queued]
             assert isinstance(wrote, FileWritten), wrote
+            assert isinstance(echoed, ExecResult) and echoed.stdout == b"queued\n", echoed
+            cat = await reply_of(c, await send(c, wid, ExecMsg(sandbox_id=sid, exec=ExecSpec(argv=["cat", "later"]))))
             assert isinstance(cat, ExecResult) and cat.stdout == b"x", cat
             await no_second_reply(c, running + queued)
             await anyio.sleep(3)  # the orphaned commands' own run ends; none started again

@@ -20,16 +20,19 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-import redis as sync_redis
+import redis
 from doubles import RecordingRuntime
 
 from cli.fleet import Frame, check_config, install_service, render, snapshot
 from cli.main import main as cli_main
 from daemon.config import load_settings, redact_url
+from hotbed import tenants
 from hotbed.client import Client
+from hotbed.connection import connect
 from hotbed.errors import ConfigError
 from hotbed.protocol import CreateSandbox, Resources, SandboxCreated, SandboxSpec
 from scheduler.config import SchedulerSettings
+from tests.conftest import sync_redis
 from workers.config import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,30 +184,30 @@ async def _fleet_roundtrip(url: str, prefix: str) -> SandboxCreated:
 async def test_redis_acl_user_confined_to_its_prefix(redis_url: str, prefix: str) -> None:
     """An ACL user with a password that may touch only ``PREFIX:*`` keys runs the fleet:
     every key the daemons use lives under the prefix, and the URL carries the user."""
-    admin = sync_redis.Redis.from_url(redis_url)
     user, password = f"u{prefix}", secrets.token_hex(8)
-    admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=[f"{prefix}:*"],
-                      commands=["+@all", "-@dangerous", "+info"])
+    # On every node of a Redis Cluster: ACL users are per Redis process.
+    admin = connect(redis_url)
+    await tenants.set_user(admin, user, password, [f"~{prefix}:*", "+@all", "-@dangerous", "+info"])
     try:
-        host = redis_url.split("//", 1)[1]
-        acl_url = f"redis://{user}:{password}@{host}"
+        acl_url = tenants.with_credentials(redis_url, user, password)
         reply = await _fleet_roundtrip(acl_url, prefix)
         assert reply.worker_id == f"w-{prefix}"
         # The same user is refused outside its prefix, so the check above means something.
-        confined = sync_redis.Redis.from_url(acl_url)
-        with pytest.raises(sync_redis.exceptions.NoPermissionError):
+        confined = sync_redis(acl_url)
+        with pytest.raises(redis.exceptions.NoPermissionError):
             confined.set("elsewhere:key", "1")
         confined.close()
         # A wrong password: the daemon exits 1 with one line that hides the password.
         env = {k: v for k, v in os.environ.items() if not k.startswith("HOTBED_")}
-        env.update(HOTBED_REDIS_URL=f"redis://{user}:wrong-{password}@{host}", HOTBED_PREFIX=prefix)
+        env.update(HOTBED_REDIS_URL=tenants.with_credentials(redis_url, user, f"wrong-{password}"),
+                   HOTBED_PREFIX=prefix)
         out = await anyio.run_process([sys.executable, "-m", "scheduler"], env=env, check=False)
         err = out.stderr.decode()
         assert out.returncode == 1 and err.count("\n") == 1, err
         assert "invalid username-password" in err and f"{user}:***@" in err and password not in err
     finally:
-        admin.acl_deluser(user)
-        admin.close()
+        await tenants.delete_user(admin, user)
+        await admin.aclose()
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +260,8 @@ async def test_redis_tls_url(tls_redis: tuple[str, Path], prefix: str) -> None:
 @pytest.mark.anyio
 async def test_redis_tls_refuses_an_unknown_ca(tls_redis: tuple[str, Path], prefix: str) -> None:
     url, _ = tls_redis
-    from hotbed.connection import connect
-
     r = connect(url.split("?", 1)[0])  # no CA given: the self-signed cert must be refused
-    with pytest.raises(sync_redis.exceptions.ConnectionError):
+    with pytest.raises(redis.exceptions.ConnectionError):
         await r.ping()
     await r.aclose()
 
