@@ -226,7 +226,7 @@ class Keys(msgspec.Struct, frozen=True):
         return f"{self.prefix}:sb:{{"
 
     def sandbox_env(self, sandbox_id: str) -> str:
-        return f"{self.prefix}:sb:{{{sandbox_id}}}:env"
+        return f"{self.sandbox(sandbox_id)}:env"
 
     @property
     def sandboxes(self) -> str:

@@ -196,6 +196,11 @@ def to_restored(
 CLAIM_CLOCK = ("created_at", "started_at", "last_active")
 
 
+def claim_clock(now: float) -> Fields:
+    """The :data:`CLAIM_CLOCK` fields of a claim made at ``now`` (Redis's clock)."""
+    return dict.fromkeys(CLAIM_CLOCK, repr(now))
+
+
 def to_claimed(
     *, now: float | None, timeout: float, idle_timeout: float, tags: dict[str, str], client_id: str,
     auto_pause_after: float | None = None,
@@ -212,7 +217,7 @@ def to_claimed(
         "auto_pause_after": "" if auto_pause_after is None else repr(auto_pause_after),
     }
     if now is not None:
-        fields.update(dict.fromkeys(CLAIM_CLOCK, repr(now)))
+        fields.update(claim_clock(now))
     return fields
 
 

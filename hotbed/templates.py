@@ -390,7 +390,7 @@ async def claim_from(
                         pipe.lpush(ready, item)
                         await pipe.execute()
                 raise
-            clock = [x for name in records.CLAIM_CLOCK for x in (name, repr(now))]
+            clock = [x for kv in records.claim_clock(now).items() for x in kv]
             (ok,) = raise_first_error(await ap.execute(
                 lua.CLAIM_RECORD.call([keys.sandbox(sid)], [*claim_args, *clock])
             ))
