@@ -242,7 +242,7 @@ async def swe_episode(args: argparse.Namespace, client: Any) -> dict[str, Any]:
         }
 
     out = {
-        **compare("hotbed"), "hotbed_start": "cold create",
+        **compare("hotbed"), "hotbed_start": "cold create", "hotbed_worker_runtime": args.worker_runtime,
         "episodes": args.swe_episodes, "image": image,
         "files_uploaded": args.swe_episode_files, "hotbed_cpu": args.swe_episode_cpu,
         "session_commands": args.swe_episode_commands,
@@ -254,6 +254,11 @@ async def swe_episode(args: argparse.Namespace, client: Any) -> dict[str, Any]:
                        "pool_size": args.swe_episode_pool,
                        "paths": {p: paths.count(p) for p in sorted(set(paths))}}
     return out
+
+
+def runsc_platform(oci_runtime: str) -> str:
+    """The gVisor platform of a dockerd runtime host-setup registers."""
+    return "ptrace" if oci_runtime.endswith("ptrace") else "systrap"
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,9 +274,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # Set-up before anything is timed: plain blocking calls are fine here.
         worker_log = open(Path(cluster.dir) / "worker.log", "wb")  # noqa: ASYNC230
         worker = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "workers", "--runtime", "docker", "--worker-id", f"w-{prefix}"],
+            [sys.executable, "-m", "workers", "--runtime", args.worker_runtime, "--worker-id", f"w-{prefix}"],
             env=cluster.env(HOTBED_DRAIN_ON_STOP="true", HOTBED_SHUTDOWN_GRACE_S="2",
-                            HOTBED_OCI_RUNTIME=args.oci_runtime),
+                            HOTBED_OCI_RUNTIME=args.oci_runtime,
+                            # The runsc runtime on the same gVisor platform as the
+                            # dockerd runtime SWE-ReX's side runs on.
+                            HOTBED_RUNSC_PLATFORM=runsc_platform(args.oci_runtime)),
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=worker_log,
         )
         docker = aiodocker.Docker()
@@ -402,9 +410,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only-swe-episode", action="store_true", help="run only the SWE-agent episode phase")
     p.add_argument("--oci-runtime", default="runsc",
                    help="dockerd runtime of the sandbox (host-setup registers runsc, runsc-ptrace)")
+    p.add_argument("--worker-runtime", choices=["docker", "runsc"], default="docker",
+                   help="hotbed worker's runtime: sandboxes through dockerd, or runsc driven "
+                        "directly (same gVisor platform as --oci-runtime); runsc needs --only-swe-episode")
     p.add_argument("--out", default=str(results.RESULTS / "exec.json"), help="results file")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
+    if args.worker_runtime != "docker" and not args.only_swe_episode:
+        p.error("--worker-runtime runsc measures the SWE-agent episode only (--only-swe-episode): "
+                "the other phases compare against docker exec into the sandbox's container")
     if args.only_swe_episode and not args.no_save and Path(args.out).exists():
         # Refused before the run, not after it: see merge_phase.
         try:

@@ -302,9 +302,59 @@ async def test_resume_clears_a_container_left_by_a_dead_worker(base_rootfs_runti
         await rt.attach(sid)
 
 
-async def wait_stopped(rt: Any, sid: str) -> None:
+@pytest.mark.anyio
+async def test_the_runtime_reaps_the_processes_runsc_leaves_it(base_rootfs_runtime: Any) -> None:
+    """runsc's sandbox and gofer processes outlive the `runsc run` that started them:
+    they become the worker's children (it is a subreaper), are reaped when a delete
+    ends them, and one that dies alone is seen as stopped. None is left, as a zombie
+    here or handed to PID 1, whose late reaping would hold every delete."""
+    rt = base_rootfs_runtime
+    assert rt.reaper.enabled
+    spec = SandboxSpec(image="nodebase", resources=Resources(cpu=0.5, memory_mb=256))
+    sids = [f"sb-{secrets.token_hex(4)}" for _ in range(2)]
+    pids = {}
+    for sid in sids:
+        await rt.create(Placed(sandbox_id=sid, worker_id="w-runsc", prefix="t-runsc"), spec)
+        pids[sid] = rt.reaper._pids[sid]
+        assert len(pids[sid]) == 2, pids  # the sandbox and its gofer
+        for pid in pids[sid]:
+            assert _ppid(pid) == os.getpid()
+    # One ends through the runtime: its processes are reaped, not left to anyone.
+    await rt.destroy(sids[0])
+    assert [pid for pid in pids[sids[0]] if _ppid(pid) is not None] == []
+    # One dies alone (its whole sandbox killed from outside): stopped, then reaped.
+    await rt.runsc.call(["kill", "--all", sids[1], "KILL"])
+    await wait_stopped(rt, sids[1])
+    await rt.destroy(sids[1])
+    assert [pid for pid in pids[sids[1]] if _ppid(pid) is not None] == []
+    # The ptrace platform's stubs die after their sandbox; a sweep takes the last.
     with anyio.fail_after(10):
-        while (await rt.runsc.state(sid) or {}).get("status") == "running":
+        while _runsc_children():
+            rt.reaper.sweep()
+            await anyio.sleep(0.05)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[1])
+    except OSError:
+        return None
+
+
+def _runsc_children() -> list[int]:
+    from workers.runtimes.runsc import reaper
+
+    return [p for p in reaper._children() if (reaper._comm_state(p) or ("", ""))[0] == "exe"]
+
+
+async def wait_stopped(rt: Any, sid: str) -> None:
+    # Through the runtime, which reaps the sandbox's exited processes before it asks
+    # runsc (a zombie sandbox process still reads as running). Right after a checkpoint
+    # runsc can say "stopped" while the sandbox process is still on its way out, then
+    # "running" again: stopped is when its processes are gone as well.
+    meta = await rt._meta(sid)
+    with anyio.fail_after(10):
+        while await rt._status(meta) != "stopped" or rt.reaper._pids.get(sid):
             await anyio.sleep(0.05)
 
 

@@ -41,6 +41,7 @@ from workers.runtimes.docker.lifecycle import IDLE_CMD
 from workers.runtimes.runsc import commands, files, nvidia, oci, stdio
 from workers.runtimes.runsc.cli import Runsc
 from workers.runtimes.runsc.images import Image, ImageStore
+from workers.runtimes.runsc.reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class RunscRuntime:
         self.gpu_proc = gpu_proc
         self._metas: dict[str, SandboxMeta] = {}
         self._idents: dict[tuple[str, str], oci.Identity] = {}
+        self.reaper = Reaper()
 
     async def open(self) -> None:
         try:
@@ -113,6 +115,7 @@ class RunscRuntime:
         except OSError as exc:
             raise RuntimeFailure(f"cannot create the runsc state directories: {exc}") from None
         await self.runsc.call(["list"])  # fails here, once, if runsc cannot run
+        self.reaper.enable()
         await self.images.open()
 
     async def aclose(self) -> None:
@@ -149,6 +152,7 @@ class RunscRuntime:
         return ident
 
     async def _status(self, meta: SandboxMeta) -> str | None:
+        self.reaper.reap_exited(meta.sandbox_id)
         state = await self.runsc.state(meta.sandbox_id, flags=meta.flags)
         return None if state is None else str(state.get("status"))
 
@@ -234,6 +238,7 @@ class RunscRuntime:
             else:
                 args = ["restore", "--detach", "--image-path", os.fspath(restore_from), "--bundle", os.fspath(d), sid]
             await self.runsc.launch(args, sandbox_id=sid, flags=meta.flags, stdio=ends, log_path=d / "runsc.log")
+            await self.reaper.adopt(sid, d)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.destroy(sid)
@@ -249,12 +254,20 @@ class RunscRuntime:
             flags = meta.flags
         except SandboxNotFound:
             flags = []
-        try:
-            await self.runsc.call(["delete", "--force", sandbox_id], sandbox_id=sandbox_id, flags=flags)
-        except SandboxNotFound:
-            pass
+        await self._delete(sandbox_id, flags)
         self._metas.pop(sandbox_id, None)
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(d, ignore_errors=True))
+
+    async def _delete(self, sandbox_id: str, flags: Sequence[str]) -> None:
+        """``runsc delete --force``, reaping the sandbox's processes as it waits for them."""
+
+        async def delete() -> None:
+            try:
+                await self.runsc.call(["delete", "--force", sandbox_id], sandbox_id=sandbox_id, flags=flags)
+            except SandboxNotFound:
+                pass
+
+        await self.reaper.ending(sandbox_id, delete)
 
     async def is_alive(self, sandbox_id: str) -> bool:
         try:
@@ -286,6 +299,7 @@ class RunscRuntime:
             return out
 
         metas = await anyio.to_thread.run_sync(scan)
+        self.reaper.reap_exited()
         statuses = await self.runsc.statuses()
         for m in metas:
             self._metas.setdefault(m.sandbox_id, m)
@@ -374,10 +388,7 @@ class RunscRuntime:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(paused, ignore_errors=True))
             raise
-        try:
-            await self.runsc.call(["delete", "--force", sandbox_id], sandbox_id=sandbox_id, flags=meta.flags)
-        except SandboxNotFound:
-            pass
+        await self._delete(sandbox_id, meta.flags)
 
     async def resume(self, sandbox_id: str) -> None:
         meta = await self._meta(sandbox_id)
@@ -395,9 +406,10 @@ class RunscRuntime:
         try:
             await self._restore_paused(sandbox_id, meta, d)
         except RuntimeFailure:
+            self.reaper.reap_exited(sandbox_id)
             if await self.runsc.state(sandbox_id, flags=meta.flags) is None:
                 raise
-            await self.runsc.call(["delete", "--force", sandbox_id], sandbox_id=sandbox_id, flags=meta.flags)
+            await self._delete(sandbox_id, meta.flags)
             await self._restore_paused(sandbox_id, meta, d)
         # runsc has read the image by now.
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(paused, ignore_errors=True))
@@ -413,6 +425,7 @@ class RunscRuntime:
                 ["restore", "--detach", "--image-path", os.fspath(d / PAUSED), "--bundle", os.fspath(d), sandbox_id],
                 sandbox_id=sandbox_id, flags=meta.flags, stdio=ends, log_path=d / "runsc.log",
             )
+            await self.reaper.adopt(sandbox_id, d)
         finally:
             for fd in ends:
                 os.close(fd)
