@@ -7,6 +7,7 @@ two, so load drifts on a shared machine hit both alike:
 
 * start: ``create`` until the guest agent answers ``hello`` (commands can run);
 * restore: a new sandbox from a memory snapshot, until its agent answers;
+* terminate: ``destroy`` of a started sandbox, until the runtime says it is gone;
 * exec: ``true`` through the guest agent (the common road) and through the
   runtime's own exec (``docker exec`` / ``runsc exec``: images without python3);
 * idle overhead, ``--idle`` idle sandboxes: the host processes they add (containerd's
@@ -129,7 +130,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     runsc = RunscRuntime(root="/run/hotbed/runsc-bench", state_dir="/var/lib/hotbed/runsc-bench")
     benches = [Bench("docker", docker, args.image), Bench("runsc", runsc, args.image)]
     samples: dict[str, dict[str, list[float]]] = {
-        b.name: {"start": [], "restore": [], "guest_exec": [], "runtime_exec": []} for b in benches
+        b.name: {"start": [], "terminate": [], "restore": [], "guest_exec": [], "runtime_exec": []} for b in benches
     }
     out: dict[str, Any] = {"image": args.image, "n": args.n, "idle": args.idle, "load_before": loadavg()}
     snapdir = Path(tempfile.mkdtemp(prefix="hotbed-bench-rt-", dir="/var/lib/hotbed"))
@@ -149,7 +150,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for b in benches:
                     took, sid = await b.start()
                     samples[b.name]["start"].append(took)
+                    t0 = time.perf_counter()
                     await b.end(sid)
+                    samples[b.name]["terminate"].append(time.perf_counter() - t0)
             snaps: dict[str, Path] = {}
             live = {b.name: (await b.start())[1] for b in benches}
             for i in range(args.execs):

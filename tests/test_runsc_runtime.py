@@ -308,6 +308,8 @@ async def test_the_runtime_reaps_the_processes_runsc_leaves_it(base_rootfs_runti
     they become the worker's children (it is a subreaper), are reaped when a delete
     ends them, and one that dies alone is seen as stopped. None is left, as a zombie
     here or handed to PID 1, whose late reaping would hold every delete."""
+    from workers.runtimes.runsc import reaper
+
     rt = base_rootfs_runtime
     assert rt.reaper.enabled
     spec = SandboxSpec(image="nodebase", resources=Resources(cpu=0.5, memory_mb=256))
@@ -329,8 +331,8 @@ async def test_the_runtime_reaps_the_processes_runsc_leaves_it(base_rootfs_runti
     assert [pid for pid in pids[sids[1]] if _ppid(pid) is not None] == []
     # The ptrace platform's stubs die after their sandbox; a sweep takes the last.
     with anyio.fail_after(10):
-        while _runsc_children():
-            rt.reaper.sweep()
+        while list(reaper._runsc_children(set())):
+            reaper.sweep(set())
             await anyio.sleep(0.05)
 
 
@@ -339,12 +341,6 @@ def _ppid(pid: int) -> int | None:
         return int(Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[1])
     except OSError:
         return None
-
-
-def _runsc_children() -> list[int]:
-    from workers.runtimes.runsc import reaper
-
-    return [p for p in reaper._children() if (reaper._comm_state(p) or ("", ""))[0] == "exe"]
 
 
 async def wait_stopped(rt: Any, sid: str) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -65,6 +65,16 @@ def _comm_state(pid: int) -> tuple[str, str] | None:
     # comm is in parentheses and may itself hold spaces or parentheses.
     head, _, tail = raw.rpartition(")")
     return head.partition("(")[2], tail[1:2]
+
+
+def _runsc_children(known: set[int]) -> Iterator[tuple[int, str]]:
+    """(pid, state) of our children that runsc left (named ``exe``), but ``known``."""
+    for pid in _children():
+        if pid in known:
+            continue
+        got = _comm_state(pid)
+        if got is not None and got[0] == _RUNSC_COMM:
+            yield pid, got[1]
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -111,21 +121,13 @@ class Reaper:
         """Note the sandbox and gofer processes of the sandbox just launched from ``bundle``."""
         if not self.enabled:
             return
-        self._pids[sandbox_id] = await anyio.to_thread.run_sync(self._find, os.fspath(bundle))
+        marks = {os.fspath(bundle), f"--bundle={os.fspath(bundle)}"}
+        known = self._known()  # read here, on the loop that changes it
 
-    def _find(self, bundle: str) -> tuple[int, ...]:
-        marks = {bundle, f"--bundle={bundle}"}
-        known = self._known()
-        found = []
-        for pid in _children():
-            if pid in known:
-                continue
-            got = _comm_state(pid)
-            if got is None or got[0] != _RUNSC_COMM:
-                continue
-            if marks.intersection(_cmdline(pid)):
-                found.append(pid)
-        return tuple(found)
+        def find() -> tuple[int, ...]:
+            return tuple(pid for pid, _ in _runsc_children(known) if marks.intersection(_cmdline(pid)))
+
+        self._pids[sandbox_id] = await anyio.to_thread.run_sync(find)
 
     def reap_exited(self, sandbox_id: str | None = None) -> None:
         """Reap the exited processes of ``sandbox_id`` (of every sandbox if None). runsc
@@ -155,12 +157,12 @@ class Reaper:
             try:
                 fds[pid] = os.pidfd_open(pid)
             except OSError:
-                continue  # already reaped by a sweep: nothing to wait for
+                continue  # gone already: nothing to wait for
         failure: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
                 for pid, fd in fds.items():
-                    tg.start_soon(self._reap_on_exit, pid, fd)
+                    tg.start_soon(_reap_when_exited, pid, fd)
                 try:
                     await end()
                 except Exception as exc:
@@ -171,27 +173,20 @@ class Reaper:
             for fd in fds.values():
                 os.close(fd)
             if self.enabled:
+                known = self._known()
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self.sweep)
+                    await anyio.to_thread.run_sync(sweep, known)
         if failure is not None:
             raise failure
 
-    async def _reap_on_exit(self, pid: int, fd: int) -> None:
-        with anyio.move_on_after(_WAIT_S):
-            await anyio.wait_readable(fd)  # a pidfd reads ready once its process exits
-            _alive(pid)
 
-    def sweep(self) -> int:
-        """Reap every exited runsc process among our children that no live sandbox
-        claims; the number reaped."""
-        known = self._known()
-        reaped = 0
-        for pid in _children():
-            if pid in known:
-                continue
-            got = _comm_state(pid)
-            if got is None or got[0] != _RUNSC_COMM:
-                continue
-            if got[1] == "Z" and not _alive(pid):
-                reaped += 1
-        return reaped
+async def _reap_when_exited(pid: int, fd: int) -> None:
+    with anyio.move_on_after(_WAIT_S):
+        await anyio.wait_readable(fd)  # a pidfd reads ready once its process exits
+        _alive(pid)
+
+
+def sweep(known: set[int]) -> int:
+    """Reap every exited runsc process among our children but ``known`` (the live
+    sandboxes' own, which their deletes wait for); the number reaped."""
+    return sum(1 for pid, state in _runsc_children(known) if state == "Z" and not _alive(pid))
