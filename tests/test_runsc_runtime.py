@@ -6,6 +6,7 @@ stdio pipes across a worker "restart"."""
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
@@ -334,6 +335,30 @@ async def test_the_runtime_reaps_the_processes_runsc_leaves_it(base_rootfs_runti
         while list(reaper._runsc_children(set())):
             reaper.sweep(set())
             await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_a_closed_runtime_hands_the_subreaper_role_back(tmp_path: Path) -> None:
+    """Only while a runsc runtime is open is the process a subreaper: a process it starts
+    afterwards that daemonizes (`hotbed up -d`) must go to PID 1, which reaps it."""
+    if shutil.which("runsc") is None:
+        pytest.skip("needs runsc")
+    from workers.runtimes.runsc import RunscRuntime
+
+    def subreaper() -> int:
+        got = ctypes.c_int(-1)
+        assert ctypes.CDLL(None).prctl(37, ctypes.byref(got), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+        return got.value
+
+    assert subreaper() == 0
+    rts = [RunscRuntime(root=tmp_path / f"root{i}", state_dir=tmp_path / f"s{i}", use_docker=False) for i in range(2)]
+    for rt in rts:
+        await rt.open()
+    assert subreaper() == 1
+    await rts[0].aclose()
+    assert subreaper() == 1  # the other is still open
+    await rts[1].aclose()
+    assert subreaper() == 0
 
 
 def _ppid(pid: int) -> int | None:

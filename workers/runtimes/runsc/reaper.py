@@ -40,6 +40,17 @@ _RUNSC_COMM = "exe"
 _WAIT_S = 5.0
 
 
+# Reapers open in this process: the subreaper role is the process's, not one runtime's.
+_holders = 0
+
+
+def _set_subreaper(on: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _children() -> list[int]:
     """This process's children (every thread's: the kernel may hand an orphan to any)."""
     pids: list[int] = []
@@ -105,17 +116,33 @@ class Reaper:
 
     def enable(self) -> bool:
         """Make this process a child subreaper; False (and a log line) where it can't."""
+        global _holders
         if self.enabled:
             return True
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        except (OSError, AttributeError) as exc:
-            log.warning("cannot reap runsc's processes (deletes wait for PID 1): %s", exc)
-            return False
+        if _holders == 0:
+            try:
+                _set_subreaper(1)
+            except (OSError, AttributeError) as exc:
+                log.warning("cannot reap runsc's processes (deletes wait for PID 1): %s", exc)
+                return False
+        _holders += 1
         self.enabled = True
         return True
+
+    def disable(self) -> None:
+        """Stop adopting (the runtime closes). The last reaper of the process hands the
+        subreaper role back: a process that daemonizes later (``hotbed up -d`` started
+        by the same process) must go to PID 1, which reaps it, not to us, who would not."""
+        global _holders
+        if not self.enabled:
+            return
+        self.enabled = False
+        _holders -= 1
+        if _holders == 0:
+            try:
+                _set_subreaper(0)
+            except (OSError, AttributeError) as exc:
+                log.warning("cannot stop being a subreaper: %s", exc)
 
     async def adopt(self, sandbox_id: str, bundle: Path) -> None:
         """Note the sandbox and gofer processes of the sandbox just launched from ``bundle``."""

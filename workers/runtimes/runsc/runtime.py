@@ -119,6 +119,7 @@ class RunscRuntime:
         await self.images.open()
 
     async def aclose(self) -> None:
+        self.reaper.disable()
         await self.images.aclose()
 
     # ---------------------------------------------------------------- state
