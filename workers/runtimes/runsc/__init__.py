@@ -12,6 +12,7 @@ One module per concern:
 * :mod:`.stdio` - the guest agent's stdin/stdout as named pipes a worker re-opens;
 * :mod:`.commands`, :mod:`.files` - ``runsc exec`` for images without the agent;
 * :mod:`.nvidia` - device nodes, driver files and env of a GPU sandbox (``--nvproxy``);
+* :mod:`.reaper` - the worker as the reaper of the processes runsc leaves it;
 * :mod:`.runtime` - :class:`RunscRuntime`, the Runtime made of the above.
 """
 

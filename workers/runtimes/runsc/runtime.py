@@ -115,8 +115,10 @@ class RunscRuntime:
         except OSError as exc:
             raise RuntimeFailure(f"cannot create the runsc state directories: {exc}") from None
         await self.runsc.call(["list"])  # fails here, once, if runsc cannot run
-        self.reaper.enable()
         await self.images.open()
+        # Last: a runtime that failed to open is never closed, and must not keep the
+        # process a subreaper.
+        self.reaper.enable()
 
     async def aclose(self) -> None:
         self.reaper.disable()
