@@ -89,19 +89,39 @@ def check_snapshot(value: str) -> str:
     return value
 
 
-def non_finite(obj: Any, path: str = "") -> str | None:
+def non_finite(obj: Any) -> str | None:
     """The path of the first NaN or infinite float in a message, or None."""
+    found = _non_finite(obj)
+    if found is None:
+        return None
+    path = ""
+    for part in reversed(found):
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
+    return path or "value"
+
+
+# Types that hold no float: most of a message's fields, skipped at once. The walk runs
+# on every command a worker takes, so paths are built only for the one found.
+_NO_FLOAT = (str, bytes, int, type(None), dict)
+
+
+def _non_finite(obj: Any) -> list[str | int] | None:
+    """The innermost-first path of the first non-finite float in ``obj``, or None."""
+    if isinstance(obj, _NO_FLOAT):
+        return None
     if isinstance(obj, float):
-        return None if math.isfinite(obj) else (path or "value")
+        return None if math.isfinite(obj) else []
     if isinstance(obj, msgspec.Struct):
         for name in obj.__struct_fields__:
-            bad = non_finite(getattr(obj, name), f"{path}.{name}" if path else name)
-            if bad:
+            bad = _non_finite(getattr(obj, name))
+            if bad is not None:
+                bad.append(name)
                 return bad
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            bad = non_finite(v, f"{path}[{i}]")
-            if bad:
+            bad = _non_finite(v)
+            if bad is not None:
+                bad.append(i)
                 return bad
     return None
 

@@ -201,12 +201,14 @@ async def test_non_finite_or_negative_idle_timeout_is_refused(hotbed_stack: Stac
 
 async def test_nan_in_a_command_is_refused_by_the_worker(hotbed_stack: Stack) -> None:
     async with await Sandbox.create(BUSYBOX_IMAGE, client=hotbed_stack.client) as sb:
-        for body in (
-            Exec(sandbox_id=sb.id, exec=ExecSpec(argv=["true"], timeout=float("nan"))),
-            ProcessWait(sandbox_id=sb.id, pid=1, timeout=float("inf")),
+        for body, field in (
+            (Exec(sandbox_id=sb.id, exec=ExecSpec(argv=["true"], timeout=float("nan"))), "exec.timeout"),
+            (ProcessWait(sandbox_id=sb.id, pid=1, timeout=float("inf")), "timeout"),
         ):
             reply = await _direct(hotbed_stack, body)
             assert isinstance(reply, protocol.ErrorReply) and reply.code == "InvalidRequest", reply
+            # The reply names the field, nested path and all.
+            assert reply.message == f"{field} must be a finite number", reply
         assert (await sb.exec("true")).ok
 
 

@@ -96,6 +96,9 @@ class SandboxTable:
 
     def __init__(self, runtime: Runtime, *, worker_id: str, prefix: str, keys: Keys) -> None:
         self.runtime = runtime
+        # The runtime's CPU weights, if it has them: looked up once, as a runtime-checkable
+        # Protocol's isinstance walks its members (~10 us), and a claim asks every time.
+        self.weights: CpuWeights | None = runtime if isinstance(runtime, CpuWeights) else None
         self.worker_id = worker_id
         self.prefix = prefix
         self.keys = keys
@@ -327,8 +330,8 @@ class SandboxTable:
                 continue
             self._locals[sid] = self._adopted(sid, rec, default_user)
             self._locals[sid].env = await self._kept_env(sid)
-            if self._locals[sid].pool and isinstance(self.runtime, CpuWeights):
-                self.runtime.adopt_background(found[sid])
+            if self._locals[sid].pool and self.weights is not None:
+                self.weights.adopt_background(found[sid])
         if held or managed:
             log.info("reconciled: adopted %d sandboxes", len(self._locals))
 

@@ -66,7 +66,7 @@ from hotbed.templates import (
     template_from_hash,
     template_to_hash,
 )
-from workers.runtimes.base import CpuWeights, Runtime
+from workers.runtimes.base import Runtime
 from workers.sandboxes import GuestHooks, Local, SandboxTable
 from workers.snapshot_peers import SnapshotPeers, manifest
 
@@ -595,8 +595,8 @@ class SnapshotManager:
             # Ready means serving: the agent answers (a restored one some 0.5 s after
             # runsc returns), and a pooled sandbox has spawned once, off the claimer's clock.
             await self.guests.wait_ready(sid, warm_up=bool(cmd.pool))
-            if not cmd.pool and isinstance(self.runtime, CpuWeights):
-                self.runtime.foreground(sid)
+            if not cmd.pool and table.weights is not None:
+                table.weights.foreground(sid)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, HotbedError) else f"{type(exc).__name__}: {exc}"
             with anyio.CancelScope(shield=True):
@@ -659,8 +659,8 @@ class SnapshotManager:
         )
         local.last_active = lifecycle.wall()
         # Off the pool's low CPU weight before the claimer's first command runs.
-        if isinstance(self.runtime, CpuWeights):
-            self.runtime.foreground(cmd.sandbox_id)
+        if self.table.weights is not None:
+            self.table.weights.foreground(cmd.sandbox_id)
         if changed:
             await self.table.keep_env(local)
         return SandboxState(sandbox_id=cmd.sandbox_id, state="running")
