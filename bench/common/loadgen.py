@@ -303,6 +303,18 @@ class LoadGenerators:
         t0 = now() + 0.1 + 0.5 * min(1.0, rate / 8000)
         for c in self._conns:
             c.send(("run", rate, seconds, t0))
+        return await self._tallies(t0)
+
+    async def run_closed(self, concurrency: int, seconds: float) -> Tally:
+        """Every process keeps ``concurrency`` requests in flight, back to back, for
+        ``seconds``, all starting together: what the system completes then is its
+        ceiling (an open-loop step past it only says how the queue grew)."""
+        t0 = now() + 0.5
+        for c in self._conns:
+            c.send(("closed", concurrency, seconds, t0))
+        return await self._tallies(t0)
+
+    async def _tallies(self, t0: float) -> Tally:
         tallies = []
         for c in self._conns:
             e2e, cp, done_at, errors, first_reply, last = await self._recv(c, "done")
@@ -354,9 +366,14 @@ def generator_process(conn: Connection, url: str, prefix: str, op: str, part: in
                 if msg[0] == "warm":
                     await closed_loop(client, concurrency=msg[2], count=msg[1], op=do)
                     conn.send(("warmed", None))
-                elif msg[0] == "run":
-                    _, rate, seconds, t0 = msg
-                    t = await open_loop(client, rate, seconds, op=do, part=part, parts=parts, t0=t0)
+                elif msg[0] in ("run", "closed"):
+                    if msg[0] == "run":
+                        _, rate, seconds, t0 = msg
+                        t = await open_loop(client, rate, seconds, op=do, part=part, parts=parts, t0=t0)
+                    else:
+                        _, concurrency, seconds, t0 = msg
+                        await anyio.sleep(max(0.0, t0 - now()))
+                        t = await closed_loop(client, concurrency=concurrency, seconds=seconds, op=do)
                     conn.send(("done", (t.e2e, t.cp, t.done_at, dict(t.errors), t.first_reply, t.last)))
                 else:
                     return

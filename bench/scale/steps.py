@@ -71,6 +71,20 @@ async def measured_step(cluster: Cluster, gens: LoadGenerators, rate: float, sec
 
 
 
+async def measured_closed(cluster: Cluster, gens: LoadGenerators, concurrency: int, seconds: float) -> dict[str, Any]:
+    """A closed-loop step (``concurrency`` in flight per generator process): the rate
+    the system completes at its ceiling, plus what the cluster spent on it."""
+    before = cluster.sample()
+    tally = await gens.run_closed(concurrency, seconds)
+    after = cluster.sample()
+    step: dict[str, Any] = tally.report()
+    step["concurrency"] = concurrency * gens.procs
+    step.update(delta(before, after))
+    add_cpu_cost(step)
+    step["loadavg"] = loadavg()
+    return step
+
+
 async def terminate_all(client: Client, sids: list[tuple[str, str]], *, concurrency: int = 400) -> dict[str, Any]:
     lat: list[float] = []
     errors: Counter[str] = Counter()
