@@ -26,8 +26,9 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
 
     steps: list[dict[str, Any]] = []
     closed_s = getattr(args, "claim_closed_s", 0.0)
-    # The closed-loop step takes as many as the box completes: room for 10,000/s.
-    need = int(sum(args.claim_rates) * args.claim_step_s + 10_000 * closed_s)
+    # The closed-loop step takes as many as the box completes: room for 15,000/s (a
+    # standalone Redis on 2 cores completed up to 12,000/s).
+    need = int(sum(args.claim_rates) * args.claim_step_s + 15_000 * closed_s)
     size = int(need * 1.1) + 500
     env = {"HOTBED_POOL_REFILL_PER_S": str(args.pool_refill), "HOTBED_POOL_MAX_WARMING": "4000"}
     out: dict[str, Any] = {"pool_size": size, "steps": steps}
