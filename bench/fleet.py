@@ -64,8 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench fleet", description=__doc__.split("\n")[0])
     p.add_argument("--phases", default="ratio,restore,failover")
-    p.add_argument("--claim-rates", default="1000,2500,4000")
-    p.add_argument("--claim-closed-s", type=float, default=3.0,
+    p.add_argument("--claim-rates", default="1000,2500")
+    p.add_argument("--claim-closed-s", type=float, default=2.0,
                    help="ratio phase: seconds of the closed-loop step whose rate is each side's ceiling")
     p.add_argument("--claim-closed-concurrency", type=int, default=200,
                    help="ratio phase: claims in flight per load-generator process in the closed-loop step")
