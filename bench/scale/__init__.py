@@ -88,6 +88,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fill-max-s", type=float, default=90.0)
     p.add_argument("--claim-refill", type=float, default=100.0,
                    help="pool refills/s allowed while claims are measured")
+    p.add_argument("--claim-closed-s", type=float, default=0.0,
+                   help="claims phase: seconds of a closed-loop step after the open-loop ones, "
+                        "whose rate is the ceiling (0: none)")
+    p.add_argument("--claim-closed-concurrency", type=int, default=200,
+                   help="claims in flight per load-generator process in that step")
     p.add_argument("--rates", default="250,500,1000,2000,3000,3500,4000,6000,8000")
     p.add_argument("--step-s", type=float, default=5.0)
     p.add_argument("--fleets", type=int, default=2, help="simfleet processes")
