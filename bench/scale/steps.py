@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
 
 from bench.common.cluster import Cluster, delta, loadavg
-from bench.common.loadgen import LoadGenerators, callers, now
+from bench.common.loadgen import LoadGenerators, Tally, callers, now
 from bench.common.stats import summary_ms
 from hotbed.client import Client
 from hotbed.errors import HotbedError
@@ -60,25 +61,22 @@ async def cpu_cost(cluster: Cluster, n: int, work: Any) -> tuple[dict[str, Any],
 
 async def measured_step(cluster: Cluster, gens: LoadGenerators, rate: float, seconds: float) -> dict[str, Any]:
     """One open-loop step: the generators' tally plus what the cluster spent on it."""
-    before = cluster.sample()
-    tally = await gens.run(rate, seconds)
-    after = cluster.sample()
-    step: dict[str, Any] = tally.report(offered=rate)
-    step.update(delta(before, after))
-    add_cpu_cost(step)
-    step["loadavg"] = loadavg()
-    return step
-
+    return await _measured(cluster, gens.run(rate, seconds), offered=rate)
 
 
 async def measured_closed(cluster: Cluster, gens: LoadGenerators, concurrency: int, seconds: float) -> dict[str, Any]:
     """A closed-loop step (``concurrency`` in flight per generator process): the rate
     the system completes at its ceiling, plus what the cluster spent on it."""
-    before = cluster.sample()
-    tally = await gens.run_closed(concurrency, seconds)
-    after = cluster.sample()
-    step: dict[str, Any] = tally.report()
+    step = await _measured(cluster, gens.run_closed(concurrency, seconds))
     step["concurrency"] = concurrency * gens.procs
+    return step
+
+
+async def _measured(cluster: Cluster, load: Awaitable[Tally], *, offered: float | None = None) -> dict[str, Any]:
+    before = cluster.sample()
+    tally = await load
+    after = cluster.sample()
+    step: dict[str, Any] = tally.report(offered=offered)
     step.update(delta(before, after))
     add_cpu_cost(step)
     step["loadavg"] = loadavg()
