@@ -531,3 +531,35 @@ async def test_a_sandbox_whose_pause_was_cancelled_is_still_removed(prefix: str)
     await cancelled_at_any_moment(
         prefix, lambda rt, placed: rt.pause(placed.sandbox_id), delays, prepare=running, then_remove=True,
     )
+
+
+def test_expiry_heap_returns_each_sandbox_once_when_its_end_comes() -> None:
+    """The expiry loop asks the table for the sandboxes due instead of scanning all of
+    them: activity and longer lifetimes move an end later, a shorter lifetime sooner,
+    and a pooled sandbox (no end) is never due."""
+    from typing import cast
+
+    from hotbed.keys import Keys
+    from workers.runtimes.base import Runtime
+    from workers.sandboxes import Local, SandboxTable
+
+    table = SandboxTable(cast(Runtime, object()), worker_id="w", prefix="p", keys=Keys("p"))
+
+    def hold(sid: str, *, expires_at: float = 100.0, idle_timeout: float | None = None, pool: str = "") -> Local:
+        local = Local(id=sid, user="u", expires_at=expires_at, idle_timeout=idle_timeout, last_active=0.0, pool=pool)
+        table._hold(local)  # what started() and reconcile() do, without Redis
+        return local
+
+    life = hold("life", expires_at=10.0)
+    idle = hold("idle", idle_timeout=5.0)
+    hold("pooled", expires_at=float("inf"), pool="tpl")
+    assert table.due(4.9) == []
+    idle.last_active = 3.0  # a request at t=3: idle until 8 now, not 5
+    assert table.due(5.0) == []
+    assert [s.id for s in table.due(8.0)] == ["idle"]
+    assert table.due(9.0) == []  # returned once; the caller ends it or arms it again
+    table.arm(idle, 9.5)
+    life.expires_at = 9.5  # set_timeout shortened it
+    table.arm(life)
+    assert sorted(s.id for s in table.due(9.5)) == ["idle", "life"]
+    assert table.due(1e9) == []

@@ -137,6 +137,8 @@ LONG_LIVED_PER_SANDBOX = 16
 SHORT_S = 60.0
 # A health check that failed (dockerd restarting) is retried after this, backing off.
 HEALTH_RETRY_S = 0.5
+# How often the expiry loop ends the sandboxes whose lifetime or idle timeout has come.
+EXPIRY_TICK_S = 0.25
 # A pull for a request that carries no deadline gives up after this long.
 PULL_WITHOUT_DEADLINE_S = 600.0
 # What a tenant may send a worker, each naming one of its own sandboxes. Starts come
@@ -431,16 +433,17 @@ class WorkerAgent:
         )
 
     async def _expiry_loop(self) -> None:
-        await lifecycle.supervised_loop("expiry", self._expire, interval=0.25, log=log)
+        await lifecycle.supervised_loop("expiry", self._expire, interval=EXPIRY_TICK_S, log=log)
 
     async def _expire(self) -> None:
         now = lifecycle.wall()
-        for s in list(self.sandboxes.values()):
+        for s in self.sandboxes.due(now):
             if s.busy:
-                continue  # mid-checkpoint or mid-restore: the next tick ends it
-            if now >= s.expires_at:
+                # Mid-checkpoint or mid-restore: ended by a later tick.
+                self.sandboxes.arm(s, now + EXPIRY_TICK_S)
+            elif now >= s.expires_at:
                 await self._end_quietly(s.id, "timeout")
-            elif s.idle_timeout and now - s.last_active >= s.idle_timeout:
+            else:
                 await self._end_quietly(s.id, "idle_timeout")
 
     async def _health_loop(self) -> None:

@@ -19,7 +19,9 @@ Services (execution, snapshots) take this table and the runtime, never the agent
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 from collections.abc import AsyncIterator, ItemsView, Iterator, ValuesView
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, cast
@@ -49,7 +51,6 @@ class Local(msgspec.Struct, kw_only=True):
     expires_at: float
     idle_timeout: float | None
     last_active: float
-    dirty: bool = False
     # Env added to every exec (a claim's or restore's env), so that it applies on the
     # guest agent's path and on docker exec's alike.
     env: dict[str, str] = {}
@@ -71,6 +72,12 @@ class Local(msgspec.Struct, kw_only=True):
     def idle_for(self, now: float) -> float:
         """Seconds without a request; 0 while one runs."""
         return 0.0 if self.in_use else max(0.0, now - self.last_active)
+
+    def ends_at(self) -> float:
+        """When it must end: its lifetime, or its idle timeout counted from its last
+        activity, whichever comes first (inf: neither)."""
+        idle_end = self.last_active + self.idle_timeout if self.idle_timeout else math.inf
+        return min(self.expires_at, idle_end)
 
 
 class GuestHooks(Protocol):
@@ -110,6 +117,15 @@ class SandboxTable:
         self.auto_pause_default = 0.0
         self._redis: aioredis.Redis | None = None
         self._locals: dict[str, Local] = {}
+        # Each sandbox's end (Local.ends_at) on a heap, so the expiry loop looks only at
+        # the sandboxes due, not at all of them four times a second; ``_armed`` holds the
+        # time each one is armed for (an entry that differs is stale). Activity only
+        # moves an end later, so a touch does not re-arm: a sandbox found active when
+        # its entry comes due is armed again for its new end.
+        self._due: list[tuple[float, str]] = []
+        self._armed: dict[str, float] = {}
+        # Sandboxes whose last activity is not yet in their records (one write per heartbeat).
+        self._dirty: set[str] = set()
         # Sandboxes being ended (how many ends of each are under way): out of the table
         # already, their containers not yet removed.
         self._ending = InFlight()
@@ -175,6 +191,47 @@ class SandboxTable:
     def clear(self) -> None:
         """Forget every sandbox (the scheduler dropped this worker's keys)."""
         self._locals.clear()
+        self._due.clear()
+        self._armed.clear()
+        self._dirty.clear()
+
+    def _hold(self, local: Local) -> None:
+        self._locals[local.id] = local
+        self.arm(local)
+
+    def arm(self, local: Local, at: float | None = None) -> None:
+        """Have :meth:`due` return ``local`` once its end (or ``at``) has come; call
+        whenever its lifetime or idle timeout changes."""
+        when = local.ends_at() if at is None else at
+        if when < self._armed.get(local.id, math.inf):
+            self._armed[local.id] = when
+            heapq.heappush(self._due, (when, local.id))
+
+    def _disarm(self, sid: str) -> None:
+        self._armed.pop(sid, None)
+        self._dirty.discard(sid)
+        # Ended sandboxes leave stale entries behind: rebuilt once they are most of it.
+        if len(self._due) > 2 * len(self._armed) + 1024:
+            self._due = [(when, s) for s, when in self._armed.items()]
+            heapq.heapify(self._due)
+
+    def due(self, now: float) -> list[Local]:
+        """The sandboxes whose end has come by ``now``, each returned once: the caller
+        ends it, or :meth:`arm` s it again."""
+        out: list[Local] = []
+        while self._due and self._due[0][0] <= now:
+            when, sid = heapq.heappop(self._due)
+            if self._armed.get(sid) != when:
+                continue  # armed earlier since, or ended
+            del self._armed[sid]
+            local = self._locals.get(sid)
+            if local is None:
+                continue
+            if local.ends_at() <= now:
+                out.append(local)
+            else:
+                self.arm(local)  # active or given more time since it was armed
+        return out
 
     # --------------------------------------------------------------- records
 
@@ -211,7 +268,7 @@ class SandboxTable:
             if self._locals.get(sandbox_id) is not local:
                 local = await self._held(sandbox_id)  # ended meanwhile: says so
         local.last_active = lifecycle.wall()
-        local.dirty = True
+        self._dirty.add(sandbox_id)
         return local
 
     @asynccontextmanager
@@ -225,7 +282,7 @@ class SandboxTable:
         finally:
             local.in_use -= 1
             local.last_active = lifecycle.wall()
-            local.dirty = True
+            self._dirty.add(local.id)
 
     def pause_policy(self, asked: float | None) -> tuple[float, bool]:
         """A create's ``auto_pause_after`` as (idle seconds, 0 = no timer; pausable)."""
@@ -258,22 +315,24 @@ class SandboxTable:
             expires_at = lifecycle.wall() + timeout
             fields.update(records.with_lifetime(created_at=float(created or 0), expires_at=expires_at))
             local.expires_at = expires_at
+            self.arm(local)  # a shorter lifetime must end sooner than it was armed for
         if fields:
             await self.redis.hset(self.keys.sandbox(sandbox_id), mapping=fields)
 
     def write_activity(self, pipe: Any) -> None:
         """Queue on ``pipe`` the last-activity times not yet written (one per heartbeat)."""
-        for s in self._locals.values():
-            if s.dirty:
-                s.dirty = False
-                pipe.hset(self.keys.sandbox(s.id), mapping=records.touched(s.last_active))
+        dirty, self._dirty = self._dirty, set()
+        for sid in dirty:
+            s = self._locals.get(sid)
+            if s is not None:
+                pipe.hset(self.keys.sandbox(sid), mapping=records.touched(s.last_active))
 
     async def started(self, local: Local, fields: records.Fields) -> None:
         """Hold ``local`` and write its record's transition ``fields``
         (:func:`records.to_started` or :func:`records.to_restored`); a sandbox that went
         to ``pooled`` is not listed among the live sandboxes until it is claimed."""
         sid = local.id
-        self._locals[sid] = local
+        self._hold(local)
         commands: list[batching.Command] = [
             records.hset(self.keys.sandbox(sid), fields),
             *self._env_commands(local),
@@ -318,7 +377,7 @@ class SandboxTable:
             rec = await self.record(sid)
             if rec is not None and rec.state == "paused" and sid in found:
                 # Checkpointed to disk before the restart: still resumable.
-                self._locals[sid] = self._adopted(sid, rec, default_user, paused=True)
+                self._hold(self._adopted(sid, rec, default_user, paused=True))
                 self._locals[sid].paused_by = rec.paused_by or "client"
                 self._locals[sid].env = await self._kept_env(sid)
                 continue
@@ -328,7 +387,7 @@ class SandboxTable:
                     continue
                 await self.end(sid, reason="lost on worker restart", state="failed")
                 continue
-            self._locals[sid] = self._adopted(sid, rec, default_user)
+            self._hold(self._adopted(sid, rec, default_user))
             self._locals[sid].env = await self._kept_env(sid)
             if self._locals[sid].pool and self.weights is not None:
                 self.weights.adopt_background(found[sid])
@@ -432,6 +491,7 @@ class SandboxTable:
 
     async def _end(self, sid: str, *, reason: str, state: str, must_exist: bool, made: bool) -> None:
         local = self._locals.pop(sid, None)
+        self._disarm(sid)
         if self.guests is not None:
             self.guests.forget(sid)
         if local is None and must_exist:

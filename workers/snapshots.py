@@ -658,6 +658,7 @@ class SnapshotManager:
             cmd.auto_pause_after if ok else None
         )
         local.last_active = lifecycle.wall()
+        self.table.arm(local)
         # Off the pool's low CPU weight before the claimer's first command runs.
         if self.table.weights is not None:
             self.table.weights.foreground(cmd.sandbox_id)
