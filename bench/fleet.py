@@ -77,7 +77,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "redis-server processes then match the standalone run's busy ones)")
     p.add_argument("--fill-max-s", type=float, default=150.0,
                    help="ratio phase: longest wait for the pool to fill (a cluster fills it slower)")
-    p.add_argument("--ratio-rounds", type=int, default=3,
+    p.add_argument("--ratio-rounds", type=int, default=5,
                    help="ratio phase: standalone/cluster pairs to run; the ratio is their median")
     p.add_argument("--restores", type=int, default=3, help="local restores timed on node 1")
     p.add_argument("--lanes", type=int, default=3, help="exec lanes in the failover stream")

@@ -715,9 +715,17 @@ def test_up_restarts_what_dies_and_status_says_so(workdir: Path, prefix: str) ->
             assert time.monotonic() < deadline, f"supervisor state: {state}"
             time.sleep(0.1)
 
+    def logs() -> str:
+        # What a rare failure here needs to be understood after the fact.
+        out = [f"supervisor: {read_state(home)}"]
+        for name in ("hotbed.log", "redis.log"):
+            path = home / name
+            out.append(f"--- {name} (tail)\n" + ("\n".join(path.read_text().splitlines()[-60:]) if path.exists() else "(none)"))
+        return "\n".join(out)
+
     def serves() -> None:
         run = cli("run", "--unisolated", "none", "--", "echo", "served")
-        assert (run.returncode, run.stdout) == (0, "served\n"), run.stderr
+        assert (run.returncode, run.stdout) == (0, "served\n"), run.stderr + logs()
 
     r = sync_redis.Redis(host="127.0.0.1", port=port)
     children: list[int] = []
