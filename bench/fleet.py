@@ -14,7 +14,7 @@ Three phases, one results file (``bench/results/fleet.json``, ``--out``):
   queue left by the steps before drains, and its "achieved" rate can read far above
   or below what the side sustains.) The open-loop steps give the latency below the
   ceiling; the create latencies are recorded beside them. ``--ratio-rounds N``
-  (default 3) runs the pair N times, back to back, and the ratio is the median of the
+  (default 5) runs the pair N times, back to back, and the ratio is the median of the
   rounds' own ratios.
 * ``restore`` (real runsc): 3 nodes (cli.localfleet: a dockerd each, own snapshot
   directory, own worker process) on a Redis Cluster of 3 primaries x 1 replica and a

@@ -217,7 +217,7 @@ class SandboxTable:
 
     def due(self, now: float) -> list[Local]:
         """The sandboxes whose end has come by ``now``, each returned once: the caller
-        ends it, or :meth:`arm` s it again."""
+        ends it, or arms it again (:meth:`arm`)."""
         out: list[Local] = []
         while self._due and self._due[0][0] <= now:
             when, sid = heapq.heappop(self._due)
