@@ -11,6 +11,7 @@ from bench.common.cluster import Cluster
 from bench.common.loadgen import LoadGenerators, now
 from bench.scale.steps import (
     LABEL,
+    cpu_line,
     measured_closed,
     measured_step,
     say,
@@ -65,17 +66,13 @@ async def phase_claims(args: argparse.Namespace) -> dict[str, Any]:
                     step = await measured_step(cluster, gens, rate, args.claim_step_s)
                     steps.append(step)
                     say(step_line("claims ", rate, step, step["latency"], 2) + f"errors {step['error_kinds']}  "
-                        f"cpu/claim {step.get('cpu_ms_per_op')} ms (load generators "
-                        f"{step['loadgen_cpu_pct']}%, scheduler {step['scheduler_cpu_pct']}%, workers "
-                        f"{step['fleet_cpu_pct']}%, Redis {step['redis_cpu_pct']}%)  load {step['loadavg'].split()[0]}")
+                        f"{cpu_line(step)}  load {step['loadavg'].split()[0]}")
                 if closed_s:
                     sat = await measured_closed(cluster, gens, args.claim_closed_concurrency, closed_s)
                     out["saturation"] = sat
                     say(f"  [{LABEL}] claims closed loop, {sat['concurrency']} in flight: "
                         f"{sat['achieved_rate']:.0f}/s  p50 {sat['latency']['p50_ms']:.2f}  p99 "
-                        f"{sat['latency']['p99_ms']:.2f} ms  errors {sat['error_kinds']}  cpu/claim "
-                        f"{sat.get('cpu_ms_per_op')} ms (load generators {sat['loadgen_cpu_pct']}%, scheduler "
-                        f"{sat['scheduler_cpu_pct']}%, workers {sat['fleet_cpu_pct']}%, Redis {sat['redis_cpu_pct']}%)")
+                        f"{sat['latency']['p99_ms']:.2f} ms  errors {sat['error_kinds']}  {cpu_line(sat)}")
     ok = [s for s in steps if not s["errors"] and s["latency"]["p99_ms"] <= 50]
     out["capacity_rate"] = max((s["achieved_rate"] for s in ok), default=0.0)
     out["capacity_line"] = (f"warm-pool claims ({LABEL}): {out['capacity_rate']:.0f}/s sustained "

@@ -26,6 +26,13 @@ def step_line(what: str, rate: int, step: dict[str, Any], lat: dict[str, float],
     return f"  [{LABEL}] {what}offered {rate:>6}/s achieved {step['achieved_rate']:>8}/s  {ms} ms  "
 
 
+def cpu_line(step: dict[str, Any]) -> str:
+    """Where a claims step's CPU went, for its progress line."""
+    return (f"cpu/claim {step.get('cpu_ms_per_op')} ms (load generators {step['loadgen_cpu_pct']}%, "
+            f"scheduler {step['scheduler_cpu_pct']}%, workers {step['fleet_cpu_pct']}%, "
+            f"Redis {step['redis_cpu_pct']}%)")
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
