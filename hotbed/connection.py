@@ -32,6 +32,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 # Longest single blocking call we issue; loops re-issue to wait longer.
 MAX_BLOCK_S = 5.0
@@ -49,6 +52,18 @@ try:
     NO_CLIENT_INFO: dict[str, Any] = {"driver_info": None}
 except ImportError:
     NO_CLIENT_INFO = {"lib_name": None, "lib_version": None}
+
+# A command whose connection failed is sent again on a new one, a few times within about
+# a second: a connection the server closed (Redis restarted) is met only when used.
+# redis-py's constructor retries by default, but its from_url() gives connections no
+# retry at all. Timeouts are not retried: COMMAND_TIMEOUT_S is the call's whole budget.
+RETRIES = 3
+RETRY_BACKOFF = (0.02, 0.5)  # base, cap (seconds)
+
+
+def command_retry() -> Retry:
+    return Retry(ExponentialWithJitterBackoff(*RETRY_BACKOFF), RETRIES, supported_errors=(RedisConnectionError,))
+
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -117,7 +132,10 @@ def connect(url: str, *, blocking: bool = False, **kwargs: Any) -> aioredis.Redi
     opts.update(kwargs)
     scheme = url.partition("://")[0]
     if scheme in CLUSTER_SCHEMES:
+        # Cluster commands go through hotbed.batching's own failover handling, and
+        # RedisCluster takes ``retry`` as its cluster-wide policy, not a connection's.
         return cast(aioredis.Redis, _connect_cluster(RedisURL(url), opts))
+    opts.setdefault("retry", command_retry())
     if scheme in SENTINEL_SCHEMES:
         return _connect_sentinel(RedisURL(url), opts)
     return aioredis.Redis.from_url(url, **opts)

@@ -61,14 +61,17 @@ async def test_idle_sandbox_paused_then_resumed_by_another_client(
     async with running_stack(redis_url, prefix, worker_overrides=overrides(tmp_path)) as stack:
         c = stack.client
         idle = await free(stack)
-        sb = await Sandbox.create(BASE_IMAGE, memory_mb=256, auto_pause_after=1.0, client=c)
         # Opted out: never paused, however long it idles.
         keep = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=0, client=c)
+        sb = await Sandbox.create(BASE_IMAGE, memory_mb=256, auto_pause_after=1.0, client=c)
         try:
             await sb.write_file("/tmp/kept.txt", "written before the pause")
             await sb.shell("dev").run("export STAGE=before-pause; cd /tmp")
             assert (await record(c, sb.id)).auto_pause_after == 1.0
             await wait_for(lambda: auto_paused(c, sb.id), "auto-pause")
+            # On a loaded machine a second between the set-up's requests is enough for a
+            # pause and a resume already: count from here.
+            resumed = stack.worker.autopause.statistics()["resumed"]
             # Its CPU and memory went back to the scheduler; the opted-out one holds its own.
             assert await free(stack) == (idle[0] - 1000, idle[1] - 128)
             assert (await record(c, keep.id)).state == "running"
@@ -96,7 +99,7 @@ async def test_idle_sandbox_paused_then_resumed_by_another_client(
             assert got["exec"].stdout == "resumed\n"  # type: ignore[attr-defined]
             assert got["file"] == b"written before the pause"
             assert got["session"].stdout == "before-pause:/tmp\n"  # type: ignore[attr-defined]
-            assert stack.worker.autopause.statistics()["resumed"] == 1
+            assert stack.worker.autopause.statistics()["resumed"] == resumed + 1
             rec = await record(c, sb.id)
             assert (rec.state, rec.paused_by) == ("running", "")
             assert await free(stack) == (idle[0] - 2000, idle[1] - 384)
@@ -112,6 +115,7 @@ async def test_idle_sandbox_paused_then_resumed_by_another_client(
                     async for data in term:
                         seen += data
             assert b"pty:42" in seen
+            assert stack.worker.autopause.statistics()["resumed"] == resumed + 3
             # A terminal held open is a request in progress: never paused under it.
             async with sb.pty(["/bin/bash", "--norc"]) as term:
                 await anyio.sleep(2.5)
@@ -120,7 +124,6 @@ async def test_idle_sandbox_paused_then_resumed_by_another_client(
                 with anyio.fail_after(20):
                     async for _ in term:
                         pass
-            assert stack.worker.autopause.statistics()["resumed"] == 3
             # An explicit pause stays explicit: no request resumes it.
             await wait_for(lambda: auto_paused(c, sb.id), "fourth auto-pause")
             await sb.pause()
@@ -282,10 +285,12 @@ async def test_resumes_through_dockerd_leave_no_checkpoint_copies(
         sb = await Sandbox.create(BUSYBOX_IMAGE, memory_mb=128, auto_pause_after=0.5, client=c)
         try:
             await sb.write_file("/tmp/kept.txt", "kept")
+            # Counted from here: on a loaded machine the write may have had to resume it.
+            resumed = stack.worker.autopause.statistics()["resumed"]
             for n in range(2):
                 await wait_for(lambda: auto_paused(c, sb.id), f"auto-pause {n + 1}")
                 assert (await sb.run("cat /tmp/kept.txt")).stdout == "kept"
-            assert stack.worker.autopause.statistics()["resumed"] == 2
+            assert stack.worker.autopause.statistics()["resumed"] == resumed + 2
             assert restore_copies() - before == set()
         finally:
             with anyio.CancelScope(shield=True):

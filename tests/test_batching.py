@@ -85,6 +85,45 @@ async def test_a_cancelled_caller_never_strands_the_others(redis_url: str, prefi
         await redis.aclose()
 
 
+async def test_a_command_whose_connection_the_server_closes_is_sent_again(redis_url: str, prefix: str) -> None:
+    """A connection Redis closes under a command (as a restart does) costs that command
+    a new connection, not an error: both a plain call and an auto-pipelined batch."""
+    from hotbed.connection import RedisURL
+
+    if RedisURL(redis_url).cluster:
+        pytest.skip("cluster connections fail over through hotbed.batching, not this policy")
+    admin, redis = connect(redis_url), connect(redis_url)
+    key = f"{prefix}:retried"
+
+    async def blocked() -> set[int]:
+        return {c["id"] for c in await admin.client_list() if c.get("cmd") == "blpop"}
+
+    async def kill_then_push() -> None:
+        # The first BLPOP's connection is closed by the server; the one sent again on
+        # a new connection gets the value.
+        with anyio.fail_after(5):
+            while not (first := await blocked()):
+                await anyio.sleep(0.01)
+            await admin.execute_command("CLIENT", "KILL", "ID", str(next(iter(first))))
+            while not (await blocked()) - first:
+                await anyio.sleep(0.01)
+        await admin.rpush(key, "value")
+
+    got: list[object] = []
+    try:
+        for call in (lambda: redis.blpop([key], timeout=4),
+                     lambda: batching.AutoPipeline(redis).execute(("BLPOP", key, 4))):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kill_then_push)
+                with anyio.fail_after(8):
+                    got.append(await call())
+        assert [list(got[0]), list(got[1][0])] == [[key.encode(), b"value"]] * 2, got
+    finally:
+        await admin.delete(key)
+        await redis.aclose()
+        await admin.aclose()
+
+
 async def test_coalescer_hands_one_flush_everything_added_together() -> None:
     flushed: list[list[int]] = []
 
