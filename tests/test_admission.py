@@ -182,6 +182,18 @@ async def test_memory_watch_admits_against_real_use() -> None:
     assert watch.fitting_mb(MemoryReading(available_mb=9000, sandboxes_mb=10, psi_some_avg10=25.0), 0) == 0
 
 
+def test_memory_headroom_is_a_tenth_of_the_host_whatever_memory_is_declared() -> None:
+    from workers.config import WorkerSettings, _default_memory_mb
+
+    host_mb = _default_memory_mb() / 0.8
+    default = WorkerSettings().resolved_memory_headroom_mb()
+    assert default == max(1024, int(host_mb * 0.1))
+    # Declared far beyond the host (capacity as a reservation count): a headroom taken
+    # from the declaration would exceed all the host's memory and admit nothing.
+    assert WorkerSettings(memory_mb=int(host_mb * 16)).resolved_memory_headroom_mb() == default
+    assert WorkerSettings(memory_headroom_mb=0).resolved_memory_headroom_mb() == 0
+
+
 async def test_one_memory_reader_judges_room_and_pressure() -> None:
     """Admission's room and auto-pause's pressure come from one reader, its one
     sample, and one set of settings (changed in place, as a reload does)."""

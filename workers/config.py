@@ -268,9 +268,13 @@ class WorkerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return self.max_starts or max(1, int(self.physical_cpu() * STARTS_PER_CORE))
 
     def resolved_memory_headroom_mb(self) -> int:
+        """Default: a tenth of the host's memory, at least 1 GiB. The host's, never a
+        declared ``memory_mb``: a node declared larger than its RAM (capacity as a
+        reservation count) would otherwise keep a headroom over all its real memory
+        and admit nothing."""
         if self.memory_headroom_mb is not None:
             return self.memory_headroom_mb
-        return max(1024, int(self.physical_memory_mb() / 0.8 * 0.1))
+        return max(1024, int(_default_memory_mb() / 0.8 * 0.1))
 
     def resolved_memory_psi_limit(self) -> float:
         if self.memory_pressure_psi is not None:
